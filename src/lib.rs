@@ -1,0 +1,2 @@
+//! switchboard: a sharded mio WebSocket messaging and push server.
+pub mod timer;
