@@ -1,1 +1,51 @@
-fn main(){}
+//! The `switchboard` binary: flags, logging, jemalloc, shards, signals.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use switchboard::config::Options;
+use switchboard::server::Server;
+use tracing::{info, warn};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cfg = Options::parse().load().context("configuration")?;
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    let shards = cfg.shards;
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+    let server = Server::start(cfg).context("starting the server")?;
+    {
+        let mut out = std::io::stdout().lock();
+        for a in &server.local_addrs {
+            writeln!(out, "switchboard listening on {a} (shards={shards}, fd-table={})", server.fd_table)?;
+        }
+        out.flush()?;
+    }
+    if let Some(sig) = signals.forever().next() {
+        info!(signal = sig, "shutting down: closing connections with 1001");
+    }
+    server.shutdown();
+    // The shards finish within the grace period; a watchdog makes sure the process does too.
+    std::thread::spawn(move || {
+        std::thread::sleep(grace + Duration::from_millis(500));
+        warn!("shutdown grace period over; exiting");
+        std::process::exit(0);
+    });
+    let failed = server.join();
+    info!(failed, "stopped");
+    std::process::exit(0);
+}

@@ -1,0 +1,325 @@
+//! Configuration: command-line flags, an optional TOML file with the same keys, and the
+//! validated [`Config`] the shards run with. Flags win over the file; the file wins over
+//! the `DEFAULT_*` constants.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default accept backlog per shard listener.
+pub const DEFAULT_BACKLOG: u32 = 4096;
+/// Default connection limit (upgraded WebSockets).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1_000_000;
+/// Default silence before the server pings.
+pub const DEFAULT_PING_INTERVAL_MS: u64 = 25_000;
+/// Default silence before the server closes with 4000.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Default time to complete the HTTP upgrade.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Default time to wait for the peer's close frame or EOF after ours.
+pub const DEFAULT_CLOSE_TIMEOUT_MS: u64 = 2_000;
+/// Default largest message.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Default per-connection outbound queue limit.
+pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 1024 * 1024;
+/// Default shutdown grace period.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 5_000;
+/// Default capacity of each shard's mailbox (messages).
+pub const DEFAULT_MAILBOX_CAPACITY: usize = 65_536;
+
+/// How file descriptors are tabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FdTableMode {
+    /// Per-shard when `RLIMIT_NOFILE` cannot cover `--max-connections`, else shared.
+    #[default]
+    Auto,
+    /// One table for the whole process.
+    Shared,
+    /// Each shard calls `unshare(CLONE_FILES)` and gets its own table (and its own limit).
+    PerShard,
+}
+
+impl std::fmt::Display for FdTableMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FdTableMode::Auto => "auto",
+            FdTableMode::Shared => "shared",
+            FdTableMode::PerShard => "per-shard",
+        })
+    }
+}
+
+/// Command-line flags; every one (but `--config`) can also be a key of the TOML file.
+#[derive(Debug, Parser, Default, Deserialize)]
+#[command(name = "switchboard", version, about = "WebSocket messaging and push server")]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Options {
+    /// TOML file with the same keys as the flags (e.g. `ping-interval-ms = 30000`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (repeatable) [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub listen: Vec<SocketAddr>,
+    /// Event-loop shards [default: number of cores].
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Accept backlog of each shard's listener [default: 4096].
+    #[arg(long)]
+    pub backlog: Option<u32>,
+    /// File-descriptor tables [default: auto].
+    #[arg(long, value_enum)]
+    pub fd_table: Option<FdTableMode>,
+    /// Most open WebSocket connections; beyond it new ones are closed with 1013 [default: 1000000].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Silence (ms) after which the server sends a ping [default: 25000].
+    #[arg(long)]
+    pub ping_interval_ms: Option<u64>,
+    /// Silence (ms) after which the connection is closed with 4000 [default: 60000].
+    #[arg(long)]
+    pub idle_timeout_ms: Option<u64>,
+    /// Time (ms) to complete the HTTP upgrade before the socket is dropped [default: 10000].
+    #[arg(long)]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Time (ms) to wait for the peer's close frame after ours [default: 2000].
+    #[arg(long)]
+    pub close_timeout_ms: Option<u64>,
+    /// Largest message (and HTTP body) in bytes; larger is closed with 1009 [default: 65536].
+    #[arg(long)]
+    pub max_message_bytes: Option<usize>,
+    /// Per-connection outbound queue limit; over it the connection is closed with 4001 [default: 1048576].
+    #[arg(long)]
+    pub max_outbound_bytes: Option<usize>,
+    /// Time (ms) shutdown waits for close handshakes [default: 5000].
+    #[arg(long)]
+    pub shutdown_grace_ms: Option<u64>,
+    /// Capacity of each shard's cross-shard mailbox [default: 65536].
+    #[arg(long)]
+    pub mailbox_capacity: Option<usize>,
+    /// Echo every message back and upgrade on any path (conformance and peer benchmarks only).
+    #[arg(long)]
+    #[serde(default)]
+    pub echo: bool,
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for these keys.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid value for {key}: {reason}")]
+    Invalid {
+        /// Key.
+        key: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Shards.
+    pub shards: usize,
+    /// Listener backlog.
+    pub backlog: u32,
+    /// Requested fd-table mode (`Auto` is resolved at start-up).
+    pub fd_table: FdTableMode,
+    /// Connection limit.
+    pub max_connections: usize,
+    /// Ping after this much silence.
+    pub ping_interval_ms: u64,
+    /// Close with 4000 after this much silence.
+    pub idle_timeout_ms: u64,
+    /// Upgrade deadline.
+    pub handshake_timeout_ms: u64,
+    /// Close handshake deadline.
+    pub close_timeout_ms: u64,
+    /// Largest message.
+    pub max_message_bytes: usize,
+    /// Outbound queue limit.
+    pub max_outbound_bytes: usize,
+    /// Shutdown grace.
+    pub shutdown_grace_ms: u64,
+    /// Mailbox capacity.
+    pub mailbox_capacity: usize,
+    /// Echo mode.
+    pub echo: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Options::default().resolve(None).expect("defaults are valid")
+    }
+}
+
+impl Options {
+    /// Reads the `--config` file (if any) and merges it under the flags.
+    pub fn load(self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Some(toml::from_str::<Options>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source,
+                })?)
+            }
+        };
+        self.resolve(file)
+    }
+
+    /// Merges flags over `file` over defaults and validates.
+    pub fn resolve(self, file: Option<Options>) -> Result<Config, ConfigError> {
+        let f = file.unwrap_or_default();
+        let listen = if !self.listen.is_empty() {
+            self.listen
+        } else if !f.listen.is_empty() {
+            f.listen
+        } else {
+            vec![DEFAULT_LISTEN.parse().expect("default address parses")]
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let c = Config {
+            listen,
+            shards: self.shards.or(f.shards).unwrap_or(cores),
+            backlog: self.backlog.or(f.backlog).unwrap_or(DEFAULT_BACKLOG),
+            fd_table: self.fd_table.or(f.fd_table).unwrap_or_default(),
+            max_connections: self
+                .max_connections
+                .or(f.max_connections)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            ping_interval_ms: self
+                .ping_interval_ms
+                .or(f.ping_interval_ms)
+                .unwrap_or(DEFAULT_PING_INTERVAL_MS),
+            idle_timeout_ms: self
+                .idle_timeout_ms
+                .or(f.idle_timeout_ms)
+                .unwrap_or(DEFAULT_IDLE_TIMEOUT_MS),
+            handshake_timeout_ms: self
+                .handshake_timeout_ms
+                .or(f.handshake_timeout_ms)
+                .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS),
+            close_timeout_ms: self
+                .close_timeout_ms
+                .or(f.close_timeout_ms)
+                .unwrap_or(DEFAULT_CLOSE_TIMEOUT_MS),
+            max_message_bytes: self
+                .max_message_bytes
+                .or(f.max_message_bytes)
+                .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+            max_outbound_bytes: self
+                .max_outbound_bytes
+                .or(f.max_outbound_bytes)
+                .unwrap_or(DEFAULT_MAX_OUTBOUND_BYTES),
+            shutdown_grace_ms: self
+                .shutdown_grace_ms
+                .or(f.shutdown_grace_ms)
+                .unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS),
+            mailbox_capacity: self
+                .mailbox_capacity
+                .or(f.mailbox_capacity)
+                .unwrap_or(DEFAULT_MAILBOX_CAPACITY),
+            echo: self.echo || f.echo,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, reason| Err(ConfigError::Invalid { key, reason });
+        if self.shards == 0 || self.shards > 1024 {
+            return bad("shards", "must be 1..=1024");
+        }
+        if self.ping_interval_ms == 0 {
+            return bad("ping-interval-ms", "must be > 0");
+        }
+        if self.idle_timeout_ms <= self.ping_interval_ms {
+            return bad("idle-timeout-ms", "must be greater than ping-interval-ms");
+        }
+        if self.handshake_timeout_ms == 0 || self.close_timeout_ms == 0 {
+            return bad("handshake-timeout-ms/close-timeout-ms", "must be > 0");
+        }
+        if self.max_message_bytes < 128 || self.max_message_bytes > 1 << 30 {
+            return bad("max-message-bytes", "must be 128..=1073741824");
+        }
+        if self.max_outbound_bytes < 1024 {
+            return bad("max-outbound-bytes", "must be >= 1024");
+        }
+        if self.mailbox_capacity < 16 {
+            return bad("mailbox-capacity", "must be >= 16");
+        }
+        if self.max_connections == 0 {
+            return bad("max-connections", "must be > 0");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_with_no_configuration() {
+        let c = Config::default();
+        assert_eq!(c.listen, vec![DEFAULT_LISTEN.parse().unwrap()]);
+        assert_eq!(c.ping_interval_ms, 25_000);
+        assert_eq!(c.idle_timeout_ms, 60_000);
+        assert_eq!(c.max_message_bytes, 65_536);
+        assert_eq!(c.fd_table, FdTableMode::Auto);
+        assert!(!c.echo);
+    }
+
+    #[test]
+    fn flags_over_file_over_defaults() {
+        let file: Options = toml::from_str(
+            "ping-interval-ms = 1000\nidle-timeout-ms = 3000\nfd-table = \"per-shard\"\nlisten = [\"127.0.0.1:9000\"]\n",
+        )
+        .unwrap();
+        let flags = Options::parse_from(["switchboard", "--idle-timeout-ms", "5000", "--echo"]);
+        let c = flags.resolve(Some(file)).unwrap();
+        assert_eq!((c.ping_interval_ms, c.idle_timeout_ms), (1000, 5000));
+        assert_eq!(c.fd_table, FdTableMode::PerShard);
+        assert_eq!(c.listen[0].port(), 9000);
+        assert!(c.echo);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(toml::from_str::<Options>("nope = 1").is_err());
+        let o = Options::parse_from(["switchboard", "--ping-interval-ms", "9000", "--idle-timeout-ms", "9000"]);
+        assert!(matches!(o.resolve(None), Err(ConfigError::Invalid { key: "idle-timeout-ms", .. })));
+        let o = Options::parse_from(["switchboard", "--shards", "0"]);
+        assert!(o.resolve(None).is_err());
+    }
+}

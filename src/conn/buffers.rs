@@ -1,0 +1,234 @@
+//! Read and write buffers that a connection borrows from its shard's pool only while a
+//! frame or request is in flight, so idle connections hold none.
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes};
+
+/// Size of a pooled read buffer: one read syscall fills at most this much.
+pub const READ_CHUNK: usize = 64 * 1024;
+/// Leftover bytes up to this size are kept in a small buffer instead of a pooled one.
+pub const SMALL_LEFTOVER: usize = 512;
+/// Pooled buffers kept per shard; beyond that they are freed.
+const POOL_MAX: usize = 256;
+
+/// Bytes read from the socket and not yet consumed, plus a message being reassembled.
+#[derive(Debug, Default)]
+pub struct Inbound {
+    /// Initialized storage; bytes `start..end` are unconsumed.
+    pub buf: Vec<u8>,
+    /// First unconsumed byte.
+    pub start: usize,
+    /// End of read data.
+    pub end: usize,
+    /// A fragmented message being reassembled.
+    pub frag: Option<Fragment>,
+}
+
+impl Inbound {
+    /// Unconsumed bytes.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Whether nothing is held.
+    pub fn is_idle(&self) -> bool {
+        self.start == self.end && self.frag.is_none()
+    }
+
+    /// Moves unconsumed bytes to the front.
+    pub fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+    }
+
+    /// Makes room for at least `total` bytes from `start` (a frame of known size).
+    pub fn reserve_total(&mut self, total: usize) {
+        self.compact();
+        if self.buf.len() < total {
+            self.buf.resize(total, 0);
+        }
+    }
+}
+
+/// A fragmented data message being reassembled.
+#[derive(Debug, Default)]
+pub struct Fragment {
+    /// Text (true) or binary.
+    pub text: bool,
+    /// Payload so far.
+    pub data: Vec<u8>,
+    /// Bytes of `data` known to be complete UTF-8.
+    pub utf8_valid: usize,
+}
+
+/// Frames waiting for the socket, shared (`Bytes`) with other recipients of a fan-out.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Frames in order; the head may be partly written.
+    pub queue: VecDeque<Bytes>,
+    /// Bytes queued.
+    pub bytes: usize,
+    /// The head frame is partly written (it must be finished before anything else).
+    pub head_partial: bool,
+}
+
+impl Outbox {
+    /// Appends a frame.
+    pub fn push(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.queue.push_back(frame);
+    }
+
+    /// Drops `n` written bytes from the front.
+    pub fn consume(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let head = self.queue.front_mut().expect("consumed more than queued");
+            if n >= head.len() {
+                n -= head.len();
+                self.queue.pop_front();
+                self.head_partial = false;
+            } else {
+                head.advance(n);
+                self.head_partial = true;
+                n = 0;
+            }
+        }
+    }
+
+    /// Drops every frame not yet started (slow-consumer policy); a partly written head is
+    /// kept so the stream stays well framed.
+    pub fn truncate_unstarted(&mut self) {
+        let keep = usize::from(self.head_partial);
+        while self.queue.len() > keep {
+            if let Some(b) = self.queue.pop_back() {
+                self.bytes -= b.len();
+            }
+        }
+    }
+}
+
+/// A shard's pool of read buffers and outboxes.
+#[derive(Debug, Default)]
+pub struct BufPool {
+    inbound: Vec<Box<Inbound>>,
+    outboxes: Vec<Box<Outbox>>,
+}
+
+impl BufPool {
+    /// A read state with a full-size buffer.
+    pub fn inbound(&mut self) -> Box<Inbound> {
+        self.inbound.pop().unwrap_or_else(|| {
+            Box::new(Inbound {
+                buf: vec![0; READ_CHUNK],
+                ..Inbound::default()
+            })
+        })
+    }
+
+    /// Returns a read state; only idle, standard-size ones are kept.
+    pub fn put_inbound(&mut self, mut b: Box<Inbound>) {
+        if self.inbound.len() < POOL_MAX && b.buf.len() == READ_CHUNK && b.frag.is_none() {
+            b.start = 0;
+            b.end = 0;
+            self.inbound.push(b);
+        }
+    }
+
+    /// Readies a held read state for reading: small leftovers move into a full-size buffer.
+    pub fn prepare(&mut self, held: Option<Box<Inbound>>) -> Box<Inbound> {
+        match held {
+            None => self.inbound(),
+            Some(mut h) if h.buf.len() < READ_CHUNK => {
+                let mut full = self.inbound();
+                let n = h.end - h.start;
+                full.buf[..n].copy_from_slice(&h.buf[h.start..h.end]);
+                full.end = n;
+                full.frag = h.frag.take();
+                full
+            }
+            Some(h) => h,
+        }
+    }
+
+    /// Parks a read state on its connection after a read: `None` when nothing is held
+    /// (the buffer goes back to the pool), a small copy when only a few bytes are left.
+    pub fn park(&mut self, mut b: Box<Inbound>) -> Option<Box<Inbound>> {
+        if b.is_idle() {
+            self.put_inbound(b);
+            return None;
+        }
+        let n = b.end - b.start;
+        if n <= SMALL_LEFTOVER && b.buf.len() >= READ_CHUNK {
+            let small = Box::new(Inbound {
+                buf: b.buf[b.start..b.end].to_vec(),
+                start: 0,
+                end: n,
+                frag: b.frag.take(),
+            });
+            self.put_inbound(b);
+            return Some(small);
+        }
+        b.compact();
+        Some(b)
+    }
+
+    /// An empty outbox.
+    pub fn outbox(&mut self) -> Box<Outbox> {
+        self.outboxes.pop().unwrap_or_default()
+    }
+
+    /// Returns a drained outbox.
+    pub fn put_outbox(&mut self, mut o: Box<Outbox>) {
+        if self.outboxes.len() < POOL_MAX && o.queue.capacity() <= 64 {
+            o.queue.clear();
+            o.bytes = 0;
+            o.head_partial = false;
+            self.outboxes.push(o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_consume_and_truncate() {
+        let mut o = Outbox::default();
+        o.push(Bytes::from_static(b"hello"));
+        o.push(Bytes::from_static(b"world"));
+        o.push(Bytes::from_static(b"!"));
+        o.consume(7);
+        assert_eq!((o.bytes, o.head_partial), (4, true));
+        assert_eq!(&o.queue[0][..], b"rld");
+        o.truncate_unstarted();
+        assert_eq!((o.bytes, o.queue.len()), (3, 1));
+        o.consume(3);
+        assert!(o.queue.is_empty() && !o.head_partial);
+    }
+
+    #[test]
+    fn park_keeps_small_leftovers_small() {
+        let mut pool = BufPool::default();
+        let mut b = pool.inbound();
+        b.buf[..3].copy_from_slice(b"abc");
+        b.end = 3;
+        b.start = 1;
+        let parked = pool.park(b).unwrap();
+        assert_eq!(parked.pending(), b"bc");
+        assert!(parked.buf.len() < READ_CHUNK);
+        let again = pool.prepare(Some(parked));
+        assert_eq!(again.pending(), b"bc");
+        assert_eq!(again.buf.len(), READ_CHUNK);
+        assert!(pool.park(pool_idle(&mut pool)).is_none());
+    }
+
+    fn pool_idle(pool: &mut BufPool) -> Box<Inbound> {
+        pool.inbound()
+    }
+}

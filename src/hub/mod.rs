@@ -1,0 +1,236 @@
+//! Who is where: each shard's local registry of users and channel subscriptions, the
+//! directory part it keeps as "home" of the users hashed to it, and the messages shards
+//! exchange to route a DM or a publication.
+//!
+//! Routing a DM: the sender's shard asks the recipient's *home shard* (hash of the user id),
+//! whose directory lists the shards holding a connection of that user; the home forwards the
+//! shared frame to those shards and tells the sender's shard whether anyone was online.
+//! Channels are fanned out to every shard, each of which knows its local subscribers.
+//! The hub does no I/O: it only answers questions, so it is tested without sockets.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
+
+/// A connection anywhere in the process; slab keys are reused, so the generation tells
+/// reuses apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    /// Shard index.
+    pub shard: u16,
+    /// Slab key in that shard.
+    pub slot: u32,
+    /// Generation of the slot.
+    pub generation: u32,
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.shard, self.slot, self.generation)
+    }
+}
+
+/// Messages between shards (bounded mailboxes; see `shard::mailbox`).
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// `user` gained its first (`online`) or lost its last connection on shard `from`.
+    Presence { user: Arc<str>, from: u16, online: bool },
+    /// To the home shard of `to`: deliver `frame` to every connection of `to` except
+    /// `exclude`; when `reply` is set, report back whether anyone was online.
+    RouteUser {
+        to: Arc<str>,
+        frame: Bytes,
+        exclude: Option<ConnId>,
+        reply: Option<ReplyTo>,
+    },
+    /// To a shard holding connections of `to`: deliver locally.
+    DeliverUser { to: Arc<str>, frame: Bytes, exclude: Option<ConnId> },
+    /// Deliver to local subscribers of `channel`.
+    DeliverChannel { channel: Arc<str>, frame: Bytes },
+    /// The outcome of a routed `send` for the requesting connection.
+    Routed { reply: ReplyTo, online: bool },
+    /// Stop accepting, close every connection with 1001, exit within the grace period.
+    Shutdown,
+}
+
+/// Who asked for a routed `send`, and the request id to acknowledge.
+#[derive(Debug)]
+pub struct ReplyTo {
+    /// The requesting connection.
+    pub conn: ConnId,
+    /// Raw JSON of the request's `id`.
+    pub id: Box<str>,
+    /// The recipient, for the error message.
+    pub to: Arc<str>,
+}
+
+/// Home shard of a user id.
+pub fn home_of(user: &str, shards: usize) -> u16 {
+    let mut h = FxBuildHasher.build_hasher();
+    user.hash(&mut h);
+    // Mix the high bits in: FxHash's low bits are weak for short keys.
+    let v = h.finish();
+    ((v ^ (v >> 29) ^ (v >> 47)) % shards as u64) as u16
+}
+
+/// One shard's view: local users and subscriptions, and the directory of its home users.
+#[derive(Debug, Default)]
+pub struct Hub {
+    users: FxHashMap<Arc<str>, Vec<u32>>,
+    channels: FxHashMap<Arc<str>, FxHashSet<u32>>,
+    directory: FxHashMap<Arc<str>, Vec<u16>>,
+}
+
+impl Hub {
+    /// Adds a local connection of `user`; true when it is the user's first on this shard
+    /// (the home shard must then learn the user is here).
+    pub fn add_user(&mut self, user: &Arc<str>, slot: u32) -> bool {
+        let slots = self.users.entry(user.clone()).or_default();
+        slots.push(slot);
+        slots.len() == 1
+    }
+
+    /// Removes a local connection; true when it was the user's last on this shard.
+    pub fn remove_user(&mut self, user: &str, slot: u32) -> bool {
+        let Some(slots) = self.users.get_mut(user) else {
+            return false;
+        };
+        if let Some(i) = slots.iter().position(|&s| s == slot) {
+            slots.swap_remove(i);
+        }
+        if slots.is_empty() {
+            self.users.remove(user);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Local connections of `user`.
+    pub fn user_slots(&self, user: &str) -> &[u32] {
+        self.users.get(user).map_or(&[], |v| v.as_slice())
+    }
+
+    /// The shared key for `name` if the channel has local subscribers (avoids a new
+    /// allocation per subscription).
+    pub fn channel_key(&self, name: &str) -> Option<Arc<str>> {
+        self.channels.get_key_value(name).map(|(k, _)| k.clone())
+    }
+
+    /// Subscribes a local connection; false when it already was.
+    pub fn subscribe(&mut self, channel: &Arc<str>, slot: u32) -> bool {
+        self.channels.entry(channel.clone()).or_default().insert(slot)
+    }
+
+    /// Unsubscribes a local connection; false when it was not subscribed.
+    pub fn unsubscribe(&mut self, channel: &str, slot: u32) -> bool {
+        let Some(set) = self.channels.get_mut(channel) else {
+            return false;
+        };
+        let removed = set.remove(&slot);
+        if set.is_empty() {
+            self.channels.remove(channel);
+        }
+        removed
+    }
+
+    /// Local subscribers of `channel`.
+    pub fn subscribers(&self, channel: &str) -> impl Iterator<Item = u32> + '_ {
+        self.channels.get(channel).into_iter().flat_map(|s| s.iter().copied())
+    }
+
+    /// Number of local subscribers of `channel`.
+    pub fn subscriber_count(&self, channel: &str) -> usize {
+        self.channels.get(channel).map_or(0, |s| s.len())
+    }
+
+    /// Directory update from shard `from` for a user whose home is this shard.
+    pub fn presence(&mut self, user: Arc<str>, from: u16, online: bool) {
+        if online {
+            let shards = self.directory.entry(user).or_default();
+            if !shards.contains(&from) {
+                shards.push(from);
+            }
+        } else if let Some(shards) = self.directory.get_mut(&user) {
+            shards.retain(|&s| s != from);
+            if shards.is_empty() {
+                self.directory.remove(&user);
+            }
+        }
+    }
+
+    /// Shards holding connections of a home user.
+    pub fn locate(&self, user: &str) -> &[u16] {
+        self.directory.get(user).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Local users with at least one connection.
+    pub fn local_users(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Channels with local subscribers.
+    pub fn local_channels(&self) -> usize {
+        self.channels.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_first_and_last() {
+        let mut h = Hub::default();
+        let alice: Arc<str> = "alice".into();
+        assert!(h.add_user(&alice, 1));
+        assert!(!h.add_user(&alice, 2));
+        assert_eq!(h.user_slots("alice"), &[1, 2]);
+        assert!(!h.remove_user("alice", 1));
+        assert!(h.remove_user("alice", 2));
+        assert!(h.user_slots("alice").is_empty());
+        assert!(!h.remove_user("alice", 2));
+    }
+
+    #[test]
+    fn channels() {
+        let mut h = Hub::default();
+        let r: Arc<str> = "room".into();
+        assert!(h.subscribe(&r, 1));
+        assert!(!h.subscribe(&r, 1));
+        assert!(h.subscribe(&r, 2));
+        let mut subs: Vec<_> = h.subscribers("room").collect();
+        subs.sort();
+        assert_eq!(subs, vec![1, 2]);
+        assert!(h.unsubscribe("room", 1));
+        assert!(!h.unsubscribe("room", 1));
+        assert!(h.unsubscribe("room", 2));
+        assert_eq!(h.local_channels(), 0);
+        assert!(h.channel_key("room").is_none());
+    }
+
+    #[test]
+    fn directory() {
+        let mut h = Hub::default();
+        let bob: Arc<str> = "bob".into();
+        h.presence(bob.clone(), 3, true);
+        h.presence(bob.clone(), 3, true);
+        h.presence(bob.clone(), 1, true);
+        assert_eq!(h.locate("bob"), &[3, 1]);
+        h.presence(bob.clone(), 3, false);
+        assert_eq!(h.locate("bob"), &[1]);
+        h.presence(bob, 1, false);
+        assert!(h.locate("bob").is_empty());
+    }
+
+    #[test]
+    fn homes_spread() {
+        let mut counts = [0usize; 4];
+        for i in 0..10_000 {
+            counts[home_of(&format!("user{i}"), 4) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 2000), "{counts:?}");
+    }
+}

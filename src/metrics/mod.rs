@@ -1,0 +1,187 @@
+//! Every metric name in one place: per-shard counters (relaxed atomics written only by their
+//! shard) and the Prometheus text rendering of their sum (`docs/metrics.md`).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::ws::close;
+
+/// Why an HTTP request or upgrade failed, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum HandshakeFailure {
+    /// Malformed HTTP (400).
+    Malformed,
+    /// Header section over 8 KiB (431).
+    HeadTooLarge,
+    /// Plain request on an upgrade-only endpoint (426).
+    NotUpgrade,
+    /// Unsupported WebSocket version (426).
+    Version,
+    /// Missing or bad key (400).
+    BadKey,
+    /// Wrong method (405).
+    Method,
+    /// Bad user id (400).
+    BadUser,
+    /// The upgrade did not complete in time.
+    Timeout,
+    /// Over `--max-connections` (closed with 1013 after the upgrade).
+    OverCapacity,
+    /// A body over the size limit or a chunked body (413/411).
+    Body,
+}
+
+impl HandshakeFailure {
+    /// All reasons, in index order.
+    pub const ALL: [HandshakeFailure; 10] = [
+        HandshakeFailure::Malformed,
+        HandshakeFailure::HeadTooLarge,
+        HandshakeFailure::NotUpgrade,
+        HandshakeFailure::Version,
+        HandshakeFailure::BadKey,
+        HandshakeFailure::Method,
+        HandshakeFailure::BadUser,
+        HandshakeFailure::Timeout,
+        HandshakeFailure::OverCapacity,
+        HandshakeFailure::Body,
+    ];
+
+    /// Label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            HandshakeFailure::Malformed => "malformed",
+            HandshakeFailure::HeadTooLarge => "head_too_large",
+            HandshakeFailure::NotUpgrade => "not_upgrade",
+            HandshakeFailure::Version => "version",
+            HandshakeFailure::BadKey => "bad_key",
+            HandshakeFailure::Method => "method",
+            HandshakeFailure::BadUser => "bad_user",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::OverCapacity => "over_capacity",
+            HandshakeFailure::Body => "body",
+        }
+    }
+}
+
+const CLOSE_SLOTS: usize = close::COUNTED.len() + 1;
+
+/// Counters of one shard.
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    /// Open upgraded WebSocket connections (gauge).
+    pub open_ws: AtomicU64,
+    /// Open connections not (yet) upgraded (gauge).
+    pub open_http: AtomicU64,
+    /// Accepted TCP connections.
+    pub accepted: AtomicU64,
+    /// Failed handshakes by reason.
+    pub handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
+    /// WebSocket closes by code; the last slot is "other".
+    pub closes: [AtomicU64; CLOSE_SLOTS],
+    /// Messages received from clients.
+    pub messages_in: AtomicU64,
+    /// Frames queued to clients.
+    pub messages_out: AtomicU64,
+    /// Bytes read from sockets.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to sockets.
+    pub bytes_out: AtomicU64,
+    /// Cross-shard messages dropped because a mailbox was full.
+    pub dropped: AtomicU64,
+    /// Connections closed with 4001.
+    pub slow_consumers: AtomicU64,
+    /// Entries in the shard's timer wheel (gauge).
+    pub wheel_entries: AtomicU64,
+}
+
+impl ShardMetrics {
+    /// Adds `n` to a counter.
+    #[inline]
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+
+    /// Sets a gauge.
+    #[inline]
+    pub fn set(c: &AtomicU64, v: u64) {
+        c.store(v, Relaxed);
+    }
+
+    /// Counts a close with `code`.
+    pub fn count_close(&self, code: u16) {
+        let i = close::COUNTED.iter().position(|&c| c == code).unwrap_or(CLOSE_SLOTS - 1);
+        self.closes[i].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a failed handshake.
+    pub fn count_handshake_failure(&self, why: HandshakeFailure) {
+        self.handshake_failures[why as usize].fetch_add(1, Relaxed);
+    }
+}
+
+fn sum(shards: &[ShardMetrics], f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
+    shards.iter().map(|s| f(s).load(Relaxed)).sum()
+}
+
+/// Prometheus text exposition of all shards.
+pub fn render(shards: &[ShardMetrics]) -> String {
+    let mut o = String::with_capacity(4096);
+    let _ = writeln!(o, "# HELP switchboard_connections_open Open connections by shard and transport.");
+    let _ = writeln!(o, "# TYPE switchboard_connections_open gauge");
+    for (i, s) in shards.iter().enumerate() {
+        let _ = writeln!(o, "switchboard_connections_open{{shard=\"{i}\",transport=\"ws\"}} {}", s.open_ws.load(Relaxed));
+        let _ = writeln!(o, "switchboard_connections_open{{shard=\"{i}\",transport=\"http\"}} {}", s.open_http.load(Relaxed));
+    }
+    let counter = |o: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    };
+    counter(&mut o, "switchboard_accepted_total", "Accepted TCP connections.", sum(shards, |s| &s.accepted));
+    let _ = writeln!(o, "# HELP switchboard_handshake_failures_total Failed HTTP requests and upgrades by reason.");
+    let _ = writeln!(o, "# TYPE switchboard_handshake_failures_total counter");
+    for r in HandshakeFailure::ALL {
+        let v = sum(shards, |s| &s.handshake_failures[r as usize]);
+        let _ = writeln!(o, "switchboard_handshake_failures_total{{reason=\"{}\"}} {v}", r.label());
+    }
+    let _ = writeln!(o, "# HELP switchboard_closes_total WebSocket closes by close code.");
+    let _ = writeln!(o, "# TYPE switchboard_closes_total counter");
+    for (i, code) in close::COUNTED.iter().enumerate() {
+        let v = sum(shards, |s| &s.closes[i]);
+        let _ = writeln!(o, "switchboard_closes_total{{code=\"{code}\"}} {v}");
+    }
+    let v = sum(shards, |s| &s.closes[CLOSE_SLOTS - 1]);
+    let _ = writeln!(o, "switchboard_closes_total{{code=\"other\"}} {v}");
+    counter(&mut o, "switchboard_messages_in_total", "Messages received from clients.", sum(shards, |s| &s.messages_in));
+    counter(&mut o, "switchboard_messages_out_total", "Frames queued to clients.", sum(shards, |s| &s.messages_out));
+    counter(&mut o, "switchboard_bytes_in_total", "Bytes read from sockets.", sum(shards, |s| &s.bytes_in));
+    counter(&mut o, "switchboard_bytes_out_total", "Bytes written to sockets.", sum(shards, |s| &s.bytes_out));
+    counter(&mut o, "switchboard_dropped_total", "Cross-shard messages dropped on a full mailbox.", sum(shards, |s| &s.dropped));
+    counter(&mut o, "switchboard_slow_consumer_closes_total", "Connections closed with 4001.", sum(shards, |s| &s.slow_consumers));
+    let _ = writeln!(o, "# HELP switchboard_timer_wheel_entries Entries in each shard's timer wheel.");
+    let _ = writeln!(o, "# TYPE switchboard_timer_wheel_entries gauge");
+    for (i, s) in shards.iter().enumerate() {
+        let _ = writeln!(o, "switchboard_timer_wheel_entries{{shard=\"{i}\"}} {}", s.wheel_entries.load(Relaxed));
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_sums_and_labels() {
+        let shards: Vec<ShardMetrics> = (0..2).map(|_| ShardMetrics::default()).collect();
+        ShardMetrics::add(&shards[0].accepted, 2);
+        ShardMetrics::add(&shards[1].accepted, 3);
+        shards[1].count_close(4000);
+        shards[1].count_close(3999);
+        shards[0].count_handshake_failure(HandshakeFailure::HeadTooLarge);
+        let text = render(&shards);
+        assert!(text.contains("switchboard_accepted_total 5\n"));
+        assert!(text.contains("switchboard_closes_total{code=\"4000\"} 1\n"));
+        assert!(text.contains("switchboard_closes_total{code=\"other\"} 1\n"));
+        assert!(text.contains("switchboard_handshake_failures_total{reason=\"head_too_large\"} 1\n"));
+        assert!(text.contains("switchboard_connections_open{shard=\"1\",transport=\"ws\"} 0\n"));
+    }
+}

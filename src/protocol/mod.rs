@@ -1,0 +1,353 @@
+//! Wire protocol v1: the JSON envelope of client requests and server events (`docs/protocol.md`).
+//!
+//! Requests are parsed borrowing from the frame payload; `data` and `id` stay raw JSON so they
+//! are copied into the outgoing event without a second parse. Events are serialized straight
+//! into a frame buffer (see [`crate::ws::frame::TextFrameBuilder`]).
+
+use std::borrow::Cow;
+use std::io::Write;
+
+use bytes::{BufMut, Bytes};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::ws::frame::TextFrameBuilder;
+
+/// Longest user id or channel name.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// A user id is 1–128 characters of `[A-Za-z0-9_.@-]`.
+pub fn valid_user(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_NAME_LEN
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
+}
+
+/// A channel name is 1–128 characters of `[A-Za-z0-9_.:@/-]`.
+pub fn valid_channel(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'/' | b'-'))
+}
+
+/// A client request, borrowing from the payload it was parsed from.
+#[derive(Debug)]
+pub enum Op<'a> {
+    /// Direct message to every connection of `to`.
+    Send { to: Cow<'a, str>, data: &'a RawValue },
+    /// Join a channel.
+    Sub { channel: Cow<'a, str> },
+    /// Leave a channel.
+    Unsub { channel: Cow<'a, str> },
+    /// Publish to every subscriber of a channel.
+    Pub { channel: Cow<'a, str>, data: &'a RawValue },
+    /// Application-level ping; answered with `pong` carrying the same data.
+    Ping { data: &'a RawValue },
+}
+
+/// A parsed request: the op and the client's correlation id, if any.
+#[derive(Debug)]
+pub struct Parsed<'a> {
+    /// What to do.
+    pub op: Op<'a>,
+    /// Raw JSON of `"id"`, echoed in `ack` / `error`.
+    pub id: Option<&'a RawValue>,
+}
+
+/// Error codes of `{"op":"error"}` events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Malformed JSON, unknown op, missing or mistyped field.
+    BadRequest,
+    /// Invalid channel name.
+    BadChannel,
+    /// `send` to a user with no open connection.
+    UserOffline,
+    /// The server could not route the request right now (a shard mailbox was full).
+    Overloaded,
+    /// The token does not allow the channel.
+    Forbidden,
+}
+
+impl ErrorCode {
+    /// The snake_case code on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::BadChannel => "bad_channel",
+            ErrorCode::UserOffline => "user_offline",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Forbidden => "forbidden",
+        }
+    }
+}
+
+/// A request that could not be accepted; the connection stays open.
+#[derive(Debug)]
+pub struct RequestError<'a> {
+    /// The request's `id`, when it could be read.
+    pub id: Option<&'a RawValue>,
+    /// Error code.
+    pub code: ErrorCode,
+    /// Human-readable explanation.
+    pub message: Cow<'static, str>,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+}
+
+const NULL_JSON: &str = "null";
+
+fn null() -> &'static RawValue {
+    // A static `null` used when `data` is absent or JSON null.
+    static NULL: std::sync::OnceLock<Box<RawValue>> = std::sync::OnceLock::new();
+    NULL.get_or_init(|| RawValue::from_string(NULL_JSON.to_owned()).expect("null is JSON"))
+}
+
+/// Parses one text message into a request.
+pub fn parse<'a>(text: &'a str) -> Result<Parsed<'a>, RequestError<'a>> {
+    let env: Envelope<'a> = serde_json::from_str(text).map_err(|e| RequestError {
+        id: None,
+        code: ErrorCode::BadRequest,
+        message: format!("malformed JSON: {e}").into(),
+    })?;
+    let id = env.id;
+    let bad = |code, message: &'static str| RequestError {
+        id,
+        code,
+        message: message.into(),
+    };
+    if let Some(raw) = id {
+        let s = raw.get();
+        if !(s.starts_with('"') || s.starts_with(|c: char| c == '-' || c.is_ascii_digit())) {
+            return Err(bad(ErrorCode::BadRequest, "`id` must be a string or a number"));
+        }
+    }
+    let op = env.op.ok_or_else(|| bad(ErrorCode::BadRequest, "missing field `op`"))?;
+    let data: &'a RawValue = env.data.unwrap_or_else(|| null());
+    let op = match op.as_ref() {
+        "send" => {
+            let to = env.to.ok_or_else(|| bad(ErrorCode::BadRequest, "missing field `to`"))?;
+            if !valid_user(&to) {
+                return Err(bad(
+                    ErrorCode::BadRequest,
+                    "`to` must be 1-128 characters of [A-Za-z0-9_.@-]",
+                ));
+            }
+            Op::Send { to, data }
+        }
+        "sub" => Op::Sub {
+            channel: channel_of(env.channel, id)?,
+        },
+        "unsub" => Op::Unsub {
+            channel: channel_of(env.channel, id)?,
+        },
+        "pub" => Op::Pub {
+            channel: channel_of(env.channel, id)?,
+            data,
+        },
+        "ping" => Op::Ping { data },
+        _ => return Err(bad(ErrorCode::BadRequest, "unknown op")),
+    };
+    Ok(Parsed { op, id })
+}
+
+fn channel_of<'a>(
+    channel: Option<Cow<'a, str>>,
+    id: Option<&'a RawValue>,
+) -> Result<Cow<'a, str>, RequestError<'a>> {
+    let bad = |code, message: &'static str| RequestError {
+        id,
+        code,
+        message: message.into(),
+    };
+    let c = channel.ok_or_else(|| bad(ErrorCode::BadRequest, "missing field `channel`"))?;
+    if !valid_channel(&c) {
+        return Err(bad(
+            ErrorCode::BadChannel,
+            "channel must be 1-128 characters of [A-Za-z0-9_.:@/-]",
+        ));
+    }
+    Ok(c)
+}
+
+fn put_str(b: &mut TextFrameBuilder, s: &str) {
+    // Serializing a &str into a growable buffer cannot fail.
+    let _ = serde_json::to_writer(b.payload().writer(), s);
+}
+
+fn put(b: &mut TextFrameBuilder, raw: &[u8]) {
+    b.payload().put_slice(raw);
+}
+
+fn put_u64(b: &mut TextFrameBuilder, v: u64) {
+    let _ = write!(b.payload().writer(), "{v}");
+}
+
+/// `{"op":"welcome","user":..,"conn":..,"ping_interval_ms":..}`
+pub fn welcome(user: &str, conn: &str, ping_interval_ms: u64) -> Bytes {
+    let mut b = TextFrameBuilder::new(64 + user.len());
+    put(&mut b, br#"{"op":"welcome","user":"#);
+    put_str(&mut b, user);
+    put(&mut b, br#","conn":"#);
+    put_str(&mut b, conn);
+    put(&mut b, br#","ping_interval_ms":"#);
+    put_u64(&mut b, ping_interval_ms);
+    put(&mut b, b"}");
+    b.finish()
+}
+
+/// Where a `msg` was addressed.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// A direct message to a user.
+    User(&'a str),
+    /// A channel publication.
+    Channel(&'a str),
+}
+
+/// `{"op":"msg","from":..,"to"|"channel":..,"data":..,"ts":..}`
+pub fn msg(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Bytes {
+    let data = data.get();
+    let mut b = TextFrameBuilder::new(64 + from.len() + data.len());
+    put(&mut b, br#"{"op":"msg","from":"#);
+    put_str(&mut b, from);
+    match target {
+        Target::User(to) => {
+            put(&mut b, br#","to":"#);
+            put_str(&mut b, to);
+        }
+        Target::Channel(c) => {
+            put(&mut b, br#","channel":"#);
+            put_str(&mut b, c);
+        }
+    }
+    put(&mut b, br#","data":"#);
+    put(&mut b, data.as_bytes());
+    put(&mut b, br#","ts":"#);
+    put_u64(&mut b, ts_ms);
+    put(&mut b, b"}");
+    b.finish()
+}
+
+/// `{"op":"ack","id":..}`
+/// `id` is the raw JSON of the request's id.
+pub fn ack(id: &str) -> Bytes {
+    let mut b = TextFrameBuilder::new(24 + id.len());
+    put(&mut b, br#"{"op":"ack","id":"#);
+    put(&mut b, id.as_bytes());
+    put(&mut b, b"}");
+    b.finish()
+}
+
+/// `{"op":"error","id":..,"code":..,"message":..}` (`id` omitted when unknown).
+/// `id` is the raw JSON of the request's id.
+pub fn error(id: Option<&str>, code: ErrorCode, message: &str) -> Bytes {
+    let mut b = TextFrameBuilder::new(64 + message.len());
+    put(&mut b, br#"{"op":"error","#);
+    if let Some(id) = id {
+        put(&mut b, br#""id":"#);
+        put(&mut b, id.as_bytes());
+        put(&mut b, b",");
+    }
+    put(&mut b, br#""code":"#);
+    put_str(&mut b, code.as_str());
+    put(&mut b, br#","message":"#);
+    put_str(&mut b, message);
+    put(&mut b, b"}");
+    b.finish()
+}
+
+/// `{"op":"pong","data":..}`
+pub fn pong(data: &RawValue) -> Bytes {
+    let mut b = TextFrameBuilder::new(24 + data.get().len());
+    put(&mut b, br#"{"op":"pong","data":"#);
+    put(&mut b, data.get().as_bytes());
+    put(&mut b, b"}");
+    b.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::frame::parse_header;
+
+    fn payload(frame: &Bytes) -> serde_json::Value {
+        let (h, hl) = parse_header(frame).unwrap().unwrap();
+        assert_eq!(h.payload_len as usize, frame.len() - hl);
+        serde_json::from_slice(&frame[hl..]).unwrap()
+    }
+
+    #[test]
+    fn parses_every_op() {
+        let p = parse(r#"{"op":"send","to":"bob","data":{"t":"hi"},"id":"c1"}"#).unwrap();
+        assert!(matches!(p.op, Op::Send { ref to, data } if to == "bob" && data.get() == r#"{"t":"hi"}"#));
+        assert_eq!(p.id.unwrap().get(), r#""c1""#);
+        assert!(matches!(parse(r#"{"op":"sub","channel":"room1"}"#).unwrap().op, Op::Sub { .. }));
+        assert!(matches!(parse(r#"{"op":"unsub","channel":"a:b/c"}"#).unwrap().op, Op::Unsub { .. }));
+        let p = parse(r#"{"op":"pub","channel":"r","data":[1,2],"id":7}"#).unwrap();
+        assert!(matches!(p.op, Op::Pub { data, .. } if data.get() == "[1,2]"));
+        assert!(matches!(parse(r#"{"op":"ping"}"#).unwrap().op, Op::Ping { data } if data.get() == "null"));
+    }
+
+    #[test]
+    fn errors_keep_the_id() {
+        let e = parse(r#"{"op":"dance","id":"x"}"#).unwrap_err();
+        assert_eq!((e.code, e.id.unwrap().get()), (ErrorCode::BadRequest, r#""x""#));
+        let e = parse(r#"{"op":"send","id":"y","data":1}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.contains("`to`"));
+        let e = parse(r#"{"op":"sub","channel":"bad channel!","id":1}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadChannel);
+        let e = parse(r#"{"op":"send","to":"no spaces","data":1}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        let e = parse("{not json").unwrap_err();
+        assert!(e.code == ErrorCode::BadRequest && e.id.is_none());
+        let e = parse(r#"{"id":"z"}"#).unwrap_err();
+        assert!(e.message.contains("`op`"));
+        assert_eq!(parse(r#"{"op":"ping","id":{"a":1}}"#).unwrap_err().code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_user("alice.b@x-y_z"));
+        assert!(!valid_user(""));
+        assert!(!valid_user(&"a".repeat(129)));
+        assert!(valid_user(&"a".repeat(128)));
+        assert!(!valid_user("al ice"));
+        assert!(!valid_user("a/b"));
+        assert!(valid_channel("room:1/a@b"));
+        assert!(!valid_channel("room 1"));
+    }
+
+    #[test]
+    fn events_are_valid_json_frames() {
+        let data = RawValue::from_string(r#"{"x":"é\"q"}"#.into()).unwrap();
+        let v = payload(&msg("al\"ice", Target::User("bob"), &data, 42));
+        assert_eq!(v, serde_json::json!({"op":"msg","from":"al\"ice","to":"bob","data":{"x":"é\"q"},"ts":42}));
+        let v = payload(&msg("a", Target::Channel("r"), &data, 1));
+        assert_eq!(v["channel"], "r");
+        let v = payload(&welcome("alice", "0.1.2", 25000));
+        assert_eq!(v, serde_json::json!({"op":"welcome","user":"alice","conn":"0.1.2","ping_interval_ms":25000}));
+        let id = RawValue::from_string("\"c1\"".into()).unwrap();
+        assert_eq!(payload(&ack(id.get())), serde_json::json!({"op":"ack","id":"c1"}));
+        let v = payload(&error(Some(id.get()), ErrorCode::UserOffline, "bob is offline"));
+        assert_eq!(v, serde_json::json!({"op":"error","id":"c1","code":"user_offline","message":"bob is offline"}));
+        let v = payload(&error(None, ErrorCode::BadRequest, "x"));
+        assert!(v.get("id").is_none());
+        assert_eq!(payload(&pong(&data))["data"]["x"], "é\"q");
+    }
+}

@@ -1,0 +1,170 @@
+//! Start-up and shutdown: limits, fd-table mode, listeners, shard threads.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Barrier};
+use std::thread::JoinHandle;
+
+use mio::{Poll, Waker};
+use tracing::{info, warn};
+
+use crate::config::{Config, FdTableMode};
+use crate::hub::ShardMsg;
+use crate::metrics::ShardMetrics;
+use crate::shard::{self, fdtable, listener, Mailbox, Shard, ShardSetup};
+
+/// Descriptors a shard needs beyond its connections (epoll, eventfds, listeners, stdio).
+const FD_OVERHEAD: u64 = 64;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] listener::BindError),
+    /// epoll / eventfd creation failed.
+    #[error("cannot create the event loop of shard {shard}: {source}")]
+    Poll {
+        /// Shard.
+        shard: usize,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A shard thread could not be spawned.
+    #[error("cannot spawn shard {shard}: {source}")]
+    Spawn {
+        /// Shard.
+        shard: usize,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running server: its shards and how to stop them.
+pub struct Server {
+    /// Bound addresses (port 0 resolved).
+    pub local_addrs: Vec<std::net::SocketAddr>,
+    /// The fd-table mode in effect.
+    pub fd_table: FdTableMode,
+    /// Per-shard counters.
+    pub metrics: Arc<[ShardMetrics]>,
+    peers: Arc<[Mailbox]>,
+    threads: Vec<JoinHandle<std::io::Result<()>>>,
+}
+
+/// Resolves `auto`, raising the soft `RLIMIT_NOFILE` when it is below what is needed.
+pub fn choose_fd_table(cfg: &Config) -> FdTableMode {
+    let needed = cfg.max_connections as u64 + FD_OVERHEAD;
+    let (soft, hard) = fdtable::nofile_limit().unwrap_or((1024, 1024));
+    if soft < needed {
+        match fdtable::raise_nofile_to_hard() {
+            Ok(new) if new < needed => warn!(
+                soft, hard, needed,
+                "RLIMIT_NOFILE cannot cover --max-connections in one fd table; raise it (tuning/limits.d/switchboard.conf, LimitNOFILE in tuning/systemd) or rely on per-shard fd tables"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+        }
+    }
+    let (_, hard) = fdtable::nofile_limit().unwrap_or((soft, hard));
+    match cfg.fd_table {
+        FdTableMode::Auto if hard < needed => FdTableMode::PerShard,
+        FdTableMode::Auto => FdTableMode::Shared,
+        m => m,
+    }
+}
+
+impl Server {
+    /// Binds, creates every shard's poll and mailbox, then starts the shard threads.
+    pub fn start(cfg: Config) -> Result<Server, StartError> {
+        let fd_table = choose_fd_table(&cfg);
+        let (local_addrs, mut listeners) = listener::bind_all(&cfg.listen, cfg.shards, cfg.backlog)?;
+        // Every fd another thread touches is created here, before any shard unshares.
+        let mut polls = Vec::new();
+        let mut peers = Vec::new();
+        let mut inboxes = Vec::new();
+        for i in 0..cfg.shards {
+            let poll = Poll::new().map_err(|source| StartError::Poll { shard: i, source })?;
+            let waker = Waker::new(poll.registry(), shard::WAKER)
+                .map_err(|source| StartError::Poll { shard: i, source })?;
+            let (tx, rx) = shard::mailbox(waker, cfg.mailbox_capacity);
+            polls.push(poll);
+            peers.push(tx);
+            inboxes.push(rx);
+        }
+        let peers: Arc<[Mailbox]> = peers.into();
+        let metrics: Arc<[ShardMetrics]> = (0..cfg.shards).map(|_| ShardMetrics::default()).collect();
+        let open_total = Arc::new(AtomicUsize::new(0));
+        let barrier = Arc::new(Barrier::new(cfg.shards));
+        let config = Arc::new(cfg);
+        let mut threads = Vec::new();
+        for (i, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
+            let setup = ShardSetup {
+                index: i,
+                poll,
+                inbox,
+                peers: peers.clone(),
+                listeners: std::mem::take(&mut listeners[i]),
+                metrics: metrics.clone(),
+                config: config.clone(),
+                open_total: open_total.clone(),
+                private_fd_table: fd_table == FdTableMode::PerShard,
+                barrier: barrier.clone(),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("shard-{i}"))
+                .spawn(move || Shard::run(setup))
+                .map_err(|source| StartError::Spawn { shard: i, source })?;
+            threads.push(t);
+        }
+        info!(
+            listen = ?local_addrs,
+            shards = config.shards,
+            fd_table = %fd_table,
+            echo = config.echo,
+            "switchboard started"
+        );
+        Ok(Server {
+            local_addrs,
+            fd_table,
+            metrics,
+            peers,
+            threads,
+        })
+    }
+
+    /// Asks every shard to close its connections with 1001 and stop.
+    pub fn shutdown(&self) {
+        for p in self.peers.iter() {
+            // A full mailbox is retried: shutdown must get through.
+            let mut msg = ShardMsg::Shutdown;
+            for _ in 0..1000 {
+                match p.post(msg) {
+                    Ok(()) => break,
+                    Err(m) => {
+                        msg = m;
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for every shard thread; returns how many ended with an error.
+    pub fn join(self) -> usize {
+        let mut failed = 0;
+        for t in self.threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(error = %e, "a shard ended with an error");
+                    failed += 1;
+                }
+                Err(_) => {
+                    warn!("a shard panicked");
+                    failed += 1;
+                }
+            }
+        }
+        failed
+    }
+}
