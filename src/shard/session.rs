@@ -712,8 +712,9 @@ impl Shard {
         if c.state != ConnState::Open {
             return;
         }
+        // One frame larger than the limit still goes to an otherwise empty queue.
         let max = self.cfg.max_outbound_bytes;
-        if c.queued_bytes() + f.len() > max {
+        if c.queued_bytes() > 0 && c.queued_bytes() + f.len() > max {
             // Frames queued this turn may just not be flushed yet: try the socket first.
             if c.flags.has(Flags::WRITABLE) {
                 self.write_now(key);
@@ -722,7 +723,7 @@ impl Shard {
             if c.state != ConnState::Open {
                 return;
             }
-            if c.queued_bytes() + f.len() > max {
+            if c.queued_bytes() > 0 && c.queued_bytes() + f.len() > max {
                 return self.slow_consumer(key);
             }
         }
