@@ -23,6 +23,8 @@ pub struct Inbound {
     pub end: usize,
     /// A fragmented message being reassembled.
     pub frag: Option<Fragment>,
+    /// Bytes still to skip unread (the rest of a rejected or ignored frame).
+    pub skip: u64,
 }
 
 impl Inbound {
@@ -33,7 +35,7 @@ impl Inbound {
 
     /// Whether nothing is held.
     pub fn is_idle(&self) -> bool {
-        self.start == self.end && self.frag.is_none()
+        self.start == self.end && self.frag.is_none() && self.skip == 0
     }
 
     /// Moves unconsumed bytes to the front.
@@ -132,9 +134,11 @@ impl BufPool {
 
     /// Returns a read state; only idle, standard-size ones are kept.
     pub fn put_inbound(&mut self, mut b: Box<Inbound>) {
-        if self.inbound.len() < POOL_MAX && b.buf.len() == READ_CHUNK && b.frag.is_none() {
+        if self.inbound.len() < POOL_MAX && b.buf.len() == READ_CHUNK {
             b.start = 0;
             b.end = 0;
+            b.skip = 0;
+            b.frag = None;
             self.inbound.push(b);
         }
     }
@@ -149,6 +153,7 @@ impl BufPool {
                 full.buf[..n].copy_from_slice(&h.buf[h.start..h.end]);
                 full.end = n;
                 full.frag = h.frag.take();
+                full.skip = h.skip;
                 full
             }
             Some(h) => h,
@@ -169,6 +174,7 @@ impl BufPool {
                 start: 0,
                 end: n,
                 frag: b.frag.take(),
+                skip: b.skip,
             });
             self.put_inbound(b);
             return Some(small);

@@ -317,6 +317,15 @@ impl Shard {
                 inb.start = inb.end;
                 return;
             }
+            if inb.skip > 0 {
+                let n = inb.skip.min((inb.end - inb.start) as u64);
+                inb.start += n as usize;
+                inb.skip -= n;
+                if inb.skip > 0 {
+                    return;
+                }
+                continue;
+            }
             let (h, hl) = match frame::parse_header(inb.pending()) {
                 Ok(Some(x)) => x,
                 Ok(None) => {
@@ -326,15 +335,24 @@ impl Shard {
                     return;
                 }
                 Err(e) => {
+                    // The frame boundary is lost: nothing after this can be parsed.
                     self.fail(key, code::PROTOCOL_ERROR, frame_error_reason(e));
+                    self.conns[key].flags.set(Flags::DISCARD_INPUT);
                     continue;
                 }
             };
+            let total = hl as u64 + h.payload_len;
             if let Err((close_code, reason)) = self.check_header(key, &h, inb.frag.as_ref()) {
+                // Skip the offending frame and keep parsing for the peer's close frame.
                 self.fail(key, close_code, reason);
+                inb.skip = total;
                 continue;
             }
-            let total = hl + h.payload_len as usize;
+            if self.conns[key].state == ConnState::Closing && matches!(h.opcode, OpCode::Data(_)) {
+                inb.skip = total; // data after a close is discarded unread
+                continue;
+            }
+            let total = total as usize;
             if inb.end - inb.start < total {
                 inb.reserve_total(total);
                 return;
@@ -481,10 +499,15 @@ impl Shard {
         self.begin_closing(key, reply);
     }
 
-    /// A protocol violation: close with `close_code` and stop parsing input.
+    /// A protocol violation: close with `close_code`. A second violation while closing
+    /// stops parsing input altogether.
     fn fail(&mut self, key: usize, close_code: u16, reason: &'static str) {
+        let c = &mut self.conns[key];
+        if c.flags.has(Flags::CLOSE_SENT) {
+            c.flags.set(Flags::DISCARD_INPUT);
+            return;
+        }
         self.start_close(key, close_code, reason);
-        self.conns[key].flags.set(Flags::DISCARD_INPUT);
     }
 
     /// Server-initiated close: queue our close frame, stop deliveries, wait for the peer.

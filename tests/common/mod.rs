@@ -323,6 +323,12 @@ impl Raw {
         }
     }
 
+    /// Everything until EOF, including what is buffered.
+    pub fn read_rest(&mut self) -> String {
+        while self.fill() {}
+        String::from_utf8_lossy(&std::mem::take(&mut self.buf)).to_string()
+    }
+
     /// After a close frame: the server ends the TCP connection.
     pub fn expect_eof(&mut self) {
         while self.read_frame().is_some() {}
