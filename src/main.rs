@@ -31,7 +31,11 @@ fn main() -> anyhow::Result<()> {
     {
         let mut out = std::io::stdout().lock();
         for a in &server.local_addrs {
-            writeln!(out, "switchboard listening on {a} (shards={shards}, fd-table={})", server.fd_table)?;
+            writeln!(
+                out,
+                "switchboard listening on {a} (shards={shards}, fd-table={})",
+                server.fd_table
+            )?;
         }
         out.flush()?;
     }

@@ -77,7 +77,8 @@ impl Server {
     /// Binds, creates every shard's poll and mailbox, then starts the shard threads.
     pub fn start(cfg: Config) -> Result<Server, StartError> {
         let fd_table = choose_fd_table(&cfg);
-        let (local_addrs, mut listeners) = listener::bind_all(&cfg.listen, cfg.shards, cfg.backlog)?;
+        let (local_addrs, mut listeners) =
+            listener::bind_all(&cfg.listen, cfg.shards, cfg.backlog)?;
         // Every fd another thread touches is created here, before any shard unshares.
         let mut polls = Vec::new();
         let mut peers = Vec::new();
@@ -92,7 +93,8 @@ impl Server {
             inboxes.push(rx);
         }
         let peers: Arc<[Mailbox]> = peers.into();
-        let metrics: Arc<[ShardMetrics]> = (0..cfg.shards).map(|_| ShardMetrics::default()).collect();
+        let metrics: Arc<[ShardMetrics]> =
+            (0..cfg.shards).map(|_| ShardMetrics::default()).collect();
         let open_total = Arc::new(AtomicUsize::new(0));
         let barrier = Arc::new(Barrier::new(cfg.shards));
         let config = Arc::new(cfg);

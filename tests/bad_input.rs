@@ -8,25 +8,37 @@ use std::time::Duration;
 use common::*;
 
 fn get(server: &Server, path: &str, headers: &str) -> (u16, String) {
-    http(server.addr, &format!("GET {path} HTTP/1.1\r\nHost: t\r\n{headers}\r\n"))
+    http(
+        server.addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: t\r\n{headers}\r\n"),
+    )
 }
 
 #[test]
 fn http_routes_and_refusals() {
     let server = Server::start(&[]);
-    assert_eq!(get(&server, "/healthz", "Connection: close\r\n"), (200, "ok\n".into()));
+    assert_eq!(
+        get(&server, "/healthz", "Connection: close\r\n"),
+        (200, "ok\n".into())
+    );
     assert_eq!(get(&server, "/nope", "").0, 404);
     let (status, body) = get(&server, "/ws", "");
     assert_eq!(status, 426, "{body}");
     // Missing key, bad key, bad version, bad user.
     let up = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n";
     assert_eq!(get(&server, "/ws", up).0, 400);
-    assert_eq!(get(&server, "/ws", &format!("{up}Sec-WebSocket-Key: short\r\n")).0, 400);
+    assert_eq!(
+        get(&server, "/ws", &format!("{up}Sec-WebSocket-Key: short\r\n")).0,
+        400
+    );
     let v12 = format!("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 12\r\nSec-WebSocket-Key: {KEY}\r\n");
     assert_eq!(get(&server, "/ws", &v12).0, 426);
     let ok = format!("{up}Sec-WebSocket-Key: {KEY}\r\n");
     assert_eq!(get(&server, "/ws?user=bad%20name", &ok).0, 400);
-    assert_eq!(get(&server, &format!("/ws?user={}", "a".repeat(129)), &ok).0, 400);
+    assert_eq!(
+        get(&server, &format!("/ws?user={}", "a".repeat(129)), &ok).0,
+        400
+    );
     assert_eq!(get(&server, "/ws?user=", &ok).0, 400);
     // Malformed request line and a header section over 8 KiB.
     assert_eq!(http(server.addr, "BLAH\x01 / HTTP/1.1\r\n\r\n").0, 400);
@@ -62,7 +74,10 @@ fn request_in_pieces_and_pipelined_frames_after_upgrade() {
     assert!(raw.read_head().starts_with("HTTP/1.1 101"));
     assert_eq!(raw.read_json()["op"], "welcome");
     let pong = raw.read_json();
-    assert_eq!((pong["op"].as_str(), pong["data"].as_str()), (Some("pong"), Some("pipelined")));
+    assert_eq!(
+        (pong["op"].as_str(), pong["data"].as_str()),
+        (Some("pong"), Some("pipelined"))
+    );
 
     // Keep-alive: two requests on one connection, sent together.
     let mut raw = Raw::connect(server.addr);
@@ -88,15 +103,40 @@ fn close_code_for(server: &Server, send: impl FnOnce(&mut Raw)) -> (u16, String)
 #[test]
 fn protocol_errors_close_with_1002() {
     let server = Server::start(&[]);
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Raw)>)> = vec![
-        ("unmasked", Box::new(|r: &mut Raw| r.send_frame(0x81, b"{}", false))),
-        ("reserved bits", Box::new(|r: &mut Raw| r.send_frame(0x81 | 0x40, b"{}", true))),
-        ("reserved opcode", Box::new(|r: &mut Raw| r.send_frame(0x83, b"", true))),
-        ("reserved control opcode", Box::new(|r: &mut Raw| r.send_frame(0x8B, b"", true))),
-        ("fragmented ping", Box::new(|r: &mut Raw| r.send_frame(0x09, b"x", true))),
-        ("orphan continuation", Box::new(|r: &mut Raw| r.send_frame(0x80, b"x", true))),
-        ("long ping", Box::new(|r: &mut Raw| r.send_frame(0x89, &[0u8; 126], true))),
-        ("bad close code", Box::new(|r: &mut Raw| r.send_frame(0x88, &999u16.to_be_bytes(), true))),
+    type Send = Box<dyn FnOnce(&mut Raw)>;
+    let cases: Vec<(&str, Send)> = vec![
+        (
+            "unmasked",
+            Box::new(|r: &mut Raw| r.send_frame(0x81, b"{}", false)),
+        ),
+        (
+            "reserved bits",
+            Box::new(|r: &mut Raw| r.send_frame(0x81 | 0x40, b"{}", true)),
+        ),
+        (
+            "reserved opcode",
+            Box::new(|r: &mut Raw| r.send_frame(0x83, b"", true)),
+        ),
+        (
+            "reserved control opcode",
+            Box::new(|r: &mut Raw| r.send_frame(0x8B, b"", true)),
+        ),
+        (
+            "fragmented ping",
+            Box::new(|r: &mut Raw| r.send_frame(0x09, b"x", true)),
+        ),
+        (
+            "orphan continuation",
+            Box::new(|r: &mut Raw| r.send_frame(0x80, b"x", true)),
+        ),
+        (
+            "long ping",
+            Box::new(|r: &mut Raw| r.send_frame(0x89, &[0u8; 126], true)),
+        ),
+        (
+            "bad close code",
+            Box::new(|r: &mut Raw| r.send_frame(0x88, &999u16.to_be_bytes(), true)),
+        ),
     ];
     for (name, send) in cases {
         let (code, reason) = close_code_for(&server, send);
@@ -108,8 +148,14 @@ fn protocol_errors_close_with_1002() {
 #[test]
 fn binary_invalid_utf8_and_oversize() {
     let server = Server::start(&["--max-message-bytes", "1024"]);
-    assert_eq!(close_code_for(&server, |r| r.send_frame(0x82, b"\x00\x01", true)).0, 1003);
-    assert_eq!(close_code_for(&server, |r| r.send_frame(0x81, b"{\"a\":\"\xff\"}", true)).0, 1007);
+    assert_eq!(
+        close_code_for(&server, |r| r.send_frame(0x82, b"\x00\x01", true)).0,
+        1003
+    );
+    assert_eq!(
+        close_code_for(&server, |r| r.send_frame(0x81, b"{\"a\":\"\xff\"}", true)).0,
+        1007
+    );
     // Invalid UTF-8 split across fragments fails too.
     assert_eq!(
         close_code_for(&server, |r| {
@@ -119,7 +165,10 @@ fn binary_invalid_utf8_and_oversize() {
         .0,
         1007
     );
-    assert_eq!(close_code_for(&server, |r| r.send_frame(0x81, &[b' '; 1025], true)).0, 1009);
+    assert_eq!(
+        close_code_for(&server, |r| r.send_frame(0x81, &[b' '; 1025], true)).0,
+        1009
+    );
     // Over the limit in fragments.
     assert_eq!(
         close_code_for(&server, |r| {
@@ -148,7 +197,11 @@ fn fragmented_message_and_interleaved_ping_are_handled() {
     raw.send_frame(0x89, b"hb", true);
     raw.send_frame(0x80, br#""data":"joined"}"#, true);
     let (op, p) = raw.read_frame().unwrap();
-    assert_eq!((op, p.as_slice()), (0xA, &b"hb"[..]), "pong frame echoes ping payload");
+    assert_eq!(
+        (op, p.as_slice()),
+        (0xA, &b"hb"[..]),
+        "pong frame echoes ping payload"
+    );
     assert_eq!(raw.read_json()["data"], "joined");
 }
 
@@ -174,17 +227,31 @@ fn over_max_connections_gets_1013_after_upgrade() {
     assert_eq!(code, 1013, "{reason}");
     raw.send_frame(0x88, &code.to_be_bytes(), true);
     raw.expect_eof();
-    assert_eq!(server.metric("switchboard_handshake_failures_total{reason=\"over_capacity\"}"), 1);
+    assert_eq!(
+        server.metric("switchboard_handshake_failures_total{reason=\"over_capacity\"}"),
+        1
+    );
 }
 
 #[test]
 fn half_sent_request_is_dropped_after_the_handshake_timeout() {
     let server = Server::start(&["--handshake-timeout-ms", "300"]);
     let mut raw = Raw::connect(server.addr);
-    raw.s.write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgr").unwrap();
+    raw.s
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgr")
+        .unwrap();
     let start = std::time::Instant::now();
-    assert!(raw.read_frame().is_none(), "connection dropped without a response");
+    assert!(
+        raw.read_frame().is_none(),
+        "connection dropped without a response"
+    );
     let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(250), "not before the deadline ({waited:?})");
-    assert_eq!(server.metric("switchboard_handshake_failures_total{reason=\"timeout\"}"), 1);
+    assert!(
+        waited >= Duration::from_millis(250),
+        "not before the deadline ({waited:?})"
+    );
+    assert_eq!(
+        server.metric("switchboard_handshake_failures_total{reason=\"timeout\"}"),
+        1
+    );
 }

@@ -58,12 +58,21 @@ mod tests {
 
     #[test]
     fn user_rules() {
-        assert_eq!(resolve(&req(Some("user=alice"))), Ok(Identity::User("alice".into())));
-        assert_eq!(resolve(&req(Some("x=1&user=a%40b"))), Ok(Identity::User("a@b".into())));
+        assert_eq!(
+            resolve(&req(Some("user=alice"))),
+            Ok(Identity::User("alice".into()))
+        );
+        assert_eq!(
+            resolve(&req(Some("x=1&user=a%40b"))),
+            Ok(Identity::User("a@b".into()))
+        );
         assert_eq!(resolve(&req(None)), Ok(Identity::Anonymous));
         assert_eq!(resolve(&req(Some("user="))), Err(IdentityError::BadUser));
         assert_eq!(resolve(&req(Some("user"))), Err(IdentityError::BadUser));
-        assert_eq!(resolve(&req(Some("user=a%20b"))), Err(IdentityError::BadUser));
+        assert_eq!(
+            resolve(&req(Some("user=a%20b"))),
+            Err(IdentityError::BadUser)
+        );
         let long = format!("user={}", "a".repeat(129));
         assert_eq!(resolve(&req(Some(&long))), Err(IdentityError::BadUser));
     }

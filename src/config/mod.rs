@@ -56,7 +56,11 @@ impl std::fmt::Display for FdTableMode {
 
 /// Command-line flags; every one (but `--config`) can also be a key of the TOML file.
 #[derive(Debug, Parser, Default, Deserialize)]
-#[command(name = "switchboard", version, about = "WebSocket messaging and push server")]
+#[command(
+    name = "switchboard",
+    version,
+    about = "WebSocket messaging and push server"
+)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Options {
     /// TOML file with the same keys as the flags (e.g. `ping-interval-ms = 30000`).
@@ -172,7 +176,9 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Options::default().resolve(None).expect("defaults are valid")
+        Options::default()
+            .resolve(None)
+            .expect("defaults are valid")
     }
 }
 
@@ -186,10 +192,12 @@ impl Options {
                     path: path.clone(),
                     source,
                 })?;
-                Some(toml::from_str::<Options>(&text).map_err(|source| ConfigError::Parse {
-                    path: path.clone(),
-                    source,
-                })?)
+                Some(
+                    toml::from_str::<Options>(&text).map_err(|source| ConfigError::Parse {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
             }
         };
         self.resolve(file)
@@ -317,8 +325,20 @@ mod tests {
     #[test]
     fn rejects_unknown_keys_and_bad_values() {
         assert!(toml::from_str::<Options>("nope = 1").is_err());
-        let o = Options::parse_from(["switchboard", "--ping-interval-ms", "9000", "--idle-timeout-ms", "9000"]);
-        assert!(matches!(o.resolve(None), Err(ConfigError::Invalid { key: "idle-timeout-ms", .. })));
+        let o = Options::parse_from([
+            "switchboard",
+            "--ping-interval-ms",
+            "9000",
+            "--idle-timeout-ms",
+            "9000",
+        ]);
+        assert!(matches!(
+            o.resolve(None),
+            Err(ConfigError::Invalid {
+                key: "idle-timeout-ms",
+                ..
+            })
+        ));
         let o = Options::parse_from(["switchboard", "--shards", "0"]);
         assert!(o.resolve(None).is_err());
     }

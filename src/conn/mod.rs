@@ -154,7 +154,9 @@ pub fn flush(stream: &mut TcpStream, out: &mut Outbox) -> io::Result<(Flushed, u
                 written += k;
                 out.consume(k);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Flushed::Blocked, written)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Ok((Flushed::Blocked, written))
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }

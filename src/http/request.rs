@@ -217,7 +217,10 @@ mod tests {
         assert_eq!(r.ws_key.as_deref(), Some("dGhlIHNhbXBsZSBub25jZQ=="));
         assert_eq!(r.ws_version.as_deref(), Some("13"));
         assert_eq!(r.head_len, UPGRADE.len());
-        assert_eq!(query_param(r.query.as_deref(), "user").as_deref(), Some("alice"));
+        assert_eq!(
+            query_param(r.query.as_deref(), "user").as_deref(),
+            Some("alice")
+        );
     }
 
     #[test]
@@ -230,9 +233,18 @@ mod tests {
 
     #[test]
     fn malformed_and_oversize() {
-        assert!(matches!(parse(b"GARBAGE\x01 / HTTP/1.1\r\n\r\n"), Err(HttpError::Malformed(_))));
-        assert!(matches!(parse(b"GET / HTTP/9.9\r\n\r\n"), Err(HttpError::Malformed(_))));
-        assert!(matches!(parse(b"GET ws HTTP/1.1\r\n\r\n"), Err(HttpError::Malformed(_))));
+        assert!(matches!(
+            parse(b"GARBAGE\x01 / HTTP/1.1\r\n\r\n"),
+            Err(HttpError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(b"GET / HTTP/9.9\r\n\r\n"),
+            Err(HttpError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(b"GET ws HTTP/1.1\r\n\r\n"),
+            Err(HttpError::Malformed(_))
+        ));
         let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES));
         assert_eq!(parse(&big), Err(HttpError::HeadTooLarge));
@@ -246,10 +258,14 @@ mod tests {
 
     #[test]
     fn content_length_rules() {
-        let r = parse(b"POST /api HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello").unwrap().unwrap();
+        let r = parse(b"POST /api HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello")
+            .unwrap()
+            .unwrap();
         assert_eq!(r.content_length, Some(5));
         assert!(parse(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n").is_err());
-        assert!(parse(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").is_err());
+        assert!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").is_err()
+        );
     }
 
     #[test]
@@ -257,7 +273,10 @@ mod tests {
         assert_eq!(percent_decode("a%40b+c").as_deref(), Some("a@b c"));
         assert_eq!(percent_decode("%zz"), None);
         let q = Some("channel=a&channel=b%2Fc&user=");
-        assert_eq!(query_params(q, "channel").collect::<Vec<_>>(), vec!["a", "b/c"]);
+        assert_eq!(
+            query_params(q, "channel").collect::<Vec<_>>(),
+            vec!["a", "b/c"]
+        );
         assert_eq!(query_param(q, "user").as_deref(), Some(""));
         assert_eq!(query_param(q, "none"), None);
     }

@@ -25,7 +25,13 @@ pub fn reason(status: u16) -> &'static str {
 }
 
 /// A complete response with a body; `close` adds `Connection: close`.
-pub fn simple(status: u16, content_type: &str, body: &[u8], extra_headers: &str, close: bool) -> Bytes {
+pub fn simple(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    extra_headers: &str,
+    close: bool,
+) -> Bytes {
     let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra_headers}{}\r\n",
         reason(status),
@@ -46,7 +52,13 @@ pub fn error(status: u16, message: &str) -> Bytes {
     } else {
         ""
     };
-    simple(status, "text/plain; charset=utf-8", body.as_bytes(), extra, true)
+    simple(
+        status,
+        "text/plain; charset=utf-8",
+        body.as_bytes(),
+        extra,
+        true,
+    )
 }
 
 /// The 101 answer to a WebSocket upgrade.

@@ -8,7 +8,7 @@
 //! Channels are fanned out to every shard, each of which knows its local subscribers.
 //! The hub does no I/O: it only answers questions, so it is tested without sockets.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -36,7 +36,11 @@ impl std::fmt::Display for ConnId {
 #[derive(Debug)]
 pub enum ShardMsg {
     /// `user` gained its first (`online`) or lost its last connection on shard `from`.
-    Presence { user: Arc<str>, from: u16, online: bool },
+    Presence {
+        user: Arc<str>,
+        from: u16,
+        online: bool,
+    },
     /// To the home shard of `to`: deliver `frame` to every connection of `to` except
     /// `exclude`; when `reply` is set, report back whether anyone was online.
     RouteUser {
@@ -46,7 +50,11 @@ pub enum ShardMsg {
         reply: Option<ReplyTo>,
     },
     /// To a shard holding connections of `to`: deliver locally.
-    DeliverUser { to: Arc<str>, frame: Bytes, exclude: Option<ConnId> },
+    DeliverUser {
+        to: Arc<str>,
+        frame: Bytes,
+        exclude: Option<ConnId>,
+    },
     /// Deliver to local subscribers of `channel`.
     DeliverChannel { channel: Arc<str>, frame: Bytes },
     /// The outcome of a routed `send` for the requesting connection.
@@ -68,10 +76,8 @@ pub struct ReplyTo {
 
 /// Home shard of a user id.
 pub fn home_of(user: &str, shards: usize) -> u16 {
-    let mut h = FxBuildHasher.build_hasher();
-    user.hash(&mut h);
     // Mix the high bits in: FxHash's low bits are weak for short keys.
-    let v = h.finish();
+    let v = FxBuildHasher.hash_one(user);
     ((v ^ (v >> 29) ^ (v >> 47)) % shards as u64) as u16
 }
 
@@ -121,7 +127,10 @@ impl Hub {
 
     /// Subscribes a local connection; false when it already was.
     pub fn subscribe(&mut self, channel: &Arc<str>, slot: u32) -> bool {
-        self.channels.entry(channel.clone()).or_default().insert(slot)
+        self.channels
+            .entry(channel.clone())
+            .or_default()
+            .insert(slot)
     }
 
     /// Unsubscribes a local connection; false when it was not subscribed.
@@ -138,7 +147,10 @@ impl Hub {
 
     /// Local subscribers of `channel`.
     pub fn subscribers(&self, channel: &str) -> impl Iterator<Item = u32> + '_ {
-        self.channels.get(channel).into_iter().flat_map(|s| s.iter().copied())
+        self.channels
+            .get(channel)
+            .into_iter()
+            .flat_map(|s| s.iter().copied())
     }
 
     /// Number of local subscribers of `channel`.

@@ -110,7 +110,10 @@ impl ShardMetrics {
 
     /// Counts a close with `code`.
     pub fn count_close(&self, code: u16) {
-        let i = close::COUNTED.iter().position(|&c| c == code).unwrap_or(CLOSE_SLOTS - 1);
+        let i = close::COUNTED
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(CLOSE_SLOTS - 1);
         self.closes[i].fetch_add(1, Relaxed);
     }
 
@@ -127,23 +130,49 @@ fn sum(shards: &[ShardMetrics], f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 
 /// Prometheus text exposition of all shards.
 pub fn render(shards: &[ShardMetrics]) -> String {
     let mut o = String::with_capacity(4096);
-    let _ = writeln!(o, "# HELP switchboard_connections_open Open connections by shard and transport.");
+    let _ = writeln!(
+        o,
+        "# HELP switchboard_connections_open Open connections by shard and transport."
+    );
     let _ = writeln!(o, "# TYPE switchboard_connections_open gauge");
     for (i, s) in shards.iter().enumerate() {
-        let _ = writeln!(o, "switchboard_connections_open{{shard=\"{i}\",transport=\"ws\"}} {}", s.open_ws.load(Relaxed));
-        let _ = writeln!(o, "switchboard_connections_open{{shard=\"{i}\",transport=\"http\"}} {}", s.open_http.load(Relaxed));
+        let _ = writeln!(
+            o,
+            "switchboard_connections_open{{shard=\"{i}\",transport=\"ws\"}} {}",
+            s.open_ws.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "switchboard_connections_open{{shard=\"{i}\",transport=\"http\"}} {}",
+            s.open_http.load(Relaxed)
+        );
     }
     let counter = |o: &mut String, name: &str, help: &str, v: u64| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     };
-    counter(&mut o, "switchboard_accepted_total", "Accepted TCP connections.", sum(shards, |s| &s.accepted));
-    let _ = writeln!(o, "# HELP switchboard_handshake_failures_total Failed HTTP requests and upgrades by reason.");
+    counter(
+        &mut o,
+        "switchboard_accepted_total",
+        "Accepted TCP connections.",
+        sum(shards, |s| &s.accepted),
+    );
+    let _ = writeln!(
+        o,
+        "# HELP switchboard_handshake_failures_total Failed HTTP requests and upgrades by reason."
+    );
     let _ = writeln!(o, "# TYPE switchboard_handshake_failures_total counter");
     for r in HandshakeFailure::ALL {
         let v = sum(shards, |s| &s.handshake_failures[r as usize]);
-        let _ = writeln!(o, "switchboard_handshake_failures_total{{reason=\"{}\"}} {v}", r.label());
+        let _ = writeln!(
+            o,
+            "switchboard_handshake_failures_total{{reason=\"{}\"}} {v}",
+            r.label()
+        );
     }
-    let _ = writeln!(o, "# HELP switchboard_closes_total WebSocket closes by close code.");
+    let _ = writeln!(
+        o,
+        "# HELP switchboard_closes_total WebSocket closes by close code."
+    );
     let _ = writeln!(o, "# TYPE switchboard_closes_total counter");
     for (i, code) in close::COUNTED.iter().enumerate() {
         let v = sum(shards, |s| &s.closes[i]);
@@ -151,16 +180,53 @@ pub fn render(shards: &[ShardMetrics]) -> String {
     }
     let v = sum(shards, |s| &s.closes[CLOSE_SLOTS - 1]);
     let _ = writeln!(o, "switchboard_closes_total{{code=\"other\"}} {v}");
-    counter(&mut o, "switchboard_messages_in_total", "Messages received from clients.", sum(shards, |s| &s.messages_in));
-    counter(&mut o, "switchboard_messages_out_total", "Frames queued to clients.", sum(shards, |s| &s.messages_out));
-    counter(&mut o, "switchboard_bytes_in_total", "Bytes read from sockets.", sum(shards, |s| &s.bytes_in));
-    counter(&mut o, "switchboard_bytes_out_total", "Bytes written to sockets.", sum(shards, |s| &s.bytes_out));
-    counter(&mut o, "switchboard_dropped_total", "Cross-shard messages dropped on a full mailbox.", sum(shards, |s| &s.dropped));
-    counter(&mut o, "switchboard_slow_consumer_closes_total", "Connections closed with 4001.", sum(shards, |s| &s.slow_consumers));
-    let _ = writeln!(o, "# HELP switchboard_timer_wheel_entries Entries in each shard's timer wheel.");
+    counter(
+        &mut o,
+        "switchboard_messages_in_total",
+        "Messages received from clients.",
+        sum(shards, |s| &s.messages_in),
+    );
+    counter(
+        &mut o,
+        "switchboard_messages_out_total",
+        "Frames queued to clients.",
+        sum(shards, |s| &s.messages_out),
+    );
+    counter(
+        &mut o,
+        "switchboard_bytes_in_total",
+        "Bytes read from sockets.",
+        sum(shards, |s| &s.bytes_in),
+    );
+    counter(
+        &mut o,
+        "switchboard_bytes_out_total",
+        "Bytes written to sockets.",
+        sum(shards, |s| &s.bytes_out),
+    );
+    counter(
+        &mut o,
+        "switchboard_dropped_total",
+        "Cross-shard messages dropped on a full mailbox.",
+        sum(shards, |s| &s.dropped),
+    );
+    counter(
+        &mut o,
+        "switchboard_slow_consumer_closes_total",
+        "Connections closed with 4001.",
+        sum(shards, |s| &s.slow_consumers),
+    );
+    let _ = writeln!(
+        o,
+        "# HELP switchboard_timer_wheel_entries Entries in each shard's timer wheel."
+    );
     let _ = writeln!(o, "# TYPE switchboard_timer_wheel_entries gauge");
     for (i, s) in shards.iter().enumerate() {
-        let _ = writeln!(o, "switchboard_timer_wheel_entries{{shard=\"{i}\"}} {}", s.wheel_entries.load(Relaxed));
+        let _ = writeln!(
+            o,
+            "switchboard_timer_wheel_entries{{shard=\"{i}\"}} {}",
+            s.wheel_entries.load(Relaxed)
+        );
     }
     o
 }
@@ -181,7 +247,9 @@ mod tests {
         assert!(text.contains("switchboard_accepted_total 5\n"));
         assert!(text.contains("switchboard_closes_total{code=\"4000\"} 1\n"));
         assert!(text.contains("switchboard_closes_total{code=\"other\"} 1\n"));
-        assert!(text.contains("switchboard_handshake_failures_total{reason=\"head_too_large\"} 1\n"));
+        assert!(
+            text.contains("switchboard_handshake_failures_total{reason=\"head_too_large\"} 1\n")
+        );
         assert!(text.contains("switchboard_connections_open{shard=\"1\",transport=\"ws\"} 0\n"));
     }
 }

@@ -20,29 +20,37 @@ pub const MAX_NAME_LEN: usize = 128;
 pub fn valid_user(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_NAME_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
 }
 
 /// A channel name is 1–128 characters of `[A-Za-z0-9_.:@/-]`.
 pub fn valid_channel(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'/' | b'-'))
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'/' | b'-')
+        })
 }
 
 /// A client request, borrowing from the payload it was parsed from.
 #[derive(Debug)]
 pub enum Op<'a> {
     /// Direct message to every connection of `to`.
-    Send { to: Cow<'a, str>, data: &'a RawValue },
+    Send {
+        to: Cow<'a, str>,
+        data: &'a RawValue,
+    },
     /// Join a channel.
     Sub { channel: Cow<'a, str> },
     /// Leave a channel.
     Unsub { channel: Cow<'a, str> },
     /// Publish to every subscriber of a channel.
-    Pub { channel: Cow<'a, str>, data: &'a RawValue },
+    Pub {
+        channel: Cow<'a, str>,
+        data: &'a RawValue,
+    },
     /// Application-level ping; answered with `pong` carrying the same data.
     Ping { data: &'a RawValue },
 }
@@ -133,14 +141,21 @@ pub fn parse<'a>(text: &'a str) -> Result<Parsed<'a>, RequestError<'a>> {
     if let Some(raw) = id {
         let s = raw.get();
         if !(s.starts_with('"') || s.starts_with(|c: char| c == '-' || c.is_ascii_digit())) {
-            return Err(bad(ErrorCode::BadRequest, "`id` must be a string or a number"));
+            return Err(bad(
+                ErrorCode::BadRequest,
+                "`id` must be a string or a number",
+            ));
         }
     }
-    let op = env.op.ok_or_else(|| bad(ErrorCode::BadRequest, "missing field `op`"))?;
+    let op = env
+        .op
+        .ok_or_else(|| bad(ErrorCode::BadRequest, "missing field `op`"))?;
     let data: &'a RawValue = env.data.unwrap_or_else(|| null());
     let op = match op.as_ref() {
         "send" => {
-            let to = env.to.ok_or_else(|| bad(ErrorCode::BadRequest, "missing field `to`"))?;
+            let to = env
+                .to
+                .ok_or_else(|| bad(ErrorCode::BadRequest, "missing field `to`"))?;
             if !valid_user(&to) {
                 return Err(bad(
                     ErrorCode::BadRequest,
@@ -294,19 +309,32 @@ mod tests {
     #[test]
     fn parses_every_op() {
         let p = parse(r#"{"op":"send","to":"bob","data":{"t":"hi"},"id":"c1"}"#).unwrap();
-        assert!(matches!(p.op, Op::Send { ref to, data } if to == "bob" && data.get() == r#"{"t":"hi"}"#));
+        assert!(
+            matches!(p.op, Op::Send { ref to, data } if to == "bob" && data.get() == r#"{"t":"hi"}"#)
+        );
         assert_eq!(p.id.unwrap().get(), r#""c1""#);
-        assert!(matches!(parse(r#"{"op":"sub","channel":"room1"}"#).unwrap().op, Op::Sub { .. }));
-        assert!(matches!(parse(r#"{"op":"unsub","channel":"a:b/c"}"#).unwrap().op, Op::Unsub { .. }));
+        assert!(matches!(
+            parse(r#"{"op":"sub","channel":"room1"}"#).unwrap().op,
+            Op::Sub { .. }
+        ));
+        assert!(matches!(
+            parse(r#"{"op":"unsub","channel":"a:b/c"}"#).unwrap().op,
+            Op::Unsub { .. }
+        ));
         let p = parse(r#"{"op":"pub","channel":"r","data":[1,2],"id":7}"#).unwrap();
         assert!(matches!(p.op, Op::Pub { data, .. } if data.get() == "[1,2]"));
-        assert!(matches!(parse(r#"{"op":"ping"}"#).unwrap().op, Op::Ping { data } if data.get() == "null"));
+        assert!(
+            matches!(parse(r#"{"op":"ping"}"#).unwrap().op, Op::Ping { data } if data.get() == "null")
+        );
     }
 
     #[test]
     fn errors_keep_the_id() {
         let e = parse(r#"{"op":"dance","id":"x"}"#).unwrap_err();
-        assert_eq!((e.code, e.id.unwrap().get()), (ErrorCode::BadRequest, r#""x""#));
+        assert_eq!(
+            (e.code, e.id.unwrap().get()),
+            (ErrorCode::BadRequest, r#""x""#)
+        );
         let e = parse(r#"{"op":"send","id":"y","data":1}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
         assert!(e.message.contains("`to`"));
@@ -318,7 +346,10 @@ mod tests {
         assert!(e.code == ErrorCode::BadRequest && e.id.is_none());
         let e = parse(r#"{"id":"z"}"#).unwrap_err();
         assert!(e.message.contains("`op`"));
-        assert_eq!(parse(r#"{"op":"ping","id":{"a":1}}"#).unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(
+            parse(r#"{"op":"ping","id":{"a":1}}"#).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
     }
 
     #[test]
@@ -337,15 +368,31 @@ mod tests {
     fn events_are_valid_json_frames() {
         let data = RawValue::from_string(r#"{"x":"é\"q"}"#.into()).unwrap();
         let v = payload(&msg("al\"ice", Target::User("bob"), &data, 42));
-        assert_eq!(v, serde_json::json!({"op":"msg","from":"al\"ice","to":"bob","data":{"x":"é\"q"},"ts":42}));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"msg","from":"al\"ice","to":"bob","data":{"x":"é\"q"},"ts":42})
+        );
         let v = payload(&msg("a", Target::Channel("r"), &data, 1));
         assert_eq!(v["channel"], "r");
         let v = payload(&welcome("alice", "0.1.2", 25000));
-        assert_eq!(v, serde_json::json!({"op":"welcome","user":"alice","conn":"0.1.2","ping_interval_ms":25000}));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"welcome","user":"alice","conn":"0.1.2","ping_interval_ms":25000})
+        );
         let id = RawValue::from_string("\"c1\"".into()).unwrap();
-        assert_eq!(payload(&ack(id.get())), serde_json::json!({"op":"ack","id":"c1"}));
-        let v = payload(&error(Some(id.get()), ErrorCode::UserOffline, "bob is offline"));
-        assert_eq!(v, serde_json::json!({"op":"error","id":"c1","code":"user_offline","message":"bob is offline"}));
+        assert_eq!(
+            payload(&ack(id.get())),
+            serde_json::json!({"op":"ack","id":"c1"})
+        );
+        let v = payload(&error(
+            Some(id.get()),
+            ErrorCode::UserOffline,
+            "bob is offline",
+        ));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"error","id":"c1","code":"user_offline","message":"bob is offline"})
+        );
         let v = payload(&error(None, ErrorCode::BadRequest, "x"));
         assert!(v.get("id").is_none());
         assert_eq!(payload(&pong(&data))["data"]["x"], "é\"q");

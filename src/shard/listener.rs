@@ -55,7 +55,9 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, Bin
         socket.set_nonblocking(true)
     };
     opts().map_err(|source| BindError::SetOptions { addr, source })?;
-    socket.bind(&addr.into()).map_err(|source| BindError::Bind { addr, source })?;
+    socket
+        .bind(&addr.into())
+        .map_err(|source| BindError::Bind { addr, source })?;
     socket
         .listen(backlog.min(i32::MAX as u32) as i32)
         .map_err(|source| BindError::Listen { addr, source })?;
@@ -73,7 +75,9 @@ pub fn bind_all(
     let mut bound = Vec::new();
     for &addr in addrs {
         let first = bind(addr, backlog)?;
-        let actual = first.local_addr().map_err(|source| BindError::Bind { addr, source })?;
+        let actual = first
+            .local_addr()
+            .map_err(|source| BindError::Bind { addr, source })?;
         per_shard[0].push(first);
         for list in per_shard.iter_mut().skip(1) {
             list.push(bind(actual, backlog)?);

@@ -91,12 +91,14 @@ mod tests {
         tx.post(ShardMsg::Shutdown).unwrap();
         assert!(tx.post(ShardMsg::Shutdown).is_err(), "bounded");
         let mut events = Events::with_capacity(4);
-        poll.poll(&mut events, Some(Duration::from_secs(5))).unwrap();
+        poll.poll(&mut events, Some(Duration::from_secs(5)))
+            .unwrap();
         assert_eq!(events.iter().count(), 1);
         rx.rearm();
         assert!(rx.try_recv().is_some() && rx.try_recv().is_some() && rx.try_recv().is_none());
         tx.post(ShardMsg::Shutdown).unwrap();
-        poll.poll(&mut events, Some(Duration::from_secs(5))).unwrap();
+        poll.poll(&mut events, Some(Duration::from_secs(5)))
+            .unwrap();
         assert_eq!(events.iter().count(), 1, "re-armed inbox wakes again");
     }
 }

@@ -170,7 +170,10 @@ impl Shard {
     }
 
     fn poll_timeout(&self) -> Duration {
-        if !self.read_backlog.is_empty() || self.mailbox_pending || (self.accept_pending && !self.accept_paused()) {
+        if !self.read_backlog.is_empty()
+            || self.mailbox_pending
+            || (self.accept_pending && !self.accept_paused())
+        {
             return Duration::ZERO;
         }
         let mut until = self.now_ms + MAX_POLL_MS;
@@ -224,7 +227,11 @@ impl Shard {
                 if self.conns.is_empty() || self.now_ms >= deadline {
                     let left: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
                     if !left.is_empty() {
-                        warn!(shard = self.index, connections = left.len(), "shutdown grace over; dropping the rest");
+                        warn!(
+                            shard = self.index,
+                            connections = left.len(),
+                            "shutdown grace over; dropping the rest"
+                        );
                     }
                     for k in left {
                         self.finish(k);
@@ -389,7 +396,11 @@ impl Shard {
         }
         self.listeners.clear();
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        info!(shard = self.index, connections = keys.len(), "shutting down");
+        info!(
+            shard = self.index,
+            connections = keys.len(),
+            "shutting down"
+        );
         for key in keys {
             self.shutdown_conn(key);
         }

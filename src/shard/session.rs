@@ -151,17 +151,32 @@ impl Shard {
                 return false;
             }
             Err(HttpError::HeadTooLarge) => {
-                self.http_fail(key, 431, "request header section too large", HandshakeFailure::HeadTooLarge);
+                self.http_fail(
+                    key,
+                    431,
+                    "request header section too large",
+                    HandshakeFailure::HeadTooLarge,
+                );
                 return false;
             }
         };
         if req.transfer_encoding {
-            self.http_fail(key, 411, "chunked bodies are not supported; send Content-Length", HandshakeFailure::Body);
+            self.http_fail(
+                key,
+                411,
+                "chunked bodies are not supported; send Content-Length",
+                HandshakeFailure::Body,
+            );
             return false;
         }
         let body_len = req.content_length.unwrap_or(0);
         if body_len > self.cfg.max_message_bytes {
-            self.http_fail(key, 413, "request body over --max-message-bytes", HandshakeFailure::Body);
+            self.http_fail(
+                key,
+                413,
+                "request body over --max-message-bytes",
+                HandshakeFailure::Body,
+            );
             return false;
         }
         let total = req.head_len + body_len;
@@ -181,18 +196,26 @@ impl Shard {
         }
         let get = matches!(req.method, Some(Method::Get) | Some(Method::Head));
         match req.path.as_str() {
-            "/healthz" if get => self.http_ok(key, req, "text/plain; charset=utf-8", b"ok\n".to_vec()),
+            "/healthz" if get => {
+                self.http_ok(key, req, "text/plain; charset=utf-8", b"ok\n".to_vec())
+            }
             "/metrics" if get => {
                 let body = metrics::render(&self.metrics).into_bytes();
                 self.http_ok(key, req, "text/plain; version=0.0.4", body)
             }
-            "/healthz" | "/metrics" => self.http_fail(key, 405, "method not allowed", HandshakeFailure::Method),
+            "/healthz" | "/metrics" => {
+                self.http_fail(key, 405, "method not allowed", HandshakeFailure::Method)
+            }
             _ => self.http_respond(key, req, response::error(404, "not found"), true),
         }
     }
 
     fn http_ok(&mut self, key: usize, req: &Request, content_type: &str, body: Vec<u8>) {
-        let body = if req.method == Some(Method::Head) { Vec::new() } else { body };
+        let body = if req.method == Some(Method::Head) {
+            Vec::new()
+        } else {
+            body
+        };
         let close = req.connection_close;
         let resp = response::simple(200, content_type, &body, "", close);
         self.http_respond(key, req, resp, close);
@@ -211,7 +234,13 @@ impl Shard {
 
     /// Answers an error, then closes once the peer has read it.
     fn http_fail(&mut self, key: usize, status: u16, message: &str, why: HandshakeFailure) {
-        debug!(shard = self.index, conn = key, status, reason = message, "request refused");
+        debug!(
+            shard = self.index,
+            conn = key,
+            status,
+            reason = message,
+            "request refused"
+        );
         self.m().count_handshake_failure(why);
         self.push_raw(key, response::error(status, message));
         self.drain_after_response(key);
@@ -238,13 +267,17 @@ impl Shard {
         };
         let identity = match auth::resolve(req) {
             Ok(i) => i,
-            Err(e) => return self.http_fail(key, e.status(), &e.to_string(), HandshakeFailure::BadUser),
+            Err(e) => {
+                return self.http_fail(key, e.status(), &e.to_string(), HandshakeFailure::BadUser)
+            }
         };
         self.push_raw(key, response::switching_protocols(&accept));
         let id = self.conn_id(key);
         let user: Arc<str> = match identity {
             Identity::User(u) => u.into(),
-            Identity::Anonymous => format!("anon-{}-{}-{}", id.shard, id.slot, id.generation).into(),
+            Identity::Anonymous => {
+                format!("anon-{}-{}-{}", id.shard, id.slot, id.generation).into()
+            }
         };
         let now = self.now_ms;
         let c = &mut self.conns[key];
@@ -257,7 +290,11 @@ impl Shard {
         ShardMetrics::add(&m.open_ws, 1);
         if !admit(&self.open_total, self.cfg.max_connections) {
             m.count_handshake_failure(HandshakeFailure::OverCapacity);
-            self.start_close(key, code::TRY_AGAIN_LATER, "server at capacity, try again later");
+            self.start_close(
+                key,
+                code::TRY_AGAIN_LATER,
+                "server at capacity, try again later",
+            );
             return;
         }
         if !self.cfg.echo {
@@ -284,7 +321,14 @@ impl Shard {
         if home == self.index {
             self.hub.presence(user, self.index, online);
         } else {
-            self.post(home, ShardMsg::Presence { user, from: self.index, online });
+            self.post(
+                home,
+                ShardMsg::Presence {
+                    user,
+                    from: self.index,
+                    online,
+                },
+            );
         }
     }
 
@@ -401,12 +445,17 @@ impl Shard {
                     return Ok(()); // discarded anyway; only sizes matter
                 }
                 match (d, frag) {
-                    (Data::Continue, None) => return Err((p, "continuation frame without a message to continue")),
+                    (Data::Continue, None) => {
+                        return Err((p, "continuation frame without a message to continue"))
+                    }
                     (Data::Text | Data::Binary, Some(_)) => {
                         return Err((p, "new data frame before the fragmented message finished"))
                     }
                     (Data::Binary, None) if !self.cfg.echo => {
-                        return Err((code::UNSUPPORTED_DATA, "binary messages are not supported; send JSON text"))
+                        return Err((
+                            code::UNSUPPORTED_DATA,
+                            "binary messages are not supported; send JSON text",
+                        ))
                     }
                     _ => {}
                 }
@@ -438,7 +487,11 @@ impl Shard {
                 let text = d == Data::Text;
                 if h.fin {
                     if text && std::str::from_utf8(&inb.buf[s..e]).is_err() {
-                        return self.fail(key, code::INVALID_PAYLOAD, "text message is not valid UTF-8");
+                        return self.fail(
+                            key,
+                            code::INVALID_PAYLOAD,
+                            "text message is not valid UTF-8",
+                        );
                     }
                     self.on_message(key, text, &inb.buf[s..e]);
                 } else {
@@ -448,7 +501,11 @@ impl Shard {
                         utf8_valid: 0,
                     };
                     if text && !advance_utf8(&mut f) {
-                        return self.fail(key, code::INVALID_PAYLOAD, "text message is not valid UTF-8");
+                        return self.fail(
+                            key,
+                            code::INVALID_PAYLOAD,
+                            "text message is not valid UTF-8",
+                        );
                     }
                     inb.frag = Some(f);
                 }
@@ -459,12 +516,20 @@ impl Shard {
                 };
                 f.data.extend_from_slice(&inb.buf[s..e]);
                 if f.text && !advance_utf8(f) {
-                    return self.fail(key, code::INVALID_PAYLOAD, "text message is not valid UTF-8");
+                    return self.fail(
+                        key,
+                        code::INVALID_PAYLOAD,
+                        "text message is not valid UTF-8",
+                    );
                 }
                 if h.fin {
                     let f = inb.frag.take().expect("checked above");
                     if f.text && f.utf8_valid != f.data.len() {
-                        return self.fail(key, code::INVALID_PAYLOAD, "text message ends inside a UTF-8 character");
+                        return self.fail(
+                            key,
+                            code::INVALID_PAYLOAD,
+                            "text message ends inside a UTF-8 character",
+                        );
                     }
                     self.on_message(key, f.text, &f.data);
                 }
@@ -474,15 +539,28 @@ impl Shard {
 
     fn on_close_frame(&mut self, key: usize, payload: &[u8]) {
         let (close_code, reply) = match payload.len() {
-            0 => (code::NO_STATUS, frame::encode(OpCode::Control(Control::Close), &[])),
-            1 => return self.fail(key, code::PROTOCOL_ERROR, "close frame with a 1-byte payload"),
+            0 => (
+                code::NO_STATUS,
+                frame::encode(OpCode::Control(Control::Close), &[]),
+            ),
+            1 => {
+                return self.fail(
+                    key,
+                    code::PROTOCOL_ERROR,
+                    "close frame with a 1-byte payload",
+                )
+            }
             _ => {
                 let c = u16::from_be_bytes([payload[0], payload[1]]);
                 if !code::is_valid_received(c) {
                     return self.fail(key, code::PROTOCOL_ERROR, "invalid close code");
                 }
                 if std::str::from_utf8(&payload[2..]).is_err() {
-                    return self.fail(key, code::INVALID_PAYLOAD, "close reason is not valid UTF-8");
+                    return self.fail(
+                        key,
+                        code::INVALID_PAYLOAD,
+                        "close reason is not valid UTF-8",
+                    );
                 }
                 (c, frame::encode_close(c, ""))
             }
@@ -552,7 +630,11 @@ impl Shard {
         }
         // Validated as UTF-8 by the caller.
         let Ok(text) = std::str::from_utf8(payload) else {
-            return self.fail(key, code::INVALID_PAYLOAD, "text message is not valid UTF-8");
+            return self.fail(
+                key,
+                code::INVALID_PAYLOAD,
+                "text message is not valid UTF-8",
+            );
         };
         let parsed = match protocol::parse(text) {
             Ok(p) => p,
@@ -573,10 +655,17 @@ impl Shard {
                     return self.ack(key, id);
                 }
                 if c.channels.len() >= MAX_CHANNELS_PER_CONN {
-                    let f = protocol::error(id, ErrorCode::BadRequest, "too many subscriptions on one connection");
+                    let f = protocol::error(
+                        id,
+                        ErrorCode::BadRequest,
+                        "too many subscriptions on one connection",
+                    );
                     return self.deliver(key, f);
                 }
-                let name = self.hub.channel_key(&channel).unwrap_or_else(|| Arc::from(channel.as_ref()));
+                let name = self
+                    .hub
+                    .channel_key(&channel)
+                    .unwrap_or_else(|| Arc::from(channel.as_ref()));
                 self.hub.subscribe(&name, key as u32);
                 self.conns[key].channels.push(name);
                 self.ack(key, id);
@@ -587,14 +676,20 @@ impl Shard {
                 self.ack(key, id);
             }
             Op::Pub { channel, data } => {
-                let from = self.conns[key].user.clone().expect("open connections have a user");
+                let from = self.conns[key]
+                    .user
+                    .clone()
+                    .expect("open connections have a user");
                 let f = protocol::msg(&from, Target::Channel(&channel), data, self.now_unix_ms);
                 let name: Arc<str> = Arc::from(channel.as_ref());
                 self.publish(name, f);
                 self.ack(key, id);
             }
             Op::Send { to, data } => {
-                let from = self.conns[key].user.clone().expect("open connections have a user");
+                let from = self.conns[key]
+                    .user
+                    .clone()
+                    .expect("open connections have a user");
                 let f = protocol::msg(&from, Target::User(&to), data, self.now_unix_ms);
                 let to: Arc<str> = Arc::from(to.as_ref());
                 let me = self.conn_id(key);
@@ -625,27 +720,50 @@ impl Shard {
     pub(super) fn publish(&mut self, channel: Arc<str>, f: Bytes) {
         for s in 0..self.peers.len() as u16 {
             if s != self.index {
-                self.post(s, ShardMsg::DeliverChannel { channel: channel.clone(), frame: f.clone() });
+                self.post(
+                    s,
+                    ShardMsg::DeliverChannel {
+                        channel: channel.clone(),
+                        frame: f.clone(),
+                    },
+                );
             }
         }
         self.deliver_channel_local(&channel, &f);
     }
 
-    fn route_user(&mut self, to: Arc<str>, f: Bytes, exclude: Option<crate::hub::ConnId>, reply: Option<ReplyTo>) {
+    fn route_user(
+        &mut self,
+        to: Arc<str>,
+        f: Bytes,
+        exclude: Option<crate::hub::ConnId>,
+        reply: Option<ReplyTo>,
+    ) {
         let home = home_of(&to, self.peers.len());
         if home == self.index {
             return self.on_route_user(to, f, exclude, reply);
         }
-        if let Err(ShardMsg::RouteUser { reply: Some(reply), .. }) =
-            self.peers[home as usize].post(ShardMsg::RouteUser { to, frame: f, exclude, reply })
-        {
+        if let Err(ShardMsg::RouteUser {
+            reply: Some(reply), ..
+        }) = self.peers[home as usize].post(ShardMsg::RouteUser {
+            to,
+            frame: f,
+            exclude,
+            reply,
+        }) {
             ShardMetrics::add(&self.m().dropped, 1);
             self.reply_local(reply, None);
         }
     }
 
     /// At the home shard of `to`: forward to the shards that hold it, report to the sender.
-    fn on_route_user(&mut self, to: Arc<str>, f: Bytes, exclude: Option<crate::hub::ConnId>, reply: Option<ReplyTo>) {
+    fn on_route_user(
+        &mut self,
+        to: Arc<str>,
+        f: Bytes,
+        exclude: Option<crate::hub::ConnId>,
+        reply: Option<ReplyTo>,
+    ) {
         let mut shards = std::mem::take(&mut self.scratch_shards);
         shards.clear();
         shards.extend_from_slice(self.hub.locate(&to));
@@ -653,7 +771,14 @@ impl Shard {
             if s == self.index {
                 self.deliver_user_local(&to, &f, exclude);
             } else {
-                self.post(s, ShardMsg::DeliverUser { to: to.clone(), frame: f.clone(), exclude });
+                self.post(
+                    s,
+                    ShardMsg::DeliverUser {
+                        to: to.clone(),
+                        frame: f.clone(),
+                        exclude,
+                    },
+                );
             }
         }
         let online = !shards.is_empty();
@@ -685,7 +810,11 @@ impl Shard {
                 ErrorCode::UserOffline,
                 &format!("user {} has no open connection", reply.to),
             ),
-            None => protocol::error(Some(&reply.id), ErrorCode::Overloaded, "server busy; message not delivered"),
+            None => protocol::error(
+                Some(&reply.id),
+                ErrorCode::Overloaded,
+                "server busy; message not delivered",
+            ),
         };
         self.deliver(key, f);
     }
@@ -697,7 +826,10 @@ impl Shard {
         for &slot in &slots {
             let key = slot as usize;
             if let Some(x) = exclude {
-                if x.shard == self.index && x.slot == slot && self.conns[key].generation == x.generation {
+                if x.shard == self.index
+                    && x.slot == slot
+                    && self.conns[key].generation == x.generation
+                {
                     continue;
                 }
             }
@@ -719,9 +851,18 @@ impl Shard {
     pub(super) fn on_shard_msg(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Presence { user, from, online } => self.hub.presence(user, from, online),
-            ShardMsg::RouteUser { to, frame, exclude, reply } => self.on_route_user(to, frame, exclude, reply),
-            ShardMsg::DeliverUser { to, frame, exclude } => self.deliver_user_local(&to, &frame, exclude),
-            ShardMsg::DeliverChannel { channel, frame } => self.deliver_channel_local(&channel, &frame),
+            ShardMsg::RouteUser {
+                to,
+                frame,
+                exclude,
+                reply,
+            } => self.on_route_user(to, frame, exclude, reply),
+            ShardMsg::DeliverUser { to, frame, exclude } => {
+                self.deliver_user_local(&to, &frame, exclude)
+            }
+            ShardMsg::DeliverChannel { channel, frame } => {
+                self.deliver_channel_local(&channel, &frame)
+            }
             ShardMsg::Routed { reply, online } => self.reply_local(reply, Some(online)),
             ShardMsg::Shutdown => self.begin_shutdown(),
         }
@@ -759,7 +900,11 @@ impl Shard {
         if let Some(o) = self.conns[key].outbox.as_mut() {
             o.truncate_unstarted();
         }
-        self.start_close(key, code::SLOW_CONSUMER, "slow consumer: outbound queue over limit");
+        self.start_close(
+            key,
+            code::SLOW_CONSUMER,
+            "slow consumer: outbound queue over limit",
+        );
     }
 
     /// Queues bytes without limits (responses, control frames) and marks the connection dirty.
@@ -814,7 +959,10 @@ impl Shard {
                 }
                 Err(e) => {
                     debug!(shard = self.index, conn = key, error = %e, "write failed");
-                    if c.close_code == 0 && c.state != ConnState::Http && c.state != ConnState::Draining {
+                    if c.close_code == 0
+                        && c.state != ConnState::Http
+                        && c.state != ConnState::Draining
+                    {
                         c.close_code = code::ABNORMAL;
                         c.close_reason = "write failed";
                     }
@@ -824,7 +972,9 @@ impl Shard {
         }
         let c = &mut self.conns[key];
         match c.state {
-            ConnState::Closing if c.flags.has(Flags::CLOSE_SENT) && c.flags.has(Flags::CLOSE_RECEIVED) => {
+            ConnState::Closing
+                if c.flags.has(Flags::CLOSE_SENT) && c.flags.has(Flags::CLOSE_RECEIVED) =>
+            {
                 self.finish(key)
             }
             ConnState::Draining if !c.flags.has(Flags::FIN_SENT) => {
@@ -862,7 +1012,11 @@ impl Shard {
         match c.state {
             ConnState::Http => {
                 self.m().count_handshake_failure(HandshakeFailure::Timeout);
-                debug!(shard = self.index, conn = key, "handshake timeout; dropping");
+                debug!(
+                    shard = self.index,
+                    conn = key,
+                    "handshake timeout; dropping"
+                );
                 self.finish(key);
             }
             ConnState::Draining | ConnState::Closing => self.finish(key),
@@ -896,7 +1050,11 @@ impl Shard {
         let was_ws = c.user.is_some();
         if was_ws {
             m.open_ws.fetch_sub(1, Ordering::Relaxed);
-            let close_code = if c.close_code == 0 { code::ABNORMAL } else { c.close_code };
+            let close_code = if c.close_code == 0 {
+                code::ABNORMAL
+            } else {
+                c.close_code
+            };
             m.count_close(close_code);
             info!(
                 target: "switchboard::close",

@@ -169,7 +169,11 @@ impl<T: Copy> Wheel<T> {
         for (l, level) in self.levels.iter().enumerate() {
             for s in 0..SLOTS {
                 let head = level.heads[s];
-                assert_eq!(head != NIL, level.occupied & (1 << s) != 0, "bitmap l{l} s{s}");
+                assert_eq!(
+                    head != NIL,
+                    level.occupied & (1 << s) != 0,
+                    "bitmap l{l} s{s}"
+                );
                 let mut prev = NIL;
                 let mut idx = head;
                 while idx != NIL {
@@ -187,7 +191,11 @@ impl<T: Copy> Wheel<T> {
             seen += 1;
             idx = self.entries[idx as usize].next;
         }
-        assert_eq!(seen, self.entries.len(), "every entry is linked exactly once");
+        assert_eq!(
+            seen,
+            self.entries.len(),
+            "every entry is linked exactly once"
+        );
     }
 
     fn level_for(elapsed: u64, when: u64) -> usize {
@@ -319,13 +327,18 @@ mod tests {
     #[test]
     fn cascades_across_levels() {
         let mut w = Wheel::new(0);
-        let deadlines = [63u64, 64, 65, 4095, 4096, 4097, 262_143, 262_144, 300_000, 20_000_000];
+        let deadlines = [
+            63u64, 64, 65, 4095, 4096, 4097, 262_143, 262_144, 300_000, 20_000_000,
+        ];
         for &d in &deadlines {
             w.insert(d, d);
         }
         w.check_invariants();
         for &d in &deadlines {
-            assert!(drain(&mut w, d - 1).iter().all(|&v| v < d), "nothing at or after {d} early");
+            assert!(
+                drain(&mut w, d - 1).iter().all(|&v| v < d),
+                "nothing at or after {d} early"
+            );
             assert_eq!(drain(&mut w, d), vec![d], "deadline {d}");
         }
         assert!(w.is_empty());
@@ -353,7 +366,9 @@ mod tests {
         // Seeded LCG: deterministic, no external crates.
         let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
         let mut rnd = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             seed >> 33
         };
         let mut w = Wheel::new(0);

@@ -281,7 +281,10 @@ mod tests {
         for len in [3usize, 200, 70_000] {
             let mut b = TextFrameBuilder::new(16);
             b.payload().put_bytes(b'a', len);
-            assert_eq!(b.finish(), encode(OpCode::Data(Data::Text), &vec![b'a'; len]));
+            assert_eq!(
+                b.finish(),
+                encode(OpCode::Data(Data::Text), &vec![b'a'; len])
+            );
         }
     }
 

@@ -63,11 +63,15 @@ fn is_valid_key(key: &str) -> bool {
     let b = key.as_bytes();
     b.len() == 24
         && b[22..] == *b"=="
-        && b[..22].iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
         && {
             // The last data character carries 2 significant bits: its low 4 bits must be 0.
             const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-            B64.iter().position(|&c| c == b[21]).is_some_and(|v| v & 0x0f == 0)
+            B64.iter()
+                .position(|&c| c == b[21])
+                .is_some_and(|v| v & 0x0f == 0)
         }
 }
 
@@ -85,7 +89,9 @@ mod tests {
 
     #[test]
     fn rfc_sample_key() {
-        let r = req(&format!("{OK}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"));
+        let r = req(&format!(
+            "{OK}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        ));
         assert_eq!(accept(&r).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 

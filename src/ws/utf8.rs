@@ -36,12 +36,23 @@ mod tests {
             let r = check(&s[..cut], 0);
             assert!(matches!(r, Utf8Check::Partial { .. }), "cut {cut}");
         }
-        assert_eq!(check(s, 0), Utf8Check::Partial { valid_up_to: s.len() });
+        assert_eq!(
+            check(s, 0),
+            Utf8Check::Partial {
+                valid_up_to: s.len()
+            }
+        );
     }
 
     #[test]
     fn invalid_byte_fails_fast() {
         assert_eq!(check(b"ab\xffcd", 0), Utf8Check::Invalid);
-        assert_eq!(check(b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80", 0), Utf8Check::Invalid);
+        assert_eq!(
+            check(
+                b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80",
+                0
+            ),
+            Utf8Check::Invalid
+        );
     }
 }

@@ -40,7 +40,10 @@ impl Server {
             // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
             unsafe {
                 cmd.pre_exec(move || {
-                    let r = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    let r = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -62,13 +65,19 @@ impl Server {
                 sink.clear();
             }
         });
-        let banner = rx.recv_timeout(DEADLINE).expect("server printed its listen address");
+        let banner = rx
+            .recv_timeout(DEADLINE)
+            .expect("server printed its listen address");
         let addr = banner
             .split_whitespace()
             .nth(3)
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address in banner {banner:?}"));
-        Server { child, addr, banner }
+        Server {
+            child,
+            addr,
+            banner,
+        }
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
@@ -90,7 +99,10 @@ impl Server {
     }
 
     pub fn metrics(&self) -> String {
-        let (status, body) = http(self.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (status, body) = http(
+            self.addr,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
         assert_eq!(status, 200);
         body
     }
@@ -162,7 +174,10 @@ pub fn expect_silence(ws: &mut Ws, wait: Duration) {
     ws.get_mut().set_read_timeout(Some(wait)).unwrap();
     match ws.read() {
         Err(tungstenite::Error::Io(e))
-            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
         Ok(Message::Ping(_)) => {}
         other => panic!("expected nothing, got {other:?}"),
     }
@@ -186,7 +201,10 @@ pub fn parse_response(out: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -214,7 +232,8 @@ impl Raw {
     /// Upgrades and reads the 101 head (and the welcome, in protocol mode, stays buffered).
     pub fn upgrade(addr: SocketAddr, path: &str) -> Raw {
         let mut r = Raw::connect(addr);
-        r.s.write_all(Self::upgrade_request(path).as_bytes()).unwrap();
+        r.s.write_all(Self::upgrade_request(path).as_bytes())
+            .unwrap();
         let head = r.read_head();
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");

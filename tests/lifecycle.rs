@@ -1,0 +1,200 @@
+//! Long-connection health: heartbeats and expiry, slow consumers, shutdown, fd tables.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn silent_client_is_pinged_then_closed_with_4000() {
+    let server = Server::start(&["--ping-interval-ms", "200", "--idle-timeout-ms", "700"]);
+    let mut raw = Raw::upgrade(server.addr, "/ws?user=mute");
+    assert_eq!(raw.read_json()["op"], "welcome");
+    let start = Instant::now();
+    // A ping arrives (and is not answered), then exactly one: no ping while one is unanswered.
+    let mut pings = 0;
+    let (code, reason) = loop {
+        match raw.read_frame().expect("frame") {
+            (0x9, _) => pings += 1,
+            (0x8, p) => {
+                break (
+                    u16::from_be_bytes([p[0], p[1]]),
+                    String::from_utf8_lossy(&p[2..]).to_string(),
+                )
+            }
+            (op, _) => panic!("unexpected opcode {op}"),
+        }
+    };
+    assert_eq!((code, reason.as_str()), (4000, "heartbeat timeout"));
+    assert_eq!(pings, 1, "one unanswered ping, not a pile");
+    assert!(
+        start.elapsed() >= Duration::from_millis(600),
+        "not closed before the idle timeout"
+    );
+    raw.send_frame(0x88, &code.to_be_bytes(), true);
+    raw.expect_eof();
+    server.wait_for("the close to be counted", |s| {
+        s.metric("switchboard_closes_total{code=\"4000\"}") == 1
+    });
+}
+
+#[test]
+fn client_that_answers_pings_stays_open() {
+    let server = Server::start(&["--ping-interval-ms", "100", "--idle-timeout-ms", "350"]);
+    let mut raw = Raw::upgrade(server.addr, "/ws?user=lively");
+    raw.read_json();
+    // Answer three pings: that spans well over the idle timeout.
+    for _ in 0..3 {
+        let (op, p) = raw.read_frame().expect("ping");
+        assert_eq!(op, 0x9);
+        raw.send_frame(0x8A, &p, true);
+    }
+    raw.send_text(r#"{"op":"ping","data":"still here"}"#);
+    assert_eq!(raw.read_json()["data"], "still here");
+}
+
+#[test]
+fn client_that_never_reads_gets_4001_while_others_keep_receiving() {
+    // One shard: once the fast subscriber has every message, the slow one's fate is decided.
+    let server = Server::start(&[
+        "--shards",
+        "1",
+        "--max-outbound-bytes",
+        "65536",
+        "--max-message-bytes",
+        "65536",
+    ]);
+    let mut slow = Raw::upgrade(server.addr, "/ws?user=slow");
+    slow.read_json();
+    slow.send_text(r#"{"op":"sub","channel":"firehose","id":1}"#);
+    assert_eq!(slow.read_json()["op"], "ack");
+    let (mut fast, _) = connect(&server, "fast");
+    send_json(&mut fast, json!({"op":"sub","channel":"firehose","id":1}));
+    assert_eq!(recv_json(&mut fast)["op"], "ack");
+    let (mut publisher, _) = connect(&server, "pub");
+    let blob = "x".repeat(50_000);
+    let n = 400; // 20 MB in all: far beyond kernel buffers plus the 64 KiB queue limit
+    for i in 0..n {
+        send_json(
+            &mut publisher,
+            json!({"op":"pub","channel":"firehose","data":{"i":i,"blob":blob}}),
+        );
+        let m = recv_json(&mut fast);
+        assert_eq!(
+            m["data"]["i"], i,
+            "fast subscriber keeps receiving in order"
+        );
+    }
+    server.wait_for("a slow-consumer close", |s| {
+        s.metric("switchboard_slow_consumer_closes_total") == 1
+    });
+    // The slow client finally reads: after whatever the kernel held, the close says 4001.
+    let (code, reason) = slow.read_close();
+    assert_eq!(code, 4001, "{reason}");
+    slow.send_frame(0x88, &code.to_be_bytes(), true);
+    slow.expect_eof();
+    server.wait_for("the close to be counted", |s| {
+        s.metric("switchboard_closes_total{code=\"4001\"}") == 1
+    });
+}
+
+#[test]
+fn sigterm_closes_everyone_with_1001_and_exits_zero() {
+    let mut server = Server::start(&["--shards", "2", "--shutdown-grace-ms", "3000"]);
+    let mut clients: Vec<Raw> = (0..20)
+        .map(|i| {
+            let mut r = Raw::upgrade(server.addr, &format!("/ws?user=u{i}"));
+            r.read_json();
+            r
+        })
+        .collect();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    for c in clients.iter_mut() {
+        let (code, reason) = c.read_close();
+        assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+        c.send_frame(0x88, &1001u16.to_be_bytes(), true);
+    }
+    let status = server.signal_and_wait(0);
+    assert_eq!(status.code(), Some(0));
+}
+
+fn hold(server: &Server, n: usize) -> Vec<Raw> {
+    (0..n)
+        .map(|i| {
+            let mut r = Raw::upgrade(server.addr, &format!("/ws?user=h{i}"));
+            assert_eq!(r.read_json()["op"], "welcome");
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn per_shard_fd_tables_hold_more_than_one_table_allows() {
+    // RLIMIT_NOFILE 256 in the server; 4 private tables hold 4 × ~250.
+    let server = Server::start_with(&["--shards", "4", "--fd-table", "per-shard"], Some(256));
+    assert!(
+        server.banner.contains("fd-table=per-shard"),
+        "{}",
+        server.banner
+    );
+    let mut conns = hold(&server, 600);
+    // 600 WebSockets plus this metrics request.
+    assert_eq!(server.metric("switchboard_accepted_total"), 600 + 1);
+    // Every one of them is alive.
+    for c in conns.iter_mut().step_by(50) {
+        c.send_text(r#"{"op":"ping","data":1}"#);
+        assert_eq!(c.read_json()["op"], "pong");
+    }
+}
+
+#[test]
+fn auto_mode_picks_per_shard_when_the_limit_is_low() {
+    let server = Server::start_with(&["--shards", "2", "--max-connections", "1000"], Some(256));
+    assert!(
+        server.banner.contains("fd-table=per-shard"),
+        "{}",
+        server.banner
+    );
+    let server = Server::start_with(&["--shards", "2", "--max-connections", "100"], Some(256));
+    assert!(
+        server.banner.contains("fd-table=shared"),
+        "{}",
+        server.banner
+    );
+    let _held = hold(&server, 100);
+}
+
+#[test]
+fn shared_fd_table_serves_and_recycles_descriptors() {
+    // One table of 256 for everything: 200 fit, and closed ones free their descriptors.
+    let server = Server::start_with(&["--shards", "2", "--fd-table", "shared"], Some(256));
+    assert!(
+        server.banner.contains("fd-table=shared"),
+        "{}",
+        server.banner
+    );
+    let held = hold(&server, 200);
+    let open: u64 = (0..2)
+        .map(|s| {
+            server.metric(&format!(
+                "switchboard_connections_open{{shard=\"{s}\",transport=\"ws\"}}"
+            ))
+        })
+        .sum();
+    assert_eq!(open, 200);
+    drop(held);
+    server.wait_for("connections to close", |s| {
+        (0..2)
+            .map(|sh| {
+                s.metric(&format!(
+                    "switchboard_connections_open{{shard=\"{sh}\",transport=\"ws\"}}"
+                ))
+            })
+            .sum::<u64>()
+            == 0
+    });
+    let _again = hold(&server, 200);
+}
