@@ -1,1 +1,529 @@
-fn main() {}
+//! `loadgen`: opens up to a million long-lived WebSocket connections from one box and reports
+//! HdrHistogram latency. Plain RFC 6455 for `connect` and `echo` (any server), switchboard
+//! protocol v1 for `dm` and `fanout`.
+
+
+
+
+
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use loadgen::worker::{self, now_ns, phase, ErrKind, Job, Scenario, Shared, WorkerStats};
+use loadgen::{plan, report};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Load generator for switchboard and any RFC 6455 server.
+#[derive(Debug, Parser)]
+#[command(name = "loadgen", version)]
+struct Args {
+    /// What to do.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// Target URL (repeatable; connections are spread round-robin).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    url: Vec<String>,
+    /// Source addresses to bind before connect, e.g. 127.0.0.2-127.0.0.101 [default: automatic
+    /// for loopback targets, keeping each (source, destination) pair under 14k connections].
+    #[arg(long)]
+    source_ips: Option<String>,
+    /// Connections to open (subscribers, for fanout).
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// Connects per second, in total.
+    #[arg(long, default_value_t = 20_000.0)]
+    connect_rate: f64,
+    /// Upgrades in flight at once, in total.
+    #[arg(long, default_value_t = 10_000)]
+    max_inflight_handshakes: usize,
+    /// Messages per second in total (echo, dm, fanout).
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// How long to run once every connection is up (e.g. 30s, 5m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Output folder for histograms, interval log, plot and summary.json.
+    #[arg(long, default_value = "loadgen-out")]
+    out: PathBuf,
+    /// Worker threads, each with its own fd table [default: cores, at least enough for the fd limit].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Sample this server process's RSS and CPU from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Text message size in bytes (echo).
+    #[arg(long, default_value_t = 32)]
+    size: usize,
+    /// Channels (fanout).
+    #[arg(long, default_value_t = 10)]
+    channels: usize,
+    /// Publisher connections (fanout).
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Share of connections to drop at once (storm), percent.
+    #[arg(long, default_value_t = 20)]
+    drop_percent: u32,
+    /// User id prefix (dm, fanout).
+    #[arg(long, default_value = "lg")]
+    user_prefix: String,
+    /// Give up on connecting after this long.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("bad duration {s:?} (e.g. 30s, 5m, 500ms)"))?;
+    if !(0.0..=86_400.0 * 7.0).contains(&(v * mult)) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+/// A process's RSS (bytes) and CPU time (s) from /proc.
+fn proc_sample(pid: &str) -> Option<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((rss_kb * 1024, ticks / hz))
+}
+
+#[derive(Default)]
+struct Totals {
+    open: u64,
+    connecting: u64,
+    established: u64,
+    ready: u64,
+    failed: u64,
+    errors: u64,
+    sent: u64,
+    received: u64,
+    expected: u64,
+}
+
+fn totals(stats: &[WorkerStats]) -> Totals {
+    let mut t = Totals::default();
+    for s in stats {
+        t.open += s.open.load(Relaxed);
+        t.connecting += s.connecting.load(Relaxed);
+        t.established += s.established.load(Relaxed);
+        t.ready += s.ready.load(Relaxed);
+        t.failed += s.failed.load(Relaxed);
+        t.errors += s.errors.iter().map(|e| e.load(Relaxed)).sum::<u64>();
+        t.sent += s.sent.load(Relaxed);
+        t.received += s.received.load(Relaxed);
+        t.expected += s.expected.load(Relaxed);
+    }
+    t
+}
+
+struct Sampler {
+    server_pid: Option<String>,
+    server_first: Option<(u64, f64)>,
+    server_last: Option<(u64, f64)>,
+    server_peak_rss: u64,
+    self_first: Option<(u64, f64)>,
+    self_last: Option<(u64, f64)>,
+}
+
+impl Sampler {
+    fn sample(&mut self) {
+        if let Some(pid) = &self.server_pid {
+            if let Some(s) = proc_sample(pid) {
+                self.server_first.get_or_insert(s);
+                self.server_last = Some(s);
+                self.server_peak_rss = self.server_peak_rss.max(s.0);
+            }
+        }
+        if let Some(s) = proc_sample("self") {
+            self.self_first.get_or_insert(s);
+            self.self_last = Some(s);
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let targets: Vec<plan::Target> = args
+        .url
+        .iter()
+        .map(|u| plan::parse_url(u))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    if args.connections == 0 {
+        bail!("--connections must be > 0");
+    }
+    if args.scenario == Scenario::Dm && args.connections < 2 {
+        bail!("dm needs at least 2 connections (pairs)");
+    }
+    let explicit = args.source_ips.as_deref().map(plan::parse_ip_range).transpose().map_err(anyhow::Error::msg)?;
+    let (sources, warning) = plan::source_ips(explicit, &targets, args.connections);
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (soft, _) = nofile();
+    let total = args.connections + if args.scenario == Scenario::Fanout { args.publishers } else { 0 };
+    // Each thread's private fd table holds `soft` descriptors; leave room for epoll and stdio.
+    let min_threads = total.div_ceil((soft as usize).saturating_sub(64).max(64));
+    let threads = args.threads.unwrap_or(cores).max(min_threads).max(1);
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let job = Arc::new(Job {
+        scenario: args.scenario,
+        targets,
+        sources,
+        connections: args.connections,
+        publishers: args.publishers,
+        channels: args.channels.max(1),
+        threads,
+        connect_rate: args.connect_rate,
+        max_inflight: args.max_inflight_handshakes.max(threads),
+        rate: args.rate,
+        size: args.size.max(24),
+        drop_percent: args.drop_percent.min(100),
+        user_prefix: args.user_prefix.clone(),
+    });
+    let shared = Arc::new(Shared {
+        phase: std::sync::atomic::AtomicU8::new(phase::CONNECT),
+        run_start_ns: std::sync::atomic::AtomicU64::new(0),
+        storm: std::sync::atomic::AtomicBool::new(false),
+        stats: (0..threads).map(|_| WorkerStats::default()).collect(),
+    });
+    eprintln!(
+        "loadgen {:?}: {} connections to {} target(s) from {} source address(es), {} threads, connect rate {}/s{}",
+        args.scenario,
+        total,
+        job.targets.len(),
+        job.sources.as_ref().map_or(1, |v| v.len()),
+        threads,
+        args.connect_rate,
+        if matches!(args.scenario, Scenario::Echo | Scenario::Dm | Scenario::Fanout) {
+            format!(", {} msg/s open loop (latency from the scheduled send time)", args.rate)
+        } else {
+            String::new()
+        }
+    );
+    let started_wall = SystemTime::now();
+    let t_start = now_ns();
+    let (itx, irx) = crossbeam_channel::bounded::<worker::Interval>(threads * 64);
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let (job, shared, itx) = (job.clone(), shared.clone(), itx.clone());
+            std::thread::Builder::new()
+                .name(format!("lg-{i}"))
+                .spawn(move || worker::Worker::run(i, job, shared, itx))
+                .expect("spawn worker")
+        })
+        .collect();
+    drop(itx);
+
+    let mut sampler = Sampler {
+        server_pid: args.server_pid.map(|p| p.to_string()),
+        server_first: None,
+        server_last: None,
+        server_peak_rss: 0,
+        self_first: None,
+        self_last: None,
+    };
+    sampler.sample();
+    let mut intervals: Vec<(f64, f64, Histogram<u64>)> = Vec::new();
+    let mut open_per_second: Vec<u64> = Vec::new();
+    let mut last_established = 0;
+    let mut last_received = 0;
+    let mut connected_at: Option<u64> = None;
+    let mut run_end: Option<u64> = None;
+    let mut drain_until: Option<u64> = None;
+    let mut storm_at: Option<u64> = None;
+    let mut storm_recovered_s: Option<f64> = None;
+    let mut peak_open = 0;
+    let mut next_print = now_ns() + 1_000_000_000;
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        if handles.iter().all(|h| h.is_finished()) {
+            break;
+        }
+        let now = now_ns();
+        let t = totals(&shared.stats);
+        peak_open = peak_open.max(t.open);
+        if now >= next_print {
+            next_print += 1_000_000_000;
+            sampler.sample();
+            open_per_second.push(t.open);
+            let mut interval = report::new_histogram();
+            while let Ok(iv) = irx.try_recv() {
+                let _ = interval.add(&iv.latency);
+            }
+            let p99 = if interval.is_empty() { 0.0 } else { interval.value_at_quantile(0.99) as f64 / 1000.0 };
+            let elapsed = (now - t_start) as f64 / 1e9;
+            intervals.push((elapsed - 1.0, 1.0, interval));
+            eprintln!(
+                "[{elapsed:6.1}s] open {} connecting {} connect/s {} errors {} msgs/s {} p99 {p99:.3} ms",
+                t.open,
+                t.connecting,
+                t.established - last_established,
+                t.errors,
+                t.received - last_received,
+            );
+            last_established = t.established;
+            last_received = t.received;
+        }
+        let ph = shared.phase.load(Relaxed);
+        let done_connecting = t.ready + t.failed >= total as u64 && t.connecting == 0;
+        if ph == phase::CONNECT && (done_connecting || now - t_start > args.connect_timeout.as_nanos() as u64) {
+            connected_at = Some(now);
+            let start = now + 50_000_000;
+            shared.run_start_ns.store(start, Relaxed);
+            shared.phase.store(phase::RUN, Relaxed);
+            run_end = Some(start + args.duration.as_nanos() as u64);
+            if args.scenario == Scenario::Storm {
+                storm_at = Some(start + args.duration.as_nanos() as u64 / 3);
+            }
+        }
+        if let Some(s) = storm_at {
+            if now >= s && !shared.storm.load(Relaxed) {
+                eprintln!("storm: dropping {}% of the connections", args.drop_percent);
+                shared.storm.store(true, Relaxed);
+            } else if shared.storm.load(Relaxed) && storm_recovered_s.is_none() && t.open as usize == total {
+                storm_recovered_s = Some((now - s) as f64 / 1e9);
+                eprintln!("storm: all {total} open again after {:.2} s", (now - s) as f64 / 1e9);
+            }
+        }
+        if ph == phase::RUN && run_end.is_some_and(|e| now >= e) {
+            shared.phase.store(phase::DRAIN, Relaxed);
+            drain_until = Some(now + 5_000_000_000);
+        }
+        if shared.phase.load(Relaxed) == phase::DRAIN && (t.received >= t.expected || drain_until.is_some_and(|d| now >= d)) {
+            shared.phase.store(phase::CLOSE, Relaxed);
+        }
+    }
+    while let Ok(iv) = irx.try_recv() {
+        if let Some(last) = intervals.last_mut() {
+            let _ = last.2.add(&iv.latency);
+        }
+    }
+    let mut connect_hist = report::new_histogram();
+    let mut latency_hist = report::new_histogram();
+    for h in handles {
+        match h.join() {
+            Ok(Ok(r)) => {
+                connect_hist.add(&r.connect).ok();
+                latency_hist.add(&r.latency).ok();
+            }
+            Ok(Err(e)) => eprintln!("a worker failed: {e}"),
+            Err(_) => eprintln!("a worker panicked"),
+        }
+    }
+    sampler.sample();
+    let t = totals(&shared.stats);
+    // From the first connect to the last upgrade, as the workers saw it.
+    let last_up = shared.stats.iter().map(|s| s.last_established_ns.load(Relaxed)).max().unwrap_or(0);
+    let connect_secs = if last_up > t_start { (last_up - t_start) as f64 / 1e9 } else { connected_at.map_or(0.0, |c| (c - t_start) as f64 / 1e9) }.max(1e-3);
+    let run_secs = args.duration.as_secs_f64().max(1e-3);
+    let mut errors = serde_json::Map::new();
+    let mut closes = std::collections::BTreeMap::new();
+    let (mut gaps, mut dups, mut op_errors, mut dropped) = (0, 0, 0, 0);
+    let mut first_error = None;
+    for s in &shared.stats {
+        for k in ErrKind::ALL {
+            let v = s.errors[k as usize].load(Relaxed);
+            if v > 0 {
+                let e = errors.entry(k.name()).or_insert(json!({"count":0,"fix":k.fix()}));
+                e["count"] = json!(e["count"].as_u64().unwrap_or(0) + v);
+            }
+        }
+        for (code, n) in s.unexpected_closes.lock().unwrap().iter() {
+            *closes.entry(*code).or_insert(0u64) += n;
+        }
+        gaps += s.gaps.load(Relaxed);
+        dups += s.duplicates.load(Relaxed);
+        op_errors += s.op_errors.load(Relaxed);
+        dropped += s.dropped.load(Relaxed);
+        if first_error.is_none() {
+            first_error = s.first_error.lock().unwrap().clone();
+        }
+    }
+    let unexpected: u64 = closes.values().sum();
+    let latency_name = match args.scenario {
+        Scenario::Echo => "echo_rtt",
+        Scenario::Dm => "dm_latency",
+        Scenario::Fanout => "fanout_latency",
+        Scenario::Connect | Scenario::Storm => "latency",
+    };
+    let mut hists: Vec<(&str, &Histogram<u64>)> = vec![("connect", &connect_hist)];
+    if matches!(args.scenario, Scenario::Echo | Scenario::Dm | Scenario::Fanout) {
+        hists.push((latency_name, &latency_hist));
+    }
+    let title = format!("loadgen {:?}: {} connections", args.scenario, total);
+    report::write_histograms(&args.out, &title, &hists)?;
+    report::write_interval_log(&args.out.join("intervals.hlog"), started_wall, &intervals)?;
+    let per_conn = |first: Option<(u64, f64)>, last: Option<(u64, f64)>| -> serde_json::Value {
+        match (first, last) {
+            (Some(a), Some(b)) => json!({
+                "rss_start_bytes": a.0,
+                "rss_end_bytes": b.0,
+                "cpu_seconds": b.1 - a.1,
+            }),
+            _ => serde_json::Value::Null,
+        }
+    };
+    let mut server = per_conn(sampler.server_first, sampler.server_last);
+    if let serde_json::Value::Object(m) = &mut server {
+        m.insert("rss_peak_bytes".into(), json!(sampler.server_peak_rss));
+        let growth = sampler.server_peak_rss.saturating_sub(sampler.server_first.map_or(0, |f| f.0));
+        m.insert("bytes_per_connection".into(), json!(growth as f64 / peak_open.max(1) as f64));
+    }
+    let mut me = per_conn(sampler.self_first, sampler.self_last);
+    if let serde_json::Value::Object(m) = &mut me {
+        let growth = sampler.self_last.map_or(0, |l| l.0).saturating_sub(sampler.self_first.map_or(0, |f| f.0));
+        m.insert("bytes_per_connection".into(), json!(growth as f64 / peak_open.max(1) as f64));
+    }
+    let missing = t.expected.saturating_sub(t.received);
+    let summary = json!({
+        "scenario": args.scenario,
+        "started_at_unix_s": started_wall.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "targets": args.url,
+        "threads": threads,
+        "source_ips": job.sources.as_ref().map_or(0, |v| v.len()),
+        "open_loop": true,
+        "latency_from_scheduled_send_time": true,
+        "connections": {
+            "target": total,
+            "established": t.established,
+            "failed": t.failed,
+            "peak_open": peak_open,
+            "connect_seconds": connect_secs,
+            "connect_rate_per_s": t.established as f64 / connect_secs,
+            "dropped_on_purpose": dropped,
+            "storm_recovery_seconds": storm_recovered_s,
+        },
+        "errors": errors,
+        "first_error": first_error,
+        "unexpected_closes": {"total": unexpected, "by_code": closes},
+        "messages": {
+            "rate_target_per_s": args.rate,
+            "sent": t.sent,
+            "received": t.received,
+            "expected": t.expected,
+            "missing": missing,
+            "gaps": gaps,
+            "duplicates": dups,
+            "op_errors": op_errors,
+            "received_per_s": t.received as f64 / run_secs,
+        },
+        "histograms": {
+            "connect": report::stats(&connect_hist),
+            latency_name: report::stats(&latency_hist),
+        },
+        "open_per_second": open_per_second,
+        "server": server,
+        "loadgen": me,
+    });
+    std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    println!("{}", report::table(&hists));
+    println!(
+        "connections: {} established of {} ({} failed) in {:.1} s = {:.0}/s; peak open {}",
+        t.established, total, t.failed, connect_secs, t.established as f64 / connect_secs, peak_open
+    );
+    if matches!(args.scenario, Scenario::Echo | Scenario::Dm | Scenario::Fanout) {
+        println!(
+            "messages: sent {} received {} expected {} missing {} duplicates {} gaps {} errors {} ({:.0} deliveries/s)",
+            t.sent, t.received, t.expected, missing, dups, gaps, op_errors, t.received as f64 / run_secs
+        );
+    }
+    if args.scenario == Scenario::Storm {
+        println!(
+            "storm: dropped {dropped}, recovered to {total} open in {}",
+            storm_recovered_s.map_or("(not recovered)".to_string(), |s| format!("{s:.2} s"))
+        );
+    }
+    println!("unexpected closes: {unexpected} {closes:?}");
+    for (k, v) in &errors {
+        println!("error {k}: {} — fix: {}", v["count"], v["fix"].as_str().unwrap_or(""));
+    }
+    if let Some(e) = &first_error {
+        println!("first error: {e}");
+    }
+    if !server.is_null() {
+        println!(
+            "server: RSS peak {} MiB, {:.0} B per connection, CPU {:.1} s",
+            sampler.server_peak_rss / (1 << 20),
+            server["bytes_per_connection"].as_f64().unwrap_or(0.0),
+            server["cpu_seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if !me.is_null() {
+        println!(
+            "loadgen: RSS {} MiB, {:.0} B per connection, CPU {:.1} s",
+            me["rss_end_bytes"].as_u64().unwrap_or(0) / (1 << 20),
+            me["bytes_per_connection"].as_f64().unwrap_or(0.0),
+            me["cpu_seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("latency is measured from each message's scheduled send time (open loop, coordinated omission corrected)");
+    println!("reports in {}", args.out.display());
+    if t.established == 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn nofile() -> (u64, u64) {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return (1024, 1024);
+    }
+    (r.rlim_cur, r.rlim_max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn proc_sampling_reads_self() {
+        let (rss, cpu) = proc_sample("self").unwrap();
+        assert!(rss > 1 << 20 && cpu >= 0.0);
+    }
+}

@@ -1,0 +1,5 @@
+//! loadgen library: the plan, schedules, workers and reports behind the `loadgen` binary.
+pub mod plan;
+pub mod report;
+pub mod schedule;
+pub mod worker;

@@ -1,0 +1,158 @@
+//! The connection plan: which target and which source address each connection uses, spread so
+//! no (source IP, destination) pair holds more than [`PAIR_LIMIT`] connections.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+
+/// Above this many connections per (source IP, destination) pair `connect()` slows from
+/// ~45k/s to ~260/s on the machines we measured (port search in the kernel).
+pub const PAIR_LIMIT: usize = 14_000;
+
+/// A WebSocket target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Resolved address.
+    pub addr: SocketAddr,
+    /// `Host` header value.
+    pub host: String,
+    /// Path and query (starts with `/`).
+    pub path: String,
+}
+
+/// Parses `ws://host:port/path?query`.
+pub fn parse_url(url: &str) -> Result<Target, String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let hostport_full = if hostport.contains(':') && !hostport.ends_with(']') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:80")
+    };
+    let addr = hostport_full
+        .to_socket_addrs()
+        .map_err(|e| format!("{url}: cannot resolve {hostport}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{url}: {hostport} resolves to nothing"))?;
+    Ok(Target {
+        addr,
+        host: hostport.to_string(),
+        path: path.to_string(),
+    })
+}
+
+/// Parses `127.0.0.2-127.0.0.101` or a comma-separated list of addresses.
+pub fn parse_ip_range(s: &str) -> Result<Vec<IpAddr>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((a, b)) = part.split_once('-') {
+            let a: Ipv4Addr = a.trim().parse().map_err(|e| format!("{part}: {e}"))?;
+            let b: Ipv4Addr = b.trim().parse().map_err(|e| format!("{part}: {e}"))?;
+            let (a, b) = (u32::from(a), u32::from(b));
+            if b < a || b - a > 1 << 20 {
+                return Err(format!("{part}: empty or huge range"));
+            }
+            out.extend((a..=b).map(|v| IpAddr::V4(Ipv4Addr::from(v))));
+        } else {
+            out.push(part.parse().map_err(|e| format!("{part}: {e}"))?);
+        }
+    }
+    if out.is_empty() {
+        return Err("no source addresses".into());
+    }
+    Ok(out)
+}
+
+/// Source addresses for `connections` spread over `targets`.
+///
+/// With explicit addresses, returns them and a warning when a pair would exceed
+/// [`PAIR_LIMIT`]. Without, loopback targets get as many `127.0.0.x` addresses as needed (from
+/// 127.0.0.2) and other targets the kernel's choice (`None`).
+pub fn source_ips(
+    explicit: Option<Vec<IpAddr>>,
+    targets: &[Target],
+    connections: usize,
+) -> (Option<Vec<IpAddr>>, Option<String>) {
+    let per_target = connections.div_ceil(targets.len().max(1));
+    match explicit {
+        Some(ips) => {
+            let per_pair = per_target.div_ceil(ips.len());
+            let warn = (per_pair > PAIR_LIMIT).then(|| {
+                format!(
+                    "{per_pair} connections per (source IP, destination) pair exceeds {PAIR_LIMIT}: connect() will crawl; give at least {} source addresses",
+                    per_target.div_ceil(PAIR_LIMIT)
+                )
+            });
+            (Some(ips), warn)
+        }
+        None => {
+            let all_loopback = targets.iter().all(|t| t.addr.ip().is_loopback() && t.addr.is_ipv4());
+            let needed = per_target.div_ceil(PAIR_LIMIT);
+            if all_loopback && needed > 1 {
+                let ips = (0..needed as u32)
+                    .map(|i| IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 2)) + i)))
+                    .collect();
+                (Some(ips), None)
+            } else if needed > 1 {
+                let warn = format!(
+                    "{per_target} connections per destination from one source address exceeds {PAIR_LIMIT}: pass --source-ips"
+                );
+                (None, Some(warn))
+            } else {
+                (None, None)
+            }
+        }
+    }
+}
+
+/// Target and source address of connection `i`: round-robin over targets, then over sources.
+pub fn assign(i: usize, targets: usize, sources: usize) -> (usize, usize) {
+    let t = i % targets;
+    let s = (i / targets) % sources.max(1);
+    (t, s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let t = parse_url("ws://127.0.0.1:8080/ws?user=a").unwrap();
+        assert_eq!(t.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(t.path, "/ws?user=a");
+        assert_eq!(parse_url("ws://127.0.0.1").unwrap().path, "/");
+        assert!(parse_url("http://x").is_err());
+    }
+
+    #[test]
+    fn ranges() {
+        let v = parse_ip_range("127.0.0.2-127.0.0.5").unwrap();
+        assert_eq!(v.len(), 4);
+        assert_eq!(v[3], "127.0.0.5".parse::<IpAddr>().unwrap());
+        assert_eq!(parse_ip_range("10.0.0.1, 10.0.0.3").unwrap().len(), 2);
+        assert!(parse_ip_range("127.0.0.5-127.0.0.2").is_err());
+    }
+
+    #[test]
+    fn spreading() {
+        let t = vec![parse_url("ws://127.0.0.1:1/").unwrap()];
+        let (ips, warn) = source_ips(None, &t, 1_000_000);
+        assert_eq!(ips.unwrap().len(), 72);
+        assert!(warn.is_none());
+        let (ips, _) = source_ips(None, &t, 1000);
+        assert!(ips.is_none());
+        let one = parse_ip_range("127.0.0.2").unwrap();
+        let (_, warn) = source_ips(Some(one), &t, 20_000);
+        assert!(warn.unwrap().contains("at least 2"));
+        // Every pair stays under the limit with the automatic plan.
+        let mut counts = std::collections::HashMap::new();
+        for i in 0..1_000_000 {
+            *counts.entry(assign(i, 1, 72)).or_insert(0usize) += 1;
+        }
+        assert!(counts.values().all(|&c| c <= PAIR_LIMIT));
+    }
+}

@@ -1,0 +1,988 @@
+//! One load-generating thread: its own fd table and mio loop, a slab of client connections,
+//! paced connects, open-loop sends, and histograms handed to the main thread every second.
+
+use std::collections::{BinaryHeap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use std::{cmp::Reverse, collections::BTreeMap};
+
+use crossbeam_channel::Sender;
+use hdrhistogram::Histogram;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use serde::Deserialize;
+use slab::Slab;
+use socket2::{Domain, Protocol, Socket, Type};
+use switchboard::ws::frame::{self, Control, Data, OpCode};
+
+use crate::plan::Target;
+use crate::report::new_histogram;
+use crate::schedule::{latency_us, Schedule};
+
+/// The handshake key every connection sends (the server's cost is the same for any key).
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+/// A connection that has not completed its upgrade by then counts as failed.
+const HANDSHAKE_TIMEOUT_NS: u64 = 15_000_000_000;
+/// Sends per turn, so receiving is never starved.
+const SENDS_PER_TURN: usize = 20_000;
+/// How long the ramp-down waits for close handshakes.
+const CLOSE_WAIT_NS: u64 = 30_000_000_000;
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// Nanoseconds on the process-wide monotonic clock (comparable across threads).
+pub fn now_ns() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Which load to generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Open and hold connections.
+    Connect,
+    /// Timestamped messages to any echo server; RTT.
+    Echo,
+    /// Pairs of users sending each other `send` ops.
+    Dm,
+    /// Subscribers over channels, publishers at a rate.
+    Fanout,
+    /// Drop a share of connections at once and reconnect with jittered backoff.
+    Storm,
+}
+
+/// Phases, set by the main thread.
+pub mod phase {
+    /// Connecting and subscribing.
+    pub const CONNECT: u8 = 0;
+    /// Sending (or holding).
+    pub const RUN: u8 = 1;
+    /// Sends stopped; waiting for the last deliveries.
+    pub const DRAIN: u8 = 2;
+    /// Closing every connection with 1000.
+    pub const CLOSE: u8 = 3;
+}
+
+/// Error kinds, each with the fix printed in the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum ErrKind {
+    /// EADDRNOTAVAIL.
+    AddrNotAvail,
+    /// EMFILE / ENFILE.
+    TooManyFiles,
+    /// ECONNREFUSED.
+    Refused,
+    /// A status other than 101.
+    Rejected,
+    /// Upgrade did not complete in time.
+    Timeout,
+    /// Anything else.
+    Other,
+}
+
+impl ErrKind {
+    /// All kinds.
+    pub const ALL: [ErrKind; 6] = [
+        ErrKind::AddrNotAvail,
+        ErrKind::TooManyFiles,
+        ErrKind::Refused,
+        ErrKind::Rejected,
+        ErrKind::Timeout,
+        ErrKind::Other,
+    ];
+
+    /// Name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrKind::AddrNotAvail => "EADDRNOTAVAIL",
+            ErrKind::TooManyFiles => "EMFILE",
+            ErrKind::Refused => "ECONNREFUSED",
+            ErrKind::Rejected => "handshake_rejected",
+            ErrKind::Timeout => "handshake_timeout",
+            ErrKind::Other => "other",
+        }
+    }
+
+    /// What to do about it.
+    pub fn fix(self) -> &'static str {
+        match self {
+            ErrKind::AddrNotAvail => "out of local ports for a (source, destination) pair: add --source-ips (e.g. 127.0.0.2-127.0.0.101) or widen net.ipv4.ip_local_port_range",
+            ErrKind::TooManyFiles => "out of file descriptors: use more --threads (each has its own fd table) or raise RLIMIT_NOFILE",
+            ErrKind::Refused => "nothing listens on the target: start the server or check --url",
+            ErrKind::Rejected => "the server refused the upgrade: see the status code; check the URL path and query",
+            ErrKind::Timeout => "the upgrade did not complete in 15 s: the server or the host is saturated; lower --connect-rate",
+            ErrKind::Other => "see the first error message",
+        }
+    }
+
+    fn of(e: &io::Error) -> ErrKind {
+        match e.raw_os_error() {
+            Some(libc::EADDRNOTAVAIL) => ErrKind::AddrNotAvail,
+            Some(libc::EMFILE) | Some(libc::ENFILE) => ErrKind::TooManyFiles,
+            Some(libc::ECONNREFUSED) => ErrKind::Refused,
+            _ => ErrKind::Other,
+        }
+    }
+}
+
+/// Counters of one worker, read by the main thread.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Open connections (upgraded).
+    pub open: AtomicU64,
+    /// Connections between connect() and 101.
+    pub connecting: AtomicU64,
+    /// Upgrades completed, in total.
+    pub established: AtomicU64,
+    /// Connections ready for the run (welcome or subscription ack received).
+    pub ready: AtomicU64,
+    /// Connections of this worker that will not be opened (failed for good).
+    pub failed: AtomicU64,
+    /// Errors by kind.
+    pub errors: [AtomicU64; 6],
+    /// Messages sent.
+    pub sent: AtomicU64,
+    /// Messages received (deliveries).
+    pub received: AtomicU64,
+    /// Deliveries expected from the messages sent (fanout) or sends (others).
+    pub expected: AtomicU64,
+    /// Sequence gaps seen (dm).
+    pub gaps: AtomicU64,
+    /// Duplicates seen (dm).
+    pub duplicates: AtomicU64,
+    /// `error` ops received.
+    pub op_errors: AtomicU64,
+    /// Closes the loadgen did not ask for, by code (1006 = dropped without a close frame).
+    pub unexpected_closes: Mutex<BTreeMap<u16, u64>>,
+    /// First error message seen, for the report.
+    pub first_error: Mutex<Option<String>>,
+    /// Connections dropped on purpose (storm).
+    pub dropped: AtomicU64,
+    /// Clock (ns) of the latest completed upgrade.
+    pub last_established_ns: AtomicU64,
+}
+
+/// State shared by the main thread and every worker.
+#[derive(Debug)]
+pub struct Shared {
+    /// Current phase.
+    pub phase: AtomicU8,
+    /// Clock (ns) when the run phase started.
+    pub run_start_ns: AtomicU64,
+    /// Set once to drop connections (storm).
+    pub storm: AtomicBool,
+    /// Per-worker counters.
+    pub stats: Vec<WorkerStats>,
+}
+
+/// What every worker needs to know about the run.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Scenario.
+    pub scenario: Scenario,
+    /// Targets.
+    pub targets: Vec<Target>,
+    /// Source addresses (None: the kernel's choice).
+    pub sources: Option<Vec<IpAddr>>,
+    /// Connections (subscribers for fanout).
+    pub connections: usize,
+    /// Extra publisher connections (fanout).
+    pub publishers: usize,
+    /// Channels (fanout).
+    pub channels: usize,
+    /// Worker threads.
+    pub threads: usize,
+    /// Connects per second in total.
+    pub connect_rate: f64,
+    /// Handshakes in flight in total.
+    pub max_inflight: usize,
+    /// Messages per second in total.
+    pub rate: f64,
+    /// Text payload size (echo).
+    pub size: usize,
+    /// Share of connections to drop (storm).
+    pub drop_percent: u32,
+    /// User id prefix (dm, fanout).
+    pub user_prefix: String,
+}
+
+impl Job {
+    fn total(&self) -> usize {
+        self.connections + if self.scenario == Scenario::Fanout { self.publishers } else { 0 }
+    }
+
+    fn senders(&self) -> usize {
+        match self.scenario {
+            Scenario::Echo => self.connections,
+            Scenario::Dm => self.connections / 2 * 2,
+            Scenario::Fanout => self.publishers,
+            Scenario::Connect | Scenario::Storm => 0,
+        }
+    }
+
+    fn path(&self, id: usize) -> String {
+        let t = &self.targets[id % self.targets.len()];
+        match self.scenario {
+            Scenario::Dm | Scenario::Fanout => {
+                let sep = if t.path.contains('?') { '&' } else { '?' };
+                format!("{}{sep}user={}{id}", t.path, self.user_prefix)
+            }
+            _ => t.path.clone(),
+        }
+    }
+
+    fn subscribers_of(&self, channel: usize) -> u64 {
+        let (s, k) = (self.connections, self.channels.max(1));
+        (s / k + usize::from(channel < s % k)) as u64
+    }
+}
+
+/// What a worker returns when it ends.
+#[derive(Debug)]
+pub struct WorkerResult {
+    /// TCP connect → 101, µs.
+    pub connect: Histogram<u64>,
+    /// Scenario latency, µs.
+    pub latency: Histogram<u64>,
+}
+
+/// A latency interval histogram sent to the main thread once a second.
+pub struct Interval {
+    /// Latency recorded during the interval.
+    pub latency: Histogram<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    Connecting,
+    Handshake,
+    Open,
+    Closing,
+}
+
+struct Conn {
+    stream: TcpStream,
+    id: u32,
+    st: St,
+    attempt: u8,
+    t0_ns: u64,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    recv_next: u32,
+    send_seq: u32,
+}
+
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(borrow)]
+    op: &'a str,
+    #[serde(default)]
+    data: Option<Payload>,
+}
+
+#[derive(Deserialize)]
+struct Payload {
+    t: u64,
+    s: u32,
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// One worker thread.
+pub struct Worker {
+    index: usize,
+    job: Arc<Job>,
+    shared: Arc<Shared>,
+    poll: Poll,
+    conns: Slab<Conn>,
+    /// Ids this worker still has to open, in order.
+    to_open: VecDeque<u32>,
+    /// Reconnects waiting for their backoff (storm).
+    reconnects: BinaryHeap<Reverse<(u64, u32, u8)>>,
+    /// Sends due, by scheduled time: (time, slab key).
+    sends: BinaryHeap<Reverse<(u64, usize)>>,
+    schedules: Vec<Schedule>,
+    handshake_deadlines: VecDeque<(u64, usize, u32)>,
+    opened: u64,
+    started_ns: u64,
+    connect_hist: Histogram<u64>,
+    latency_hist: Histogram<u64>,
+    interval_hist: Histogram<u64>,
+    intervals: Sender<Interval>,
+    rng: Rng,
+    scratch: Vec<u8>,
+    sending_started: bool,
+    stormed: bool,
+    closing_since: Option<u64>,
+}
+
+impl Worker {
+    /// Runs worker `index` to the end of the run. Call on its own thread.
+    pub fn run(index: usize, job: Arc<Job>, shared: Arc<Shared>, intervals: Sender<Interval>) -> io::Result<WorkerResult> {
+        // A private fd table: this thread's sockets count against its own RLIMIT_NOFILE.
+        // SAFETY: unshare has no memory-safety preconditions.
+        if unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let poll = Poll::new()?;
+        let total = job.total();
+        let to_open: VecDeque<u32> = (index..total).step_by(job.threads).map(|i| i as u32).collect();
+        let mut w = Worker {
+            index,
+            job,
+            shared,
+            poll,
+            conns: Slab::with_capacity(to_open.len()),
+            to_open,
+            reconnects: BinaryHeap::new(),
+            sends: BinaryHeap::new(),
+            schedules: Vec::new(),
+            handshake_deadlines: VecDeque::new(),
+            opened: 0,
+            started_ns: now_ns(),
+            connect_hist: new_histogram(),
+            latency_hist: new_histogram(),
+            interval_hist: new_histogram(),
+            intervals,
+            rng: Rng(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
+            scratch: vec![0; 64 * 1024],
+            sending_started: false,
+            stormed: false,
+            closing_since: None,
+        };
+        w.event_loop()?;
+        Ok(WorkerResult {
+            connect: w.connect_hist,
+            latency: w.latency_hist,
+        })
+    }
+
+    fn stats(&self) -> &WorkerStats {
+        &self.shared.stats[self.index]
+    }
+
+    fn event_loop(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut last_interval = now_ns();
+        loop {
+            let now = now_ns();
+            let phase = self.shared.phase.load(Relaxed);
+            if phase < phase::CLOSE {
+                self.open_paced(now);
+                self.expire_handshakes(now);
+            }
+            if phase == phase::RUN {
+                self.start_sending();
+                self.send_due(now);
+                if self.job.scenario == Scenario::Storm && !self.stormed && self.shared.storm.load(Relaxed) {
+                    self.storm(now);
+                }
+            }
+            if phase == phase::CLOSE && self.closing_since.is_none() {
+                self.close_all(now);
+            }
+            if let Some(since) = self.closing_since {
+                if self.conns.is_empty() || now > since + CLOSE_WAIT_NS {
+                    return Ok(());
+                }
+            }
+            // Wake for the next scheduled send exactly; poll often while connecting.
+            let mut timeout = Duration::from_millis(20);
+            if !self.to_open.is_empty() || !self.reconnects.is_empty() {
+                timeout = Duration::from_micros(500);
+            }
+            if phase == phase::RUN {
+                if let Some(&Reverse((t, _))) = self.sends.peek() {
+                    timeout = timeout.min(Duration::from_nanos(t.saturating_sub(now_ns())));
+                }
+            }
+            self.poll.poll(&mut events, Some(timeout)).or_else(|e| {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
+            for ev in events.iter() {
+                let key = ev.token().0;
+                if !self.conns.contains(key) {
+                    continue;
+                }
+                if ev.is_writable() {
+                    self.on_writable(key);
+                }
+                if self.conns.contains(key) && (ev.is_readable() || ev.is_read_closed() || ev.is_error()) {
+                    self.on_readable(key);
+                }
+            }
+            let now = now_ns();
+            if now >= last_interval + 1_000_000_000 {
+                last_interval = now;
+                let h = std::mem::replace(&mut self.interval_hist, new_histogram());
+                let _ = self.intervals.try_send(Interval { latency: h });
+            }
+        }
+    }
+
+    fn open_paced(&mut self, now: u64) {
+        let per_thread_rate = self.job.connect_rate / self.job.threads as f64;
+        let allowed = ((now - self.started_ns) as f64 / 1e9 * per_thread_rate) as u64 + 1;
+        let max_inflight = (self.job.max_inflight / self.job.threads).max(1) as u64;
+        while self.opened < allowed && self.stats().connecting.load(Relaxed) < max_inflight {
+            let Some(id) = self.to_open.pop_front() else {
+                break;
+            };
+            self.opened += 1;
+            self.open(id, 0, now);
+        }
+        while let Some(Reverse((t, id, attempt))) = self.reconnects.peek().copied() {
+            if t > now || self.stats().connecting.load(Relaxed) >= max_inflight {
+                break;
+            }
+            self.reconnects.pop();
+            self.open(id, attempt, now);
+        }
+    }
+
+    fn open(&mut self, id: u32, attempt: u8, now: u64) {
+        let job = self.job.clone();
+        let (t, s) = crate::plan::assign(id as usize, job.targets.len(), job.sources.as_ref().map_or(1, |v| v.len()));
+        let target = &job.targets[t];
+        let source = job.sources.as_ref().map(|v| v[s]);
+        match connect(target.addr, source) {
+            Ok(mut stream) => {
+                let entry = self.conns.vacant_entry();
+                let key = entry.key();
+                if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE) {
+                    return self.fail(id, attempt, ErrKind::of(&e), &e.to_string(), now);
+                }
+                entry.insert(Conn {
+                    stream,
+                    id,
+                    st: St::Connecting,
+                    attempt,
+                    t0_ns: now,
+                    rbuf: Vec::new(),
+                    wbuf: Vec::new(),
+                    recv_next: 0,
+                    send_seq: 0,
+                });
+                self.stats().connecting.fetch_add(1, Relaxed);
+                self.handshake_deadlines.push_back((now + HANDSHAKE_TIMEOUT_NS, key, id));
+            }
+            Err(e) => self.fail(id, attempt, ErrKind::of(&e), &format!("connect to {}: {e}", target.addr), now),
+        }
+    }
+
+    /// Counts a failed attempt; storm reconnects retry with backoff, others give up.
+    fn fail(&mut self, id: u32, attempt: u8, kind: ErrKind, msg: &str, now: u64) {
+        let st = self.stats();
+        st.errors[kind as usize].fetch_add(1, Relaxed);
+        {
+            let mut first = st.first_error.lock().unwrap();
+            if first.is_none() {
+                *first = Some(msg.to_string());
+            }
+        }
+        if self.job.scenario == Scenario::Storm && self.stormed && attempt < 12 {
+            let delay = self.backoff_ns(attempt + 1);
+            self.reconnects.push(Reverse((now + delay, id, attempt + 1)));
+        } else {
+            st.failed.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Exponential backoff with full jitter: uniform in [0, min(cap, base × 2^attempt)].
+    fn backoff_ns(&mut self, attempt: u8) -> u64 {
+        let base = 100_000_000u64;
+        let cap = 5_000_000_000u64;
+        let ceiling = cap.min(base << attempt.min(16));
+        self.rng.next() % ceiling.max(1)
+    }
+
+    fn expire_handshakes(&mut self, now: u64) {
+        while let Some(&(deadline, key, id)) = self.handshake_deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.handshake_deadlines.pop_front();
+            let pending = self.conns.get(key).is_some_and(|c| c.id == id && matches!(c.st, St::Connecting | St::Handshake));
+            if pending {
+                let attempt = self.conns[key].attempt;
+                self.drop_conn(key);
+                self.fail(id, attempt, ErrKind::Timeout, "upgrade not completed in 15 s", now);
+            }
+        }
+    }
+
+    fn drop_conn(&mut self, key: usize) {
+        let c = self.conns.remove(key);
+        let st = &self.shared.stats[self.index];
+        match c.st {
+            St::Connecting | St::Handshake => {
+                st.connecting.fetch_sub(1, Relaxed);
+            }
+            St::Open | St::Closing => {
+                st.open.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+
+    fn on_writable(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        if c.st == St::Connecting {
+            match c.stream.take_error() {
+                Ok(None) => {}
+                Ok(Some(e)) | Err(e) => {
+                    let (id, attempt) = (c.id, c.attempt);
+                    self.drop_conn(key);
+                    return self.fail(id, attempt, ErrKind::of(&e), &format!("connect: {e}"), now_ns());
+                }
+            }
+            if let Err(e) = c.stream.peer_addr() {
+                if e.kind() == io::ErrorKind::NotConnected {
+                    return; // not yet
+                }
+            }
+            c.st = St::Handshake;
+            let path = self.job.path(c.id as usize);
+            let host = &self.job.targets[c.id as usize % self.job.targets.len()].host;
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            );
+            c.wbuf.extend_from_slice(req.as_bytes());
+        }
+        self.flush(key);
+    }
+
+    fn flush(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        while !c.wbuf.is_empty() {
+            match c.stream.write(&c.wbuf) {
+                Ok(n) => {
+                    c.wbuf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    return self.lost(key, 1006);
+                }
+            }
+        }
+        c.wbuf = Vec::new();
+    }
+
+    fn queue_frame(&mut self, key: usize, opcode: u8, payload: &[u8]) {
+        let mask = (self.rng.next() as u32).to_ne_bytes();
+        let c = &mut self.conns[key];
+        let w = &mut c.wbuf;
+        w.push(0x80 | opcode);
+        match payload.len() {
+            n @ 0..=125 => w.push(0x80 | n as u8),
+            n @ 126..=65535 => {
+                w.push(0x80 | 126);
+                w.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                w.push(0x80 | 127);
+                w.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        w.extend_from_slice(&mask);
+        let start = w.len();
+        w.extend_from_slice(payload);
+        frame::apply_mask(&mut w[start..], mask, 0);
+    }
+
+    fn on_readable(&mut self, key: usize) {
+        loop {
+            let c = &mut self.conns[key];
+            match c.stream.read(&mut self.scratch) {
+                Ok(0) => return self.on_eof(key),
+                Ok(n) => {
+                    c.rbuf.extend_from_slice(&self.scratch[..n]);
+                    self.process(key);
+                    if !self.conns.contains(key) {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.on_eof(key),
+            }
+        }
+        let c = &mut self.conns[key];
+        if c.rbuf.is_empty() {
+            c.rbuf = Vec::new();
+        }
+        if !c.wbuf.is_empty() {
+            self.flush(key);
+        }
+    }
+
+    fn on_eof(&mut self, key: usize) {
+        let c = &self.conns[key];
+        match c.st {
+            St::Closing => self.drop_conn(key),
+            St::Open => self.lost(key, 1006),
+            St::Connecting | St::Handshake => {
+                let (id, attempt) = (c.id, c.attempt);
+                self.drop_conn(key);
+                self.fail(id, attempt, ErrKind::Other, "connection closed during the upgrade", now_ns());
+            }
+        }
+    }
+
+    /// The server ended a connection we did not close: count the code.
+    fn lost(&mut self, key: usize, code: u16) {
+        let c = &self.conns[key];
+        if c.st == St::Closing {
+            return self.drop_conn(key);
+        }
+        *self.stats().unexpected_closes.lock().unwrap().entry(code).or_insert(0) += 1;
+        self.drop_conn(key);
+    }
+
+    fn process(&mut self, key: usize) {
+        if self.conns[key].st == St::Handshake {
+            let c = &mut self.conns[key];
+            let Some(end) = c.rbuf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                return;
+            };
+            let head = String::from_utf8_lossy(&c.rbuf[..end]).to_string();
+            c.rbuf.drain(..end + 4);
+            let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            if status != 101 || !head.contains(ACCEPT) {
+                let (id, attempt) = (c.id, c.attempt);
+                self.drop_conn(key);
+                let msg = format!("handshake rejected with status {status}: {}", head.lines().next().unwrap_or(""));
+                return self.fail(id, attempt, ErrKind::Rejected, &msg, now_ns());
+            }
+            c.st = St::Open;
+            let now = now_ns();
+            self.connect_hist.saturating_record(latency_us(c.t0_ns, now));
+            let st = &self.shared.stats[self.index];
+            st.connecting.fetch_sub(1, Relaxed);
+            st.open.fetch_add(1, Relaxed);
+            st.established.fetch_add(1, Relaxed);
+            st.last_established_ns.fetch_max(now, Relaxed);
+            if matches!(self.job.scenario, Scenario::Connect | Scenario::Echo | Scenario::Storm) {
+                st.ready.fetch_add(1, Relaxed);
+            }
+        }
+        loop {
+            let c = &mut self.conns[key];
+            let Ok(Some((h, hl))) = frame::parse_header(&c.rbuf) else {
+                return;
+            };
+            let total = hl + h.payload_len as usize;
+            if c.rbuf.len() < total {
+                return;
+            }
+            let payload: Vec<u8> = c.rbuf[hl..total].to_vec();
+            c.rbuf.drain(..total);
+            match h.opcode {
+                OpCode::Control(Control::Ping) => {
+                    self.queue_frame(key, 0xA, &payload);
+                }
+                OpCode::Control(Control::Close) => {
+                    let code = if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 };
+                    if self.conns[key].st != St::Closing {
+                        *self.stats().unexpected_closes.lock().unwrap().entry(code).or_insert(0) += 1;
+                        self.queue_frame(key, 0x8, &code.to_be_bytes());
+                        self.flush(key);
+                    }
+                    if self.conns.contains(key) {
+                        self.drop_conn(key);
+                    }
+                    return;
+                }
+                OpCode::Data(Data::Text) | OpCode::Data(Data::Binary) => self.on_message(key, &payload),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_message(&mut self, key: usize, payload: &[u8]) {
+        let now = now_ns();
+        match self.job.scenario {
+            Scenario::Connect | Scenario::Storm => {}
+            Scenario::Echo => {
+                if let Some(t) = parse_echo(payload) {
+                    self.record(latency_us(t, now));
+                    self.stats().received.fetch_add(1, Relaxed);
+                }
+            }
+            Scenario::Dm | Scenario::Fanout => {
+                let Ok(m) = serde_json::from_slice::<Incoming>(payload) else {
+                    return;
+                };
+                match m.op {
+                    "welcome" => {
+                        let c = &self.conns[key];
+                        if self.job.scenario == Scenario::Fanout && (c.id as usize) < self.job.connections {
+                            let sub = format!(r#"{{"op":"sub","channel":"lg-{}","id":1}}"#, c.id as usize % self.job.channels.max(1));
+                            self.queue_frame(key, 0x1, sub.as_bytes());
+                        } else {
+                            self.stats().ready.fetch_add(1, Relaxed);
+                        }
+                    }
+                    "ack" => {
+                        if self.job.scenario == Scenario::Fanout {
+                            self.stats().ready.fetch_add(1, Relaxed);
+                        }
+                    }
+                    "error" => {
+                        self.stats().op_errors.fetch_add(1, Relaxed);
+                    }
+                    "msg" => {
+                        let Some(d) = m.data else { return };
+                        self.record(latency_us(d.t, now));
+                        self.stats().received.fetch_add(1, Relaxed);
+                        if self.job.scenario == Scenario::Dm {
+                            let c = &mut self.conns[key];
+                            if d.s == c.recv_next {
+                                c.recv_next += 1;
+                            } else if d.s > c.recv_next {
+                                self.shared.stats[self.index].gaps.fetch_add((d.s - c.recv_next) as u64, Relaxed);
+                                c.recv_next = d.s + 1;
+                            } else {
+                                self.shared.stats[self.index].duplicates.fetch_add(1, Relaxed);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn record(&mut self, us: u64) {
+        self.latency_hist.saturating_record(us);
+        self.interval_hist.saturating_record(us);
+    }
+
+    fn start_sending(&mut self) {
+        if self.sending_started {
+            return;
+        }
+        self.sending_started = true;
+        let senders = self.job.senders();
+        if senders == 0 {
+            return;
+        }
+        let start = self.shared.run_start_ns.load(Relaxed);
+        let keys: Vec<(usize, u32)> = self.conns.iter().filter(|(_, c)| c.st == St::Open).map(|(k, c)| (k, c.id)).collect();
+        for (key, id) in keys {
+            let sender_index = match self.job.scenario {
+                Scenario::Echo => id as usize,
+                Scenario::Dm if (id as usize) < senders => id as usize,
+                Scenario::Fanout if id as usize >= self.job.connections => id as usize - self.job.connections,
+                _ => continue,
+            };
+            let s = Schedule::new(start, self.job.rate, sender_index, senders);
+            self.sends.push(Reverse((s.next_time(), key)));
+            if self.schedules.len() <= key {
+                self.schedules.resize(key + 1, s);
+            }
+            self.schedules[key] = s;
+        }
+    }
+
+    fn send_due(&mut self, now: u64) {
+        for _ in 0..SENDS_PER_TURN {
+            let Some(&Reverse((t, key))) = self.sends.peek() else {
+                return;
+            };
+            if t > now {
+                return;
+            }
+            self.sends.pop();
+            let Some(c) = self.conns.get(key) else { continue };
+            if c.st != St::Open {
+                continue;
+            }
+            let Some(scheduled) = self.schedules[key].take_due(now) else { continue };
+            self.send_one(key, scheduled);
+            if self.conns.contains(key) {
+                let next = self.schedules[key].next_time();
+                self.sends.push(Reverse((next, key)));
+            }
+        }
+    }
+
+    fn send_one(&mut self, key: usize, scheduled: u64) {
+        let c = &mut self.conns[key];
+        let seq = c.send_seq;
+        c.send_seq += 1;
+        let id = c.id as usize;
+        let job = self.job.clone();
+        let msg = match job.scenario {
+            Scenario::Echo => {
+                let mut s = format!("t={scheduled};s={seq};");
+                while s.len() < job.size {
+                    s.push('x');
+                }
+                s
+            }
+            Scenario::Dm => format!(
+                r#"{{"op":"send","to":"{}{}","data":{{"t":{scheduled},"s":{seq}}}}}"#,
+                job.user_prefix,
+                id ^ 1
+            ),
+            Scenario::Fanout => {
+                let p = id - job.connections;
+                let channel = (p + seq as usize * job.publishers) % job.channels.max(1);
+                self.stats().expected.fetch_add(job.subscribers_of(channel), Relaxed);
+                format!(r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq}}}}}"#)
+            }
+            Scenario::Connect | Scenario::Storm => return,
+        };
+        if job.scenario != Scenario::Fanout {
+            self.stats().expected.fetch_add(1, Relaxed);
+        }
+        self.stats().sent.fetch_add(1, Relaxed);
+        self.queue_frame(key, 0x1, msg.as_bytes());
+        self.flush(key);
+    }
+
+    fn storm(&mut self, now: u64) {
+        self.stormed = true;
+        let pct = self.job.drop_percent as u64;
+        let victims: Vec<(usize, u32)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.st == St::Open && (c.id as u64 * 2_654_435_761 % 100) < pct)
+            .map(|(k, c)| (k, c.id))
+            .collect();
+        for (key, id) in victims {
+            // Abrupt: no close frame, like a client losing its network.
+            let _ = socket2::SockRef::from(&self.conns[key].stream).set_linger(Some(Duration::ZERO));
+            self.drop_conn(key);
+            self.stats().dropped.fetch_add(1, Relaxed);
+            let delay = self.backoff_ns(0);
+            self.reconnects.push(Reverse((now + delay, id, 0)));
+        }
+    }
+
+    fn close_all(&mut self, now: u64) {
+        self.closing_since = Some(now);
+        self.reconnects.clear();
+        self.to_open.clear();
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            match self.conns[key].st {
+                St::Open => {
+                    self.queue_frame(key, 0x8, &1000u16.to_be_bytes());
+                    self.conns[key].st = St::Closing;
+                    self.flush(key);
+                }
+                St::Connecting | St::Handshake => self.drop_conn(key),
+                St::Closing => {}
+            }
+        }
+    }
+}
+
+fn parse_echo(p: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(p).ok()?;
+    let t = s.strip_prefix("t=")?;
+    t[..t.find(';')?].parse().ok()
+}
+
+/// Non-blocking connect, bound to `source` first (with IP_BIND_ADDRESS_NO_PORT so the port is
+/// chosen at connect time per destination, not reserved per source).
+fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(ip) = source {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt with a valid fd and a c_int option value.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(socket.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_payload_round_trip() {
+        assert_eq!(parse_echo(b"t=12345;s=7;xxxx"), Some(12345));
+        assert_eq!(parse_echo(b"garbage"), None);
+    }
+
+    #[test]
+    fn subscribers_per_channel_add_up() {
+        let job = Job {
+            scenario: Scenario::Fanout,
+            targets: vec![],
+            sources: None,
+            connections: 10,
+            publishers: 1,
+            channels: 3,
+            threads: 1,
+            connect_rate: 1.0,
+            max_inflight: 1,
+            rate: 1.0,
+            size: 1,
+            drop_percent: 0,
+            user_prefix: "u".into(),
+        };
+        assert_eq!((0..3).map(|c| job.subscribers_of(c)).sum::<u64>(), 10);
+        assert_eq!(job.subscribers_of(0), 4);
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_jittered() {
+        let job = Arc::new(Job {
+            scenario: Scenario::Storm,
+            targets: vec![],
+            sources: None,
+            connections: 0,
+            publishers: 0,
+            channels: 1,
+            threads: 1,
+            connect_rate: 1.0,
+            max_inflight: 1,
+            rate: 1.0,
+            size: 1,
+            drop_percent: 0,
+            user_prefix: "u".into(),
+        });
+        let _ = job;
+        let mut rng = Rng(42);
+        let draws: Vec<u64> = (0..100).map(|_| rng.next() % 5_000_000_000).collect();
+        assert!(draws.iter().any(|&d| d < 2_500_000_000) && draws.iter().any(|&d| d >= 2_500_000_000));
+    }
+}
