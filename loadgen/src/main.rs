@@ -2,11 +2,6 @@
 //! HdrHistogram latency. Plain RFC 6455 for `connect` and `echo` (any server), switchboard
 //! protocol v1 for `dm` and `fanout`.
 
-
-
-
-
-
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -94,7 +89,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     } else {
         (s, 1.0)
     };
-    let v: f64 = num.trim().parse().map_err(|_| format!("bad duration {s:?} (e.g. 30s, 5m, 500ms)"))?;
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (e.g. 30s, 5m, 500ms)"))?;
     if !(0.0..=86_400.0 * 7.0).contains(&(v * mult)) {
         return Err(format!("duration {s:?} out of range"));
     }
@@ -188,18 +186,29 @@ fn main() -> anyhow::Result<()> {
     if args.scenario == Scenario::Dm && args.connections < 2 {
         bail!("dm needs at least 2 connections (pairs)");
     }
-    let explicit = args.source_ips.as_deref().map(plan::parse_ip_range).transpose().map_err(anyhow::Error::msg)?;
+    let explicit = args
+        .source_ips
+        .as_deref()
+        .map(plan::parse_ip_range)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let (sources, warning) = plan::source_ips(explicit, &targets, args.connections);
     if let Some(w) = warning {
         eprintln!("warning: {w}");
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (soft, _) = nofile();
-    let total = args.connections + if args.scenario == Scenario::Fanout { args.publishers } else { 0 };
+    let total = args.connections
+        + if args.scenario == Scenario::Fanout {
+            args.publishers
+        } else {
+            0
+        };
     // Each thread's private fd table holds `soft` descriptors; leave room for epoll and stdio.
     let min_threads = total.div_ceil((soft as usize).saturating_sub(64).max(64));
     let threads = args.threads.unwrap_or(cores).max(min_threads).max(1);
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let job = Arc::new(Job {
         scenario: args.scenario,
         targets,
@@ -285,7 +294,11 @@ fn main() -> anyhow::Result<()> {
             while let Ok(iv) = irx.try_recv() {
                 let _ = interval.add(&iv.latency);
             }
-            let p99 = if interval.is_empty() { 0.0 } else { interval.value_at_quantile(0.99) as f64 / 1000.0 };
+            let p99 = if interval.is_empty() {
+                0.0
+            } else {
+                interval.value_at_quantile(0.99) as f64 / 1000.0
+            };
             let elapsed = (now - t_start) as f64 / 1e9;
             intervals.push((elapsed - 1.0, 1.0, interval));
             eprintln!(
@@ -301,7 +314,9 @@ fn main() -> anyhow::Result<()> {
         }
         let ph = shared.phase.load(Relaxed);
         let done_connecting = t.ready + t.failed >= total as u64 && t.connecting == 0;
-        if ph == phase::CONNECT && (done_connecting || now - t_start > args.connect_timeout.as_nanos() as u64) {
+        if ph == phase::CONNECT
+            && (done_connecting || now - t_start > args.connect_timeout.as_nanos() as u64)
+        {
             connected_at = Some(now);
             let start = now + 50_000_000;
             shared.run_start_ns.store(start, Relaxed);
@@ -315,16 +330,24 @@ fn main() -> anyhow::Result<()> {
             if now >= s && !shared.storm.load(Relaxed) {
                 eprintln!("storm: dropping {}% of the connections", args.drop_percent);
                 shared.storm.store(true, Relaxed);
-            } else if shared.storm.load(Relaxed) && storm_recovered_s.is_none() && t.open as usize == total {
+            } else if shared.storm.load(Relaxed)
+                && storm_recovered_s.is_none()
+                && t.open as usize == total
+            {
                 storm_recovered_s = Some((now - s) as f64 / 1e9);
-                eprintln!("storm: all {total} open again after {:.2} s", (now - s) as f64 / 1e9);
+                eprintln!(
+                    "storm: all {total} open again after {:.2} s",
+                    (now - s) as f64 / 1e9
+                );
             }
         }
         if ph == phase::RUN && run_end.is_some_and(|e| now >= e) {
             shared.phase.store(phase::DRAIN, Relaxed);
             drain_until = Some(now + 5_000_000_000);
         }
-        if shared.phase.load(Relaxed) == phase::DRAIN && (t.received >= t.expected || drain_until.is_some_and(|d| now >= d)) {
+        if shared.phase.load(Relaxed) == phase::DRAIN
+            && (t.received >= t.expected || drain_until.is_some_and(|d| now >= d))
+        {
             shared.phase.store(phase::CLOSE, Relaxed);
         }
     }
@@ -348,8 +371,18 @@ fn main() -> anyhow::Result<()> {
     sampler.sample();
     let t = totals(&shared.stats);
     // From the first connect to the last upgrade, as the workers saw it.
-    let last_up = shared.stats.iter().map(|s| s.last_established_ns.load(Relaxed)).max().unwrap_or(0);
-    let connect_secs = if last_up > t_start { (last_up - t_start) as f64 / 1e9 } else { connected_at.map_or(0.0, |c| (c - t_start) as f64 / 1e9) }.max(1e-3);
+    let last_up = shared
+        .stats
+        .iter()
+        .map(|s| s.last_established_ns.load(Relaxed))
+        .max()
+        .unwrap_or(0);
+    let connect_secs = if last_up > t_start {
+        (last_up - t_start) as f64 / 1e9
+    } else {
+        connected_at.map_or(0.0, |c| (c - t_start) as f64 / 1e9)
+    }
+    .max(1e-3);
     let run_secs = args.duration.as_secs_f64().max(1e-3);
     let mut errors = serde_json::Map::new();
     let mut closes = std::collections::BTreeMap::new();
@@ -359,7 +392,9 @@ fn main() -> anyhow::Result<()> {
         for k in ErrKind::ALL {
             let v = s.errors[k as usize].load(Relaxed);
             if v > 0 {
-                let e = errors.entry(k.name()).or_insert(json!({"count":0,"fix":k.fix()}));
+                let e = errors
+                    .entry(k.name())
+                    .or_insert(json!({"count":0,"fix":k.fix()}));
                 e["count"] = json!(e["count"].as_u64().unwrap_or(0) + v);
             }
         }
@@ -382,7 +417,10 @@ fn main() -> anyhow::Result<()> {
         Scenario::Connect | Scenario::Storm => "latency",
     };
     let mut hists: Vec<(&str, &Histogram<u64>)> = vec![("connect", &connect_hist)];
-    if matches!(args.scenario, Scenario::Echo | Scenario::Dm | Scenario::Fanout) {
+    if matches!(
+        args.scenario,
+        Scenario::Echo | Scenario::Dm | Scenario::Fanout
+    ) {
         hists.push((latency_name, &latency_hist));
     }
     let title = format!("loadgen {:?}: {} connections", args.scenario, total);
@@ -401,13 +439,24 @@ fn main() -> anyhow::Result<()> {
     let mut server = per_conn(sampler.server_first, sampler.server_last);
     if let serde_json::Value::Object(m) = &mut server {
         m.insert("rss_peak_bytes".into(), json!(sampler.server_peak_rss));
-        let growth = sampler.server_peak_rss.saturating_sub(sampler.server_first.map_or(0, |f| f.0));
-        m.insert("bytes_per_connection".into(), json!(growth as f64 / peak_open.max(1) as f64));
+        let growth = sampler
+            .server_peak_rss
+            .saturating_sub(sampler.server_first.map_or(0, |f| f.0));
+        m.insert(
+            "bytes_per_connection".into(),
+            json!(growth as f64 / peak_open.max(1) as f64),
+        );
     }
     let mut me = per_conn(sampler.self_first, sampler.self_last);
     if let serde_json::Value::Object(m) = &mut me {
-        let growth = sampler.self_last.map_or(0, |l| l.0).saturating_sub(sampler.self_first.map_or(0, |f| f.0));
-        m.insert("bytes_per_connection".into(), json!(growth as f64 / peak_open.max(1) as f64));
+        let growth = sampler
+            .self_last
+            .map_or(0, |l| l.0)
+            .saturating_sub(sampler.self_first.map_or(0, |f| f.0));
+        m.insert(
+            "bytes_per_connection".into(),
+            json!(growth as f64 / peak_open.max(1) as f64),
+        );
     }
     let missing = t.expected.saturating_sub(t.received);
     let summary = json!({
@@ -450,13 +499,24 @@ fn main() -> anyhow::Result<()> {
         "server": server,
         "loadgen": me,
     });
-    std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    std::fs::write(
+        args.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
     println!("{}", report::table(&hists));
     println!(
         "connections: {} established of {} ({} failed) in {:.1} s = {:.0}/s; peak open {}",
-        t.established, total, t.failed, connect_secs, t.established as f64 / connect_secs, peak_open
+        t.established,
+        total,
+        t.failed,
+        connect_secs,
+        t.established as f64 / connect_secs,
+        peak_open
     );
-    if matches!(args.scenario, Scenario::Echo | Scenario::Dm | Scenario::Fanout) {
+    if matches!(
+        args.scenario,
+        Scenario::Echo | Scenario::Dm | Scenario::Fanout
+    ) {
         println!(
             "messages: sent {} received {} expected {} missing {} duplicates {} gaps {} errors {} ({:.0} deliveries/s)",
             t.sent, t.received, t.expected, missing, dups, gaps, op_errors, t.received as f64 / run_secs
@@ -470,7 +530,11 @@ fn main() -> anyhow::Result<()> {
     }
     println!("unexpected closes: {unexpected} {closes:?}");
     for (k, v) in &errors {
-        println!("error {k}: {} — fix: {}", v["count"], v["fix"].as_str().unwrap_or(""));
+        println!(
+            "error {k}: {} — fix: {}",
+            v["count"],
+            v["fix"].as_str().unwrap_or("")
+        );
     }
     if let Some(e) = &first_error {
         println!("first error: {e}");
@@ -500,7 +564,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn nofile() -> (u64, u64) {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
         return (1024, 1024);

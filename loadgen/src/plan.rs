@@ -89,7 +89,9 @@ pub fn source_ips(
             (Some(ips), warn)
         }
         None => {
-            let all_loopback = targets.iter().all(|t| t.addr.ip().is_loopback() && t.addr.is_ipv4());
+            let all_loopback = targets
+                .iter()
+                .all(|t| t.addr.ip().is_loopback() && t.addr.is_ipv4());
             let needed = per_target.div_ceil(PAIR_LIMIT);
             if all_loopback && needed > 1 {
                 let ips = (0..needed as u32)

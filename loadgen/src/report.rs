@@ -42,7 +42,13 @@ pub struct Stats {
 
 /// Figures of a histogram.
 pub fn stats(h: &Histogram<u64>) -> Stats {
-    let q = |x| if h.is_empty() { 0 } else { h.value_at_quantile(x) };
+    let q = |x| {
+        if h.is_empty() {
+            0
+        } else {
+            h.value_at_quantile(x)
+        }
+    };
     Stats {
         unit: "us",
         count: h.len(),
@@ -92,7 +98,11 @@ pub fn table(rows: &[(&str, &Histogram<u64>)]) -> String {
 pub fn hgrm(h: &Histogram<u64>) -> String {
     let scale = 1000.0;
     let mut o = String::new();
-    let _ = writeln!(o, "{:>12} {:>14} {:>10} {:>14}\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
+    let _ = writeln!(
+        o,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
     if !h.is_empty() {
         for v in h.iter_quantiles(5) {
             let q = v.quantile_iterated_to();
@@ -101,7 +111,11 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
             let _ = total;
             let count = (q * h.len() as f64).round() as u64;
             if q < 1.0 {
-                let _ = writeln!(o, "{value:12.3} {q:2.12} {count:10} {:14.2}", 1.0 / (1.0 - q));
+                let _ = writeln!(
+                    o,
+                    "{value:12.3} {q:2.12} {count:10} {:14.2}",
+                    1.0 / (1.0 - q)
+                );
             } else {
                 let _ = writeln!(o, "{value:12.3} {q:2.12} {count:10}");
             }
@@ -113,8 +127,17 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
         (h.mean() / scale, h.stdev() / scale, h.max() as f64 / scale)
     };
     let _ = writeln!(o, "#[Mean    = {mean:12.3}, StdDeviation   = {sd:12.3}]");
-    let _ = writeln!(o, "#[Max     = {max:12.3}, Total count    = {:12}]", h.len());
-    let _ = writeln!(o, "#[Buckets = {:12}, SubBuckets     = {:12}]", h.buckets(), h.distinct_values());
+    let _ = writeln!(
+        o,
+        "#[Max     = {max:12.3}, Total count    = {:12}]",
+        h.len()
+    );
+    let _ = writeln!(
+        o,
+        "#[Buckets = {:12}, SubBuckets     = {:12}]",
+        h.buckets(),
+        h.distinct_values()
+    );
     o
 }
 
@@ -127,8 +150,14 @@ pub fn parse_hgrm(text: &str) -> Result<Vec<(f64, f64)>, String> {
             continue;
         }
         let mut f = t.split_whitespace();
-        let v: f64 = f.next().and_then(|x| x.parse().ok()).ok_or(format!("bad line {line:?}"))?;
-        let p: f64 = f.next().and_then(|x| x.parse().ok()).ok_or(format!("bad line {line:?}"))?;
+        let v: f64 = f
+            .next()
+            .and_then(|x| x.parse().ok())
+            .ok_or(format!("bad line {line:?}"))?;
+        let p: f64 = f
+            .next()
+            .and_then(|x| x.parse().ok())
+            .ok_or(format!("bad line {line:?}"))?;
         rows.push((v, p));
     }
     Ok(rows)
@@ -151,20 +180,56 @@ pub fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
     let x_of = |q: f64| left + pw * ((1.0 / (1.0 - q.min(0.999_999))).log10() / xmax).min(1.0);
     let y_of = |us: f64| top + ph * (1.0 - us / ymax_us);
     let mut o = String::new();
-    let _ = writeln!(o, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#);
-    let _ = writeln!(o, r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="22" font-size="15">{}</text>"#, xml(title));
-    let _ = writeln!(o, r#"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, top + ph, left + pw, top + ph);
-    let _ = writeln!(o, r#"<line x1="{left}" y1="{top}" x2="{left}" y2="{}" stroke="black"/>"#, top + ph);
-    for (i, label) in ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%", "99.9999%"].iter().enumerate() {
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        o,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="22" font-size="15">{}</text>"#,
+        xml(title)
+    );
+    let _ = writeln!(
+        o,
+        r#"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#,
+        top + ph,
+        left + pw,
+        top + ph
+    );
+    let _ = writeln!(
+        o,
+        r#"<line x1="{left}" y1="{top}" x2="{left}" y2="{}" stroke="black"/>"#,
+        top + ph
+    );
+    for (i, label) in ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%", "99.9999%"]
+        .iter()
+        .enumerate()
+    {
         let x = left + pw * (i as f64 / xmax);
-        let _ = writeln!(o, r##"<line x1="{x}" y1="{top}" x2="{x}" y2="{}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle">{label}</text>"##, top + ph, top + ph + 18.0);
+        let _ = writeln!(
+            o,
+            r##"<line x1="{x}" y1="{top}" x2="{x}" y2="{}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle">{label}</text>"##,
+            top + ph,
+            top + ph + 18.0
+        );
     }
     for i in 0..=4 {
         let us = ymax_us * i as f64 / 4.0;
         let y = y_of(us);
-        let _ = writeln!(o, r#"<text x="{}" y="{}" text-anchor="end">{:.2} ms</text>"#, left - 6.0, y + 4.0, us / 1000.0);
+        let _ = writeln!(
+            o,
+            r#"<text x="{}" y="{}" text-anchor="end">{:.2} ms</text>"#,
+            left - 6.0,
+            y + 4.0,
+            us / 1000.0
+        );
     }
-    let _ = writeln!(o, r#"<text x="{}" y="{}" text-anchor="middle">percentile</text>"#, left + pw / 2.0, h - 8.0);
+    let _ = writeln!(
+        o,
+        r#"<text x="{}" y="{}" text-anchor="middle">percentile</text>"#,
+        left + pw / 2.0,
+        h - 8.0
+    );
     let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"];
     for (i, (name, hist)) in series.iter().enumerate() {
         let color = colors[i % colors.len()];
@@ -172,23 +237,45 @@ pub fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
         if !hist.is_empty() {
             for v in hist.iter_quantiles(5) {
                 let q = v.quantile_iterated_to();
-                let _ = write!(pts, "{:.1},{:.1} ", x_of(q), y_of(v.value_iterated_to() as f64));
+                let _ = write!(
+                    pts,
+                    "{:.1},{:.1} ",
+                    x_of(q),
+                    y_of(v.value_iterated_to() as f64)
+                );
             }
         }
-        let _ = writeln!(o, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>"#);
+        let _ = writeln!(
+            o,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>"#
+        );
         let ly = top + 20.0 * i as f64 + 10.0;
-        let _ = writeln!(o, r#"<rect x="{}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{}">{}</text>"#, w - right + 10.0, ly - 10.0, w - right + 28.0, ly, xml(name));
+        let _ = writeln!(
+            o,
+            r#"<rect x="{}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{}">{}</text>"#,
+            w - right + 10.0,
+            ly - 10.0,
+            w - right + 28.0,
+            ly,
+            xml(name)
+        );
     }
     o.push_str("</svg>\n");
     o
 }
 
 fn xml(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Writes `NAME.hgrm` and `NAME.svg` for each histogram.
-pub fn write_histograms(dir: &Path, title: &str, hists: &[(&str, &Histogram<u64>)]) -> std::io::Result<()> {
+pub fn write_histograms(
+    dir: &Path,
+    title: &str,
+    hists: &[(&str, &Histogram<u64>)],
+) -> std::io::Result<()> {
     for (name, h) in hists {
         std::fs::write(dir.join(format!("{name}.hgrm")), hgrm(h))?;
     }
@@ -251,7 +338,9 @@ mod tests {
         let text = hgrm(&h);
         let rows = parse_hgrm(&text).unwrap();
         assert!(rows.len() > 20);
-        assert!(rows.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+        assert!(rows
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
         assert_eq!(rows.last().unwrap().1, 1.0);
         assert!((rows.last().unwrap().0 - 100.0).abs() < 0.2, "max 100 ms");
         assert!(text.contains("#[Max     ="));
@@ -279,10 +368,20 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lg-report-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("x.hlog");
-        write_interval_log(&p, std::time::SystemTime::now(), &[(0.0, 1.0, h.clone()), (1.0, 1.0, h)]).unwrap();
+        write_interval_log(
+            &p,
+            std::time::SystemTime::now(),
+            &[(0.0, 1.0, h.clone()), (1.0, 1.0, h)],
+        )
+        .unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(text.contains("#[StartTime:"));
-        assert_eq!(text.lines().filter(|l| !l.starts_with('#') && !l.starts_with('"')).count(), 2);
+        assert_eq!(
+            text.lines()
+                .filter(|l| !l.starts_with('#') && !l.starts_with('"'))
+                .count(),
+            2
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -76,7 +76,7 @@ mod tests {
     #[test]
     fn late_sender_keeps_the_schedule() {
         let mut s = Schedule::new(0, 10.0, 0, 1); // every 100 ms
-        // The loop wakes late, at 350 ms: four sends are due, each with its own scheduled time.
+                                                  // The loop wakes late, at 350 ms: four sends are due, each with its own scheduled time.
         let due: Vec<u64> = std::iter::from_fn(|| s.take_due(350_000_000)).collect();
         assert_eq!(due, vec![0, 100_000_000, 200_000_000, 300_000_000]);
         assert_eq!(s.take_due(350_000_000), None);

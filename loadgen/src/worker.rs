@@ -213,7 +213,12 @@ pub struct Job {
 
 impl Job {
     fn total(&self) -> usize {
-        self.connections + if self.scenario == Scenario::Fanout { self.publishers } else { 0 }
+        self.connections
+            + if self.scenario == Scenario::Fanout {
+                self.publishers
+            } else {
+                0
+            }
     }
 
     fn senders(&self) -> usize {
@@ -332,7 +337,12 @@ pub struct Worker {
 
 impl Worker {
     /// Runs worker `index` to the end of the run. Call on its own thread.
-    pub fn run(index: usize, job: Arc<Job>, shared: Arc<Shared>, intervals: Sender<Interval>) -> io::Result<WorkerResult> {
+    pub fn run(
+        index: usize,
+        job: Arc<Job>,
+        shared: Arc<Shared>,
+        intervals: Sender<Interval>,
+    ) -> io::Result<WorkerResult> {
         // A private fd table: this thread's sockets count against its own RLIMIT_NOFILE.
         // SAFETY: unshare has no memory-safety preconditions.
         if unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
@@ -340,7 +350,10 @@ impl Worker {
         }
         let poll = Poll::new()?;
         let total = job.total();
-        let to_open: VecDeque<u32> = (index..total).step_by(job.threads).map(|i| i as u32).collect();
+        let to_open: VecDeque<u32> = (index..total)
+            .step_by(job.threads)
+            .map(|i| i as u32)
+            .collect();
         let mut w = Worker {
             index,
             job,
@@ -388,7 +401,10 @@ impl Worker {
             if phase == phase::RUN {
                 self.start_sending();
                 self.send_due(now);
-                if self.job.scenario == Scenario::Storm && !self.stormed && self.shared.storm.load(Relaxed) {
+                if self.job.scenario == Scenario::Storm
+                    && !self.stormed
+                    && self.shared.storm.load(Relaxed)
+                {
                     self.storm(now);
                 }
             }
@@ -425,7 +441,9 @@ impl Worker {
                 if ev.is_writable() {
                     self.on_writable(key);
                 }
-                if self.conns.contains(key) && (ev.is_readable() || ev.is_read_closed() || ev.is_error()) {
+                if self.conns.contains(key)
+                    && (ev.is_readable() || ev.is_read_closed() || ev.is_error())
+                {
                     self.on_readable(key);
                 }
             }
@@ -460,14 +478,22 @@ impl Worker {
 
     fn open(&mut self, id: u32, attempt: u8, now: u64) {
         let job = self.job.clone();
-        let (t, s) = crate::plan::assign(id as usize, job.targets.len(), job.sources.as_ref().map_or(1, |v| v.len()));
+        let (t, s) = crate::plan::assign(
+            id as usize,
+            job.targets.len(),
+            job.sources.as_ref().map_or(1, |v| v.len()),
+        );
         let target = &job.targets[t];
         let source = job.sources.as_ref().map(|v| v[s]);
         match connect(target.addr, source) {
             Ok(mut stream) => {
                 let entry = self.conns.vacant_entry();
                 let key = entry.key();
-                if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE) {
+                if let Err(e) = self.poll.registry().register(
+                    &mut stream,
+                    Token(key),
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
                     return self.fail(id, attempt, ErrKind::of(&e), &e.to_string(), now);
                 }
                 entry.insert(Conn {
@@ -482,9 +508,16 @@ impl Worker {
                     send_seq: 0,
                 });
                 self.stats().connecting.fetch_add(1, Relaxed);
-                self.handshake_deadlines.push_back((now + HANDSHAKE_TIMEOUT_NS, key, id));
+                self.handshake_deadlines
+                    .push_back((now + HANDSHAKE_TIMEOUT_NS, key, id));
             }
-            Err(e) => self.fail(id, attempt, ErrKind::of(&e), &format!("connect to {}: {e}", target.addr), now),
+            Err(e) => self.fail(
+                id,
+                attempt,
+                ErrKind::of(&e),
+                &format!("connect to {}: {e}", target.addr),
+                now,
+            ),
         }
     }
 
@@ -500,18 +533,16 @@ impl Worker {
         }
         if self.job.scenario == Scenario::Storm && self.stormed && attempt < 12 {
             let delay = self.backoff_ns(attempt + 1);
-            self.reconnects.push(Reverse((now + delay, id, attempt + 1)));
+            self.reconnects
+                .push(Reverse((now + delay, id, attempt + 1)));
         } else {
             st.failed.fetch_add(1, Relaxed);
         }
     }
 
-    /// Exponential backoff with full jitter: uniform in [0, min(cap, base × 2^attempt)].
+    /// Exponential backoff with full jitter: uniform in [0, backoff_ceiling_ns(attempt)).
     fn backoff_ns(&mut self, attempt: u8) -> u64 {
-        let base = 100_000_000u64;
-        let cap = 5_000_000_000u64;
-        let ceiling = cap.min(base << attempt.min(16));
-        self.rng.next() % ceiling.max(1)
+        self.rng.next() % backoff_ceiling_ns(attempt)
     }
 
     fn expire_handshakes(&mut self, now: u64) {
@@ -520,11 +551,20 @@ impl Worker {
                 break;
             }
             self.handshake_deadlines.pop_front();
-            let pending = self.conns.get(key).is_some_and(|c| c.id == id && matches!(c.st, St::Connecting | St::Handshake));
+            let pending = self
+                .conns
+                .get(key)
+                .is_some_and(|c| c.id == id && matches!(c.st, St::Connecting | St::Handshake));
             if pending {
                 let attempt = self.conns[key].attempt;
                 self.drop_conn(key);
-                self.fail(id, attempt, ErrKind::Timeout, "upgrade not completed in 15 s", now);
+                self.fail(
+                    id,
+                    attempt,
+                    ErrKind::Timeout,
+                    "upgrade not completed in 15 s",
+                    now,
+                );
             }
         }
     }
@@ -550,7 +590,13 @@ impl Worker {
                 Ok(Some(e)) | Err(e) => {
                     let (id, attempt) = (c.id, c.attempt);
                     self.drop_conn(key);
-                    return self.fail(id, attempt, ErrKind::of(&e), &format!("connect: {e}"), now_ns());
+                    return self.fail(
+                        id,
+                        attempt,
+                        ErrKind::of(&e),
+                        &format!("connect: {e}"),
+                        now_ns(),
+                    );
                 }
             }
             if let Err(e) = c.stream.peer_addr() {
@@ -642,7 +688,13 @@ impl Worker {
             St::Connecting | St::Handshake => {
                 let (id, attempt) = (c.id, c.attempt);
                 self.drop_conn(key);
-                self.fail(id, attempt, ErrKind::Other, "connection closed during the upgrade", now_ns());
+                self.fail(
+                    id,
+                    attempt,
+                    ErrKind::Other,
+                    "connection closed during the upgrade",
+                    now_ns(),
+                );
             }
         }
     }
@@ -653,7 +705,13 @@ impl Worker {
         if c.st == St::Closing {
             return self.drop_conn(key);
         }
-        *self.stats().unexpected_closes.lock().unwrap().entry(code).or_insert(0) += 1;
+        *self
+            .stats()
+            .unexpected_closes
+            .lock()
+            .unwrap()
+            .entry(code)
+            .or_insert(0) += 1;
         self.drop_conn(key);
     }
 
@@ -665,22 +723,33 @@ impl Worker {
             };
             let head = String::from_utf8_lossy(&c.rbuf[..end]).to_string();
             c.rbuf.drain(..end + 4);
-            let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let status: u16 = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             if status != 101 || !head.contains(ACCEPT) {
                 let (id, attempt) = (c.id, c.attempt);
                 self.drop_conn(key);
-                let msg = format!("handshake rejected with status {status}: {}", head.lines().next().unwrap_or(""));
+                let msg = format!(
+                    "handshake rejected with status {status}: {}",
+                    head.lines().next().unwrap_or("")
+                );
                 return self.fail(id, attempt, ErrKind::Rejected, &msg, now_ns());
             }
             c.st = St::Open;
             let now = now_ns();
-            self.connect_hist.saturating_record(latency_us(c.t0_ns, now));
+            self.connect_hist
+                .saturating_record(latency_us(c.t0_ns, now));
             let st = &self.shared.stats[self.index];
             st.connecting.fetch_sub(1, Relaxed);
             st.open.fetch_add(1, Relaxed);
             st.established.fetch_add(1, Relaxed);
             st.last_established_ns.fetch_max(now, Relaxed);
-            if matches!(self.job.scenario, Scenario::Connect | Scenario::Echo | Scenario::Storm) {
+            if matches!(
+                self.job.scenario,
+                Scenario::Connect | Scenario::Echo | Scenario::Storm
+            ) {
                 st.ready.fetch_add(1, Relaxed);
             }
         }
@@ -700,9 +769,19 @@ impl Worker {
                     self.queue_frame(key, 0xA, &payload);
                 }
                 OpCode::Control(Control::Close) => {
-                    let code = if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 };
+                    let code = if payload.len() >= 2 {
+                        u16::from_be_bytes([payload[0], payload[1]])
+                    } else {
+                        1005
+                    };
                     if self.conns[key].st != St::Closing {
-                        *self.stats().unexpected_closes.lock().unwrap().entry(code).or_insert(0) += 1;
+                        *self
+                            .stats()
+                            .unexpected_closes
+                            .lock()
+                            .unwrap()
+                            .entry(code)
+                            .or_insert(0) += 1;
                         self.queue_frame(key, 0x8, &code.to_be_bytes());
                         self.flush(key);
                     }
@@ -711,7 +790,9 @@ impl Worker {
                     }
                     return;
                 }
-                OpCode::Data(Data::Text) | OpCode::Data(Data::Binary) => self.on_message(key, &payload),
+                OpCode::Data(Data::Text) | OpCode::Data(Data::Binary) => {
+                    self.on_message(key, &payload)
+                }
                 _ => {}
             }
         }
@@ -734,17 +815,20 @@ impl Worker {
                 match m.op {
                     "welcome" => {
                         let c = &self.conns[key];
-                        if self.job.scenario == Scenario::Fanout && (c.id as usize) < self.job.connections {
-                            let sub = format!(r#"{{"op":"sub","channel":"lg-{}","id":1}}"#, c.id as usize % self.job.channels.max(1));
+                        if self.job.scenario == Scenario::Fanout
+                            && (c.id as usize) < self.job.connections
+                        {
+                            let sub = format!(
+                                r#"{{"op":"sub","channel":"lg-{}","id":1}}"#,
+                                c.id as usize % self.job.channels.max(1)
+                            );
                             self.queue_frame(key, 0x1, sub.as_bytes());
                         } else {
                             self.stats().ready.fetch_add(1, Relaxed);
                         }
                     }
-                    "ack" => {
-                        if self.job.scenario == Scenario::Fanout {
-                            self.stats().ready.fetch_add(1, Relaxed);
-                        }
+                    "ack" if self.job.scenario == Scenario::Fanout => {
+                        self.stats().ready.fetch_add(1, Relaxed);
                     }
                     "error" => {
                         self.stats().op_errors.fetch_add(1, Relaxed);
@@ -758,10 +842,14 @@ impl Worker {
                             if d.s == c.recv_next {
                                 c.recv_next += 1;
                             } else if d.s > c.recv_next {
-                                self.shared.stats[self.index].gaps.fetch_add((d.s - c.recv_next) as u64, Relaxed);
+                                self.shared.stats[self.index]
+                                    .gaps
+                                    .fetch_add((d.s - c.recv_next) as u64, Relaxed);
                                 c.recv_next = d.s + 1;
                             } else {
-                                self.shared.stats[self.index].duplicates.fetch_add(1, Relaxed);
+                                self.shared.stats[self.index]
+                                    .duplicates
+                                    .fetch_add(1, Relaxed);
                             }
                         }
                     }
@@ -786,12 +874,19 @@ impl Worker {
             return;
         }
         let start = self.shared.run_start_ns.load(Relaxed);
-        let keys: Vec<(usize, u32)> = self.conns.iter().filter(|(_, c)| c.st == St::Open).map(|(k, c)| (k, c.id)).collect();
+        let keys: Vec<(usize, u32)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.st == St::Open)
+            .map(|(k, c)| (k, c.id))
+            .collect();
         for (key, id) in keys {
             let sender_index = match self.job.scenario {
                 Scenario::Echo => id as usize,
                 Scenario::Dm if (id as usize) < senders => id as usize,
-                Scenario::Fanout if id as usize >= self.job.connections => id as usize - self.job.connections,
+                Scenario::Fanout if id as usize >= self.job.connections => {
+                    id as usize - self.job.connections
+                }
                 _ => continue,
             };
             let s = Schedule::new(start, self.job.rate, sender_index, senders);
@@ -812,11 +907,15 @@ impl Worker {
                 return;
             }
             self.sends.pop();
-            let Some(c) = self.conns.get(key) else { continue };
+            let Some(c) = self.conns.get(key) else {
+                continue;
+            };
             if c.st != St::Open {
                 continue;
             }
-            let Some(scheduled) = self.schedules[key].take_due(now) else { continue };
+            let Some(scheduled) = self.schedules[key].take_due(now) else {
+                continue;
+            };
             self.send_one(key, scheduled);
             if self.conns.contains(key) {
                 let next = self.schedules[key].next_time();
@@ -847,8 +946,12 @@ impl Worker {
             Scenario::Fanout => {
                 let p = id - job.connections;
                 let channel = (p + seq as usize * job.publishers) % job.channels.max(1);
-                self.stats().expected.fetch_add(job.subscribers_of(channel), Relaxed);
-                format!(r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq}}}}}"#)
+                self.stats()
+                    .expected
+                    .fetch_add(job.subscribers_of(channel), Relaxed);
+                format!(
+                    r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq}}}}}"#
+                )
             }
             Scenario::Connect | Scenario::Storm => return,
         };
@@ -871,7 +974,8 @@ impl Worker {
             .collect();
         for (key, id) in victims {
             // Abrupt: no close frame, like a client losing its network.
-            let _ = socket2::SockRef::from(&self.conns[key].stream).set_linger(Some(Duration::ZERO));
+            let _ =
+                socket2::SockRef::from(&self.conns[key].stream).set_linger(Some(Duration::ZERO));
             self.drop_conn(key);
             self.stats().dropped.fetch_add(1, Relaxed);
             let delay = self.backoff_ns(0);
@@ -896,6 +1000,13 @@ impl Worker {
             }
         }
     }
+}
+
+/// Reconnect backoff ceiling: 100 ms × 2^attempt, capped at 5 s.
+pub fn backoff_ceiling_ns(attempt: u8) -> u64 {
+    const BASE_NS: u64 = 100_000_000;
+    const CAP_NS: u64 = 5_000_000_000;
+    CAP_NS.min(BASE_NS << attempt.min(16))
 }
 
 fn parse_echo(p: &[u8]) -> Option<u64> {
@@ -964,25 +1075,19 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_bounded_and_jittered() {
-        let job = Arc::new(Job {
-            scenario: Scenario::Storm,
-            targets: vec![],
-            sources: None,
-            connections: 0,
-            publishers: 0,
-            channels: 1,
-            threads: 1,
-            connect_rate: 1.0,
-            max_inflight: 1,
-            rate: 1.0,
-            size: 1,
-            drop_percent: 0,
-            user_prefix: "u".into(),
-        });
-        let _ = job;
+    fn backoff_grows_to_the_cap_with_jitter() {
+        assert_eq!(backoff_ceiling_ns(0), 100_000_000);
+        assert_eq!(backoff_ceiling_ns(3), 800_000_000);
+        assert_eq!(backoff_ceiling_ns(6), 5_000_000_000);
+        assert_eq!(backoff_ceiling_ns(60), 5_000_000_000);
         let mut rng = Rng(42);
-        let draws: Vec<u64> = (0..100).map(|_| rng.next() % 5_000_000_000).collect();
-        assert!(draws.iter().any(|&d| d < 2_500_000_000) && draws.iter().any(|&d| d >= 2_500_000_000));
+        let draws: Vec<u64> = (0..200)
+            .map(|_| rng.next() % backoff_ceiling_ns(6))
+            .collect();
+        assert!(draws.iter().all(|&d| d < 5_000_000_000));
+        assert!(
+            draws.iter().any(|&d| d < 1_000_000_000) && draws.iter().any(|&d| d > 4_000_000_000),
+            "spread"
+        );
     }
 }

@@ -1,0 +1,302 @@
+//! Every scenario against a real switchboard server (in-process, loopback, free port) at small
+//! scale, plus `echo` against a third-party echo server (python `websockets`).
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use switchboard::config::{FdTableMode, Options};
+use switchboard::server::Server;
+
+struct Running(Option<Server>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.shutdown();
+            s.join();
+        }
+    }
+}
+
+fn server(extra: &[&str]) -> (Running, String) {
+    let mut args = vec![
+        "switchboard",
+        "--listen",
+        "127.0.0.1:0",
+        "--shards",
+        "2",
+        "--shutdown-grace-ms",
+        "1000",
+    ];
+    args.extend_from_slice(extra);
+    let mut cfg = <Options as clap::Parser>::parse_from(args).load().unwrap();
+    cfg.fd_table = FdTableMode::Shared;
+    let s = Server::start(cfg).unwrap();
+    let url = format!("ws://{}/ws", s.local_addrs[0]);
+    (Running(Some(s)), url)
+}
+
+fn out_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("loadgen-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn loadgen(args: &[&str], out: &Path) -> Value {
+    let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run loadgen");
+    assert!(status.success(), "loadgen {args:?} failed: {status}");
+    let text = std::fs::read_to_string(out.join("summary.json")).expect("summary.json");
+    serde_json::from_str(&text).expect("summary.json is JSON")
+}
+
+/// Each `.hgrm` parses, has percentiles and values that never decrease, and ends at 100 %.
+fn check_hgrm(out: &Path, name: &str, count: u64) {
+    let text = std::fs::read_to_string(out.join(format!("{name}.hgrm"))).unwrap();
+    let rows = loadgen::report::parse_hgrm(&text).unwrap();
+    assert!(!rows.is_empty(), "{name}.hgrm has rows");
+    assert!(
+        rows.windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1),
+        "{name}.hgrm monotonic"
+    );
+    assert_eq!(rows.last().unwrap().1, 1.0);
+    assert!(
+        text.contains(&format!("Total count    = {count:12}")),
+        "{name}.hgrm count {count}"
+    );
+}
+
+fn check_common(s: &Value, out: &Path, n: u64) {
+    assert_eq!(s["connections"]["established"], n);
+    assert_eq!(s["connections"]["failed"], 0);
+    assert_eq!(
+        s["unexpected_closes"]["total"], 0,
+        "{}",
+        s["unexpected_closes"]
+    );
+    for key in ["connect_rate_per_s", "peak_open"] {
+        assert!(s["connections"][key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    assert_eq!(s["open_loop"], true);
+    assert!(s["histograms"]["connect"]["p99"].as_u64().unwrap() > 0);
+    check_hgrm(out, "connect", n);
+    assert!(std::fs::read_to_string(out.join("latency.svg"))
+        .unwrap()
+        .contains("<polyline"));
+    assert!(std::fs::read_to_string(out.join("intervals.hlog"))
+        .unwrap()
+        .contains("#[StartTime:"));
+}
+
+#[test]
+fn connect_holds_every_connection() {
+    let (_srv, url) = server(&[]);
+    let out = out_dir("connect");
+    let pid = std::process::id().to_string();
+    let s = loadgen(
+        &[
+            "connect",
+            "--url",
+            &url,
+            "--connections",
+            "200",
+            "--duration",
+            "2s",
+            "--server-pid",
+            &pid,
+        ],
+        &out,
+    );
+    check_common(&s, &out, 200);
+    assert_eq!(s["connections"]["peak_open"], 200);
+    assert!(s["server"]["rss_peak_bytes"].as_u64().unwrap() > 0);
+    assert!(s["open_per_second"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v == 200));
+}
+
+#[test]
+fn dm_has_no_loss_and_no_duplicates() {
+    let (_srv, url) = server(&[]);
+    let out = out_dir("dm");
+    let s = loadgen(
+        &[
+            "dm",
+            "--url",
+            &url,
+            "--connections",
+            "200",
+            "--rate",
+            "2000",
+            "--duration",
+            "2s",
+        ],
+        &out,
+    );
+    check_common(&s, &out, 200);
+    let m = &s["messages"];
+    let sent = m["sent"].as_u64().unwrap();
+    assert!(sent >= 3000, "sent {sent}");
+    assert_eq!(m["received"], sent);
+    assert_eq!(
+        (
+            m["missing"].as_u64(),
+            m["duplicates"].as_u64(),
+            m["gaps"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0))
+    );
+    assert_eq!(m["op_errors"], 0);
+    check_hgrm(&out, "dm_latency", sent);
+    assert!(s["histograms"]["dm_latency"]["p50"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn fanout_delivers_every_publication_to_every_subscriber() {
+    let (_srv, url) = server(&[]);
+    let out = out_dir("fanout");
+    let s = loadgen(
+        &[
+            "fanout",
+            "--url",
+            &url,
+            "--connections",
+            "200",
+            "--channels",
+            "4",
+            "--publishers",
+            "2",
+            "--rate",
+            "200",
+            "--duration",
+            "2s",
+        ],
+        &out,
+    );
+    check_common(&s, &out, 202);
+    let m = &s["messages"];
+    let sent = m["sent"].as_u64().unwrap();
+    // Every publication reaches the 50 subscribers of its channel.
+    assert_eq!(m["expected"].as_u64().unwrap(), sent * 50);
+    assert_eq!(m["received"], m["expected"]);
+    assert_eq!(m["missing"], 0);
+    check_hgrm(&out, "fanout_latency", sent * 50);
+}
+
+#[test]
+fn storm_drops_and_recovers() {
+    let (_srv, url) = server(&[]);
+    let out = out_dir("storm");
+    let s = loadgen(
+        &[
+            "storm",
+            "--url",
+            &url,
+            "--connections",
+            "200",
+            "--drop-percent",
+            "30",
+            "--duration",
+            "3s",
+        ],
+        &out,
+    );
+    let c = &s["connections"];
+    let dropped = c["dropped_on_purpose"].as_u64().unwrap();
+    assert!(dropped > 20 && dropped < 120, "dropped {dropped}");
+    assert_eq!(
+        c["established"].as_u64().unwrap(),
+        200 + dropped,
+        "every dropped connection came back"
+    );
+    assert!(c["storm_recovery_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(s["unexpected_closes"]["total"], 0);
+}
+
+#[test]
+fn echo_measures_a_third_party_server() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/echo_server.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("echo server did not start (pip install websockets): {line:?}"));
+    let url = format!("ws://127.0.0.1:{port}/");
+    let out = out_dir("echo");
+    let s = loadgen(
+        &[
+            "echo",
+            "--url",
+            &url,
+            "--connections",
+            "50",
+            "--rate",
+            "500",
+            "--duration",
+            "2s",
+        ],
+        &out,
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    check_common(&s, &out, 50);
+    let m = &s["messages"];
+    assert!(m["sent"].as_u64().unwrap() >= 900);
+    assert_eq!(m["received"], m["sent"]);
+    check_hgrm(&out, "echo_rtt", m["sent"].as_u64().unwrap());
+}
+
+#[test]
+fn refused_connections_are_reported_with_the_fix() {
+    // A port nobody listens on: bind, learn it, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = out_dir("refused");
+    let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args([
+            "connect",
+            "--url",
+            &format!("ws://127.0.0.1:{port}/ws"),
+            "--connections",
+            "5",
+            "--duration",
+            "1s",
+            "--connect-timeout",
+            "5s",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        !status.status.success(),
+        "nothing established → non-zero exit"
+    );
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        stdout.contains("ECONNREFUSED") && stdout.contains("start the server"),
+        "{stdout}"
+    );
+}
