@@ -45,6 +45,10 @@ impl Flags {
     pub const READ_BACKLOG: u16 = 1 << 5;
     /// Counted against `--max-connections`.
     pub const COUNTED: u16 = 1 << 6;
+    /// Upgraded to WebSocket (counted and logged as such when it ends).
+    pub const WEBSOCKET: u16 = 1 << 10;
+    /// Waiting for the home shard to record the user: input stays unparsed until the welcome.
+    pub const AWAITING_WELCOME: u16 = 1 << 11;
     /// Registered in the hub (user and channels).
     pub const REGISTERED: u16 = 1 << 7;
     /// Input is discarded unparsed (after a protocol error).
@@ -80,24 +84,24 @@ pub struct Conn {
     pub state: ConnState,
     /// Flags.
     pub flags: Flags,
-    /// Close code sent or received, for the close log line.
+    /// Close code sent or received, for the close log line (the reason lives in the shard's
+    /// side table while the connection closes).
     pub close_code: u16,
-    /// Why the connection is closing, for the close log line.
-    pub close_reason: &'static str,
-    /// Identified user, once upgraded.
+    /// The one wheel entry this connection holds ([`TimerKey::NONE`] when none).
+    pub timer: TimerKey,
+    /// Shard clock (ms, wrapping u32) of the last inbound frame: a liveness reset is this
+    /// field write. Compare with `wrapping_sub`; silences never approach 49 days.
+    pub last_seen_ms: u32,
+    /// Identified user once upgraded; `None` for anonymous connections (not in the hub).
     pub user: Option<Arc<str>>,
-    /// The one wheel entry this connection holds.
-    pub timer: Option<TimerKey>,
-    /// Shard clock (ms) of the last inbound frame: a liveness reset is this field write.
-    pub last_seen_ms: u64,
     /// Shard clock (ms) when accepted.
     pub opened_ms: u64,
     /// Read state while bytes of an unfinished frame or request are held.
     pub inbound: Option<Box<Inbound>>,
     /// Frames waiting for the socket.
     pub outbox: Option<Box<Outbox>>,
-    /// Channels this connection is subscribed to.
-    pub channels: Vec<Arc<str>>,
+    /// Channels this connection is subscribed to (boxed: most connections have none).
+    pub channels: Option<Box<Vec<Arc<str>>>>,
 }
 
 impl Conn {
@@ -109,15 +113,24 @@ impl Conn {
             state: ConnState::Http,
             flags: Flags::default(),
             close_code: 0,
-            close_reason: "",
+            timer: TimerKey::NONE,
+            last_seen_ms: now_ms as u32,
             user: None,
-            timer: None,
-            last_seen_ms: now_ms,
             opened_ms: now_ms,
             inbound: None,
             outbox: None,
-            channels: Vec::new(),
+            channels: None,
         }
+    }
+
+    /// Milliseconds since the last inbound frame.
+    pub fn silent_ms(&self, now_ms: u64) -> u64 {
+        (now_ms as u32).wrapping_sub(self.last_seen_ms) as u64
+    }
+
+    /// Channels subscribed to.
+    pub fn channel_list(&self) -> &[Arc<str>] {
+        self.channels.as_deref().map_or(&[], |v| v.as_slice())
     }
 
     /// Bytes queued for this connection.
@@ -162,4 +175,16 @@ pub fn flush(stream: &mut TcpStream, out: &mut Outbox) -> io::Result<(Flushed, u
         }
     }
     Ok((Flushed::All, written))
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// Idle connections cost their slab entry: keep it small (see docs/capacity.md).
+    #[test]
+    fn conn_stays_small() {
+        // mio's stream carries an 8-byte selector id in debug builds only (plus padding).
+        let limit = if cfg!(debug_assertions) { 88 } else { 72 };
+        let size = std::mem::size_of::<super::Conn>();
+        assert!(size <= limit, "Conn is {size} bytes");
+    }
 }

@@ -35,12 +35,17 @@ impl std::fmt::Display for ConnId {
 /// Messages between shards (bounded mailboxes; see `shard::mailbox`).
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// `user` gained its first (`online`) or lost its last connection on shard `from`.
+    /// To the home shard of `user`: a connection of it opened (`online`) or closed on shard
+    /// `from`. With `ack`, the home answers [`ShardMsg::Registered`] so the connection can be
+    /// welcomed. Never dropped (posted with retry).
     Presence {
         user: Arc<str>,
         from: u16,
         online: bool,
+        ack: Option<ConnId>,
     },
+    /// The home shard recorded connection `conn`.
+    Registered { conn: ConnId },
     /// To the home shard of `to`: deliver `frame` to every connection of `to` except
     /// `exclude`; when `reply` is set, report back whether anyone was online.
     RouteUser {
@@ -86,7 +91,8 @@ pub fn home_of(user: &str, shards: usize) -> u16 {
 pub struct Hub {
     users: FxHashMap<Arc<str>, Vec<u32>>,
     channels: FxHashMap<Arc<str>, FxHashSet<u32>>,
-    directory: FxHashMap<Arc<str>, Vec<u16>>,
+    /// Home users → (shard, connections there).
+    directory: FxHashMap<Arc<str>, Vec<(u16, u32)>>,
 }
 
 impl Hub {
@@ -158,24 +164,33 @@ impl Hub {
         self.channels.get(channel).map_or(0, |s| s.len())
     }
 
-    /// Directory update from shard `from` for a user whose home is this shard.
+    /// Directory update from shard `from` for a user whose home is this shard: one
+    /// connection opened (`online`) or closed there.
     pub fn presence(&mut self, user: Arc<str>, from: u16, online: bool) {
         if online {
             let shards = self.directory.entry(user).or_default();
-            if !shards.contains(&from) {
-                shards.push(from);
+            match shards.iter_mut().find(|(s, _)| *s == from) {
+                Some((_, n)) => *n += 1,
+                None => shards.push((from, 1)),
             }
         } else if let Some(shards) = self.directory.get_mut(&user) {
-            shards.retain(|&s| s != from);
+            if let Some(i) = shards.iter().position(|(s, _)| *s == from) {
+                shards[i].1 -= 1;
+                if shards[i].1 == 0 {
+                    shards.swap_remove(i);
+                }
+            }
             if shards.is_empty() {
                 self.directory.remove(&user);
             }
         }
     }
 
-    /// Shards holding connections of a home user.
-    pub fn locate(&self, user: &str) -> &[u16] {
-        self.directory.get(user).map_or(&[], |v| v.as_slice())
+    /// Appends the shards holding connections of a home user to `out`.
+    pub fn locate(&self, user: &str, out: &mut Vec<u16>) {
+        if let Some(v) = self.directory.get(user) {
+            out.extend(v.iter().map(|(s, _)| *s));
+        }
     }
 
     /// Local users with at least one connection.
@@ -227,14 +242,21 @@ mod tests {
     fn directory() {
         let mut h = Hub::default();
         let bob: Arc<str> = "bob".into();
+        let at = |h: &Hub| {
+            let mut v = Vec::new();
+            h.locate("bob", &mut v);
+            v
+        };
         h.presence(bob.clone(), 3, true);
         h.presence(bob.clone(), 3, true);
         h.presence(bob.clone(), 1, true);
-        assert_eq!(h.locate("bob"), &[3, 1]);
+        assert_eq!(at(&h), vec![3, 1]);
         h.presence(bob.clone(), 3, false);
-        assert_eq!(h.locate("bob"), &[1]);
+        assert_eq!(at(&h), vec![3, 1], "one of two connections on shard 3 left");
+        h.presence(bob.clone(), 3, false);
+        assert_eq!(at(&h), vec![1]);
         h.presence(bob, 1, false);
-        assert!(h.locate("bob").is_empty());
+        assert!(at(&h).is_empty());
     }
 
     #[test]

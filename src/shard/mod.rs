@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::conn::{BufPool, Conn};
 use crate::hub::{ConnId, Hub, ShardMsg};
 use crate::metrics::ShardMetrics;
-use crate::timer::Wheel;
+use crate::timer::{TimerKey, Wheel};
 pub use mailbox::{mailbox, Inbox, Mailbox};
 
 /// Token of the shard's waker (mailbox posts).
@@ -83,14 +83,18 @@ pub struct Shard {
     cfg: Arc<Config>,
     open_total: Arc<AtomicUsize>,
     conns: Slab<Conn>,
-    wheel: Wheel<usize>,
+    wheel: Wheel<u32>,
+    /// Why each closing connection closes (kept out of `Conn` to keep it small).
+    close_reasons: rustc_hash::FxHashMap<u32, &'static str>,
+    /// Presence messages waiting for room in a full mailbox, per target shard.
+    retry: Vec<std::collections::VecDeque<ShardMsg>>,
     hub: Hub,
     pool: BufPool,
     /// Connections with output to flush this turn.
     dirty: Vec<(usize, u32)>,
     /// Connections whose read was capped with data left in the socket.
     read_backlog: Vec<(usize, u32)>,
-    expired: Vec<usize>,
+    expired: Vec<u32>,
     scratch_slots: Vec<u32>,
     scratch_shards: Vec<u16>,
     epoch: Instant,
@@ -130,6 +134,7 @@ impl Shard {
                 .register(&mut l, listener_token(i), Interest::READABLE)?;
             listeners.push(l);
         }
+        let n_peers = setup.peers.len();
         Ok(Shard {
             index: setup.index as u16,
             poll: setup.poll,
@@ -141,6 +146,8 @@ impl Shard {
             open_total: setup.open_total,
             conns: Slab::with_capacity(1024),
             wheel: Wheel::new(0),
+            close_reasons: Default::default(),
+            retry: (0..n_peers).map(|_| Default::default()).collect(),
             hub: Hub::default(),
             pool: BufPool::default(),
             dirty: Vec::new(),
@@ -170,6 +177,9 @@ impl Shard {
     }
 
     fn poll_timeout(&self) -> Duration {
+        if self.retries_pending() {
+            return Duration::from_millis(1);
+        }
         if !self.read_backlog.is_empty()
             || self.mailbox_pending
             || (self.accept_pending && !self.accept_paused())
@@ -218,6 +228,7 @@ impl Shard {
                 self.accept_all();
             }
             self.drain_mailbox();
+            self.flush_retries();
             self.drain_read_backlog();
             self.expire_timers();
             self.flush_dirty();
@@ -332,8 +343,9 @@ impl Shard {
         expired.clear();
         self.wheel.poll(self.now_ms, &mut expired, TIMERS_PER_TURN);
         for &key in &expired {
+            let key = key as usize;
             if let Some(c) = self.conns.get_mut(key) {
-                c.timer = None;
+                c.timer = TimerKey::NONE;
                 self.on_timer(key);
             }
         }
@@ -359,10 +371,8 @@ impl Shard {
     /// (Re)arms the connection's single wheel entry.
     fn arm(&mut self, key: usize, deadline_ms: u64) {
         let c = &mut self.conns[key];
-        if let Some(t) = c.timer.take() {
-            self.wheel.cancel(t);
-        }
-        c.timer = Some(self.wheel.insert(deadline_ms, key));
+        self.wheel.cancel(c.timer);
+        c.timer = self.wheel.insert(deadline_ms, key as u32);
     }
 
     fn conn_id(&self, key: usize) -> ConnId {
@@ -371,6 +381,34 @@ impl Shard {
             slot: key as u32,
             generation: self.conns[key].generation,
         }
+    }
+
+    /// Posts a message that must not be lost (presence): when the mailbox is full it waits
+    /// in a per-target queue retried every turn, keeping order per target.
+    fn post_reliable(&mut self, shard: u16, msg: ShardMsg) {
+        let q = &mut self.retry[shard as usize];
+        if !q.is_empty() {
+            q.push_back(msg);
+            return;
+        }
+        if let Err(msg) = self.peers[shard as usize].post(msg) {
+            self.retry[shard as usize].push_back(msg);
+        }
+    }
+
+    fn flush_retries(&mut self) {
+        for target in 0..self.retry.len() {
+            while let Some(msg) = self.retry[target].pop_front() {
+                if let Err(msg) = self.peers[target].post(msg) {
+                    self.retry[target].push_front(msg);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn retries_pending(&self) -> bool {
+        self.retry.iter().any(|q| !q.is_empty())
     }
 
     /// Posts to a shard; counts a drop when its mailbox is full.

@@ -49,6 +49,10 @@ impl Shard {
         let mut eof = false;
         let mut failed: Option<io::Error> = None;
         let mut reads = 0;
+        if inb.start < inb.end {
+            // Bytes held back while waiting for the welcome.
+            self.process(key, &mut inb);
+        }
         loop {
             if reads == READS_PER_TURN {
                 let c = &mut self.conns[key];
@@ -59,6 +63,9 @@ impl Shard {
                 break;
             }
             if inb.end == inb.buf.len() {
+                if self.conns[key].flags.has(Flags::AWAITING_WELCOME) {
+                    break; // resumed by on_registered
+                }
                 // process() leaves room unless a partial frame fills the buffer exactly.
                 inb.compact();
                 if inb.end == inb.buf.len() {
@@ -102,7 +109,8 @@ impl Shard {
             // The peer went away without a close frame: 1006 in the log.
             ConnState::Open => {
                 c.close_code = code::ABNORMAL;
-                c.close_reason = "connection dropped without a close frame";
+                self.close_reasons
+                    .insert(key as u32, "connection dropped without a close frame");
                 self.finish(key);
             }
             ConnState::Http | ConnState::Draining => self.finish(key),
@@ -127,6 +135,9 @@ impl Shard {
             };
             if c.flags.has(Flags::DISCARD_INPUT) || c.state == ConnState::Draining {
                 inb.start = inb.end;
+                return;
+            }
+            if c.flags.has(Flags::AWAITING_WELCOME) {
                 return;
             }
             match c.state {
@@ -273,18 +284,16 @@ impl Shard {
         };
         self.push_raw(key, response::switching_protocols(&accept));
         let id = self.conn_id(key);
-        let user: Arc<str> = match identity {
-            Identity::User(u) => u.into(),
-            Identity::Anonymous => {
-                format!("anon-{}-{}-{}", id.shard, id.slot, id.generation).into()
-            }
+        let user: Option<Arc<str>> = match identity {
+            Identity::User(u) => Some(u.into()),
+            Identity::Anonymous => None,
         };
         let now = self.now_ms;
         let c = &mut self.conns[key];
         c.state = ConnState::Open;
-        c.last_seen_ms = now;
-        c.flags.set(Flags::COUNTED);
-        c.user = Some(user.clone());
+        c.last_seen_ms = now as u32;
+        c.flags.set(Flags::COUNTED | Flags::WEBSOCKET);
+        c.user = user;
         let m = &self.metrics[self.index as usize];
         m.open_http.fetch_sub(1, Ordering::Relaxed);
         ShardMetrics::add(&m.open_ws, 1);
@@ -299,34 +308,89 @@ impl Shard {
         }
         if !self.cfg.echo {
             self.register(key);
-            let welcome = protocol::welcome(&user, &id.to_string(), self.cfg.ping_interval_ms);
-            self.push_raw(key, welcome);
         }
+        let _ = id;
         let deadline = self.next_heartbeat_check(key);
         self.arm(key, deadline);
     }
 
-    /// Adds the connection's user to the hub (and the home shard's directory).
+    /// Adds the connection to the hub: its user (and the home shard's directory) when named;
+    /// anonymous connections only ever join channels.
+    ///
+    /// The welcome is sent once the user's home shard has recorded the connection, so a client
+    /// that has its welcome is reachable by every DM sent after it.
     fn register(&mut self, key: usize) {
+        let me = self.conn_id(key);
         let c = &mut self.conns[key];
         c.flags.set(Flags::REGISTERED);
-        let user = c.user.clone().expect("registered connections have a user");
-        if self.hub.add_user(&user, key as u32) {
-            self.presence(user, true);
-        }
-    }
-
-    fn presence(&mut self, user: Arc<str>, online: bool) {
+        let Some(user) = c.user.clone() else {
+            return self.welcome(key);
+        };
+        self.hub.add_user(&user, key as u32);
         let home = home_of(&user, self.peers.len());
         if home == self.index {
-            self.hub.presence(user, self.index, online);
+            self.hub.presence(user, self.index, true);
+            self.welcome(key);
         } else {
-            self.post(
+            let from = self.index;
+            self.conns[key].flags.set(Flags::AWAITING_WELCOME);
+            self.post_reliable(
                 home,
                 ShardMsg::Presence {
                     user,
-                    from: self.index,
-                    online,
+                    from,
+                    online: true,
+                    ack: Some(me),
+                },
+            );
+        }
+    }
+
+    /// Queues the welcome event.
+    fn welcome(&mut self, key: usize) {
+        let name = self.user_name(key);
+        let id = self.conn_id(key);
+        let welcome = protocol::welcome(&name, &id.to_string(), self.cfg.ping_interval_ms);
+        self.push_raw(key, welcome);
+    }
+
+    /// The home shard recorded a connection: it may now be welcomed.
+    fn on_registered(&mut self, conn: crate::hub::ConnId) {
+        let key = conn.slot as usize;
+        let alive = self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.generation == conn.generation && c.state == ConnState::Open);
+        if alive {
+            self.conns[key].flags.clear(Flags::AWAITING_WELCOME);
+            self.welcome(key);
+            // Requests that arrived meanwhile are processed now, after the welcome.
+            self.on_readable(key);
+        }
+    }
+
+    /// The user id a connection acts as: its own, or `anon-<shard>-<slot>-<generation>`.
+    fn user_name(&self, key: usize) -> Arc<str> {
+        let c = &self.conns[key];
+        match &c.user {
+            Some(u) => u.clone(),
+            None => format!("anon-{}-{}-{}", self.index, key, c.generation).into(),
+        }
+    }
+
+    fn presence_offline(&mut self, user: Arc<str>) {
+        let home = home_of(&user, self.peers.len());
+        if home == self.index {
+            self.hub.presence(user, self.index, false);
+        } else {
+            let from = self.index;
+            self.post_reliable(
+                home,
+                ShardMsg::Presence {
+                    user,
+                    from,
+                    online: false,
+                    ack: None,
                 },
             );
         }
@@ -339,15 +403,14 @@ impl Shard {
             return;
         }
         c.flags.clear(Flags::REGISTERED);
-        let channels = std::mem::take(&mut c.channels);
+        let channels = c.channels.take();
         let user = c.user.clone();
-        for ch in channels {
-            self.hub.unsubscribe(&ch, key as u32);
+        for ch in channels.iter().flat_map(|v| v.iter()) {
+            self.hub.unsubscribe(ch, key as u32);
         }
         if let Some(user) = user {
-            if self.hub.remove_user(&user, key as u32) {
-                self.presence(user, false);
-            }
+            self.hub.remove_user(&user, key as u32);
+            self.presence_offline(user);
         }
     }
 
@@ -408,7 +471,7 @@ impl Shard {
             }
             let now = self.now_ms;
             let c = &mut self.conns[key];
-            c.last_seen_ms = now;
+            c.last_seen_ms = now as u32;
             c.flags.clear(Flags::PING_OUTSTANDING);
             self.on_frame(key, &h, s, e, inb);
         }
@@ -573,7 +636,7 @@ impl Shard {
             return;
         }
         c.close_code = close_code;
-        c.close_reason = "closed by peer";
+        self.close_reasons.insert(key as u32, "closed by peer");
         self.begin_closing(key, reply);
     }
 
@@ -595,7 +658,7 @@ impl Shard {
             return;
         }
         c.close_code = close_code;
-        c.close_reason = reason;
+        self.close_reasons.insert(key as u32, reason);
         self.begin_closing(key, frame::encode_close(close_code, reason));
     }
 
@@ -651,10 +714,10 @@ impl Shard {
             }
             Op::Sub { channel } => {
                 let c = &self.conns[key];
-                if c.channels.iter().any(|x| **x == *channel) {
+                if c.channel_list().iter().any(|x| **x == *channel) {
                     return self.ack(key, id);
                 }
-                if c.channels.len() >= MAX_CHANNELS_PER_CONN {
+                if c.channel_list().len() >= MAX_CHANNELS_PER_CONN {
                     let f = protocol::error(
                         id,
                         ErrorCode::BadRequest,
@@ -667,29 +730,28 @@ impl Shard {
                     .channel_key(&channel)
                     .unwrap_or_else(|| Arc::from(channel.as_ref()));
                 self.hub.subscribe(&name, key as u32);
-                self.conns[key].channels.push(name);
+                self.conns[key]
+                    .channels
+                    .get_or_insert_with(Default::default)
+                    .push(name);
                 self.ack(key, id);
             }
             Op::Unsub { channel } => {
                 self.hub.unsubscribe(&channel, key as u32);
-                self.conns[key].channels.retain(|x| **x != *channel);
+                if let Some(v) = self.conns[key].channels.as_mut() {
+                    v.retain(|x| **x != *channel);
+                }
                 self.ack(key, id);
             }
             Op::Pub { channel, data } => {
-                let from = self.conns[key]
-                    .user
-                    .clone()
-                    .expect("open connections have a user");
+                let from = self.user_name(key);
                 let f = protocol::msg(&from, Target::Channel(&channel), data, self.now_unix_ms);
                 let name: Arc<str> = Arc::from(channel.as_ref());
                 self.publish(name, f);
                 self.ack(key, id);
             }
             Op::Send { to, data } => {
-                let from = self.conns[key]
-                    .user
-                    .clone()
-                    .expect("open connections have a user");
+                let from = self.user_name(key);
                 let f = protocol::msg(&from, Target::User(&to), data, self.now_unix_ms);
                 let to: Arc<str> = Arc::from(to.as_ref());
                 let me = self.conn_id(key);
@@ -700,10 +762,13 @@ impl Shard {
                 });
                 if to == from {
                     self.route_user(to, f, Some(me), reply);
-                } else {
+                } else if self.conns[key].user.is_some() {
                     self.route_user(to, f.clone(), None, reply);
                     // The sender's other devices see the conversation too.
                     self.route_user(from, f, Some(me), None);
+                } else {
+                    // Anonymous connections have no other devices.
+                    self.route_user(to, f, None, reply);
                 }
             }
         }
@@ -766,7 +831,7 @@ impl Shard {
     ) {
         let mut shards = std::mem::take(&mut self.scratch_shards);
         shards.clear();
-        shards.extend_from_slice(self.hub.locate(&to));
+        self.hub.locate(&to, &mut shards);
         for &s in &shards {
             if s == self.index {
                 self.deliver_user_local(&to, &f, exclude);
@@ -850,7 +915,18 @@ impl Shard {
 
     pub(super) fn on_shard_msg(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Presence { user, from, online } => self.hub.presence(user, from, online),
+            ShardMsg::Presence {
+                user,
+                from,
+                online,
+                ack,
+            } => {
+                self.hub.presence(user, from, online);
+                if let Some(conn) = ack {
+                    self.post_reliable(from, ShardMsg::Registered { conn });
+                }
+            }
+            ShardMsg::Registered { conn } => self.on_registered(conn),
             ShardMsg::RouteUser {
                 to,
                 frame,
@@ -964,7 +1040,7 @@ impl Shard {
                         && c.state != ConnState::Draining
                     {
                         c.close_code = code::ABNORMAL;
-                        c.close_reason = "write failed";
+                        self.close_reasons.insert(key as u32, "write failed");
                     }
                     return self.finish(key);
                 }
@@ -988,11 +1064,12 @@ impl Shard {
     /// When an open connection should next be looked at: its ping time or its idle deadline.
     fn next_heartbeat_check(&self, key: usize) -> u64 {
         let c = &self.conns[key];
-        let idle_at = c.last_seen_ms + self.cfg.idle_timeout_ms;
+        let last_seen = self.now_ms - c.silent_ms(self.now_ms);
+        let idle_at = last_seen + self.cfg.idle_timeout_ms;
         if c.flags.has(Flags::PING_OUTSTANDING) {
             idle_at.min(self.now_ms + self.cfg.ping_interval_ms)
         } else {
-            idle_at.min(c.last_seen_ms + self.cfg.ping_interval_ms + self.jitter_ms(key))
+            idle_at.min(last_seen + self.cfg.ping_interval_ms + self.jitter_ms(key))
         }
     }
 
@@ -1021,12 +1098,13 @@ impl Shard {
             }
             ConnState::Draining | ConnState::Closing => self.finish(key),
             ConnState::Open => {
-                if now >= c.last_seen_ms + self.cfg.idle_timeout_ms {
+                let silent = c.silent_ms(now);
+                if silent >= self.cfg.idle_timeout_ms {
                     return self.start_close(key, code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
                 }
-                let ping_at = c.last_seen_ms + self.cfg.ping_interval_ms + self.jitter_ms(key);
+                let ping_after = self.cfg.ping_interval_ms + self.jitter_ms(key);
                 let c = &mut self.conns[key];
-                if !c.flags.has(Flags::PING_OUTSTANDING) && now >= ping_at {
+                if !c.flags.has(Flags::PING_OUTSTANDING) && silent >= ping_after {
                     c.flags.set(Flags::PING_OUTSTANDING);
                     self.push_raw(key, frame::encode(OpCode::Control(Control::Ping), b""));
                 }
@@ -1040,14 +1118,13 @@ impl Shard {
     pub(super) fn finish(&mut self, key: usize) {
         self.unregister(key);
         let c = self.conns.remove(key);
-        if let Some(t) = c.timer {
-            self.wheel.cancel(t);
-        }
+        self.wheel.cancel(c.timer);
+        let reason = self.close_reasons.remove(&(key as u32)).unwrap_or("");
         let m = &self.metrics[self.index as usize];
         if c.flags.has(Flags::COUNTED) {
             self.open_total.fetch_sub(1, Ordering::AcqRel);
         }
-        let was_ws = c.user.is_some();
+        let was_ws = c.flags.has(Flags::WEBSOCKET);
         if was_ws {
             m.open_ws.fetch_sub(1, Ordering::Relaxed);
             let close_code = if c.close_code == 0 {
@@ -1060,9 +1137,9 @@ impl Shard {
                 target: "switchboard::close",
                 shard = self.index,
                 conn = %format_args!("{}.{}.{}", self.index, key, c.generation),
-                user = c.user.as_deref().unwrap_or(""),
+                user = c.user.as_deref().unwrap_or("(anonymous)"),
                 code = close_code,
-                reason = c.close_reason,
+                reason,
                 duration_ms = self.now_ms.saturating_sub(c.opened_ms),
                 "closed"
             );

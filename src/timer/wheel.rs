@@ -20,6 +20,16 @@ const NIL: u32 = u32::MAX;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TimerKey(u32);
 
+impl TimerKey {
+    /// No entry (a connection between deadlines). Cancelling it is a no-op.
+    pub const NONE: TimerKey = TimerKey(NIL);
+
+    /// Whether this refers to an entry.
+    pub fn is_some(self) -> bool {
+        self != Self::NONE
+    }
+}
+
 #[derive(Debug)]
 struct Entry<T> {
     deadline: u64,
@@ -104,7 +114,7 @@ impl<T: Copy> Wheel<T> {
 
     /// Removes a scheduled entry and returns its value; `None` if it already fired.
     pub fn cancel(&mut self, key: TimerKey) -> Option<T> {
-        if !self.entries.contains(key.0 as usize) {
+        if key == TimerKey::NONE || !self.entries.contains(key.0 as usize) {
             return None;
         }
         self.unlink(key.0);
