@@ -152,7 +152,7 @@ pub enum Flushed {
 const MAX_IOVECS: usize = 64;
 
 /// Writes as much of `out` as the socket takes, with vectored writes.
-pub fn flush(stream: &mut TcpStream, out: &mut Outbox) -> io::Result<(Flushed, usize)> {
+pub fn flush<W: Write>(stream: &mut W, out: &mut Outbox) -> io::Result<(Flushed, usize)> {
     let mut written = 0usize;
     while !out.queue.is_empty() {
         let mut slices: [IoSlice<'_>; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
