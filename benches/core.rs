@@ -1,11 +1,12 @@
 //! Hot-path benches: timer wheel, HTTP upgrade parsing, frame decode/encode over a mock socket
 //! that returns `WouldBlock`, and channel fan-out inside one shard.
 
+use std::hint::black_box;
 use std::io::{self, Write};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use switchboard::conn::{flush, Outbox};
 use switchboard::http::request;
 use switchboard::hub::Hub;
