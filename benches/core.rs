@@ -75,7 +75,7 @@ struct MockSocket {
 impl Write for MockSocket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.calls += 1;
-        if self.calls % 2 == 0 {
+        if self.calls.is_multiple_of(2) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let n = buf.len().min(self.room);
@@ -84,7 +84,7 @@ impl Write for MockSocket {
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         self.calls += 1;
-        if self.calls % 2 == 0 {
+        if self.calls.is_multiple_of(2) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let total: usize = bufs.iter().map(|b| b.len()).sum();
