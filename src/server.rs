@@ -29,6 +29,9 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The token verifier could not be built.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthSetupError),
     /// A shard thread could not be spawned.
     #[error("cannot spawn shard {shard}: {source}")]
     Spawn {
@@ -77,6 +80,16 @@ impl Server {
     /// Binds, creates every shard's poll and mailbox, then starts the shard threads.
     pub fn start(cfg: Config) -> Result<Server, StartError> {
         let fd_table = choose_fd_table(&cfg);
+        let auth = Arc::new(crate::auth::Auth::from_config(&cfg)?);
+        if !auth.requires_token() && !cfg.echo {
+            warn!("no --jwt-secret or --jwt-public-key: identities are unauthenticated (?user= is trusted)");
+        }
+        if cfg.api_key.is_none() {
+            info!("no --api-key: the push API answers loopback peers only");
+        }
+        if cfg.allowed_origins.is_empty() {
+            info!("no --allowed-origin: browser upgrades and SSE are accepted from any origin");
+        }
         let (local_addrs, mut listeners) =
             listener::bind_all(&cfg.listen, cfg.shards, cfg.backlog)?;
         // Every fd another thread touches is created here, before any shard unshares.
@@ -111,6 +124,7 @@ impl Server {
                 open_total: open_total.clone(),
                 private_fd_table: fd_table == FdTableMode::PerShard,
                 barrier: barrier.clone(),
+                auth: auth.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("shard-{i}"))

@@ -30,6 +30,8 @@ pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 5_000;
 /// Default capacity of each shard's mailbox (messages).
 pub const DEFAULT_MAILBOX_CAPACITY: usize = 65_536;
+/// Default interval of SSE comment heartbeats.
+pub const DEFAULT_SSE_HEARTBEAT_MS: u64 = 15_000;
 
 /// How file descriptors are tabled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
@@ -110,6 +112,22 @@ pub struct Options {
     #[arg(long)]
     #[serde(default)]
     pub echo: bool,
+    /// Key for the HTTP push API (`Authorization: Bearer <key>`); without one the API answers
+    /// loopback peers only.
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// HS256 secret: `/ws` and `/events` then require a signed token (`sub` is the user).
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file with an RS256 or ES256 public key for signed tokens.
+    #[arg(long)]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Origin allowed for browser upgrades and SSE (repeatable) [default: any].
+    #[arg(long)]
+    pub allowed_origin: Vec<String>,
+    /// Interval (ms) of SSE comment heartbeats [default: 15000].
+    #[arg(long)]
+    pub sse_heartbeat_ms: Option<u64>,
 }
 
 /// Why the configuration was refused.
@@ -172,6 +190,16 @@ pub struct Config {
     pub mailbox_capacity: usize,
     /// Echo mode.
     pub echo: bool,
+    /// Push API key.
+    pub api_key: Option<String>,
+    /// HS256 secret.
+    pub jwt_secret: Option<String>,
+    /// RS256/ES256 public key (PEM text).
+    pub jwt_public_key_pem: Option<String>,
+    /// Allowed browser origins (empty: any).
+    pub allowed_origins: Vec<String>,
+    /// SSE heartbeat interval.
+    pub sse_heartbeat_ms: u64,
 }
 
 impl Default for Config {
@@ -256,6 +284,24 @@ impl Options {
                 .or(f.mailbox_capacity)
                 .unwrap_or(DEFAULT_MAILBOX_CAPACITY),
             echo: self.echo || f.echo,
+            api_key: self.api_key.or(f.api_key).filter(|k| !k.is_empty()),
+            jwt_secret: self.jwt_secret.or(f.jwt_secret).filter(|k| !k.is_empty()),
+            jwt_public_key_pem: match self.jwt_public_key.or(f.jwt_public_key) {
+                None => None,
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|source| ConfigError::Read { path, source })?,
+                ),
+            },
+            allowed_origins: if self.allowed_origin.is_empty() {
+                f.allowed_origin
+            } else {
+                self.allowed_origin
+            },
+            sse_heartbeat_ms: self
+                .sse_heartbeat_ms
+                .or(f.sse_heartbeat_ms)
+                .unwrap_or(DEFAULT_SSE_HEARTBEAT_MS),
         };
         c.validate()?;
         Ok(c)
@@ -285,6 +331,12 @@ impl Config {
         }
         if self.mailbox_capacity < 16 {
             return bad("mailbox-capacity", "must be >= 16");
+        }
+        if self.jwt_secret.is_some() && self.jwt_public_key_pem.is_some() {
+            return bad("jwt-secret/jwt-public-key", "give one of them, not both");
+        }
+        if self.sse_heartbeat_ms == 0 {
+            return bad("sse-heartbeat-ms", "must be > 0");
         }
         if self.max_connections == 0 {
             return bad("max-connections", "must be > 0");

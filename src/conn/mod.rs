@@ -47,8 +47,11 @@ impl Flags {
     pub const COUNTED: u16 = 1 << 6;
     /// Upgraded to WebSocket (counted and logged as such when it ends).
     pub const WEBSOCKET: u16 = 1 << 10;
-    /// Waiting for the home shard to record the user: input stays unparsed until the welcome.
-    pub const AWAITING_WELCOME: u16 = 1 << 11;
+    /// Input stays unparsed: waiting for the home shard to record the user (welcome), or for
+    /// the shards to answer an API request.
+    pub const HOLD_INPUT: u16 = 1 << 11;
+    /// A Server-Sent Events stream (open, receives events, sends nothing).
+    pub const SSE: u16 = 1 << 12;
     /// Registered in the hub (user and channels).
     pub const REGISTERED: u16 = 1 << 7;
     /// Input is discarded unparsed (after a protocol error).

@@ -1,5 +1,6 @@
 //! HTTP/1.1 on the WebSocket port: request parsing, responses and routing decisions.
 
+pub mod api;
 pub mod request;
 pub mod response;
 

@@ -64,8 +64,42 @@ pub enum ShardMsg {
     DeliverChannel { channel: Arc<str>, frame: Bytes },
     /// The outcome of a routed `send` for the requesting connection.
     Routed { reply: ReplyTo, online: bool },
+    /// Execute an API command on local connections and answer [`ShardMsg::ApiDone`].
+    Api { ticket: ApiTicket, cmd: Arc<ApiCmd> },
+    /// A shard's count for API request `id` of this shard.
+    ApiDone { id: u32, count: u64 },
     /// Stop accepting, close every connection with 1001, exit within the grace period.
     Shutdown,
+}
+
+/// An API request waiting for every shard's answer.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiTicket {
+    /// Shard holding the HTTP connection.
+    pub shard: u16,
+    /// Its pending-request id there.
+    pub id: u32,
+}
+
+/// What an API request asks every shard to do; each answers with a count.
+#[derive(Debug)]
+pub enum ApiCmd {
+    /// Deliver to local subscribers of `channel` (WebSocket and SSE).
+    Publish { channel: Arc<str>, frame: Bytes },
+    /// Deliver to every local connection of `user`.
+    SendUser { user: Arc<str>, frame: Bytes },
+    /// Deliver to every open local connection.
+    Broadcast { frame: Bytes },
+    /// Close every local connection of `user` with `code`.
+    Disconnect {
+        user: Arc<str>,
+        code: u16,
+        reason: Arc<str>,
+    },
+    /// Count local connections of `user`.
+    CountUser { user: Arc<str> },
+    /// Count local subscribers of `channel`.
+    CountChannel { channel: Arc<str> },
 }
 
 /// Who asked for a routed `send`, and the request id to acknowledge.

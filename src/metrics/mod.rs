@@ -4,6 +4,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::http::api;
 use crate::ws::close;
 
 /// Why an HTTP request or upgrade failed, as counted.
@@ -30,11 +31,15 @@ pub enum HandshakeFailure {
     OverCapacity,
     /// A body over the size limit or a chunked body (413/411).
     Body,
+    /// A browser request from an origin not in `--allowed-origin` (403).
+    Origin,
+    /// A private channel the token does not grant (403).
+    Forbidden,
 }
 
 impl HandshakeFailure {
     /// All reasons, in index order.
-    pub const ALL: [HandshakeFailure; 10] = [
+    pub const ALL: [HandshakeFailure; 12] = [
         HandshakeFailure::Malformed,
         HandshakeFailure::HeadTooLarge,
         HandshakeFailure::NotUpgrade,
@@ -45,6 +50,8 @@ impl HandshakeFailure {
         HandshakeFailure::Timeout,
         HandshakeFailure::OverCapacity,
         HandshakeFailure::Body,
+        HandshakeFailure::Origin,
+        HandshakeFailure::Forbidden,
     ];
 
     /// Label value.
@@ -60,6 +67,8 @@ impl HandshakeFailure {
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::OverCapacity => "over_capacity",
             HandshakeFailure::Body => "body",
+            HandshakeFailure::Origin => "origin",
+            HandshakeFailure::Forbidden => "forbidden",
         }
     }
 }
@@ -73,6 +82,10 @@ pub struct ShardMetrics {
     pub open_ws: AtomicU64,
     /// Open connections not (yet) upgraded (gauge).
     pub open_http: AtomicU64,
+    /// Open Server-Sent Events streams (gauge).
+    pub open_sse: AtomicU64,
+    /// API requests by route and status.
+    pub api_requests: [[AtomicU64; api::STATUSES.len()]; api::Route::ALL.len()],
     /// Accepted TCP connections.
     pub accepted: AtomicU64,
     /// Failed handshakes by reason.
@@ -146,6 +159,11 @@ pub fn render(shards: &[ShardMetrics]) -> String {
             "switchboard_connections_open{{shard=\"{i}\",transport=\"http\"}} {}",
             s.open_http.load(Relaxed)
         );
+        let _ = writeln!(
+            o,
+            "switchboard_connections_open{{shard=\"{i}\",transport=\"sse\"}} {}",
+            s.open_sse.load(Relaxed)
+        );
     }
     let counter = |o: &mut String, name: &str, help: &str, v: u64| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -216,6 +234,21 @@ pub fn render(shards: &[ShardMetrics]) -> String {
         "Connections closed with 4001.",
         sum(shards, |s| &s.slow_consumers),
     );
+    let _ = writeln!(
+        o,
+        "# HELP switchboard_api_requests_total Push API requests by route and status."
+    );
+    let _ = writeln!(o, "# TYPE switchboard_api_requests_total counter");
+    for r in api::Route::ALL {
+        for (si, status) in api::STATUSES.iter().enumerate() {
+            let v = sum(shards, |s| &s.api_requests[r as usize][si]);
+            let _ = writeln!(
+                o,
+                "switchboard_api_requests_total{{route=\"{}\",status=\"{status}\"}} {v}",
+                r.label()
+            );
+        }
+    }
     let _ = writeln!(
         o,
         "# HELP switchboard_timer_wheel_entries Entries in each shard's timer wheel."

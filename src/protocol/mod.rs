@@ -232,6 +232,8 @@ pub enum Target<'a> {
     User(&'a str),
     /// A channel publication.
     Channel(&'a str),
+    /// A broadcast to every connection (push API): neither `to` nor `channel`.
+    Broadcast,
 }
 
 /// `{"op":"msg","from":..,"to"|"channel":..,"data":..,"ts":..}`
@@ -249,6 +251,7 @@ pub fn msg(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Bytes
             put(&mut b, br#","channel":"#);
             put_str(&mut b, c);
         }
+        Target::Broadcast => {}
     }
     put(&mut b, br#","data":"#);
     put(&mut b, data.as_bytes());

@@ -4,6 +4,7 @@
 //! One turn: poll (timeout from the wheel) → accept, read and parse → drain the mailbox →
 //! expire timers → flush every connection that has output, once (`writev`).
 
+mod api;
 pub mod fdtable;
 pub mod listener;
 pub mod mailbox;
@@ -70,6 +71,8 @@ pub struct ShardSetup {
     pub private_fd_table: bool,
     /// Every shard waits here after unsharing, so no accepted fd leaks into another table.
     pub barrier: Arc<Barrier>,
+    /// Token verification.
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 /// A running shard.
@@ -85,7 +88,14 @@ pub struct Shard {
     conns: Slab<Conn>,
     wheel: Wheel<u32>,
     /// Why each closing connection closes (kept out of `Conn` to keep it small).
-    close_reasons: rustc_hash::FxHashMap<u32, &'static str>,
+    close_reasons: rustc_hash::FxHashMap<u32, std::borrow::Cow<'static, str>>,
+    auth: Arc<crate::auth::Auth>,
+    /// What each token-authenticated connection's token grants (expiry, private channels).
+    grants: rustc_hash::FxHashMap<u32, Box<crate::auth::Grant>>,
+    /// Last event id of each SSE stream.
+    sse_ids: rustc_hash::FxHashMap<u32, u64>,
+    /// API requests waiting for other shards.
+    pending_api: Slab<api::PendingApi>,
     /// Presence messages waiting for room in a full mailbox, per target shard.
     retry: Vec<std::collections::VecDeque<ShardMsg>>,
     hub: Hub,
@@ -147,6 +157,10 @@ impl Shard {
             conns: Slab::with_capacity(1024),
             wheel: Wheel::new(0),
             close_reasons: Default::default(),
+            auth: setup.auth,
+            grants: Default::default(),
+            sse_ids: Default::default(),
+            pending_api: Slab::new(),
             retry: (0..n_peers).map(|_| Default::default()).collect(),
             hub: Hub::default(),
             pool: BufPool::default(),

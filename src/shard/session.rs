@@ -63,7 +63,7 @@ impl Shard {
                 break;
             }
             if inb.end == inb.buf.len() {
-                if self.conns[key].flags.has(Flags::AWAITING_WELCOME) {
+                if self.conns[key].flags.has(Flags::HOLD_INPUT) {
                     break; // resumed by on_registered
                 }
                 // process() leaves room unless a partial frame fills the buffer exactly.
@@ -109,8 +109,10 @@ impl Shard {
             // The peer went away without a close frame: 1006 in the log.
             ConnState::Open => {
                 c.close_code = code::ABNORMAL;
-                self.close_reasons
-                    .insert(key as u32, "connection dropped without a close frame");
+                self.close_reasons.insert(
+                    key as u32,
+                    "connection dropped without a close frame".into(),
+                );
                 self.finish(key);
             }
             ConnState::Http | ConnState::Draining => self.finish(key),
@@ -137,7 +139,11 @@ impl Shard {
                 inb.start = inb.end;
                 return;
             }
-            if c.flags.has(Flags::AWAITING_WELCOME) {
+            if c.flags.has(Flags::HOLD_INPUT) {
+                return;
+            }
+            if c.flags.has(Flags::SSE) {
+                inb.start = inb.end; // an event stream has nothing to say
                 return;
             }
             match c.state {
@@ -195,15 +201,22 @@ impl Shard {
             inb.reserve_total(total);
             return false;
         }
+        let body = inb.buf[inb.start + req.head_len..inb.start + total].to_vec();
         inb.start += total;
-        self.route_http(key, &req);
+        self.route_http(key, &req, &body);
         true
     }
 
-    fn route_http(&mut self, key: usize, req: &Request) {
+    fn route_http(&mut self, key: usize, req: &Request, body: &[u8]) {
         let is_upgrade = req.upgrade_websocket || req.connection_upgrade;
         if (self.cfg.echo && is_upgrade) || req.path == "/ws" {
             return self.upgrade(key, req);
+        }
+        if req.path == "/events" {
+            return self.open_sse(key, req);
+        }
+        if req.path.starts_with("/api/") {
+            return self.route_api(key, req, body);
         }
         let get = matches!(req.method, Some(Method::Get) | Some(Method::Head));
         match req.path.as_str() {
@@ -233,7 +246,7 @@ impl Shard {
     }
 
     /// Queues a response; the connection stays for the next request unless `close`.
-    fn http_respond(&mut self, key: usize, _req: &Request, resp: Bytes, close: bool) {
+    pub(super) fn http_respond(&mut self, key: usize, _req: &Request, resp: Bytes, close: bool) {
         self.push_raw(key, resp);
         if close {
             self.drain_after_response(key);
@@ -244,7 +257,13 @@ impl Shard {
     }
 
     /// Answers an error, then closes once the peer has read it.
-    fn http_fail(&mut self, key: usize, status: u16, message: &str, why: HandshakeFailure) {
+    pub(super) fn http_fail(
+        &mut self,
+        key: usize,
+        status: u16,
+        message: &str,
+        why: HandshakeFailure,
+    ) {
         debug!(
             shard = self.index,
             conn = key,
@@ -257,7 +276,7 @@ impl Shard {
         self.drain_after_response(key);
     }
 
-    fn drain_after_response(&mut self, key: usize) {
+    pub(super) fn drain_after_response(&mut self, key: usize) {
         self.conns[key].state = ConnState::Draining;
         let deadline = self.now_ms + self.cfg.close_timeout_ms;
         self.arm(key, deadline);
@@ -276,7 +295,10 @@ impl Shard {
                 return self.http_fail(key, e.status(), &e.to_string(), why);
             }
         };
-        let identity = match auth::resolve(req) {
+        if !self.origin_allowed(req) {
+            return self.http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
+        }
+        let identity = match self.auth.resolve(req) {
             Ok(i) => i,
             Err(e) => {
                 return self.http_fail(key, e.status(), &e.to_string(), HandshakeFailure::BadUser)
@@ -285,7 +307,12 @@ impl Shard {
         self.push_raw(key, response::switching_protocols(&accept));
         let id = self.conn_id(key);
         let user: Option<Arc<str>> = match identity {
-            Identity::User(u) => Some(u.into()),
+            Identity::User(u, grant) => {
+                if let Some(g) = grant {
+                    self.grants.insert(key as u32, g);
+                }
+                Some(u.into())
+            }
             Identity::Anonymous => None,
         };
         let now = self.now_ms;
@@ -307,7 +334,7 @@ impl Shard {
             return;
         }
         if !self.cfg.echo {
-            self.register(key);
+            self.register(key, true);
         }
         let _ = id;
         let deadline = self.next_heartbeat_check(key);
@@ -319,28 +346,36 @@ impl Shard {
     ///
     /// The welcome is sent once the user's home shard has recorded the connection, so a client
     /// that has its welcome is reachable by every DM sent after it.
-    fn register(&mut self, key: usize) {
+    pub(super) fn register(&mut self, key: usize, welcome: bool) {
         let me = self.conn_id(key);
         let c = &mut self.conns[key];
         c.flags.set(Flags::REGISTERED);
         let Some(user) = c.user.clone() else {
-            return self.welcome(key);
+            if welcome {
+                self.welcome(key);
+            }
+            return;
         };
         self.hub.add_user(&user, key as u32);
         let home = home_of(&user, self.peers.len());
         if home == self.index {
             self.hub.presence(user, self.index, true);
-            self.welcome(key);
+            if welcome {
+                self.welcome(key);
+            }
         } else {
             let from = self.index;
-            self.conns[key].flags.set(Flags::AWAITING_WELCOME);
+            let ack = welcome.then_some(me);
+            if welcome {
+                self.conns[key].flags.set(Flags::HOLD_INPUT);
+            }
             self.post_reliable(
                 home,
                 ShardMsg::Presence {
                     user,
                     from,
                     online: true,
-                    ack: Some(me),
+                    ack,
                 },
             );
         }
@@ -362,7 +397,7 @@ impl Shard {
             .get(key)
             .is_some_and(|c| c.generation == conn.generation && c.state == ConnState::Open);
         if alive {
-            self.conns[key].flags.clear(Flags::AWAITING_WELCOME);
+            self.conns[key].flags.clear(Flags::HOLD_INPUT);
             self.welcome(key);
             // Requests that arrived meanwhile are processed now, after the welcome.
             self.on_readable(key);
@@ -370,7 +405,7 @@ impl Shard {
     }
 
     /// The user id a connection acts as: its own, or `anon-<shard>-<slot>-<generation>`.
-    fn user_name(&self, key: usize) -> Arc<str> {
+    pub(super) fn user_name(&self, key: usize) -> Arc<str> {
         let c = &self.conns[key];
         match &c.user {
             Some(u) => u.clone(),
@@ -636,7 +671,8 @@ impl Shard {
             return;
         }
         c.close_code = close_code;
-        self.close_reasons.insert(key as u32, "closed by peer");
+        self.close_reasons
+            .insert(key as u32, "closed by peer".into());
         self.begin_closing(key, reply);
     }
 
@@ -653,13 +689,31 @@ impl Shard {
 
     /// Server-initiated close: queue our close frame, stop deliveries, wait for the peer.
     pub(super) fn start_close(&mut self, key: usize, close_code: u16, reason: &'static str) {
+        self.start_close_with(key, close_code, reason.into());
+    }
+
+    /// [`start_close`](Self::start_close) with a reason built at run time.
+    pub(super) fn start_close_with(
+        &mut self,
+        key: usize,
+        close_code: u16,
+        reason: std::borrow::Cow<'static, str>,
+    ) {
         let c = &mut self.conns[key];
         if c.flags.has(Flags::CLOSE_SENT) {
             return;
         }
         c.close_code = close_code;
+        if c.flags.has(Flags::SSE) {
+            // An event stream has no close frame: end it after what is queued.
+            c.flags.set(Flags::CLOSE_SENT);
+            self.close_reasons.insert(key as u32, reason);
+            self.unregister(key);
+            return self.drain_after_response(key);
+        }
+        let f = frame::encode_close(close_code, &reason);
         self.close_reasons.insert(key as u32, reason);
-        self.begin_closing(key, frame::encode_close(close_code, reason));
+        self.begin_closing(key, f);
     }
 
     fn begin_closing(&mut self, key: usize, close_frame: Bytes) {
@@ -689,7 +743,7 @@ impl Shard {
         if self.cfg.echo {
             let opcode = OpCode::Data(if text { Data::Text } else { Data::Binary });
             let f = frame::encode(opcode, payload);
-            return self.deliver(key, f);
+            return self.deliver_reply(key, f);
         }
         // Validated as UTF-8 by the caller.
         let Ok(text) = std::str::from_utf8(payload) else {
@@ -703,7 +757,7 @@ impl Shard {
             Ok(p) => p,
             Err(e) => {
                 let f = protocol::error(e.id.map(|r| r.get()), e.code, &e.message);
-                return self.deliver(key, f);
+                return self.deliver_reply(key, f);
             }
         };
         let id = parsed.id.map(|r| r.get());
@@ -713,6 +767,14 @@ impl Shard {
                 self.deliver(key, f);
             }
             Op::Sub { channel } => {
+                if !auth::channel_allowed(self.grants.get(&(key as u32)).map(|g| &**g), &channel) {
+                    let f = protocol::error(
+                        id,
+                        ErrorCode::Forbidden,
+                        "this channel needs a token that grants it",
+                    );
+                    return self.deliver_reply(key, f);
+                }
                 let c = &self.conns[key];
                 if c.channel_list().iter().any(|x| **x == *channel) {
                     return self.ack(key, id);
@@ -723,7 +785,7 @@ impl Shard {
                         ErrorCode::BadRequest,
                         "too many subscriptions on one connection",
                     );
-                    return self.deliver(key, f);
+                    return self.deliver_reply(key, f);
                 }
                 let name = self
                     .hub
@@ -744,6 +806,14 @@ impl Shard {
                 self.ack(key, id);
             }
             Op::Pub { channel, data } => {
+                if !auth::channel_allowed(self.grants.get(&(key as u32)).map(|g| &**g), &channel) {
+                    let f = protocol::error(
+                        id,
+                        ErrorCode::Forbidden,
+                        "this channel needs a token that grants it",
+                    );
+                    return self.deliver_reply(key, f);
+                }
                 let from = self.user_name(key);
                 let f = protocol::msg(&from, Target::Channel(&channel), data, self.now_unix_ms);
                 let name: Arc<str> = Arc::from(channel.as_ref());
@@ -884,7 +954,13 @@ impl Shard {
         self.deliver(key, f);
     }
 
-    fn deliver_user_local(&mut self, to: &str, f: &Bytes, exclude: Option<crate::hub::ConnId>) {
+    pub(super) fn deliver_user_local(
+        &mut self,
+        to: &str,
+        f: &Bytes,
+        exclude: Option<crate::hub::ConnId>,
+    ) -> u64 {
+        let mut n = 0;
         let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
         slots.extend_from_slice(self.hub.user_slots(to));
@@ -898,19 +974,22 @@ impl Shard {
                     continue;
                 }
             }
-            self.deliver(key, f.clone());
+            n += u64::from(self.deliver(key, f.clone()));
         }
         self.scratch_slots = slots;
+        n
     }
 
-    fn deliver_channel_local(&mut self, channel: &str, f: &Bytes) {
+    pub(super) fn deliver_channel_local(&mut self, channel: &str, f: &Bytes) -> u64 {
         let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
         slots.extend(self.hub.subscribers(channel));
+        let mut n = 0;
         for &slot in &slots {
-            self.deliver(slot as usize, f.clone());
+            n += u64::from(self.deliver(slot as usize, f.clone()));
         }
         self.scratch_slots = slots;
+        n
     }
 
     pub(super) fn on_shard_msg(&mut self, msg: ShardMsg) {
@@ -934,24 +1013,41 @@ impl Shard {
                 reply,
             } => self.on_route_user(to, frame, exclude, reply),
             ShardMsg::DeliverUser { to, frame, exclude } => {
-                self.deliver_user_local(&to, &frame, exclude)
+                self.deliver_user_local(&to, &frame, exclude);
             }
             ShardMsg::DeliverChannel { channel, frame } => {
-                self.deliver_channel_local(&channel, &frame)
+                self.deliver_channel_local(&channel, &frame);
             }
             ShardMsg::Routed { reply, online } => self.reply_local(reply, Some(online)),
+            ShardMsg::Api { ticket, cmd } => self.on_api(ticket, &cmd),
+            ShardMsg::ApiDone { id, count } => self.on_api_done(id, count),
             ShardMsg::Shutdown => self.begin_shutdown(),
         }
     }
 
     /// Queues a message frame for an open connection, enforcing `--max-outbound-bytes`.
-    pub(super) fn deliver(&mut self, key: usize, f: Bytes) {
+    /// Queues a reply (ack, error, pong) to the requesting connection.
+    fn deliver_reply(&mut self, key: usize, f: Bytes) {
+        self.deliver(key, f);
+    }
+
+    /// Queues a message frame for an open connection, enforcing `--max-outbound-bytes`;
+    /// event streams get it as an SSE event. True when queued.
+    pub(super) fn deliver(&mut self, key: usize, f: Bytes) -> bool {
         let Some(c) = self.conns.get_mut(key) else {
-            return;
+            return false;
         };
         if c.state != ConnState::Open {
-            return;
+            return false;
         }
+        let f = if c.flags.has(Flags::SSE) {
+            let id = self.sse_ids.entry(key as u32).or_insert(0);
+            *id += 1;
+            super::api::sse_event(*id, &f)
+        } else {
+            f
+        };
+        let c = &mut self.conns[key];
         // One frame larger than the limit still goes to an otherwise empty queue.
         let max = self.cfg.max_outbound_bytes;
         if c.queued_bytes() > 0 && c.queued_bytes() + f.len() > max {
@@ -961,14 +1057,16 @@ impl Shard {
             }
             let c = &mut self.conns[key];
             if c.state != ConnState::Open {
-                return;
+                return false;
             }
             if c.queued_bytes() > 0 && c.queued_bytes() + f.len() > max {
-                return self.slow_consumer(key);
+                self.slow_consumer(key);
+                return false;
             }
         }
         ShardMetrics::add(&self.m().messages_out, 1);
         self.push_raw(key, f);
+        true
     }
 
     fn slow_consumer(&mut self, key: usize) {
@@ -984,7 +1082,7 @@ impl Shard {
     }
 
     /// Queues bytes without limits (responses, control frames) and marks the connection dirty.
-    fn push_raw(&mut self, key: usize, bytes: Bytes) {
+    pub(super) fn push_raw(&mut self, key: usize, bytes: Bytes) {
         let c = &mut self.conns[key];
         if c.outbox.is_none() {
             c.outbox = Some(self.pool.outbox());
@@ -1040,7 +1138,7 @@ impl Shard {
                         && c.state != ConnState::Draining
                     {
                         c.close_code = code::ABNORMAL;
-                        self.close_reasons.insert(key as u32, "write failed");
+                        self.close_reasons.insert(key as u32, "write failed".into());
                     }
                     return self.finish(key);
                 }
@@ -1062,7 +1160,29 @@ impl Shard {
     }
 
     /// When an open connection should next be looked at: its ping time or its idle deadline.
-    fn next_heartbeat_check(&self, key: usize) -> u64 {
+    pub(super) fn next_heartbeat_check(&self, key: usize) -> u64 {
+        let exp = self.token_deadline_ms(key).unwrap_or(u64::MAX);
+        let c = &self.conns[key];
+        if c.flags.has(Flags::SSE) {
+            return exp.min(self.now_ms + self.cfg.sse_heartbeat_ms);
+        }
+        exp.min(self.ws_heartbeat_check(key))
+    }
+
+    /// Shard-clock deadline of the connection's token, if it has one.
+    fn token_deadline_ms(&self, key: usize) -> Option<u64> {
+        let g = self.grants.get(&(key as u32))?;
+        let left_ms = (g.exp * 1000).saturating_sub(self.now_unix_ms);
+        Some(self.now_ms + left_ms)
+    }
+
+    fn token_expired(&self, key: usize) -> bool {
+        self.grants
+            .get(&(key as u32))
+            .is_some_and(|g| g.exp * 1000 <= self.now_unix_ms)
+    }
+
+    fn ws_heartbeat_check(&self, key: usize) -> u64 {
         let c = &self.conns[key];
         let last_seen = self.now_ms - c.silent_ms(self.now_ms);
         let idle_at = last_seen + self.cfg.idle_timeout_ms;
@@ -1098,6 +1218,15 @@ impl Shard {
             }
             ConnState::Draining | ConnState::Closing => self.finish(key),
             ConnState::Open => {
+                if self.token_expired(key) {
+                    return self.start_close(key, code::TOKEN_EXPIRED, "token expired");
+                }
+                let c = &self.conns[key];
+                if c.flags.has(Flags::SSE) {
+                    self.push_raw(key, Bytes::from_static(b": heartbeat\n\n"));
+                    let next = self.next_heartbeat_check(key);
+                    return self.arm(key, next.max(now + 1));
+                }
                 let silent = c.silent_ms(now);
                 if silent >= self.cfg.idle_timeout_ms {
                     return self.start_close(key, code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
@@ -1119,13 +1248,27 @@ impl Shard {
         self.unregister(key);
         let c = self.conns.remove(key);
         self.wheel.cancel(c.timer);
-        let reason = self.close_reasons.remove(&(key as u32)).unwrap_or("");
+        let reason = self.close_reasons.remove(&(key as u32)).unwrap_or_default();
+        self.grants.remove(&(key as u32));
+        self.sse_ids.remove(&(key as u32));
         let m = &self.metrics[self.index as usize];
         if c.flags.has(Flags::COUNTED) {
             self.open_total.fetch_sub(1, Ordering::AcqRel);
         }
         let was_ws = c.flags.has(Flags::WEBSOCKET);
-        if was_ws {
+        if c.flags.has(Flags::SSE) {
+            m.open_sse.fetch_sub(1, Ordering::Relaxed);
+            info!(
+                target: "switchboard::close",
+                shard = self.index,
+                conn = %format_args!("{}.{}.{}", self.index, key, c.generation),
+                user = c.user.as_deref().unwrap_or("(anonymous)"),
+                transport = "sse",
+                reason = %reason,
+                duration_ms = self.now_ms.saturating_sub(c.opened_ms),
+                "closed"
+            );
+        } else if was_ws {
             m.open_ws.fetch_sub(1, Ordering::Relaxed);
             let close_code = if c.close_code == 0 {
                 code::ABNORMAL
@@ -1139,7 +1282,7 @@ impl Shard {
                 conn = %format_args!("{}.{}.{}", self.index, key, c.generation),
                 user = c.user.as_deref().unwrap_or("(anonymous)"),
                 code = close_code,
-                reason,
+                reason = %reason,
                 duration_ms = self.now_ms.saturating_sub(c.opened_ms),
                 "closed"
             );

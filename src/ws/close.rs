@@ -27,6 +27,11 @@ pub const HEARTBEAT_TIMEOUT: u16 = 4000;
 /// 4001: the peer did not read fast enough; its queue passed `--max-outbound-bytes`.
 pub const SLOW_CONSUMER: u16 = 4001;
 
+/// 4002: a backend disconnected the user through the push API (the usual code).
+pub const KICKED: u16 = 4002;
+/// 4003: the connection's signed token expired.
+pub const TOKEN_EXPIRED: u16 = 4003;
+
 /// Close codes counted individually in metrics; everything else is "other".
 pub const COUNTED: [u16; 15] = [
     NORMAL,

@@ -1,0 +1,481 @@
+//! The push API and Server-Sent Events on a shard: an API request is executed by every
+//! shard (each answers a count) and answered by the shard that holds the HTTP connection;
+//! SSE streams live in the same slab, hub and wheel as WebSockets.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tracing::debug;
+
+use super::{admit, Shard};
+use crate::auth::{self, Identity};
+use crate::conn::{ConnState, Flags};
+use crate::http::api::{self, ApiError, Route};
+use crate::http::request::query_params;
+use crate::http::{response, Method, Request};
+use crate::hub::{ApiCmd, ApiTicket, ShardMsg};
+use crate::metrics::{HandshakeFailure, ShardMetrics};
+use crate::protocol::{self, Target};
+use crate::ws::frame;
+
+/// An API request waiting for the other shards' counts.
+#[derive(Debug)]
+pub(super) struct PendingApi {
+    key: usize,
+    generation: u32,
+    remaining: usize,
+    count: u64,
+    route: Route,
+    close: bool,
+}
+
+/// Turns a shared WebSocket text frame into an SSE event with id `id`. JSON from clients may
+/// hold newlines between tokens; each line becomes its own `data:` line (the client rejoins them).
+pub fn sse_event(id: u64, ws_frame: &Bytes) -> Bytes {
+    let payload = match frame::parse_header(ws_frame) {
+        Ok(Some((_, hl))) => &ws_frame[hl..],
+        _ => &ws_frame[..],
+    };
+    let mut b = BytesMut::with_capacity(payload.len() + 32);
+    b.put_slice(format!("id: {id}\ndata: ").as_bytes());
+    for (i, line) in payload.split(|&c| c == b'\n').enumerate() {
+        if i > 0 {
+            b.put_slice(b"\ndata: ");
+        }
+        b.put_slice(line.strip_suffix(b"\r").unwrap_or(line));
+    }
+    b.put_slice(b"\n\n");
+    b.freeze()
+}
+
+fn json(v: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+impl Shard {
+    /// Browser requests (those with `Origin`) must come from an allowed origin, if any are set.
+    pub(super) fn origin_allowed(&self, req: &Request) -> bool {
+        match (&req.origin, self.cfg.allowed_origins.is_empty()) {
+            (_, true) | (None, _) => true,
+            (Some(o), false) => self.cfg.allowed_origins.iter().any(|a| a == o),
+        }
+    }
+
+    /// `GET /events?channel=a&channel=b`: an event stream of the user's DMs and the channels.
+    pub(super) fn open_sse(&mut self, key: usize, req: &Request) {
+        if !matches!(req.method, Some(Method::Get)) {
+            return self.http_fail(key, 405, "method not allowed", HandshakeFailure::Method);
+        }
+        if !self.origin_allowed(req) {
+            return self.http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
+        }
+        let (user, grant) = match self.auth.resolve(req) {
+            Ok(Identity::User(u, g)) => (Some(Arc::<str>::from(u)), g),
+            Ok(Identity::Anonymous) => (None, None),
+            Err(e) => {
+                return self.http_fail(key, e.status(), &e.to_string(), HandshakeFailure::BadUser)
+            }
+        };
+        let mut channels: Vec<Arc<str>> = Vec::new();
+        for c in query_params(req.query.as_deref(), "channel") {
+            if !protocol::valid_channel(&c) {
+                return self.http_fail(
+                    key,
+                    400,
+                    "invalid channel name",
+                    HandshakeFailure::Malformed,
+                );
+            }
+            if !auth::channel_allowed(grant.as_deref(), &c) {
+                return self.http_fail(
+                    key,
+                    403,
+                    "this channel needs a token that grants it",
+                    HandshakeFailure::Forbidden,
+                );
+            }
+            if channels.len() >= super::session::MAX_CHANNELS_PER_CONN {
+                return self.http_fail(key, 400, "too many channels", HandshakeFailure::Malformed);
+            }
+            if !channels.iter().any(|x| **x == *c) {
+                channels.push(c.into());
+            }
+        }
+        let m = &self.metrics[self.index as usize];
+        let c = &mut self.conns[key];
+        c.flags.set(Flags::COUNTED);
+        if !admit(&self.open_total, self.cfg.max_connections) {
+            m.count_handshake_failure(HandshakeFailure::OverCapacity);
+            return self.http_fail(
+                key,
+                503,
+                "server at capacity, try again later",
+                HandshakeFailure::OverCapacity,
+            );
+        }
+        m.open_http.fetch_sub(1, Ordering::Relaxed);
+        ShardMetrics::add(&m.open_sse, 1);
+        c.state = ConnState::Open;
+        c.flags.set(Flags::SSE);
+        c.user = user;
+        if let Some(g) = grant {
+            self.grants.insert(key as u32, g);
+        }
+        self.push_raw(
+            key,
+            Bytes::from_static(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: keep-alive\r\nX-Accel-Buffering: no\r\n\r\nretry: 2000\n\n",
+            ),
+        );
+        self.register(key, false);
+        for ch in channels {
+            let name = self.hub.channel_key(&ch).unwrap_or(ch);
+            self.hub.subscribe(&name, key as u32);
+            self.conns[key]
+                .channels
+                .get_or_insert_with(Default::default)
+                .push(name);
+        }
+        let deadline = self.next_heartbeat_check(key);
+        self.arm(key, deadline);
+    }
+
+    /// Routes `/api/...`: authorization, method, body, then the command on every shard.
+    pub(super) fn route_api(&mut self, key: usize, req: &Request, body: &[u8]) {
+        let (route, arg, method) = Route::of(&req.path);
+        let result = self.api_request(key, req, body, route, arg, method);
+        if let Err(e) = result {
+            self.api_answer(
+                key,
+                route,
+                e.status,
+                &api::error_body(&e.message),
+                req.connection_close,
+            );
+        }
+    }
+
+    fn api_request(
+        &mut self,
+        key: usize,
+        req: &Request,
+        body: &[u8],
+        route: Route,
+        arg: Option<&str>,
+        method: &str,
+    ) -> Result<(), ApiError> {
+        self.api_authorize(key, req)?;
+        if route == Route::Unknown {
+            return Err(ApiError {
+                status: 404,
+                message: "no such API route".into(),
+            });
+        }
+        let method_ok = match req.method {
+            Some(Method::Get) => method == "GET",
+            Some(Method::Post) => method == "POST",
+            _ => false,
+        };
+        if !method_ok {
+            return Err(ApiError {
+                status: 405,
+                message: format!("use {method} for this route"),
+            });
+        }
+        let ts = self.now_unix_ms;
+        let cmd = match route {
+            Route::Publish => {
+                let p: api::Publish = api::parse_body(body)?;
+                api::check_channel(&p.channel)?;
+                let from = api::check_from(p.from.as_deref())?;
+                let frame = protocol::msg(from, Target::Channel(&p.channel), p.data, ts);
+                ApiCmd::Publish {
+                    channel: p.channel.into(),
+                    frame,
+                }
+            }
+            Route::Send => {
+                let p: api::Send = api::parse_body(body)?;
+                api::check_user("to", &p.to)?;
+                let from = api::check_from(p.from.as_deref())?;
+                let frame = protocol::msg(from, Target::User(&p.to), p.data, ts);
+                ApiCmd::SendUser {
+                    user: p.to.into(),
+                    frame,
+                }
+            }
+            Route::Broadcast => {
+                let p: api::Broadcast = api::parse_body(body)?;
+                let from = api::check_from(p.from.as_deref())?;
+                let frame = protocol::msg(from, Target::Broadcast, p.data, ts);
+                ApiCmd::Broadcast { frame }
+            }
+            Route::Disconnect => {
+                let p: api::Disconnect = api::parse_body(body)?;
+                api::check_user("user", &p.user)?;
+                if !(4000..=4999).contains(&p.code) {
+                    return Err(ApiError::bad("`code` must be 4000-4999"));
+                }
+                let reason = p
+                    .reason
+                    .unwrap_or_else(|| "disconnected by the server".into());
+                if reason.len() > 123 {
+                    return Err(ApiError::bad("`reason` must be at most 123 bytes"));
+                }
+                ApiCmd::Disconnect {
+                    user: p.user.into(),
+                    code: p.code,
+                    reason: reason.into(),
+                }
+            }
+            Route::User => {
+                let id = arg
+                    .and_then(crate::http::request::percent_decode)
+                    .unwrap_or_default();
+                api::check_user("user", &id)?;
+                ApiCmd::CountUser { user: id.into() }
+            }
+            Route::Channel => {
+                let name = arg
+                    .and_then(crate::http::request::percent_decode)
+                    .unwrap_or_default();
+                api::check_channel(&name)?;
+                ApiCmd::CountChannel {
+                    channel: name.into(),
+                }
+            }
+            Route::Stats => {
+                let body = self.stats_json();
+                self.api_answer(key, route, 200, &body, req.connection_close);
+                return Ok(());
+            }
+            Route::Unknown => unreachable!("answered above"),
+        };
+        self.start_api(key, route, cmd, req.connection_close);
+        Ok(())
+    }
+
+    /// `Authorization: Bearer <api key>`; without a configured key, loopback peers only.
+    fn api_authorize(&self, key: usize, req: &Request) -> Result<(), ApiError> {
+        match &self.cfg.api_key {
+            Some(k) => {
+                let given = req
+                    .authorization
+                    .as_deref()
+                    .and_then(|a| a.strip_prefix("Bearer "))
+                    .map(str::trim);
+                if given.is_some_and(|g| constant_time_eq(g.as_bytes(), k.as_bytes())) {
+                    Ok(())
+                } else {
+                    Err(ApiError {
+                        status: 401,
+                        message: "missing or wrong API key (Authorization: Bearer <key>)".into(),
+                    })
+                }
+            }
+            None => {
+                let loopback = self.conns[key]
+                    .stream
+                    .peer_addr()
+                    .is_ok_and(|a| a.ip().is_loopback());
+                if loopback {
+                    Ok(())
+                } else {
+                    Err(ApiError {
+                        status: 403,
+                        message: "no --api-key is set: the API answers loopback peers only".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    fn stats_json(&self) -> Vec<u8> {
+        let sum = |f: &dyn Fn(&ShardMetrics) -> u64| -> u64 { self.metrics.iter().map(f).sum() };
+        let r = Ordering::Relaxed;
+        json(serde_json::json!({
+            "shards": self.metrics.len(),
+            "connections": {
+                "ws": sum(&|m| m.open_ws.load(r)),
+                "sse": sum(&|m| m.open_sse.load(r)),
+                "http": sum(&|m| m.open_http.load(r)),
+            },
+            "accepted": sum(&|m| m.accepted.load(r)),
+            "messages_in": sum(&|m| m.messages_in.load(r)),
+            "messages_out": sum(&|m| m.messages_out.load(r)),
+            "bytes_in": sum(&|m| m.bytes_in.load(r)),
+            "bytes_out": sum(&|m| m.bytes_out.load(r)),
+            "dropped": sum(&|m| m.dropped.load(r)),
+            "slow_consumer_closes": sum(&|m| m.slow_consumers.load(r)),
+            "timer_wheel_entries": sum(&|m| m.wheel_entries.load(r)),
+        }))
+    }
+
+    /// Runs `cmd` here and on every other shard; answers when all have counted.
+    fn start_api(&mut self, key: usize, route: Route, cmd: ApiCmd, close: bool) {
+        let cmd = Arc::new(cmd);
+        let others = self.peers.len() - 1;
+        let id = self.pending_api.insert(PendingApi {
+            key,
+            generation: self.conns[key].generation,
+            remaining: others,
+            count: 0,
+            route,
+            close,
+        }) as u32;
+        let ticket = ApiTicket {
+            shard: self.index,
+            id,
+        };
+        for s in 0..self.peers.len() as u16 {
+            if s != self.index {
+                self.post_reliable(
+                    s,
+                    ShardMsg::Api {
+                        ticket,
+                        cmd: cmd.clone(),
+                    },
+                );
+            }
+        }
+        let local = self.exec_api(&cmd);
+        self.pending_api[id as usize].count += local;
+        if others == 0 {
+            self.complete_api(id, false);
+        } else {
+            // Later requests on this connection wait for this answer (responses stay in order).
+            self.conns[key].flags.set(Flags::HOLD_INPUT);
+        }
+    }
+
+    pub(super) fn on_api(&mut self, ticket: ApiTicket, cmd: &ApiCmd) {
+        let count = self.exec_api(cmd);
+        self.post_reliable(
+            ticket.shard,
+            ShardMsg::ApiDone {
+                id: ticket.id,
+                count,
+            },
+        );
+    }
+
+    pub(super) fn on_api_done(&mut self, id: u32, count: u64) {
+        let Some(p) = self.pending_api.get_mut(id as usize) else {
+            return;
+        };
+        p.count += count;
+        p.remaining -= 1;
+        if p.remaining == 0 {
+            self.complete_api(id, true);
+        }
+    }
+
+    fn complete_api(&mut self, id: u32, resume: bool) {
+        let p = self.pending_api.remove(id as usize);
+        let alive = self
+            .conns
+            .get(p.key)
+            .is_some_and(|c| c.generation == p.generation);
+        if !alive {
+            return;
+        }
+        let body = match p.route {
+            Route::Publish | Route::Send | Route::Broadcast => {
+                json(serde_json::json!({ "delivered": p.count }))
+            }
+            Route::Disconnect => json(serde_json::json!({ "disconnected": p.count })),
+            Route::User => {
+                json(serde_json::json!({ "online": p.count > 0, "connections": p.count }))
+            }
+            Route::Channel => json(serde_json::json!({ "subscribers": p.count })),
+            Route::Stats | Route::Unknown => unreachable!("answered without the other shards"),
+        };
+        self.api_answer(p.key, p.route, 200, &body, p.close);
+        if resume {
+            self.conns[p.key].flags.clear(Flags::HOLD_INPUT);
+            // Pipelined requests that arrived meanwhile.
+            self.on_readable(p.key);
+        }
+    }
+
+    fn api_answer(&mut self, key: usize, route: Route, status: u16, body: &[u8], close: bool) {
+        ShardMetrics::add(
+            &self.metrics[self.index as usize].api_requests[route as usize]
+                [api::status_index(status)],
+            1,
+        );
+        if status != 200 {
+            debug!(
+                shard = self.index,
+                conn = key,
+                status,
+                route = route.label(),
+                "API request refused"
+            );
+        }
+        let resp = response::simple(status, "application/json", body, "", close);
+        if close {
+            self.push_raw(key, resp);
+            self.drain_after_response(key);
+        } else {
+            self.push_raw(key, resp);
+            let deadline = self.now_ms + self.cfg.handshake_timeout_ms;
+            self.arm(key, deadline);
+        }
+    }
+
+    /// Executes an API command on this shard's connections; returns its count.
+    fn exec_api(&mut self, cmd: &ApiCmd) -> u64 {
+        match cmd {
+            ApiCmd::Publish { channel, frame } => self.deliver_channel_local(channel, frame),
+            ApiCmd::SendUser { user, frame } => self.deliver_user_local(user, frame, None),
+            ApiCmd::Broadcast { frame } => {
+                let keys: Vec<usize> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| {
+                        c.state == ConnState::Open
+                            && (c.flags.has(Flags::SSE) || c.flags.has(Flags::WEBSOCKET))
+                    })
+                    .map(|(k, _)| k)
+                    .collect();
+                keys.into_iter()
+                    .map(|k| u64::from(self.deliver(k, frame.clone())))
+                    .sum()
+            }
+            ApiCmd::Disconnect { user, code, reason } => {
+                let slots: Vec<u32> = self.hub.user_slots(user).to_vec();
+                for &s in &slots {
+                    self.start_close_with(s as usize, *code, reason.to_string().into());
+                }
+                slots.len() as u64
+            }
+            ApiCmd::CountUser { user } => self.hub.user_slots(user).len() as u64,
+            ApiCmd::CountChannel { channel } => self.hub.subscriber_count(channel) as u64,
+        }
+    }
+}
+
+/// Compares secrets without an early exit.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_events_split_lines_and_carry_ids() {
+        let f = frame::encode(frame::OpCode::Data(frame::Data::Text), b"{\"a\":\n1}");
+        assert_eq!(&sse_event(7, &f)[..], b"id: 7\ndata: {\"a\":\ndata: 1}\n\n");
+    }
+
+    #[test]
+    fn secrets_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
