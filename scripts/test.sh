@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite: unit and end-to-end tests of every crate, then Autobahn conformance.
+# The whole test suite: unit and end-to-end tests of every crate, Autobahn conformance, the
+# browser client's unit tests and the two-person chat in real headless Chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
 cargo test --workspace
 bash scripts/autobahn.sh target/autobahn
+[ -d web/node_modules/playwright-core ] || (cd web && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund)
+(cd web && node --test --test-timeout=120000 test/)

@@ -227,7 +227,19 @@ impl Shard {
                 let body = metrics::render(&self.metrics).into_bytes();
                 self.http_ok(key, req, "text/plain; version=0.0.4", body)
             }
-            "/healthz" | "/metrics" => {
+            "/" if get => {
+                let body = http::assets::INDEX_HTML.as_bytes().to_vec();
+                self.http_ok(key, req, "text/html; charset=utf-8", body)
+            }
+            "/client.js" if get => {
+                let body = http::assets::CLIENT_JS.as_bytes().to_vec();
+                self.http_ok(key, req, "text/javascript; charset=utf-8", body)
+            }
+            "/favicon.ico" if get => {
+                let resp = response::simple(204, "image/x-icon", b"", "", req.connection_close);
+                self.http_respond(key, req, resp, req.connection_close)
+            }
+            "/healthz" | "/metrics" | "/" | "/client.js" => {
                 self.http_fail(key, 405, "method not allowed", HandshakeFailure::Method)
             }
             _ => self.http_respond(key, req, response::error(404, "not found"), true),

@@ -1,0 +1,343 @@
+// switchboard browser client: a plain ES module (no build step) that also sets
+// window.Switchboard. Served by the server at /client.js. Protocol: docs/protocol.md.
+
+/** Close codes and what they mean to a person; the same table as docs/protocol.md. */
+export const CLOSE_CODES = {
+  1000: 'Normal closure: the connection finished its work.',
+  1001: 'Going away: the server is shutting down or restarting (or the page is leaving).',
+  1002: 'Protocol error: a frame broke the WebSocket protocol.',
+  1003: 'Unsupported data: binary messages are not accepted; the protocol is JSON text.',
+  1005: 'No status: the close frame carried no code.',
+  1006: 'Abnormal closure: the connection dropped without a close frame (network lost, server gone).',
+  1007: 'Invalid payload: a text message was not valid UTF-8.',
+  1008: 'Policy violation: the server refused this connection by policy.',
+  1009: 'Message too big: a message was over the server\'s size limit.',
+  1011: 'Internal error: the server hit an unexpected condition.',
+  1012: 'Service restart: the server is restarting.',
+  1013: 'Try again later: the server is at capacity.',
+  1015: 'TLS handshake failure.',
+  4000: 'Heartbeat timeout: nothing arrived for too long, so the connection was considered dead.',
+  4001: 'Slow consumer: messages were not read fast enough and the queue overflowed.',
+  4002: 'Kicked: a backend disconnected this user.',
+  4003: 'Token expired: sign in again to get a fresh token.',
+};
+
+/** Codes after which reconnecting would not help (1000 only when the app closed). */
+export const TERMINAL_CODES = new Set([1008, 4002, 4003]);
+
+/** A person-readable explanation of a close code. */
+export function explainClose(code) {
+  if (code in CLOSE_CODES) return CLOSE_CODES[code];
+  if (code >= 4000 && code <= 4999) return `Application close code ${code}.`;
+  if (code >= 3000 && code <= 3999) return `Library/framework close code ${code}.`;
+  return `Unknown close code ${code}.`;
+}
+
+/** Whether to reconnect after a close. `byApp`: our own code called close(). */
+export function shouldReconnect(code, byApp) {
+  if (byApp) return false;
+  return !TERMINAL_CODES.has(code);
+}
+
+/** Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^attempt)). */
+export function backoffDelay(attempt, base = 500, cap = 30000, random = Math.random) {
+  const ceiling = Math.min(cap, base * 2 ** Math.min(attempt, 30));
+  return Math.floor(random() * ceiling);
+}
+
+/** A request waiting for the server's ack/error, or its timeout. */
+export class Pending {
+  constructor(timeoutMs, setTimer = (f, ms) => setTimeout(f, ms), clearTimer = (t) => clearTimeout(t)) {
+    this.map = new Map();
+    this.next = 1;
+    this.timeoutMs = timeoutMs;
+    this.setTimer = setTimer;
+    this.clearTimer = clearTimer;
+  }
+
+  /** Registers a request; returns [id, promise]. */
+  add() {
+    const id = `c${this.next++}`;
+    const promise = new Promise((resolve, reject) => {
+      const timer = this.setTimer(() => {
+        this.map.delete(id);
+        const err = new Error(`no answer within ${this.timeoutMs} ms`);
+        err.code = 'timeout';
+        reject(err);
+      }, this.timeoutMs);
+      this.map.set(id, { resolve, reject, timer });
+    });
+    return [id, promise];
+  }
+
+  /** Settles a request from an `ack` or `error` event; false if unknown. */
+  settle(msg) {
+    const p = this.map.get(msg.id);
+    if (!p) return false;
+    this.map.delete(msg.id);
+    this.clearTimer(p.timer);
+    if (msg.op === 'ack') {
+      p.resolve(msg);
+    } else {
+      const err = new Error(msg.message || msg.code);
+      err.code = msg.code;
+      p.reject(err);
+    }
+    return true;
+  }
+
+  /** Fails every waiting request (the connection closed). */
+  failAll(reason) {
+    for (const [, p] of this.map) {
+      this.clearTimer(p.timer);
+      const err = new Error(reason);
+      err.code = 'disconnected';
+      p.reject(err);
+    }
+    this.map.clear();
+  }
+}
+
+/**
+ * A switchboard connection that reconnects by itself.
+ *
+ *   const sb = new Switchboard('ws://127.0.0.1:8080/ws', {user: 'alice'});
+ *   sb.on('message', (m) => ...); sb.on('close', (e) => console.log(e.explanation));
+ *   await sb.send('bob', {text: 'hi'}); await sb.subscribe('room1');
+ */
+export class Switchboard {
+  constructor(url, opts = {}) {
+    this.baseUrl = url;
+    this.user = opts.user;
+    this.token = opts.token;
+    this.base = opts.backoffBaseMs ?? 500;
+    this.cap = opts.backoffCapMs ?? 30000;
+    this.heartbeatMs = opts.heartbeatMs ?? 20000;
+    this.heartbeatTimeoutMs = opts.heartbeatTimeoutMs ?? 10000;
+    this.WebSocketImpl = opts.WebSocket ?? globalThis.WebSocket;
+    this.EventSourceImpl = opts.EventSource ?? globalThis.EventSource;
+    this.sseFallback = opts.sseFallback ?? true;
+    this.log = opts.logger ?? console;
+    this.handlers = {};
+    this.pending = new Pending(opts.ackTimeoutMs ?? 10000);
+    this.channels = new Set();
+    this.attempt = 0;
+    this.failuresBeforeOpen = 0;
+    this.closedByApp = false;
+    this.state = 'idle';
+    this.ws = null;
+    this.es = null;
+    this.lastClose = null;
+    if (typeof window !== 'undefined' && window.addEventListener) {
+      const leave = () => this.close(1000, 'page closed');
+      window.addEventListener('pagehide', leave);
+      window.addEventListener('beforeunload', leave);
+    }
+    if (opts.autoConnect !== false) this.connect();
+  }
+
+  /** Subscribes `fn` to 'message' | 'open' | 'close' | 'reconnecting' | 'error' | 'state'. */
+  on(event, fn) {
+    (this.handlers[event] ||= []).push(fn);
+    return this;
+  }
+
+  emit(event, arg) {
+    for (const fn of this.handlers[event] || []) {
+      try {
+        fn(arg);
+      } catch (e) {
+        this.log.error('[switchboard] handler failed', e);
+      }
+    }
+  }
+
+  setState(s) {
+    this.state = s;
+    this.emit('state', s);
+  }
+
+  url() {
+    const u = new URL(this.baseUrl, typeof location !== 'undefined' ? location.href : undefined);
+    if (this.token) u.searchParams.set('token', this.token);
+    else if (this.user) u.searchParams.set('user', this.user);
+    return u.toString();
+  }
+
+  connect() {
+    this.closedByApp = false;
+    this.setState('connecting');
+    let ws;
+    try {
+      ws = new this.WebSocketImpl(this.url());
+    } catch (e) {
+      this.emit('error', e);
+      return this.scheduleReconnect(1006);
+    }
+    this.ws = ws;
+    let opened = false;
+    ws.onopen = () => {
+      opened = true;
+      this.attempt = 0;
+      this.failuresBeforeOpen = 0;
+    };
+    ws.onmessage = (e) => this.onFrame(e.data);
+    ws.onerror = (e) => this.emit('error', e);
+    ws.onclose = (e) => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      if (!opened) this.failuresBeforeOpen++;
+      this.onClosed(e.code, e.reason, e.wasClean);
+    };
+  }
+
+  onFrame(data) {
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      return this.emit('error', new Error('server sent non-JSON data'));
+    }
+    switch (msg.op) {
+      case 'welcome':
+        this.welcome = msg;
+        this.setState('open');
+        this.startHeartbeat();
+        // Restore subscriptions after a reconnect.
+        for (const c of this.channels) this.request({ op: 'sub', channel: c }).catch(() => {});
+        this.emit('open', msg);
+        break;
+      case 'ack':
+      case 'error':
+        if (!this.pending.settle(msg) && msg.op === 'error') this.emit('error', msg);
+        break;
+      case 'pong':
+        this.lastPong = Date.now();
+        this.awaitingPong = false;
+        clearTimeout(this.heartbeatDeadline);
+        break;
+      default:
+        this.emit('message', msg);
+    }
+  }
+
+  onClosed(code, reason, wasClean) {
+    this.stopHeartbeat();
+    this.pending.failAll(`connection closed (${code})`);
+    const byApp = this.closedByApp;
+    const willReconnect = shouldReconnect(code, byApp);
+    const explanation = explainClose(code);
+    const ev = { code, reason, wasClean, explanation, willReconnect };
+    this.lastClose = ev;
+    const line = `[switchboard] closed code=${code} reason=${JSON.stringify(reason || '')} wasClean=${wasClean} — ${explanation}`;
+    if (code === 1000 || code === 1001) this.log.info(line);
+    else this.log.warn(line);
+    this.setState('closed');
+    this.emit('close', ev);
+    if (!willReconnect) return;
+    if (this.sseFallback && this.failuresBeforeOpen >= 3 && this.EventSourceImpl && !this.es) {
+      return this.startEventSource();
+    }
+    this.scheduleReconnect(code);
+  }
+
+  scheduleReconnect(code) {
+    const delay = backoffDelay(this.attempt++, this.base, this.cap);
+    this.setState('reconnecting');
+    this.emit('reconnecting', { attempt: this.attempt, delayMs: delay, code });
+    this.reconnectTimer = setTimeout(() => this.connect(), delay);
+  }
+
+  /** Receive-only fallback over Server-Sent Events when WebSocket keeps failing. */
+  startEventSource() {
+    const u = new URL(this.url());
+    u.pathname = u.pathname.replace(/\/ws$/, '/events');
+    u.protocol = u.protocol === 'wss:' ? 'https:' : 'http:';
+    for (const c of this.channels) u.searchParams.append('channel', c);
+    this.log.warn('[switchboard] WebSocket keeps failing; receiving over Server-Sent Events');
+    const es = new this.EventSourceImpl(u.toString());
+    this.es = es;
+    es.onopen = () => this.setState('open-sse');
+    es.onmessage = (e) => this.onFrame(e.data);
+    es.onerror = (e) => this.emit('error', e);
+  }
+
+  startHeartbeat() {
+    this.stopHeartbeat();
+    this.awaitingPong = false;
+    this.heartbeatTimer = setInterval(() => {
+      // One ping at a time: while one is unanswered its deadline stands.
+      if (!this.ws || this.ws.readyState !== 1 || this.awaitingPong) return;
+      this.awaitingPong = true;
+      this.ws.send(JSON.stringify({ op: 'ping', data: Date.now() }));
+      // No pong in time: the connection is half-open even if the browser has not noticed.
+      this.heartbeatDeadline = setTimeout(() => this.declareDead(), this.heartbeatTimeoutMs);
+    }, this.heartbeatMs);
+  }
+
+  stopHeartbeat() {
+    clearInterval(this.heartbeatTimer);
+    clearTimeout(this.heartbeatDeadline);
+  }
+
+  declareDead() {
+    const ws = this.ws;
+    if (!ws) return;
+    this.ws = null;
+    try {
+      ws.close(4000, 'no pong');
+    } catch {
+      /* already closing */
+    }
+    this.onClosed(4000, 'no pong from the server in time', false);
+  }
+
+  request(body) {
+    if (!this.ws || this.ws.readyState !== 1 || this.state !== 'open') {
+      const err = new Error(this.es ? 'receive-only (SSE fallback)' : 'not connected');
+      err.code = 'not_connected';
+      return Promise.reject(err);
+    }
+    const [id, promise] = this.pending.add();
+    this.ws.send(JSON.stringify({ ...body, id }));
+    return promise;
+  }
+
+  /** Direct message to every connection of `to`; resolves on the server's ack. */
+  send(to, data) {
+    return this.request({ op: 'send', to, data });
+  }
+
+  /** Publishes to a channel; resolves on the server's ack. */
+  publish(channel, data) {
+    return this.request({ op: 'pub', channel, data });
+  }
+
+  /** Joins a channel (restored after every reconnect). */
+  subscribe(channel) {
+    this.channels.add(channel);
+    if (this.state !== 'open') return Promise.resolve({ queued: true });
+    return this.request({ op: 'sub', channel });
+  }
+
+  /** Leaves a channel. */
+  unsubscribe(channel) {
+    this.channels.delete(channel);
+    if (this.state !== 'open') return Promise.resolve({ queued: true });
+    return this.request({ op: 'unsub', channel });
+  }
+
+  /** Closes for good (no reconnect). */
+  close(code = 1000, reason = 'closed by the app') {
+    this.closedByApp = true;
+    clearTimeout(this.reconnectTimer);
+    this.stopHeartbeat();
+    if (this.es) {
+      this.es.close();
+      this.es = null;
+    }
+    if (this.ws && this.ws.readyState <= 1) this.ws.close(code, reason);
+  }
+}
+
+if (typeof window !== 'undefined') window.Switchboard = Switchboard;

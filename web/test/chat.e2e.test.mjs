@@ -1,0 +1,145 @@
+// End to end in real headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core):
+// two people chat through the page served by the real switchboard binary, join a room, live
+// through a server restart, and chat again. Screenshots go to target/e2e/.
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { dirname, resolve } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
+const BIN = process.env.SWITCHBOARD_BIN || `${root}/target/release/switchboard`;
+const OUT = `${root}/target/e2e`;
+const WAIT = { timeout: 15000 };
+mkdirSync(OUT, { recursive: true });
+
+function startServer(listen) {
+  return new Promise((resolveStart, reject) => {
+    const child = spawn(BIN, ['--listen', listen, '--shards', '2', '--shutdown-grace-ms', '2000'], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      env: { ...process.env, RUST_LOG: 'warn' },
+    });
+    let buf = '';
+    const timer = setTimeout(() => reject(new Error('server did not start')), 15000);
+    child.stdout.on('data', (d) => {
+      buf += d;
+      const m = buf.match(/listening on (\S+)/);
+      if (m) {
+        clearTimeout(timer);
+        resolveStart({ child, addr: m[1] });
+      }
+    });
+    child.on('exit', (code) => reject(new Error(`server exited ${code}`)));
+  });
+}
+
+function stopServer(child) {
+  return new Promise((r) => {
+    child.on('exit', (code, signal) => r({ code, signal }));
+    child.kill('SIGTERM');
+  });
+}
+
+let browser;
+let server;
+after(async () => {
+  await browser?.close();
+  server?.child.kill('SIGKILL');
+});
+
+async function login(page, base, name) {
+  await page.goto(`${base}/`);
+  await page.fill('#name', name);
+  await page.click('#connect');
+  await page.waitForFunction((n) => document.getElementById('state').textContent === `connected as ${n}`, name, WAIT);
+}
+
+async function sendText(page, text) {
+  await page.fill('#text', text);
+  await page.click('#send');
+}
+
+async function subscribers(base, channel) {
+  const r = await fetch(`${base}/api/channels/${channel}`);
+  return (await r.json()).subscribers;
+}
+
+async function until(what, f) {
+  const end = Date.now() + WAIT.timeout;
+  while (!(await f())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+test('two people chat in real Chromium, through a server restart', async () => {
+  server = await startServer('127.0.0.1:0');
+  const base = `http://${server.addr}`;
+  browser = await chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  const alice = await (await browser.newContext({ viewport: { width: 900, height: 700 } })).newPage();
+  const bob = await (await browser.newContext({ viewport: { width: 390, height: 780 } })).newPage();
+  const consoleLines = { alice: [], bob: [] };
+  alice.on('console', (m) => consoleLines.alice.push(m.text()));
+  bob.on('console', (m) => consoleLines.bob.push(m.text()));
+
+  await login(alice, base, 'alice');
+  await login(bob, base, 'bob');
+
+  // Alice picks Bob from the online list and sends a message; it turns delivered.
+  await alice.click('#people button[data-user="bob"]', WAIT);
+  await sendText(alice, 'hi bob');
+  await alice.waitForSelector('#messages li.mine .status[data-status="delivered"]', WAIT);
+  // Bob sees it, replies; Alice sees the reply.
+  await bob.click('#people button[data-user="alice"]', WAIT);
+  await bob.waitForSelector('#messages li:has-text("hi bob")', WAIT);
+  await sendText(bob, 'hi alice');
+  await bob.waitForSelector('#messages li.mine:has-text("hi alice") .status[data-status="delivered"]', WAIT);
+  await alice.waitForSelector('#messages li:not(.mine):has-text("hi alice")', WAIT);
+
+  // Both join a room and see each other's messages.
+  await alice.click('#join');
+  await bob.click('#join');
+  await until('both in room1', async () => (await subscribers(base, 'room1')) === 2);
+  await sendText(alice, 'hello room');
+  await sendText(bob, 'hello from bob');
+  for (const page of [alice, bob]) {
+    await page.waitForSelector('#messages li:has-text("hello room")', WAIT);
+    await page.waitForSelector('#messages li:has-text("hello from bob")', WAIT);
+  }
+
+  // The server stops: both pages explain the close; it starts again: both reconnect.
+  const stopped = await stopServer(server.child);
+  assert.equal(stopped.code, 0, 'server exits 0 on SIGTERM');
+  for (const page of [alice, bob]) {
+    await page.waitForFunction(() => /Closed 1001/.test(document.getElementById('close-explanation').textContent), null, WAIT);
+  }
+  const explanation = await alice.textContent('#close-explanation');
+  assert.match(explanation, /shutting down/);
+  await alice.screenshot({ path: `${OUT}/alice-server-down.png` });
+  server = await startServer(server.addr);
+  for (const [page, name] of [[alice, 'alice'], [bob, 'bob']]) {
+    await page.waitForFunction((n) => document.getElementById('state').textContent === `connected as ${n}`, name, WAIT);
+    await page.waitForFunction(() => /Reconnected/.test(document.getElementById('close-explanation').textContent), null, WAIT);
+  }
+  assert.ok(consoleLines.alice.some((l) => l.includes('code=1001') && l.includes('shutting down')), 'close logged to the console');
+
+  // Messaging works again, in the room (restored subscription) and directly.
+  await until('room1 restored', async () => (await subscribers(base, 'room1')) === 2);
+  await sendText(bob, 'back in the room');
+  await alice.waitForSelector('#messages li:has-text("back in the room")', WAIT);
+  await alice.click('#people button[data-user="bob"]', WAIT);
+  await sendText(alice, 'still there?');
+  await alice.waitForSelector('#messages li.mine:has-text("still there?") .status[data-status="delivered"]', WAIT);
+  await bob.click('#people button[data-user="alice"]', WAIT);
+  await bob.waitForSelector('#messages li:has-text("still there?")', WAIT);
+
+  await alice.screenshot({ path: `${OUT}/alice.png`, fullPage: true });
+  await bob.screenshot({ path: `${OUT}/bob.png`, fullPage: true });
+});

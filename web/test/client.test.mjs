@@ -1,0 +1,172 @@
+// Unit tests of the browser client's logic under Node's built-in test runner.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  backoffDelay, explainClose, shouldReconnect, Pending, Switchboard, CLOSE_CODES, TERMINAL_CODES,
+} from '../client.js';
+import { readFileSync } from 'node:fs';
+
+test('backoff grows exponentially up to the cap, with full jitter', () => {
+  // random() = 0.999… gives the ceiling; 0 gives 0.
+  const top = () => 0.999999;
+  assert.equal(backoffDelay(0, 100, 5000, top), 99);
+  assert.equal(backoffDelay(3, 100, 5000, top), 799);
+  assert.equal(backoffDelay(10, 100, 5000, top), 4999);
+  assert.equal(backoffDelay(5, 100, 5000, () => 0), 0);
+  const draws = Array.from({ length: 500 }, () => backoffDelay(4, 100, 5000));
+  assert.ok(draws.every((d) => d >= 0 && d < 1600));
+  assert.ok(Math.min(...draws) < 400 && Math.max(...draws) > 1200, 'spread over the range');
+});
+
+test('close table explains every documented code, and terminal codes stop reconnects', () => {
+  for (const code of [1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 1013, 4000, 4001, 4002, 4003]) {
+    assert.ok(CLOSE_CODES[code], `code ${code} documented`);
+    assert.equal(explainClose(code), CLOSE_CODES[code]);
+  }
+  assert.match(explainClose(4321), /Application close code 4321/);
+  assert.match(explainClose(2999), /Unknown/);
+  for (const c of [1008, 4002, 4003]) assert.equal(shouldReconnect(c, false), false);
+  assert.equal(shouldReconnect(1000, true), false, 'the app closed it');
+  for (const c of [1000, 1001, 1006, 1011, 1013, 4000, 4001]) assert.equal(shouldReconnect(c, false), true);
+  assert.deepEqual([...TERMINAL_CODES].sort(), [1008, 4002, 4003]);
+});
+
+test('the close table matches docs/protocol.md', () => {
+  const doc = readFileSync(new URL('../../docs/protocol.md', import.meta.url), 'utf8');
+  const table = doc.slice(doc.indexOf('## Close codes'), doc.indexOf('## HTTP on the same port'));
+  const documented = [...table.matchAll(/^\| (\d{4}) \|/gm)].map((m) => Number(m[1]));
+  assert.ok(documented.length >= 14);
+  for (const code of documented) assert.ok(CLOSE_CODES[code], `client explains ${code}`);
+});
+
+test('pending requests resolve on ack, reject on error and on timeout', async () => {
+  const p = new Pending(30);
+  const [id1, ok] = p.add();
+  const [id2, bad] = p.add();
+  const [, slow] = p.add();
+  assert.notEqual(id1, id2);
+  assert.ok(p.settle({ op: 'ack', id: id1 }));
+  assert.deepEqual(await ok, { op: 'ack', id: id1 });
+  p.settle({ op: 'error', id: id2, code: 'user_offline', message: 'bob is offline' });
+  await assert.rejects(bad, (e) => e.code === 'user_offline' && e.message === 'bob is offline');
+  await assert.rejects(slow, (e) => e.code === 'timeout');
+  assert.equal(p.settle({ op: 'ack', id: 'unknown' }), false);
+});
+
+/** A fake WebSocket the tests drive by hand. */
+class FakeWS {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    FakeWS.all.push(this);
+  }
+  send(s) { this.sent.push(JSON.parse(s)); }
+  close(code, reason) { this.readyState = 3; this.closedWith = { code, reason }; queueMicrotask(() => this.onclose?.({ code, reason, wasClean: true })); }
+  open() { this.readyState = 1; this.onopen?.(); }
+  recv(obj) { this.onmessage?.({ data: JSON.stringify(obj) }); }
+  drop(code, reason = '') { this.readyState = 3; this.onclose?.({ code, reason, wasClean: code !== 1006 }); }
+}
+
+const quiet = { info() {}, warn() {}, error() {} };
+
+test('send resolves on ack and rejects with the server error; subscriptions are restored', async () => {
+  FakeWS.all = [];
+  const logs = [];
+  const sb = new Switchboard('ws://x/ws', {
+    user: 'alice', WebSocket: FakeWS, backoffBaseMs: 1, backoffCapMs: 2, heartbeatMs: 60000,
+    logger: { info: (l) => logs.push(l), warn: (l) => logs.push(l), error() {} },
+  });
+  const ws = FakeWS.all[0];
+  assert.match(ws.url, /user=alice/);
+  ws.open();
+  ws.recv({ op: 'welcome', user: 'alice', conn: '0.1.1', ping_interval_ms: 25000 });
+  const sub = sb.subscribe('room1');
+  ws.recv({ op: 'ack', id: ws.sent[0].id });
+  await sub;
+  const ok = sb.send('bob', { t: 1 });
+  const sent = ws.sent.at(-1);
+  assert.deepEqual({ op: sent.op, to: sent.to, data: sent.data }, { op: 'send', to: 'bob', data: { t: 1 } });
+  ws.recv({ op: 'ack', id: sent.id });
+  await ok;
+  const off = sb.send('carol', 1);
+  ws.recv({ op: 'error', id: ws.sent.at(-1).id, code: 'user_offline', message: 'carol is offline' });
+  await assert.rejects(off, (e) => e.code === 'user_offline');
+
+  const closes = [];
+  sb.on('close', (e) => closes.push(e));
+  const reconnecting = new Promise((r) => sb.on('reconnecting', r));
+  ws.drop(1001, 'server shutting down');
+  assert.equal(closes[0].code, 1001);
+  assert.equal(closes[0].willReconnect, true);
+  assert.match(closes[0].explanation, /shutting down/);
+  assert.ok(logs.some((l) => l.includes('code=1001') && l.includes('wasClean=true')), 'close logged');
+  await reconnecting;
+  await new Promise((r) => setTimeout(r, 20));
+  const ws2 = FakeWS.all[1];
+  assert.ok(ws2, 'reconnected');
+  ws2.open();
+  ws2.recv({ op: 'welcome', user: 'alice', conn: '0.2.1', ping_interval_ms: 25000 });
+  assert.deepEqual(ws2.sent.map((m) => [m.op, m.channel]), [['sub', 'room1']], 'subscription restored');
+  sb.close();
+});
+
+test('no reconnect after a terminal code or an app close', async () => {
+  FakeWS.all = [];
+  const sb = new Switchboard('ws://x/ws', { user: 'a', WebSocket: FakeWS, backoffBaseMs: 1, logger: quiet });
+  FakeWS.all[0].open();
+  FakeWS.all[0].recv({ op: 'welcome', user: 'a', conn: 'c', ping_interval_ms: 1 });
+  const closed = new Promise((r) => sb.on('close', r));
+  FakeWS.all[0].drop(4002, 'kicked');
+  const ev = await closed;
+  assert.equal(ev.willReconnect, false);
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(FakeWS.all.length, 1);
+
+  FakeWS.all = [];
+  const sb2 = new Switchboard('ws://x/ws', { user: 'b', WebSocket: FakeWS, backoffBaseMs: 1, logger: quiet });
+  FakeWS.all[0].open();
+  const closed2 = new Promise((r) => sb2.on('close', r));
+  sb2.close();
+  assert.equal(FakeWS.all[0].closedWith.code, 1000);
+  assert.equal((await closed2).willReconnect, false);
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(FakeWS.all.length, 1);
+  void sb;
+});
+
+test('a missing pong declares a half-open connection dead and reconnects', async () => {
+  FakeWS.all = [];
+  const sb = new Switchboard('ws://x/ws', {
+    user: 'h', WebSocket: FakeWS, heartbeatMs: 10, heartbeatTimeoutMs: 15, backoffBaseMs: 1, backoffCapMs: 2, logger: quiet,
+  });
+  const ws = FakeWS.all[0];
+  ws.open();
+  ws.recv({ op: 'welcome', user: 'h', conn: 'c', ping_interval_ms: 1 });
+  const ev = await new Promise((r) => sb.on('close', r));
+  assert.equal(ev.code, 4000);
+  assert.ok(ws.sent.some((m) => m.op === 'ping'), 'pinged first');
+  await new Promise((r) => setTimeout(r, 30));
+  assert.ok(FakeWS.all.length >= 2, 'reconnected after declaring it dead');
+  sb.close();
+});
+
+test('falls back to EventSource when WebSocket keeps failing', async () => {
+  FakeWS.all = [];
+  const sources = [];
+  class FakeES { constructor(url) { this.url = url; sources.push(this); } close() {} }
+  const sb = new Switchboard('ws://x:1/ws', {
+    user: 'old', WebSocket: FakeWS, EventSource: FakeES, backoffBaseMs: 1, backoffCapMs: 1, logger: quiet,
+  });
+  sb.channels.add('news');
+  for (let i = 0; i < 3; i++) {
+    while (FakeWS.all.length <= i) await new Promise((r) => setTimeout(r, 2));
+    FakeWS.all[i].drop(1006);
+  }
+  assert.equal(sources.length, 1);
+  assert.match(sources[0].url, /^http:\/\/x:1\/events\?user=old&channel=news$/);
+  sources[0].onmessage({ data: JSON.stringify({ op: 'msg', from: 'server', channel: 'news', data: 1 }) });
+  await assert.rejects(sb.send('x', 1), (e) => e.code === 'not_connected');
+  sb.close();
+});
