@@ -414,7 +414,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Echo => "echo_rtt",
         Scenario::Dm => "dm_latency",
         Scenario::Fanout => "fanout_latency",
-        Scenario::Connect | Scenario::Storm => "latency",
+        Scenario::Connect | Scenario::Storm | Scenario::Tcp => "latency",
     };
     let mut hists: Vec<(&str, &Histogram<u64>)> = vec![("connect", &connect_hist)];
     if matches!(

@@ -53,6 +53,8 @@ pub enum Scenario {
     Fanout,
     /// Drop a share of connections at once and reconnect with jittered backoff.
     Storm,
+    /// Plain TCP connects, no upgrade: the baseline the `connect` rate is compared with.
+    Tcp,
 }
 
 /// Phases, set by the main thread.
@@ -226,7 +228,7 @@ impl Job {
             Scenario::Echo => self.connections,
             Scenario::Dm => self.connections / 2 * 2,
             Scenario::Fanout => self.publishers,
-            Scenario::Connect | Scenario::Storm => 0,
+            Scenario::Connect | Scenario::Storm | Scenario::Tcp => 0,
         }
     }
 
@@ -604,6 +606,19 @@ impl Worker {
                     return; // not yet
                 }
             }
+            if self.job.scenario == Scenario::Tcp {
+                // Baseline: the connection counts as established when TCP says so.
+                c.st = St::Open;
+                let now = now_ns();
+                self.connect_hist.saturating_record(latency_us(c.t0_ns, now));
+                let st = &self.shared.stats[self.index];
+                st.connecting.fetch_sub(1, Relaxed);
+                st.open.fetch_add(1, Relaxed);
+                st.established.fetch_add(1, Relaxed);
+                st.ready.fetch_add(1, Relaxed);
+                st.last_established_ns.fetch_max(now, Relaxed);
+                return;
+            }
             c.st = St::Handshake;
             let path = self.job.path(c.id as usize);
             let host = &self.job.targets[c.id as usize % self.job.targets.len()].host;
@@ -682,6 +697,9 @@ impl Worker {
 
     fn on_eof(&mut self, key: usize) {
         let c = &self.conns[key];
+        if self.job.scenario == Scenario::Tcp && c.st == St::Open {
+            return self.lost(key, 1006);
+        }
         match c.st {
             St::Closing => self.drop_conn(key),
             St::Open => self.lost(key, 1006),
@@ -716,6 +734,10 @@ impl Worker {
     }
 
     fn process(&mut self, key: usize) {
+        if self.job.scenario == Scenario::Tcp {
+            self.conns[key].rbuf.clear();
+            return;
+        }
         if self.conns[key].st == St::Handshake {
             let c = &mut self.conns[key];
             let Some(end) = c.rbuf.windows(4).position(|w| w == b"\r\n\r\n") else {
@@ -801,7 +823,7 @@ impl Worker {
     fn on_message(&mut self, key: usize, payload: &[u8]) {
         let now = now_ns();
         match self.job.scenario {
-            Scenario::Connect | Scenario::Storm => {}
+            Scenario::Connect | Scenario::Storm | Scenario::Tcp => {}
             Scenario::Echo => {
                 if let Some(t) = parse_echo(payload) {
                     self.record(latency_us(t, now));
@@ -953,7 +975,7 @@ impl Worker {
                     r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq}}}}}"#
                 )
             }
-            Scenario::Connect | Scenario::Storm => return,
+            Scenario::Connect | Scenario::Storm | Scenario::Tcp => return,
         };
         if job.scenario != Scenario::Fanout {
             self.stats().expected.fetch_add(1, Relaxed);
@@ -990,6 +1012,7 @@ impl Worker {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             match self.conns[key].st {
+                St::Open if self.job.scenario == Scenario::Tcp => self.drop_conn(key),
                 St::Open => {
                     self.queue_frame(key, 0x8, &1000u16.to_be_bytes());
                     self.conns[key].st = St::Closing;

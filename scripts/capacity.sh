@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# One-command capacity run: N concurrent WebSocket connections (default 1,000,000) held with
+# heartbeats, server and loadgen on this host, then one report.
+#
+#   scripts/capacity.sh [N] [--hold SECONDS] [--dm RATE] [--broadcast] [--out DIR] [--no-baseline]
+#
+# Checks the host (scripts/tune-host.sh), raises what the run needs and restores it afterwards
+# (also on Ctrl-C), starts the server with enough shards for the fd limit, runs a plain-TCP
+# baseline and then `loadgen connect` (or dm/fanout) with enough loopback source addresses,
+# holds with pings flowing, and prints the report (scripts/capacity_report.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=1000000
+hold=300
+dm=""
+broadcast=0
+baseline=1
+out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --hold) hold=$2; shift 2 ;;
+    --dm) dm=$2; shift 2 ;;
+    --broadcast) broadcast=1; shift ;;
+    --out) out=$2; shift 2 ;;
+    --no-baseline) baseline=0; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    [0-9]*) n=$1; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+out=${out:-target/capacity-$n}
+rm -rf "$out" && mkdir -p "$out"
+[ -x target/release/switchboard ] && [ -x target/release/loadgen ] || cargo build --release --workspace --bins
+
+pids=()
+tuned=0
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ $tuned = 1 ]; then
+    echo "restoring kernel settings"
+    TUNE_STATE="$out/tune.saved" scripts/tune-host.sh --revert || true
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "== host check"
+scripts/tune-host.sh --check | tee "$out/host-before.txt" || true
+if [ "$n" -gt 50000 ] || [ $broadcast = 1 ]; then
+  if [ -w /proc/sys/net/core/somaxconn ]; then
+    echo "== raising kernel limits for the run (restored at the end)"
+    TUNE_STATE="$out/tune.saved" scripts/tune-host.sh --apply >"$out/tune-apply.txt" && tuned=1
+  else
+    echo "warning: cannot write sysctls (not root?); running with the current settings" >&2
+  fi
+fi
+
+nofile=$(ulimit -n)
+per_table=$(( nofile - 200 ))
+shards=$(( (n + per_table - 1) / per_table ))
+cores=$(nproc)
+[ "$shards" -lt "$cores" ] && shards=$cores
+# Round up to a power of two for an even SO_REUSEPORT spread.
+p=1; while [ $p -lt "$shards" ]; do p=$((p * 2)); done; shards=$p
+# Heartbeats the machine can sustain: about 40k ping/pong exchanges per second at most.
+ping_ms=$(( n / 40 )); [ $ping_ms -lt 2000 ] && ping_ms=2000
+idle_ms=$(( ping_ms * 2 + 10000 ))
+echo "== server: $shards shards (RLIMIT_NOFILE $nofile per private fd table), ping every ${ping_ms} ms, idle timeout ${idle_ms} ms"
+RUST_LOG=warn target/release/switchboard --listen 127.0.0.1:0 --shards "$shards" --fd-table per-shard \
+  --max-connections $((n + 1000)) --ping-interval-ms "$ping_ms" --idle-timeout-ms "$idle_ms" \
+  --handshake-timeout-ms 600000 --shutdown-grace-ms 60000 >"$out/server.out" 2>"$out/server.log" &
+server=$!
+pids+=("$server")
+for _ in $(seq 1 200); do addr=$(awk '/listening on/ {print $4; exit}' "$out/server.out"); [ -n "$addr" ] && break; sleep 0.1; done
+[ -n "${addr:-}" ] || { echo "server did not start" >&2; cat "$out/server.log" >&2; exit 1; }
+url="ws://$addr/ws"
+
+python3 scripts/kernel_sampler.py "$out/kernel.json" &
+pids+=("$!")  # pids[1]: stopped once the WebSocket run is over
+sleep 1
+
+ips=$(( (n + 13999) / 14000 ))
+scenario=(connect)
+[ -n "$dm" ] && scenario=(dm --rate "$dm")
+[ $broadcast = 1 ] && scenario=(fanout --channels 1 --publishers 1 --rate 1)
+echo "== ${scenario[*]}: $n connections from $ips source addresses, hold ${hold}s"
+target/release/loadgen "${scenario[@]}" --url "$url" --connections "$n" --connect-rate 1000000 \
+  --max-inflight-handshakes 20000 --duration "${hold}s" --server-pid "$server" --out "$out/ws" \
+  >"$out/ws.txt" 2>"$out/ws.progress" || true
+tail -n 3 "$out/ws.progress" || true
+cat "$out/ws.txt"
+kill "${pids[1]}" 2>/dev/null || true
+
+if [ $baseline = 1 ]; then
+  # After the WebSocket run, so the server's memory figures are not touched by it; other
+  # source addresses, so no port of the first run is still in TIME_WAIT.
+  echo "== plain TCP baseline: $n connects, same pacing and spreading (source addresses 127.0.1.x)"
+  target/release/loadgen tcp --url "$url" --connections "$n" --connect-rate 1000000 \
+    --max-inflight-handshakes 20000 --source-ips "127.0.1.2-127.0.1.$((1 + ips))" \
+    --duration 1s --out "$out/tcp" >"$out/tcp.txt" 2>"$out/tcp.progress" || true
+  grep -E "^connections:" "$out/tcp.txt" || true
+fi
+sleep 1
+python3 scripts/capacity_report.py "$out" "$n"
