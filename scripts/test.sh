@@ -6,5 +6,8 @@ cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
 cargo test --workspace
 bash scripts/autobahn.sh target/autobahn
+# A small capacity run keeps the one-command C1M script from rotting; it fails unless every
+# connection is established and none closes unexpectedly.
+bash scripts/capacity.sh 20000 --hold 10 --out target/capacity-ci
 [ -d web/node_modules/playwright-core ] || (cd web && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund)
 (cd web && node --test --test-timeout=120000 test/)

@@ -29,7 +29,7 @@ pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 1024 * 1024;
 /// Default shutdown grace period.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 5_000;
 /// Default capacity of each shard's mailbox (messages).
-pub const DEFAULT_MAILBOX_CAPACITY: usize = 65_536;
+pub const DEFAULT_MAILBOX_CAPACITY: usize = 16_384;
 /// Default interval of SSE comment heartbeats.
 pub const DEFAULT_SSE_HEARTBEAT_MS: u64 = 15_000;
 
@@ -105,7 +105,7 @@ pub struct Options {
     /// Time (ms) shutdown waits for close handshakes [default: 5000].
     #[arg(long)]
     pub shutdown_grace_ms: Option<u64>,
-    /// Capacity of each shard's cross-shard mailbox [default: 65536].
+    /// Capacity of each shard's cross-shard mailbox [default: 16384].
     #[arg(long)]
     pub mailbox_capacity: Option<usize>,
     /// Echo every message back and upgrade on any path (conformance and peer benchmarks only).
