@@ -83,7 +83,7 @@ sleep 1
 ips=$(( (n + 13999) / 14000 ))
 scenario=(connect)
 [ -n "$dm" ] && scenario=(dm --rate "$dm")
-[ $broadcast = 1 ] && scenario=(fanout --channels 1 --publishers 1 --rate 1)
+[ $broadcast = 1 ] && scenario=(fanout --channels 1 --publishers 1 --rate 0.1)
 echo "== ${scenario[*]}: $n connections from $ips source addresses, hold ${hold}s"
 target/release/loadgen "${scenario[@]}" --url "$url" --connections "$n" --connect-rate 1000000 \
   --max-inflight-handshakes 20000 --duration "${hold}s" --server-pid "$server" --out "$out/ws" \

@@ -10,7 +10,10 @@ fn write(root: &Path, knob: &str, value: &str) {
 }
 
 fn read(root: &Path, knob: &str) -> String {
-    std::fs::read_to_string(root.join(knob.replace('.', "/"))).unwrap().trim().replace('\t', " ")
+    std::fs::read_to_string(root.join(knob.replace('.', "/")))
+        .unwrap()
+        .trim()
+        .replace('\t', " ")
 }
 
 fn run(root: &Path, arg: &str) -> (i32, String) {
@@ -21,7 +24,10 @@ fn run(root: &Path, arg: &str) -> (i32, String) {
         .env("TUNE_STATE", root.join("state/saved"))
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
 }
 
 #[test]
@@ -46,15 +52,27 @@ fn check_apply_revert_on_a_fake_root() {
     let (code, out) = run(&root, "--check");
     assert_eq!(code, 1, "short knobs make --check fail:\n{out}");
     assert!(out.contains("net.core.somaxconn") && out.contains("SHORT"));
-    assert!(out.lines().any(|l| l.starts_with("fs.file-max") && l.trim_end().ends_with("ok")), "a huge file-max is fine:\n{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("fs.file-max") && l.trim_end().ends_with("ok")),
+        "a huge file-max is fine:\n{out}"
+    );
     assert!(out.contains("nf_conntrack_max") && out.contains("absent"));
 
     let (code, out) = run(&root, "--apply");
     assert_eq!(code, 0, "{out}");
     assert_eq!(read(&root, "net.core.somaxconn"), "65535");
     assert_eq!(read(&root, "net.ipv4.ip_local_port_range"), "1024 65535");
-    assert_eq!(read(&root, "fs.file-max"), "9223372036854775807", "not lowered");
-    assert_eq!(read(&root, "net.ipv4.tcp_wmem"), "4096 16384 4194304", "already ok: untouched");
+    assert_eq!(
+        read(&root, "fs.file-max"),
+        "9223372036854775807",
+        "not lowered"
+    );
+    assert_eq!(
+        read(&root, "net.ipv4.tcp_wmem"),
+        "4096 16384 4194304",
+        "already ok: untouched"
+    );
     assert_eq!(run(&root, "--check").0, 0);
 
     // A second apply keeps the first saved values (idempotent).

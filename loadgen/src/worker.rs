@@ -610,7 +610,8 @@ impl Worker {
                 // Baseline: the connection counts as established when TCP says so.
                 c.st = St::Open;
                 let now = now_ns();
-                self.connect_hist.saturating_record(latency_us(c.t0_ns, now));
+                self.connect_hist
+                    .saturating_record(latency_us(c.t0_ns, now));
                 let st = &self.shared.stats[self.index];
                 st.connecting.fetch_sub(1, Relaxed);
                 st.open.fetch_add(1, Relaxed);
