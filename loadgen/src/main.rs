@@ -71,6 +71,10 @@ struct Args {
     /// User id prefix (dm, fanout).
     #[arg(long, default_value = "lg")]
     user_prefix: String,
+    /// Run worker threads under the normal scheduler policy instead of SCHED_BATCH (batch
+    /// keeps a co-located loadgen from preempting the server at every message it receives).
+    #[arg(long)]
+    no_sched_batch: bool,
     /// Give up on connecting after this long.
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -223,6 +227,7 @@ fn main() -> anyhow::Result<()> {
         size: args.size.max(24),
         drop_percent: args.drop_percent.min(100),
         user_prefix: args.user_prefix.clone(),
+        sched_batch: !args.no_sched_batch,
     });
     let shared = Arc::new(Shared {
         phase: std::sync::atomic::AtomicU8::new(phase::CONNECT),

@@ -38,12 +38,21 @@ impl Shard {
             }
         }
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-            self.on_readable(key);
+            // A short read means the socket is empty: with edge-triggered epoll any later data
+            // raises a new event, so the extra read that would return WouldBlock is skipped —
+            // unless the peer's FIN (or an error) came with this event and must still be seen.
+            let drain = ev.is_read_closed() || ev.is_error();
+            self.read_conn(key, drain);
         }
     }
 
     /// Reads until `WouldBlock` (or the per-turn cap) and processes what arrived.
     pub(super) fn on_readable(&mut self, key: usize) {
+        self.read_conn(key, true);
+    }
+
+    /// Reads and processes; `drain`: insist on `WouldBlock` or EOF even after a short read.
+    fn read_conn(&mut self, key: usize, drain: bool) {
         let held = self.conns[key].inbound.take();
         let mut inb = self.pool.prepare(held);
         let mut eof = false;
@@ -81,9 +90,13 @@ impl Shard {
                 }
                 Ok(n) => {
                     reads += 1;
+                    let short = end + n < inb.buf.len();
                     inb.end += n;
                     ShardMetrics::add(&self.m().bytes_in, n as u64);
                     self.process(key, &mut inb);
+                    if short && !drain {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
