@@ -1065,6 +1065,11 @@ impl Shard {
         if c.state != ConnState::Open {
             return false;
         }
+        if c.flags.has(Flags::WEBSOCKET) && c.flags.has(Flags::HOLD_INPUT) {
+            // Not welcomed yet: the client must see `welcome` first, and a connection is
+            // reachable from its welcome on (a DM for another device of the user may pass by).
+            return false;
+        }
         let f = if c.flags.has(Flags::SSE) {
             let id = self.sse_ids.entry(key as u32).or_insert(0);
             *id += 1;
