@@ -222,9 +222,24 @@ impl Hub {
 
     /// Appends the shards holding connections of a home user to `out`.
     pub fn locate(&self, user: &str, out: &mut Vec<u16>) {
+        self.locate_except(user, None, out);
+    }
+
+    /// Like [`locate`](Self::locate), leaving out shard `except` when the user's only
+    /// connection there is the excluded one (the sender's copy to its own other devices).
+    pub fn locate_except(&self, user: &str, except: Option<u16>, out: &mut Vec<u16>) {
         if let Some(v) = self.directory.get(user) {
-            out.extend(v.iter().map(|(s, _)| *s));
+            out.extend(
+                v.iter()
+                    .filter(|&&(s, n)| !(Some(s) == except && n == 1))
+                    .map(|(s, _)| *s),
+            );
         }
+    }
+
+    /// Whether a home user has any connection.
+    pub fn is_online(&self, user: &str) -> bool {
+        self.directory.contains_key(user)
     }
 
     /// Local users with at least one connection.
@@ -289,6 +304,17 @@ mod tests {
         assert_eq!(at(&h), vec![3, 1], "one of two connections on shard 3 left");
         h.presence(bob.clone(), 3, false);
         assert_eq!(at(&h), vec![1]);
+        let mut v = Vec::new();
+        h.locate_except("bob", Some(1), &mut v);
+        assert!(v.is_empty(), "the only connection on shard 1 is excluded");
+        h.presence(bob.clone(), 1, true);
+        h.locate_except("bob", Some(1), &mut v);
+        assert_eq!(
+            v,
+            vec![1],
+            "two on shard 1: the other one still gets the copy"
+        );
+        h.presence(bob.clone(), 1, false);
         h.presence(bob, 1, false);
         assert!(at(&h).is_empty());
     }

@@ -926,7 +926,10 @@ impl Shard {
     ) {
         let mut shards = std::mem::take(&mut self.scratch_shards);
         shards.clear();
-        self.hub.locate(&to, &mut shards);
+        // Skip a shard whose only connection of the user is the excluded sender: no trip for
+        // nothing when a user without other devices sends.
+        self.hub
+            .locate_except(&to, exclude.map(|x| x.shard), &mut shards);
         for &s in &shards {
             if s == self.index {
                 self.deliver_user_local(&to, &f, exclude);
@@ -941,7 +944,7 @@ impl Shard {
                 );
             }
         }
-        let online = !shards.is_empty();
+        let online = self.hub.is_online(&to);
         self.scratch_shards = shards;
         if let Some(reply) = reply {
             if reply.conn.shard == self.index {
