@@ -130,8 +130,8 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Adds a local connection of `user`; true when it is the user's first on this shard
-    /// (the home shard must then learn the user is here).
+    /// Adds a local connection of `user`; true when it is the user's first on this shard.
+    /// (Every connection is reported to the home shard, which counts them per shard.)
     pub fn add_user(&mut self, user: &Arc<str>, slot: u32) -> bool {
         let slots = self.users.entry(user.clone()).or_default();
         slots.push(slot);

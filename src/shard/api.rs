@@ -91,7 +91,7 @@ impl Shard {
                 return self.http_fail(
                     key,
                     403,
-                    "this channel needs a token that grants it",
+                    super::session::FORBIDDEN_CHANNEL,
                     HandshakeFailure::Forbidden,
                 );
             }
@@ -130,12 +130,7 @@ impl Shard {
         );
         self.register(key, false);
         for ch in channels {
-            let name = self.hub.channel_key(&ch).unwrap_or(ch);
-            self.hub.subscribe(&name, key as u32);
-            self.conns[key]
-                .channels
-                .get_or_insert_with(Default::default)
-                .push(name);
+            self.subscribe(key, ch);
         }
         let deadline = self.next_heartbeat_check(key);
         self.arm(key, deadline);
@@ -415,14 +410,7 @@ impl Shard {
             );
         }
         let resp = response::simple(status, "application/json", body, "", close);
-        if close {
-            self.push_raw(key, resp);
-            self.drain_after_response(key);
-        } else {
-            self.push_raw(key, resp);
-            let deadline = self.now_ms + self.cfg.handshake_timeout_ms;
-            self.arm(key, deadline);
-        }
+        self.http_respond(key, resp, close);
     }
 
     /// Executes an API command on this shard's connections; returns its count.

@@ -25,6 +25,8 @@ use crate::ws::{handshake, utf8};
 const READS_PER_TURN: usize = 16;
 /// Most channels one connection may join.
 pub const MAX_CHANNELS_PER_CONN: usize = 1024;
+/// Why a `private:` channel was refused (WebSocket `forbidden` error, SSE 403).
+pub const FORBIDDEN_CHANNEL: &str = "this channel needs a token that grants it";
 
 impl Shard {
     pub(super) fn on_conn_event(&mut self, key: usize, ev: &Event) {
@@ -250,12 +252,12 @@ impl Shard {
             }
             "/favicon.ico" if get => {
                 let resp = response::simple(204, "image/x-icon", b"", "", req.connection_close);
-                self.http_respond(key, req, resp, req.connection_close)
+                self.http_respond(key, resp, req.connection_close)
             }
             "/healthz" | "/metrics" | "/" | "/client.js" => {
                 self.http_fail(key, 405, "method not allowed", HandshakeFailure::Method)
             }
-            _ => self.http_respond(key, req, response::error(404, "not found"), true),
+            _ => self.http_respond(key, response::error(404, "not found"), true),
         }
     }
 
@@ -267,11 +269,11 @@ impl Shard {
         };
         let close = req.connection_close;
         let resp = response::simple(200, content_type, &body, "", close);
-        self.http_respond(key, req, resp, close);
+        self.http_respond(key, resp, close);
     }
 
     /// Queues a response; the connection stays for the next request unless `close`.
-    pub(super) fn http_respond(&mut self, key: usize, _req: &Request, resp: Bytes, close: bool) {
+    pub(super) fn http_respond(&mut self, key: usize, resp: Bytes, close: bool) {
         self.push_raw(key, resp);
         if close {
             self.drain_after_response(key);
@@ -330,7 +332,6 @@ impl Shard {
             }
         };
         self.push_raw(key, response::switching_protocols(&accept));
-        let id = self.conn_id(key);
         let user: Option<Arc<str>> = match identity {
             Identity::User(u, grant) => {
                 if let Some(g) = grant {
@@ -361,7 +362,6 @@ impl Shard {
         if !self.cfg.echo {
             self.register(key, true);
         }
-        let _ = id;
         let deadline = self.next_heartbeat_check(key);
         self.arm(key, deadline);
     }
@@ -792,12 +792,8 @@ impl Shard {
                 self.deliver(key, f);
             }
             Op::Sub { channel } => {
-                if !auth::channel_allowed(self.grants.get(&(key as u32)).map(|g| &**g), &channel) {
-                    let f = protocol::error(
-                        id,
-                        ErrorCode::Forbidden,
-                        "this channel needs a token that grants it",
-                    );
+                if !self.channel_allowed(key, &channel) {
+                    let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
                     return self.deliver_reply(key, f);
                 }
                 let c = &self.conns[key];
@@ -812,15 +808,7 @@ impl Shard {
                     );
                     return self.deliver_reply(key, f);
                 }
-                let name = self
-                    .hub
-                    .channel_key(&channel)
-                    .unwrap_or_else(|| Arc::from(channel.as_ref()));
-                self.hub.subscribe(&name, key as u32);
-                self.conns[key]
-                    .channels
-                    .get_or_insert_with(Default::default)
-                    .push(name);
+                self.subscribe(key, Arc::from(channel.as_ref()));
                 self.ack(key, id);
             }
             Op::Unsub { channel } => {
@@ -831,12 +819,8 @@ impl Shard {
                 self.ack(key, id);
             }
             Op::Pub { channel, data } => {
-                if !auth::channel_allowed(self.grants.get(&(key as u32)).map(|g| &**g), &channel) {
-                    let f = protocol::error(
-                        id,
-                        ErrorCode::Forbidden,
-                        "this channel needs a token that grants it",
-                    );
+                if !self.channel_allowed(key, &channel) {
+                    let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
                     return self.deliver_reply(key, f);
                 }
                 let from = self.user_name(key);
@@ -867,6 +851,22 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Whether the connection's token (if any) grants `channel` (see [`auth::channel_allowed`]).
+    pub(super) fn channel_allowed(&self, key: usize, channel: &str) -> bool {
+        auth::channel_allowed(self.grants.get(&(key as u32)).map(|g| &**g), channel)
+    }
+
+    /// Adds a local subscription (the caller checked the name, permission and limit),
+    /// sharing the hub's key for the name when the channel already has local subscribers.
+    pub(super) fn subscribe(&mut self, key: usize, channel: Arc<str>) {
+        let name = self.hub.channel_key(&channel).unwrap_or(channel);
+        self.hub.subscribe(&name, key as u32);
+        self.conns[key]
+            .channels
+            .get_or_insert_with(Default::default)
+            .push(name);
     }
 
     fn ack(&mut self, key: usize, id: Option<&str>) {

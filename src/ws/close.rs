@@ -47,8 +47,8 @@ pub const COUNTED: [u16; 15] = [
     TRY_AGAIN_LATER,
     HEARTBEAT_TIMEOUT,
     SLOW_CONSUMER,
-    4002,
-    4003,
+    KICKED,
+    TOKEN_EXPIRED,
 ];
 
 /// Whether a code received in a peer's close frame is valid on the wire (RFC 6455 §7.4).
