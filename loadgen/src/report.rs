@@ -107,8 +107,6 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
         for v in h.iter_quantiles(5) {
             let q = v.quantile_iterated_to();
             let value = v.value_iterated_to() as f64 / scale;
-            let total = v.count_since_last_iteration();
-            let _ = total;
             let count = (q * h.len() as f64).round() as u64;
             if q < 1.0 {
                 let _ = writeln!(

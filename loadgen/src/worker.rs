@@ -619,17 +619,7 @@ impl Worker {
             }
             if self.job.scenario == Scenario::Tcp {
                 // Baseline: the connection counts as established when TCP says so.
-                c.st = St::Open;
-                let now = now_ns();
-                self.connect_hist
-                    .saturating_record(latency_us(c.t0_ns, now));
-                let st = &self.shared.stats[self.index];
-                st.connecting.fetch_sub(1, Relaxed);
-                st.open.fetch_add(1, Relaxed);
-                st.established.fetch_add(1, Relaxed);
-                st.ready.fetch_add(1, Relaxed);
-                st.last_established_ns.fetch_max(now, Relaxed);
-                return;
+                return self.mark_open(key, true);
             }
             c.st = St::Handshake;
             let path = self.job.path(c.id as usize);
@@ -640,6 +630,24 @@ impl Worker {
             c.wbuf.extend_from_slice(req.as_bytes());
         }
         self.flush(key);
+    }
+
+    /// The connection is established (TCP for the baseline, 101 otherwise): counts it and
+    /// records its connect time; `ready` when the scenario needs nothing more from it.
+    fn mark_open(&mut self, key: usize, ready: bool) {
+        let c = &mut self.conns[key];
+        c.st = St::Open;
+        let now = now_ns();
+        self.connect_hist
+            .saturating_record(latency_us(c.t0_ns, now));
+        let st = &self.shared.stats[self.index];
+        st.connecting.fetch_sub(1, Relaxed);
+        st.open.fetch_add(1, Relaxed);
+        st.established.fetch_add(1, Relaxed);
+        st.last_established_ns.fetch_max(now, Relaxed);
+        if ready {
+            st.ready.fetch_add(1, Relaxed);
+        }
     }
 
     fn flush(&mut self, key: usize) {
@@ -774,21 +782,12 @@ impl Worker {
                 );
                 return self.fail(id, attempt, ErrKind::Rejected, &msg, now_ns());
             }
-            c.st = St::Open;
-            let now = now_ns();
-            self.connect_hist
-                .saturating_record(latency_us(c.t0_ns, now));
-            let st = &self.shared.stats[self.index];
-            st.connecting.fetch_sub(1, Relaxed);
-            st.open.fetch_add(1, Relaxed);
-            st.established.fetch_add(1, Relaxed);
-            st.last_established_ns.fetch_max(now, Relaxed);
-            if matches!(
+            // dm and fanout connections are ready at their welcome (or subscription ack).
+            let ready = matches!(
                 self.job.scenario,
                 Scenario::Connect | Scenario::Echo | Scenario::Storm
-            ) {
-                st.ready.fetch_add(1, Relaxed);
-            }
+            );
+            self.mark_open(key, ready);
         }
         loop {
             let c = &mut self.conns[key];
