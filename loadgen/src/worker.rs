@@ -740,12 +740,8 @@ impl Worker {
         }
     }
 
-    /// The server ended a connection we did not close: count the code.
-    fn lost(&mut self, key: usize, code: u16) {
-        let c = &self.conns[key];
-        if c.st == St::Closing {
-            return self.drop_conn(key);
-        }
+    /// Counts a close the loadgen did not ask for (1006: no close frame).
+    fn count_unexpected(&self, code: u16) {
         *self
             .stats()
             .unexpected_closes
@@ -753,6 +749,15 @@ impl Worker {
             .unwrap()
             .entry(code)
             .or_insert(0) += 1;
+    }
+
+    /// The server ended a connection we did not close: count the code.
+    fn lost(&mut self, key: usize, code: u16) {
+        let c = &self.conns[key];
+        if c.st == St::Closing {
+            return self.drop_conn(key);
+        }
+        self.count_unexpected(code);
         self.drop_conn(key);
     }
 
@@ -811,13 +816,7 @@ impl Worker {
                         1005
                     };
                     if self.conns[key].st != St::Closing {
-                        *self
-                            .stats()
-                            .unexpected_closes
-                            .lock()
-                            .unwrap()
-                            .entry(code)
-                            .or_insert(0) += 1;
+                        self.count_unexpected(code);
                         self.queue_frame(key, 0x8, &code.to_be_bytes());
                         self.flush(key);
                     }
