@@ -2,15 +2,15 @@
 //! that returns `WouldBlock`, and channel fan-out inside one shard.
 
 use std::hint::black_box;
-use std::io::{self, Write};
+use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use switchboard::conn::{flush, Outbox};
 use switchboard::http::request;
 use switchboard::hub::Hub;
 use switchboard::protocol;
+use switchboard::session::{flush, Outbox, Transport};
 use switchboard::timer::Wheel;
 use switchboard::ws::frame;
 
@@ -59,7 +59,14 @@ fn http(c: &mut Criterion) {
     g.bench_function("parse_upgrade", |b| {
         b.iter(|| {
             let r = request::parse(black_box(UPGRADE)).unwrap().unwrap();
-            black_box(switchboard::ws::handshake::accept(&r).unwrap())
+            let u = switchboard::ws::handshake::UpgradeRequest {
+                is_get: true,
+                upgrade_websocket: r.upgrade_websocket,
+                connection_upgrade: r.connection_upgrade,
+                version: r.ws_version.as_deref(),
+                key: r.ws_key.as_deref(),
+            };
+            black_box(switchboard::ws::handshake::accept(&u).unwrap())
         })
     });
     g.finish();
@@ -72,16 +79,11 @@ struct MockSocket {
     taken: usize,
 }
 
-impl Write for MockSocket {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.calls += 1;
-        if self.calls.is_multiple_of(2) {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let n = buf.len().min(self.room);
-        self.taken += n;
-        Ok(n)
+impl Transport for MockSocket {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
     }
+    fn shutdown_write(&mut self) {}
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         self.calls += 1;
         if self.calls.is_multiple_of(2) {
@@ -91,9 +93,6 @@ impl Write for MockSocket {
         let n = total.min(self.room);
         self.taken += n;
         Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

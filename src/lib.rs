@@ -1,16 +1,16 @@
 //! switchboard: a sharded mio WebSocket messaging and push server.
 //!
 //! Architecture (see `docs/architecture.md`): one [`shard`] per core runs a mio event loop that
-//! owns its connections ([`conn`]) in a slab, its [`timer`] wheel and its part of the [`hub`];
-//! shards talk over bounded mailboxes. [`server`] wires them up.
+//! drives its [`session`] layer — the sans-I/O state of its connections, its [`timer`] wheel
+//! and its part of the [`hub`]; shards talk over bounded mailboxes. [`server`] wires them up.
 pub mod auth;
 pub mod config;
-pub mod conn;
 pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
+pub mod session;
 pub mod shard;
 pub mod timer;
 pub mod ws;

@@ -118,8 +118,9 @@ impl Auth {
         self.verifier.is_some()
     }
 
-    /// Resolves the identity of an upgrade or SSE request.
-    pub fn resolve(&self, req: &Request) -> Result<Identity, IdentityError> {
+    /// Resolves the identity of an upgrade or SSE request; a token's `exp` is checked
+    /// against `now_unix_s`, the shard's clock (never a hidden system-clock read).
+    pub fn resolve(&self, req: &Request, now_unix_s: u64) -> Result<Identity, IdentityError> {
         let Some((key, validation)) = &self.verifier else {
             return resolve_claimed(req);
         };
@@ -138,6 +139,9 @@ impl Auth {
             _ => IdentityError::BadToken(e.to_string()),
         })?;
         let c = data.claims;
+        if c.exp <= now_unix_s {
+            return Err(IdentityError::Expired);
+        }
         if !valid_user(&c.sub) {
             return Err(IdentityError::BadUser);
         }
@@ -155,6 +159,8 @@ fn validation(algs: &[Algorithm]) -> Validation {
     let mut v = Validation::new(algs[0]);
     v.algorithms = algs.to_vec();
     v.leeway = 0;
+    // `exp` is checked against the shard clock in `resolve`.
+    v.validate_exp = false;
     v.validate_aud = false;
     v.set_required_spec_claims(&["exp", "sub"]);
     v
@@ -202,29 +208,38 @@ mod tests {
     fn claimed_user_rules() {
         let a = Auth::none();
         assert_eq!(
-            a.resolve(&req(Some("user=alice"))),
+            a.resolve(&req(Some("user=alice")), NOW),
             Ok(Identity::User("alice".into(), None))
         );
         assert_eq!(
-            a.resolve(&req(Some("x=1&user=a%40b"))),
+            a.resolve(&req(Some("x=1&user=a%40b")), NOW),
             Ok(Identity::User("a@b".into(), None))
         );
-        assert_eq!(a.resolve(&req(None)), Ok(Identity::Anonymous));
-        assert_eq!(a.resolve(&req(Some("user="))), Err(IdentityError::BadUser));
-        assert_eq!(a.resolve(&req(Some("user"))), Err(IdentityError::BadUser));
+        assert_eq!(a.resolve(&req(None), NOW), Ok(Identity::Anonymous));
         assert_eq!(
-            a.resolve(&req(Some("user=a%20b"))),
+            a.resolve(&req(Some("user=")), NOW),
+            Err(IdentityError::BadUser)
+        );
+        assert_eq!(
+            a.resolve(&req(Some("user")), NOW),
+            Err(IdentityError::BadUser)
+        );
+        assert_eq!(
+            a.resolve(&req(Some("user=a%20b")), NOW),
             Err(IdentityError::BadUser)
         );
         let long = format!("user={}", "a".repeat(129));
-        assert_eq!(a.resolve(&req(Some(&long))), Err(IdentityError::BadUser));
+        assert_eq!(
+            a.resolve(&req(Some(&long)), NOW),
+            Err(IdentityError::BadUser)
+        );
     }
 
+    /// The shard clock in these tests (unix seconds).
+    const NOW: u64 = 1_800_000_000;
+
     fn now() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
+        NOW
     }
 
     fn token(secret: &str, sub: &str, exp: u64, channels: &[&str]) -> String {
@@ -245,7 +260,7 @@ mod tests {
         };
         let a = Auth::from_config(&cfg).unwrap();
         let t = token("s3cret", "alice", now() + 60, &["private:team-*"]);
-        let id = a.resolve(&req(Some(&format!("token={t}")))).unwrap();
+        let id = a.resolve(&req(Some(&format!("token={t}"))), NOW).unwrap();
         let Identity::User(user, Some(grant)) = id else {
             panic!("{id:?}")
         };
@@ -256,24 +271,29 @@ mod tests {
         // Bearer header works too.
         let mut r = req(None);
         r.authorization = Some(format!("Bearer {t}"));
-        assert!(a.resolve(&r).is_ok());
+        assert!(a.resolve(&r, NOW).is_ok());
         // Forged, expired, missing, claimed.
         let forged = token("wrong", "alice", now() + 60, &[]);
         assert!(matches!(
-            a.resolve(&req(Some(&format!("token={forged}")))),
+            a.resolve(&req(Some(&format!("token={forged}"))), NOW),
             Err(IdentityError::BadToken(_))
         ));
         let old = token("s3cret", "alice", now() - 5, &[]);
         assert_eq!(
-            a.resolve(&req(Some(&format!("token={old}")))),
+            a.resolve(&req(Some(&format!("token={old}"))), NOW),
             Err(IdentityError::Expired)
         );
-        assert_eq!(a.resolve(&req(None)), Err(IdentityError::MissingToken));
+        assert_eq!(a.resolve(&req(None), NOW), Err(IdentityError::MissingToken));
         assert_eq!(
-            a.resolve(&req(Some("user=alice"))),
+            a.resolve(&req(Some("user=alice")), NOW),
             Err(IdentityError::MissingToken)
         );
         assert_eq!(IdentityError::Expired.status(), 401);
+        // Expiry follows the clock handed in, not the system clock.
+        let t = token("s3cret", "alice", NOW + 60, &[]);
+        let r = req(Some(&format!("token={t}")));
+        assert!(a.resolve(&r, NOW + 59).is_ok());
+        assert_eq!(a.resolve(&r, NOW + 60), Err(IdentityError::Expired));
     }
 
     #[test]

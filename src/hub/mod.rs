@@ -4,7 +4,7 @@
 //!
 //! Routing a DM: the sender's shard asks the recipient's *home shard* (hash of the user id),
 //! whose directory lists the shards holding a connection of that user; the home forwards the
-//! shared frame to those shards and tells the sender's shard whether anyone was online.
+//! shared payload to those shards and tells the sender's shard whether anyone was online.
 //! Channels are fanned out to every shard, each of which knows its local subscribers.
 //! The hub does no I/O: it only answers questions, so it is tested without sockets.
 
@@ -46,22 +46,22 @@ pub enum ShardMsg {
     },
     /// The home shard recorded connection `conn`.
     Registered { conn: ConnId },
-    /// To the home shard of `to`: deliver `frame` to every connection of `to` except
+    /// To the home shard of `to`: deliver `payload` to every connection of `to` except
     /// `exclude`; when `reply` is set, report back whether anyone was online.
     RouteUser {
         to: Arc<str>,
-        frame: Bytes,
+        payload: Bytes,
         exclude: Option<ConnId>,
         reply: Option<ReplyTo>,
     },
     /// To a shard holding connections of `to`: deliver locally.
     DeliverUser {
         to: Arc<str>,
-        frame: Bytes,
+        payload: Bytes,
         exclude: Option<ConnId>,
     },
     /// Deliver to local subscribers of `channel`.
-    DeliverChannel { channel: Arc<str>, frame: Bytes },
+    DeliverChannel { channel: Arc<str>, payload: Bytes },
     /// The outcome of a routed `send` for the requesting connection.
     Routed { reply: ReplyTo, online: bool },
     /// Execute an API command on local connections and answer [`ShardMsg::ApiDone`].
@@ -85,11 +85,11 @@ pub struct ApiTicket {
 #[derive(Debug)]
 pub enum ApiCmd {
     /// Deliver to local subscribers of `channel` (WebSocket and SSE).
-    Publish { channel: Arc<str>, frame: Bytes },
+    Publish { channel: Arc<str>, payload: Bytes },
     /// Deliver to every local connection of `user`.
-    SendUser { user: Arc<str>, frame: Bytes },
+    SendUser { user: Arc<str>, payload: Bytes },
     /// Deliver to every open local connection.
-    Broadcast { frame: Bytes },
+    Broadcast { payload: Bytes },
     /// Close every local connection of `user` with `code`.
     Disconnect {
         user: Arc<str>,
@@ -250,6 +250,24 @@ impl Hub {
     /// Channels with local subscribers.
     pub fn local_channels(&self) -> usize {
         self.channels.len()
+    }
+
+    /// Home users in the directory.
+    pub fn directory_len(&self) -> usize {
+        self.directory.len()
+    }
+
+    /// Every local slot the hub lists (users and channels; repeats possible), for checks.
+    pub fn all_slots(&self) -> impl Iterator<Item = u32> + '_ {
+        self.users
+            .values()
+            .flat_map(|v| v.iter().copied())
+            .chain(self.channels.values().flat_map(|s| s.iter().copied()))
+    }
+
+    /// The directory's entry for a home user: (shard, connections there).
+    pub fn directory_entry(&self, user: &str) -> &[(u16, u32)] {
+        self.directory.get(user).map_or(&[], |v| v.as_slice())
     }
 }
 

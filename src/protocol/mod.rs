@@ -1,17 +1,38 @@
 //! Wire protocol v1: the JSON envelope of client requests and server events (`docs/protocol.md`).
 //!
-//! Requests are parsed borrowing from the frame payload; `data` and `id` stay raw JSON so they
-//! are copied into the outgoing event without a second parse. Events are serialized straight
-//! into a frame buffer (see [`crate::ws::frame::TextFrameBuilder`]).
+//! Requests are parsed borrowing from the message payload; `data` and `id` stay raw JSON so
+//! they are copied into the outgoing event without a second parse. Events are serialized once
+//! into a shared JSON payload; the transport adds the WebSocket header or the SSE framing, so
+//! every recipient shares the same bytes. An event payload never holds a raw newline
+//! (newlines between JSON tokens become spaces), so it fits in one SSE `data:` line.
 
 use std::borrow::Cow;
 use std::io::Write;
 
-use bytes::{BufMut, Bytes};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::ws::frame::TextFrameBuilder;
+/// An event payload being written.
+struct Builder {
+    buf: BytesMut,
+}
+
+impl Builder {
+    fn new(capacity: usize) -> Self {
+        Builder {
+            buf: BytesMut::with_capacity(capacity),
+        }
+    }
+
+    fn payload(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    fn finish(self) -> Bytes {
+        self.buf.freeze()
+    }
+}
 
 /// Longest user id or channel name.
 pub const MAX_NAME_LEN: usize = 128;
@@ -199,22 +220,35 @@ fn channel_of<'a>(
     Ok(c)
 }
 
-fn put_str(b: &mut TextFrameBuilder, s: &str) {
+fn put_str(b: &mut Builder, s: &str) {
     // Serializing a &str into a growable buffer cannot fail.
     let _ = serde_json::to_writer(b.payload().writer(), s);
 }
 
-fn put(b: &mut TextFrameBuilder, raw: &[u8]) {
+fn put(b: &mut Builder, raw: &[u8]) {
     b.payload().put_slice(raw);
 }
 
-fn put_u64(b: &mut TextFrameBuilder, v: u64) {
+/// Raw JSON from a client: a raw CR or LF can only be whitespace between tokens (inside a
+/// string it would be invalid JSON), so it becomes a space and the event stays one line.
+fn put_json(b: &mut Builder, raw: &[u8]) {
+    if !raw.iter().any(|&c| c == b'\n' || c == b'\r') {
+        return put(b, raw);
+    }
+    let out = b.payload();
+    out.reserve(raw.len());
+    for &c in raw {
+        out.put_u8(if c == b'\n' || c == b'\r' { b' ' } else { c });
+    }
+}
+
+fn put_u64(b: &mut Builder, v: u64) {
     let _ = write!(b.payload().writer(), "{v}");
 }
 
 /// `{"op":"welcome","user":..,"conn":..,"ping_interval_ms":..}`
 pub fn welcome(user: &str, conn: &str, ping_interval_ms: u64) -> Bytes {
-    let mut b = TextFrameBuilder::new(64 + user.len());
+    let mut b = Builder::new(64 + user.len());
     put(&mut b, br#"{"op":"welcome","user":"#);
     put_str(&mut b, user);
     put(&mut b, br#","conn":"#);
@@ -239,7 +273,7 @@ pub enum Target<'a> {
 /// `{"op":"msg","from":..,"to"|"channel":..,"data":..,"ts":..}`
 pub fn msg(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Bytes {
     let data = data.get();
-    let mut b = TextFrameBuilder::new(64 + from.len() + data.len());
+    let mut b = Builder::new(64 + from.len() + data.len());
     put(&mut b, br#"{"op":"msg","from":"#);
     put_str(&mut b, from);
     match target {
@@ -254,7 +288,7 @@ pub fn msg(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Bytes
         Target::Broadcast => {}
     }
     put(&mut b, br#","data":"#);
-    put(&mut b, data.as_bytes());
+    put_json(&mut b, data.as_bytes());
     put(&mut b, br#","ts":"#);
     put_u64(&mut b, ts_ms);
     put(&mut b, b"}");
@@ -264,9 +298,9 @@ pub fn msg(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Bytes
 /// `{"op":"ack","id":..}`
 /// `id` is the raw JSON of the request's id.
 pub fn ack(id: &str) -> Bytes {
-    let mut b = TextFrameBuilder::new(24 + id.len());
+    let mut b = Builder::new(24 + id.len());
     put(&mut b, br#"{"op":"ack","id":"#);
-    put(&mut b, id.as_bytes());
+    put_json(&mut b, id.as_bytes());
     put(&mut b, b"}");
     b.finish()
 }
@@ -274,11 +308,11 @@ pub fn ack(id: &str) -> Bytes {
 /// `{"op":"error","id":..,"code":..,"message":..}` (`id` omitted when unknown).
 /// `id` is the raw JSON of the request's id.
 pub fn error(id: Option<&str>, code: ErrorCode, message: &str) -> Bytes {
-    let mut b = TextFrameBuilder::new(64 + message.len());
+    let mut b = Builder::new(64 + message.len());
     put(&mut b, br#"{"op":"error","#);
     if let Some(id) = id {
         put(&mut b, br#""id":"#);
-        put(&mut b, id.as_bytes());
+        put_json(&mut b, id.as_bytes());
         put(&mut b, b",");
     }
     put(&mut b, br#""code":"#);
@@ -291,9 +325,9 @@ pub fn error(id: Option<&str>, code: ErrorCode, message: &str) -> Bytes {
 
 /// `{"op":"pong","data":..}`
 pub fn pong(data: &RawValue) -> Bytes {
-    let mut b = TextFrameBuilder::new(24 + data.get().len());
+    let mut b = Builder::new(24 + data.get().len());
     put(&mut b, br#"{"op":"pong","data":"#);
-    put(&mut b, data.get().as_bytes());
+    put_json(&mut b, data.get().as_bytes());
     put(&mut b, b"}");
     b.finish()
 }
@@ -301,12 +335,18 @@ pub fn pong(data: &RawValue) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::frame::parse_header;
 
-    fn payload(frame: &Bytes) -> serde_json::Value {
-        let (h, hl) = parse_header(frame).unwrap().unwrap();
-        assert_eq!(h.payload_len as usize, frame.len() - hl);
-        serde_json::from_slice(&frame[hl..]).unwrap()
+    fn payload(p: &Bytes) -> serde_json::Value {
+        serde_json::from_slice(p).unwrap()
+    }
+
+    #[test]
+    fn events_are_one_line() {
+        let data = RawValue::from_string("{\"a\":\r\n [1,\n2]}".into()).unwrap();
+        let p = msg("a", Target::Channel("r"), &data, 1);
+        assert!(!p.contains(&b'\n') && !p.contains(&b'\r'));
+        assert_eq!(payload(&p)["data"], serde_json::json!({"a": [1, 2]}));
+        assert!(!pong(&data).contains(&b'\n'));
     }
 
     #[test]

@@ -1,30 +1,28 @@
-//! The per-core event loop: one `mio::Poll`, its listeners, a slab of connections, a timer
-//! wheel and a mailbox. Only this loop reads the clock, once per turn.
+//! The per-core event loop, the thin driver of the session layer: one `mio::Poll`, its
+//! listeners, the sockets, the clock and the mailbox. Only this loop touches sockets or reads
+//! the clock (once per turn); what to do with bytes, mail and deadlines is decided by
+//! [`Sessions`].
 //!
-//! One turn: poll (timeout from the wheel) → accept, read and parse → drain the mailbox →
-//! expire timers → flush every connection that has output, once (`writev`).
+//! One turn: poll (timeout from the wheel) → accept, read and feed the sessions → drain the
+//! mailbox → expire timers → post this turn's mail → flush every connection that has output,
+//! once (`writev`).
 
-mod api;
 pub mod fdtable;
 pub mod listener;
 pub mod mailbox;
-mod session;
 
-use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::io::{self, IoSlice, Read, Write};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mio::net::TcpListener;
+use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
-use slab::Slab;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::conn::{BufPool, Conn};
-use crate::hub::{ConnId, Hub, ShardMsg};
 use crate::metrics::ShardMetrics;
-use crate::timer::{TimerKey, Wheel};
+use crate::session::{Sessions, Shared, Transport, MAILBOX_PER_TURN};
 pub use mailbox::{mailbox, Inbox, Mailbox};
 
 /// Token of the shard's waker (mailbox posts).
@@ -33,10 +31,6 @@ pub const WAKER: Token = Token(usize::MAX - 1);
 const LISTENER_BASE: usize = usize::MAX - 2;
 /// Connections accepted per listener per turn before other work gets a turn.
 const ACCEPTS_PER_TURN: usize = 512;
-/// Mailbox messages handled per turn.
-const MAILBOX_PER_TURN: usize = 8192;
-/// Timer expiries handled per turn.
-const TIMERS_PER_TURN: usize = 8192;
 /// Longest poll timeout: the loop wakes at least this often.
 const MAX_POLL_MS: u64 = 1000;
 /// Accepting pauses this long after EMFILE/ENFILE (the backlog keeps the connections).
@@ -82,42 +76,27 @@ pub struct Shard {
     inbox: Inbox,
     peers: Arc<[Mailbox]>,
     listeners: Vec<TcpListener>,
-    metrics: Arc<[ShardMetrics]>,
-    cfg: Arc<Config>,
-    open_total: Arc<AtomicUsize>,
-    conns: Slab<Conn>,
-    wheel: Wheel<u32>,
-    /// Why each closing connection closes (kept out of `Conn` to keep it small).
-    close_reasons: rustc_hash::FxHashMap<u32, std::borrow::Cow<'static, str>>,
-    auth: Arc<crate::auth::Auth>,
-    /// What each token-authenticated connection's token grants (expiry, private channels).
-    grants: rustc_hash::FxHashMap<u32, Box<crate::auth::Grant>>,
-    /// Last event id of each SSE stream.
-    sse_ids: rustc_hash::FxHashMap<u32, u64>,
-    /// API requests waiting for other shards.
-    pending_api: Slab<api::PendingApi>,
-    /// Presence messages waiting for room in a full mailbox, per target shard.
-    retry: Vec<std::collections::VecDeque<ShardMsg>>,
-    hub: Hub,
-    pool: BufPool,
-    /// Connections with output to flush this turn.
-    dirty: Vec<(usize, u32)>,
-    /// Connections whose read was capped with data left in the socket.
-    read_backlog: Vec<(usize, u32)>,
-    expired: Vec<u32>,
-    scratch_slots: Vec<u32>,
-    scratch_shards: Vec<u16>,
+    sessions: Sessions<TcpStream>,
     epoch: Instant,
-    /// Shard clock, ms since `epoch`; set once per turn.
     now_ms: u64,
-    /// Wall clock (unix ms) for message timestamps; set once per turn.
-    now_unix_ms: u64,
-    next_generation: u32,
     accept_pending: bool,
     accept_paused_until_ms: u64,
     last_emfile_warn_ms: Option<u64>,
     mailbox_pending: bool,
-    shutdown_deadline_ms: Option<u64>,
+}
+
+impl Transport for TcpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Read::read(self, buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        Write::write_vectored(self, bufs)
+    }
+
+    fn shutdown_write(&mut self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
 }
 
 impl Shard {
@@ -144,71 +123,51 @@ impl Shard {
                 .register(&mut l, listener_token(i), Interest::READABLE)?;
             listeners.push(l);
         }
-        let n_peers = setup.peers.len();
+        let shards = setup.peers.len() as u16;
+        let shared = Shared {
+            config: setup.config,
+            auth: setup.auth,
+            metrics: setup.metrics,
+            open_total: setup.open_total,
+        };
+        let index = setup.index as u16;
         Ok(Shard {
-            index: setup.index as u16,
+            index,
             poll: setup.poll,
             inbox: setup.inbox,
             peers: setup.peers,
             listeners,
-            metrics: setup.metrics,
-            cfg: setup.config,
-            open_total: setup.open_total,
-            conns: Slab::with_capacity(1024),
-            wheel: Wheel::new(0),
-            close_reasons: Default::default(),
-            auth: setup.auth,
-            grants: Default::default(),
-            sse_ids: Default::default(),
-            pending_api: Slab::new(),
-            retry: (0..n_peers).map(|_| Default::default()).collect(),
-            hub: Hub::default(),
-            pool: BufPool::default(),
-            dirty: Vec::new(),
-            read_backlog: Vec::new(),
-            expired: Vec::new(),
-            scratch_slots: Vec::new(),
-            scratch_shards: Vec::new(),
+            sessions: Sessions::new(index, shards, shared, 0, unix_ms()),
             epoch: Instant::now(),
             now_ms: 0,
-            now_unix_ms: unix_ms(),
-            next_generation: 0,
             accept_pending: false,
             accept_paused_until_ms: 0,
             last_emfile_warn_ms: None,
             mailbox_pending: false,
-            shutdown_deadline_ms: None,
         })
-    }
-
-    fn m(&self) -> &ShardMetrics {
-        &self.metrics[self.index as usize]
     }
 
     fn tick_clock(&mut self) {
         self.now_ms = self.epoch.elapsed().as_millis() as u64;
-        self.now_unix_ms = unix_ms();
+        self.sessions.set_clock(self.now_ms, unix_ms());
     }
 
     fn poll_timeout(&self) -> Duration {
-        if self.retries_pending() {
+        if self.sessions.has_retries() {
             return Duration::from_millis(1);
         }
-        if !self.read_backlog.is_empty()
+        if self.sessions.has_backlog()
             || self.mailbox_pending
             || (self.accept_pending && !self.accept_paused())
         {
             return Duration::ZERO;
         }
         let mut until = self.now_ms + MAX_POLL_MS;
-        if let Some(t) = self.wheel.next_expiration() {
+        if let Some(t) = self.sessions.next_deadline() {
             until = until.min(t);
         }
         if self.accept_pending {
             until = until.min(self.accept_paused_until_ms);
-        }
-        if let Some(d) = self.shutdown_deadline_ms {
-            until = until.min(d);
         }
         Duration::from_millis(until.saturating_sub(self.now_ms))
     }
@@ -235,32 +194,34 @@ impl Shard {
                     Token(t) if t > LISTENER_BASE - self.listeners.len() && t <= LISTENER_BASE => {
                         self.accept_pending = true;
                     }
-                    Token(key) => self.on_conn_event(key, ev),
+                    Token(key) => {
+                        if ev.is_writable() {
+                            self.sessions.on_writable(key);
+                        }
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            // A short read means the socket is empty: with edge-triggered
+                            // epoll later data raises a new event, so the read that would
+                            // return WouldBlock is skipped — unless the peer's FIN (or an
+                            // error) came with this event and must still be seen.
+                            let drain = ev.is_read_closed() || ev.is_error();
+                            self.sessions.on_readable(key, drain);
+                        }
+                    }
                 }
             }
-            if self.accept_pending && !self.accept_paused() && self.shutdown_deadline_ms.is_none() {
+            if self.accept_pending && !self.accept_paused() && !self.sessions.shutting_down() {
                 self.accept_all();
             }
             self.drain_mailbox();
-            self.flush_retries();
-            self.drain_read_backlog();
-            self.expire_timers();
-            self.flush_dirty();
-            let m = &self.metrics[self.index as usize];
-            ShardMetrics::set(&m.wheel_entries, self.wheel.len() as u64);
-            if let Some(deadline) = self.shutdown_deadline_ms {
-                if self.conns.is_empty() || self.now_ms >= deadline {
-                    let left: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-                    if !left.is_empty() {
-                        warn!(
-                            shard = self.index,
-                            connections = left.len(),
-                            "shutdown grace over; dropping the rest"
-                        );
-                    }
-                    for k in left {
-                        self.finish(k);
-                    }
+            self.sessions.drain_read_backlog();
+            self.sessions.on_timers();
+            let peers = &self.peers;
+            self.sessions
+                .post_mail(|to, msg| peers[to as usize].post(msg));
+            self.sessions.flush();
+            if self.sessions.shutting_down() {
+                self.stop_listening();
+                if self.sessions.shutdown_done() {
                     info!(shard = self.index, "shard stopped");
                     return Ok(());
                 }
@@ -277,7 +238,7 @@ impl Shard {
                     break;
                 }
                 match self.listeners[li].accept() {
-                    Ok((stream, _)) => self.on_accept(stream),
+                    Ok((stream, peer)) => self.on_accept(stream, peer.ip().is_loopback()),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if is_fd_exhaustion(&e) => {
@@ -290,7 +251,7 @@ impl Shard {
                             self.last_emfile_warn_ms = Some(self.now_ms);
                             warn!(
                                 shard = self.index,
-                                open = self.conns.len(),
+                                open = self.sessions.len(),
                                 error = %e,
                                 "out of file descriptors: accepting paused; raise RLIMIT_NOFILE (tuning/limits.d) or use --fd-table per-shard with more --shards"
                             );
@@ -304,10 +265,9 @@ impl Shard {
         }
     }
 
-    fn on_accept(&mut self, mut stream: mio::net::TcpStream) {
+    fn on_accept(&mut self, mut stream: TcpStream, loopback: bool) {
         let _ = stream.set_nodelay(true);
-        let entry = self.conns.vacant_entry();
-        let key = entry.key();
+        let key = self.sessions.next_key();
         if let Err(e) = self.poll.registry().register(
             &mut stream,
             Token(key),
@@ -316,13 +276,8 @@ impl Shard {
             warn!(shard = self.index, error = %e, "cannot register an accepted socket");
             return;
         }
-        self.next_generation = self.next_generation.wrapping_add(1);
-        entry.insert(Conn::new(stream, self.next_generation, self.now_ms));
-        let deadline = self.now_ms + self.cfg.handshake_timeout_ms;
-        self.arm(key, deadline);
-        let m = self.m();
-        ShardMetrics::add(&m.accepted, 1);
-        ShardMetrics::add(&m.open_http, 1);
+        let got = self.sessions.accept(stream, loopback);
+        debug_assert_eq!(got, key, "the slab key is the token");
     }
 
     fn drain_mailbox(&mut self) {
@@ -332,130 +287,16 @@ impl Shard {
             let Some(msg) = self.inbox.try_recv() else {
                 return;
             };
-            self.on_shard_msg(msg);
+            self.sessions.on_mail(msg);
         }
         self.mailbox_pending = true;
     }
 
-    fn drain_read_backlog(&mut self) {
-        if self.read_backlog.is_empty() {
-            return;
-        }
-        let list = std::mem::take(&mut self.read_backlog);
-        for (key, generation) in list {
-            if let Some(c) = self.conns.get_mut(key) {
-                if c.generation == generation {
-                    c.flags.clear(crate::conn::Flags::READ_BACKLOG);
-                    self.on_readable(key);
-                }
-            }
-        }
-    }
-
-    fn expire_timers(&mut self) {
-        let mut expired = std::mem::take(&mut self.expired);
-        expired.clear();
-        self.wheel.poll(self.now_ms, &mut expired, TIMERS_PER_TURN);
-        for &key in &expired {
-            let key = key as usize;
-            if let Some(c) = self.conns.get_mut(key) {
-                c.timer = TimerKey::NONE;
-                self.on_timer(key);
-            }
-        }
-        self.expired = expired;
-    }
-
-    fn flush_dirty(&mut self) {
-        let mut list = std::mem::take(&mut self.dirty);
-        for &(key, generation) in &list {
-            if let Some(c) = self.conns.get_mut(key) {
-                if c.generation == generation {
-                    c.flags.clear(crate::conn::Flags::DIRTY);
-                    self.flush_conn(key);
-                }
-            }
-        }
-        list.clear();
-        // Flushing never queues more output, but keep anything that did.
-        list.append(&mut self.dirty);
-        self.dirty = list;
-    }
-
-    /// (Re)arms the connection's single wheel entry.
-    fn arm(&mut self, key: usize, deadline_ms: u64) {
-        let c = &mut self.conns[key];
-        self.wheel.cancel(c.timer);
-        c.timer = self.wheel.insert(deadline_ms, key as u32);
-    }
-
-    fn conn_id(&self, key: usize) -> ConnId {
-        ConnId {
-            shard: self.index,
-            slot: key as u32,
-            generation: self.conns[key].generation,
-        }
-    }
-
-    /// Posts a message that must not be lost (presence): when the mailbox is full it waits
-    /// in a per-target queue retried every turn, keeping order per target.
-    fn post_reliable(&mut self, shard: u16, msg: ShardMsg) {
-        let q = &mut self.retry[shard as usize];
-        if !q.is_empty() {
-            q.push_back(msg);
-            return;
-        }
-        if let Err(msg) = self.peers[shard as usize].post(msg) {
-            self.retry[shard as usize].push_back(msg);
-        }
-    }
-
-    fn flush_retries(&mut self) {
-        for target in 0..self.retry.len() {
-            while let Some(msg) = self.retry[target].pop_front() {
-                if let Err(msg) = self.peers[target].post(msg) {
-                    self.retry[target].push_front(msg);
-                    break;
-                }
-            }
-        }
-    }
-
-    fn retries_pending(&self) -> bool {
-        self.retry.iter().any(|q| !q.is_empty())
-    }
-
-    /// Posts to a shard; counts a drop when its mailbox is full.
-    fn post(&self, shard: u16, msg: ShardMsg) -> bool {
-        match self.peers[shard as usize].post(msg) {
-            Ok(()) => true,
-            Err(_) => {
-                ShardMetrics::add(&self.m().dropped, 1);
-                false
-            }
-        }
-    }
-
-    fn begin_shutdown(&mut self) {
-        if self.shutdown_deadline_ms.is_some() {
-            return;
-        }
-        let grace = self.cfg.shutdown_grace_ms;
-        // Leave a margin so the process exits within the grace period.
-        self.shutdown_deadline_ms = Some(self.now_ms + grace.saturating_sub(grace / 10));
+    fn stop_listening(&mut self) {
         for l in &mut self.listeners {
             let _ = self.poll.registry().deregister(l);
         }
         self.listeners.clear();
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        info!(
-            shard = self.index,
-            connections = keys.len(),
-            "shutting down"
-        );
-        for key in keys {
-            self.shutdown_conn(key);
-        }
     }
 }
 
@@ -470,9 +311,4 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
     )
-}
-
-/// Increments the process-wide open count; false when over `max`.
-fn admit(open_total: &AtomicUsize, max: usize) -> bool {
-    open_total.fetch_add(1, Ordering::AcqRel) < max
 }

@@ -121,6 +121,14 @@ impl<T: Copy> Wheel<T> {
         Some(self.entries.remove(key.0 as usize).value)
     }
 
+    /// Value of an entry still scheduled.
+    pub fn get(&self, key: TimerKey) -> Option<&T> {
+        if key == TimerKey::NONE {
+            return None;
+        }
+        self.entries.get(key.0 as usize).map(|e| &e.value)
+    }
+
     /// Deadline of an entry still scheduled.
     pub fn deadline(&self, key: TimerKey) -> Option<u64> {
         self.entries.get(key.0 as usize).map(|e| e.deadline)

@@ -152,43 +152,6 @@ pub fn encode_close(code: u16, reason: &str) -> Bytes {
     encode(OpCode::Control(Control::Close), &payload[..2 + cut])
 }
 
-/// A text frame whose payload is written by `fill` straight after a reserved header, so a
-/// JSON message is serialized once, in place.
-pub struct TextFrameBuilder {
-    buf: BytesMut,
-}
-
-impl TextFrameBuilder {
-    /// Reserves room for the largest header ahead of the payload.
-    pub fn new(capacity_hint: usize) -> Self {
-        let mut buf = BytesMut::with_capacity(MAX_HEADER_LEN + capacity_hint);
-        buf.put_bytes(0, 10);
-        TextFrameBuilder { buf }
-    }
-
-    /// The payload being written.
-    pub fn payload(&mut self) -> &mut BytesMut {
-        &mut self.buf
-    }
-
-    /// Payload length so far.
-    pub fn payload_len(&self) -> usize {
-        self.buf.len() - 10
-    }
-
-    /// Writes the header in front of the payload and returns the shareable frame.
-    pub fn finish(mut self) -> Bytes {
-        let len = self.buf.len() - 10;
-        let hl = header_len(len);
-        let start = 10 - hl;
-        let mut header = [0u8; 10];
-        let mut h = &mut header[..];
-        put_header(&mut h, OpCode::Data(Data::Text), len);
-        self.buf[start..10].copy_from_slice(&header[..hl]);
-        self.buf.split_off(start).freeze()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,18 +236,6 @@ mod tests {
             assert_eq!((h.payload_len as usize, hl), (len, header_len(len)));
             assert!(h.mask.is_none() && h.fin);
             assert_eq!(&f[hl..], &payload[..]);
-        }
-    }
-
-    #[test]
-    fn builder_matches_encode() {
-        for len in [3usize, 200, 70_000] {
-            let mut b = TextFrameBuilder::new(16);
-            b.payload().put_bytes(b'a', len);
-            assert_eq!(
-                b.finish(),
-                encode(OpCode::Data(Data::Text), &vec![b'a'; len])
-            );
         }
     }
 

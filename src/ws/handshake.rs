@@ -1,6 +1,19 @@
 //! The server side of the RFC 6455 opening handshake, kept apart from the socket.
 
-use crate::http::{Method, Request};
+/// What the handshake looks at in an upgrade request (the HTTP layer fills it in).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpgradeRequest<'a> {
+    /// The method is GET.
+    pub is_get: bool,
+    /// `Upgrade` holds `websocket`.
+    pub upgrade_websocket: bool,
+    /// `Connection` holds `upgrade`.
+    pub connection_upgrade: bool,
+    /// `Sec-WebSocket-Version`.
+    pub version: Option<&'a str>,
+    /// `Sec-WebSocket-Key`.
+    pub key: Option<&'a str>,
+}
 
 /// Why an upgrade request was refused, with the HTTP status to answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,17 +54,17 @@ impl HandshakeError {
 }
 
 /// Checks an upgrade request and returns the `Sec-WebSocket-Accept` value.
-pub fn accept(req: &Request) -> Result<String, HandshakeError> {
-    if req.method != Some(Method::Get) {
+pub fn accept(req: &UpgradeRequest<'_>) -> Result<String, HandshakeError> {
+    if !req.is_get {
         return Err(HandshakeError::Method);
     }
     if !req.upgrade_websocket || !req.connection_upgrade {
         return Err(HandshakeError::NotUpgrade);
     }
-    if req.ws_version.as_deref() != Some("13") {
+    if req.version != Some("13") {
         return Err(HandshakeError::Version);
     }
-    let key = req.ws_key.as_deref().ok_or(HandshakeError::Key)?;
+    let key = req.key.ok_or(HandshakeError::Key)?;
     if !is_valid_key(key) {
         return Err(HandshakeError::Key);
     }
@@ -78,20 +91,32 @@ fn is_valid_key(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::request::parse;
 
-    fn req(extra: &str) -> Request {
-        let s = format!("GET /ws HTTP/1.1\r\nHost: h\r\n{extra}\r\n");
-        parse(s.as_bytes()).unwrap().unwrap()
+    /// A GET request with the headers in `extra` ("Name: value" lines).
+    fn req(extra: &str) -> UpgradeRequest<'_> {
+        let mut r = UpgradeRequest {
+            is_get: true,
+            ..UpgradeRequest::default()
+        };
+        for line in extra.split("\r\n").filter(|l| !l.is_empty()) {
+            let (name, value) = line.split_once(": ").unwrap();
+            match name {
+                "Upgrade" => r.upgrade_websocket = value.eq_ignore_ascii_case("websocket"),
+                "Connection" => r.connection_upgrade = value.eq_ignore_ascii_case("upgrade"),
+                "Sec-WebSocket-Version" => r.version = Some(value),
+                "Sec-WebSocket-Key" => r.key = Some(value),
+                _ => {}
+            }
+        }
+        r
     }
 
     const OK: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n";
 
     #[test]
     fn rfc_sample_key() {
-        let r = req(&format!(
-            "{OK}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        ));
+        let head = format!("{OK}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
+        let r = req(&head);
         assert_eq!(accept(&r).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 

@@ -1,27 +1,27 @@
-//! The push API and Server-Sent Events on a shard: an API request is executed by every
-//! shard (each answers a count) and answered by the shard that holds the HTTP connection;
-//! SSE streams live in the same slab, hub and wheel as WebSockets.
+//! The push API and Server-Sent Events: an API request is executed by every shard (each
+//! answers a count) and answered by the shard that holds the HTTP connection; SSE streams
+//! live in the same slab, hub and wheel as WebSockets.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use tracing::debug;
 
-use super::{admit, Shard};
+use super::conn::{ConnState, Flags, Transport};
+use super::frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
+use super::{admit, Sessions};
 use crate::auth::{self, Identity};
-use crate::conn::{ConnState, Flags};
 use crate::http::api::{self, ApiError, Route};
 use crate::http::request::query_params;
 use crate::http::{response, Method, Request};
 use crate::hub::{ApiCmd, ApiTicket, ShardMsg};
 use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::protocol::{self, Target};
-use crate::ws::frame;
 
 /// An API request waiting for the other shards' counts.
 #[derive(Debug)]
-pub(super) struct PendingApi {
+pub struct PendingApi {
     key: usize,
     generation: u32,
     remaining: usize,
@@ -30,30 +30,11 @@ pub(super) struct PendingApi {
     close: bool,
 }
 
-/// Turns a shared WebSocket text frame into an SSE event with id `id`. JSON from clients may
-/// hold newlines between tokens; each line becomes its own `data:` line (the client rejoins them).
-pub fn sse_event(id: u64, ws_frame: &Bytes) -> Bytes {
-    let payload = match frame::parse_header(ws_frame) {
-        Ok(Some((_, hl))) => &ws_frame[hl..],
-        _ => &ws_frame[..],
-    };
-    let mut b = BytesMut::with_capacity(payload.len() + 32);
-    b.put_slice(format!("id: {id}\ndata: ").as_bytes());
-    for (i, line) in payload.split(|&c| c == b'\n').enumerate() {
-        if i > 0 {
-            b.put_slice(b"\ndata: ");
-        }
-        b.put_slice(line.strip_suffix(b"\r").unwrap_or(line));
-    }
-    b.put_slice(b"\n\n");
-    b.freeze()
-}
-
 fn json(v: serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(&v).unwrap_or_default()
 }
 
-impl Shard {
+impl<T: Transport> Sessions<T> {
     /// Browser requests (those with `Origin`) must come from an allowed origin, if any are set.
     pub(super) fn origin_allowed(&self, req: &Request) -> bool {
         match (&req.origin, self.cfg.allowed_origins.is_empty()) {
@@ -70,7 +51,7 @@ impl Shard {
         if !self.origin_allowed(req) {
             return self.http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
         }
-        let (user, grant) = match self.auth.resolve(req) {
+        let (user, grant) = match self.auth.resolve(req, self.now_unix_ms / 1000) {
             Ok(Identity::User(u, g)) => (Some(Arc::<str>::from(u)), g),
             Ok(Identity::Anonymous) => (None, None),
             Err(e) => {
@@ -88,14 +69,9 @@ impl Shard {
                 );
             }
             if !auth::channel_allowed(grant.as_deref(), &c) {
-                return self.http_fail(
-                    key,
-                    403,
-                    super::session::FORBIDDEN_CHANNEL,
-                    HandshakeFailure::Forbidden,
-                );
+                return self.http_fail(key, 403, FORBIDDEN_CHANNEL, HandshakeFailure::Forbidden);
             }
-            if channels.len() >= super::session::MAX_CHANNELS_PER_CONN {
+            if channels.len() >= MAX_CHANNELS_PER_CONN {
                 return self.http_fail(key, 400, "too many channels", HandshakeFailure::Malformed);
             }
             if !channels.iter().any(|x| **x == *c) {
@@ -120,7 +96,7 @@ impl Shard {
         c.flags.set(Flags::SSE);
         c.user = user;
         if let Some(g) = grant {
-            self.grants.insert(key as u32, g);
+            c.extra_mut().grant = Some(g);
         }
         self.push_raw(
             key,
@@ -151,7 +127,7 @@ impl Shard {
         }
     }
 
-    fn api_request(
+    pub(super) fn api_request(
         &mut self,
         key: usize,
         req: &Request,
@@ -184,27 +160,27 @@ impl Shard {
                 let p: api::Publish = api::parse_body(body)?;
                 api::check_channel(&p.channel)?;
                 let from = api::check_from(p.from.as_deref())?;
-                let frame = protocol::msg(from, Target::Channel(&p.channel), p.data, ts);
+                let payload = protocol::msg(from, Target::Channel(&p.channel), p.data, ts);
                 ApiCmd::Publish {
                     channel: p.channel.into(),
-                    frame,
+                    payload,
                 }
             }
             Route::Send => {
                 let p: api::Send = api::parse_body(body)?;
                 api::check_user("to", &p.to)?;
                 let from = api::check_from(p.from.as_deref())?;
-                let frame = protocol::msg(from, Target::User(&p.to), p.data, ts);
+                let payload = protocol::msg(from, Target::User(&p.to), p.data, ts);
                 ApiCmd::SendUser {
                     user: p.to.into(),
-                    frame,
+                    payload,
                 }
             }
             Route::Broadcast => {
                 let p: api::Broadcast = api::parse_body(body)?;
                 let from = api::check_from(p.from.as_deref())?;
-                let frame = protocol::msg(from, Target::Broadcast, p.data, ts);
-                ApiCmd::Broadcast { frame }
+                let payload = protocol::msg(from, Target::Broadcast, p.data, ts);
+                ApiCmd::Broadcast { payload }
             }
             Route::Disconnect => {
                 let p: api::Disconnect = api::parse_body(body)?;
@@ -252,7 +228,7 @@ impl Shard {
     }
 
     /// `Authorization: Bearer <api key>`; without a configured key, loopback peers only.
-    fn api_authorize(&self, key: usize, req: &Request) -> Result<(), ApiError> {
+    pub(super) fn api_authorize(&self, key: usize, req: &Request) -> Result<(), ApiError> {
         match &self.cfg.api_key {
             Some(k) => {
                 let given = req
@@ -270,10 +246,7 @@ impl Shard {
                 }
             }
             None => {
-                let loopback = self.conns[key]
-                    .stream
-                    .peer_addr()
-                    .is_ok_and(|a| a.ip().is_loopback());
+                let loopback = self.conns[key].flags.has(Flags::LOOPBACK);
                 if loopback {
                     Ok(())
                 } else {
@@ -286,7 +259,7 @@ impl Shard {
         }
     }
 
-    fn stats_json(&self) -> Vec<u8> {
+    pub(super) fn stats_json(&self) -> Vec<u8> {
         let sum = |f: &dyn Fn(&ShardMetrics) -> u64| -> u64 { self.metrics.iter().map(f).sum() };
         let r = Ordering::Relaxed;
         json(serde_json::json!({
@@ -308,9 +281,9 @@ impl Shard {
     }
 
     /// Runs `cmd` here and on every other shard; answers when all have counted.
-    fn start_api(&mut self, key: usize, route: Route, cmd: ApiCmd, close: bool) {
+    pub(super) fn start_api(&mut self, key: usize, route: Route, cmd: ApiCmd, close: bool) {
         let cmd = Arc::new(cmd);
-        let others = self.peers.len() - 1;
+        let others = self.shards as usize - 1;
         let id = self.pending_api.insert(PendingApi {
             key,
             generation: self.conns[key].generation,
@@ -323,9 +296,9 @@ impl Shard {
             shard: self.index,
             id,
         };
-        for s in 0..self.peers.len() as u16 {
+        for s in 0..self.shards {
             if s != self.index {
-                self.post_reliable(
+                self.send_mail(
                     s,
                     ShardMsg::Api {
                         ticket,
@@ -346,7 +319,7 @@ impl Shard {
 
     pub(super) fn on_api(&mut self, ticket: ApiTicket, cmd: &ApiCmd) {
         let count = self.exec_api(cmd);
-        self.post_reliable(
+        self.send_mail(
             ticket.shard,
             ShardMsg::ApiDone {
                 id: ticket.id,
@@ -366,7 +339,7 @@ impl Shard {
         }
     }
 
-    fn complete_api(&mut self, id: u32, resume: bool) {
+    pub(super) fn complete_api(&mut self, id: u32, resume: bool) {
         let p = self.pending_api.remove(id as usize);
         let alive = self
             .conns
@@ -390,11 +363,18 @@ impl Shard {
         if resume {
             self.conns[p.key].flags.clear(Flags::HOLD_INPUT);
             // Pipelined requests that arrived meanwhile.
-            self.on_readable(p.key);
+            self.on_readable(p.key, true);
         }
     }
 
-    fn api_answer(&mut self, key: usize, route: Route, status: u16, body: &[u8], close: bool) {
+    pub(super) fn api_answer(
+        &mut self,
+        key: usize,
+        route: Route,
+        status: u16,
+        body: &[u8],
+        close: bool,
+    ) {
         ShardMetrics::add(
             &self.metrics[self.index as usize].api_requests[route as usize]
                 [api::status_index(status)],
@@ -414,11 +394,11 @@ impl Shard {
     }
 
     /// Executes an API command on this shard's connections; returns its count.
-    fn exec_api(&mut self, cmd: &ApiCmd) -> u64 {
+    pub(super) fn exec_api(&mut self, cmd: &ApiCmd) -> u64 {
         match cmd {
-            ApiCmd::Publish { channel, frame } => self.deliver_channel_local(channel, frame),
-            ApiCmd::SendUser { user, frame } => self.deliver_user_local(user, frame, None),
-            ApiCmd::Broadcast { frame } => {
+            ApiCmd::Publish { channel, payload } => self.deliver_channel_local(channel, payload),
+            ApiCmd::SendUser { user, payload } => self.deliver_user_local(user, payload, None),
+            ApiCmd::Broadcast { payload } => {
                 let keys: Vec<usize> = self
                     .conns
                     .iter()
@@ -429,7 +409,7 @@ impl Shard {
                     .map(|(k, _)| k)
                     .collect();
                 keys.into_iter()
-                    .map(|k| u64::from(self.deliver(k, frame.clone())))
+                    .map(|k| u64::from(self.deliver(k, payload)))
                     .sum()
             }
             ApiCmd::Disconnect { user, code, reason } => {
@@ -455,13 +435,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sse_events_split_lines_and_carry_ids() {
-        let f = frame::encode(frame::OpCode::Data(frame::Data::Text), b"{\"a\":\n1}");
-        assert_eq!(&sse_event(7, &f)[..], b"id: 7\ndata: {\"a\":\ndata: 1}\n\n");
-    }
-
-    #[test]
-    fn secrets_compare() {
+    pub(super) fn secrets_compare() {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));

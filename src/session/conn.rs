@@ -1,17 +1,28 @@
-//! A connection as the shard's slab holds it: socket, lifecycle state, liveness and the
-//! buffers it borrows from the shard's pool while a frame is in flight (see `docs/lifecycle.md`).
+//! One connection's whole state: its byte pipe (behind [`Transport`]), lifecycle state,
+//! liveness, identity, the buffers it borrows from the shard's pool while data is in flight,
+//! and the rarely used rest in one boxed [`Extra`] (see `docs/lifecycle.md`).
 
-pub mod buffers;
-
-use std::io::{self, IoSlice, Write};
+use std::borrow::Cow;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 
-use mio::net::TcpStream;
-
+use super::buffers::{Inbound, Outbox};
+use crate::auth::Grant;
 use crate::timer::TimerKey;
-pub use buffers::{BufPool, Fragment, Inbound, Outbox};
 
-/// Lifecycle of a connection. Transitions are made by the shard's session code only.
+/// The byte pipe of one connection, as the session layer sees it. The shard implements it on
+/// `mio::net::TcpStream`; the simulation and the fuzzer on in-memory pipes. Calls never block:
+/// a pipe with nothing to give or no room answers `WouldBlock`.
+pub trait Transport {
+    /// Reads into `buf`; `Ok(0)` is end of stream.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes from `bufs` in order; returns how many bytes were taken.
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Shuts the write side (FIN) after the last response of a draining connection.
+    fn shutdown_write(&mut self);
+}
+
+/// Lifecycle of a connection. Transitions are made by the session layer only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnState {
     /// Reading HTTP/1.1 requests; the handshake deadline is armed.
@@ -58,6 +69,8 @@ impl Flags {
     pub const DISCARD_INPUT: u16 = 1 << 8;
     /// Our write side is shut (FIN sent).
     pub const FIN_SENT: u16 = 1 << 9;
+    /// The peer connects from a loopback address (the push API's default access rule).
+    pub const LOOPBACK: u16 = 1 << 13;
 
     /// Whether `f` is set.
     #[inline]
@@ -76,19 +89,32 @@ impl Flags {
     }
 }
 
+/// What few connections need, boxed so an idle connection pays 8 bytes for it: channel
+/// subscriptions, the token's grant, the SSE event id, the reason of a close in progress.
+#[derive(Debug, Default)]
+pub struct Extra {
+    /// Channels subscribed to.
+    pub channels: Vec<Arc<str>>,
+    /// What the connection's signed token grants (expiry, private channels).
+    pub grant: Option<Box<Grant>>,
+    /// Last SSE event id sent.
+    pub sse_id: u64,
+    /// Why the connection closes, for the close log line.
+    pub close_reason: Cow<'static, str>,
+}
+
 /// One connection. Kept small: an idle open WebSocket holds no buffers.
 #[derive(Debug)]
-pub struct Conn {
-    /// The socket (in this shard's fd table only).
-    pub stream: TcpStream,
+pub struct Conn<T> {
+    /// The byte pipe (a socket in this shard's fd table only).
+    pub io: T,
     /// Distinguishes reuses of the same slab slot.
     pub generation: u32,
     /// Lifecycle state.
     pub state: ConnState,
     /// Flags.
     pub flags: Flags,
-    /// Close code sent or received, for the close log line (the reason lives in the shard's
-    /// side table while the connection closes).
+    /// Close code sent or received, for the close log line (the reason is in [`Extra`]).
     pub close_code: u16,
     /// The one wheel entry this connection holds ([`TimerKey::NONE`] when none).
     pub timer: TimerKey,
@@ -103,15 +129,15 @@ pub struct Conn {
     pub inbound: Option<Box<Inbound>>,
     /// Frames waiting for the socket.
     pub outbox: Option<Box<Outbox>>,
-    /// Channels this connection is subscribed to (boxed: most connections have none).
-    pub channels: Option<Box<Vec<Arc<str>>>>,
+    /// Subscriptions, grant, SSE id, close reason (boxed: most connections have none).
+    pub extra: Option<Box<Extra>>,
 }
 
-impl Conn {
+impl<T> Conn<T> {
     /// A freshly accepted connection.
-    pub fn new(stream: TcpStream, generation: u32, now_ms: u64) -> Self {
+    pub fn new(io: T, generation: u32, now_ms: u64) -> Self {
         Conn {
-            stream,
+            io,
             generation,
             state: ConnState::Http,
             flags: Flags::default(),
@@ -122,7 +148,7 @@ impl Conn {
             opened_ms: now_ms,
             inbound: None,
             outbox: None,
-            channels: None,
+            extra: None,
         }
     }
 
@@ -133,7 +159,17 @@ impl Conn {
 
     /// Channels subscribed to.
     pub fn channel_list(&self) -> &[Arc<str>] {
-        self.channels.as_deref().map_or(&[], |v| v.as_slice())
+        self.extra.as_deref().map_or(&[], |e| e.channels.as_slice())
+    }
+
+    /// The rarely used state, created on first use.
+    pub fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Default::default)
+    }
+
+    /// The token's grant, if the connection has one.
+    pub fn grant(&self) -> Option<&Grant> {
+        self.extra.as_deref().and_then(|e| e.grant.as_deref())
     }
 
     /// Bytes queued for this connection.
@@ -154,14 +190,17 @@ pub enum Flushed {
 /// Most buffers handed to one `writev`.
 const MAX_IOVECS: usize = 64;
 
-/// Writes as much of `out` as the socket takes, with vectored writes.
-pub fn flush<W: Write>(stream: &mut W, out: &mut Outbox) -> io::Result<(Flushed, usize)> {
+/// Writes as much of `out` as the pipe takes, with vectored writes.
+pub fn flush<W: Transport + ?Sized>(
+    stream: &mut W,
+    out: &mut Outbox,
+) -> io::Result<(Flushed, usize)> {
     let mut written = 0usize;
     while !out.queue.is_empty() {
         let mut slices: [IoSlice<'_>; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
         let mut n = 0;
-        for b in out.queue.iter().take(MAX_IOVECS) {
-            slices[n] = IoSlice::new(b);
+        for c in out.queue.iter().take(MAX_IOVECS) {
+            slices[n] = IoSlice::new(c.piece.as_slice());
             n += 1;
         }
         match stream.write_vectored(&slices[..n]) {
@@ -187,7 +226,7 @@ mod size_tests {
     fn conn_stays_small() {
         // mio's stream carries an 8-byte selector id in debug builds only (plus padding).
         let limit = if cfg!(debug_assertions) { 88 } else { 72 };
-        let size = std::mem::size_of::<super::Conn>();
+        let size = std::mem::size_of::<super::Conn<mio::net::TcpStream>>();
         assert!(size <= limit, "Conn is {size} bytes");
     }
 }

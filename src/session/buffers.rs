@@ -67,22 +67,97 @@ pub struct Fragment {
     pub utf8_valid: usize,
 }
 
-/// Frames waiting for the socket, shared (`Bytes`) with other recipients of a fan-out.
+/// Most bytes an inline chunk holds: a WebSocket header (10) or an SSE `id: N\ndata: ` prefix.
+pub const INLINE_MAX: usize = 38;
+
+/// One piece of output: a small per-recipient part (a frame header, an SSE prefix) kept
+/// inline, or bytes shared with other recipients (a payload serialized once).
+#[derive(Debug, Clone)]
+pub enum Piece {
+    /// Bytes `start..end` of `buf`.
+    Inline {
+        /// Storage.
+        buf: [u8; INLINE_MAX],
+        /// First unwritten byte.
+        start: u8,
+        /// End of data.
+        end: u8,
+    },
+    /// A shared buffer (advanced as it is written).
+    Shared(Bytes),
+}
+
+impl Piece {
+    /// A copy of `b` (at most [`INLINE_MAX`] bytes) kept inline.
+    pub fn inline(b: &[u8]) -> Piece {
+        debug_assert!(b.len() <= INLINE_MAX);
+        let mut buf = [0u8; INLINE_MAX];
+        buf[..b.len()].copy_from_slice(b);
+        Piece::Inline {
+            buf,
+            start: 0,
+            end: b.len() as u8,
+        }
+    }
+
+    /// The unwritten bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Piece::Inline { buf, start, end } => &buf[*start as usize..*end as usize],
+            Piece::Shared(b) => b,
+        }
+    }
+
+    /// Unwritten length.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// Whether nothing is left.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn advance(&mut self, n: usize) {
+        match self {
+            Piece::Inline { start, .. } => *start += n as u8,
+            Piece::Shared(b) => b.advance(n),
+        }
+    }
+}
+
+/// A piece plus whether it starts a unit (a frame, an event, a response): units are never
+/// cut in the middle when unsent output is dropped.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    /// The bytes.
+    pub piece: Piece,
+    /// First piece of its unit.
+    pub first: bool,
+}
+
+/// Output waiting for the socket. Payloads are shared (`Bytes`) with the other recipients of
+/// a fan-out; headers are per connection.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    /// Frames in order; the head may be partly written.
-    pub queue: VecDeque<Bytes>,
+    /// Pieces in order; the head may be partly written.
+    pub queue: VecDeque<Chunk>,
     /// Bytes queued.
     pub bytes: usize,
-    /// The head frame is partly written (it must be finished before anything else).
+    /// The head piece is partly written (its unit must be finished before anything else).
     pub head_partial: bool,
 }
 
 impl Outbox {
-    /// Appends a frame.
-    pub fn push(&mut self, frame: Bytes) {
-        self.bytes += frame.len();
-        self.queue.push_back(frame);
+    /// Appends a whole unit held in one buffer (a response, a control frame).
+    pub fn push(&mut self, unit: Bytes) {
+        self.push_piece(Piece::Shared(unit), true);
+    }
+
+    /// Appends one piece; `first` when it starts a new unit.
+    pub fn push_piece(&mut self, piece: Piece, first: bool) {
+        self.bytes += piece.len();
+        self.queue.push_back(Chunk { piece, first });
     }
 
     /// Drops `n` written bytes from the front.
@@ -90,27 +165,41 @@ impl Outbox {
         self.bytes -= n;
         while n > 0 {
             let head = self.queue.front_mut().expect("consumed more than queued");
-            if n >= head.len() {
-                n -= head.len();
+            let len = head.piece.len();
+            if n >= len {
+                n -= len;
                 self.queue.pop_front();
                 self.head_partial = false;
             } else {
-                head.advance(n);
+                head.piece.advance(n);
                 self.head_partial = true;
                 n = 0;
             }
         }
     }
 
-    /// Drops every frame not yet started (slow-consumer policy); a partly written head is
-    /// kept so the stream stays well framed.
+    /// Drops every unit not yet started (slow-consumer policy); the unit being written is
+    /// kept whole so the stream stays well framed.
     pub fn truncate_unstarted(&mut self) {
-        let keep = usize::from(self.head_partial);
-        while self.queue.len() > keep {
-            if let Some(b) = self.queue.pop_back() {
-                self.bytes -= b.len();
+        let started = self.head_partial || self.queue.front().is_some_and(|c| !c.first);
+        let mut keep = 0;
+        if started {
+            keep = 1;
+            while keep < self.queue.len() && !self.queue[keep].first {
+                keep += 1;
             }
         }
+        while self.queue.len() > keep {
+            if let Some(c) = self.queue.pop_back() {
+                self.bytes -= c.piece.len();
+            }
+        }
+    }
+
+    /// Checks the byte count against the queue (debug builds and tests).
+    pub fn check_invariants(&self) {
+        let sum: usize = self.queue.iter().map(|c| c.piece.len()).sum();
+        assert_eq!(sum, self.bytes, "outbox byte count");
     }
 }
 
@@ -213,11 +302,34 @@ mod tests {
         o.push(Bytes::from_static(b"!"));
         o.consume(7);
         assert_eq!((o.bytes, o.head_partial), (4, true));
-        assert_eq!(&o.queue[0][..], b"rld");
+        assert_eq!(o.queue[0].piece.as_slice(), b"rld");
         o.truncate_unstarted();
         assert_eq!((o.bytes, o.queue.len()), (3, 1));
         o.consume(3);
         assert!(o.queue.is_empty() && !o.head_partial);
+        o.check_invariants();
+    }
+
+    #[test]
+    fn truncation_keeps_a_started_unit_whole() {
+        let mut o = Outbox::default();
+        o.push_piece(Piece::inline(&[0x81, 3]), true);
+        o.push_piece(Piece::Shared(Bytes::from_static(b"abc")), false);
+        o.push_piece(Piece::inline(&[0x81, 2]), true);
+        o.push_piece(Piece::Shared(Bytes::from_static(b"de")), false);
+        // The header is written, the payload not yet: the payload must stay.
+        o.consume(2);
+        assert!(!o.head_partial);
+        o.truncate_unstarted();
+        assert_eq!(o.queue.len(), 1);
+        assert_eq!(o.queue[0].piece.as_slice(), b"abc");
+        o.check_invariants();
+        // Nothing started: everything goes.
+        let mut o = Outbox::default();
+        o.push_piece(Piece::inline(b"h"), true);
+        o.push_piece(Piece::Shared(Bytes::from_static(b"p")), false);
+        o.truncate_unstarted();
+        assert!(o.queue.is_empty() && o.bytes == 0);
     }
 
     #[test]

@@ -1,0 +1,153 @@
+//! Deadlines: the handshake and close deadlines, heartbeats (ping after silence, 4000 when
+//! idle too long), SSE comment heartbeats, token expiry (4003); and the end of a
+//! connection, logged and counted.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use tracing::{debug, info};
+
+use super::conn::{ConnState, Flags, Transport};
+use super::Sessions;
+use crate::metrics::HandshakeFailure;
+use crate::ws::close::{self as code};
+use crate::ws::frame::{self, Control, OpCode};
+
+impl<T: Transport> Sessions<T> {
+    /// When an open connection should next be looked at: its ping time or its idle deadline.
+    pub(super) fn next_heartbeat_check(&self, key: usize) -> u64 {
+        let exp = self.token_deadline_ms(key).unwrap_or(u64::MAX);
+        let c = &self.conns[key];
+        if c.flags.has(Flags::SSE) {
+            return exp.min(self.now_ms + self.cfg.sse_heartbeat_ms);
+        }
+        exp.min(self.ws_heartbeat_check(key))
+    }
+
+    /// Shard-clock deadline of the connection's token, if it has one.
+    pub(super) fn token_deadline_ms(&self, key: usize) -> Option<u64> {
+        let g = self.conns[key].grant()?;
+        let left_ms = (g.exp * 1000).saturating_sub(self.now_unix_ms);
+        Some(self.now_ms + left_ms)
+    }
+
+    pub(super) fn token_expired(&self, key: usize) -> bool {
+        self.conns[key]
+            .grant()
+            .is_some_and(|g| g.exp * 1000 <= self.now_unix_ms)
+    }
+
+    pub(super) fn ws_heartbeat_check(&self, key: usize) -> u64 {
+        let c = &self.conns[key];
+        let last_seen = self.now_ms - c.silent_ms(self.now_ms);
+        let idle_at = last_seen + self.cfg.idle_timeout_ms;
+        if c.flags.has(Flags::PING_OUTSTANDING) {
+            idle_at.min(self.now_ms + self.cfg.ping_interval_ms)
+        } else {
+            idle_at.min(last_seen + self.cfg.ping_interval_ms + self.jitter_ms(key))
+        }
+    }
+
+    /// A fixed per-connection offset in [0, interval/4) so pings of a burst spread out.
+    pub(super) fn jitter_ms(&self, key: usize) -> u64 {
+        let c = &self.conns[key];
+        let mut x = (key as u64) << 32 | c.generation as u64;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x % (self.cfg.ping_interval_ms / 4 + 1)
+    }
+
+    pub(super) fn on_timer(&mut self, key: usize) {
+        let now = self.now_ms;
+        let c = &mut self.conns[key];
+        match c.state {
+            ConnState::Http => {
+                self.m().count_handshake_failure(HandshakeFailure::Timeout);
+                debug!(
+                    shard = self.index,
+                    conn = key,
+                    "handshake timeout; dropping"
+                );
+                self.finish(key);
+            }
+            ConnState::Draining | ConnState::Closing => self.finish(key),
+            ConnState::Open => {
+                if self.token_expired(key) {
+                    return self.start_close(key, code::TOKEN_EXPIRED, "token expired");
+                }
+                let c = &self.conns[key];
+                if c.flags.has(Flags::SSE) {
+                    self.push_raw(key, Bytes::from_static(b": heartbeat\n\n"));
+                    let next = self.next_heartbeat_check(key);
+                    return self.arm(key, next.max(now + 1));
+                }
+                let silent = c.silent_ms(now);
+                if silent >= self.cfg.idle_timeout_ms {
+                    return self.start_close(key, code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+                }
+                let ping_after = self.cfg.ping_interval_ms + self.jitter_ms(key);
+                let c = &mut self.conns[key];
+                if !c.flags.has(Flags::PING_OUTSTANDING) && silent >= ping_after {
+                    c.flags.set(Flags::PING_OUTSTANDING);
+                    self.push_raw(key, frame::encode(OpCode::Control(Control::Ping), b""));
+                }
+                let next = self.next_heartbeat_check(key);
+                self.arm(key, next.max(now + 1));
+            }
+        }
+    }
+
+    /// Removes a connection: logs and counts its close, releases everything it held.
+    pub(super) fn finish(&mut self, key: usize) {
+        self.unregister(key);
+        let c = self.conns.remove(key);
+        self.wheel.cancel(c.timer);
+        let reason = c.extra.map(|e| e.close_reason).unwrap_or_default();
+        let m = &self.metrics[self.index as usize];
+        if c.flags.has(Flags::COUNTED) {
+            self.open_total.fetch_sub(1, Ordering::AcqRel);
+        }
+        let was_ws = c.flags.has(Flags::WEBSOCKET);
+        if c.flags.has(Flags::SSE) {
+            m.open_sse.fetch_sub(1, Ordering::Relaxed);
+            info!(
+                target: "switchboard::close",
+                shard = self.index,
+                conn = %format_args!("{}.{}.{}", self.index, key, c.generation),
+                user = c.user.as_deref().unwrap_or("(anonymous)"),
+                transport = "sse",
+                reason = %reason,
+                duration_ms = self.now_ms.saturating_sub(c.opened_ms),
+                "closed"
+            );
+        } else if was_ws {
+            m.open_ws.fetch_sub(1, Ordering::Relaxed);
+            let close_code = if c.close_code == 0 {
+                code::ABNORMAL
+            } else {
+                c.close_code
+            };
+            m.count_close(close_code);
+            info!(
+                target: "switchboard::close",
+                shard = self.index,
+                conn = %format_args!("{}.{}.{}", self.index, key, c.generation),
+                user = c.user.as_deref().unwrap_or("(anonymous)"),
+                code = close_code,
+                reason = %reason,
+                duration_ms = self.now_ms.saturating_sub(c.opened_ms),
+                "closed"
+            );
+        } else {
+            m.open_http.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(o) = c.outbox {
+            self.pool.put_outbox(o);
+        }
+        if let Some(i) = c.inbound {
+            self.pool.put_inbound(i);
+        }
+        // Dropping the stream closes the fd, which also removes it from epoll.
+    }
+}

@@ -1,0 +1,223 @@
+//! HTTP/1.1 on a connection: one request at a time (pipelined requests wait their turn),
+//! routed to the WebSocket upgrade, an event stream, the push API or a built-in page.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tracing::debug;
+
+use super::buffers::Inbound;
+use super::conn::{ConnState, Flags, Transport};
+use super::{admit, Sessions};
+use crate::auth::Identity;
+use crate::http::{self, response, HttpError, Method, Request};
+use crate::metrics::{self, HandshakeFailure, ShardMetrics};
+use crate::ws::close::{self as code};
+use crate::ws::handshake;
+
+impl<T: Transport> Sessions<T> {
+    /// Handles one HTTP request if complete; true when another round of processing is due.
+    pub(super) fn process_http(&mut self, key: usize, inb: &mut Inbound) -> bool {
+        let req = match http::request::parse(inb.pending()) {
+            Ok(None) => return false,
+            Ok(Some(r)) => r,
+            Err(HttpError::Malformed(why)) => {
+                self.http_fail(key, 400, why, HandshakeFailure::Malformed);
+                return false;
+            }
+            Err(HttpError::HeadTooLarge) => {
+                self.http_fail(
+                    key,
+                    431,
+                    "request header section too large",
+                    HandshakeFailure::HeadTooLarge,
+                );
+                return false;
+            }
+        };
+        if req.transfer_encoding {
+            self.http_fail(
+                key,
+                411,
+                "chunked bodies are not supported; send Content-Length",
+                HandshakeFailure::Body,
+            );
+            return false;
+        }
+        let body_len = req.content_length.unwrap_or(0);
+        if body_len > self.cfg.max_message_bytes {
+            self.http_fail(
+                key,
+                413,
+                "request body over --max-message-bytes",
+                HandshakeFailure::Body,
+            );
+            return false;
+        }
+        let total = req.head_len + body_len;
+        if inb.end - inb.start < total {
+            inb.reserve_total(total);
+            return false;
+        }
+        let body = inb.buf[inb.start + req.head_len..inb.start + total].to_vec();
+        inb.start += total;
+        self.route_http(key, &req, &body);
+        true
+    }
+
+    pub(super) fn route_http(&mut self, key: usize, req: &Request, body: &[u8]) {
+        let is_upgrade = req.upgrade_websocket || req.connection_upgrade;
+        if (self.cfg.echo && is_upgrade) || req.path == "/ws" {
+            return self.upgrade(key, req);
+        }
+        if req.path == "/events" {
+            return self.open_sse(key, req);
+        }
+        if req.path.starts_with("/api/") {
+            return self.route_api(key, req, body);
+        }
+        let get = matches!(req.method, Some(Method::Get) | Some(Method::Head));
+        match req.path.as_str() {
+            "/healthz" if get => {
+                self.http_ok(key, req, "text/plain; charset=utf-8", b"ok\n".to_vec())
+            }
+            "/metrics" if get => {
+                let body = metrics::render(&self.metrics).into_bytes();
+                self.http_ok(key, req, "text/plain; version=0.0.4", body)
+            }
+            "/" if get => {
+                let body = http::assets::INDEX_HTML.as_bytes().to_vec();
+                self.http_ok(key, req, "text/html; charset=utf-8", body)
+            }
+            "/client.js" if get => {
+                let body = http::assets::CLIENT_JS.as_bytes().to_vec();
+                self.http_ok(key, req, "text/javascript; charset=utf-8", body)
+            }
+            "/favicon.ico" if get => {
+                let resp = response::simple(204, "image/x-icon", b"", "", req.connection_close);
+                self.http_respond(key, resp, req.connection_close)
+            }
+            "/healthz" | "/metrics" | "/" | "/client.js" => {
+                self.http_fail(key, 405, "method not allowed", HandshakeFailure::Method)
+            }
+            _ => self.http_respond(key, response::error(404, "not found"), true),
+        }
+    }
+
+    pub(super) fn http_ok(&mut self, key: usize, req: &Request, content_type: &str, body: Vec<u8>) {
+        let body = if req.method == Some(Method::Head) {
+            Vec::new()
+        } else {
+            body
+        };
+        let close = req.connection_close;
+        let resp = response::simple(200, content_type, &body, "", close);
+        self.http_respond(key, resp, close);
+    }
+
+    /// Queues a response; the connection stays for the next request unless `close`.
+    pub(super) fn http_respond(&mut self, key: usize, resp: Bytes, close: bool) {
+        self.push_raw(key, resp);
+        if close {
+            self.drain_after_response(key);
+        } else {
+            let deadline = self.now_ms + self.cfg.handshake_timeout_ms;
+            self.arm(key, deadline);
+        }
+    }
+
+    /// Answers an error, then closes once the peer has read it.
+    pub(super) fn http_fail(
+        &mut self,
+        key: usize,
+        status: u16,
+        message: &str,
+        why: HandshakeFailure,
+    ) {
+        debug!(
+            shard = self.index,
+            conn = key,
+            status,
+            reason = message,
+            "request refused"
+        );
+        self.m().count_handshake_failure(why);
+        self.push_raw(key, response::error(status, message));
+        self.drain_after_response(key);
+    }
+
+    pub(super) fn drain_after_response(&mut self, key: usize) {
+        self.conns[key].state = ConnState::Draining;
+        let deadline = self.now_ms + self.cfg.close_timeout_ms;
+        self.arm(key, deadline);
+    }
+
+    pub(super) fn upgrade(&mut self, key: usize, req: &Request) {
+        let accept = match handshake::accept(&upgrade_request(req)) {
+            Ok(a) => a,
+            Err(e) => {
+                let why = match e {
+                    handshake::HandshakeError::Method => HandshakeFailure::Method,
+                    handshake::HandshakeError::NotUpgrade => HandshakeFailure::NotUpgrade,
+                    handshake::HandshakeError::Version => HandshakeFailure::Version,
+                    handshake::HandshakeError::Key => HandshakeFailure::BadKey,
+                };
+                return self.http_fail(key, e.status(), &e.to_string(), why);
+            }
+        };
+        if !self.origin_allowed(req) {
+            return self.http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
+        }
+        let identity = match self.auth.resolve(req, self.now_unix_ms / 1000) {
+            Ok(i) => i,
+            Err(e) => {
+                return self.http_fail(key, e.status(), &e.to_string(), HandshakeFailure::BadUser)
+            }
+        };
+        self.push_raw(key, response::switching_protocols(&accept));
+        let user: Option<Arc<str>> = match identity {
+            Identity::User(u, grant) => {
+                if let Some(g) = grant {
+                    self.conns[key].extra_mut().grant = Some(g);
+                }
+                Some(u.into())
+            }
+            Identity::Anonymous => None,
+        };
+        let now = self.now_ms;
+        let c = &mut self.conns[key];
+        c.state = ConnState::Open;
+        c.last_seen_ms = now as u32;
+        c.flags.set(Flags::COUNTED | Flags::WEBSOCKET);
+        c.user = user;
+        let m = &self.metrics[self.index as usize];
+        m.open_http.fetch_sub(1, Ordering::Relaxed);
+        ShardMetrics::add(&m.open_ws, 1);
+        if !admit(&self.open_total, self.cfg.max_connections) {
+            m.count_handshake_failure(HandshakeFailure::OverCapacity);
+            self.start_close(
+                key,
+                code::TRY_AGAIN_LATER,
+                "server at capacity, try again later",
+            );
+            return;
+        }
+        if !self.cfg.echo {
+            self.register(key, true);
+        }
+        let deadline = self.next_heartbeat_check(key);
+        self.arm(key, deadline);
+    }
+}
+
+/// The parts of a request the WebSocket handshake checks.
+fn upgrade_request(req: &Request) -> handshake::UpgradeRequest<'_> {
+    handshake::UpgradeRequest {
+        is_get: req.method == Some(Method::Get),
+        upgrade_websocket: req.upgrade_websocket,
+        connection_upgrade: req.connection_upgrade,
+        version: req.ws_version.as_deref(),
+        key: req.ws_key.as_deref(),
+    }
+}

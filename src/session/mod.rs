@@ -1,0 +1,487 @@
+//! The sans-I/O session layer: every connection of one shard as plain data, driven by events.
+//!
+//! [`Sessions`] owns a shard's connections (a slab of [`Conn`]), its timer wheel, its part of
+//! the hub, its buffer pool and the API requests in flight. The driver (`shard/` in the
+//! server, `sim/` in the simulation, the fuzz targets) feeds it events and carries out what it
+//! asks for:
+//!
+//! | input | call |
+//! |---|---|
+//! | the clock moved (once per turn) | [`Sessions::set_clock`] |
+//! | a connection was accepted | [`Sessions::accept`] |
+//! | its pipe has bytes (or EOF) | [`Sessions::on_readable`] |
+//! | its pipe has room | [`Sessions::on_writable`] |
+//! | mail from another shard | [`Sessions::on_mail`] |
+//! | deadlines are due | [`Sessions::on_timers`] |
+//! | shut down | [`Sessions::begin_shutdown`] |
+//!
+//! and it answers with: output flushed once per connection per turn ([`Sessions::flush`],
+//! one `writev` each), mail for other shards ([`Sessions::post_mail`]), the next deadline
+//! ([`Sessions::next_deadline`]) and connections finished (dropped from the slab, which drops
+//! their pipe). It never reads a clock, never blocks, and touches a connection's bytes only
+//! through [`Transport`].
+
+mod api;
+pub mod buffers;
+pub mod conn;
+mod frames;
+mod heartbeat;
+mod http;
+mod ops;
+mod output;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use slab::Slab;
+use tracing::info;
+
+pub use buffers::{BufPool, Chunk, Fragment, Inbound, Outbox, Piece};
+pub use conn::{flush, Conn, ConnState, Extra, Flags, Flushed, Transport};
+
+use crate::config::Config;
+use crate::hub::{ConnId, Hub, ShardMsg};
+use crate::metrics::ShardMetrics;
+use crate::timer::{TimerKey, Wheel};
+
+pub use api::PendingApi;
+pub use frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
+
+/// Mailbox messages handled per turn.
+pub const MAILBOX_PER_TURN: usize = 8192;
+/// Timer expiries handled per turn.
+pub const TIMERS_PER_TURN: usize = 8192;
+
+/// What every shard's sessions share: configuration, identity, counters.
+#[derive(Clone)]
+pub struct Shared {
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// Token verification.
+    pub auth: Arc<crate::auth::Auth>,
+    /// Counters of every shard, by index.
+    pub metrics: Arc<[ShardMetrics]>,
+    /// Open WebSocket and SSE connections in the process, against `--max-connections`.
+    pub open_total: Arc<AtomicUsize>,
+}
+
+/// One shard's connections and everything that routes between them (see the module docs).
+pub struct Sessions<T: Transport> {
+    index: u16,
+    shards: u16,
+    cfg: Arc<Config>,
+    auth: Arc<crate::auth::Auth>,
+    metrics: Arc<[ShardMetrics]>,
+    open_total: Arc<AtomicUsize>,
+    conns: Slab<Conn<T>>,
+    wheel: Wheel<u32>,
+    hub: Hub,
+    pool: BufPool,
+    /// API requests waiting for other shards.
+    pending_api: Slab<PendingApi>,
+    /// Mail produced this turn, in order, for the driver to post.
+    outgoing: Vec<(u16, ShardMsg)>,
+    /// Mail that must not be lost, waiting for room in a full mailbox, per target shard.
+    retry: Vec<VecDeque<ShardMsg>>,
+    /// Connections with output to flush this turn.
+    dirty: Vec<(usize, u32)>,
+    /// Connections whose read was capped with data left in the pipe.
+    read_backlog: Vec<(usize, u32)>,
+    expired: Vec<u32>,
+    scratch_slots: Vec<u32>,
+    scratch_shards: Vec<u16>,
+    /// Shard clock, ms; set once per turn by the driver.
+    now_ms: u64,
+    /// Wall clock (unix ms) for message timestamps and token expiry; set with `now_ms`.
+    now_unix_ms: u64,
+    next_generation: u32,
+    shutdown_deadline_ms: Option<u64>,
+}
+
+impl<T: Transport> Sessions<T> {
+    /// Sessions of shard `index` of `shards`, with the clock at `now_ms` / `now_unix_ms`.
+    pub fn new(index: u16, shards: u16, shared: Shared, now_ms: u64, now_unix_ms: u64) -> Self {
+        Sessions {
+            index,
+            shards,
+            cfg: shared.config,
+            auth: shared.auth,
+            metrics: shared.metrics,
+            open_total: shared.open_total,
+            conns: Slab::with_capacity(1024),
+            wheel: Wheel::new(now_ms),
+            hub: Hub::default(),
+            pool: BufPool::default(),
+            pending_api: Slab::new(),
+            outgoing: Vec::new(),
+            retry: (0..shards).map(|_| VecDeque::new()).collect(),
+            dirty: Vec::new(),
+            read_backlog: Vec::new(),
+            expired: Vec::new(),
+            scratch_slots: Vec::new(),
+            scratch_shards: Vec::new(),
+            now_ms,
+            now_unix_ms,
+            next_generation: 0,
+            shutdown_deadline_ms: None,
+        }
+    }
+
+    fn m(&self) -> &ShardMetrics {
+        &self.metrics[self.index as usize]
+    }
+
+    /// Call once per turn, before any other input: the shard clock (ms, monotonic) and the
+    /// wall clock (unix ms) that message timestamps and token expiry use.
+    pub fn set_clock(&mut self, now_ms: u64, now_unix_ms: u64) {
+        debug_assert!(now_ms >= self.now_ms, "the shard clock never goes back");
+        self.now_ms = now_ms.max(self.now_ms);
+        self.now_unix_ms = now_unix_ms;
+    }
+
+    /// The shard clock as last set.
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    /// This shard's index.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// The slab key the next [`accept`](Self::accept) will use (register the socket under it).
+    pub fn next_key(&self) -> usize {
+        self.conns.vacant_key()
+    }
+
+    /// Takes a new connection; `loopback` when the peer address is a loopback address.
+    /// Returns its slab key. The handshake deadline is armed.
+    pub fn accept(&mut self, io: T, loopback: bool) -> usize {
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let mut c = Conn::new(io, self.next_generation, self.now_ms);
+        if loopback {
+            c.flags.set(Flags::LOOPBACK);
+        }
+        let key = self.conns.insert(c);
+        let deadline = self.now_ms + self.cfg.handshake_timeout_ms;
+        self.arm(key, deadline);
+        let m = self.m();
+        ShardMetrics::add(&m.accepted, 1);
+        ShardMetrics::add(&m.open_http, 1);
+        key
+    }
+
+    /// The pipe of connection `key`, if it exists.
+    pub fn io_mut(&mut self, key: usize) -> Option<&mut T> {
+        self.conns.get_mut(key).map(|c| &mut c.io)
+    }
+
+    /// The connection at `key`, if any.
+    pub fn conn(&self, key: usize) -> Option<&Conn<T>> {
+        self.conns.get(key)
+    }
+
+    /// The id of a live connection.
+    pub fn conn_id(&self, key: usize) -> ConnId {
+        ConnId {
+            shard: self.index,
+            slot: key as u32,
+            generation: self.conns[key].generation,
+        }
+    }
+
+    /// Whether `id` names a live connection of this shard.
+    pub fn is_live(&self, id: ConnId) -> bool {
+        id.shard == self.index
+            && self
+                .conns
+                .get(id.slot as usize)
+                .is_some_and(|c| c.generation == id.generation)
+    }
+
+    /// Connections in the slab.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether no connection is left.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Keys of every connection.
+    pub fn keys(&self) -> Vec<usize> {
+        self.conns.iter().map(|(k, _)| k).collect()
+    }
+
+    /// The hub (read-only, for checks and stats).
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Entries in the timer wheel.
+    pub fn wheel_len(&self) -> usize {
+        self.wheel.len()
+    }
+
+    /// The socket of `key` has room again (edge-triggered): flush what waits at the end of
+    /// the turn.
+    pub fn on_writable(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return; // spurious event for a finished connection
+        };
+        c.flags.set(Flags::WRITABLE);
+        if c.outbox.is_some() {
+            self.mark_dirty(key);
+        }
+    }
+
+    /// Whether work is left that should not wait for the next event: capped reads, mail to
+    /// retry.
+    pub fn has_backlog(&self) -> bool {
+        !self.read_backlog.is_empty()
+    }
+
+    /// Whether mail waits for room in a full mailbox (retry in about a millisecond).
+    pub fn has_retries(&self) -> bool {
+        self.retry.iter().any(|q| !q.is_empty())
+    }
+
+    /// The earliest deadline: the wheel's next expiry or the end of the shutdown grace.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let w = self.wheel.next_expiration();
+        match (w, self.shutdown_deadline_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Reads capped in an earlier call continue.
+    pub fn drain_read_backlog(&mut self) {
+        if self.read_backlog.is_empty() {
+            return;
+        }
+        let list = std::mem::take(&mut self.read_backlog);
+        for (key, generation) in list {
+            if let Some(c) = self.conns.get_mut(key) {
+                if c.generation == generation {
+                    c.flags.clear(Flags::READ_BACKLOG);
+                    self.on_readable(key, true);
+                }
+            }
+        }
+    }
+
+    /// Fires every deadline due at the current clock (at most [`TIMERS_PER_TURN`]).
+    pub fn on_timers(&mut self) {
+        let mut expired = std::mem::take(&mut self.expired);
+        expired.clear();
+        self.wheel.poll(self.now_ms, &mut expired, TIMERS_PER_TURN);
+        for &key in &expired {
+            let key = key as usize;
+            if let Some(c) = self.conns.get_mut(key) {
+                c.timer = TimerKey::NONE;
+                self.on_timer(key);
+            }
+        }
+        self.expired = expired;
+        ShardMetrics::set(&self.m().wheel_entries, self.wheel.len() as u64);
+    }
+
+    /// Flushes every connection with output, once (one `writev` each), and makes the
+    /// transitions that wait for a flush.
+    pub fn flush(&mut self) {
+        let mut list = std::mem::take(&mut self.dirty);
+        for &(key, generation) in &list {
+            if let Some(c) = self.conns.get_mut(key) {
+                if c.generation == generation {
+                    c.flags.clear(Flags::DIRTY);
+                    self.flush_conn(key);
+                }
+            }
+        }
+        list.clear();
+        // Flushing never queues more output, but keep anything that did.
+        list.append(&mut self.dirty);
+        self.dirty = list;
+    }
+
+    /// Hands this turn's mail to `post` in order. `post` gives a message back when the
+    /// target's mailbox is full: mail that must not be lost (presence, API) waits and is
+    /// retried on the next call, in order; a routed `send` is answered `overloaded`; a
+    /// delivery is dropped and counted.
+    pub fn post_mail(&mut self, mut post: impl FnMut(u16, ShardMsg) -> Result<(), ShardMsg>) {
+        for target in 0..self.retry.len() {
+            while let Some(msg) = self.retry[target].pop_front() {
+                if let Err(msg) = post(target as u16, msg) {
+                    self.retry[target].push_front(msg);
+                    break;
+                }
+            }
+        }
+        // Answers to failed sends may add mail: loop until none is left (bounded: an
+        // `overloaded` answer to a local connection posts nothing).
+        for _ in 0..4 {
+            if self.outgoing.is_empty() {
+                break;
+            }
+            let out = std::mem::take(&mut self.outgoing);
+            for (target, msg) in out {
+                let reliable = is_reliable(&msg);
+                if reliable && !self.retry[target as usize].is_empty() {
+                    self.retry[target as usize].push_back(msg);
+                    continue;
+                }
+                match post(target, msg) {
+                    Ok(()) => {}
+                    Err(msg) if reliable => self.retry[target as usize].push_back(msg),
+                    Err(ShardMsg::RouteUser {
+                        reply: Some(reply), ..
+                    }) => {
+                        ShardMetrics::add(&self.m().dropped, 1);
+                        self.reply_local(reply, None);
+                    }
+                    Err(_) => ShardMetrics::add(&self.m().dropped, 1),
+                }
+            }
+        }
+    }
+
+    /// Queues mail for shard `to` (posted by [`post_mail`](Self::post_mail)).
+    fn send_mail(&mut self, to: u16, msg: ShardMsg) {
+        debug_assert!(to != self.index, "a shard never mails itself");
+        self.outgoing.push((to, msg));
+    }
+
+    /// (Re)arms the connection's single wheel entry.
+    fn arm(&mut self, key: usize, deadline_ms: u64) {
+        let c = &mut self.conns[key];
+        self.wheel.cancel(c.timer);
+        c.timer = self.wheel.insert(deadline_ms, key as u32);
+    }
+
+    /// Stops the shard: every open connection gets 1001, connections still in HTTP are
+    /// dropped, and [`shutdown_done`](Self::shutdown_done) turns true when all are finished
+    /// or the grace period (`--shutdown-grace-ms` minus 10 %) is over.
+    pub fn begin_shutdown(&mut self) {
+        if self.shutdown_deadline_ms.is_some() {
+            return;
+        }
+        let grace = self.cfg.shutdown_grace_ms;
+        self.shutdown_deadline_ms = Some(self.now_ms + grace.saturating_sub(grace / 10));
+        let keys = self.keys();
+        info!(
+            shard = self.index,
+            connections = keys.len(),
+            "shutting down"
+        );
+        for key in keys {
+            if self.conns.contains(key) {
+                self.shutdown_conn(key);
+            }
+        }
+    }
+
+    /// Whether shutdown was asked for.
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown_deadline_ms.is_some()
+    }
+
+    /// During shutdown: true once every connection is finished or the grace is over (then
+    /// the rest are dropped).
+    pub fn shutdown_done(&mut self) -> bool {
+        let Some(deadline) = self.shutdown_deadline_ms else {
+            return false;
+        };
+        if self.conns.is_empty() {
+            return true;
+        }
+        if self.now_ms < deadline {
+            return false;
+        }
+        let left = self.keys();
+        tracing::warn!(
+            shard = self.index,
+            connections = left.len(),
+            "shutdown grace over; dropping the rest"
+        );
+        for k in left {
+            self.finish(k);
+        }
+        true
+    }
+
+    /// Checks the invariants that tie the slab, the wheel, the hub and the buffers together.
+    /// Panics on a violation (tests and the simulation call it after every step).
+    pub fn check_invariants(&self) {
+        self.wheel.check_invariants();
+        let mut timers = 0;
+        for (key, c) in &self.conns {
+            assert!(
+                c.timer.is_some(),
+                "connection {key} ({:?}) has no deadline",
+                c.state
+            );
+            assert_eq!(
+                self.wheel.get(c.timer),
+                Some(&(key as u32)),
+                "connection {key}'s wheel entry points elsewhere"
+            );
+            timers += 1;
+            if let Some(o) = &c.outbox {
+                o.check_invariants();
+                // One unit may pass the limit when the queue was empty; the rest never does.
+                let max = self.cfg.max_outbound_bytes;
+                let biggest = o.queue.iter().map(|c| c.piece.len()).max().unwrap_or(0);
+                assert!(
+                    o.bytes <= max + biggest + buffers::INLINE_MAX + 2 * 1024,
+                    "connection {key}'s outbox holds {} bytes (limit {max})",
+                    o.bytes
+                );
+            }
+            let registered = c.flags.has(Flags::REGISTERED);
+            if let Some(u) = &c.user {
+                assert_eq!(
+                    registered && self.hub.user_slots(u).contains(&(key as u32)),
+                    registered,
+                    "hub and connection {key} disagree about user {u}"
+                );
+            }
+            for ch in c.channel_list() {
+                assert!(
+                    self.hub.subscribers(ch).any(|s| s == key as u32),
+                    "connection {key} thinks it is in {ch}"
+                );
+            }
+        }
+        assert_eq!(
+            timers,
+            self.wheel.len(),
+            "wheel entries without a connection"
+        );
+        for s in self.hub.all_slots() {
+            let c = self.conns.get(s as usize);
+            assert!(
+                c.is_some_and(|c| c.flags.has(Flags::REGISTERED)),
+                "hub lists slot {s} which is not a registered connection"
+            );
+        }
+    }
+}
+
+/// Mail that must arrive (retried when a mailbox is full, in order per target).
+fn is_reliable(msg: &ShardMsg) -> bool {
+    matches!(
+        msg,
+        ShardMsg::Presence { .. }
+            | ShardMsg::Registered { .. }
+            | ShardMsg::Api { .. }
+            | ShardMsg::ApiDone { .. }
+    )
+}
+
+/// Increments the process-wide open count; false when over `max`.
+fn admit(open_total: &AtomicUsize, max: usize) -> bool {
+    open_total.fetch_add(1, Ordering::AcqRel) < max
+}

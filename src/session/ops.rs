@@ -1,0 +1,418 @@
+//! Protocol v1 on an open connection, and routing between shards: joining the hub (and
+//! the user's home-shard directory), the ops (`send`, `sub`, `unsub`, `pub`, `ping`), DMs
+//! routed through the recipient's home shard, channel fan-out, and mail from other shards.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::conn::{ConnState, Flags, Transport};
+use super::frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
+use super::Sessions;
+use crate::auth;
+use crate::hub::{home_of, ConnId, ReplyTo, ShardMsg};
+use crate::metrics::ShardMetrics;
+use crate::protocol::{self, ErrorCode, Op, Target};
+use crate::ws::close::{self as code};
+use crate::ws::frame::Data;
+
+impl<T: Transport> Sessions<T> {
+    /// Adds the connection to the hub: its user (and the home shard's directory) when named;
+    /// anonymous connections only ever join channels.
+    ///
+    /// The welcome is sent once the user's home shard has recorded the connection, so a client
+    /// that has its welcome is reachable by every DM sent after it.
+    pub(super) fn register(&mut self, key: usize, welcome: bool) {
+        let me = self.conn_id(key);
+        let c = &mut self.conns[key];
+        c.flags.set(Flags::REGISTERED);
+        let Some(user) = c.user.clone() else {
+            if welcome {
+                self.welcome(key);
+            }
+            return;
+        };
+        self.hub.add_user(&user, key as u32);
+        let home = home_of(&user, self.shards as usize);
+        if home == self.index {
+            self.hub.presence(user, self.index, true);
+            if welcome {
+                self.welcome(key);
+            }
+        } else {
+            let from = self.index;
+            let ack = welcome.then_some(me);
+            if welcome {
+                self.conns[key].flags.set(Flags::HOLD_INPUT);
+            }
+            self.send_mail(
+                home,
+                ShardMsg::Presence {
+                    user,
+                    from,
+                    online: true,
+                    ack,
+                },
+            );
+        }
+    }
+
+    /// Queues the welcome event.
+    pub(super) fn welcome(&mut self, key: usize) {
+        let name = self.user_name(key);
+        let id = self.conn_id(key);
+        let welcome = protocol::welcome(&name, &id.to_string(), self.cfg.ping_interval_ms);
+        self.push_text(key, welcome);
+    }
+
+    /// The home shard recorded a connection: it may now be welcomed.
+    pub(super) fn on_registered(&mut self, conn: ConnId) {
+        let key = conn.slot as usize;
+        let alive = self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.generation == conn.generation && c.state == ConnState::Open);
+        if alive {
+            self.conns[key].flags.clear(Flags::HOLD_INPUT);
+            self.welcome(key);
+            // Requests that arrived meanwhile are processed now, after the welcome.
+            self.on_readable(key, true);
+        }
+    }
+
+    /// The user id a connection acts as: its own, or `anon-<shard>-<slot>-<generation>`.
+    pub(super) fn user_name(&self, key: usize) -> Arc<str> {
+        let c = &self.conns[key];
+        match &c.user {
+            Some(u) => u.clone(),
+            None => format!("anon-{}-{}-{}", self.index, key, c.generation).into(),
+        }
+    }
+
+    pub(super) fn presence_offline(&mut self, user: Arc<str>) {
+        let home = home_of(&user, self.shards as usize);
+        if home == self.index {
+            self.hub.presence(user, self.index, false);
+        } else {
+            let from = self.index;
+            self.send_mail(
+                home,
+                ShardMsg::Presence {
+                    user,
+                    from,
+                    online: false,
+                    ack: None,
+                },
+            );
+        }
+    }
+
+    /// Removes the connection from the hub: no more deliveries reach it.
+    pub(super) fn unregister(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        if !c.flags.has(Flags::REGISTERED) {
+            return;
+        }
+        c.flags.clear(Flags::REGISTERED);
+        let channels = c.extra.as_mut().map(|e| std::mem::take(&mut e.channels));
+        let user = c.user.clone();
+        for ch in channels.iter().flatten() {
+            self.hub.unsubscribe(ch, key as u32);
+        }
+        if let Some(user) = user {
+            self.hub.remove_user(&user, key as u32);
+            self.presence_offline(user);
+        }
+    }
+
+    pub(super) fn on_message(&mut self, key: usize, text: bool, payload: &[u8]) {
+        ShardMetrics::add(&self.m().messages_in, 1);
+        if self.cfg.echo {
+            let opcode = if text { Data::Text } else { Data::Binary };
+            self.deliver_data(key, opcode, Bytes::copy_from_slice(payload));
+            return;
+        }
+        // Validated as UTF-8 by the caller.
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return self.fail(
+                key,
+                code::INVALID_PAYLOAD,
+                "text message is not valid UTF-8",
+            );
+        };
+        let parsed = match protocol::parse(text) {
+            Ok(p) => p,
+            Err(e) => {
+                let f = protocol::error(e.id.map(|r| r.get()), e.code, &e.message);
+                return self.deliver_reply(key, f);
+            }
+        };
+        let id = parsed.id.map(|r| r.get());
+        match parsed.op {
+            Op::Ping { data } => {
+                let f = protocol::pong(data);
+                self.deliver(key, &f);
+            }
+            Op::Sub { channel } => {
+                if !self.channel_allowed(key, &channel) {
+                    let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
+                    return self.deliver_reply(key, f);
+                }
+                let c = &self.conns[key];
+                if c.channel_list().iter().any(|x| **x == *channel) {
+                    return self.ack(key, id);
+                }
+                if c.channel_list().len() >= MAX_CHANNELS_PER_CONN {
+                    let f = protocol::error(
+                        id,
+                        ErrorCode::BadRequest,
+                        "too many subscriptions on one connection",
+                    );
+                    return self.deliver_reply(key, f);
+                }
+                self.subscribe(key, Arc::from(channel.as_ref()));
+                self.ack(key, id);
+            }
+            Op::Unsub { channel } => {
+                self.hub.unsubscribe(&channel, key as u32);
+                if let Some(e) = self.conns[key].extra.as_mut() {
+                    e.channels.retain(|x| **x != *channel);
+                }
+                self.ack(key, id);
+            }
+            Op::Pub { channel, data } => {
+                if !self.channel_allowed(key, &channel) {
+                    let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
+                    return self.deliver_reply(key, f);
+                }
+                let from = self.user_name(key);
+                let f = protocol::msg(&from, Target::Channel(&channel), data, self.now_unix_ms);
+                let name: Arc<str> = Arc::from(channel.as_ref());
+                self.publish(name, f);
+                self.ack(key, id);
+            }
+            Op::Send { to, data } => {
+                let from = self.user_name(key);
+                let f = protocol::msg(&from, Target::User(&to), data, self.now_unix_ms);
+                let to: Arc<str> = Arc::from(to.as_ref());
+                let me = self.conn_id(key);
+                let reply = id.map(|id| ReplyTo {
+                    conn: me,
+                    id: id.into(),
+                    to: to.clone(),
+                });
+                if to == from {
+                    self.route_user(to, f, Some(me), reply);
+                } else if self.conns[key].user.is_some() {
+                    self.route_user(to, f.clone(), None, reply);
+                    // The sender's other devices see the conversation too.
+                    self.route_user(from, f, Some(me), None);
+                } else {
+                    // Anonymous connections have no other devices.
+                    self.route_user(to, f, None, reply);
+                }
+            }
+        }
+    }
+
+    /// Whether the connection's token (if any) grants `channel` (see [`auth::channel_allowed`]).
+    pub(super) fn channel_allowed(&self, key: usize, channel: &str) -> bool {
+        auth::channel_allowed(self.conns[key].grant(), channel)
+    }
+
+    /// Adds a local subscription (the caller checked the name, permission and limit),
+    /// sharing the hub's key for the name when the channel already has local subscribers.
+    pub(super) fn subscribe(&mut self, key: usize, channel: Arc<str>) {
+        let name = self.hub.channel_key(&channel).unwrap_or(channel);
+        self.hub.subscribe(&name, key as u32);
+        self.conns[key].extra_mut().channels.push(name);
+    }
+
+    pub(super) fn ack(&mut self, key: usize, id: Option<&str>) {
+        if let Some(id) = id {
+            let f = protocol::ack(id);
+            self.deliver(key, &f);
+        }
+    }
+
+    /// Fans a channel frame out to every shard's subscribers.
+    pub(super) fn publish(&mut self, channel: Arc<str>, f: Bytes) {
+        for s in 0..self.shards as usize as u16 {
+            if s != self.index {
+                self.send_mail(
+                    s,
+                    ShardMsg::DeliverChannel {
+                        channel: channel.clone(),
+                        payload: f.clone(),
+                    },
+                );
+            }
+        }
+        self.deliver_channel_local(&channel, &f);
+    }
+
+    pub(super) fn route_user(
+        &mut self,
+        to: Arc<str>,
+        f: Bytes,
+        exclude: Option<ConnId>,
+        reply: Option<ReplyTo>,
+    ) {
+        let home = home_of(&to, self.shards as usize);
+        if home == self.index {
+            return self.on_route_user(to, f, exclude, reply);
+        }
+        // A full mailbox answers the sender `overloaded` (see `post_mail`).
+        self.send_mail(
+            home,
+            ShardMsg::RouteUser {
+                to,
+                payload: f,
+                exclude,
+                reply,
+            },
+        );
+    }
+
+    /// At the home shard of `to`: forward to the shards that hold it, report to the sender.
+    pub(super) fn on_route_user(
+        &mut self,
+        to: Arc<str>,
+        f: Bytes,
+        exclude: Option<ConnId>,
+        reply: Option<ReplyTo>,
+    ) {
+        let mut shards = std::mem::take(&mut self.scratch_shards);
+        shards.clear();
+        // Skip a shard whose only connection of the user is the excluded sender: no trip for
+        // nothing when a user without other devices sends.
+        self.hub
+            .locate_except(&to, exclude.map(|x| x.shard), &mut shards);
+        for &s in &shards {
+            if s == self.index {
+                self.deliver_user_local(&to, &f, exclude);
+            } else {
+                self.send_mail(
+                    s,
+                    ShardMsg::DeliverUser {
+                        to: to.clone(),
+                        payload: f.clone(),
+                        exclude,
+                    },
+                );
+            }
+        }
+        let online = self.hub.is_online(&to);
+        self.scratch_shards = shards;
+        if let Some(reply) = reply {
+            if reply.conn.shard == self.index {
+                self.reply_local(reply, Some(online));
+            } else {
+                let shard = reply.conn.shard;
+                self.send_mail(shard, ShardMsg::Routed { reply, online });
+            }
+        }
+    }
+
+    /// Answers a routed `send`: ack, `user_offline`, or `overloaded` (`online` = None).
+    pub(super) fn reply_local(&mut self, reply: ReplyTo, online: Option<bool>) {
+        let key = reply.conn.slot as usize;
+        let alive = self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.generation == reply.conn.generation && c.state == ConnState::Open);
+        if !alive {
+            return;
+        }
+        let f = match online {
+            Some(true) => protocol::ack(&reply.id),
+            Some(false) => protocol::error(
+                Some(&reply.id),
+                ErrorCode::UserOffline,
+                &format!("user {} has no open connection", reply.to),
+            ),
+            None => protocol::error(
+                Some(&reply.id),
+                ErrorCode::Overloaded,
+                "server busy; message not delivered",
+            ),
+        };
+        self.deliver(key, &f);
+    }
+
+    pub(super) fn deliver_user_local(
+        &mut self,
+        to: &str,
+        f: &Bytes,
+        exclude: Option<ConnId>,
+    ) -> u64 {
+        let mut n = 0;
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        slots.clear();
+        slots.extend_from_slice(self.hub.user_slots(to));
+        for &slot in &slots {
+            let key = slot as usize;
+            if let Some(x) = exclude {
+                if x.shard == self.index
+                    && x.slot == slot
+                    && self.conns[key].generation == x.generation
+                {
+                    continue;
+                }
+            }
+            n += u64::from(self.deliver(key, f));
+        }
+        self.scratch_slots = slots;
+        n
+    }
+
+    pub(super) fn deliver_channel_local(&mut self, channel: &str, f: &Bytes) -> u64 {
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        slots.clear();
+        slots.extend(self.hub.subscribers(channel));
+        let mut n = 0;
+        for &slot in &slots {
+            n += u64::from(self.deliver(slot as usize, f));
+        }
+        self.scratch_slots = slots;
+        n
+    }
+
+    /// Mail from another shard (at most [`super::MAILBOX_PER_TURN`] per turn).
+    pub fn on_mail(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Presence {
+                user,
+                from,
+                online,
+                ack,
+            } => {
+                self.hub.presence(user, from, online);
+                if let Some(conn) = ack {
+                    self.send_mail(from, ShardMsg::Registered { conn });
+                }
+            }
+            ShardMsg::Registered { conn } => self.on_registered(conn),
+            ShardMsg::RouteUser {
+                to,
+                payload,
+                exclude,
+                reply,
+            } => self.on_route_user(to, payload, exclude, reply),
+            ShardMsg::DeliverUser {
+                to,
+                payload,
+                exclude,
+            } => {
+                self.deliver_user_local(&to, &payload, exclude);
+            }
+            ShardMsg::DeliverChannel { channel, payload } => {
+                self.deliver_channel_local(&channel, &payload);
+            }
+            ShardMsg::Routed { reply, online } => self.reply_local(reply, Some(online)),
+            ShardMsg::Api { ticket, cmd } => self.on_api(ticket, &cmd),
+            ShardMsg::ApiDone { id, count } => self.on_api_done(id, count),
+            ShardMsg::Shutdown => self.begin_shutdown(),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Bytes out: events framed for the connection's transport (a WebSocket header or SSE
+//! framing around a payload shared by every recipient), the outbound limit and its
+//! slow-consumer close, and the end-of-turn flush with the transitions that wait for it.
+
+use std::io::Write;
+
+use bytes::Bytes;
+use tracing::debug;
+
+use super::buffers::{Outbox, Piece, INLINE_MAX};
+use super::conn::{flush, ConnState, Flags, Flushed, Transport};
+use super::Sessions;
+use crate::metrics::ShardMetrics;
+use crate::ws::close::{self as code};
+use crate::ws::frame::{self, Data, OpCode};
+
+impl<T: Transport> Sessions<T> {
+    /// Queues a reply (ack, error, pong) to the requesting connection.
+    pub(super) fn deliver_reply(&mut self, key: usize, payload: Bytes) {
+        self.deliver(key, &payload);
+    }
+
+    /// Queues an event (a JSON payload, shared with every other recipient) for an open
+    /// connection, framed for its transport, enforcing `--max-outbound-bytes`. True when
+    /// queued.
+    pub(super) fn deliver(&mut self, key: usize, payload: &Bytes) -> bool {
+        self.deliver_data(key, Data::Text, payload.clone())
+    }
+
+    /// [`deliver`](Self::deliver) for any data opcode (echo mode answers binary too).
+    /// A WebSocket gets a frame header then the payload; an event stream gets
+    /// `id: N\ndata: ` + payload + a blank line (event payloads never hold a newline).
+    pub(super) fn deliver_data(&mut self, key: usize, opcode: Data, payload: Bytes) -> bool {
+        let Some(c) = self.conns.get_mut(key) else {
+            return false;
+        };
+        if c.state != ConnState::Open {
+            return false;
+        }
+        if c.flags.has(Flags::WEBSOCKET) && c.flags.has(Flags::HOLD_INPUT) {
+            // Not welcomed yet: the client must see `welcome` first, and a connection is
+            // reachable from its welcome on (a DM for another device of the user may pass by).
+            return false;
+        }
+        let mut head = [0u8; INLINE_MAX];
+        let sse = c.flags.has(Flags::SSE);
+        let head_len = if sse {
+            debug_assert!(!payload.contains(&b'\n'), "event payloads hold no newline");
+            let e = c.extra_mut();
+            e.sse_id += 1;
+            let mut w = &mut head[..];
+            let _ = write!(w, "id: {}\ndata: ", e.sse_id);
+            INLINE_MAX - w.len()
+        } else {
+            let mut w = &mut head[..];
+            frame::put_header(&mut w, OpCode::Data(opcode), payload.len());
+            frame::header_len(payload.len())
+        };
+        let unit = head_len + payload.len() + if sse { 2 } else { 0 };
+        // One unit larger than the limit still goes to an otherwise empty queue.
+        let max = self.cfg.max_outbound_bytes;
+        let c = &mut self.conns[key];
+        if c.queued_bytes() > 0 && c.queued_bytes() + unit > max {
+            // Units queued this turn may just not be flushed yet: try the socket first.
+            if c.flags.has(Flags::WRITABLE) {
+                self.write_now(key);
+            }
+            let c = &mut self.conns[key];
+            if c.state != ConnState::Open {
+                return false;
+            }
+            if c.queued_bytes() > 0 && c.queued_bytes() + unit > max {
+                self.slow_consumer(key);
+                return false;
+            }
+        }
+        ShardMetrics::add(&self.m().messages_out, 1);
+        let out = self.outbox(key);
+        out.push_piece(Piece::inline(&head[..head_len]), true);
+        out.push_piece(Piece::Shared(payload), false);
+        if sse {
+            out.push_piece(Piece::Shared(Bytes::from_static(b"\n\n")), false);
+        }
+        self.mark_dirty(key);
+        true
+    }
+
+    pub(super) fn slow_consumer(&mut self, key: usize) {
+        ShardMetrics::add(&self.m().slow_consumers, 1);
+        if let Some(o) = self.conns[key].outbox.as_mut() {
+            o.truncate_unstarted();
+        }
+        self.start_close(
+            key,
+            code::SLOW_CONSUMER,
+            "slow consumer: outbound queue over limit",
+        );
+    }
+
+    /// The connection's outbox, borrowed from the pool when it has none.
+    pub(super) fn outbox(&mut self, key: usize) -> &mut Outbox {
+        let c = &mut self.conns[key];
+        c.outbox.get_or_insert_with(|| self.pool.outbox())
+    }
+
+    /// Queues a WebSocket text frame around `payload` without limits (the welcome).
+    pub(super) fn push_text(&mut self, key: usize, payload: Bytes) {
+        let mut head = [0u8; frame::MAX_HEADER_LEN];
+        let mut w = &mut head[..];
+        frame::put_header(&mut w, OpCode::Data(Data::Text), payload.len());
+        let hl = frame::header_len(payload.len());
+        let out = self.outbox(key);
+        out.push_piece(Piece::inline(&head[..hl]), true);
+        out.push_piece(Piece::Shared(payload), false);
+        self.mark_dirty(key);
+    }
+
+    /// Queues bytes without limits (responses, control frames) and marks the connection dirty.
+    pub(super) fn push_raw(&mut self, key: usize, bytes: Bytes) {
+        self.outbox(key).push(bytes);
+        self.mark_dirty(key);
+    }
+
+    pub(super) fn mark_dirty(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        if !c.flags.has(Flags::DIRTY) {
+            c.flags.set(Flags::DIRTY);
+            self.dirty.push((key, c.generation));
+        }
+    }
+
+    /// Writes queued output now (no close handling; used to relieve a burst).
+    pub(super) fn write_now(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        let Some(out) = c.outbox.as_mut() else {
+            return;
+        };
+        match flush(&mut c.io, out) {
+            Ok((done, n)) => {
+                if done == Flushed::Blocked {
+                    c.flags.clear(Flags::WRITABLE);
+                }
+                ShardMetrics::add(&self.metrics[self.index as usize].bytes_out, n as u64);
+            }
+            Err(_) => c.flags.clear(Flags::WRITABLE),
+        }
+    }
+
+    /// End-of-turn flush of one connection, and the transitions that wait for a flush.
+    pub(super) fn flush_conn(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        if let Some(out) = c.outbox.as_mut() {
+            match flush(&mut c.io, out) {
+                Ok((Flushed::All, n)) => {
+                    ShardMetrics::add(&self.metrics[self.index as usize].bytes_out, n as u64);
+                    let out = c.outbox.take().expect("checked above");
+                    self.pool.put_outbox(out);
+                }
+                Ok((Flushed::Blocked, n)) => {
+                    ShardMetrics::add(&self.metrics[self.index as usize].bytes_out, n as u64);
+                    c.flags.clear(Flags::WRITABLE);
+                    return;
+                }
+                Err(e) => {
+                    debug!(shard = self.index, conn = key, error = %e, "write failed");
+                    if c.close_code == 0
+                        && c.state != ConnState::Http
+                        && c.state != ConnState::Draining
+                    {
+                        c.close_code = code::ABNORMAL;
+                        c.extra_mut().close_reason = "write failed".into();
+                    }
+                    return self.finish(key);
+                }
+            }
+        }
+        let c = &mut self.conns[key];
+        match c.state {
+            ConnState::Closing
+                if c.flags.has(Flags::CLOSE_SENT) && c.flags.has(Flags::CLOSE_RECEIVED) =>
+            {
+                self.finish(key)
+            }
+            ConnState::Draining if !c.flags.has(Flags::FIN_SENT) => {
+                c.flags.set(Flags::FIN_SENT);
+                c.io.shutdown_write();
+            }
+            _ => {}
+        }
+    }
+}
