@@ -99,12 +99,7 @@ impl Transport for MockSocket {
 fn client_frames(n: usize, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
     for _ in 0..n {
-        v.push(0x81);
-        v.push(0x80 | payload.len() as u8);
-        v.extend_from_slice(&[1, 2, 3, 4]);
-        let mut p = payload.to_vec();
-        frame::apply_mask(&mut p, [1, 2, 3, 4], 0);
-        v.extend_from_slice(&p);
+        switchboard::testkit::put_frame(&mut v, 0x81, payload, Some([1, 2, 3, 4]));
     }
     v
 }

@@ -12,5 +12,7 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod sim;
+pub mod testkit;
 pub mod timer;
 pub mod ws;

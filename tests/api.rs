@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use common::*;
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
+use switchboard::testkit;
 
 fn request(server: &Server, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
     http(
@@ -43,20 +44,20 @@ impl Sse {
         )
         .unwrap();
         let mut r = BufReader::new(s);
-        let mut status = String::new();
-        r.read_line(&mut status).unwrap();
-        let code: u16 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let mut ctype = String::new();
+        let mut head = String::new();
         loop {
             let mut line = String::new();
             r.read_line(&mut line).unwrap();
+            head.push_str(&line);
             if line == "\r\n" || line.is_empty() {
                 break;
             }
-            if line.to_ascii_lowercase().starts_with("content-type:") {
-                ctype = line;
-            }
         }
+        let parsed = testkit::parse_response_head(head.as_bytes())
+            .unwrap()
+            .expect("a complete response head");
+        let code = parsed.status;
+        let ctype = parsed.header("content-type").unwrap_or("").to_owned();
         if code != 200 {
             return Err(code);
         }

@@ -16,6 +16,7 @@ use mio::{Events, Interest, Poll, Token};
 use serde::Deserialize;
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
+use switchboard::testkit;
 use switchboard::ws::frame::{self, Control, Data, OpCode};
 
 use crate::plan::Target;
@@ -23,8 +24,7 @@ use crate::report::new_histogram;
 use crate::schedule::{latency_us, Schedule};
 
 /// The handshake key every connection sends (the server's cost is the same for any key).
-const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+const ACCEPT: &str = testkit::SAMPLE_ACCEPT;
 /// A connection that has not completed its upgrade by then counts as failed.
 const HANDSHAKE_TIMEOUT_NS: u64 = 15_000_000_000;
 /// Sends per turn, so receiving is never starved.
@@ -624,9 +624,7 @@ impl Worker {
             c.st = St::Handshake;
             let path = self.job.path(c.id as usize);
             let host = &self.job.targets[c.id as usize % self.job.targets.len()].host;
-            let req = format!(
-                "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            );
+            let req = testkit::upgrade_request(host, &path);
             c.wbuf.extend_from_slice(req.as_bytes());
         }
         self.flush(key);
@@ -670,23 +668,7 @@ impl Worker {
     fn queue_frame(&mut self, key: usize, opcode: u8, payload: &[u8]) {
         let mask = (self.rng.next() as u32).to_ne_bytes();
         let c = &mut self.conns[key];
-        let w = &mut c.wbuf;
-        w.push(0x80 | opcode);
-        match payload.len() {
-            n @ 0..=125 => w.push(0x80 | n as u8),
-            n @ 126..=65535 => {
-                w.push(0x80 | 126);
-                w.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                w.push(0x80 | 127);
-                w.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        w.extend_from_slice(&mask);
-        let start = w.len();
-        w.extend_from_slice(payload);
-        frame::apply_mask(&mut w[start..], mask, 0);
+        testkit::put_frame(&mut c.wbuf, 0x80 | opcode, payload, Some(mask));
     }
 
     fn on_readable(&mut self, key: usize, drain: bool) {
@@ -768,23 +750,25 @@ impl Worker {
         }
         if self.conns[key].st == St::Handshake {
             let c = &mut self.conns[key];
-            let Some(end) = c.rbuf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                return;
+            let (status, accepted, head_len) = match testkit::parse_response_head(&c.rbuf) {
+                Ok(None) => return,
+                Ok(Some(h)) => (
+                    h.status,
+                    h.header("sec-websocket-accept") == Some(ACCEPT),
+                    h.head_len,
+                ),
+                Err(_) => (0, false, c.rbuf.len()),
             };
-            let head = String::from_utf8_lossy(&c.rbuf[..end]).to_string();
-            c.rbuf.drain(..end + 4);
-            let status: u16 = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            if status != 101 || !head.contains(ACCEPT) {
+            let first_line = String::from_utf8_lossy(&c.rbuf[..head_len])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            c.rbuf.drain(..head_len);
+            if status != 101 || !accepted {
                 let (id, attempt) = (c.id, c.attempt);
                 self.drop_conn(key);
-                let msg = format!(
-                    "handshake rejected with status {status}: {}",
-                    head.lines().next().unwrap_or("")
-                );
+                let msg = format!("handshake rejected with status {status}: {first_line}");
                 return self.fail(id, attempt, ErrKind::Rejected, &msg, now_ns());
             }
             // dm and fanout connections are ready at their welcome (or subscription ack).

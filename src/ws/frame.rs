@@ -157,22 +157,9 @@ mod tests {
     use super::*;
 
     fn client_frame(opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        match payload.len() {
-            0..=125 => v.push(0x80 | payload.len() as u8),
-            126..=65535 => {
-                v.push(0x80 | 126);
-                v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-            }
-            _ => {
-                v.push(0x80 | 127);
-                v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-            }
-        }
-        v.extend_from_slice(&mask);
-        let mut p = payload.to_vec();
-        apply_mask(&mut p, mask, 0);
-        v.extend_from_slice(&p);
+        let mut v = Vec::new();
+        let first = (if fin { 0x80 } else { 0 }) | opcode;
+        crate::testkit::put_frame(&mut v, first, payload, Some(mask));
         v
     }
 

@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use switchboard::testkit;
 use tungstenite::{Message, WebSocket};
 
 /// How long any single wait in a test may take before the test fails.
@@ -195,17 +196,11 @@ pub fn http(addr: SocketAddr, raw: &str) -> (u16, String) {
 }
 
 pub fn parse_response(out: &[u8]) -> (u16, String) {
-    let text = String::from_utf8_lossy(out).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let head = testkit::parse_response_head(out)
+        .unwrap_or_else(|e| panic!("{e} in {:?}", String::from_utf8_lossy(out)))
+        .unwrap_or_else(|| panic!("no complete head in {:?}", String::from_utf8_lossy(out)));
+    let body = String::from_utf8_lossy(&out[head.head_len..]).to_string();
+    (head.status, body)
 }
 
 /// A byte-level WebSocket client for sending what real clients never would.
@@ -214,7 +209,7 @@ pub struct Raw {
     buf: Vec<u8>,
 }
 
-pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+pub const KEY: &str = testkit::SAMPLE_KEY;
 
 impl Raw {
     pub fn connect(addr: SocketAddr) -> Raw {
@@ -224,9 +219,7 @@ impl Raw {
     }
 
     pub fn upgrade_request(path: &str) -> String {
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
+        testkit::upgrade_request("t", path)
     }
 
     /// Upgrades and reads the 101 head (and the welcome, in protocol mode, stays buffered).
@@ -236,14 +229,14 @@ impl Raw {
             .unwrap();
         let head = r.read_head();
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+        assert!(head.contains(testkit::SAMPLE_ACCEPT), "{head}");
         r
     }
 
     pub fn read_head(&mut self) -> String {
         loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head: Vec<u8> = self.buf.drain(..i + 4).collect();
+            if let Some(h) = testkit::parse_response_head(&self.buf).expect("a response head") {
+                let head: Vec<u8> = self.buf.drain(..h.head_len).collect();
                 return String::from_utf8(head).unwrap();
             }
             assert!(self.fill(), "EOF before the response head");
@@ -265,26 +258,13 @@ impl Raw {
 
     /// Writes one frame; `mask` false sends it unmasked (a protocol error from a client).
     pub fn send_frame(&mut self, first_byte: u8, payload: &[u8], mask: bool) {
-        let mut f = vec![first_byte];
-        let m = if mask { 0x80 } else { 0 };
-        match payload.len() {
-            n @ 0..=125 => f.push(m | n as u8),
-            n @ 126..=65535 => {
-                f.push(m | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(m | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        let key = [0x12, 0x34, 0x56, 0x78];
-        if mask {
-            f.extend_from_slice(&key);
-            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        } else {
-            f.extend_from_slice(payload);
-        }
+        let mut f = Vec::new();
+        testkit::put_frame(
+            &mut f,
+            first_byte,
+            payload,
+            mask.then_some([0x12, 0x34, 0x56, 0x78]),
+        );
         self.s.write_all(&f).unwrap();
     }
 
@@ -295,23 +275,14 @@ impl Raw {
     /// Next frame: (opcode, payload); `None` at EOF.
     pub fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
-            if let Ok(Some((h, hl))) = switchboard::ws::frame::parse_header(&self.buf) {
-                let total = hl + h.payload_len as usize;
-                if self.buf.len() >= total {
-                    assert!(h.mask.is_none(), "server frames are never masked");
-                    let payload = self.buf[hl..total].to_vec();
-                    self.buf.drain(..total);
-                    return Some((self.buf_opcode(h.opcode), payload));
-                }
+            if let Some(f) = testkit::take_frame(&mut self.buf).expect("a valid server frame") {
+                assert!(!f.masked, "server frames are never masked");
+                return Some((f.opcode, f.payload));
             }
             if !self.fill() {
                 return None;
             }
         }
-    }
-
-    fn buf_opcode(&self, op: switchboard::ws::frame::OpCode) -> u8 {
-        u8::from(op)
     }
 
     /// Next text frame as JSON, skipping pings (which are not answered).
