@@ -485,3 +485,6 @@ fn is_reliable(msg: &ShardMsg) -> bool {
 fn admit(open_total: &AtomicUsize, max: usize) -> bool {
     open_total.fetch_add(1, Ordering::AcqRel) < max
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,343 @@
+//! The connection lifecycle in virtual time: bytes in through an in-memory pipe, the clock
+//! moved by hand, no sockets and no sleeping.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use super::{Sessions, Shared};
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::metrics::ShardMetrics;
+use crate::sim::SimSocket;
+use crate::testkit::{self, ServerFrame};
+
+const UNIX_BASE_MS: u64 = 1_800_000_000_000;
+
+/// One shard, its clock, and helpers to act as its clients and its event loop.
+struct Harness {
+    s: Sessions<SimSocket>,
+    now_ms: u64,
+    pipes: Vec<(usize, SimSocket)>,
+}
+
+fn config() -> Config {
+    Config {
+        ping_interval_ms: 1_000,
+        idle_timeout_ms: 3_000,
+        handshake_timeout_ms: 2_000,
+        close_timeout_ms: 500,
+        max_outbound_bytes: 4_096,
+        sse_heartbeat_ms: 1_500,
+        ..Config::default()
+    }
+}
+
+impl Harness {
+    fn new(cfg: Config) -> Harness {
+        let auth = Arc::new(Auth::from_config(&cfg).unwrap());
+        let shared = Shared {
+            config: Arc::new(cfg),
+            auth,
+            metrics: Arc::from(vec![ShardMetrics::default()]),
+            open_total: Arc::new(AtomicUsize::new(0)),
+        };
+        Harness {
+            s: Sessions::new(0, 1, shared, 0, UNIX_BASE_MS),
+            now_ms: 0,
+            pipes: Vec::new(),
+        }
+    }
+
+    /// Accepts a connection whose outbound direction holds `capacity` bytes.
+    fn accept(&mut self, capacity: usize) -> (usize, SimSocket) {
+        let pipe = SimSocket::new(capacity);
+        let key = self.s.accept(pipe.clone(), true);
+        self.pipes.push((key, pipe.clone()));
+        (key, pipe)
+    }
+
+    /// One event-loop turn at the current clock.
+    fn turn(&mut self) {
+        self.s.set_clock(self.now_ms, UNIX_BASE_MS + self.now_ms);
+        for (key, pipe) in &self.pipes {
+            let (r, w) = {
+                let mut p = pipe.0.borrow_mut();
+                (
+                    std::mem::take(&mut p.read_edge),
+                    std::mem::take(&mut p.write_edge),
+                )
+            };
+            if w {
+                self.s.on_writable(*key);
+            }
+            if r {
+                self.s.on_readable(*key, false);
+            }
+        }
+        self.s.drain_read_backlog();
+        self.s.on_timers();
+        self.s.post_mail(|_, _| panic!("one shard mails nobody"));
+        self.s.flush();
+        self.s.check_invariants();
+    }
+
+    /// Moves the clock by `ms` and runs a turn.
+    fn advance(&mut self, ms: u64) {
+        self.now_ms += ms;
+        self.turn();
+    }
+
+    fn send(&mut self, pipe: &SimSocket, bytes: &[u8]) {
+        pipe.0.borrow_mut().client_write(bytes);
+        self.turn();
+    }
+
+    fn live(&self, key: usize) -> bool {
+        self.s.conn(key).is_some()
+    }
+
+    /// An upgraded connection that read its welcome.
+    fn open(&mut self, path: &str, capacity: usize) -> (usize, SimSocket, Vec<u8>) {
+        let (key, pipe) = self.accept(capacity);
+        self.send(&pipe, testkit::upgrade_request("t", path).as_bytes());
+        let mut buf = pipe.0.borrow_mut().client_read();
+        let head = testkit::parse_response_head(&buf).unwrap().expect("101");
+        assert_eq!(head.status, 101);
+        buf.drain(..head.head_len);
+        let f = testkit::take_frame(&mut buf).unwrap().expect("welcome");
+        assert!(String::from_utf8_lossy(&f.payload).contains("\"welcome\""));
+        (key, pipe, buf)
+    }
+}
+
+fn frames(pipe: &SimSocket, buf: &mut Vec<u8>) -> Vec<ServerFrame> {
+    buf.extend(pipe.0.borrow_mut().client_read());
+    let mut out = Vec::new();
+    while let Some(f) = testkit::take_frame(buf).unwrap() {
+        out.push(f);
+    }
+    out
+}
+
+fn close_code(f: &ServerFrame) -> (u16, String) {
+    assert_eq!(f.opcode, 0x8, "a close frame");
+    (
+        u16::from_be_bytes([f.payload[0], f.payload[1]]),
+        String::from_utf8(f.payload[2..].to_vec()).unwrap(),
+    )
+}
+
+#[test]
+fn upgrade_request_in_pieces() {
+    let mut h = Harness::new(config());
+    let (key, pipe) = h.accept(64 * 1024);
+    let req = testkit::upgrade_request("t", "/ws?user=alice");
+    for (i, b) in req.as_bytes().iter().enumerate() {
+        assert!(
+            pipe.0.borrow().to_client.is_empty(),
+            "answered early at {i}"
+        );
+        h.send(&pipe, &[*b]);
+        h.now_ms += 1;
+    }
+    let out = pipe.0.borrow_mut().client_read();
+    let head = testkit::parse_response_head(&out).unwrap().unwrap();
+    assert_eq!(head.status, 101);
+    assert_eq!(
+        head.header("sec-websocket-accept"),
+        Some(testkit::SAMPLE_ACCEPT)
+    );
+    let mut rest = out[head.head_len..].to_vec();
+    let f = testkit::take_frame(&mut rest).unwrap().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+    assert_eq!(
+        (v["op"].as_str(), v["user"].as_str()),
+        (Some("welcome"), Some("alice"))
+    );
+    assert!(h.live(key));
+}
+
+#[test]
+fn handshake_deadline_drops_a_silent_connection() {
+    let mut h = Harness::new(config());
+    let (key, pipe) = h.accept(1024);
+    h.send(&pipe, b"GET /ws HT");
+    h.advance(1_999);
+    assert!(h.live(key));
+    h.advance(1);
+    assert!(!h.live(key), "dropped at the handshake deadline");
+}
+
+#[test]
+fn ping_without_pong_closes_with_4000() {
+    let mut h = Harness::new(config());
+    let (key, pipe, mut buf) = h.open("/ws?user=bob", 64 * 1024);
+    // Ping after 1 s of silence plus up to a quarter interval of jitter.
+    h.advance(999);
+    assert!(frames(&pipe, &mut buf).is_empty());
+    h.advance(251);
+    let f = frames(&pipe, &mut buf);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].opcode, 0x9, "a ping");
+    // No second ping while one is unanswered; at 3 s of silence the close comes.
+    h.advance(1_000);
+    assert!(frames(&pipe, &mut buf).is_empty(), "one ping outstanding");
+    h.advance(750);
+    let f = frames(&pipe, &mut buf);
+    assert_eq!(close_code(&f[0]), (4000, "heartbeat timeout".into()));
+    // The peer never answers: the close deadline ends it.
+    h.advance(499);
+    assert!(h.live(key));
+    h.advance(1);
+    assert!(!h.live(key));
+}
+
+#[test]
+fn answered_pings_keep_a_connection() {
+    let mut h = Harness::new(config());
+    let (key, pipe, mut buf) = h.open("/ws?user=bob", 64 * 1024);
+    for _ in 0..20 {
+        h.advance(500);
+        for f in frames(&pipe, &mut buf) {
+            assert_eq!(f.opcode, 0x9);
+            h.send(&pipe, &testkit::client_frame(0xA, &f.payload, [1, 2, 3, 4]));
+        }
+    }
+    assert!(h.live(key), "alive after 10 s of answered pings");
+}
+
+#[test]
+fn slow_reader_is_closed_with_4001() {
+    let mut h = Harness::new(config());
+    let (slow, slow_pipe, mut buf) = h.open("/ws?user=slow", 300);
+    let (_, fast, _) = h.open("/ws?user=fast", 1 << 20);
+    h.send(
+        &slow_pipe,
+        &testkit::text_frame(r#"{"op":"sub","channel":"r","id":1}"#),
+    );
+    let pad = "x".repeat(200);
+    for i in 0..40 {
+        let m = format!(r#"{{"op":"pub","channel":"r","data":"{pad}{i}"}}"#);
+        h.send(&fast, &testkit::text_frame(&m));
+        if !h.live(slow) {
+            break;
+        }
+    }
+    // What the slow reader gets: well-formed frames, ending with 4001.
+    let mut last = None;
+    for _ in 0..100 {
+        let got = frames(&slow_pipe, &mut buf);
+        h.turn();
+        if let Some(f) = got.into_iter().find(|f| f.opcode == 0x8) {
+            last = Some(close_code(&f));
+            break;
+        }
+    }
+    assert_eq!(
+        last,
+        Some((4001, "slow consumer: outbound queue over limit".into()))
+    );
+}
+
+#[test]
+fn close_handshake_started_by_the_peer() {
+    let mut h = Harness::new(config());
+    let (key, pipe, mut buf) = h.open("/ws?user=carol", 64 * 1024);
+    h.send(&pipe, &testkit::close_frame(1000, "bye"));
+    let f = frames(&pipe, &mut buf);
+    assert_eq!(close_code(&f[0]).0, 1000);
+    assert!(!h.live(key), "both close frames exchanged: finished");
+}
+
+#[test]
+fn close_handshake_started_by_the_server_with_and_without_an_answer() {
+    let mut h = Harness::new(config());
+    let (a, pa, mut ba) = h.open("/ws?user=a", 64 * 1024);
+    let (b, pb, mut bb) = h.open("/ws?user=b", 64 * 1024);
+    h.s.begin_shutdown();
+    h.turn();
+    assert_eq!(close_code(&frames(&pa, &mut ba)[0]).0, 1001);
+    assert_eq!(close_code(&frames(&pb, &mut bb)[0]).0, 1001);
+    // `a` answers and is finished at once; `b` stays silent until the close deadline.
+    h.send(&pa, &testkit::close_frame(1001, ""));
+    assert!(!h.live(a));
+    assert!(h.live(b));
+    h.advance(500);
+    assert!(!h.live(b));
+    assert!(h.s.shutdown_done());
+}
+
+#[test]
+fn token_expiry_closes_with_4003() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let cfg = Config {
+        jwt_secret: Some("k".into()),
+        ..config()
+    };
+    let mut h = Harness::new(cfg);
+    let exp = UNIX_BASE_MS / 1000 + 5;
+    let claims = serde_json::json!({"sub": "dan", "exp": exp});
+    let t = encode(&Header::default(), &claims, &EncodingKey::from_secret(b"k")).unwrap();
+    let (key, pipe, mut buf) = h.open(&format!("/ws?token={t}"), 64 * 1024);
+    // Answer pings so only the token can end it.
+    let mut code = None;
+    for _ in 0..12 {
+        h.advance(500);
+        for f in frames(&pipe, &mut buf) {
+            match f.opcode {
+                0x9 => h.send(&pipe, &testkit::client_frame(0xA, &f.payload, [1, 2, 3, 4])),
+                0x8 => code = Some((close_code(&f), h.now_ms)),
+                _ => {}
+            }
+        }
+        if code.is_some() {
+            break;
+        }
+    }
+    let ((c, reason), at) = code.expect("closed");
+    assert_eq!((c, reason.as_str()), (4003, "token expired"));
+    assert_eq!(at, 5_000, "at the token's exp on the shard clock");
+    assert!(h.live(key), "waiting for the peer's close");
+}
+
+#[test]
+fn sse_sends_a_comment_heartbeat() {
+    let mut h = Harness::new(config());
+    let (key, pipe) = h.accept(64 * 1024);
+    h.send(
+        &pipe,
+        b"GET /events?user=eve&channel=news HTTP/1.1\r\nHost: t\r\n\r\n",
+    );
+    let out = pipe.0.borrow_mut().client_read();
+    let head = testkit::parse_response_head(&out).unwrap().unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-type"), Some("text/event-stream"));
+    h.advance(1_499);
+    assert!(pipe.0.borrow_mut().client_read().is_empty());
+    h.advance(1);
+    assert_eq!(pipe.0.borrow_mut().client_read(), b": heartbeat\n\n");
+    assert!(h.live(key));
+}
+
+#[test]
+fn websocket_and_sse_share_one_payload() {
+    let mut h = Harness::new(config());
+    let (_, ws, mut wbuf) = h.open("/ws?user=w", 64 * 1024);
+    h.send(
+        &ws,
+        &testkit::text_frame(r#"{"op":"sub","channel":"c","id":1}"#),
+    );
+    frames(&ws, &mut wbuf);
+    let (_, sse) = h.accept(64 * 1024);
+    h.send(&sse, b"GET /events?channel=c HTTP/1.1\r\nHost: t\r\n\r\n");
+    sse.0.borrow_mut().client_read();
+    h.send(
+        &ws,
+        &testkit::text_frame("{\"op\":\"pub\",\"channel\":\"c\",\"data\":{\"a\":\n1}}"),
+    );
+    let f = frames(&ws, &mut wbuf);
+    let event = String::from_utf8(sse.0.borrow_mut().client_read()).unwrap();
+    let json = std::str::from_utf8(&f[0].payload).unwrap();
+    assert_eq!(event, format!("id: 1\ndata: {json}\n\n"));
+    assert!(!json.contains('\n'));
+}
