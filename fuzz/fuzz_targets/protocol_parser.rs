@@ -1,0 +1,34 @@
+//! The protocol request parser: never panics, and every event built from a parsed request is
+//! valid JSON on one line (so SSE can carry it as one `data:` line).
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use switchboard::protocol::{self, Op, Target};
+
+fn check(p: &[u8]) {
+    assert!(!p.contains(&b'\n') && !p.contains(&b'\r'), "event on one line");
+    serde_json::from_slice::<serde_json::Value>(p).expect("event is JSON");
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match protocol::parse(text) {
+        Ok(p) => {
+            if let Some(id) = p.id {
+                check(&protocol::ack(id.get()));
+            }
+            match p.op {
+                Op::Send { to, data } => check(&protocol::msg("f", Target::User(&to), data, 1)),
+                Op::Pub { channel, data } => {
+                    check(&protocol::msg("f", Target::Channel(&channel), data, 1))
+                }
+                Op::Ping { data } => check(&protocol::pong(data)),
+                Op::Sub { channel } | Op::Unsub { channel } => {
+                    assert!(protocol::valid_channel(&channel))
+                }
+            }
+        }
+        Err(e) => check(&protocol::error(e.id.map(|r| r.get()), e.code, &e.message)),
+    }
+});
