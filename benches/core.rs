@@ -1,16 +1,21 @@
-//! Hot-path benches: timer wheel, HTTP upgrade parsing, frame decode/encode over a mock socket
-//! that returns `WouldBlock`, and channel fan-out inside one shard.
+//! Hot-path benches: timer wheel, HTTP upgrade parsing, frame decode/encode, a flush over a
+//! mock socket that returns `WouldBlock`, and the real session code (`Sessions` over an
+//! in-memory pipe): echo, protocol ops, DMs and a channel fan-out to 10k subscribers, flush
+//! included.
 
 use std::hint::black_box;
 use std::io;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use switchboard::auth::Auth;
+use switchboard::config::Config;
 use switchboard::http::request;
-use switchboard::hub::Hub;
+use switchboard::metrics::ShardMetrics;
 use switchboard::protocol;
-use switchboard::session::{flush, Outbox, Transport};
+use switchboard::session::{flush, Outbox, Sessions, Shared, Transport};
+use switchboard::testkit;
 use switchboard::timer::Wheel;
 use switchboard::ws::frame;
 
@@ -159,32 +164,110 @@ fn frames(c: &mut Criterion) {
     g.finish();
 }
 
-fn fanout(c: &mut Criterion) {
-    let subscribers = 10_000u32;
-    let mut hub = Hub::default();
-    let room: Arc<str> = "room".into();
-    for s in 0..subscribers {
-        hub.subscribe(&room, s);
+/// A pipe for benches: reads hand out what was queued, writes are counted and dropped.
+#[derive(Default)]
+struct BenchPipe {
+    input: Vec<u8>,
+    pos: usize,
+    written: u64,
+}
+
+impl Transport for BenchPipe {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.input.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.input.len() - self.pos);
+        buf[..n].copy_from_slice(&self.input[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
-    let data = serde_json::value::RawValue::from_string(r#""hello room""#.into()).unwrap();
-    let mut g = c.benchmark_group("fanout");
-    g.throughput(Throughput::Elements(subscribers as u64));
-    g.bench_function("publish_to_10k_local_subscribers", |b| {
-        let mut outboxes: Vec<Outbox> = (0..subscribers).map(|_| Outbox::default()).collect();
-        b.iter(|| {
-            // Serialize once, share the bytes with every subscriber's queue.
-            let f: Bytes = protocol::msg("alice", protocol::Target::Channel("room"), &data, 1);
-            for s in hub.subscribers("room") {
-                outboxes[s as usize].push(f.clone());
-            }
-            for o in outboxes.iter_mut() {
-                o.queue.clear();
-                o.bytes = 0;
-            }
-        })
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let n: usize = bufs.iter().map(|b| b.len()).sum();
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn shutdown_write(&mut self) {}
+}
+
+fn sessions(echo: bool) -> Sessions<BenchPipe> {
+    let cfg = Config {
+        echo,
+        max_outbound_bytes: 64 << 20,
+        ..Config::default()
+    };
+    let shared = Shared {
+        config: Arc::new(cfg),
+        auth: Arc::new(Auth::none()),
+        metrics: Arc::from(vec![ShardMetrics::default()]),
+        open_total: Arc::new(AtomicUsize::new(0)),
+    };
+    Sessions::new(0, 1, shared, 0, 1_800_000_000_000)
+}
+
+/// Feeds `bytes` to connection `key` and runs the rest of a turn (timers, flush).
+fn feed(s: &mut Sessions<BenchPipe>, key: usize, bytes: &[u8]) {
+    let p = s.io_mut(key).unwrap();
+    p.input.clear();
+    p.input.extend_from_slice(bytes);
+    p.pos = 0;
+    s.on_readable(key, false);
+    s.on_timers();
+    s.flush();
+}
+
+/// An upgraded connection of `user` (or anonymous), welcome flushed.
+fn open(s: &mut Sessions<BenchPipe>, user: Option<&str>) -> usize {
+    let key = s.accept(BenchPipe::default(), true);
+    let path = user.map_or("/ws".to_owned(), |u| format!("/ws?user={u}"));
+    feed(s, key, testkit::upgrade_request("b", &path).as_bytes());
+    key
+}
+
+/// The real session code: read, frame, dispatch, answer, frame, flush.
+fn session(c: &mut Criterion) {
+    let mut g = c.benchmark_group("session");
+    g.throughput(Throughput::Elements(1000));
+    let payload = br#"{"op":"send","to":"bob","data":{"text":"hello there"},"id":"c1"}"#;
+    let batch = client_frames(1000, payload);
+    g.bench_function("echo_1000_small_frames", |b| {
+        let mut s = sessions(true);
+        let key = open(&mut s, None);
+        b.iter(|| feed(&mut s, key, black_box(&batch)))
+    });
+    let pings = client_frames(1000, br#"{"op":"ping","data":{"t":1}}"#);
+    g.bench_function("ping_op_1000", |b| {
+        let mut s = sessions(false);
+        let key = open(&mut s, Some("alice"));
+        b.iter(|| feed(&mut s, key, black_box(&pings)))
+    });
+    let dms = client_frames(1000, payload);
+    g.bench_function("dm_1000_to_a_local_user", |b| {
+        let mut s = sessions(false);
+        let key = open(&mut s, Some("alice"));
+        open(&mut s, Some("bob"));
+        b.iter(|| feed(&mut s, key, black_box(&dms)))
     });
     g.finish();
 }
 
-criterion_group!(benches, wheel, http, frames, fanout);
+fn fanout(c: &mut Criterion) {
+    let subscribers = 10_000usize;
+    let mut s = sessions(false);
+    let sub = client_frames(1, br#"{"op":"sub","channel":"room"}"#);
+    for _ in 0..subscribers {
+        let k = open(&mut s, None);
+        feed(&mut s, k, &sub);
+    }
+    let publisher = open(&mut s, Some("alice"));
+    let publish = client_frames(1, br#"{"op":"pub","channel":"room","data":"hello room"}"#);
+    let mut g = c.benchmark_group("fanout");
+    g.throughput(Throughput::Elements(subscribers as u64));
+    g.bench_function("publish_to_10k_local_subscribers_and_flush", |b| {
+        b.iter(|| feed(&mut s, publisher, black_box(&publish)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, wheel, http, frames, session, fanout);
 criterion_main!(benches);
