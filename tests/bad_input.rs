@@ -68,8 +68,7 @@ fn request_in_pieces_and_pipelined_frames_after_upgrade() {
     let mut raw = Raw::connect(server.addr);
     let mut bytes = Raw::upgrade_request("/ws?user=eager").into_bytes();
     let payload = br#"{"op":"ping","data":"pipelined"}"#;
-    bytes.extend_from_slice(&[0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0]);
-    bytes.extend_from_slice(payload);
+    switchboard::testkit::put_frame(&mut bytes, 0x81, payload, Some([0, 0, 0, 0]));
     raw.s.write_all(&bytes).unwrap();
     assert!(raw.read_head().starts_with("HTTP/1.1 101"));
     assert_eq!(raw.read_json()["op"], "welcome");
