@@ -154,8 +154,12 @@ impl Outbox {
         self.push_piece(Piece::Shared(unit), true);
     }
 
-    /// Appends one piece; `first` when it starts a new unit.
+    /// Appends one piece; `first` when it starts a new unit. Empty pieces (the payload of
+    /// an empty message) are not queued: a queue never holds a piece with nothing to write.
     pub fn push_piece(&mut self, piece: Piece, first: bool) {
+        if piece.is_empty() {
+            return;
+        }
         self.bytes += piece.len();
         self.queue.push_back(Chunk { piece, first });
     }
@@ -200,6 +204,10 @@ impl Outbox {
     pub fn check_invariants(&self) {
         let sum: usize = self.queue.iter().map(|c| c.piece.len()).sum();
         assert_eq!(sum, self.bytes, "outbox byte count");
+        assert!(
+            self.queue.iter().all(|c| !c.piece.is_empty()),
+            "an empty piece in the outbox"
+        );
     }
 }
 
@@ -330,6 +338,13 @@ mod tests {
         o.push_piece(Piece::Shared(Bytes::from_static(b"p")), false);
         o.truncate_unstarted();
         assert!(o.queue.is_empty() && o.bytes == 0);
+        // An empty payload (an empty message) queues only its header.
+        o.push_piece(Piece::inline(&[0x81, 0]), true);
+        o.push_piece(Piece::Shared(Bytes::new()), false);
+        assert_eq!((o.queue.len(), o.bytes), (1, 2));
+        o.consume(2);
+        assert!(o.queue.is_empty());
+        o.check_invariants();
     }
 
     #[test]

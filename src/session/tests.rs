@@ -341,3 +341,30 @@ fn websocket_and_sse_share_one_payload() {
     assert_eq!(event, format!("id: 1\ndata: {json}\n\n"));
     assert!(!json.contains('\n'));
 }
+
+#[test]
+fn empty_messages_are_echoed_and_the_close_is_answered() {
+    // Autobahn 1.1.1 / 9.7.1: empty text messages, then a close.
+    let cfg = Config {
+        echo: true,
+        ..config()
+    };
+    let mut h = Harness::new(cfg);
+    let (key, pipe) = h.accept(64 * 1024);
+    h.send(&pipe, testkit::upgrade_request("t", "/").as_bytes());
+    let mut buf = pipe.0.borrow_mut().client_read();
+    let head = testkit::parse_response_head(&buf).unwrap().unwrap();
+    buf.drain(..head.head_len);
+    let mut batch = Vec::new();
+    for _ in 0..1000 {
+        batch.extend(testkit::client_frame(0x1, b"", [1, 2, 3, 4]));
+    }
+    h.send(&pipe, &batch);
+    let got = frames(&pipe, &mut buf);
+    assert_eq!(got.len(), 1000);
+    assert!(got.iter().all(|f| f.opcode == 0x1 && f.payload.is_empty()));
+    h.send(&pipe, &testkit::close_frame(1000, ""));
+    let got = frames(&pipe, &mut buf);
+    assert_eq!(close_code(&got[0]).0, 1000);
+    assert!(!h.live(key));
+}
