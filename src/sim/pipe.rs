@@ -89,6 +89,12 @@ impl Transport for SimSocket {
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        // The session never asks to write nothing (a real socket would answer 0, which the
+        // session must read as an error): that would be a bug in its outbox.
+        assert!(
+            bufs.iter().any(|b| !b.is_empty()),
+            "the session wrote zero bytes"
+        );
         let mut p = self.0.borrow_mut();
         if p.server_fin {
             return Err(io::ErrorKind::BrokenPipe.into());
