@@ -201,6 +201,8 @@ fn sessions(echo: bool) -> Sessions<BenchPipe> {
         auth: Arc::new(Auth::none()),
         metrics: Arc::from(vec![ShardMetrics::default()]),
         open_total: Arc::new(AtomicUsize::new(0)),
+        store: None,
+        store_metrics: Default::default(),
     };
     Sessions::new(0, 1, shared, 0, 1_800_000_000_000)
 }

@@ -67,7 +67,7 @@ p=1; while [ $p -lt "$shards" ]; do p=$((p * 2)); done; shards=$p
 ping_ms=$(( n / 40 )); [ $ping_ms -lt 2000 ] && ping_ms=2000
 idle_ms=$(( ping_ms * 2 + 10000 ))
 echo "== server: $shards shards (RLIMIT_NOFILE $nofile per private fd table), ping every ${ping_ms} ms, idle timeout ${idle_ms} ms"
-RUST_LOG=warn target/release/switchboard --listen 127.0.0.1:0 --shards "$shards" --fd-table per-shard \
+RUST_LOG=warn target/release/switchboard --listen 127.0.0.1:0 --shards "$shards" --fd-table per-shard --store memory \
   --max-connections $((n + 1000)) --ping-interval-ms "$ping_ms" --idle-timeout-ms "$idle_ms" \
   --handshake-timeout-ms 600000 --shutdown-grace-ms 60000 >"$out/server.out" 2>"$out/server.log" &
 server=$!

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 n=${1:-10000}; shards=${2:-8}; shift $(( $# >= 2 ? 2 : $# )) || true
 out=${OUT:-target/rss-$n}
 mkdir -p "$out"
-RUST_LOG=warn target/release/switchboard --listen 127.0.0.1:0 --shards "$shards" --fd-table per-shard \
+RUST_LOG=warn target/release/switchboard --listen 127.0.0.1:0 --shards "$shards" --fd-table per-shard --store memory \
   >"$out/server.out" 2>"$out/server.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT

@@ -7,10 +7,11 @@ use std::thread::JoinHandle;
 use mio::{Poll, Waker};
 use tracing::{info, warn};
 
-use crate::config::{Config, FdTableMode};
+use crate::config::{Config, FdTableMode, StoreKind};
 use crate::hub::ShardMsg;
-use crate::metrics::ShardMetrics;
+use crate::metrics::{ShardMetrics, StoreMetrics};
 use crate::shard::{self, fdtable, listener, Mailbox, Shard, ShardSetup};
+use crate::store::{Retention, Store, StoreConfig};
 
 /// Descriptors a shard needs beyond its connections (epoll, eventfds, listeners, stdio).
 const FD_OVERHEAD: u64 = 64;
@@ -32,6 +33,9 @@ pub enum StartError {
     /// The token verifier could not be built.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthSetupError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A shard thread could not be spawned.
     #[error("cannot spawn shard {shard}: {source}")]
     Spawn {
@@ -52,6 +56,7 @@ pub struct Server {
     pub metrics: Arc<[ShardMetrics]>,
     peers: Arc<[Mailbox]>,
     threads: Vec<JoinHandle<std::io::Result<()>>>,
+    store: Option<Store>,
 }
 
 /// Resolves `auto`, raising the soft `RLIMIT_NOFILE` when it is below what is needed.
@@ -106,6 +111,39 @@ impl Server {
             inboxes.push(rx);
         }
         let peers: Arc<[Mailbox]> = peers.into();
+        let store_metrics = Arc::new(StoreMetrics::default());
+        let store = if cfg.echo {
+            None
+        } else {
+            let backend: Box<dyn crate::store::Backend> = match cfg.store {
+                StoreKind::Redb => Box::new(crate::store::Redb::open(&cfg.data_dir)?),
+                StoreKind::Memory => Box::new(crate::store::Memory::default()),
+            };
+            let sink_peers = peers.clone();
+            let sink: crate::store::Sink = Box::new(move |i, m| {
+                sink_peers[i as usize]
+                    .post(ShardMsg::Store(m))
+                    .map_err(|e| match e {
+                        ShardMsg::Store(m) => m,
+                        _ => unreachable!("posted a store message"),
+                    })
+            });
+            let scfg = StoreConfig {
+                inbox: Retention {
+                    max_count: cfg.inbox_history,
+                    ttl_ms: cfg.inbox_ttl_ms,
+                },
+                dedup_window_ms: cfg.dedup_window_ms,
+                max_bytes: cfg.store_max_bytes,
+            };
+            Some(Store::start(
+                backend,
+                scfg,
+                cfg.shards,
+                sink,
+                store_metrics.clone(),
+            )?)
+        };
         let metrics: Arc<[ShardMetrics]> =
             (0..cfg.shards).map(|_| ShardMetrics::default()).collect();
         let open_total = Arc::new(AtomicUsize::new(0));
@@ -125,6 +163,8 @@ impl Server {
                 private_fd_table: fd_table == FdTableMode::PerShard,
                 barrier: barrier.clone(),
                 auth: auth.clone(),
+                store: store.as_ref().map(Store::handle),
+                store_metrics: store_metrics.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("shard-{i}"))
@@ -145,6 +185,7 @@ impl Server {
             metrics,
             peers,
             threads,
+            store,
         })
     }
 
@@ -180,6 +221,9 @@ impl Server {
                     failed += 1;
                 }
             }
+        }
+        if let Some(s) = self.store {
+            s.stop();
         }
         failed
     }

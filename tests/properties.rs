@@ -223,6 +223,8 @@ fn run_session(input: &[u8], cuts: &[usize]) -> Vec<u8> {
         auth: Arc::new(Auth::none()),
         metrics: Arc::from(vec![ShardMetrics::default()]),
         open_total: Arc::new(AtomicUsize::new(0)),
+        store: None,
+        store_metrics: Default::default(),
     };
     let mut s: Sessions<SimSocket> = Sessions::new(0, 1, shared, 0, 1_800_000_000_000);
     let pipe = SimSocket::new(1 << 20);

@@ -19,7 +19,12 @@ fuzz_target!(|data: &[u8]| {
                 check(&protocol::ack(id.get()));
             }
             match p.op {
-                Op::Send { to, data } => check(&protocol::msg("f", Target::User(&to), data, 1)),
+                Op::Send { to, data, .. } => {
+                    check(&protocol::msg("f", Target::User(&to), data, 1));
+                    let mut p = protocol::msg_prefix("f", Target::User(&to), data, 1).to_vec();
+                    p.extend_from_slice(br#","stream":"inbox","offset":1,"epoch":"e"}"#);
+                    check(&p);
+                }
                 Op::Pub { channel, data } => {
                     check(&protocol::msg("f", Target::Channel(&channel), data, 1))
                 }
@@ -27,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
                 Op::Sub { channel } | Op::Unsub { channel } => {
                     assert!(protocol::valid_channel(&channel))
                 }
+                Op::Confirm { .. } => {}
             }
         }
         Err(e) => check(&protocol::error(e.id.map(|r| r.get()), e.code, &e.message)),

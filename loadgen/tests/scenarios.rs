@@ -29,6 +29,8 @@ fn server(extra: &[&str]) -> (Running, String) {
         "2",
         "--shutdown-grace-ms",
         "1000",
+        "--store",
+        "memory",
     ];
     args.extend_from_slice(extra);
     let mut cfg = <Options as clap::Parser>::parse_from(args).load().unwrap();

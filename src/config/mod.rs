@@ -33,6 +33,28 @@ pub const DEFAULT_MAILBOX_CAPACITY: usize = 16_384;
 /// Default interval of SSE comment heartbeats.
 pub const DEFAULT_SSE_HEARTBEAT_MS: u64 = 15_000;
 
+/// Default directory of the durable store.
+pub const DEFAULT_DATA_DIR: &str = "./data";
+/// Default total payload bytes the store keeps before qos-1 sends are refused.
+pub const DEFAULT_STORE_MAX_BYTES: u64 = 1 << 30;
+/// Default dedup window of client request ids.
+pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 5 * 60 * 1000;
+/// Default messages kept per inbox.
+pub const DEFAULT_INBOX_HISTORY: u64 = 10_000;
+/// Default age of the oldest message kept in an inbox (7 days).
+pub const DEFAULT_INBOX_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Where streams are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    /// A redb file in `--data-dir`: survives restarts and kill -9 (one fsync per batch).
+    #[default]
+    Redb,
+    /// Memory: streams and resume within one process lifetime (tests, benchmarks).
+    Memory,
+}
+
 /// How file descriptors are tabled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -128,6 +150,24 @@ pub struct Options {
     /// Interval (ms) of SSE comment heartbeats [default: 15000].
     #[arg(long)]
     pub sse_heartbeat_ms: Option<u64>,
+    /// Where inbox streams live [default: redb].
+    #[arg(long, value_enum)]
+    pub store: Option<StoreKind>,
+    /// Directory of the durable store, created on first use [default: ./data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Payload bytes the store keeps before qos-1 sends are refused with `store_full` [default: 1073741824].
+    #[arg(long)]
+    pub store_max_bytes: Option<u64>,
+    /// Window (ms) in which a retried request id is answered with the first ack [default: 300000].
+    #[arg(long)]
+    pub dedup_window_ms: Option<u64>,
+    /// Messages kept per inbox [default: 10000].
+    #[arg(long)]
+    pub inbox_history: Option<u64>,
+    /// Age (ms) of the oldest message kept in an inbox [default: 604800000].
+    #[arg(long)]
+    pub inbox_ttl_ms: Option<u64>,
 }
 
 /// Why the configuration was refused.
@@ -200,6 +240,18 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// SSE heartbeat interval.
     pub sse_heartbeat_ms: u64,
+    /// Where streams live.
+    pub store: StoreKind,
+    /// Directory of the durable store.
+    pub data_dir: PathBuf,
+    /// Payload bytes the store keeps before refusing qos-1 sends.
+    pub store_max_bytes: u64,
+    /// Dedup window of request ids (ms).
+    pub dedup_window_ms: u64,
+    /// Messages kept per inbox.
+    pub inbox_history: u64,
+    /// Oldest age kept in an inbox (ms).
+    pub inbox_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -302,6 +354,27 @@ impl Options {
                 .sse_heartbeat_ms
                 .or(f.sse_heartbeat_ms)
                 .unwrap_or(DEFAULT_SSE_HEARTBEAT_MS),
+            store: self.store.or(f.store).unwrap_or_default(),
+            data_dir: self
+                .data_dir
+                .or(f.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            store_max_bytes: self
+                .store_max_bytes
+                .or(f.store_max_bytes)
+                .unwrap_or(DEFAULT_STORE_MAX_BYTES),
+            dedup_window_ms: self
+                .dedup_window_ms
+                .or(f.dedup_window_ms)
+                .unwrap_or(DEFAULT_DEDUP_WINDOW_MS),
+            inbox_history: self
+                .inbox_history
+                .or(f.inbox_history)
+                .unwrap_or(DEFAULT_INBOX_HISTORY),
+            inbox_ttl_ms: self
+                .inbox_ttl_ms
+                .or(f.inbox_ttl_ms)
+                .unwrap_or(DEFAULT_INBOX_TTL_MS),
         };
         c.validate()?;
         Ok(c)
@@ -340,6 +413,9 @@ impl Config {
         }
         if self.max_connections == 0 {
             return bad("max-connections", "must be > 0");
+        }
+        if self.inbox_history == 0 || self.inbox_ttl_ms == 0 {
+            return bad("inbox-history/inbox-ttl-ms", "must be > 0");
         }
         Ok(())
     }

@@ -8,29 +8,13 @@
 //! Channels are fanned out to every shard, each of which knows its local subscribers.
 //! The hub does no I/O: it only answers questions, so it is tested without sockets.
 
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
 
-/// A connection anywhere in the process; slab keys are reused, so the generation tells
-/// reuses apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnId {
-    /// Shard index.
-    pub shard: u16,
-    /// Slab key in that shard.
-    pub slot: u32,
-    /// Generation of the slot.
-    pub generation: u32,
-}
-
-impl std::fmt::Display for ConnId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.shard, self.slot, self.generation)
-    }
-}
+pub use crate::ids::{home_of, ConnId, ReplyTo};
+use crate::store::StoreMsg;
 
 /// Messages between shards (bounded mailboxes; see `shard::mailbox`).
 #[derive(Debug)]
@@ -68,6 +52,15 @@ pub enum ShardMsg {
     Api { ticket: ApiTicket, cmd: Arc<ApiCmd> },
     /// A shard's count for API request `id` of this shard.
     ApiDone { id: u32, count: u64 },
+    /// From the store thread (or a home shard passing on a stored message's ack).
+    Store(Box<StoreMsg>),
+    /// To a shard holding connections of `user`: a stored message of the user's inbox.
+    DeliverStream {
+        user: Arc<str>,
+        payload: Bytes,
+        offset: u64,
+        exclude: Option<ConnId>,
+    },
     /// Stop accepting, close every connection with 1001, exit within the grace period.
     Shutdown,
 }
@@ -100,24 +93,6 @@ pub enum ApiCmd {
     CountUser { user: Arc<str> },
     /// Count local subscribers of `channel`.
     CountChannel { channel: Arc<str> },
-}
-
-/// Who asked for a routed `send`, and the request id to acknowledge.
-#[derive(Debug)]
-pub struct ReplyTo {
-    /// The requesting connection.
-    pub conn: ConnId,
-    /// Raw JSON of the request's `id`.
-    pub id: Box<str>,
-    /// The recipient, for the error message.
-    pub to: Arc<str>,
-}
-
-/// Home shard of a user id.
-pub fn home_of(user: &str, shards: usize) -> u16 {
-    // Mix the high bits in: FxHash's low bits are weak for short keys.
-    let v = FxBuildHasher.hash_one(user);
-    ((v ^ (v >> 29) ^ (v >> 47)) % shards as u64) as u16
 }
 
 /// One shard's view: local users and subscriptions, and the directory of its home users.

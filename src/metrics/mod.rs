@@ -136,6 +136,179 @@ impl ShardMetrics {
     }
 }
 
+/// Upper bounds (µs) of the commit latency histogram.
+pub const COMMIT_US_BUCKETS: [u64; 9] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000];
+/// Upper bounds of the commit batch size histogram (appended messages per commit).
+pub const BATCH_BUCKETS: [u64; 9] = [1, 2, 4, 8, 16, 64, 256, 1_024, 4_096];
+
+/// Counters of the store thread (written only by it).
+#[derive(Debug, Default)]
+pub struct StoreMetrics {
+    /// Streams (gauge).
+    pub streams: AtomicU64,
+    /// Payload bytes stored (gauge).
+    pub bytes: AtomicU64,
+    /// Messages appended.
+    pub appends: AtomicU64,
+    /// Commits.
+    pub commits: AtomicU64,
+    /// Commit latency histogram (cumulative buckets of [`COMMIT_US_BUCKETS`], then +Inf).
+    pub commit_us: [AtomicU64; COMMIT_US_BUCKETS.len() + 1],
+    /// Sum of commit latencies (µs).
+    pub commit_us_sum: AtomicU64,
+    /// Appends per commit histogram ([`BATCH_BUCKETS`], then +Inf).
+    pub batch: [AtomicU64; BATCH_BUCKETS.len() + 1],
+    /// Requests handled in commits.
+    pub requests: AtomicU64,
+    /// Replay pages read.
+    pub replays: AtomicU64,
+    /// Resumes that recovered everything.
+    pub recoveries_ok: AtomicU64,
+    /// Resumes that could not.
+    pub recoveries_failed: AtomicU64,
+    /// Retries answered from the dedup window.
+    pub dedup_hits: AtomicU64,
+    /// qos-1 sends refused (store over `--store-max-bytes`).
+    pub refused: AtomicU64,
+}
+
+impl StoreMetrics {
+    /// Adds `n` to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(c: &AtomicU64, v: u64) {
+        c.store(v, Relaxed);
+    }
+
+    /// Records one commit of `appends` messages from `requests` requests taking `us`.
+    pub fn commit(&self, us: u64, appends: u64, requests: u64) {
+        self.commits.fetch_add(1, Relaxed);
+        self.requests.fetch_add(requests, Relaxed);
+        self.commit_us_sum.fetch_add(us, Relaxed);
+        let i = COMMIT_US_BUCKETS
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(COMMIT_US_BUCKETS.len());
+        self.commit_us[i].fetch_add(1, Relaxed);
+        let j = BATCH_BUCKETS
+            .iter()
+            .position(|&b| appends <= b)
+            .unwrap_or(BATCH_BUCKETS.len());
+        self.batch[j].fetch_add(1, Relaxed);
+    }
+}
+
+fn histogram(
+    o: &mut String,
+    name: &str,
+    help: &str,
+    bounds: &[u64],
+    counts: &[AtomicU64],
+    sum: u64,
+) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut acc = 0;
+    for (b, c) in bounds.iter().zip(counts) {
+        acc += c.load(Relaxed);
+        let _ = writeln!(o, "{name}_bucket{{le=\"{b}\"}} {acc}");
+    }
+    acc += counts[bounds.len()].load(Relaxed);
+    let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {acc}");
+    let _ = writeln!(o, "{name}_sum {sum}\n{name}_count {acc}");
+}
+
+/// Prometheus text of the store's counters.
+pub fn render_store(o: &mut String, m: &StoreMetrics) {
+    let gauge = |o: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    };
+    let counter = |o: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    };
+    gauge(
+        o,
+        "switchboard_store_streams",
+        "Streams in the store.",
+        m.streams.load(Relaxed),
+    );
+    gauge(
+        o,
+        "switchboard_store_bytes",
+        "Payload bytes stored.",
+        m.bytes.load(Relaxed),
+    );
+    counter(
+        o,
+        "switchboard_store_appends_total",
+        "Messages appended to streams.",
+        m.appends.load(Relaxed),
+    );
+    counter(
+        o,
+        "switchboard_store_commits_total",
+        "Store commits (one fsync each when durable).",
+        m.commits.load(Relaxed),
+    );
+    counter(
+        o,
+        "switchboard_store_requests_total",
+        "Requests applied by commits.",
+        m.requests.load(Relaxed),
+    );
+    histogram(
+        o,
+        "switchboard_store_commit_latency_us",
+        "Commit latency (µs).",
+        &COMMIT_US_BUCKETS,
+        &m.commit_us,
+        m.commit_us_sum.load(Relaxed),
+    );
+    histogram(
+        o,
+        "switchboard_store_commit_batch",
+        "Messages appended per commit.",
+        &BATCH_BUCKETS,
+        &m.batch,
+        m.appends.load(Relaxed),
+    );
+    counter(
+        o,
+        "switchboard_store_replays_total",
+        "Replay pages read.",
+        m.replays.load(Relaxed),
+    );
+    let _ = writeln!(
+        o,
+        "# HELP switchboard_store_recoveries_total Resumes by outcome.\n# TYPE switchboard_store_recoveries_total counter"
+    );
+    let _ = writeln!(
+        o,
+        "switchboard_store_recoveries_total{{result=\"ok\"}} {}",
+        m.recoveries_ok.load(Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "switchboard_store_recoveries_total{{result=\"failed\"}} {}",
+        m.recoveries_failed.load(Relaxed)
+    );
+    counter(
+        o,
+        "switchboard_store_dedup_hits_total",
+        "Retries answered from the dedup window.",
+        m.dedup_hits.load(Relaxed),
+    );
+    counter(
+        o,
+        "switchboard_store_refused_total",
+        "qos-1 sends refused: store full.",
+        m.refused.load(Relaxed),
+    );
+}
+
 fn sum(shards: &[ShardMetrics], f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
     shards.iter().map(|s| f(s).load(Relaxed)).sum()
 }

@@ -58,10 +58,11 @@ pub fn valid_channel(name: &str) -> bool {
 /// A client request, borrowing from the payload it was parsed from.
 #[derive(Debug)]
 pub enum Op<'a> {
-    /// Direct message to every connection of `to`.
+    /// Direct message to every connection of `to`; `qos` 1 stores it first (both inboxes).
     Send {
         to: Cow<'a, str>,
         data: &'a RawValue,
+        qos: u8,
     },
     /// Join a channel.
     Sub { channel: Cow<'a, str> },
@@ -74,6 +75,8 @@ pub enum Op<'a> {
     },
     /// Application-level ping; answered with `pong` carrying the same data.
     Ping { data: &'a RawValue },
+    /// The client has shown its `stream` up to `offset` (moves its confirmed position).
+    Confirm { stream: Cow<'a, str>, offset: u64 },
 }
 
 /// A parsed request: the op and the client's correlation id, if any.
@@ -98,6 +101,8 @@ pub enum ErrorCode {
     Overloaded,
     /// The token does not allow the channel.
     Forbidden,
+    /// The store is over its size budget: a qos-1 message was not stored.
+    StoreFull,
 }
 
 impl ErrorCode {
@@ -109,6 +114,7 @@ impl ErrorCode {
             ErrorCode::UserOffline => "user_offline",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::StoreFull => "store_full",
         }
     }
 }
@@ -136,6 +142,12 @@ struct Envelope<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     id: Option<&'a RawValue>,
+    #[serde(default)]
+    qos: Option<u64>,
+    #[serde(borrow, default)]
+    stream: Option<Cow<'a, str>>,
+    #[serde(default)]
+    offset: Option<u64>,
 }
 
 const NULL_JSON: &str = "null";
@@ -172,6 +184,11 @@ pub fn parse<'a>(text: &'a str) -> Result<Parsed<'a>, RequestError<'a>> {
         .op
         .ok_or_else(|| bad(ErrorCode::BadRequest, "missing field `op`"))?;
     let data: &'a RawValue = env.data.unwrap_or_else(|| null());
+    let qos = match env.qos {
+        None | Some(0) => 0,
+        Some(1) => 1,
+        Some(_) => return Err(bad(ErrorCode::BadRequest, "`qos` must be 0 or 1")),
+    };
     let op = match op.as_ref() {
         "send" => {
             let to = env
@@ -183,7 +200,7 @@ pub fn parse<'a>(text: &'a str) -> Result<Parsed<'a>, RequestError<'a>> {
                     "`to` must be 1-128 characters of [A-Za-z0-9_.@-]",
                 ));
             }
-            Op::Send { to, data }
+            Op::Send { to, data, qos }
         }
         "sub" => Op::Sub {
             channel: channel_of(env.channel, id)?,
@@ -196,6 +213,14 @@ pub fn parse<'a>(text: &'a str) -> Result<Parsed<'a>, RequestError<'a>> {
             data,
         },
         "ping" => Op::Ping { data },
+        "ack" => Op::Confirm {
+            stream: env
+                .stream
+                .ok_or_else(|| bad(ErrorCode::BadRequest, "missing field `stream`"))?,
+            offset: env
+                .offset
+                .ok_or_else(|| bad(ErrorCode::BadRequest, "missing or invalid `offset`"))?,
+        },
         _ => return Err(bad(ErrorCode::BadRequest, "unknown op")),
     };
     Ok(Parsed { op, id })
@@ -272,6 +297,18 @@ pub enum Target<'a> {
 
 /// `{"op":"msg","from":..,"to"|"channel":..,"data":..,"ts":..}`
 pub fn msg(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Bytes {
+    let mut b = msg_builder(from, target, data, ts_ms);
+    put(&mut b, b"}");
+    b.finish()
+}
+
+/// A `msg` event without its closing brace, for the store to complete with `stream`,
+/// `offset` and `epoch`.
+pub fn msg_prefix(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Bytes {
+    msg_builder(from, target, data, ts_ms).finish()
+}
+
+fn msg_builder(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Builder {
     let data = data.get();
     let mut b = Builder::new(64 + from.len() + data.len());
     put(&mut b, br#"{"op":"msg","from":"#);
@@ -291,8 +328,7 @@ pub fn msg(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Bytes
     put_json(&mut b, data.as_bytes());
     put(&mut b, br#","ts":"#);
     put_u64(&mut b, ts_ms);
-    put(&mut b, b"}");
-    b.finish()
+    b
 }
 
 /// `{"op":"ack","id":..}`
@@ -320,6 +356,66 @@ pub fn error(id: Option<&str>, code: ErrorCode, message: &str) -> Bytes {
     put(&mut b, br#","message":"#);
     put_str(&mut b, message);
     put(&mut b, b"}");
+    b.finish()
+}
+
+/// `{"op":"ack","id":..,"stream":"inbox","offset":N,"epoch":"E","queued":bool}` for a stored
+/// message; a retry answered from the dedup window has `"duplicate":true` instead of `queued`.
+pub fn stream_ack(id: &str, offset: u64, epoch: &str, queued: Option<bool>) -> Bytes {
+    let mut b = Builder::new(96 + id.len());
+    put(&mut b, br#"{"op":"ack","id":"#);
+    put_json(&mut b, id.as_bytes());
+    put(&mut b, br#","stream":"inbox","offset":"#);
+    put_u64(&mut b, offset);
+    put(&mut b, br#","epoch":"#);
+    put_str(&mut b, epoch);
+    match queued {
+        Some(q) => put(
+            &mut b,
+            if q {
+                br#","queued":true}"#
+            } else {
+                br#","queued":false}"#
+            },
+        ),
+        None => put(&mut b, br#","duplicate":true}"#),
+    }
+    b.finish()
+}
+
+/// Where the welcome says a user's inbox stands, and how a resume went.
+#[derive(Debug, Clone, Copy)]
+pub struct InboxInfo<'a> {
+    /// The store's epoch.
+    pub epoch: &'a str,
+    /// The inbox's newest offset.
+    pub offset: u64,
+    /// For a resume: `Ok` when everything after the position follows, else the reason.
+    pub resume: Option<Result<(), &'a str>>,
+}
+
+/// `{"op":"welcome",..,"inbox":{"epoch":..,"offset":N[,"recovered":bool[,"reason":..]]}}`
+pub fn welcome_inbox(user: &str, conn: &str, ping_interval_ms: u64, inbox: InboxInfo<'_>) -> Bytes {
+    let mut b = Builder::new(128 + user.len());
+    put(&mut b, br#"{"op":"welcome","user":"#);
+    put_str(&mut b, user);
+    put(&mut b, br#","conn":"#);
+    put_str(&mut b, conn);
+    put(&mut b, br#","ping_interval_ms":"#);
+    put_u64(&mut b, ping_interval_ms);
+    put(&mut b, br#","inbox":{"epoch":"#);
+    put_str(&mut b, inbox.epoch);
+    put(&mut b, br#","offset":"#);
+    put_u64(&mut b, inbox.offset);
+    match inbox.resume {
+        None => {}
+        Some(Ok(())) => put(&mut b, br#","recovered":true"#),
+        Some(Err(reason)) => {
+            put(&mut b, br#","recovered":false,"reason":"#);
+            put_str(&mut b, reason);
+        }
+    }
+    put(&mut b, b"}}");
     b.finish()
 }
 
@@ -353,9 +449,15 @@ mod tests {
     fn parses_every_op() {
         let p = parse(r#"{"op":"send","to":"bob","data":{"t":"hi"},"id":"c1"}"#).unwrap();
         assert!(
-            matches!(p.op, Op::Send { ref to, data } if to == "bob" && data.get() == r#"{"t":"hi"}"#)
+            matches!(p.op, Op::Send { ref to, data, qos: 0 } if to == "bob" && data.get() == r#"{"t":"hi"}"#)
         );
         assert_eq!(p.id.unwrap().get(), r#""c1""#);
+        let p = parse(r#"{"op":"send","to":"bob","data":1,"qos":1}"#).unwrap();
+        assert!(matches!(p.op, Op::Send { qos: 1, .. }));
+        assert!(parse(r#"{"op":"send","to":"bob","data":1,"qos":2}"#).is_err());
+        let p = parse(r#"{"op":"ack","stream":"inbox","offset":7}"#).unwrap();
+        assert!(matches!(p.op, Op::Confirm { ref stream, offset: 7 } if stream == "inbox"));
+        assert!(parse(r#"{"op":"ack","stream":"inbox"}"#).is_err());
         assert!(matches!(
             parse(r#"{"op":"sub","channel":"room1"}"#).unwrap().op,
             Op::Sub { .. }
@@ -439,5 +541,28 @@ mod tests {
         let v = payload(&error(None, ErrorCode::BadRequest, "x"));
         assert!(v.get("id").is_none());
         assert_eq!(payload(&pong(&data))["data"]["x"], "é\"q");
+        let mut p = msg_prefix("a", Target::User("b"), &data, 3).to_vec();
+        p.extend_from_slice(br#","stream":"inbox","offset":4,"epoch":"e"}"#);
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(
+            (v["to"].as_str(), v["offset"].as_u64()),
+            (Some("b"), Some(4))
+        );
+        let v = payload(&stream_ack(id.get(), 9, "ab", Some(true)));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"ack","id":"c1","stream":"inbox","offset":9,"epoch":"ab","queued":true})
+        );
+        assert_eq!(payload(&stream_ack("1", 9, "ab", None))["duplicate"], true);
+        let info = InboxInfo {
+            epoch: "ab",
+            offset: 5,
+            resume: Some(Err("trimmed")),
+        };
+        let v = payload(&welcome_inbox("u", "0.1.1", 10, info));
+        assert_eq!(
+            v["inbox"],
+            serde_json::json!({"epoch":"ab","offset":5,"recovered":false,"reason":"trimmed"})
+        );
     }
 }

@@ -71,6 +71,8 @@ impl Flags {
     pub const FIN_SENT: u16 = 1 << 9;
     /// The peer connects from a loopback address (the push API's default access rule).
     pub const LOOPBACK: u16 = 1 << 13;
+    /// A replaying connection wants its next page once its outbox drained.
+    pub const PAGE_WANTED: u16 = 1 << 14;
 
     /// Whether `f` is set.
     #[inline]
@@ -101,6 +103,8 @@ pub struct Extra {
     pub sse_id: u64,
     /// Why the connection closes, for the close log line.
     pub close_reason: Cow<'static, str>,
+    /// Place in the inbox stream of a resuming connection.
+    pub cursor: Option<Box<super::streams::Cursor>>,
 }
 
 /// One connection. Kept small: an idle open WebSocket holds no buffers.

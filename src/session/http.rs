@@ -9,10 +9,12 @@ use tracing::debug;
 
 use super::buffers::Inbound;
 use super::conn::{ConnState, Flags, Transport};
+use super::streams::Cursor;
 use super::{admit, Sessions};
 use crate::auth::Identity;
 use crate::http::{self, response, HttpError, Method, Request};
 use crate::metrics::{self, HandshakeFailure, ShardMetrics};
+use crate::store::Since;
 use crate::ws::close::{self as code};
 use crate::ws::handshake;
 
@@ -83,7 +85,11 @@ impl<T: Transport> Sessions<T> {
                 self.http_ok(key, req, "text/plain; charset=utf-8", b"ok\n".to_vec())
             }
             "/metrics" if get => {
-                let body = metrics::render(&self.metrics).into_bytes();
+                let mut text = metrics::render(&self.metrics);
+                if self.store.is_some() {
+                    metrics::render_store(&mut text, &self.store_metrics);
+                }
+                let body = text.into_bytes();
                 self.http_ok(key, req, "text/plain; version=0.0.4", body)
             }
             "/" if get => {
@@ -175,6 +181,35 @@ impl<T: Transport> Sessions<T> {
                 return self.http_fail(key, e.status(), &e.to_string(), HandshakeFailure::BadUser)
             }
         };
+        let since = match http::request::query_param(req.query.as_deref(), "since") {
+            None => None,
+            Some(s) => match Since::parse(&s) {
+                Some(s) if matches!(identity, Identity::User(..)) && self.streams_on() => Some(s),
+                Some(_) => {
+                    return self.http_fail(
+                        key,
+                        400,
+                        "since needs a named user and a store",
+                        HandshakeFailure::Malformed,
+                    )
+                }
+                None => {
+                    return self.http_fail(
+                        key,
+                        400,
+                        "since must be <epoch>:<offset> or confirmed",
+                        HandshakeFailure::Malformed,
+                    )
+                }
+            },
+        };
+        if let Some(since) = since {
+            self.conns[key].extra_mut().cursor = Some(Box::new(Cursor {
+                since: Some(since),
+                next: 0,
+                replaying: true,
+            }));
+        }
         self.push_raw(key, response::switching_protocols(&accept));
         let user: Option<Arc<str>> = match identity {
             Identity::User(u, grant) => {

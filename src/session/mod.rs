@@ -29,6 +29,7 @@ mod heartbeat;
 mod http;
 mod ops;
 mod output;
+mod streams;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,7 +43,8 @@ pub use conn::{flush, Conn, ConnState, Extra, Flags, Flushed, Transport};
 
 use crate::config::Config;
 use crate::hub::{ConnId, Hub, ShardMsg};
-use crate::metrics::ShardMetrics;
+use crate::metrics::{ShardMetrics, StoreMetrics};
+use crate::store::StoreHandle;
 use crate::timer::{TimerKey, Wheel};
 
 pub use api::PendingApi;
@@ -64,6 +66,10 @@ pub struct Shared {
     pub metrics: Arc<[ShardMetrics]>,
     /// Open WebSocket and SSE connections in the process, against `--max-connections`.
     pub open_total: Arc<AtomicUsize>,
+    /// The store thread, when streams are on.
+    pub store: Option<StoreHandle>,
+    /// The store's counters (for `/metrics`).
+    pub store_metrics: Arc<StoreMetrics>,
 }
 
 /// One shard's connections and everything that routes between them (see the module docs).
@@ -74,6 +80,8 @@ pub struct Sessions<T: Transport> {
     auth: Arc<crate::auth::Auth>,
     metrics: Arc<[ShardMetrics]>,
     open_total: Arc<AtomicUsize>,
+    store: Option<StoreHandle>,
+    store_metrics: Arc<StoreMetrics>,
     conns: Slab<Conn<T>>,
     wheel: Wheel<u32>,
     hub: Hub,
@@ -109,6 +117,8 @@ impl<T: Transport> Sessions<T> {
             auth: shared.auth,
             metrics: shared.metrics,
             open_total: shared.open_total,
+            store: shared.store,
+            store_metrics: shared.store_metrics,
             conns: Slab::with_capacity(1024),
             wheel: Wheel::new(now_ms),
             hub: Hub::default(),
@@ -478,6 +488,8 @@ fn is_reliable(msg: &ShardMsg) -> bool {
             | ShardMsg::Registered { .. }
             | ShardMsg::Api { .. }
             | ShardMsg::ApiDone { .. }
+            | ShardMsg::Store(_)
+            | ShardMsg::DeliverStream { .. }
     )
 }
 

@@ -37,7 +37,7 @@ impl<T: Transport> Sessions<T> {
         if home == self.index {
             self.hub.presence(user, self.index, true);
             if welcome {
-                self.welcome(key);
+                self.open_or_welcome(key);
             }
         } else {
             let from = self.index;
@@ -74,9 +74,11 @@ impl<T: Transport> Sessions<T> {
             .is_some_and(|c| c.generation == conn.generation && c.state == ConnState::Open);
         if alive {
             self.conns[key].flags.clear(Flags::HOLD_INPUT);
-            self.welcome(key);
-            // Requests that arrived meanwhile are processed now, after the welcome.
-            self.on_readable(key, true);
+            self.open_or_welcome(key);
+            if !self.conns[key].flags.has(Flags::HOLD_INPUT) {
+                // Requests that arrived meanwhile are processed now, after the welcome.
+                self.on_readable(key, true);
+            }
         }
     }
 
@@ -191,7 +193,9 @@ impl<T: Transport> Sessions<T> {
                 self.publish(name, f);
                 self.ack(key, id);
             }
-            Op::Send { to, data } => {
+            Op::Send { to, data, qos: 1 } => self.send_stored(key, id, &to, data),
+            Op::Confirm { stream, offset } => self.confirm(key, id, &stream, offset),
+            Op::Send { to, data, .. } => {
                 let from = self.user_name(key);
                 let f = protocol::msg(&from, Target::User(&to), data, self.now_unix_ms);
                 let to: Arc<str> = Arc::from(to.as_ref());
@@ -412,6 +416,13 @@ impl<T: Transport> Sessions<T> {
             ShardMsg::Routed { reply, online } => self.reply_local(reply, Some(online)),
             ShardMsg::Api { ticket, cmd } => self.on_api(ticket, &cmd),
             ShardMsg::ApiDone { id, count } => self.on_api_done(id, count),
+            ShardMsg::Store(m) => self.on_store(*m),
+            ShardMsg::DeliverStream {
+                user,
+                payload,
+                offset,
+                exclude,
+            } => self.deliver_stream_local(&user, &payload, offset, exclude),
             ShardMsg::Shutdown => self.begin_shutdown(),
         }
     }

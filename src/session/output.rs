@@ -155,6 +155,9 @@ impl<T: Transport> Sessions<T> {
                     ShardMetrics::add(&self.metrics[self.index as usize].bytes_out, n as u64);
                     let out = c.outbox.take().expect("checked above");
                     self.pool.put_outbox(out);
+                    if c.flags.has(Flags::PAGE_WANTED) {
+                        self.request_page(key);
+                    }
                 }
                 Ok((Flushed::Blocked, n)) => {
                     ShardMetrics::add(&self.metrics[self.index as usize].bytes_out, n as u64);

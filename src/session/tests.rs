@@ -40,6 +40,8 @@ impl Harness {
             auth,
             metrics: Arc::from(vec![ShardMetrics::default()]),
             open_total: Arc::new(AtomicUsize::new(0)),
+            store: None,
+            store_metrics: Default::default(),
         };
         Harness {
             s: Sessions::new(0, 1, shared, 0, UNIX_BASE_MS),

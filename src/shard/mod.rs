@@ -67,6 +67,10 @@ pub struct ShardSetup {
     pub barrier: Arc<Barrier>,
     /// Token verification.
     pub auth: Arc<crate::auth::Auth>,
+    /// The store thread, when streams are on.
+    pub store: Option<crate::store::StoreHandle>,
+    /// The store's counters.
+    pub store_metrics: Arc<crate::metrics::StoreMetrics>,
 }
 
 /// A running shard.
@@ -129,6 +133,8 @@ impl Shard {
             auth: setup.auth,
             metrics: setup.metrics,
             open_total: setup.open_total,
+            store: setup.store,
+            store_metrics: setup.store_metrics,
         };
         let index = setup.index as u16;
         Ok(Shard {

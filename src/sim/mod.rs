@@ -159,6 +159,8 @@ impl World {
             auth: Arc::new(Auth::none()),
             metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
             open_total: Arc::new(AtomicUsize::new(0)),
+            store: None,
+            store_metrics: Default::default(),
         };
         World {
             rng: Rng::new(seed),

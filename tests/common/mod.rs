@@ -30,6 +30,13 @@ impl Server {
     pub fn start_with(args: &[&str], nofile: Option<u64>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
         cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+        if !args
+            .iter()
+            .any(|a| a.starts_with("--store") || a.starts_with("--data-dir"))
+        {
+            // Streams in memory unless a test asks for a data directory of its own.
+            cmd.args(["--store", "memory"]);
+        }
         cmd.stdout(Stdio::piped());
         if std::env::var_os("SB_TEST_LOG").is_some() {
             cmd.stderr(Stdio::inherit());

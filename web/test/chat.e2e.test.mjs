@@ -17,7 +17,7 @@ mkdirSync(OUT, { recursive: true });
 
 function startServer(listen) {
   return new Promise((resolveStart, reject) => {
-    const child = spawn(BIN, ['--listen', listen, '--shards', '2', '--shutdown-grace-ms', '2000'], {
+    const child = spawn(BIN, ['--listen', listen, '--shards', '2', '--shutdown-grace-ms', '2000', '--store', 'memory'], {
       stdio: ['ignore', 'pipe', 'inherit'],
       env: { ...process.env, RUST_LOG: 'warn' },
     });

@@ -1,0 +1,43 @@
+//! Names that cross layers: a connection anywhere in the process, whom to answer, and a
+//! user's home shard. A leaf module: it imports nothing of the crate.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use rustc_hash::FxBuildHasher;
+
+/// A connection anywhere in the process; slab keys are reused, so the generation tells
+/// reuses apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    /// Shard index.
+    pub shard: u16,
+    /// Slab key in that shard.
+    pub slot: u32,
+    /// Generation of the slot.
+    pub generation: u32,
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.shard, self.slot, self.generation)
+    }
+}
+
+/// Who asked for a routed `send`, and the request id to acknowledge.
+#[derive(Debug)]
+pub struct ReplyTo {
+    /// The requesting connection.
+    pub conn: ConnId,
+    /// Raw JSON of the request's `id`.
+    pub id: Box<str>,
+    /// The recipient, for the error message.
+    pub to: Arc<str>,
+}
+
+/// Home shard of a user id.
+pub fn home_of(user: &str, shards: usize) -> u16 {
+    // Mix the high bits in: FxHash's low bits are weak for short keys.
+    let v = FxBuildHasher.hash_one(user);
+    ((v ^ (v >> 29) ^ (v >> 47)) % shards as u64) as u16
+}

@@ -1,0 +1,344 @@
+//! Streams on a connection: qos-1 sends handed to the store, stored inbox messages delivered
+//! in offset order, acknowledgements, the welcome's inbox position, and resume — a replay
+//! paged from the store, joined to the live stream with no gap and no duplicate at the seam.
+//!
+//! The seam: a resuming connection keeps the next offset it expects. While pages are being
+//! replayed, live inbox messages are skipped (a later page has them: each page is read after
+//! everything committed before it); afterwards a live message below the expected offset is a
+//! duplicate and is skipped, the rest are delivered and move the expected offset.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tracing::warn;
+
+use super::conn::{ConnState, Flags, Transport};
+use super::Sessions;
+use crate::hub::{home_of, ConnId, ReplyTo, ShardMsg};
+use crate::metrics::ShardMetrics;
+use crate::protocol::{self, ErrorCode, InboxInfo, Target};
+use crate::store::{Opened, Page, Since, StoreMsg, StoreReq};
+
+/// A connection's place in its inbox stream (boxed in `Extra`: only resuming connections).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cursor {
+    /// Asked for at connect, until the store answers.
+    pub since: Option<Since>,
+    /// The next offset this connection expects (0: not tracking — a connection that did not
+    /// resume gets every live message).
+    pub next: u64,
+    /// Pages are still being replayed.
+    pub replaying: bool,
+}
+
+impl<T: Transport> Sessions<T> {
+    /// Whether named connections get inbox streams (a store is configured, not echo mode).
+    pub(super) fn streams_on(&self) -> bool {
+        self.store.is_some() && !self.cfg.echo
+    }
+
+    /// The welcome is due: with streams, ask the store for the inbox position (and the first
+    /// replay page) first; input stays held until it answers.
+    pub(super) fn open_or_welcome(&mut self, key: usize) {
+        let c = &self.conns[key];
+        let Some(user) = c.user.clone() else {
+            return self.welcome(key);
+        };
+        if !self.streams_on() {
+            return self.welcome(key);
+        }
+        let since = c
+            .extra
+            .as_ref()
+            .and_then(|e| e.cursor.as_ref())
+            .and_then(|c| c.since);
+        let conn = self.conn_id(key);
+        let store = self.store.as_ref().expect("streams on");
+        match store.request(StoreReq::Open { user, conn, since }) {
+            Ok(()) => self.conns[key].flags.set(Flags::HOLD_INPUT),
+            Err(_) => {
+                warn!(
+                    shard = self.index,
+                    "store queue full: welcome without inbox position"
+                );
+                self.welcome(key);
+            }
+        }
+    }
+
+    /// A store message for this shard.
+    pub(super) fn on_store(&mut self, m: StoreMsg) {
+        match m {
+            StoreMsg::Deliver {
+                user,
+                payload,
+                offset,
+                exclude,
+                ack,
+            } => self.route_stored(user, payload, offset, exclude, ack),
+            StoreMsg::Ack {
+                reply,
+                offset,
+                epoch,
+                queued,
+            } => {
+                let Some(key) = self.live_open(reply.conn) else {
+                    return;
+                };
+                let f = protocol::stream_ack(&reply.id, offset, &epoch.to_string(), queued);
+                self.deliver(key, &f);
+            }
+            StoreMsg::Refused { reply } => {
+                let Some(key) = self.live_open(reply.conn) else {
+                    return;
+                };
+                let f = protocol::error(
+                    Some(&reply.id),
+                    ErrorCode::StoreFull,
+                    "the store is over its size budget; message not stored",
+                );
+                self.deliver(key, &f);
+            }
+            StoreMsg::Opened(o) => self.on_opened(*o),
+            StoreMsg::Page { conn, page } => {
+                if let Some(key) = self.live_open(conn) {
+                    self.replay(key, page);
+                }
+            }
+        }
+    }
+
+    /// The key of `conn` if it is a live open connection here.
+    fn live_open(&self, conn: ConnId) -> Option<usize> {
+        let key = conn.slot as usize;
+        self.conns
+            .get(key)
+            .is_some_and(|c| c.generation == conn.generation && c.state == ConnState::Open)
+            .then_some(key)
+    }
+
+    /// At the user's home shard: a stored message goes to every shard holding the user (one
+    /// path per stream keeps offsets in order), then the sender learns whether it waits.
+    fn route_stored(
+        &mut self,
+        user: Arc<str>,
+        payload: Bytes,
+        offset: u64,
+        exclude: Option<ConnId>,
+        ack: Option<(ReplyTo, u64, crate::store::Epoch)>,
+    ) {
+        debug_assert_eq!(home_of(&user, self.shards as usize), self.index);
+        let mut shards = std::mem::take(&mut self.scratch_shards);
+        shards.clear();
+        self.hub.locate(&user, &mut shards);
+        for &s in &shards {
+            if s == self.index {
+                self.deliver_stream_local(&user, &payload, offset, exclude);
+            } else {
+                self.send_mail(
+                    s,
+                    ShardMsg::DeliverStream {
+                        user: user.clone(),
+                        payload: payload.clone(),
+                        offset,
+                        exclude,
+                    },
+                );
+            }
+        }
+        self.scratch_shards = shards;
+        if let Some((reply, ack_offset, epoch)) = ack {
+            let queued = !self.hub.is_online(&user);
+            let shard = reply.conn.shard;
+            let msg = StoreMsg::Ack {
+                reply,
+                offset: ack_offset,
+                epoch,
+                queued: Some(queued),
+            };
+            if shard == self.index {
+                self.on_store(msg);
+            } else {
+                self.send_mail(shard, ShardMsg::Store(Box::new(msg)));
+            }
+        }
+    }
+
+    /// A stored inbox message for the local connections of `user`, in offset order per
+    /// connection (see the module docs for the seam).
+    pub(super) fn deliver_stream_local(
+        &mut self,
+        user: &str,
+        payload: &Bytes,
+        offset: u64,
+        exclude: Option<ConnId>,
+    ) {
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        slots.clear();
+        slots.extend_from_slice(self.hub.user_slots(user));
+        for &slot in &slots {
+            let key = slot as usize;
+            let c = &mut self.conns[key];
+            if exclude.is_some_and(|x| x.slot == slot && x.generation == c.generation) {
+                continue;
+            }
+            if let Some(cur) = c.extra.as_mut().and_then(|e| e.cursor.as_mut()) {
+                if cur.replaying || cur.since.is_some() || offset < cur.next {
+                    continue; // a page has it, or it was delivered already
+                }
+                cur.next = offset + 1;
+            }
+            self.deliver(key, payload);
+        }
+        self.scratch_slots = slots;
+    }
+
+    /// The store answered an opening connection: welcome with the inbox position, replay.
+    fn on_opened(&mut self, o: Opened) {
+        let Some(key) = self.live_open(o.conn) else {
+            return;
+        };
+        let epoch = o.epoch.to_string();
+        let name = self.user_name(key);
+        let id = o.conn.to_string();
+        let reason = match o.resume {
+            Some(Err(r)) => Some(Err(r.as_str())),
+            Some(Ok(())) => Some(Ok(())),
+            None => None,
+        };
+        let info = InboxInfo {
+            epoch: &epoch,
+            offset: o.top,
+            resume: reason,
+        };
+        let welcome = protocol::welcome_inbox(&name, &id, self.cfg.ping_interval_ms, info);
+        let c = &mut self.conns[key];
+        c.flags.clear(Flags::HOLD_INPUT);
+        if let Some(cur) = c.extra.as_mut().and_then(|e| e.cursor.as_mut()) {
+            cur.since = None;
+            cur.replaying = true;
+            cur.next = o.page.entries.first().map_or(o.page.next, |e| e.0);
+        }
+        self.push_text(key, welcome);
+        if o.resume.is_some() {
+            self.replay(key, o.page);
+        }
+        // Requests that arrived meanwhile are processed now, after the welcome.
+        self.on_readable(key, true);
+    }
+
+    /// Delivers a replay page and asks for the next one, or ends the replay.
+    fn replay(&mut self, key: usize, page: Page) {
+        for (offset, payload) in &page.entries {
+            let Some(cur) = self.conns[key]
+                .extra
+                .as_mut()
+                .and_then(|e| e.cursor.as_mut())
+            else {
+                return;
+            };
+            if *offset < cur.next {
+                continue;
+            }
+            cur.next = offset + 1;
+            // Replayed messages bypass the slow-consumer check: the next page is asked for
+            // only after this one is flushed, so the queue holds at most a page.
+            self.push_text(key, payload.clone());
+            ShardMetrics::add(&self.m().messages_out, 1);
+        }
+        let c = &mut self.conns[key];
+        let Some(cur) = c.extra.as_mut().and_then(|e| e.cursor.as_mut()) else {
+            return;
+        };
+        cur.next = cur.next.max(page.next);
+        if page.done {
+            cur.replaying = false;
+            return;
+        }
+        c.flags.set(Flags::PAGE_WANTED);
+        if c.outbox.is_none() {
+            self.request_page(key);
+        }
+    }
+
+    /// Asks the store for the next page of a replaying connection (called when its outbox
+    /// drained).
+    pub(super) fn request_page(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        c.flags.clear(Flags::PAGE_WANTED);
+        let (Some(user), Some(cur)) = (
+            c.user.clone(),
+            c.extra.as_ref().and_then(|e| e.cursor.as_ref()),
+        ) else {
+            return;
+        };
+        let from = cur.next;
+        let conn = self.conn_id(key);
+        let Some(store) = self.store.as_ref() else {
+            return;
+        };
+        if store.request(StoreReq::Page { user, conn, from }).is_err() {
+            // Try again after the next flush.
+            self.conns[key].flags.set(Flags::PAGE_WANTED);
+        }
+    }
+
+    /// `send` with `"qos":1`: the store keeps it in both inboxes, then it is delivered and
+    /// acknowledged.
+    pub(super) fn send_stored(&mut self, key: usize, id: Option<&str>, to: &str, data: &RawValue) {
+        let Some(from) = self.conns[key].user.clone() else {
+            let f = protocol::error(
+                id,
+                ErrorCode::BadRequest,
+                "qos 1 needs a named user: anonymous connections have no inbox",
+            );
+            return self.deliver_reply(key, f);
+        };
+        if !self.streams_on() {
+            let f = protocol::error(id, ErrorCode::BadRequest, "qos 1 needs a store");
+            return self.deliver_reply(key, f);
+        }
+        let prefix = protocol::msg_prefix(&from, Target::User(to), data, self.now_unix_ms);
+        let to: Arc<str> = Arc::from(to);
+        let me = self.conn_id(key);
+        let reply = id.map(|id| ReplyTo {
+            conn: me,
+            id: id.into(),
+            to: to.clone(),
+        });
+        let req = StoreReq::SendDm {
+            from,
+            to,
+            prefix,
+            id: id.map(Into::into),
+            reply,
+            sender: Some(me),
+        };
+        let store = self.store.as_ref().expect("streams on");
+        if store.request(req).is_err() {
+            ShardMetrics::add(&self.m().dropped, 1);
+            let f = protocol::error(id, ErrorCode::Overloaded, "server busy; message not stored");
+            self.deliver_reply(key, f);
+        }
+    }
+
+    /// `{"op":"ack","stream":"inbox","offset":N}`: the client has shown its inbox up to N.
+    pub(super) fn confirm(&mut self, key: usize, id: Option<&str>, stream: &str, offset: u64) {
+        let user = self.conns[key].user.clone();
+        let (Some(user), true, true) = (user, stream == "inbox", self.streams_on()) else {
+            let f = protocol::error(
+                id,
+                ErrorCode::BadRequest,
+                "only a named user's \"inbox\" stream can be confirmed",
+            );
+            return self.deliver_reply(key, f);
+        };
+        let store = self.store.as_ref().expect("streams on");
+        if store.request(StoreReq::Confirm { user, offset }).is_err() {
+            let f = protocol::error(id, ErrorCode::Overloaded, "server busy; not confirmed");
+            return self.deliver_reply(key, f);
+        }
+        self.ack(key, id);
+    }
+}

@@ -1,0 +1,671 @@
+//! Streams that survive: every named user's inbox (qos-1 DMs to or from them), with offsets,
+//! an epoch, retention, a dedup window and confirmed positions.
+//!
+//! One store thread owns the streams. Shards send it requests over a bounded channel
+//! ([`StoreHandle`]); it takes every request waiting, applies them, commits them in one batch
+//! (one fsync for a durable backend: group commit), and only then answers through the shard
+//! mailboxes — so nobody ever sees a message that a crash then erases. A message for a user
+//! goes to the user's home shard, which forwards it to the shards holding the user's
+//! connections: one path per stream, so offsets arrive in order.
+
+pub mod backend;
+pub mod streams;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use tracing::{error, info, warn};
+
+pub use backend::{Backend, Batch, Entry, Memory, Redb, StoreError};
+pub use streams::{Epoch, Retention, StreamMeta, Streams, Unrecoverable};
+
+use crate::ids::{home_of, ConnId, ReplyTo};
+use crate::metrics::StoreMetrics;
+
+/// Requests waiting for the store thread, at most.
+pub const STORE_QUEUE: usize = 65_536;
+/// Requests applied in one commit, at most.
+const BATCH_MAX: usize = 4_096;
+/// How long the store keeps retrying a full mailbox.
+const POST_PATIENCE: Duration = Duration::from_secs(10);
+/// Messages and bytes of one replay page.
+const PAGE_ITEMS: usize = 256;
+const PAGE_BYTES: usize = 256 * 1024;
+
+/// The inbox stream of `user`.
+pub fn inbox_stream(user: &str) -> String {
+    format!("inbox:{user}")
+}
+
+/// Where a resuming connection says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// The last offset it has, in `epoch` (none: any epoch).
+    Position {
+        /// Epoch of the position.
+        epoch: Option<Epoch>,
+        /// Last offset received.
+        offset: u64,
+    },
+    /// The user's confirmed position.
+    Confirmed,
+}
+
+impl Since {
+    /// Parses `?since=<epoch>:<offset>` or `?since=confirmed`.
+    pub fn parse(s: &str) -> Option<Since> {
+        if s == "confirmed" {
+            return Some(Since::Confirmed);
+        }
+        let (e, o) = s.split_once(':')?;
+        Some(Since::Position {
+            epoch: if e.is_empty() { None } else { e.parse().ok() },
+            offset: o.parse().ok()?,
+        })
+    }
+}
+
+/// Work for the store thread.
+#[derive(Debug)]
+pub enum StoreReq {
+    /// A qos-1 DM: store it in the recipient's inbox and the sender's, deliver, acknowledge.
+    SendDm {
+        /// Sender (a named user).
+        from: Arc<str>,
+        /// Recipient.
+        to: Arc<str>,
+        /// The event without its closing brace: `{"op":"msg",…,"ts":N`.
+        prefix: Bytes,
+        /// Client id (raw JSON) for the dedup window, if given.
+        id: Option<Box<str>>,
+        /// Whom to acknowledge.
+        reply: Option<ReplyTo>,
+        /// The sending connection (its own copy is not delivered to it).
+        sender: Option<ConnId>,
+    },
+    /// A named connection opened (after its home shard recorded it): the inbox position for
+    /// its welcome, and the first replay page when it resumes.
+    Open {
+        /// The user.
+        user: Arc<str>,
+        /// The connection.
+        conn: ConnId,
+        /// Resume from here.
+        since: Option<Since>,
+    },
+    /// The next replay page from offset `from`.
+    Page {
+        /// The user.
+        user: Arc<str>,
+        /// The connection.
+        conn: ConnId,
+        /// First offset to read.
+        from: u64,
+    },
+    /// A client confirmed its inbox up to `offset`.
+    Confirm {
+        /// The user.
+        user: Arc<str>,
+        /// Confirmed offset.
+        offset: u64,
+    },
+    /// Stop after committing what is queued.
+    Shutdown,
+}
+
+/// What the store tells a shard (through its mailbox).
+#[derive(Debug)]
+pub enum StoreMsg {
+    /// To the home shard of `user`: a stored message of the user's inbox. Deliver it to the
+    /// user's connections (but `exclude`) and, with `ack`, acknowledge the sender: `queued`
+    /// when nobody of the user is online.
+    Deliver {
+        /// The inbox's user.
+        user: Arc<str>,
+        /// The event.
+        payload: Bytes,
+        /// Its offset.
+        offset: u64,
+        /// The sending connection.
+        exclude: Option<ConnId>,
+        /// Whom to acknowledge, with the offset and epoch the ack carries.
+        ack: Option<(ReplyTo, u64, Epoch)>,
+    },
+    /// To the sender's shard: a qos-1 send is stored.
+    Ack {
+        /// Whom.
+        reply: ReplyTo,
+        /// Offset in the sender's inbox.
+        offset: u64,
+        /// The store's epoch.
+        epoch: Epoch,
+        /// Whether the recipient had no connection; `None` for a retry answered from the
+        /// dedup window.
+        queued: Option<bool>,
+    },
+    /// To the sender's shard: refused, the store is over `--store-max-bytes`.
+    Refused {
+        /// Whom.
+        reply: ReplyTo,
+    },
+    /// To a connection's shard: its inbox position and first replay page.
+    Opened(Box<Opened>),
+    /// To a connection's shard: the next replay page.
+    Page {
+        /// The connection.
+        conn: ConnId,
+        /// The page.
+        page: Page,
+    },
+}
+
+/// Posts a store message to shard `i`; gives it back when that mailbox is full.
+pub type Sink = Box<dyn Fn(u16, Box<StoreMsg>) -> Result<(), Box<StoreMsg>> + Send>;
+
+/// What the store answers a connection that opened.
+#[derive(Debug)]
+pub struct Opened {
+    /// The connection.
+    pub conn: ConnId,
+    /// The store's epoch.
+    pub epoch: Epoch,
+    /// The inbox's newest offset.
+    pub top: u64,
+    /// For a resume: whether everything after the position is replayed, and why not.
+    pub resume: Option<Result<(), Unrecoverable>>,
+    /// The first replay page (empty when nothing to replay).
+    pub page: Page,
+}
+
+/// Part of a replay.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Events in offset order.
+    pub entries: Vec<(u64, Bytes)>,
+    /// The offset to ask for next.
+    pub next: u64,
+    /// The page reached the top of the stream (at the time it was read).
+    pub done: bool,
+}
+
+/// The store's queue is full (or the store stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the store is busy")]
+pub struct StoreBusy;
+
+/// The shards' side of the store: a bounded queue to the store thread.
+#[derive(Debug, Clone)]
+pub struct StoreHandle {
+    tx: Sender<StoreReq>,
+}
+
+impl StoreHandle {
+    /// Queues a request; fails when the queue is full or the store stopped (the caller
+    /// refuses the client's request with `overloaded`: never a silent loss).
+    pub fn request(&self, req: StoreReq) -> Result<(), StoreBusy> {
+        self.tx.try_send(req).map_err(|e| match e {
+            TrySendError::Full(_) | TrySendError::Disconnected(_) => StoreBusy,
+        })
+    }
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Inbox retention.
+    pub inbox: Retention,
+    /// Dedup window (ms).
+    pub dedup_window_ms: u64,
+    /// Total payload bytes kept before qos-1 sends are refused.
+    pub max_bytes: u64,
+}
+
+/// A running store thread.
+pub struct Store {
+    handle: StoreHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Store {
+    /// Opens `backend` and starts the store thread, which answers `shards` shards through
+    /// `sink`.
+    pub fn start(
+        mut backend: Box<dyn Backend>,
+        cfg: StoreConfig,
+        shards: usize,
+        sink: Sink,
+        metrics: Arc<StoreMetrics>,
+    ) -> Result<Store, StoreError> {
+        let loaded = backend.load()?;
+        let epoch = loaded.epoch.unwrap_or_else(backend::new_epoch);
+        let now = unix_ms();
+        let mut streams = Streams::new(epoch);
+        for (s, m) in loaded.metas {
+            streams.restore(s, m);
+        }
+        for (u, o) in loaded.confirmed {
+            streams.restore_confirmed(u, o);
+        }
+        for (u, id, d) in loaded.dedups {
+            streams.restore_dedup(u, id, d, now);
+        }
+        info!(
+            epoch = %epoch,
+            durable = backend.durable(),
+            streams = streams.streams().count(),
+            bytes = streams.total_bytes,
+            "store open"
+        );
+        StoreMetrics::set(&metrics.bytes, streams.total_bytes);
+        StoreMetrics::set(&metrics.streams, streams.streams().count() as u64);
+        let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
+        let mut worker = Worker {
+            backend,
+            streams,
+            cfg,
+            shards,
+            sink,
+            metrics,
+            out: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| StoreError::Redb(format!("cannot spawn the store thread: {e}")))?;
+        Ok(Store {
+            handle: StoreHandle { tx },
+            thread: Some(thread),
+        })
+    }
+
+    /// The handle shards use.
+    pub fn handle(&self) -> StoreHandle {
+        self.handle.clone()
+    }
+
+    /// Commits what is queued and stops the thread.
+    pub fn stop(mut self) {
+        let _ = self.handle.tx.send(StoreReq::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Worker {
+    backend: Box<dyn Backend>,
+    streams: Streams,
+    cfg: StoreConfig,
+    shards: usize,
+    sink: Sink,
+    metrics: Arc<StoreMetrics>,
+    /// Answers of this batch, posted after the commit.
+    out: Vec<(u16, StoreMsg)>,
+}
+
+impl Worker {
+    fn run(&mut self, rx: Receiver<StoreReq>) {
+        let mut reqs = Vec::with_capacity(BATCH_MAX);
+        loop {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(r) => reqs.push(r),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.housekeeping();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            while reqs.len() < BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(r) => reqs.push(r),
+                    Err(_) => break,
+                }
+            }
+            let stop = self.apply(&mut reqs);
+            if stop {
+                info!("store stopped");
+                return;
+            }
+        }
+    }
+
+    /// Applies a batch: writes first (one commit), then reads, then every answer.
+    fn apply(&mut self, reqs: &mut Vec<StoreReq>) -> bool {
+        let now = unix_ms();
+        let mut batch = Batch::default();
+        let mut reads = Vec::new();
+        let mut stop = false;
+        let n = reqs.len();
+        for r in reqs.drain(..) {
+            match r {
+                StoreReq::SendDm {
+                    from,
+                    to,
+                    prefix,
+                    id,
+                    reply,
+                    sender,
+                } => self.send_dm(&mut batch, now, from, to, prefix, id, reply, sender),
+                StoreReq::Confirm { user, offset } => {
+                    if self.streams.confirm(&user, &inbox_stream(&user), offset) {
+                        let o = self.streams.confirmed(&user);
+                        batch.confirms.push((user, o));
+                    }
+                }
+                StoreReq::Shutdown => stop = true,
+                read => reads.push(read),
+            }
+        }
+        if !batch.is_empty() {
+            let t = Instant::now();
+            if let Err(e) = self.backend.commit(&batch) {
+                // Nothing of this batch is acknowledged or delivered: senders retry.
+                error!(error = %e, "store commit failed; the batch is refused");
+                self.out.clear();
+                return stop;
+            }
+            let us = t.elapsed().as_micros() as u64;
+            self.metrics
+                .commit(us, batch.appends.len() as u64, n as u64);
+            StoreMetrics::set(&self.metrics.bytes, self.streams.total_bytes);
+            StoreMetrics::set(&self.metrics.streams, self.streams.streams().count() as u64);
+        }
+        for r in reads {
+            self.read(r);
+        }
+        self.post_all();
+        stop
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_dm(
+        &mut self,
+        batch: &mut Batch,
+        now: u64,
+        from: Arc<str>,
+        to: Arc<str>,
+        prefix: Bytes,
+        id: Option<Box<str>>,
+        reply: Option<ReplyTo>,
+        sender: Option<ConnId>,
+    ) {
+        let epoch = self.streams.epoch;
+        if let Some(id) = id.as_deref() {
+            if let Some(d) = self.streams.dedup_hit(&from, id, now) {
+                StoreMetrics::add(&self.metrics.dedup_hits, 1);
+                if let Some(reply) = reply {
+                    let shard = reply.conn.shard;
+                    self.out.push((
+                        shard,
+                        StoreMsg::Ack {
+                            reply,
+                            offset: d.offset,
+                            epoch,
+                            queued: None,
+                        },
+                    ));
+                }
+                return;
+            }
+        }
+        let copies = if from == to { 1 } else { 2 };
+        let need = (prefix.len() as u64 + 64) * copies;
+        if self.streams.total_bytes + need > self.cfg.max_bytes {
+            StoreMetrics::add(&self.metrics.refused, 1);
+            if let Some(reply) = reply {
+                let shard = reply.conn.shard;
+                self.out.push((shard, StoreMsg::Refused { reply }));
+            }
+            return;
+        }
+        let to_stream = inbox_stream(&to);
+        let (to_offset, to_payload) = self.append(batch, &to_stream, &prefix, now);
+        let mut ack_offset = to_offset;
+        if from != to {
+            let from_stream = inbox_stream(&from);
+            let (from_offset, from_payload) = self.append(batch, &from_stream, &prefix, now);
+            ack_offset = from_offset;
+            let home = home_of(&from, self.shards);
+            self.out.push((
+                home,
+                StoreMsg::Deliver {
+                    user: from.clone(),
+                    payload: from_payload,
+                    offset: from_offset,
+                    exclude: sender,
+                    ack: None,
+                },
+            ));
+        }
+        if let Some(id) = id {
+            let expires = now + self.cfg.dedup_window_ms;
+            self.streams
+                .remember(from.clone(), id.clone(), ack_offset, expires);
+            batch.dedups.push((
+                from.clone(),
+                id,
+                streams::Dedup {
+                    offset: ack_offset,
+                    expires_ms: expires,
+                },
+            ));
+        }
+        let self_dm = from == to;
+        let home = home_of(&to, self.shards);
+        self.out.push((
+            home,
+            StoreMsg::Deliver {
+                user: to,
+                payload: to_payload,
+                offset: to_offset,
+                exclude: if self_dm { sender } else { None },
+                ack: reply.map(|r| (r, ack_offset, epoch)),
+            },
+        ));
+    }
+
+    /// Appends one event to `stream`: assigns the offset, completes the payload, applies
+    /// count retention.
+    fn append(&mut self, batch: &mut Batch, stream: &str, prefix: &[u8], now: u64) -> (u64, Bytes) {
+        let epoch = self.streams.epoch;
+        let mut p = BytesMut::with_capacity(prefix.len() + 64);
+        p.put_slice(prefix);
+        // The offset is known only now: written after `append` below assigns it.
+        let offset = self.streams.meta(stream).next;
+        p.put_slice(
+            format!(",\"stream\":\"inbox\",\"offset\":{offset},\"epoch\":\"{epoch}\"}}").as_bytes(),
+        );
+        let payload = p.freeze();
+        let got = self.streams.append(stream, payload.len() as u64);
+        debug_assert_eq!(got, offset);
+        batch.appends.push((
+            stream.to_owned(),
+            Entry {
+                offset,
+                ts_ms: now,
+                payload: payload.clone(),
+            },
+        ));
+        StoreMetrics::add(&self.metrics.appends, 1);
+        if let Some(first) = self.streams.over_count(stream, self.cfg.inbox.max_count) {
+            self.trim(batch, stream, first);
+        }
+        self.record_meta(batch, stream);
+        (offset, payload)
+    }
+
+    /// Drops `stream`'s entries before `first` (counting their bytes, including entries of
+    /// this uncommitted batch).
+    fn trim(&mut self, batch: &mut Batch, stream: &str, first: u64) {
+        let m = self.streams.meta(stream);
+        if first <= m.first {
+            return;
+        }
+        let mut bytes = 0u64;
+        let n = (first - m.first) as usize;
+        if let Ok(old) = self.backend.read(stream, m.first, n, usize::MAX) {
+            bytes += old.iter().map(|e| e.payload.len() as u64).sum::<u64>();
+        }
+        bytes += batch
+            .appends
+            .iter()
+            .filter(|(s, e)| s == stream && e.offset >= m.first && e.offset < first)
+            .map(|(_, e)| e.payload.len() as u64)
+            .sum::<u64>();
+        batch
+            .appends
+            .retain(|(s, e)| !(s == stream && e.offset < first));
+        batch.trims.push((stream.to_owned(), m.first, first));
+        self.streams.trim(stream, first, bytes);
+    }
+
+    fn record_meta(&mut self, batch: &mut Batch, stream: &str) {
+        let m = self.streams.meta(stream);
+        match batch.metas.iter_mut().find(|(s, _)| s == stream) {
+            Some((_, old)) => *old = m,
+            None => batch.metas.push((stream.to_owned(), m)),
+        }
+    }
+
+    /// Age retention and dedup expiry, when the store is idle.
+    fn housekeeping(&mut self) {
+        let now = unix_ms();
+        let mut batch = Batch {
+            dedup_expired: self.streams.expire_dedup(now),
+            ..Batch::default()
+        };
+        let ttl = self.cfg.inbox.ttl_ms;
+        let streams: Vec<(String, StreamMeta)> = self
+            .streams
+            .streams()
+            .map(|(s, m)| (s.clone(), *m))
+            .collect();
+        for (s, m) in streams {
+            if m.first >= m.next {
+                continue;
+            }
+            let Ok(old) = self.backend.read(&s, m.first, PAGE_ITEMS, usize::MAX) else {
+                continue;
+            };
+            let keep_from = old
+                .iter()
+                .find(|e| e.ts_ms + ttl > now)
+                .map_or(m.first + old.len() as u64, |e| e.offset);
+            if keep_from > m.first {
+                self.trim(&mut batch, &s, keep_from);
+                self.record_meta(&mut batch, &s);
+            }
+        }
+        if !batch.is_empty() {
+            if let Err(e) = self.backend.commit(&batch) {
+                warn!(error = %e, "store housekeeping commit failed");
+            }
+            StoreMetrics::set(&self.metrics.bytes, self.streams.total_bytes);
+        }
+    }
+
+    fn read(&mut self, r: StoreReq) {
+        match r {
+            StoreReq::Open { user, conn, since } => {
+                let stream = inbox_stream(&user);
+                let m = self.streams.meta(&stream);
+                let epoch = self.streams.epoch;
+                let (resume, page) = match since {
+                    None => (None, Page::default()),
+                    Some(since) => {
+                        let (e, offset) = match since {
+                            Since::Position { epoch, offset } => (epoch, offset),
+                            Since::Confirmed => (None, self.streams.confirmed(&user)),
+                        };
+                        let plan = self.streams.plan_resume(&stream, e, offset);
+                        StoreMetrics::add(
+                            if plan.lost.is_none() {
+                                &self.metrics.recoveries_ok
+                            } else {
+                                &self.metrics.recoveries_failed
+                            },
+                            1,
+                        );
+                        (
+                            Some(plan.lost.map_or(Ok(()), Err)),
+                            self.page(&stream, plan.from),
+                        )
+                    }
+                };
+                self.out.push((
+                    conn.shard,
+                    StoreMsg::Opened(Box::new(Opened {
+                        conn,
+                        epoch,
+                        top: m.top(),
+                        resume,
+                        page,
+                    })),
+                ));
+            }
+            StoreReq::Page { user, conn, from } => {
+                let page = self.page(&inbox_stream(&user), from);
+                self.out.push((conn.shard, StoreMsg::Page { conn, page }));
+            }
+            _ => {}
+        }
+    }
+
+    fn page(&mut self, stream: &str, from: u64) -> Page {
+        let m = self.streams.meta(stream);
+        let from = from.max(m.first);
+        if from >= m.next {
+            return Page {
+                entries: Vec::new(),
+                next: m.next,
+                done: true,
+            };
+        }
+        StoreMetrics::add(&self.metrics.replays, 1);
+        let entries = match self.backend.read(stream, from, PAGE_ITEMS, PAGE_BYTES) {
+            Ok(e) => e,
+            Err(e) => {
+                error!(error = %e, stream, "store read failed");
+                Vec::new()
+            }
+        };
+        let next = entries.last().map_or(m.next, |e| e.offset + 1);
+        Page {
+            done: next >= m.next,
+            next,
+            entries: entries.into_iter().map(|e| (e.offset, e.payload)).collect(),
+        }
+    }
+
+    /// Posts every answer; a full mailbox is retried (the store may wait, a shard never),
+    /// for at most [`POST_PATIENCE`] per message (then the shard is gone or stuck).
+    fn post_all(&mut self) {
+        for (shard, msg) in self.out.drain(..) {
+            let mut msg = Box::new(msg);
+            let mut wait_us = 50;
+            let started = Instant::now();
+            loop {
+                match (self.sink)(shard, msg) {
+                    Ok(()) => break,
+                    Err(m) if started.elapsed() < POST_PATIENCE => {
+                        msg = m;
+                        std::thread::sleep(Duration::from_micros(wait_us));
+                        wait_us = (wait_us * 2).min(10_000);
+                    }
+                    Err(m) => {
+                        error!(shard, message = ?m, "store: a shard's mailbox stayed full; answer dropped");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
