@@ -3,6 +3,7 @@
 //!
 //! - `protocol/` imports neither `ws/` nor `http/`; `ws/` does not import `http/`;
 //! - the session layer does not import `shard/`; `hub/` does not import the session layer;
+//! - the store answers through a sink: it imports neither `hub/` nor `session/` nor `shard/`;
 //! - metric names (`"switchboard_…"`) are spelled only in `metrics/`;
 //! - no import circles between top-level modules.
 
@@ -19,6 +20,13 @@ const NEVER: &[(&str, &[&str])] = &[
     ("session", &["shard", "server"]),
     ("sim", &["shard", "server"]),
     ("testkit", &["session", "shard", "server", "sim"]),
+    ("store", &["session", "shard", "server", "hub", "sim"]),
+    (
+        "ids",
+        &[
+            "session", "shard", "server", "hub", "store", "protocol", "ws", "http",
+        ],
+    ),
 ];
 
 fn rs_files(dir: &Path, out: &mut Vec<PathBuf>) {
