@@ -34,13 +34,17 @@ fn config() -> Config {
 
 impl Harness {
     fn new(cfg: Config) -> Harness {
+        Harness::with_store(cfg, None)
+    }
+
+    fn with_store(cfg: Config, store: Option<crate::store::StoreHandle>) -> Harness {
         let auth = Arc::new(Auth::from_config(&cfg).unwrap());
         let shared = Shared {
             config: Arc::new(cfg),
             auth,
             metrics: Arc::from(vec![ShardMetrics::default()]),
             open_total: Arc::new(AtomicUsize::new(0)),
-            store: None,
+            store,
             store_metrics: Default::default(),
         };
         Harness {
@@ -369,4 +373,96 @@ fn empty_messages_are_echoed_and_the_close_is_answered() {
     let got = frames(&pipe, &mut buf);
     assert_eq!(close_code(&got[0]).0, 1000);
     assert!(!h.live(key));
+}
+
+#[test]
+fn resume_seam_replays_then_joins_live_without_gap_or_duplicate() {
+    use crate::hub::ShardMsg;
+    use crate::store::{Epoch, Opened, Page, Since, StoreHandle, StoreMsg, StoreReq};
+    use bytes::Bytes;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut h = Harness::with_store(config(), Some(StoreHandle::new(tx)));
+    let (key, pipe) = h.accept(1 << 20);
+    h.send(
+        &pipe,
+        testkit::upgrade_request("t", "/ws?user=bob&since=ab:0").as_bytes(),
+    );
+    let conn = h.s.conn_id(key);
+    let Ok(StoreReq::Open { user, since, .. }) = rx.try_recv() else {
+        panic!("the session asks the store first")
+    };
+    assert_eq!(&*user, "bob");
+    assert_eq!(
+        since,
+        Some(Since::Position {
+            epoch: Some(Epoch(0xab)),
+            offset: 0
+        })
+    );
+    let ev = |o: u64| Bytes::from(format!(r#"{{"op":"msg","n":{o},"offset":{o}}}"#));
+    let live = |h: &mut Harness, o: u64| {
+        h.s.on_mail(ShardMsg::Store(Box::new(StoreMsg::Deliver {
+            user: "bob".into(),
+            payload: ev(o),
+            offset: o,
+            exclude: None,
+            ack: None,
+        })));
+        h.turn();
+    };
+    // Stored while the store prepares the answer: the replay has it.
+    live(&mut h, 3);
+    h.s.on_mail(ShardMsg::Store(Box::new(StoreMsg::Opened(Box::new(
+        Opened {
+            conn,
+            epoch: Epoch(0xab),
+            top: 3,
+            resume: Some(Ok(())),
+            page: Page {
+                entries: vec![(1, ev(1)), (2, ev(2))],
+                next: 3,
+                done: false,
+            },
+        },
+    )))));
+    h.turn();
+    let mut buf = pipe.0.borrow_mut().client_read();
+    let head = testkit::parse_response_head(&buf).unwrap().unwrap();
+    buf.drain(..head.head_len);
+    let mut seen = Vec::new();
+    let mut collect = |buf: &mut Vec<u8>, seen: &mut Vec<serde_json::Value>| {
+        for f in frames(&pipe, buf) {
+            seen.push(serde_json::from_slice(&f.payload).unwrap());
+        }
+    };
+    collect(&mut buf, &mut seen);
+    // The outbox drained: the next page is asked for from offset 3.
+    h.turn();
+    let Ok(StoreReq::Page { from, .. }) = rx.try_recv() else {
+        panic!("the next page is asked for")
+    };
+    assert_eq!(from, 3);
+    // Live while replaying: skipped (the page will have it).
+    live(&mut h, 4);
+    h.s.on_mail(ShardMsg::Store(Box::new(StoreMsg::Page {
+        conn,
+        page: Page {
+            entries: vec![(3, ev(3)), (4, ev(4))],
+            next: 5,
+            done: true,
+        },
+    })));
+    h.turn();
+    // Live again: a duplicate of 4 is skipped, 5 is delivered.
+    live(&mut h, 4);
+    live(&mut h, 5);
+    collect(&mut buf, &mut seen);
+    assert_eq!(seen[0]["op"], "welcome");
+    assert_eq!(seen[0]["inbox"]["recovered"], true);
+    let offsets: Vec<u64> = seen[1..]
+        .iter()
+        .map(|v| v["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, vec![1, 2, 3, 4, 5]);
+    assert!(rx.try_recv().is_err(), "no more pages once done");
 }

@@ -202,6 +202,11 @@ pub struct StoreHandle {
 }
 
 impl StoreHandle {
+    /// A handle on a queue someone else drains (the store thread, or a test acting as it).
+    pub fn new(tx: Sender<StoreReq>) -> StoreHandle {
+        StoreHandle { tx }
+    }
+
     /// Queues a request; fails when the queue is full or the store stopped (the caller
     /// refuses the client's request with `overloaded`: never a silent loss).
     pub fn request(&self, req: StoreReq) -> Result<(), StoreBusy> {
