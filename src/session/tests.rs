@@ -430,7 +430,7 @@ fn resume_seam_replays_then_joins_live_without_gap_or_duplicate() {
     let head = testkit::parse_response_head(&buf).unwrap().unwrap();
     buf.drain(..head.head_len);
     let mut seen = Vec::new();
-    let mut collect = |buf: &mut Vec<u8>, seen: &mut Vec<serde_json::Value>| {
+    let collect = |buf: &mut Vec<u8>, seen: &mut Vec<serde_json::Value>| {
         for f in frames(&pipe, buf) {
             seen.push(serde_json::from_slice(&f.payload).unwrap());
         }
