@@ -75,6 +75,9 @@ struct Args {
     /// server at every message it receives (helps fan-out runs; slowed the 1M connect ramp).
     #[arg(long)]
     sched_batch: bool,
+    /// dm: 1 sends every DM with `"qos":1` (stored, acknowledged; ack latency reported).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
     /// Give up on connecting after this long.
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -228,6 +231,7 @@ fn main() -> anyhow::Result<()> {
         drop_percent: args.drop_percent.min(100),
         user_prefix: args.user_prefix.clone(),
         sched_batch: args.sched_batch,
+        qos: args.qos,
     });
     let shared = Arc::new(Shared {
         phase: std::sync::atomic::AtomicU8::new(phase::CONNECT),
@@ -364,11 +368,13 @@ fn main() -> anyhow::Result<()> {
     }
     let mut connect_hist = report::new_histogram();
     let mut latency_hist = report::new_histogram();
+    let mut ack_hist = report::new_histogram();
     for h in handles {
         match h.join() {
             Ok(Ok(r)) => {
                 connect_hist.add(&r.connect).ok();
                 latency_hist.add(&r.latency).ok();
+                ack_hist.add(&r.ack).ok();
             }
             Ok(Err(e)) => eprintln!("a worker failed: {e}"),
             Err(_) => eprintln!("a worker panicked"),
@@ -392,7 +398,7 @@ fn main() -> anyhow::Result<()> {
     let run_secs = args.duration.as_secs_f64().max(1e-3);
     let mut errors = serde_json::Map::new();
     let mut closes = std::collections::BTreeMap::new();
-    let (mut gaps, mut dups, mut op_errors, mut dropped) = (0, 0, 0, 0);
+    let (mut gaps, mut dups, mut op_errors, mut dropped, mut acked) = (0, 0, 0, 0, 0);
     let mut first_error = None;
     for s in &shared.stats {
         for k in ErrKind::ALL {
@@ -411,6 +417,7 @@ fn main() -> anyhow::Result<()> {
         dups += s.duplicates.load(Relaxed);
         op_errors += s.op_errors.load(Relaxed);
         dropped += s.dropped.load(Relaxed);
+        acked += s.acked.load(Relaxed);
         if first_error.is_none() {
             first_error = s.first_error.lock().unwrap().clone();
         }
@@ -428,6 +435,9 @@ fn main() -> anyhow::Result<()> {
         Scenario::Echo | Scenario::Dm | Scenario::Fanout
     ) {
         hists.push((latency_name, &latency_hist));
+    }
+    if args.qos == 1 && args.scenario == Scenario::Dm {
+        hists.push(("ack_latency", &ack_hist));
     }
     let title = format!("loadgen {:?}: {} connections", args.scenario, total);
     report::write_histograms(&args.out, &title, &hists)?;
@@ -495,11 +505,14 @@ fn main() -> anyhow::Result<()> {
             "gaps": gaps,
             "duplicates": dups,
             "op_errors": op_errors,
+            "qos": args.qos,
+            "acked": acked,
             "received_per_s": t.received as f64 / run_secs,
         },
         "histograms": {
             "connect": report::stats(&connect_hist),
             latency_name: report::stats(&latency_hist),
+            "ack_latency": report::stats(&ack_hist),
         },
         "open_per_second": open_per_second,
         "server": server,

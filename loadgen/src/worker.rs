@@ -157,6 +157,8 @@ pub struct WorkerStats {
     pub gaps: AtomicU64,
     /// Duplicates seen (dm).
     pub duplicates: AtomicU64,
+    /// qos-1 acks received.
+    pub acked: AtomicU64,
     /// `error` ops received.
     pub op_errors: AtomicU64,
     /// Closes the loadgen did not ask for, by code (1006 = dropped without a close frame).
@@ -213,6 +215,8 @@ pub struct Job {
     pub user_prefix: String,
     /// Run workers under SCHED_BATCH so a delivery does not preempt the server that wrote it.
     pub sched_batch: bool,
+    /// DM quality of service: 1 = stored and acknowledged (`"qos":1` with an `id`).
+    pub qos: u8,
 }
 
 impl Job {
@@ -258,6 +262,8 @@ pub struct WorkerResult {
     pub connect: Histogram<u64>,
     /// Scenario latency, µs.
     pub latency: Histogram<u64>,
+    /// Scheduled send → ack (qos 1), µs.
+    pub ack: Histogram<u64>,
 }
 
 /// A latency interval histogram sent to the main thread once a second.
@@ -292,6 +298,9 @@ struct Incoming<'a> {
     op: &'a str,
     #[serde(default)]
     data: Option<Payload>,
+    /// qos-1 acks carry the scheduled send time as their id.
+    #[serde(default)]
+    id: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -330,6 +339,7 @@ pub struct Worker {
     started_ns: u64,
     connect_hist: Histogram<u64>,
     latency_hist: Histogram<u64>,
+    ack_hist: Histogram<u64>,
     interval_hist: Histogram<u64>,
     intervals: Sender<Interval>,
     rng: Rng,
@@ -380,6 +390,7 @@ impl Worker {
             started_ns: now_ns(),
             connect_hist: new_histogram(),
             latency_hist: new_histogram(),
+            ack_hist: new_histogram(),
             interval_hist: new_histogram(),
             intervals,
             rng: Rng(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
@@ -392,6 +403,7 @@ impl Worker {
         Ok(WorkerResult {
             connect: w.connect_hist,
             latency: w.latency_hist,
+            ack: w.ack_hist,
         })
     }
 
@@ -849,6 +861,12 @@ impl Worker {
                     "ack" if self.job.scenario == Scenario::Fanout => {
                         self.stats().ready.fetch_add(1, Relaxed);
                     }
+                    "ack" => {
+                        if let Some(t) = m.id {
+                            self.ack_hist.saturating_record(latency_us(t, now));
+                            self.stats().acked.fetch_add(1, Relaxed);
+                        }
+                    }
                     "error" => {
                         self.stats().op_errors.fetch_add(1, Relaxed);
                     }
@@ -957,6 +975,11 @@ impl Worker {
                 }
                 s
             }
+            Scenario::Dm if job.qos == 1 => format!(
+                r#"{{"op":"send","to":"{}{}","data":{{"t":{scheduled},"s":{seq}}},"qos":1,"id":{scheduled}}}"#,
+                job.user_prefix,
+                id ^ 1
+            ),
             Scenario::Dm => format!(
                 r#"{{"op":"send","to":"{}{}","data":{{"t":{scheduled},"s":{seq}}}}}"#,
                 job.user_prefix,
@@ -1090,6 +1113,7 @@ mod tests {
             drop_percent: 0,
             user_prefix: "u".into(),
             sched_batch: false,
+            qos: 0,
         };
         assert_eq!((0..3).map(|c| job.subscribers_of(c)).sum::<u64>(), 10);
         assert_eq!(job.subscribers_of(0), 4);

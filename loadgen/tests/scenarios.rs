@@ -165,6 +165,44 @@ fn dm_has_no_loss_and_no_duplicates() {
 }
 
 #[test]
+fn dm_qos1_is_acknowledged_and_complete() {
+    let (_srv, url) = server(&[]);
+    let out = out_dir("dm-qos1");
+    let s = loadgen(
+        &[
+            "dm",
+            "--url",
+            &url,
+            "--connections",
+            "200",
+            "--rate",
+            "2000",
+            "--duration",
+            "2s",
+            "--qos",
+            "1",
+        ],
+        &out,
+    );
+    check_common(&s, &out, 200);
+    let m = &s["messages"];
+    let sent = m["sent"].as_u64().unwrap();
+    assert!(sent >= 3000, "sent {sent}");
+    assert_eq!(m["received"], sent);
+    assert_eq!(m["acked"], sent, "every qos-1 DM acknowledged");
+    assert_eq!(
+        (
+            m["missing"].as_u64(),
+            m["duplicates"].as_u64(),
+            m["gaps"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0))
+    );
+    assert_eq!(m["op_errors"], 0);
+    check_hgrm(&out, "ack_latency", sent);
+}
+
+#[test]
 fn fanout_delivers_every_publication_to_every_subscriber() {
     let (_srv, url) = server(&[]);
     let out = out_dir("fanout");
