@@ -260,3 +260,39 @@ fn resume_seam_has_no_gap_and_no_duplicate_while_messages_keep_coming() {
     sender.join().unwrap();
     expect_silence(&mut fred, Duration::from_millis(200));
 }
+
+fn api_post(server: &Server, path: &str, body: &str) -> (u16, Value) {
+    let (status, text) = http(
+        server.addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[test]
+fn push_api_qos1_stores_before_answering() {
+    let server = Server::start(&["--shards", "2"]);
+    let body = r#"{"to":"gus","data":{"bill":1},"from":"billing","qos":1,"id":"inv-1"}"#;
+    let (status, a1) = api_post(&server, "/api/send", body);
+    assert_eq!(status, 200, "{a1}");
+    assert_eq!(
+        (a1["stored"].as_bool(), a1["queued"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let (_, a2) = api_post(&server, "/api/send", body);
+    assert_eq!(a2["offset"], a1["offset"], "a retried id is stored once");
+    assert_eq!(a2["duplicate"], true);
+    let (mut gus, w) = connect_since(&server, "gus", "confirmed");
+    assert_eq!(w["inbox"]["offset"], 1);
+    let m = recv_json(&mut gus);
+    assert_eq!(
+        (m["from"].as_str(), m["offset"].as_u64()),
+        (Some("billing"), Some(1))
+    );
+    assert_eq!(m["data"]["bill"], 1);
+    let (status, e) = api_post(&server, "/api/send", r#"{"to":"gus","data":1,"qos":2}"#);
+    assert_eq!(status, 400, "{e}");
+}

@@ -112,6 +112,12 @@ pub struct Send<'a> {
     /// Sender shown to recipients [default: "server"].
     #[serde(default)]
     pub from: Option<String>,
+    /// 1: stored in the recipient's inbox before it is delivered [default: 0].
+    #[serde(default)]
+    pub qos: Option<u8>,
+    /// Request id for the dedup window (qos 1).
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 /// `POST /api/broadcast`

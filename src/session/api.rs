@@ -15,9 +15,10 @@ use crate::auth::{self, Identity};
 use crate::http::api::{self, ApiError, Route};
 use crate::http::request::query_params;
 use crate::http::{response, Method, Request};
-use crate::hub::{ApiCmd, ApiTicket, ShardMsg};
+use crate::hub::{ApiCmd, ApiTicket, ReplyTo, ShardMsg};
 use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::protocol::{self, Target};
+use crate::store::StoreReq;
 
 /// An API request waiting for the other shards' counts.
 #[derive(Debug)]
@@ -170,6 +171,11 @@ impl<T: Transport> Sessions<T> {
                 let p: api::Send = api::parse_body(body)?;
                 api::check_user("to", &p.to)?;
                 let from = api::check_from(p.from.as_deref())?;
+                match p.qos {
+                    None | Some(0) => {}
+                    Some(1) => return self.api_send_stored(key, req, from, &p),
+                    Some(_) => return Err(ApiError::bad("`qos` must be 0 or 1")),
+                }
                 let payload = protocol::msg(from, Target::User(&p.to), p.data, ts);
                 ApiCmd::SendUser {
                     user: p.to.into(),
@@ -391,6 +397,77 @@ impl<T: Transport> Sessions<T> {
         }
         let resp = response::simple(status, "application/json", body, "", close);
         self.http_respond(key, resp, close);
+    }
+
+    /// `POST /api/send` with `"qos":1`: stored in the recipient's inbox, then delivered; the
+    /// answer waits for the commit (`{"stored":true,"offset":N,"epoch":..,"queued":bool}`).
+    fn api_send_stored(
+        &mut self,
+        key: usize,
+        req: &Request,
+        from: &str,
+        p: &api::Send<'_>,
+    ) -> Result<(), ApiError> {
+        if !self.streams_on() {
+            return Err(ApiError::bad("qos 1 needs a store"));
+        }
+        let prefix = protocol::msg_prefix(from, Target::User(&p.to), p.data, self.now_unix_ms);
+        let to: Arc<str> = Arc::from(p.to.as_str());
+        let reply = ReplyTo {
+            conn: self.conn_id(key),
+            id: "null".into(),
+            to: to.clone(),
+        };
+        let store = self.store.as_ref().expect("streams on");
+        let sent = store.request(StoreReq::SendDm {
+            from: Arc::from(from),
+            to,
+            prefix,
+            id: p.id.as_deref().map(|i| format!("api:{i}").into()),
+            reply: Some(reply),
+            sender: None,
+            sender_copy: false,
+        });
+        if sent.is_err() {
+            return Err(ApiError {
+                status: 503,
+                message: "server busy; message not stored".into(),
+            });
+        }
+        // The answer comes with the store's ack; later pipelined requests wait for it.
+        let c = &mut self.conns[key];
+        c.flags.set(Flags::HOLD_INPUT);
+        if req.connection_close {
+            c.flags.set(Flags::API_CLOSE);
+        }
+        Ok(())
+    }
+
+    /// The store's answer to an API qos-1 send (`stored`: the ack; else refused).
+    pub(super) fn api_stored(&mut self, key: usize, ack: Option<(u64, String, Option<bool>)>) {
+        let c = &mut self.conns[key];
+        c.flags.clear(Flags::HOLD_INPUT);
+        let close = c.flags.has(Flags::API_CLOSE);
+        c.flags.clear(Flags::API_CLOSE);
+        let (status, body) = match ack {
+            Some((offset, epoch, queued)) => (
+                200,
+                json(serde_json::json!({
+                    "stored": true, "offset": offset, "epoch": epoch,
+                    "queued": queued.unwrap_or(false), "duplicate": queued.is_none(),
+                })),
+            ),
+            None => (
+                503,
+                api::error_body(
+                    "store_full: the store is over its size budget; message not stored",
+                ),
+            ),
+        };
+        self.api_answer(key, Route::Send, status, &body, close);
+        if self.conns.contains(key) && !close {
+            self.on_readable(key, true);
+        }
     }
 
     /// Executes an API command on this shard's connections; returns its count.

@@ -73,6 +73,8 @@ impl Flags {
     pub const LOOPBACK: u16 = 1 << 13;
     /// A replaying connection wants its next page once its outbox drained.
     pub const PAGE_WANTED: u16 = 1 << 14;
+    /// The HTTP request waiting for the store asked for `Connection: close`.
+    pub const API_CLOSE: u16 = 1 << 15;
 
     /// Whether `f` is set.
     #[inline]

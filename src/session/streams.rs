@@ -83,6 +83,9 @@ impl<T: Transport> Sessions<T> {
                 epoch,
                 queued,
             } => {
+                if let Some(key) = self.waiting_http(reply.conn) {
+                    return self.api_stored(key, Some((offset, epoch.to_string(), queued)));
+                }
                 let Some(key) = self.live_open(reply.conn) else {
                     return;
                 };
@@ -90,6 +93,9 @@ impl<T: Transport> Sessions<T> {
                 self.deliver(key, &f);
             }
             StoreMsg::Refused { reply } => {
+                if let Some(key) = self.waiting_http(reply.conn) {
+                    return self.api_stored(key, None);
+                }
                 let Some(key) = self.live_open(reply.conn) else {
                     return;
                 };
@@ -115,6 +121,19 @@ impl<T: Transport> Sessions<T> {
         self.conns
             .get(key)
             .is_some_and(|c| c.generation == conn.generation && c.state == ConnState::Open)
+            .then_some(key)
+    }
+
+    /// The key of `conn` if it is an HTTP connection waiting for the store (a qos-1 API send).
+    fn waiting_http(&self, conn: ConnId) -> Option<usize> {
+        let key = conn.slot as usize;
+        self.conns
+            .get(key)
+            .is_some_and(|c| {
+                c.generation == conn.generation
+                    && c.state == ConnState::Http
+                    && c.flags.has(Flags::HOLD_INPUT)
+            })
             .then_some(key)
     }
 
@@ -314,6 +333,7 @@ impl<T: Transport> Sessions<T> {
             id: id.map(Into::into),
             reply,
             sender: Some(me),
+            sender_copy: true,
         };
         let store = self.store.as_ref().expect("streams on");
         if store.request(req).is_err() {

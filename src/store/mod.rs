@@ -84,6 +84,8 @@ pub enum StoreReq {
         reply: Option<ReplyTo>,
         /// The sending connection (its own copy is not delivered to it).
         sender: Option<ConnId>,
+        /// Also store it in the sender's inbox (a user's send; not a backend's push).
+        sender_copy: bool,
     },
     /// A named connection opened (after its home shard recorded it): the inbox position for
     /// its welcome, and the first replay page when it resumes.
@@ -358,7 +360,16 @@ impl Worker {
                     id,
                     reply,
                     sender,
-                } => self.send_dm(&mut batch, now, from, to, prefix, id, reply, sender),
+                    sender_copy,
+                } => self.send_dm(
+                    &mut batch,
+                    now,
+                    (from, to, sender_copy),
+                    prefix,
+                    id,
+                    reply,
+                    sender,
+                ),
                 StoreReq::Confirm { user, offset } => {
                     if self.streams.confirm(&user, &inbox_stream(&user), offset) {
                         let o = self.streams.confirmed(&user);
@@ -395,8 +406,7 @@ impl Worker {
         &mut self,
         batch: &mut Batch,
         now: u64,
-        from: Arc<str>,
-        to: Arc<str>,
+        (from, to, sender_copy): (Arc<str>, Arc<str>, bool),
         prefix: Bytes,
         id: Option<Box<str>>,
         reply: Option<ReplyTo>,
@@ -421,7 +431,7 @@ impl Worker {
                 return;
             }
         }
-        let copies = if from == to { 1 } else { 2 };
+        let copies = if from == to || !sender_copy { 1 } else { 2 };
         let need = (prefix.len() as u64 + 64) * copies;
         if self.streams.total_bytes + need > self.cfg.max_bytes {
             StoreMetrics::add(&self.metrics.refused, 1);
@@ -434,7 +444,7 @@ impl Worker {
         let to_stream = inbox_stream(&to);
         let (to_offset, to_payload) = self.append(batch, &to_stream, &prefix, now);
         let mut ack_offset = to_offset;
-        if from != to {
+        if from != to && sender_copy {
             let from_stream = inbox_stream(&from);
             let (from_offset, from_payload) = self.append(batch, &from_stream, &prefix, now);
             ack_offset = from_offset;
