@@ -6,7 +6,9 @@ use switchboard::protocol::{self, Op, Target};
 
 fn check(p: &[u8]) {
     assert!(!p.contains(&b'\n') && !p.contains(&b'\r'), "event on one line");
-    serde_json::from_slice::<serde_json::Value>(p).expect("event is JSON");
+    // Valid JSON grammar (`data` is passed through byte for byte: a number beyond f64 is
+    // JSON, JavaScript reads it as Infinity).
+    serde_json::from_slice::<serde::de::IgnoredAny>(p).expect("event is JSON");
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -173,11 +173,15 @@ pub fn parse<'a>(text: &'a str) -> Result<Parsed<'a>, RequestError<'a>> {
     };
     if let Some(raw) = id {
         let s = raw.get();
-        if !(s.starts_with('"') || s.starts_with(|c: char| c == '-' || c.is_ascii_digit())) {
-            return Err(bad(
-                ErrorCode::BadRequest,
-                "`id` must be a string or a number",
-            ));
+        let number = s.starts_with(|c: char| c == '-' || c.is_ascii_digit());
+        // A number every JSON reader can hold (a correlation id must compare exactly); an
+        // unusable id is not echoed back.
+        if !(s.starts_with('"') || number && s.parse::<f64>().is_ok_and(f64::is_finite)) {
+            return Err(RequestError {
+                id: None,
+                code: ErrorCode::BadRequest,
+                message: "`id` must be a string or a finite number".into(),
+            });
         }
     }
     let op = env
@@ -495,6 +499,14 @@ mod tests {
             parse(r#"{"op":"ping","id":{"a":1}}"#).unwrap_err().code,
             ErrorCode::BadRequest
         );
+        // Found by the protocol_parser fuzz target: an id out of every reader's range was
+        // echoed back in the error, which serde_json (and others) cannot read.
+        let huge = format!(r#"{{"id":62e8{}}}"#, "6".repeat(60));
+        let e = parse(&huge).unwrap_err();
+        assert!(e.id.is_none(), "an unusable id is not echoed");
+        let event = error(e.id.map(|r| r.get()), e.code, &e.message);
+        serde_json::from_slice::<serde_json::Value>(&event).unwrap();
+        assert!(parse(r#"{"op":"ping","id":-1.5e3}"#).is_ok());
     }
 
     #[test]
