@@ -99,6 +99,57 @@ export class Pending {
 }
 
 /**
+ * Where a user's client is in the inbox stream, kept across reloads (localStorage when there
+ * is one). `null` until the first stored message arrives: the next connection then resumes
+ * from the user's confirmed position.
+ */
+export class InboxPosition {
+  constructor(storage, key) {
+    this.storage = storage;
+    this.key = key;
+    this.value = null;
+    try {
+      const raw = storage?.getItem(key);
+      const v = raw ? JSON.parse(raw) : null;
+      if (v && typeof v.epoch === 'string' && Number.isInteger(v.offset)) this.value = v;
+    } catch {
+      this.value = null;
+    }
+  }
+
+  /** `since=` for the next connection. */
+  since() {
+    return this.value ? `${this.value.epoch}:${this.value.offset}` : 'confirmed';
+  }
+
+  /** True when `msg` (a stored message) is new; then it becomes the position. */
+  advance(msg) {
+    const v = this.value;
+    if (v && v.epoch === msg.epoch && msg.offset <= v.offset) return false;
+    this.set({ epoch: msg.epoch, offset: msg.offset });
+    return true;
+  }
+
+  set(v) {
+    this.value = v;
+    try {
+      if (v) this.storage?.setItem(this.key, JSON.stringify(v));
+      else this.storage?.removeItem(this.key);
+    } catch {
+      /* storage full or disabled: the position lives for this page only */
+    }
+  }
+}
+
+function defaultStorage() {
+  try {
+    return globalThis.localStorage ?? null;
+  } catch {
+    return null;
+  }
+}
+
+/**
  * A switchboard connection that reconnects by itself.
  *
  *   const sb = new Switchboard('ws://127.0.0.1:8080/ws', {user: 'alice'});
@@ -128,6 +179,18 @@ export class Switchboard {
     this.ws = null;
     this.es = null;
     this.lastClose = null;
+    // Streams: resume the inbox after every reconnect, drop redelivered duplicates by offset,
+    // confirm what was shown, and retry qos-1 sends with the same id until acknowledged.
+    this.resume = opts.resume ?? Boolean(this.user || this.token);
+    this.position = new InboxPosition(
+      opts.storage === undefined ? defaultStorage() : opts.storage,
+      `switchboard:inbox:${this.user ?? 'token'}`,
+    );
+    this.duplicates = 0;
+    this.durable = new Map();
+    this.durableNext = 1;
+    this.durablePrefix = Math.random().toString(36).slice(2, 10);
+    this.confirmDelayMs = opts.confirmDelayMs ?? 300;
     if (typeof window !== 'undefined' && window.addEventListener) {
       const leave = () => this.close(1000, 'page closed');
       window.addEventListener('pagehide', leave);
@@ -161,6 +224,7 @@ export class Switchboard {
     const u = new URL(this.baseUrl, typeof location !== 'undefined' ? location.href : undefined);
     if (this.token) u.searchParams.set('token', this.token);
     else if (this.user) u.searchParams.set('user', this.user);
+    if (this.resume) u.searchParams.set('since', this.position.since());
     return u.toString();
   }
 
@@ -201,14 +265,23 @@ export class Switchboard {
     switch (msg.op) {
       case 'welcome':
         this.welcome = msg;
+        if (msg.inbox && msg.inbox.recovered === false) {
+          // The history behind our position is gone (or trimmed): say so, start over from
+          // the confirmed position next time.
+          if (msg.inbox.reason === 'epoch_changed') this.position.set(null);
+          this.emit('resume', { recovered: false, reason: msg.inbox.reason });
+        }
         this.setState('open');
         this.startHeartbeat();
         // Restore subscriptions after a reconnect.
         for (const c of this.channels) this.request({ op: 'sub', channel: c }).catch(() => {});
+        // qos-1 sends not yet acknowledged go again with the same id (stored once).
+        for (const [, d] of this.durable) this.ws.send(JSON.stringify(d.body));
         this.emit('open', msg);
         break;
       case 'ack':
       case 'error':
+        if (this.settleDurable(msg)) break;
         if (!this.pending.settle(msg) && msg.op === 'error') this.emit('error', msg);
         break;
       case 'pong':
@@ -217,8 +290,48 @@ export class Switchboard {
         clearTimeout(this.heartbeatDeadline);
         break;
       default:
+        if (msg.stream === 'inbox' && Number.isInteger(msg.offset)) {
+          if (!this.position.advance(msg)) {
+            this.duplicates++;
+            return;
+          }
+          this.scheduleConfirm();
+        }
         this.emit('message', msg);
     }
+  }
+
+  /** Confirms the inbox up to the newest message shown, a moment after it was shown. */
+  scheduleConfirm() {
+    clearTimeout(this.confirmTimer);
+    this.confirmTimer = setTimeout(() => {
+      const v = this.position.value;
+      if (v && this.ws && this.ws.readyState === 1 && this.state === 'open') {
+        this.ws.send(JSON.stringify({ op: 'ack', stream: 'inbox', offset: v.offset }));
+      }
+    }, this.confirmDelayMs);
+  }
+
+  /** Settles a qos-1 send from its ack or error; false when `msg` is not about one. */
+  settleDurable(msg) {
+    const d = this.durable.get(msg.id);
+    if (!d) return false;
+    if (msg.op === 'error' && msg.code === 'overloaded') return true; // retried at reconnect
+    this.durable.delete(msg.id);
+    if (msg.op === 'ack') {
+      // Our own message is the next one in our inbox: no need to get it back on resume.
+      const v = this.position.value;
+      if (v && v.epoch === msg.epoch && msg.offset === v.offset + 1) {
+        this.position.set({ epoch: msg.epoch, offset: msg.offset });
+      }
+      d.resolve(msg);
+    }
+    else {
+      const err = new Error(msg.message || msg.code);
+      err.code = msg.code;
+      d.reject(err);
+    }
+    return true;
   }
 
   onClosed(code, reason, wasClean) {
@@ -253,6 +366,7 @@ export class Switchboard {
     const u = new URL(this.url());
     u.pathname = u.pathname.replace(/\/ws$/, '/events');
     u.protocol = u.protocol === 'wss:' ? 'https:' : 'http:';
+    u.searchParams.delete('since'); // event streams do not resume yet
     for (const c of this.channels) u.searchParams.append('channel', c);
     this.log.warn('[switchboard] WebSocket keeps failing; receiving over Server-Sent Events');
     const es = new this.EventSourceImpl(u.toString());
@@ -303,9 +417,19 @@ export class Switchboard {
     return promise;
   }
 
-  /** Direct message to every connection of `to`; resolves on the server's ack. */
-  send(to, data) {
-    return this.request({ op: 'send', to, data });
+  /**
+   * Direct message to every connection of `to`; resolves on the server's ack. With
+   * `{qos: 1}` the message is stored first: the promise resolves on the durable ack
+   * (`{offset, epoch, queued}`), and while disconnected the send waits and is retried with
+   * the same id after every reconnect (the server stores it once).
+   */
+  send(to, data, opts = {}) {
+    if (opts.qos !== 1) return this.request({ op: 'send', to, data });
+    const id = `d-${this.durablePrefix}-${this.durableNext++}`;
+    const body = { op: 'send', to, data, qos: 1, id };
+    const promise = new Promise((resolve, reject) => this.durable.set(id, { body, resolve, reject }));
+    if (this.ws && this.ws.readyState === 1 && this.state === 'open') this.ws.send(JSON.stringify(body));
+    return promise;
   }
 
   /** Publishes to a channel; resolves on the server's ack. */

@@ -4,7 +4,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { dirname, resolve } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -15,9 +15,9 @@ const OUT = `${root}/target/e2e`;
 const WAIT = { timeout: 15000 };
 mkdirSync(OUT, { recursive: true });
 
-function startServer(listen) {
+function startServer(listen, store = ['--store', 'memory']) {
   return new Promise((resolveStart, reject) => {
-    const child = spawn(BIN, ['--listen', listen, '--shards', '2', '--shutdown-grace-ms', '2000', '--store', 'memory'], {
+    const child = spawn(BIN, ['--listen', listen, '--shards', '2', '--shutdown-grace-ms', '2000', ...store], {
       stdio: ['ignore', 'pipe', 'inherit'],
       env: { ...process.env, RUST_LOG: 'warn' },
     });
@@ -44,10 +44,21 @@ function stopServer(child) {
 
 let browser;
 let server;
+let server2;
 after(async () => {
   await browser?.close();
   server?.child.kill('SIGKILL');
+  server2?.child.kill('SIGKILL');
 });
+
+function launch() {
+  return chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+}
 
 async function login(page, base, name) {
   await page.goto(`${base}/`);
@@ -77,12 +88,7 @@ async function until(what, f) {
 test('two people chat in real Chromium, through a server restart', async () => {
   server = await startServer('127.0.0.1:0');
   const base = `http://${server.addr}`;
-  browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  browser = await launch();
   const alice = await (await browser.newContext({ viewport: { width: 900, height: 700 } })).newPage();
   const bob = await (await browser.newContext({ viewport: { width: 390, height: 780 } })).newPage();
   const consoleLines = { alice: [], bob: [] };
@@ -142,4 +148,44 @@ test('two people chat in real Chromium, through a server restart', async () => {
 
   await alice.screenshot({ path: `${OUT}/alice.png`, fullPage: true });
   await bob.screenshot({ path: `${OUT}/bob.png`, fullPage: true });
+});
+
+test('messages sent while a tab was closed arrive in order, through a server restart', async () => {
+  const dataDir = `${OUT}/data-${process.pid}`;
+  rmSync(dataDir, { recursive: true, force: true });
+  const store = ['--store', 'redb', '--data-dir', dataDir];
+  server2 = await startServer('127.0.0.1:0', store);
+  const base = `http://${server2.addr}`;
+  browser ||= await launch();
+  const alice = await (await browser.newContext()).newPage();
+  const bobContext = await browser.newContext(); // keeps bob's localStorage across tabs
+  let bob = await bobContext.newPage();
+  await login(alice, base, 'alice');
+  await login(bob, base, 'bob');
+  await alice.click('#people button[data-user="bob"]', WAIT);
+  await sendText(alice, 'before you left');
+  await bob.click('#people button[data-user="alice"]', WAIT);
+  await bob.waitForSelector('#messages li:has-text("before you left")', WAIT);
+  // Bob closes his tab; Alice sends three messages: stored, waiting for him.
+  await bob.close();
+  for (const text of ['one', 'two', 'three']) {
+    await sendText(alice, text);
+    await alice.waitForSelector(`#messages li.mine:has-text("${text}") .status[data-status="queued"]`, WAIT);
+  }
+  // The server restarts in the middle of the conversation.
+  assert.equal((await stopServer(server2.child)).code, 0);
+  server2 = await startServer(server2.addr, store);
+  await alice.waitForFunction(() => document.getElementById('state').textContent === 'connected as alice', null, WAIT);
+  // Bob opens the page again: the three arrive, in order, once.
+  bob = await bobContext.newPage();
+  await login(bob, base, 'bob');
+  await bob.click('#people button[data-user="alice"]', WAIT);
+  await bob.waitForSelector('#messages li:has-text("three")', WAIT);
+  const texts = await bob.$$eval('#messages li .text', (els) => els.map((e) => e.textContent));
+  assert.deepEqual(texts.filter((t) => ['one', 'two', 'three'].includes(t)), ['one', 'two', 'three']);
+  assert.ok(!texts.includes('before you left'), 'what bob had seen is not replayed');
+  await bob.screenshot({ path: `${OUT}/bob-after-reopen.png`, fullPage: true });
+  await stopServer(server2.child);
+  server2 = null;
+  rmSync(dataDir, { recursive: true, force: true });
 });

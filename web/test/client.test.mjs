@@ -170,3 +170,81 @@ test('falls back to EventSource when WebSocket keeps failing', async () => {
   await assert.rejects(sb.send('x', 1), (e) => e.code === 'not_connected');
   sb.close();
 });
+
+/** A Storage-like map. */
+class MemStorage {
+  constructor() { this.m = new Map(); }
+  getItem(k) { return this.m.has(k) ? this.m.get(k) : null; }
+  setItem(k, v) { this.m.set(k, String(v)); }
+  removeItem(k) { this.m.delete(k); }
+}
+
+test('inbox: resumes from the stored position, drops duplicates by offset, confirms', async () => {
+  FakeWS.all = [];
+  const storage = new MemStorage();
+  const sb = new Switchboard('ws://x/ws', {
+    user: 'bob', WebSocket: FakeWS, storage, backoffBaseMs: 1, backoffCapMs: 2, heartbeatMs: 60000,
+    confirmDelayMs: 1, logger: quiet,
+  });
+  const got = [];
+  sb.on('message', (m) => got.push(m.offset));
+  let ws = FakeWS.all[0];
+  assert.match(ws.url, /since=confirmed/, 'no position yet: the confirmed one');
+  ws.open();
+  ws.recv({ op: 'welcome', user: 'bob', inbox: { epoch: 'e1', offset: 2 } });
+  ws.recv({ op: 'msg', from: 'a', to: 'bob', data: 1, stream: 'inbox', offset: 1, epoch: 'e1' });
+  ws.recv({ op: 'msg', from: 'a', to: 'bob', data: 2, stream: 'inbox', offset: 2, epoch: 'e1' });
+  ws.recv({ op: 'msg', from: 'a', to: 'bob', data: 2, stream: 'inbox', offset: 2, epoch: 'e1' });
+  ws.recv({ op: 'msg', from: 'a', to: 'bob', data: 'q0' });
+  assert.deepEqual(got, [1, 2, undefined], 'the redelivered 2 is dropped; qos 0 passes');
+  assert.equal(sb.duplicates, 1);
+  await new Promise((r) => setTimeout(r, 20));
+  assert.deepEqual(ws.sent.at(-1), { op: 'ack', stream: 'inbox', offset: 2 }, 'confirmed what was shown');
+  assert.equal(storage.getItem('switchboard:inbox:bob'), JSON.stringify({ epoch: 'e1', offset: 2 }));
+  ws.drop(1006);
+  await new Promise((r) => setTimeout(r, 20));
+  ws = FakeWS.all[1];
+  assert.match(ws.url, /since=e1%3A2/, 'reconnects from its position');
+  // A new client on the same storage (a reloaded page) starts where the old one was.
+  const again = new Switchboard('ws://x/ws', { user: 'bob', WebSocket: FakeWS, storage, logger: quiet });
+  assert.match(FakeWS.all.at(-1).url, /since=e1%3A2/);
+  again.close();
+  // The store was wiped: the position is forgotten.
+  ws.open();
+  const resumes = [];
+  sb.on('resume', (r) => resumes.push(r));
+  ws.recv({ op: 'welcome', user: 'bob', inbox: { epoch: 'e2', offset: 0, recovered: false, reason: 'epoch_changed' } });
+  assert.deepEqual(resumes, [{ recovered: false, reason: 'epoch_changed' }]);
+  assert.equal(sb.position.since(), 'confirmed');
+  sb.close();
+});
+
+test('qos-1 sends wait while disconnected and retry with the same id until acknowledged', async () => {
+  FakeWS.all = [];
+  const sb = new Switchboard('ws://x/ws', {
+    user: 'alice', WebSocket: FakeWS, storage: null, backoffBaseMs: 1, backoffCapMs: 2,
+    heartbeatMs: 60000, logger: quiet,
+  });
+  let ws = FakeWS.all[0];
+  const sending = sb.send('bob', { text: 'hi' }, { qos: 1 });
+  assert.equal(ws.sent.length, 0, 'not connected yet: waits');
+  ws.open();
+  ws.recv({ op: 'welcome', user: 'alice' });
+  const first = ws.sent.find((m) => m.op === 'send');
+  assert.equal(first.qos, 1);
+  ws.drop(1006); // lost before the ack
+  await new Promise((r) => setTimeout(r, 20));
+  ws = FakeWS.all[1];
+  ws.open();
+  ws.recv({ op: 'welcome', user: 'alice' });
+  const retry = ws.sent.find((m) => m.op === 'send');
+  assert.equal(retry.id, first.id, 'the same id: the server stores it once');
+  ws.recv({ op: 'ack', id: first.id, stream: 'inbox', offset: 7, epoch: 'e', queued: true });
+  const ack = await sending;
+  assert.equal(ack.offset, 7);
+  const failing = sb.send('bob', 1, { qos: 1 });
+  const id = ws.sent.at(-1).id;
+  ws.recv({ op: 'error', id, code: 'store_full', message: 'full' });
+  await assert.rejects(failing, (e) => e.code === 'store_full');
+  sb.close();
+});
