@@ -296,3 +296,51 @@ fn push_api_qos1_stores_before_answering() {
     let (status, e) = api_post(&server, "/api/send", r#"{"to":"gus","data":1,"qos":2}"#);
     assert_eq!(status, 400, "{e}");
 }
+
+#[test]
+fn history_pages_through_an_inbox() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = connect(&server, "alice");
+    for i in 1..=5 {
+        send_qos1(&mut alice, "hal", json!(i), &format!("h{i}"));
+    }
+    // The op, on alice's own inbox (her sent messages are in it too).
+    send_json(
+        &mut alice,
+        json!({"op":"history","stream":"inbox","since":1,"limit":2,"id":"p1"}),
+    );
+    let h = recv_json(&mut alice);
+    assert_eq!(
+        (h["op"].as_str(), h["id"].as_str()),
+        (Some("history"), Some("p1")),
+        "{h}"
+    );
+    let offsets: Vec<u64> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, vec![2, 3]);
+    assert_eq!((h["next"].as_u64(), h["top"].as_u64()), (Some(4), Some(5)));
+    // The push API, on hal's inbox.
+    let (status, text) = http(
+        server.addr,
+        "GET /api/history/inbox:hal?since=3 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["stream"], "inbox:hal");
+    let data: Vec<u64> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].as_u64().unwrap())
+        .collect();
+    assert_eq!(data, vec![4, 5]);
+    let (status, _) = http(
+        server.addr,
+        "GET /api/history/room1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 404);
+}

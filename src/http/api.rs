@@ -23,13 +23,15 @@ pub enum Route {
     Channel,
     /// GET /api/stats
     Stats,
+    /// GET /api/history/<stream>
+    History,
     /// Anything else under /api/
     Unknown,
 }
 
 impl Route {
     /// All routes, in index order.
-    pub const ALL: [Route; 8] = [
+    pub const ALL: [Route; 9] = [
         Route::Publish,
         Route::Send,
         Route::Broadcast,
@@ -37,6 +39,7 @@ impl Route {
         Route::User,
         Route::Channel,
         Route::Stats,
+        Route::History,
         Route::Unknown,
     ];
 
@@ -50,6 +53,7 @@ impl Route {
             Route::User => "users",
             Route::Channel => "channels",
             Route::Stats => "stats",
+            Route::History => "history",
             Route::Unknown => "unknown",
         }
     }
@@ -67,6 +71,8 @@ impl Route {
                     (Route::User, Some(id), "GET")
                 } else if let Some(name) = p.strip_prefix("/api/channels/") {
                     (Route::Channel, Some(name), "GET")
+                } else if let Some(name) = p.strip_prefix("/api/history/") {
+                    (Route::History, Some(name), "GET")
                 } else {
                     (Route::Unknown, None, "")
                 }

@@ -77,6 +77,12 @@ pub enum Op<'a> {
     Ping { data: &'a RawValue },
     /// The client has shown its `stream` up to `offset` (moves its confirmed position).
     Confirm { stream: Cow<'a, str>, offset: u64 },
+    /// A page of `stream`'s history after offset `since`, at most `limit` messages.
+    History {
+        stream: Cow<'a, str>,
+        since: u64,
+        limit: u64,
+    },
 }
 
 /// A parsed request: the op and the client's correlation id, if any.
@@ -148,6 +154,10 @@ struct Envelope<'a> {
     stream: Option<Cow<'a, str>>,
     #[serde(default)]
     offset: Option<u64>,
+    #[serde(default)]
+    since: Option<u64>,
+    #[serde(default)]
+    limit: Option<u64>,
 }
 
 const NULL_JSON: &str = "null";
@@ -224,6 +234,13 @@ pub fn parse<'a>(text: &'a str) -> Result<Parsed<'a>, RequestError<'a>> {
             offset: env
                 .offset
                 .ok_or_else(|| bad(ErrorCode::BadRequest, "missing or invalid `offset`"))?,
+        },
+        "history" => Op::History {
+            stream: env
+                .stream
+                .ok_or_else(|| bad(ErrorCode::BadRequest, "missing field `stream`"))?,
+            since: env.since.unwrap_or(0),
+            limit: env.limit.unwrap_or(100).clamp(1, 1000),
         },
         _ => return Err(bad(ErrorCode::BadRequest, "unknown op")),
     };
@@ -384,6 +401,47 @@ pub fn stream_ack(id: &str, offset: u64, epoch: &str, queued: Option<bool>) -> B
         ),
         None => put(&mut b, br#","duplicate":true}"#),
     }
+    b.finish()
+}
+
+/// A history page: `{"op":"history","id":..,"stream":"inbox","epoch":..,"first":..,"top":..,
+/// "next":..,"messages":[..]}` (`op`/`id` only for a WebSocket answer, `stream` as named).
+pub fn history(
+    op_id: Option<Option<&str>>,
+    stream: &str,
+    epoch: &str,
+    (first, top, next): (u64, u64, u64),
+    messages: &[(u64, Bytes)],
+) -> Bytes {
+    let bytes: usize = messages.iter().map(|(_, m)| m.len() + 1).sum();
+    let mut b = Builder::new(128 + bytes);
+    put(&mut b, b"{");
+    if let Some(id) = op_id {
+        put(&mut b, br#""op":"history","#);
+        if let Some(id) = id {
+            put(&mut b, br#""id":"#);
+            put_json(&mut b, id.as_bytes());
+            put(&mut b, b",");
+        }
+    }
+    put(&mut b, br#""stream":"#);
+    put_str(&mut b, stream);
+    put(&mut b, br#","epoch":"#);
+    put_str(&mut b, epoch);
+    put(&mut b, br#","first":"#);
+    put_u64(&mut b, first);
+    put(&mut b, br#","top":"#);
+    put_u64(&mut b, top);
+    put(&mut b, br#","next":"#);
+    put_u64(&mut b, next);
+    put(&mut b, br#","messages":["#);
+    for (i, (_, m)) in messages.iter().enumerate() {
+        if i > 0 {
+            put(&mut b, b",");
+        }
+        put(&mut b, m);
+    }
+    put(&mut b, b"]}");
     b.finish()
 }
 

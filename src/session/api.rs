@@ -227,6 +227,7 @@ impl<T: Transport> Sessions<T> {
                 self.api_answer(key, route, 200, &body, req.connection_close);
                 return Ok(());
             }
+            Route::History => return self.api_history(key, req, arg),
             Route::Unknown => unreachable!("answered above"),
         };
         self.start_api(key, route, cmd, req.connection_close);
@@ -363,7 +364,9 @@ impl<T: Transport> Sessions<T> {
                 json(serde_json::json!({ "online": p.count > 0, "connections": p.count }))
             }
             Route::Channel => json(serde_json::json!({ "subscribers": p.count })),
-            Route::Stats | Route::Unknown => unreachable!("answered without the other shards"),
+            Route::Stats | Route::History | Route::Unknown => {
+                unreachable!("answered without the other shards")
+            }
         };
         self.api_answer(p.key, p.route, 200, &body, p.close);
         if resume {
@@ -441,6 +444,72 @@ impl<T: Transport> Sessions<T> {
             c.flags.set(Flags::API_CLOSE);
         }
         Ok(())
+    }
+
+    /// `GET /api/history/inbox:<user>?since=N&limit=L`: a page of a user's inbox from the
+    /// store.
+    fn api_history(
+        &mut self,
+        key: usize,
+        req: &Request,
+        arg: Option<&str>,
+    ) -> Result<(), ApiError> {
+        if !self.streams_on() {
+            return Err(ApiError::bad("history needs a store"));
+        }
+        let name = arg
+            .and_then(crate::http::request::percent_decode)
+            .unwrap_or_default();
+        let Some(user) = name.strip_prefix("inbox:") else {
+            return Err(ApiError {
+                status: 404,
+                message: "no such stream (streams are named inbox:<user>)".into(),
+            });
+        };
+        api::check_user("user", user)?;
+        let num = |k: &str| -> Result<Option<u64>, ApiError> {
+            match crate::http::request::query_param(req.query.as_deref(), k) {
+                None => Ok(None),
+                Some(v) => v
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| ApiError::bad(format!("`{k}` must be a number"))),
+            }
+        };
+        let since = num("since")?.unwrap_or(0);
+        let limit = num("limit")?.unwrap_or(100).clamp(1, 1000) as usize;
+        let store = self.store.as_ref().expect("streams on");
+        let asked = store.request(StoreReq::History {
+            user: Arc::from(user),
+            from: since + 1,
+            limit,
+            conn: self.conn_id(key),
+            id: None,
+        });
+        if asked.is_err() {
+            return Err(ApiError {
+                status: 503,
+                message: "server busy".into(),
+            });
+        }
+        let c = &mut self.conns[key];
+        c.flags.set(Flags::HOLD_INPUT);
+        if req.connection_close {
+            c.flags.set(Flags::API_CLOSE);
+        }
+        Ok(())
+    }
+
+    /// The store's answer to a history request of the push API.
+    pub(super) fn api_history_page(&mut self, key: usize, body: &[u8]) {
+        let c = &mut self.conns[key];
+        c.flags.clear(Flags::HOLD_INPUT);
+        let close = c.flags.has(Flags::API_CLOSE);
+        c.flags.clear(Flags::API_CLOSE);
+        self.api_answer(key, Route::History, 200, body, close);
+        if self.conns.contains(key) && !close {
+            self.on_readable(key, true);
+        }
     }
 
     /// The store's answer to an API qos-1 send (`stored`: the ack; else refused).

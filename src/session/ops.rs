@@ -195,6 +195,11 @@ impl<T: Transport> Sessions<T> {
             }
             Op::Send { to, data, qos: 1 } => self.send_stored(key, id, &to, data),
             Op::Confirm { stream, offset } => self.confirm(key, id, &stream, offset),
+            Op::History {
+                stream,
+                since,
+                limit,
+            } => self.history(key, id, &stream, since, limit),
             Op::Send { to, data, .. } => {
                 let from = self.user_name(key);
                 let f = protocol::msg(&from, Target::User(&to), data, self.now_unix_ms);

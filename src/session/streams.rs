@@ -107,6 +107,20 @@ impl<T: Transport> Sessions<T> {
                 self.deliver(key, &f);
             }
             StoreMsg::Opened(o) => self.on_opened(*o),
+            StoreMsg::History(h) => {
+                let epoch = h.epoch.to_string();
+                let span = (h.first, h.top, h.next);
+                if let Some(key) = self.waiting_http(h.conn) {
+                    let name = format!("inbox:{}", h.user);
+                    let body = protocol::history(None, &name, &epoch, span, &h.entries);
+                    return self.api_history_page(key, &body);
+                }
+                if let Some(key) = self.live_open(h.conn) {
+                    let op = Some(h.id.as_deref());
+                    let f = protocol::history(op, "inbox", &epoch, span, &h.entries);
+                    self.push_text(key, f);
+                }
+            }
             StoreMsg::Page { conn, page } => {
                 if let Some(key) = self.live_open(conn) {
                     self.replay(key, page);
@@ -339,6 +353,39 @@ impl<T: Transport> Sessions<T> {
         if store.request(req).is_err() {
             ShardMetrics::add(&self.m().dropped, 1);
             let f = protocol::error(id, ErrorCode::Overloaded, "server busy; message not stored");
+            self.deliver_reply(key, f);
+        }
+    }
+
+    /// `{"op":"history","stream":"inbox","since":N,"limit":L}`: a page of the user's inbox.
+    pub(super) fn history(
+        &mut self,
+        key: usize,
+        id: Option<&str>,
+        stream: &str,
+        since: u64,
+        limit: u64,
+    ) {
+        let user = self.conns[key].user.clone();
+        let (Some(user), true, true) = (user, stream == "inbox", self.streams_on()) else {
+            let f = protocol::error(
+                id,
+                ErrorCode::BadRequest,
+                "history is kept for a named user's \"inbox\" stream",
+            );
+            return self.deliver_reply(key, f);
+        };
+        let conn = self.conn_id(key);
+        let store = self.store.as_ref().expect("streams on");
+        let req = StoreReq::History {
+            user,
+            from: since + 1,
+            limit: limit as usize,
+            conn,
+            id: id.map(Into::into),
+        };
+        if store.request(req).is_err() {
+            let f = protocol::error(id, ErrorCode::Overloaded, "server busy; try again");
             self.deliver_reply(key, f);
         }
     }

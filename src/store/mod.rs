@@ -106,6 +106,19 @@ pub enum StoreReq {
         /// First offset to read.
         from: u64,
     },
+    /// A page of a stream's history for a client (`history` op) or the push API.
+    History {
+        /// The user whose inbox it is.
+        user: Arc<str>,
+        /// First offset wanted.
+        from: u64,
+        /// Most messages.
+        limit: usize,
+        /// Who asked.
+        conn: ConnId,
+        /// The request's id (raw JSON), for a WebSocket answer.
+        id: Option<Box<str>>,
+    },
     /// A client confirmed its inbox up to `offset`.
     Confirm {
         /// The user.
@@ -154,6 +167,8 @@ pub enum StoreMsg {
     },
     /// To a connection's shard: its inbox position and first replay page.
     Opened(Box<Opened>),
+    /// To a connection's shard: a history page it asked for.
+    History(Box<History>),
     /// To a connection's shard: the next replay page.
     Page {
         /// The connection.
@@ -179,6 +194,27 @@ pub struct Opened {
     pub resume: Option<Result<(), Unrecoverable>>,
     /// The first replay page (empty when nothing to replay).
     pub page: Page,
+}
+
+/// A page of a stream's history.
+#[derive(Debug)]
+pub struct History {
+    /// Who asked.
+    pub conn: ConnId,
+    /// The request's id (raw JSON).
+    pub id: Option<Box<str>>,
+    /// The user whose inbox it is.
+    pub user: Arc<str>,
+    /// The store's epoch.
+    pub epoch: Epoch,
+    /// Oldest retained offset.
+    pub first: u64,
+    /// Newest offset.
+    pub top: u64,
+    /// Events in offset order.
+    pub entries: Vec<(u64, Bytes)>,
+    /// The offset to ask for next.
+    pub next: u64,
 }
 
 /// Part of a replay.
@@ -623,6 +659,38 @@ impl Worker {
                         top: m.top(),
                         resume,
                         page,
+                    })),
+                ));
+            }
+            StoreReq::History {
+                user,
+                from,
+                limit,
+                conn,
+                id,
+            } => {
+                let stream = inbox_stream(&user);
+                let m = self.streams.meta(&stream);
+                let from = from.max(m.first);
+                let entries = if from >= m.next {
+                    Vec::new()
+                } else {
+                    self.backend
+                        .read(&stream, from, limit, PAGE_BYTES)
+                        .unwrap_or_default()
+                };
+                let next = entries.last().map_or(from.min(m.next), |e| e.offset + 1);
+                self.out.push((
+                    conn.shard,
+                    StoreMsg::History(Box::new(History {
+                        conn,
+                        id,
+                        user,
+                        epoch: self.streams.epoch,
+                        first: m.first,
+                        top: m.top(),
+                        entries: entries.into_iter().map(|e| (e.offset, e.payload)).collect(),
+                        next,
                     })),
                 ));
             }
