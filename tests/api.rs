@@ -141,11 +141,11 @@ fn api_send_reaches_every_connection_and_broadcast_reaches_all() {
     });
     assert_eq!(
         api(&server, "GET", "/api/users/bob", "").1,
-        json!({"online": true, "connections": 3})
+        json!({"online": true, "connections": 3, "unread": 0})
     );
     assert_eq!(
         api(&server, "GET", "/api/users/nobody", "").1,
-        json!({"online": false, "connections": 0})
+        json!({"online": false, "connections": 0, "unread": 0})
     );
 
     let (status, body) = api(

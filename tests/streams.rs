@@ -130,6 +130,17 @@ fn resume_from_the_confirmed_position() {
         );
         assert_eq!(recv_json(&mut carol)["op"], "ack");
     }
+    let (status, text) = http(
+        server.addr,
+        "GET /api/users/carol HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["unread"].as_u64(), v["online"].as_bool()),
+        (Some(2), Some(false)),
+        "{v}"
+    );
     let (mut carol, _) = connect_since(&server, "carol", "confirmed");
     assert_eq!(recv_json(&mut carol)["data"], 3);
     assert_eq!(recv_json(&mut carol)["data"], 4);

@@ -29,6 +29,8 @@ pub struct PendingApi {
     count: u64,
     route: Route,
     close: bool,
+    /// For `GET /api/users/<id>`: the user, whose unread count the store adds.
+    user: Option<Arc<str>>,
 }
 
 fn json(v: serde_json::Value) -> Vec<u8> {
@@ -298,6 +300,10 @@ impl<T: Transport> Sessions<T> {
             count: 0,
             route,
             close,
+            user: match &*cmd {
+                ApiCmd::CountUser { user } => Some(user.clone()),
+                _ => None,
+            },
         }) as u32;
         let ticket = ApiTicket {
             shard: self.index,
@@ -354,6 +360,28 @@ impl<T: Transport> Sessions<T> {
             .is_some_and(|c| c.generation == p.generation);
         if !alive {
             return;
+        }
+        if let (Route::User, Some(user), true) = (p.route, &p.user, self.streams_on()) {
+            // The store adds the unread count; the answer waits for it.
+            let req = StoreReq::Unread {
+                user: user.clone(),
+                conn: self.conn_id(p.key),
+                connections: p.count,
+            };
+            if self
+                .store
+                .as_ref()
+                .expect("streams on")
+                .request(req)
+                .is_ok()
+            {
+                let c = &mut self.conns[p.key];
+                c.flags.set(Flags::HOLD_INPUT);
+                if p.close {
+                    c.flags.set(Flags::API_CLOSE);
+                }
+                return;
+            }
         }
         let body = match p.route {
             Route::Publish | Route::Send | Route::Broadcast => {
@@ -498,6 +526,21 @@ impl<T: Transport> Sessions<T> {
             c.flags.set(Flags::API_CLOSE);
         }
         Ok(())
+    }
+
+    /// The store's answer to `GET /api/users/<id>`: the counts and the unread messages.
+    pub(super) fn api_user_unread(&mut self, key: usize, connections: u64, unread: u64) {
+        let body = json(serde_json::json!({
+            "online": connections > 0, "connections": connections, "unread": unread,
+        }));
+        let c = &mut self.conns[key];
+        c.flags.clear(Flags::HOLD_INPUT);
+        let close = c.flags.has(Flags::API_CLOSE);
+        c.flags.clear(Flags::API_CLOSE);
+        self.api_answer(key, Route::User, 200, &body, close);
+        if self.conns.contains(key) && !close {
+            self.on_readable(key, true);
+        }
     }
 
     /// The store's answer to a history request of the push API.

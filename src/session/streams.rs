@@ -107,6 +107,15 @@ impl<T: Transport> Sessions<T> {
                 self.deliver(key, &f);
             }
             StoreMsg::Opened(o) => self.on_opened(*o),
+            StoreMsg::Unread {
+                conn,
+                connections,
+                unread,
+            } => {
+                if let Some(key) = self.waiting_http(conn) {
+                    self.api_user_unread(key, connections, unread);
+                }
+            }
             StoreMsg::History(h) => {
                 let epoch = h.epoch.to_string();
                 let span = (h.first, h.top, h.next);

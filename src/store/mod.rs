@@ -119,6 +119,15 @@ pub enum StoreReq {
         /// The request's id (raw JSON), for a WebSocket answer.
         id: Option<Box<str>>,
     },
+    /// `GET /api/users/<id>`: how many messages of the inbox are past the confirmed position.
+    Unread {
+        /// The user.
+        user: Arc<str>,
+        /// The waiting HTTP connection.
+        conn: ConnId,
+        /// Open connections counted by the shards (passed through).
+        connections: u64,
+    },
     /// A client confirmed its inbox up to `offset`.
     Confirm {
         /// The user.
@@ -169,6 +178,15 @@ pub enum StoreMsg {
     Opened(Box<Opened>),
     /// To a connection's shard: a history page it asked for.
     History(Box<History>),
+    /// To an HTTP connection's shard: the unread count of a user.
+    Unread {
+        /// The waiting connection.
+        conn: ConnId,
+        /// Open connections (as asked).
+        connections: u64,
+        /// Messages after the confirmed position.
+        unread: u64,
+    },
     /// To a connection's shard: the next replay page.
     Page {
         /// The connection.
@@ -692,6 +710,23 @@ impl Worker {
                         entries: entries.into_iter().map(|e| (e.offset, e.payload)).collect(),
                         next,
                     })),
+                ));
+            }
+            StoreReq::Unread {
+                user,
+                conn,
+                connections,
+            } => {
+                let m = self.streams.meta(&inbox_stream(&user));
+                let confirmed = self.streams.confirmed(&user).max(m.first.saturating_sub(1));
+                let unread = m.top().saturating_sub(confirmed);
+                self.out.push((
+                    conn.shard,
+                    StoreMsg::Unread {
+                        conn,
+                        connections,
+                        unread,
+                    },
                 ));
             }
             StoreReq::Page { user, conn, from } => {
