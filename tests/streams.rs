@@ -355,3 +355,104 @@ fn history_pages_through_an_inbox() {
     );
     assert_eq!(status, 404);
 }
+
+/// Reads SSE blocks (separated by a blank line) from a raw stream: (event, id, data).
+fn sse_blocks(
+    r: &mut std::io::BufReader<std::net::TcpStream>,
+    n: usize,
+) -> Vec<(String, String, String)> {
+    use std::io::BufRead;
+    let mut out = Vec::new();
+    let (mut ev, mut id, mut data) = (String::new(), String::new(), String::new());
+    while out.len() < n {
+        let mut line = String::new();
+        assert!(r.read_line(&mut line).unwrap() > 0, "stream ended");
+        let line = line.trim_end_matches('\n');
+        if line.is_empty() {
+            if !data.is_empty() {
+                out.push((
+                    std::mem::take(&mut ev),
+                    std::mem::take(&mut id),
+                    std::mem::take(&mut data),
+                ));
+            }
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("event: ") {
+            ev = v.into();
+        } else if let Some(v) = line.strip_prefix("id: ") {
+            id = v.into();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data = v.into();
+        }
+    }
+    out
+}
+
+fn sse_open(
+    server: &Server,
+    query: &str,
+    last_event_id: Option<&str>,
+) -> std::io::BufReader<std::net::TcpStream> {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let extra = last_event_id.map_or(String::new(), |l| format!("Last-Event-ID: {l}\r\n"));
+    write!(s, "GET /events?{query} HTTP/1.1\r\nHost: t\r\n{extra}\r\n").unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.contains(" 200 "), "{status}");
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        if l == "\r\n" {
+            break;
+        }
+    }
+    r
+}
+
+#[test]
+fn event_streams_resume_from_last_event_id() {
+    let server = Server::start(&["--shards", "2"]);
+    let (mut alice, w) = connect(&server, "alice");
+    let epoch = w["inbox"]["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=3 {
+        send_qos1(&mut alice, "ivy", json!(i), &format!("i{i}"));
+    }
+    let mut r = sse_open(&server, "user=ivy&since=confirmed", None);
+    let blocks = sse_blocks(&mut r, 4);
+    assert_eq!(blocks[0].0, "resume");
+    let resume: Value = serde_json::from_str(&blocks[0].2).unwrap();
+    assert_eq!(resume["recovered"], true);
+    for (i, (_, id, data)) in blocks[1..].iter().enumerate() {
+        let n = i as u64 + 1;
+        assert_eq!(id, &format!("{epoch}:{n}"), "the id is the inbox position");
+        let m: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(m["offset"].as_u64(), Some(n));
+    }
+    drop(r);
+    // The browser reconnects with the last id it saw: only what came after.
+    send_qos1(&mut alice, "ivy", json!(4), "i4");
+    let mut r = sse_open(
+        &server,
+        "user=ivy&since=confirmed",
+        Some(&format!("{epoch}:2")),
+    );
+    let blocks = sse_blocks(&mut r, 3);
+    assert_eq!(blocks[0].0, "resume");
+    let data: Vec<u64> = blocks[1..]
+        .iter()
+        .map(|b| {
+            serde_json::from_str::<Value>(&b.2).unwrap()["data"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(data, vec![3, 4]);
+    // Live after the replay, with the next id.
+    send_qos1(&mut alice, "ivy", json!(5), "i5");
+    let b = sse_blocks(&mut r, 1);
+    assert_eq!(b[0].1, format!("{epoch}:5"));
+}

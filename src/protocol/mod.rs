@@ -481,6 +481,25 @@ pub fn welcome_inbox(user: &str, conn: &str, ping_interval_ms: u64, inbox: Inbox
     b.finish()
 }
 
+/// An SSE `resume` event: `event: resume\ndata: {"epoch":..,"offset":N,"recovered":..}\n\n`.
+pub fn resume_event(inbox: InboxInfo<'_>) -> Bytes {
+    let mut b = Builder::new(128);
+    put(&mut b, br#"event: resume"#);
+    put(&mut b, b"\ndata: {\"epoch\":");
+    put_str(&mut b, inbox.epoch);
+    put(&mut b, br#","offset":"#);
+    put_u64(&mut b, inbox.offset);
+    match inbox.resume {
+        None | Some(Ok(())) => put(&mut b, br#","recovered":true"#),
+        Some(Err(reason)) => {
+            put(&mut b, br#","recovered":false,"reason":"#);
+            put_str(&mut b, reason);
+        }
+    }
+    put(&mut b, b"}\n\n");
+    b.finish()
+}
+
 /// `{"op":"pong","data":..}`
 pub fn pong(data: &RawValue) -> Bytes {
     let mut b = Builder::new(24 + data.get().len());

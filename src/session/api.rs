@@ -18,7 +18,7 @@ use crate::http::{response, Method, Request};
 use crate::hub::{ApiCmd, ApiTicket, ReplyTo, ShardMsg};
 use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::protocol::{self, Target};
-use crate::store::StoreReq;
+use crate::store::{Since, StoreReq};
 
 /// An API request waiting for the other shards' counts.
 #[derive(Debug)]
@@ -54,6 +54,25 @@ impl<T: Transport> Sessions<T> {
         if !self.origin_allowed(req) {
             return self.http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
         }
+        // Resume: `Last-Event-ID` (what the browser brings back on its own) wins over `since`.
+        let since = match (
+            req.last_event_id.as_deref().and_then(Since::parse),
+            crate::http::request::query_param(req.query.as_deref(), "since"),
+        ) {
+            (Some(s @ Since::Position { .. }), _) => Some(s),
+            (_, None) => None,
+            (_, Some(q)) => match Since::parse(&q) {
+                Some(s) => Some(s),
+                None => {
+                    return self.http_fail(
+                        key,
+                        400,
+                        "since must be <epoch>:<offset> or confirmed",
+                        HandshakeFailure::Malformed,
+                    )
+                }
+            },
+        };
         let (user, grant) = match self.auth.resolve(req, self.now_unix_ms / 1000) {
             Ok(Identity::User(u, g)) => (Some(Arc::<str>::from(u)), g),
             Ok(Identity::Anonymous) => (None, None),
@@ -101,13 +120,19 @@ impl<T: Transport> Sessions<T> {
         if let Some(g) = grant {
             c.extra_mut().grant = Some(g);
         }
+        let resume = since.is_some() && c.user.is_some() && self.store.is_some() && !self.cfg.echo;
+        if let (true, Some(since)) = (resume, since) {
+            c.extra_mut().cursor = Some(Box::new(super::streams::Cursor::resuming(since)));
+        }
         self.push_raw(
             key,
             Bytes::from_static(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: keep-alive\r\nX-Accel-Buffering: no\r\n\r\nretry: 2000\n\n",
             ),
         );
-        self.register(key, false);
+        // A resuming stream asks the store once the user's home shard recorded it (like a
+        // WebSocket's welcome), so nothing stored in between is missed.
+        self.register(key, resume);
         for ch in channels {
             self.subscribe(key, ch);
         }

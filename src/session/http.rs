@@ -204,11 +204,7 @@ impl<T: Transport> Sessions<T> {
             },
         };
         if let Some(since) = since {
-            self.conns[key].extra_mut().cursor = Some(Box::new(Cursor {
-                since: Some(since),
-                next: 0,
-                replaying: true,
-            }));
+            self.conns[key].extra_mut().cursor = Some(Box::new(Cursor::resuming(since)));
         }
         self.push_raw(key, response::switching_protocols(&accept));
         let user: Option<Arc<str>> = match identity {

@@ -45,12 +45,7 @@ impl<T: Transport> Sessions<T> {
         let mut head = [0u8; INLINE_MAX];
         let sse = c.flags.has(Flags::SSE);
         let head_len = if sse {
-            debug_assert!(!payload.contains(&b'\n'), "event payloads hold no newline");
-            let e = c.extra_mut();
-            e.sse_id += 1;
-            let mut w = &mut head[..];
-            let _ = write!(w, "id: {}\ndata: ", e.sse_id);
-            INLINE_MAX - w.len()
+            Self::sse_head(c, &payload, &mut head)
         } else {
             let mut w = &mut head[..];
             frame::put_header(&mut w, OpCode::Data(opcode), payload.len());
@@ -101,6 +96,45 @@ impl<T: Transport> Sessions<T> {
     pub(super) fn outbox(&mut self, key: usize) -> &mut Outbox {
         let c = &mut self.conns[key];
         c.outbox.get_or_insert_with(|| self.pool.outbox())
+    }
+
+    /// Writes the `id: ..\ndata: ` prefix of an SSE event into `head`; returns its length.
+    /// A resuming stream's ids are its inbox position (`<epoch>:<offset>`, what
+    /// `Last-Event-ID` brings back); others count events.
+    fn sse_head(c: &mut super::Conn<T>, payload: &[u8], head: &mut [u8; INLINE_MAX]) -> usize {
+        debug_assert!(!payload.contains(&b'\n'), "event payloads hold no newline");
+        let e = c.extra_mut();
+        e.sse_id += 1;
+        let mut w = &mut head[..];
+        match e
+            .cursor
+            .as_ref()
+            .and_then(|cur| cur.epoch.map(|ep| (ep, cur.next)))
+        {
+            Some((epoch, next)) => {
+                let _ = write!(w, "id: {epoch}:{}\ndata: ", next.saturating_sub(1));
+            }
+            None => {
+                let _ = write!(w, "id: {}\ndata: ", e.sse_id);
+            }
+        }
+        INLINE_MAX - w.len()
+    }
+
+    /// Queues an event without limits (replayed pages): a text frame on a WebSocket, an SSE
+    /// event on a stream.
+    pub(super) fn push_event(&mut self, key: usize, payload: Bytes) {
+        let c = &mut self.conns[key];
+        if !c.flags.has(Flags::SSE) {
+            return self.push_text(key, payload);
+        }
+        let mut head = [0u8; INLINE_MAX];
+        let hl = Self::sse_head(c, &payload, &mut head);
+        let out = self.outbox(key);
+        out.push_piece(Piece::inline(&head[..hl]), true);
+        out.push_piece(Piece::Shared(payload), false);
+        out.push_piece(Piece::Shared(Bytes::from_static(b"\n\n")), false);
+        self.mark_dirty(key);
     }
 
     /// Queues a WebSocket text frame around `payload` without limits (the welcome).

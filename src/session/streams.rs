@@ -30,6 +30,20 @@ pub struct Cursor {
     pub next: u64,
     /// Pages are still being replayed.
     pub replaying: bool,
+    /// The store's epoch, once it answered (event streams use it in their event ids).
+    pub epoch: Option<crate::store::Epoch>,
+}
+
+impl Cursor {
+    /// A cursor waiting for the store's answer to a resume from `since`.
+    pub fn resuming(since: Since) -> Cursor {
+        Cursor {
+            since: Some(since),
+            next: 0,
+            replaying: true,
+            epoch: None,
+        }
+    }
 }
 
 impl<T: Transport> Sessions<T> {
@@ -38,9 +52,46 @@ impl<T: Transport> Sessions<T> {
         self.store.is_some() && !self.cfg.echo
     }
 
+    /// An event stream that resumes (`Last-Event-ID` or `since`): ask the store for the
+    /// first replay page.
+    pub(super) fn open_sse_stream(&mut self, key: usize) {
+        let c = &self.conns[key];
+        let (Some(user), Some(since)) = (
+            c.user.clone(),
+            c.extra
+                .as_ref()
+                .and_then(|e| e.cursor.as_ref())
+                .and_then(|c| c.since),
+        ) else {
+            return;
+        };
+        let conn = self.conn_id(key);
+        let store = self.store.as_ref().expect("streams on");
+        if store
+            .request(StoreReq::Open {
+                user,
+                conn,
+                since: Some(since),
+            })
+            .is_err()
+        {
+            // Not resumed: live messages from now on.
+            warn!(
+                shard = self.index,
+                "store queue full: event stream not resumed"
+            );
+            if let Some(e) = self.conns[key].extra.as_mut() {
+                e.cursor = None;
+            }
+        }
+    }
+
     /// The welcome is due: with streams, ask the store for the inbox position (and the first
     /// replay page) first; input stays held until it answers.
     pub(super) fn open_or_welcome(&mut self, key: usize) {
+        if self.conns[key].flags.has(Flags::SSE) {
+            return self.open_sse_stream(key);
+        }
         let c = &self.conns[key];
         let Some(user) = c.user.clone() else {
             return self.welcome(key);
@@ -254,20 +305,30 @@ impl<T: Transport> Sessions<T> {
             offset: o.top,
             resume: reason,
         };
-        let welcome = protocol::welcome_inbox(&name, &id, self.cfg.ping_interval_ms, info);
         let c = &mut self.conns[key];
+        let sse = c.flags.has(Flags::SSE);
         c.flags.clear(Flags::HOLD_INPUT);
         if let Some(cur) = c.extra.as_mut().and_then(|e| e.cursor.as_mut()) {
             cur.since = None;
             cur.replaying = true;
+            cur.epoch = Some(o.epoch);
             cur.next = o.page.entries.first().map_or(o.page.next, |e| e.0);
         }
-        self.push_text(key, welcome);
+        if sse {
+            // An event stream has no welcome: a named `resume` event says how it went.
+            let f = protocol::resume_event(info);
+            self.push_raw(key, f);
+        } else {
+            let welcome = protocol::welcome_inbox(&name, &id, self.cfg.ping_interval_ms, info);
+            self.push_text(key, welcome);
+        }
         if o.resume.is_some() {
             self.replay(key, o.page);
         }
-        // Requests that arrived meanwhile are processed now, after the welcome.
-        self.on_readable(key, true);
+        if !sse {
+            // Requests that arrived meanwhile are processed now, after the welcome.
+            self.on_readable(key, true);
+        }
     }
 
     /// Delivers a replay page and asks for the next one, or ends the replay.
@@ -286,7 +347,7 @@ impl<T: Transport> Sessions<T> {
             cur.next = offset + 1;
             // Replayed messages bypass the slow-consumer check: the next page is asked for
             // only after this one is flushed, so the queue holds at most a page.
-            self.push_text(key, payload.clone());
+            self.push_event(key, payload.clone());
             ShardMetrics::add(&self.m().messages_out, 1);
         }
         let c = &mut self.conns[key];
