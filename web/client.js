@@ -366,7 +366,7 @@ export class Switchboard {
     const u = new URL(this.url());
     u.pathname = u.pathname.replace(/\/ws$/, '/events');
     u.protocol = u.protocol === 'wss:' ? 'https:' : 'http:';
-    u.searchParams.delete('since'); // event streams do not resume yet
+    // The stream resumes from our position; EventSource's own reconnects send Last-Event-ID.
     for (const c of this.channels) u.searchParams.append('channel', c);
     this.log.warn('[switchboard] WebSocket keeps failing; receiving over Server-Sent Events');
     const es = new this.EventSourceImpl(u.toString());

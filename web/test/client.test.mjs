@@ -165,7 +165,7 @@ test('falls back to EventSource when WebSocket keeps failing', async () => {
     FakeWS.all[i].drop(1006);
   }
   assert.equal(sources.length, 1);
-  assert.match(sources[0].url, /^http:\/\/x:1\/events\?user=old&channel=news$/);
+  assert.match(sources[0].url, /^http:\/\/x:1\/events\?user=old&since=confirmed&channel=news$/, "resumes over SSE too");
   sources[0].onmessage({ data: JSON.stringify({ op: 'msg', from: 'server', channel: 'news', data: 1 }) });
   await assert.rejects(sb.send('x', 1), (e) => e.code === 'not_connected');
   sb.close();
