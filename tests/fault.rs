@@ -18,6 +18,9 @@ use serde_json::{json, Value};
 
 const PAIRS: usize = 4;
 
+/// Per receiver: (sender's sequence, offset) in arrival order.
+type Received = Arc<Mutex<Vec<Vec<(u64, u64)>>>>;
+
 fn total() -> u64 {
     std::env::var("FAULT_MESSAGES")
         .ok()
@@ -71,7 +74,7 @@ fn kill_9_loses_no_acknowledged_message() {
     let acked: Arc<Mutex<BTreeMap<(usize, u64), u64>>> = Default::default();
     let acked_count = Arc::new(AtomicU64::new(0));
     // Receivers: resume from their last offset after every disconnect; drop duplicates.
-    let received: Arc<Mutex<Vec<Vec<(u64, u64)>>>> = Arc::new(Mutex::new(vec![Vec::new(); PAIRS]));
+    let received: Received = Arc::new(Mutex::new(vec![Vec::new(); PAIRS]));
     let dups = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     for r in 0..PAIRS {
