@@ -39,6 +39,7 @@ pub enum FrameError {
 /// Parses a frame header from the start of `buf`.
 ///
 /// Returns `Ok(None)` when more bytes are needed, else the header and the header length.
+#[inline]
 pub fn parse_header(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, FrameError> {
     if buf.len() < 2 {
         return Ok(None);
@@ -91,6 +92,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, FrameErr
 }
 
 /// XORs `buf` with the masking key, `offset` bytes into the payload.
+#[inline]
 pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
     let mut m = [0u8; 4];
     for (i, b) in m.iter_mut().enumerate() {
