@@ -35,6 +35,11 @@ fuzz_target!(|data: &[u8]| {
                     assert!(protocol::valid_channel(&channel))
                 }
                 Op::Confirm { .. } => {}
+                Op::History { stream, .. } => {
+                    let id = p.id.map(|r| r.get());
+                    let entries = [(1, bytes::Bytes::from_static(br#"{"op":"msg"}"#))];
+                    check(&protocol::history(Some(id), &stream, "e", (1, 1, 2), &entries));
+                }
             }
         }
         Err(e) => check(&protocol::error(e.id.map(|r| r.get()), e.code, &e.message)),
