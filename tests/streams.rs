@@ -456,3 +456,106 @@ fn event_streams_resume_from_last_event_id() {
     let b = sse_blocks(&mut r, 1);
     assert_eq!(b[0].1, format!("{epoch}:5"));
 }
+
+#[test]
+fn channels_with_history_store_publications_and_resume_subscribers() {
+    let cfg = std::env::temp_dir().join(format!("sb-channels-{}.toml", std::process::id()));
+    std::fs::write(
+        &cfg,
+        "[[channels]]\npattern = \"room*\"\nhistory = 5\nttl = \"24h\"\n",
+    )
+    .unwrap();
+    let server = Server::start(&["--shards", "2", "--config", cfg.to_str().unwrap()]);
+    let (mut alice, _) = connect(&server, "alice");
+    let (mut carol, _) = connect(&server, "carol");
+    send_json(&mut carol, json!({"op":"sub","channel":"room1","id":"s"}));
+    assert_eq!(recv_json(&mut carol)["op"], "ack");
+    let mut epoch = String::new();
+    for i in 1..=3u64 {
+        send_json(
+            &mut alice,
+            json!({"op":"pub","channel":"room1","data":i,"id":format!("p{i}")}),
+        );
+        let ack = recv_json(&mut alice);
+        assert_eq!(
+            (ack["stream"].as_str(), ack["offset"].as_u64()),
+            (Some("channel:room1"), Some(i)),
+            "{ack}"
+        );
+        epoch = ack["epoch"].as_str().unwrap().to_owned();
+        let m = recv_json(&mut carol);
+        assert_eq!(
+            (m["data"].as_u64(), m["offset"].as_u64()),
+            (Some(i), Some(i)),
+            "{m}"
+        );
+        assert_eq!(m["stream"], "channel:room1");
+    }
+    // dave had offset 1: he gets 2 and 3, then live.
+    let (mut dave, _) = connect(&server, "dave");
+    send_json(
+        &mut dave,
+        json!({"op":"sub","channel":"room1","since":{"epoch":epoch,"offset":1},"id":"d"}),
+    );
+    let ack = recv_json(&mut dave);
+    assert_eq!(
+        (ack["id"].as_str(), ack["recovered"].as_bool()),
+        (Some("d"), Some(true)),
+        "{ack}"
+    );
+    assert_eq!(ack["offset"], 3);
+    assert_eq!(recv_json(&mut dave)["offset"], 2);
+    assert_eq!(recv_json(&mut dave)["offset"], 3);
+    send_json(
+        &mut alice,
+        json!({"op":"pub","channel":"room1","data":4,"id":"p4"}),
+    );
+    assert_eq!(recv_json(&mut alice)["offset"], 4);
+    assert_eq!(recv_json(&mut dave)["offset"], 4);
+    assert_eq!(recv_json(&mut carol)["offset"], 4);
+    // A retried id is stored once.
+    send_json(
+        &mut alice,
+        json!({"op":"pub","channel":"room1","data":4,"id":"p4"}),
+    );
+    let again = recv_json(&mut alice);
+    assert_eq!(
+        (again["offset"].as_u64(), again["duplicate"].as_bool()),
+        (Some(4), Some(true))
+    );
+    // The push API stores too; retention keeps 5.
+    for i in 5..=8 {
+        let (status, v) = api_post(
+            &server,
+            "/api/publish",
+            &format!(r#"{{"channel":"room1","data":{i}}}"#),
+        );
+        assert_eq!((status, v["stored"].as_bool()), (200, Some(true)), "{v}");
+        assert_eq!(v["offset"], i);
+    }
+    let (mut erin, _) = connect(&server, "erin");
+    send_json(
+        &mut erin,
+        json!({"op":"sub","channel":"room1","since":{"epoch":epoch,"offset":0},"id":"e"}),
+    );
+    let ack = recv_json(&mut erin);
+    assert_eq!(
+        (ack["recovered"].as_bool(), ack["reason"].as_str()),
+        (Some(false), Some("trimmed"))
+    );
+    let first = recv_json(&mut erin);
+    assert_eq!(first["offset"], 4, "the oldest kept of 8 with history 5");
+    // A channel without a rule keeps no history.
+    send_json(
+        &mut erin,
+        json!({"op":"sub","channel":"lobby","since":{"offset":0},"id":"l"}),
+    );
+    loop {
+        let v = recv_json(&mut erin);
+        if v["id"] == "l" {
+            assert_eq!(v["code"], "bad_request", "{v}");
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(&cfg);
+}

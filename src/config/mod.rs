@@ -55,6 +55,56 @@ pub enum StoreKind {
     Memory,
 }
 
+/// A `[[channels]]` rule of the config file: channels matching `pattern` keep a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRuleOpt {
+    /// A channel name, or a prefix followed by `*`.
+    pub pattern: String,
+    /// Messages kept.
+    pub history: u64,
+    /// Oldest age kept (`"24h"`, `"30m"`, `"90s"`, `"500ms"`, `"7d"`) [default: 24h].
+    #[serde(default)]
+    pub ttl: Option<String>,
+}
+
+/// A validated channel rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelRule {
+    /// Pattern (exact, or prefix + `*`).
+    pub pattern: String,
+    /// Messages kept.
+    pub history: u64,
+    /// Oldest age kept (ms).
+    pub ttl_ms: u64,
+}
+
+impl ChannelRule {
+    /// Whether `channel` matches.
+    pub fn matches(&self, channel: &str) -> bool {
+        match self.pattern.strip_suffix('*') {
+            Some(prefix) => channel.starts_with(prefix),
+            None => self.pattern == channel,
+        }
+    }
+}
+
+/// Parses `24h`, `30m`, `90s`, `500ms`, `7d` into milliseconds.
+pub fn parse_duration_ms(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let mul = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(mul)
+}
+
 /// How file descriptors are tabled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -168,6 +218,9 @@ pub struct Options {
     /// Age (ms) of the oldest message kept in an inbox [default: 604800000].
     #[arg(long)]
     pub inbox_ttl_ms: Option<u64>,
+    /// Channels with history (config file only: `[[channels]]` tables).
+    #[arg(skip)]
+    pub channels: Vec<ChannelRuleOpt>,
 }
 
 /// Why the configuration was refused.
@@ -252,6 +305,8 @@ pub struct Config {
     pub inbox_history: u64,
     /// Oldest age kept in an inbox (ms).
     pub inbox_ttl_ms: u64,
+    /// Channels with history, first match wins.
+    pub channels: Vec<ChannelRule>,
 }
 
 impl Default for Config {
@@ -375,6 +430,29 @@ impl Options {
                 .inbox_ttl_ms
                 .or(f.inbox_ttl_ms)
                 .unwrap_or(DEFAULT_INBOX_TTL_MS),
+            channels: {
+                let rules = if self.channels.is_empty() {
+                    f.channels
+                } else {
+                    self.channels
+                };
+                let mut out = Vec::new();
+                for r in rules {
+                    let ttl_ms = match r.ttl.as_deref() {
+                        None => 86_400_000,
+                        Some(t) => parse_duration_ms(t).ok_or(ConfigError::Invalid {
+                            key: "channels.ttl",
+                            reason: "a duration such as 24h, 30m, 90s, 500ms or 7d",
+                        })?,
+                    };
+                    out.push(ChannelRule {
+                        pattern: r.pattern,
+                        history: r.history,
+                        ttl_ms,
+                    });
+                }
+                out
+            },
         };
         c.validate()?;
         Ok(c)
@@ -382,6 +460,11 @@ impl Options {
 }
 
 impl Config {
+    /// The history rule of `channel`, if any (first match).
+    pub fn channel_rule(&self, channel: &str) -> Option<&ChannelRule> {
+        self.channels.iter().find(|r| r.matches(channel))
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, reason| Err(ConfigError::Invalid { key, reason });
         if self.shards == 0 || self.shards > 1024 {
@@ -417,6 +500,14 @@ impl Config {
         if self.inbox_history == 0 || self.inbox_ttl_ms == 0 {
             return bad("inbox-history/inbox-ttl-ms", "must be > 0");
         }
+        for r in &self.channels {
+            if r.history == 0 || r.ttl_ms == 0 || r.pattern.is_empty() {
+                return bad(
+                    "channels",
+                    "each rule needs a pattern, history > 0 and ttl > 0",
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -448,6 +539,25 @@ mod tests {
         assert_eq!(c.fd_table, FdTableMode::PerShard);
         assert_eq!(c.listen[0].port(), 9000);
         assert!(c.echo);
+    }
+
+    #[test]
+    fn channel_rules_from_the_file() {
+        let file: Options = toml::from_str(
+            "[[channels]]\npattern = \"room*\"\nhistory = 1000\nttl = \"24h\"\n[[channels]]\npattern = \"news\"\nhistory = 5\n",
+        )
+        .unwrap();
+        let c = Options::default().resolve(Some(file)).unwrap();
+        let r = c.channel_rule("room42").unwrap();
+        assert_eq!((r.history, r.ttl_ms), (1000, 86_400_000));
+        assert_eq!(c.channel_rule("news").unwrap().history, 5);
+        assert!(c.channel_rule("newsy").is_none() && c.channel_rule("lobby").is_none());
+        assert_eq!(parse_duration_ms("90s"), Some(90_000));
+        assert_eq!(parse_duration_ms("7d"), Some(604_800_000));
+        assert_eq!(parse_duration_ms("5 parsecs"), None);
+        let bad: Options =
+            toml::from_str("[[channels]]\npattern = \"x\"\nhistory = 1\nttl = \"soon\"\n").unwrap();
+        assert!(Options::default().resolve(Some(bad)).is_err());
     }
 
     #[test]

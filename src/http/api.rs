@@ -104,6 +104,13 @@ pub struct Publish<'a> {
     /// Sender shown to recipients [default: "server"].
     #[serde(default)]
     pub from: Option<String>,
+    /// Accepted for symmetry with `send`: a channel with history is always stored (qos 1),
+    /// others never are.
+    #[serde(default)]
+    pub qos: Option<u8>,
+    /// Request id for the dedup window (channels with history).
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 /// `POST /api/send`

@@ -64,8 +64,11 @@ pub enum Op<'a> {
         data: &'a RawValue,
         qos: u8,
     },
-    /// Join a channel.
-    Sub { channel: Cow<'a, str> },
+    /// Join a channel; with `since`, replay its stream after that position first.
+    Sub {
+        channel: Cow<'a, str>,
+        since: Option<StreamPos>,
+    },
     /// Leave a channel.
     Unsub { channel: Cow<'a, str> },
     /// Publish to every subscriber of a channel.
@@ -83,6 +86,16 @@ pub enum Op<'a> {
         since: u64,
         limit: u64,
     },
+}
+
+/// A position in a stream as a client gives it: `{"epoch":"..","offset":N}` (epoch optional).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StreamPos {
+    /// The epoch the offset belongs to.
+    #[serde(default)]
+    pub epoch: Option<String>,
+    /// The last offset the client has.
+    pub offset: u64,
 }
 
 /// A parsed request: the op and the client's correlation id, if any.
@@ -154,8 +167,8 @@ struct Envelope<'a> {
     stream: Option<Cow<'a, str>>,
     #[serde(default)]
     offset: Option<u64>,
-    #[serde(default)]
-    since: Option<u64>,
+    #[serde(borrow, default)]
+    since: Option<&'a RawValue>,
     #[serde(default)]
     limit: Option<u64>,
 }
@@ -218,6 +231,15 @@ pub fn parse<'a>(text: &'a str) -> Result<Parsed<'a>, RequestError<'a>> {
         }
         "sub" => Op::Sub {
             channel: channel_of(env.channel, id)?,
+            since: match env.since {
+                None => None,
+                Some(raw) => Some(serde_json::from_str::<StreamPos>(raw.get()).map_err(|_| {
+                    bad(
+                        ErrorCode::BadRequest,
+                        "`since` must be {\"epoch\":\"..\",\"offset\":N}",
+                    )
+                })?),
+            },
         },
         "unsub" => Op::Unsub {
             channel: channel_of(env.channel, id)?,
@@ -239,7 +261,13 @@ pub fn parse<'a>(text: &'a str) -> Result<Parsed<'a>, RequestError<'a>> {
             stream: env
                 .stream
                 .ok_or_else(|| bad(ErrorCode::BadRequest, "missing field `stream`"))?,
-            since: env.since.unwrap_or(0),
+            since: match env.since {
+                None => 0,
+                Some(raw) => raw
+                    .get()
+                    .parse()
+                    .map_err(|_| bad(ErrorCode::BadRequest, "`since` must be an offset"))?,
+            },
             limit: env.limit.unwrap_or(100).clamp(1, 1000),
         },
         _ => return Err(bad(ErrorCode::BadRequest, "unknown op")),
@@ -383,10 +411,23 @@ pub fn error(id: Option<&str>, code: ErrorCode, message: &str) -> Bytes {
 /// `{"op":"ack","id":..,"stream":"inbox","offset":N,"epoch":"E","queued":bool}` for a stored
 /// message; a retry answered from the dedup window has `"duplicate":true` instead of `queued`.
 pub fn stream_ack(id: &str, offset: u64, epoch: &str, queued: Option<bool>) -> Bytes {
-    let mut b = Builder::new(96 + id.len());
+    stream_ack_in("inbox", id, offset, epoch, queued)
+}
+
+/// [`stream_ack`] for any stream (`channel:<name>` for a stored publication).
+pub fn stream_ack_in(
+    stream: &str,
+    id: &str,
+    offset: u64,
+    epoch: &str,
+    queued: Option<bool>,
+) -> Bytes {
+    let mut b = Builder::new(96 + id.len() + stream.len());
     put(&mut b, br#"{"op":"ack","id":"#);
     put_json(&mut b, id.as_bytes());
-    put(&mut b, br#","stream":"inbox","offset":"#);
+    put(&mut b, br#","stream":"#);
+    put_str(&mut b, stream);
+    put(&mut b, br#","offset":"#);
     put_u64(&mut b, offset);
     put(&mut b, br#","epoch":"#);
     put_str(&mut b, epoch);
@@ -500,6 +541,29 @@ pub fn resume_event(inbox: InboxInfo<'_>) -> Bytes {
     b.finish()
 }
 
+/// The answer to `sub` with `since`: `{"op":"ack","id":..,"stream":"channel:<c>","epoch":..,
+/// "offset":TOP,"recovered":bool[,"reason":..]}`.
+pub fn sub_ack(id: &str, stream: &str, epoch: &str, top: u64, resume: Result<(), &str>) -> Bytes {
+    let mut b = Builder::new(128 + stream.len());
+    put(&mut b, br#"{"op":"ack","id":"#);
+    put_json(&mut b, id.as_bytes());
+    put(&mut b, br#","stream":"#);
+    put_str(&mut b, stream);
+    put(&mut b, br#","epoch":"#);
+    put_str(&mut b, epoch);
+    put(&mut b, br#","offset":"#);
+    put_u64(&mut b, top);
+    match resume {
+        Ok(()) => put(&mut b, br#","recovered":true}"#),
+        Err(reason) => {
+            put(&mut b, br#","recovered":false,"reason":"#);
+            put_str(&mut b, reason);
+            put(&mut b, b"}");
+        }
+    }
+    b.finish()
+}
+
 /// `{"op":"pong","data":..}`
 pub fn pong(data: &RawValue) -> Bytes {
     let mut b = Builder::new(24 + data.get().len());
@@ -541,7 +605,22 @@ mod tests {
         assert!(parse(r#"{"op":"ack","stream":"inbox"}"#).is_err());
         assert!(matches!(
             parse(r#"{"op":"sub","channel":"room1"}"#).unwrap().op,
-            Op::Sub { .. }
+            Op::Sub { since: None, .. }
+        ));
+        let p = parse(r#"{"op":"sub","channel":"room1","since":{"epoch":"ab","offset":3}}"#);
+        assert!(matches!(
+            p.unwrap().op,
+            Op::Sub {
+                since: Some(StreamPos { offset: 3, .. }),
+                ..
+            }
+        ));
+        assert!(parse(r#"{"op":"sub","channel":"r","since":3}"#).is_err());
+        assert!(matches!(
+            parse(r#"{"op":"history","stream":"inbox","since":4}"#)
+                .unwrap()
+                .op,
+            Op::History { since: 4, .. }
         ));
         assert!(matches!(
             parse(r#"{"op":"unsub","channel":"a:b/c"}"#).unwrap().op,

@@ -188,6 +188,50 @@ impl<T: Transport> Sessions<T> {
                 let p: api::Publish = api::parse_body(body)?;
                 api::check_channel(&p.channel)?;
                 let from = api::check_from(p.from.as_deref())?;
+                match p.qos {
+                    None | Some(0) | Some(1) => {}
+                    Some(_) => return Err(ApiError::bad("`qos` must be 0 or 1")),
+                }
+                if let (true, Some(rule)) = (self.streams_on(), self.cfg.channel_rule(&p.channel)) {
+                    // A channel with history is always stored; the answer waits for the commit.
+                    let retention = crate::store::Retention {
+                        max_count: rule.history,
+                        ttl_ms: rule.ttl_ms,
+                    };
+                    let prefix =
+                        protocol::msg_prefix(from, Target::Channel(&p.channel), p.data, ts);
+                    let channel: Arc<str> = Arc::from(p.channel.as_str());
+                    let sreq = StoreReq::Publish {
+                        channel: channel.clone(),
+                        retention,
+                        prefix,
+                        id: p.id.as_deref().map(|i| format!("api:{i}").into()),
+                        publisher: Arc::from(from),
+                        reply: Some(ReplyTo {
+                            conn: self.conn_id(key),
+                            id: "null".into(),
+                            to: channel,
+                        }),
+                    };
+                    if self
+                        .store
+                        .as_ref()
+                        .expect("streams on")
+                        .request(sreq)
+                        .is_err()
+                    {
+                        return Err(ApiError {
+                            status: 503,
+                            message: "server busy; message not stored".into(),
+                        });
+                    }
+                    let c = &mut self.conns[key];
+                    c.flags.set(Flags::HOLD_INPUT);
+                    if req.connection_close {
+                        c.flags.set(Flags::API_CLOSE);
+                    }
+                    return Ok(());
+                }
                 let payload = protocol::msg(from, Target::Channel(&p.channel), p.data, ts);
                 ApiCmd::Publish {
                     channel: p.channel.into(),
@@ -581,7 +625,12 @@ impl<T: Transport> Sessions<T> {
     }
 
     /// The store's answer to an API qos-1 send (`stored`: the ack; else refused).
-    pub(super) fn api_stored(&mut self, key: usize, ack: Option<(u64, String, Option<bool>)>) {
+    pub(super) fn api_stored(
+        &mut self,
+        key: usize,
+        route: Route,
+        ack: Option<(u64, String, Option<bool>)>,
+    ) {
         let c = &mut self.conns[key];
         c.flags.clear(Flags::HOLD_INPUT);
         let close = c.flags.has(Flags::API_CLOSE);
@@ -601,7 +650,7 @@ impl<T: Transport> Sessions<T> {
                 ),
             ),
         };
-        self.api_answer(key, Route::Send, status, &body, close);
+        self.api_answer(key, route, status, &body, close);
         if self.conns.contains(key) && !close {
             self.on_readable(key, true);
         }

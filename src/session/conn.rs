@@ -107,6 +107,8 @@ pub struct Extra {
     pub close_reason: Cow<'static, str>,
     /// Place in the inbox stream of a resuming connection.
     pub cursor: Option<Box<super::streams::Cursor>>,
+    /// Places in the streams of channels subscribed with `since`.
+    pub channel_cursors: Vec<(Arc<str>, super::streams::Cursor)>,
 }
 
 /// One connection. Kept small: an idle open WebSocket holds no buffers.

@@ -155,7 +155,36 @@ impl<T: Transport> Sessions<T> {
                 let f = protocol::pong(data);
                 self.deliver(key, &f);
             }
-            Op::Sub { channel } => {
+            Op::Sub {
+                channel,
+                since: Some(pos),
+            } => {
+                if !self.channel_allowed(key, &channel) {
+                    let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
+                    return self.deliver_reply(key, f);
+                }
+                let epoch = match pos.epoch.as_deref().map(str::parse) {
+                    None => None,
+                    Some(Ok(e)) => Some(e),
+                    Some(Err(_)) => {
+                        let f = protocol::error(
+                            id,
+                            ErrorCode::BadRequest,
+                            "`since.epoch` is not an epoch",
+                        );
+                        return self.deliver_reply(key, f);
+                    }
+                };
+                let since = crate::store::Since::Position {
+                    epoch,
+                    offset: pos.offset,
+                };
+                self.sub_since(key, id, Arc::from(channel.as_ref()), since);
+            }
+            Op::Sub {
+                channel,
+                since: None,
+            } => {
                 if !self.channel_allowed(key, &channel) {
                     let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
                     return self.deliver_reply(key, f);
@@ -179,6 +208,7 @@ impl<T: Transport> Sessions<T> {
                 self.hub.unsubscribe(&channel, key as u32);
                 if let Some(e) = self.conns[key].extra.as_mut() {
                     e.channels.retain(|x| **x != *channel);
+                    e.channel_cursors.retain(|(c, _)| **c != *channel);
                 }
                 self.ack(key, id);
             }
@@ -186,6 +216,10 @@ impl<T: Transport> Sessions<T> {
                 if !self.channel_allowed(key, &channel) {
                     let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
                     return self.deliver_reply(key, f);
+                }
+                if self.streams_on() && self.cfg.channel_rule(&channel).is_some() {
+                    // A channel with history: stored first, acked with its offset.
+                    return self.publish_stored(key, id, &channel, data);
                 }
                 let from = self.user_name(key);
                 let f = protocol::msg(&from, Target::Channel(&channel), data, self.now_unix_ms);

@@ -18,7 +18,7 @@ use super::Sessions;
 use crate::hub::{home_of, ConnId, ReplyTo, ShardMsg};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, InboxInfo, Target};
-use crate::store::{Opened, Page, Since, StoreMsg, StoreReq};
+use crate::store::{ChannelOpened, Opened, Page, Retention, Since, StoreMsg, StoreReq, StreamRef};
 
 /// A connection's place in its inbox stream (boxed in `Extra`: only resuming connections).
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,6 +32,8 @@ pub struct Cursor {
     pub replaying: bool,
     /// The store's epoch, once it answered (event streams use it in their event ids).
     pub epoch: Option<crate::store::Epoch>,
+    /// The next page is to be asked for once the outbox drained.
+    pub wants_page: bool,
 }
 
 impl Cursor {
@@ -42,7 +44,21 @@ impl Cursor {
             next: 0,
             replaying: true,
             epoch: None,
+            wants_page: false,
         }
+    }
+}
+
+/// The cursor of `stream` on a connection, if it resumes that stream.
+fn cursor_mut<'a, T>(c: &'a mut super::Conn<T>, stream: &StreamRef) -> Option<&'a mut Cursor> {
+    let e = c.extra.as_mut()?;
+    match stream {
+        StreamRef::Inbox(_) => e.cursor.as_deref_mut(),
+        StreamRef::Channel(ch) => e
+            .channel_cursors
+            .iter_mut()
+            .find(|(c, _)| c == ch)
+            .map(|(_, cur)| cur),
     }
 }
 
@@ -130,22 +146,31 @@ impl<T: Transport> Sessions<T> {
             } => self.route_stored(user, payload, offset, exclude, ack),
             StoreMsg::Ack {
                 reply,
+                channel,
                 offset,
                 epoch,
                 queued,
             } => {
                 if let Some(key) = self.waiting_http(reply.conn) {
-                    return self.api_stored(key, Some((offset, epoch.to_string(), queued)));
+                    let route = if channel.is_some() {
+                        crate::http::api::Route::Publish
+                    } else {
+                        crate::http::api::Route::Send
+                    };
+                    return self.api_stored(key, route, Some((offset, epoch.to_string(), queued)));
                 }
                 let Some(key) = self.live_open(reply.conn) else {
                     return;
                 };
-                let f = protocol::stream_ack(&reply.id, offset, &epoch.to_string(), queued);
+                let stream = channel
+                    .map_or_else(|| "inbox".to_owned(), |c| crate::store::channel_stream(&c));
+                let f =
+                    protocol::stream_ack_in(&stream, &reply.id, offset, &epoch.to_string(), queued);
                 self.deliver(key, &f);
             }
             StoreMsg::Refused { reply } => {
                 if let Some(key) = self.waiting_http(reply.conn) {
-                    return self.api_stored(key, None);
+                    return self.api_stored(key, crate::http::api::Route::Send, None);
                 }
                 let Some(key) = self.live_open(reply.conn) else {
                     return;
@@ -181,11 +206,17 @@ impl<T: Transport> Sessions<T> {
                     self.push_text(key, f);
                 }
             }
-            StoreMsg::Page { conn, page } => {
+            StoreMsg::Page { conn, stream, page } => {
                 if let Some(key) = self.live_open(conn) {
-                    self.replay(key, page);
+                    self.replay(key, &stream, page);
                 }
             }
+            StoreMsg::ChannelDeliver {
+                channel,
+                payload,
+                offset,
+            } => self.deliver_channel_stored(&channel, &payload, offset),
+            StoreMsg::ChannelOpened(o) => self.on_channel_opened(*o),
         }
     }
 
@@ -246,6 +277,7 @@ impl<T: Transport> Sessions<T> {
             let shard = reply.conn.shard;
             let msg = StoreMsg::Ack {
                 reply,
+                channel: None,
                 offset: ack_offset,
                 epoch,
                 queued: Some(queued),
@@ -323,7 +355,8 @@ impl<T: Transport> Sessions<T> {
             self.push_text(key, welcome);
         }
         if o.resume.is_some() {
-            self.replay(key, o.page);
+            let stream = StreamRef::Inbox(name.clone());
+            self.replay(key, &stream, o.page);
         }
         if !sse {
             // Requests that arrived meanwhile are processed now, after the welcome.
@@ -331,14 +364,10 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
-    /// Delivers a replay page and asks for the next one, or ends the replay.
-    fn replay(&mut self, key: usize, page: Page) {
+    /// Delivers a replay page of `stream` and asks for the next one, or ends the replay.
+    fn replay(&mut self, key: usize, stream: &StreamRef, page: Page) {
         for (offset, payload) in &page.entries {
-            let Some(cur) = self.conns[key]
-                .extra
-                .as_mut()
-                .and_then(|e| e.cursor.as_mut())
-            else {
+            let Some(cur) = cursor_mut(&mut self.conns[key], stream) else {
                 return;
             };
             if *offset < cur.next {
@@ -346,12 +375,12 @@ impl<T: Transport> Sessions<T> {
             }
             cur.next = offset + 1;
             // Replayed messages bypass the slow-consumer check: the next page is asked for
-            // only after this one is flushed, so the queue holds at most a page.
+            // only after this one is flushed, so the queue holds at most a page per stream.
             self.push_event(key, payload.clone());
             ShardMetrics::add(&self.m().messages_out, 1);
         }
         let c = &mut self.conns[key];
-        let Some(cur) = c.extra.as_mut().and_then(|e| e.cursor.as_mut()) else {
+        let Some(cur) = cursor_mut(c, stream) else {
             return;
         };
         cur.next = cur.next.max(page.next);
@@ -359,31 +388,187 @@ impl<T: Transport> Sessions<T> {
             cur.replaying = false;
             return;
         }
+        cur.wants_page = true;
         c.flags.set(Flags::PAGE_WANTED);
         if c.outbox.is_none() {
             self.request_page(key);
         }
     }
 
-    /// Asks the store for the next page of a replaying connection (called when its outbox
-    /// drained).
+    /// Asks the store for the next page of every stream of `key` that wants one (called
+    /// when its outbox drained).
     pub(super) fn request_page(&mut self, key: usize) {
+        let conn = self.conn_id(key);
         let c = &mut self.conns[key];
         c.flags.clear(Flags::PAGE_WANTED);
-        let (Some(user), Some(cur)) = (
-            c.user.clone(),
-            c.extra.as_ref().and_then(|e| e.cursor.as_ref()),
-        ) else {
+        let user = c.user.clone();
+        let Some(e) = c.extra.as_mut() else {
             return;
         };
-        let from = cur.next;
-        let conn = self.conn_id(key);
+        let mut wanted: Vec<(StreamRef, u64)> = Vec::new();
+        if let (Some(u), Some(cur)) = (user, e.cursor.as_mut()) {
+            if std::mem::take(&mut cur.wants_page) {
+                wanted.push((StreamRef::Inbox(u), cur.next));
+            }
+        }
+        for (ch, cur) in e.channel_cursors.iter_mut() {
+            if std::mem::take(&mut cur.wants_page) {
+                wanted.push((StreamRef::Channel(ch.clone()), cur.next));
+            }
+        }
         let Some(store) = self.store.as_ref() else {
             return;
         };
-        if store.request(StoreReq::Page { user, conn, from }).is_err() {
-            // Try again after the next flush.
-            self.conns[key].flags.set(Flags::PAGE_WANTED);
+        for (stream, from) in wanted {
+            let again = stream.clone();
+            if store
+                .request(StoreReq::Page { stream, conn, from })
+                .is_err()
+            {
+                // Try again after the next flush.
+                let c = &mut self.conns[key];
+                if let Some(cur) = cursor_mut(c, &again) {
+                    cur.wants_page = true;
+                }
+                c.flags.set(Flags::PAGE_WANTED);
+            }
+        }
+    }
+
+    /// `sub` with `since` on a channel with history: subscribed at once (live messages are
+    /// held back by the cursor), replayed from the store, acknowledged with the outcome.
+    pub(super) fn sub_since(
+        &mut self,
+        key: usize,
+        id: Option<&str>,
+        channel: Arc<str>,
+        since: Since,
+    ) {
+        if !self.streams_on() || self.cfg.channel_rule(&channel).is_none() {
+            let f = protocol::error(
+                id,
+                ErrorCode::BadRequest,
+                "this channel keeps no history (no [[channels]] rule matches it)",
+            );
+            return self.deliver_reply(key, f);
+        }
+        let conn = self.conn_id(key);
+        {
+            let e = self.conns[key].extra_mut();
+            e.channel_cursors.retain(|(c, _)| *c != channel);
+            e.channel_cursors
+                .push((channel.clone(), Cursor::resuming(since)));
+        }
+        if !self.conns[key].channel_list().contains(&channel) {
+            self.subscribe(key, channel.clone());
+        }
+        let store = self.store.as_ref().expect("streams on");
+        let req = StoreReq::OpenChannel {
+            channel: channel.clone(),
+            conn,
+            since,
+            id: id.map(Into::into),
+        };
+        if store.request(req).is_err() {
+            self.conns[key]
+                .extra_mut()
+                .channel_cursors
+                .retain(|(c, _)| *c != channel);
+            let f = protocol::error(
+                id,
+                ErrorCode::Overloaded,
+                "server busy; subscribed without history",
+            );
+            self.deliver_reply(key, f);
+        }
+    }
+
+    /// The store answered `sub` with `since`.
+    fn on_channel_opened(&mut self, o: ChannelOpened) {
+        let Some(key) = self.live_open(o.conn) else {
+            return;
+        };
+        let stream = StreamRef::Channel(o.channel.clone());
+        let Some(cur) = cursor_mut(&mut self.conns[key], &stream) else {
+            return; // unsubscribed meanwhile
+        };
+        cur.since = None;
+        cur.replaying = true;
+        cur.epoch = Some(o.epoch);
+        cur.next = o.page.entries.first().map_or(o.page.next, |e| e.0);
+        if let Some(id) = o.id.as_deref() {
+            let name = crate::store::channel_stream(&o.channel);
+            let f = protocol::sub_ack(
+                id,
+                &name,
+                &o.epoch.to_string(),
+                o.top,
+                o.resume.map_err(|r| r.as_str()),
+            );
+            self.push_text(key, f);
+        }
+        self.replay(key, &stream, o.page);
+    }
+
+    /// A stored publication for the local subscribers of `channel`, in offset order for
+    /// those resuming it.
+    fn deliver_channel_stored(&mut self, channel: &str, payload: &Bytes, offset: u64) {
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        slots.clear();
+        slots.extend(self.hub.subscribers(channel));
+        for &slot in &slots {
+            let key = slot as usize;
+            let c = &mut self.conns[key];
+            if let Some(e) = c.extra.as_mut() {
+                if let Some((_, cur)) = e.channel_cursors.iter_mut().find(|(c, _)| &**c == channel)
+                {
+                    if cur.replaying || cur.since.is_some() || offset < cur.next {
+                        continue;
+                    }
+                    cur.next = offset + 1;
+                }
+            }
+            self.deliver(key, payload);
+        }
+        self.scratch_slots = slots;
+    }
+
+    /// `pub` to a channel with history: stored first, delivered by every shard, acked with
+    /// its offset.
+    pub(super) fn publish_stored(
+        &mut self,
+        key: usize,
+        id: Option<&str>,
+        channel: &str,
+        data: &RawValue,
+    ) {
+        let rule = self.cfg.channel_rule(channel).expect("caller checked");
+        let retention = Retention {
+            max_count: rule.history,
+            ttl_ms: rule.ttl_ms,
+        };
+        let from = self.user_name(key);
+        let prefix = protocol::msg_prefix(&from, Target::Channel(channel), data, self.now_unix_ms);
+        let me = self.conn_id(key);
+        let channel: Arc<str> = Arc::from(channel);
+        let reply = id.map(|id| ReplyTo {
+            conn: me,
+            id: id.into(),
+            to: channel.clone(),
+        });
+        let req = StoreReq::Publish {
+            channel,
+            retention,
+            prefix,
+            id: id.map(Into::into),
+            publisher: from,
+            reply,
+        };
+        let store = self.store.as_ref().expect("streams on");
+        if store.request(req).is_err() {
+            ShardMetrics::add(&self.m().dropped, 1);
+            let f = protocol::error(id, ErrorCode::Overloaded, "server busy; message not stored");
+            self.deliver_reply(key, f);
         }
     }
 

@@ -446,6 +446,7 @@ fn resume_seam_replays_then_joins_live_without_gap_or_duplicate() {
     live(&mut h, 4);
     h.s.on_mail(ShardMsg::Store(Box::new(StoreMsg::Page {
         conn,
+        stream: crate::store::StreamRef::Inbox("bob".into()),
         page: Page {
             entries: vec![(3, ev(3)), (4, ev(4))],
             next: 5,

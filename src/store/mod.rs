@@ -39,6 +39,30 @@ pub fn inbox_stream(user: &str) -> String {
     format!("inbox:{user}")
 }
 
+/// The stream of a channel with history.
+pub fn channel_stream(channel: &str) -> String {
+    format!("channel:{channel}")
+}
+
+/// Which stream: a user's inbox or a channel's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StreamRef {
+    /// `inbox:<user>`.
+    Inbox(Arc<str>),
+    /// `channel:<name>`.
+    Channel(Arc<str>),
+}
+
+impl StreamRef {
+    /// The stream's name in the store and the API.
+    pub fn name(&self) -> String {
+        match self {
+            StreamRef::Inbox(u) => inbox_stream(u),
+            StreamRef::Channel(c) => channel_stream(c),
+        }
+    }
+}
+
 /// Where a resuming connection says it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Since {
@@ -97,14 +121,40 @@ pub enum StoreReq {
         /// Resume from here.
         since: Option<Since>,
     },
-    /// The next replay page from offset `from`.
+    /// The next replay page of `stream` from offset `from`.
     Page {
-        /// The user.
-        user: Arc<str>,
+        /// The stream.
+        stream: StreamRef,
         /// The connection.
         conn: ConnId,
         /// First offset to read.
         from: u64,
+    },
+    /// A publication to a channel with history: store it, then every shard delivers it.
+    Publish {
+        /// The channel.
+        channel: Arc<str>,
+        /// Its retention (from the channel rule).
+        retention: Retention,
+        /// The event without its closing brace.
+        prefix: Bytes,
+        /// Client id (raw JSON) for the dedup window.
+        id: Option<Box<str>>,
+        /// Whose ids the dedup window keys on (the publisher).
+        publisher: Arc<str>,
+        /// Whom to acknowledge.
+        reply: Option<ReplyTo>,
+    },
+    /// `sub` with `since` on a channel with history: the position and the first page.
+    OpenChannel {
+        /// The channel.
+        channel: Arc<str>,
+        /// The connection.
+        conn: ConnId,
+        /// Resume from here.
+        since: Since,
+        /// The `sub` request's id (raw JSON).
+        id: Option<Box<str>>,
     },
     /// A page of a stream's history for a client (`history` op) or the push API.
     History {
@@ -157,10 +207,12 @@ pub enum StoreMsg {
         /// Whom to acknowledge, with the offset and epoch the ack carries.
         ack: Option<(ReplyTo, u64, Epoch)>,
     },
-    /// To the sender's shard: a qos-1 send is stored.
+    /// To the sender's shard: a qos-1 send (or a publication) is stored.
     Ack {
         /// Whom.
         reply: ReplyTo,
+        /// The channel of a stored publication (`None`: the sender's inbox).
+        channel: Option<Arc<str>>,
         /// Offset in the sender's inbox.
         offset: u64,
         /// The store's epoch.
@@ -191,9 +243,22 @@ pub enum StoreMsg {
     Page {
         /// The connection.
         conn: ConnId,
+        /// Of which stream.
+        stream: StreamRef,
         /// The page.
         page: Page,
     },
+    /// To every shard: a stored publication for the local subscribers of `channel`.
+    ChannelDeliver {
+        /// The channel.
+        channel: Arc<str>,
+        /// The event.
+        payload: Bytes,
+        /// Its offset in the channel's stream.
+        offset: u64,
+    },
+    /// To a connection's shard: the answer to `sub` with `since`.
+    ChannelOpened(Box<ChannelOpened>),
 }
 
 /// Posts a store message to shard `i`; gives it back when that mailbox is full.
@@ -211,6 +276,25 @@ pub struct Opened {
     /// For a resume: whether everything after the position is replayed, and why not.
     pub resume: Option<Result<(), Unrecoverable>>,
     /// The first replay page (empty when nothing to replay).
+    pub page: Page,
+}
+
+/// The store's answer to `sub` with `since`.
+#[derive(Debug)]
+pub struct ChannelOpened {
+    /// The connection.
+    pub conn: ConnId,
+    /// The channel.
+    pub channel: Arc<str>,
+    /// The `sub` request's id.
+    pub id: Option<Box<str>>,
+    /// The store's epoch.
+    pub epoch: Epoch,
+    /// The channel stream's newest offset.
+    pub top: u64,
+    /// Whether everything after the position is replayed.
+    pub resume: Result<(), Unrecoverable>,
+    /// The first page.
     pub page: Page,
 }
 
@@ -331,6 +415,7 @@ impl Store {
             metrics,
             out: Vec::new(),
             meta_index: Default::default(),
+            retention: Default::default(),
         };
         let thread = std::thread::Builder::new()
             .name("store".into())
@@ -373,6 +458,8 @@ struct Worker {
     out: Vec<(u16, StoreMsg)>,
     /// Where each stream's state is in the current batch's `metas`.
     meta_index: std::collections::HashMap<String, usize>,
+    /// Retention of channel streams (inboxes use the configured one).
+    retention: std::collections::HashMap<String, Retention>,
 }
 
 impl Worker {
@@ -428,6 +515,22 @@ impl Worker {
                     reply,
                     sender,
                 ),
+                StoreReq::Publish {
+                    channel,
+                    retention,
+                    prefix,
+                    id,
+                    publisher,
+                    reply,
+                } => self.publish(
+                    &mut batch,
+                    now,
+                    channel,
+                    retention,
+                    prefix,
+                    (id, publisher),
+                    reply,
+                ),
                 StoreReq::Confirm { user, offset } => {
                     if self.streams.confirm(&user, &inbox_stream(&user), offset) {
                         let o = self.streams.confirmed(&user);
@@ -480,6 +583,7 @@ impl Worker {
                         shard,
                         StoreMsg::Ack {
                             reply,
+                            channel: None,
                             offset: d.offset,
                             epoch,
                             queued: None,
@@ -545,16 +649,114 @@ impl Worker {
         ));
     }
 
+    /// A publication to a channel with history: stored, then to every shard, then acked.
+    #[allow(clippy::too_many_arguments)]
+    fn publish(
+        &mut self,
+        batch: &mut Batch,
+        now: u64,
+        channel: Arc<str>,
+        retention: Retention,
+        prefix: Bytes,
+        (id, publisher): (Option<Box<str>>, Arc<str>),
+        reply: Option<ReplyTo>,
+    ) {
+        let epoch = self.streams.epoch;
+        let stream = channel_stream(&channel);
+        // Dedup keys are per publisher and channel.
+        let dedup_id = id.map(|i| format!("{stream}/{i}").into_boxed_str());
+        if let Some(key) = dedup_id.as_deref() {
+            if let Some(d) = self.streams.dedup_hit(&publisher, key, now) {
+                StoreMetrics::add(&self.metrics.dedup_hits, 1);
+                if let Some(reply) = reply {
+                    let shard = reply.conn.shard;
+                    self.out.push((
+                        shard,
+                        StoreMsg::Ack {
+                            reply,
+                            channel: Some(channel),
+                            offset: d.offset,
+                            epoch,
+                            queued: None,
+                        },
+                    ));
+                }
+                return;
+            }
+        }
+        if self.streams.total_bytes + prefix.len() as u64 + 64 > self.cfg.max_bytes {
+            StoreMetrics::add(&self.metrics.refused, 1);
+            if let Some(reply) = reply {
+                let shard = reply.conn.shard;
+                self.out.push((shard, StoreMsg::Refused { reply }));
+            }
+            return;
+        }
+        self.retention.insert(stream.clone(), retention);
+        let (offset, payload) = self.append_in(batch, &stream, &stream, retention, &prefix, now);
+        if let Some(key) = dedup_id {
+            let expires = now + self.cfg.dedup_window_ms;
+            self.streams
+                .remember(publisher.clone(), key.clone(), offset, expires);
+            batch.dedups.push((
+                publisher,
+                key,
+                streams::Dedup {
+                    offset,
+                    expires_ms: expires,
+                },
+            ));
+        }
+        for shard in 0..self.shards as u16 {
+            self.out.push((
+                shard,
+                StoreMsg::ChannelDeliver {
+                    channel: channel.clone(),
+                    payload: payload.clone(),
+                    offset,
+                },
+            ));
+        }
+        if let Some(reply) = reply {
+            let shard = reply.conn.shard;
+            self.out.push((
+                shard,
+                StoreMsg::Ack {
+                    reply,
+                    channel: Some(channel),
+                    offset,
+                    epoch,
+                    queued: Some(false),
+                },
+            ));
+        }
+    }
+
     /// Appends one event to `stream`: assigns the offset, completes the payload, applies
     /// count retention.
     fn append(&mut self, batch: &mut Batch, stream: &str, prefix: &[u8], now: u64) -> (u64, Bytes) {
+        let retention = self.cfg.inbox;
+        self.append_in(batch, stream, "inbox", retention, prefix, now)
+    }
+
+    /// Appends one event to `stream` (named `wire` in the event).
+    fn append_in(
+        &mut self,
+        batch: &mut Batch,
+        stream: &str,
+        wire: &str,
+        retention: Retention,
+        prefix: &[u8],
+        now: u64,
+    ) -> (u64, Bytes) {
         let epoch = self.streams.epoch;
-        let mut p = BytesMut::with_capacity(prefix.len() + 64);
+        let mut p = BytesMut::with_capacity(prefix.len() + 64 + wire.len());
         p.put_slice(prefix);
         // The offset is known only now: written after `append` below assigns it.
         let offset = self.streams.meta(stream).next;
         p.put_slice(
-            format!(",\"stream\":\"inbox\",\"offset\":{offset},\"epoch\":\"{epoch}\"}}").as_bytes(),
+            format!(",\"stream\":\"{wire}\",\"offset\":{offset},\"epoch\":\"{epoch}\"}}")
+                .as_bytes(),
         );
         let payload = p.freeze();
         let got = self.streams.append(stream, payload.len() as u64);
@@ -568,7 +770,7 @@ impl Worker {
             },
         ));
         StoreMetrics::add(&self.metrics.appends, 1);
-        if let Some(first) = self.streams.over_count(stream, self.cfg.inbox.max_count) {
+        if let Some(first) = self.streams.over_count(stream, retention.max_count) {
             self.trim(batch, stream, first);
         }
         self.record_meta(batch, stream);
@@ -621,7 +823,6 @@ impl Worker {
             dedup_expired: self.streams.expire_dedup(now),
             ..Batch::default()
         };
-        let ttl = self.cfg.inbox.ttl_ms;
         let streams: Vec<(String, StreamMeta)> = self
             .streams
             .streams()
@@ -631,6 +832,10 @@ impl Worker {
             if m.first >= m.next {
                 continue;
             }
+            let ttl = self
+                .retention
+                .get(&s)
+                .map_or(self.cfg.inbox.ttl_ms, |r| r.ttl_ms);
             let Ok(old) = self.backend.read(&s, m.first, PAGE_ITEMS, usize::MAX) else {
                 continue;
             };
@@ -739,9 +944,45 @@ impl Worker {
                     },
                 ));
             }
-            StoreReq::Page { user, conn, from } => {
-                let page = self.page(&inbox_stream(&user), from);
-                self.out.push((conn.shard, StoreMsg::Page { conn, page }));
+            StoreReq::Page { stream, conn, from } => {
+                let page = self.page(&stream.name(), from);
+                self.out
+                    .push((conn.shard, StoreMsg::Page { conn, stream, page }));
+            }
+            StoreReq::OpenChannel {
+                channel,
+                conn,
+                since,
+                id,
+            } => {
+                let stream = channel_stream(&channel);
+                let m = self.streams.meta(&stream);
+                let (e, offset) = match since {
+                    Since::Position { epoch, offset } => (epoch, offset),
+                    Since::Confirmed => (None, m.top()),
+                };
+                let plan = self.streams.plan_resume(&stream, e, offset);
+                StoreMetrics::add(
+                    if plan.lost.is_none() {
+                        &self.metrics.recoveries_ok
+                    } else {
+                        &self.metrics.recoveries_failed
+                    },
+                    1,
+                );
+                let page = self.page(&stream, plan.from);
+                self.out.push((
+                    conn.shard,
+                    StoreMsg::ChannelOpened(Box::new(ChannelOpened {
+                        conn,
+                        channel,
+                        id,
+                        epoch: self.streams.epoch,
+                        top: m.top(),
+                        resume: plan.lost.map_or(Ok(()), Err),
+                        page,
+                    })),
+                ));
             }
             _ => {}
         }
