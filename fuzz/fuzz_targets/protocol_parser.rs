@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
                     check(&protocol::msg("f", Target::Channel(&channel), data, 1))
                 }
                 Op::Ping { data } => check(&protocol::pong(data)),
-                Op::Sub { channel } | Op::Unsub { channel } => {
+                Op::Sub { channel, .. } | Op::Unsub { channel } => {
                     assert!(protocol::valid_channel(&channel))
                 }
                 Op::Confirm { .. } => {}
