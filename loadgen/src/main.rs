@@ -75,7 +75,9 @@ struct Args {
     /// server at every message it receives (helps fan-out runs; slowed the 1M connect ramp).
     #[arg(long)]
     sched_batch: bool,
-    /// dm: 1 sends every DM with `"qos":1` (stored, acknowledged; ack latency reported).
+    /// 1: dm sends every DM with `"qos":1` (stored, acknowledged); fanout publishes with an id
+    /// (acknowledged; stored when the server has a `[[channels]]` rule for `lg-*`) and checks
+    /// each subscriber's stream offsets for gaps and duplicates. Ack latency is reported.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
     /// Give up on connecting after this long.
@@ -436,7 +438,7 @@ fn main() -> anyhow::Result<()> {
     ) {
         hists.push((latency_name, &latency_hist));
     }
-    if args.qos == 1 && args.scenario == Scenario::Dm {
+    if args.qos == 1 && matches!(args.scenario, Scenario::Dm | Scenario::Fanout) {
         hists.push(("ack_latency", &ack_hist));
     }
     let title = format!("loadgen {:?}: {} connections", args.scenario, total);

@@ -301,6 +301,9 @@ struct Incoming<'a> {
     /// qos-1 acks carry the scheduled send time as their id.
     #[serde(default)]
     id: Option<u64>,
+    /// Offset in the stream of a stored message (qos-1 fanout on a channel with history).
+    #[serde(default)]
+    offset: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -858,7 +861,7 @@ impl Worker {
                             self.stats().ready.fetch_add(1, Relaxed);
                         }
                     }
-                    "ack" if self.job.scenario == Scenario::Fanout => {
+                    "ack" if self.job.scenario == Scenario::Fanout && m.id == Some(1) => {
                         self.stats().ready.fetch_add(1, Relaxed);
                     }
                     "ack" => {
@@ -874,6 +877,25 @@ impl Worker {
                         let Some(d) = m.data else { return };
                         self.record(latency_us(d.t, now));
                         self.stats().received.fetch_add(1, Relaxed);
+                        if let (Scenario::Fanout, 1, Some(o)) =
+                            (self.job.scenario, self.job.qos, m.offset)
+                        {
+                            // One channel per subscriber: offsets must grow by one.
+                            let c = &mut self.conns[key];
+                            let next = c.recv_next as u64;
+                            if next == 0 || o == next {
+                                c.recv_next = (o + 1) as u32;
+                            } else if o > next {
+                                self.shared.stats[self.index]
+                                    .gaps
+                                    .fetch_add(o - next, Relaxed);
+                                c.recv_next = (o + 1) as u32;
+                            } else {
+                                self.shared.stats[self.index]
+                                    .duplicates
+                                    .fetch_add(1, Relaxed);
+                            }
+                        }
                         if self.job.scenario == Scenario::Dm {
                             let c = &mut self.conns[key];
                             if d.s == c.recv_next {
@@ -991,9 +1013,15 @@ impl Worker {
                 self.stats()
                     .expected
                     .fetch_add(job.subscribers_of(channel), Relaxed);
-                format!(
-                    r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq}}}}}"#
-                )
+                if job.qos == 1 {
+                    format!(
+                        r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq}}},"id":{scheduled}}}"#
+                    )
+                } else {
+                    format!(
+                        r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq}}}}}"#
+                    )
+                }
             }
             Scenario::Connect | Scenario::Storm | Scenario::Tcp => return,
         };

@@ -203,6 +203,45 @@ fn dm_qos1_is_acknowledged_and_complete() {
 }
 
 #[test]
+fn fanout_qos1_on_channels_with_history_is_complete_and_in_order() {
+    let cfg = std::env::temp_dir().join(format!("loadgen-channels-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "[[channels]]\npattern = \"lg-*\"\nhistory = 100000\n").unwrap();
+    let (_srv, url) = server(&["--config", cfg.to_str().unwrap()]);
+    let out = out_dir("fanout-qos1");
+    let s = loadgen(
+        &[
+            "fanout",
+            "--url",
+            &url,
+            "--connections",
+            "200",
+            "--channels",
+            "4",
+            "--publishers",
+            "2",
+            "--rate",
+            "200",
+            "--duration",
+            "2s",
+            "--qos",
+            "1",
+        ],
+        &out,
+    );
+    check_common(&s, &out, 202);
+    let m = &s["messages"];
+    let sent = m["sent"].as_u64().unwrap();
+    assert_eq!(m["received"], sent * 50);
+    assert_eq!(m["acked"], sent, "every stored publication acknowledged");
+    assert_eq!(
+        (m["gaps"].as_u64(), m["duplicates"].as_u64()),
+        (Some(0), Some(0))
+    );
+    check_hgrm(&out, "ack_latency", sent);
+    let _ = std::fs::remove_file(&cfg);
+}
+
+#[test]
 fn fanout_delivers_every_publication_to_every_subscriber() {
     let (_srv, url) = server(&[]);
     let out = out_dir("fanout");
