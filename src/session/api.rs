@@ -213,24 +213,7 @@ impl<T: Transport> Sessions<T> {
                             to: channel,
                         }),
                     };
-                    if self
-                        .store
-                        .as_ref()
-                        .expect("streams on")
-                        .request(sreq)
-                        .is_err()
-                    {
-                        return Err(ApiError {
-                            status: 503,
-                            message: "server busy; message not stored".into(),
-                        });
-                    }
-                    let c = &mut self.conns[key];
-                    c.flags.set(Flags::HOLD_INPUT);
-                    if req.connection_close {
-                        c.flags.set(Flags::API_CLOSE);
-                    }
-                    return Ok(());
+                    return self.api_ask_store(key, req.connection_close, sreq);
                 }
                 let payload = protocol::msg(from, Target::Channel(&p.channel), p.data, ts);
                 ApiCmd::Publish {
@@ -437,18 +420,7 @@ impl<T: Transport> Sessions<T> {
                 conn: self.conn_id(p.key),
                 connections: p.count,
             };
-            if self
-                .store
-                .as_ref()
-                .expect("streams on")
-                .request(req)
-                .is_ok()
-            {
-                let c = &mut self.conns[p.key];
-                c.flags.set(Flags::HOLD_INPUT);
-                if p.close {
-                    c.flags.set(Flags::API_CLOSE);
-                }
+            if self.api_ask_store(p.key, p.close, req).is_ok() {
                 return;
             }
         }
@@ -518,8 +490,7 @@ impl<T: Transport> Sessions<T> {
             id: "null".into(),
             to: to.clone(),
         };
-        let store = self.store.as_ref().expect("streams on");
-        let sent = store.request(StoreReq::SendDm {
+        let sreq = StoreReq::SendDm {
             from: Arc::from(from),
             to,
             prefix,
@@ -527,20 +498,38 @@ impl<T: Transport> Sessions<T> {
             reply: Some(reply),
             sender: None,
             sender_copy: false,
-        });
-        if sent.is_err() {
+        };
+        self.api_ask_store(key, req.connection_close, sreq)
+    }
+
+    /// Hands an API request to the store; the HTTP answer waits for the store's (later
+    /// pipelined requests wait too).
+    fn api_ask_store(&mut self, key: usize, close: bool, sreq: StoreReq) -> Result<(), ApiError> {
+        let store = self.store.as_ref().expect("streams on");
+        if store.request(sreq).is_err() {
             return Err(ApiError {
                 status: 503,
-                message: "server busy; message not stored".into(),
+                message: "server busy; try again".into(),
             });
         }
-        // The answer comes with the store's ack; later pipelined requests wait for it.
         let c = &mut self.conns[key];
         c.flags.set(Flags::HOLD_INPUT);
-        if req.connection_close {
+        if close {
             c.flags.set(Flags::API_CLOSE);
         }
         Ok(())
+    }
+
+    /// Answers an API request that waited for the store, then reads what was pipelined.
+    fn api_store_answer(&mut self, key: usize, route: Route, status: u16, body: &[u8]) {
+        let c = &mut self.conns[key];
+        c.flags.clear(Flags::HOLD_INPUT);
+        let close = c.flags.has(Flags::API_CLOSE);
+        c.flags.clear(Flags::API_CLOSE);
+        self.api_answer(key, route, status, body, close);
+        if self.conns.contains(key) && !close {
+            self.on_readable(key, true);
+        }
     }
 
     /// `GET /api/history/inbox:<user>?since=N&limit=L`: a page of a user's inbox from the
@@ -575,26 +564,14 @@ impl<T: Transport> Sessions<T> {
         };
         let since = num("since")?.unwrap_or(0);
         let limit = num("limit")?.unwrap_or(100).clamp(1, 1000) as usize;
-        let store = self.store.as_ref().expect("streams on");
-        let asked = store.request(StoreReq::History {
+        let sreq = StoreReq::History {
             user: Arc::from(user),
             from: since + 1,
             limit,
             conn: self.conn_id(key),
             id: None,
-        });
-        if asked.is_err() {
-            return Err(ApiError {
-                status: 503,
-                message: "server busy".into(),
-            });
-        }
-        let c = &mut self.conns[key];
-        c.flags.set(Flags::HOLD_INPUT);
-        if req.connection_close {
-            c.flags.set(Flags::API_CLOSE);
-        }
-        Ok(())
+        };
+        self.api_ask_store(key, req.connection_close, sreq)
     }
 
     /// The store's answer to `GET /api/users/<id>`: the counts and the unread messages.
@@ -602,39 +579,22 @@ impl<T: Transport> Sessions<T> {
         let body = json(serde_json::json!({
             "online": connections > 0, "connections": connections, "unread": unread,
         }));
-        let c = &mut self.conns[key];
-        c.flags.clear(Flags::HOLD_INPUT);
-        let close = c.flags.has(Flags::API_CLOSE);
-        c.flags.clear(Flags::API_CLOSE);
-        self.api_answer(key, Route::User, 200, &body, close);
-        if self.conns.contains(key) && !close {
-            self.on_readable(key, true);
-        }
+        self.api_store_answer(key, Route::User, 200, &body);
     }
 
     /// The store's answer to a history request of the push API.
     pub(super) fn api_history_page(&mut self, key: usize, body: &[u8]) {
-        let c = &mut self.conns[key];
-        c.flags.clear(Flags::HOLD_INPUT);
-        let close = c.flags.has(Flags::API_CLOSE);
-        c.flags.clear(Flags::API_CLOSE);
-        self.api_answer(key, Route::History, 200, body, close);
-        if self.conns.contains(key) && !close {
-            self.on_readable(key, true);
-        }
+        self.api_store_answer(key, Route::History, 200, body);
     }
 
-    /// The store's answer to an API qos-1 send (`stored`: the ack; else refused).
+    /// The store's answer to an API qos-1 send or a stored publication (`Some`: the ack;
+    /// `None`: refused, the store is full).
     pub(super) fn api_stored(
         &mut self,
         key: usize,
         route: Route,
         ack: Option<(u64, String, Option<bool>)>,
     ) {
-        let c = &mut self.conns[key];
-        c.flags.clear(Flags::HOLD_INPUT);
-        let close = c.flags.has(Flags::API_CLOSE);
-        c.flags.clear(Flags::API_CLOSE);
         let (status, body) = match ack {
             Some((offset, epoch, queued)) => (
                 200,
@@ -650,10 +610,7 @@ impl<T: Transport> Sessions<T> {
                 ),
             ),
         };
-        self.api_answer(key, route, status, &body, close);
-        if self.conns.contains(key) && !close {
-            self.on_readable(key, true);
-        }
+        self.api_store_answer(key, route, status, &body);
     }
 
     /// Executes an API command on this shard's connections; returns its count.

@@ -574,35 +574,11 @@ impl Worker {
         sender: Option<ConnId>,
     ) {
         let epoch = self.streams.epoch;
-        if let Some(id) = id.as_deref() {
-            if let Some(d) = self.streams.dedup_hit(&from, id, now) {
-                StoreMetrics::add(&self.metrics.dedup_hits, 1);
-                if let Some(reply) = reply {
-                    let shard = reply.conn.shard;
-                    self.out.push((
-                        shard,
-                        StoreMsg::Ack {
-                            reply,
-                            channel: None,
-                            offset: d.offset,
-                            epoch,
-                            queued: None,
-                        },
-                    ));
-                }
-                return;
-            }
-        }
         let copies = if from == to || !sender_copy { 1 } else { 2 };
         let need = (prefix.len() as u64 + 64) * copies;
-        if self.streams.total_bytes + need > self.cfg.max_bytes {
-            StoreMetrics::add(&self.metrics.refused, 1);
-            if let Some(reply) = reply {
-                let shard = reply.conn.shard;
-                self.out.push((shard, StoreMsg::Refused { reply }));
-            }
+        let Ok(reply) = self.check_write(&from, id.as_deref(), need, now, reply, None) else {
             return;
-        }
+        };
         let to_stream = inbox_stream(&to);
         let (to_offset, to_payload) = self.append(batch, &to_stream, &prefix, now);
         let mut ack_offset = to_offset;
@@ -623,17 +599,7 @@ impl Worker {
             ));
         }
         if let Some(id) = id {
-            let expires = now + self.cfg.dedup_window_ms;
-            self.streams
-                .remember(from.clone(), id.clone(), ack_offset, expires);
-            batch.dedups.push((
-                from.clone(),
-                id,
-                streams::Dedup {
-                    offset: ack_offset,
-                    expires_ms: expires,
-                },
-            ));
+            self.remember(batch, from.clone(), id, ack_offset, now);
         }
         let self_dm = from == to;
         let home = home_of(&to, self.shards);
@@ -647,6 +613,55 @@ impl Worker {
                 ack: reply.map(|r| (r, ack_offset, epoch)),
             },
         ));
+    }
+
+    /// Before a write: a retried id within the dedup window is answered with the first
+    /// offset, and a write over `--store-max-bytes` is refused; either way `Err` (answered).
+    /// Otherwise the reply comes back for the ack.
+    fn check_write(
+        &mut self,
+        who: &str,
+        key: Option<&str>,
+        need: u64,
+        now: u64,
+        reply: Option<ReplyTo>,
+        channel: Option<Arc<str>>,
+    ) -> Result<Option<ReplyTo>, ()> {
+        let epoch = self.streams.epoch;
+        if let Some(d) = key.and_then(|k| self.streams.dedup_hit(who, k, now)) {
+            StoreMetrics::add(&self.metrics.dedup_hits, 1);
+            if let Some(reply) = reply {
+                let shard = reply.conn.shard;
+                let msg = StoreMsg::Ack {
+                    reply,
+                    channel,
+                    offset: d.offset,
+                    epoch,
+                    queued: None,
+                };
+                self.out.push((shard, msg));
+            }
+            return Err(());
+        }
+        if self.streams.total_bytes + need > self.cfg.max_bytes {
+            StoreMetrics::add(&self.metrics.refused, 1);
+            if let Some(reply) = reply {
+                let shard = reply.conn.shard;
+                self.out.push((shard, StoreMsg::Refused { reply }));
+            }
+            return Err(());
+        }
+        Ok(reply)
+    }
+
+    /// Remembers the first answer to request `key` of `who` for the dedup window.
+    fn remember(&mut self, batch: &mut Batch, who: Arc<str>, key: Box<str>, offset: u64, now: u64) {
+        let expires_ms = now + self.cfg.dedup_window_ms;
+        self.streams
+            .remember(who.clone(), key.clone(), offset, expires_ms);
+        batch
+            .dedups
+            .push((who, key, streams::Dedup { offset, expires_ms }));
     }
 
     /// A publication to a channel with history: stored, then to every shard, then acked.
@@ -665,47 +680,21 @@ impl Worker {
         let stream = channel_stream(&channel);
         // Dedup keys are per publisher and channel.
         let dedup_id = id.map(|i| format!("{stream}/{i}").into_boxed_str());
-        if let Some(key) = dedup_id.as_deref() {
-            if let Some(d) = self.streams.dedup_hit(&publisher, key, now) {
-                StoreMetrics::add(&self.metrics.dedup_hits, 1);
-                if let Some(reply) = reply {
-                    let shard = reply.conn.shard;
-                    self.out.push((
-                        shard,
-                        StoreMsg::Ack {
-                            reply,
-                            channel: Some(channel),
-                            offset: d.offset,
-                            epoch,
-                            queued: None,
-                        },
-                    ));
-                }
-                return;
-            }
-        }
-        if self.streams.total_bytes + prefix.len() as u64 + 64 > self.cfg.max_bytes {
-            StoreMetrics::add(&self.metrics.refused, 1);
-            if let Some(reply) = reply {
-                let shard = reply.conn.shard;
-                self.out.push((shard, StoreMsg::Refused { reply }));
-            }
+        let need = prefix.len() as u64 + 64;
+        let Ok(reply) = self.check_write(
+            &publisher,
+            dedup_id.as_deref(),
+            need,
+            now,
+            reply,
+            Some(channel.clone()),
+        ) else {
             return;
-        }
+        };
         self.retention.insert(stream.clone(), retention);
         let (offset, payload) = self.append_in(batch, &stream, &stream, retention, &prefix, now);
         if let Some(key) = dedup_id {
-            let expires = now + self.cfg.dedup_window_ms;
-            self.streams
-                .remember(publisher.clone(), key.clone(), offset, expires);
-            batch.dedups.push((
-                publisher,
-                key,
-                streams::Dedup {
-                    offset,
-                    expires_ms: expires,
-                },
-            ));
+            self.remember(batch, publisher, key, offset, now);
         }
         for shard in 0..self.shards as u16 {
             self.out.push((
