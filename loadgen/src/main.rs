@@ -65,7 +65,12 @@ struct Args {
     /// Publisher connections (fanout).
     #[arg(long, default_value_t = 1)]
     publishers: usize,
-    /// Share of connections to drop at once (storm), percent.
+    /// dm with `--qos 1`: every this long (e.g. 3s) drop `--drop-percent` % of the connections
+    /// abruptly; they reconnect with `since=<epoch>:<offset>` and resume. Reports gaps,
+    /// redelivered duplicates (dropped by offset) and the drops.
+    #[arg(long, value_parser = parse_duration)]
+    resume_every: Option<Duration>,
+    /// Share of connections to drop at once (storm, dm --resume-every), percent.
     #[arg(long, default_value_t = 20)]
     drop_percent: u32,
     /// User id prefix (dm, fanout).
@@ -195,6 +200,9 @@ fn main() -> anyhow::Result<()> {
     if args.scenario == Scenario::Dm && args.connections < 2 {
         bail!("dm needs at least 2 connections (pairs)");
     }
+    if args.resume_every.is_some() && (args.scenario != Scenario::Dm || args.qos != 1) {
+        bail!("--resume-every needs dm with --qos 1 (stored messages to resume)");
+    }
     let explicit = args
         .source_ips
         .as_deref()
@@ -234,6 +242,7 @@ fn main() -> anyhow::Result<()> {
         user_prefix: args.user_prefix.clone(),
         sched_batch: args.sched_batch,
         qos: args.qos,
+        resume_every_ns: args.resume_every.map_or(0, |d| d.as_nanos() as u64),
     });
     let shared = Arc::new(Shared {
         phase: std::sync::atomic::AtomicU8::new(phase::CONNECT),
@@ -371,12 +380,14 @@ fn main() -> anyhow::Result<()> {
     let mut connect_hist = report::new_histogram();
     let mut latency_hist = report::new_histogram();
     let mut ack_hist = report::new_histogram();
+    let mut recovery_hist = report::new_histogram();
     for h in handles {
         match h.join() {
             Ok(Ok(r)) => {
                 connect_hist.add(&r.connect).ok();
                 latency_hist.add(&r.latency).ok();
                 ack_hist.add(&r.ack).ok();
+                recovery_hist.add(&r.recovery).ok();
             }
             Ok(Err(e)) => eprintln!("a worker failed: {e}"),
             Err(_) => eprintln!("a worker panicked"),
@@ -401,6 +412,7 @@ fn main() -> anyhow::Result<()> {
     let mut errors = serde_json::Map::new();
     let mut closes = std::collections::BTreeMap::new();
     let (mut gaps, mut dups, mut op_errors, mut dropped, mut acked) = (0, 0, 0, 0, 0);
+    let mut redelivered = 0;
     let mut first_error = None;
     for s in &shared.stats {
         for k in ErrKind::ALL {
@@ -420,6 +432,7 @@ fn main() -> anyhow::Result<()> {
         op_errors += s.op_errors.load(Relaxed);
         dropped += s.dropped.load(Relaxed);
         acked += s.acked.load(Relaxed);
+        redelivered += s.redelivered.load(Relaxed);
         if first_error.is_none() {
             first_error = s.first_error.lock().unwrap().clone();
         }
@@ -440,6 +453,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.qos == 1 && matches!(args.scenario, Scenario::Dm | Scenario::Fanout) {
         hists.push(("ack_latency", &ack_hist));
+    }
+    if args.resume_every.is_some() {
+        hists.push(("resume_recovery", &recovery_hist));
     }
     let title = format!("loadgen {:?}: {} connections", args.scenario, total);
     report::write_histograms(&args.out, &title, &hists)?;
@@ -509,12 +525,15 @@ fn main() -> anyhow::Result<()> {
             "op_errors": op_errors,
             "qos": args.qos,
             "acked": acked,
+            "redelivered": redelivered,
+            "resume_every_s": args.resume_every.map(|d| d.as_secs_f64()),
             "received_per_s": t.received as f64 / run_secs,
         },
         "histograms": {
             "connect": report::stats(&connect_hist),
             latency_name: report::stats(&latency_hist),
             "ack_latency": report::stats(&ack_hist),
+            "resume_recovery": report::stats(&recovery_hist),
         },
         "open_per_second": open_per_second,
         "server": server,

@@ -44,6 +44,11 @@ impl Schedule {
     }
 
     /// Sends scheduled before `end_ns`.
+    /// Skips every send due before `now_ns` (a sender that was away does not catch up).
+    pub fn skip_to(&mut self, now_ns: u64) {
+        self.next = self.next.max(self.count_before(now_ns));
+    }
+
     pub fn count_before(&self, end_ns: u64) -> u64 {
         if end_ns <= self.first_ns {
             0

@@ -159,6 +159,8 @@ pub struct WorkerStats {
     pub duplicates: AtomicU64,
     /// qos-1 acks received.
     pub acked: AtomicU64,
+    /// Stored messages received again after a resume (dropped by offset, not counted).
+    pub redelivered: AtomicU64,
     /// `error` ops received.
     pub op_errors: AtomicU64,
     /// Closes the loadgen did not ask for, by code (1006 = dropped without a close frame).
@@ -217,6 +219,9 @@ pub struct Job {
     pub sched_batch: bool,
     /// DM quality of service: 1 = stored and acknowledged (`"qos":1` with an `id`).
     pub qos: u8,
+    /// dm with qos 1: every this many ns drop `drop_percent` % of the connections abruptly;
+    /// they reconnect with `since=<epoch>:<offset>` and resume (0: never).
+    pub resume_every_ns: u64,
 }
 
 impl Job {
@@ -264,6 +269,8 @@ pub struct WorkerResult {
     pub latency: Histogram<u64>,
     /// Scheduled send → ack (qos 1), µs.
     pub ack: Histogram<u64>,
+    /// Abrupt drop → open again (dm --resume-every), µs.
+    pub recovery: Histogram<u64>,
 }
 
 /// A latency interval histogram sent to the main thread once a second.
@@ -304,6 +311,12 @@ struct Incoming<'a> {
     /// Offset in the stream of a stored message (qos-1 fanout on a channel with history).
     #[serde(default)]
     offset: Option<u64>,
+    /// Epoch of a stored message.
+    #[serde(borrow, default)]
+    epoch: Option<&'a str>,
+    /// Recipient of a DM.
+    #[serde(borrow, default)]
+    to: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -334,6 +347,13 @@ pub struct Worker {
     to_open: VecDeque<u32>,
     /// Reconnects waiting for their backoff (storm).
     reconnects: BinaryHeap<Reverse<(u64, u32, u8)>>,
+    /// Inbox position per connection id (dm with `--resume-every`).
+    positions: std::collections::HashMap<u32, (String, u64)>,
+    /// Next expected and next sent sequence per connection id, kept across reconnects
+    /// (dm with `--resume-every`).
+    recv_next_by_id: std::collections::HashMap<u32, (u32, u32)>,
+    /// When the next periodic drop is due (dm with `--resume-every`).
+    next_drop_ns: u64,
     /// Sends due, by scheduled time: (time, slab key).
     sends: BinaryHeap<Reverse<(u64, usize)>>,
     schedules: Vec<Schedule>,
@@ -343,6 +363,9 @@ pub struct Worker {
     connect_hist: Histogram<u64>,
     latency_hist: Histogram<u64>,
     ack_hist: Histogram<u64>,
+    recovery_hist: Histogram<u64>,
+    /// When each dropped connection id was dropped (dm --resume-every).
+    dropped_at: std::collections::HashMap<u32, u64>,
     interval_hist: Histogram<u64>,
     intervals: Sender<Interval>,
     rng: Rng,
@@ -386,6 +409,9 @@ impl Worker {
             conns: Slab::with_capacity(to_open.len()),
             to_open,
             reconnects: BinaryHeap::new(),
+            positions: Default::default(),
+            recv_next_by_id: Default::default(),
+            next_drop_ns: 0,
             sends: BinaryHeap::new(),
             schedules: Vec::new(),
             handshake_deadlines: VecDeque::new(),
@@ -394,6 +420,8 @@ impl Worker {
             connect_hist: new_histogram(),
             latency_hist: new_histogram(),
             ack_hist: new_histogram(),
+            recovery_hist: new_histogram(),
+            dropped_at: Default::default(),
             interval_hist: new_histogram(),
             intervals,
             rng: Rng(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
@@ -407,6 +435,7 @@ impl Worker {
             connect: w.connect_hist,
             latency: w.latency_hist,
             ack: w.ack_hist,
+            recovery: w.recovery_hist,
         })
     }
 
@@ -432,6 +461,14 @@ impl Worker {
                     && self.shared.storm.load(Relaxed)
                 {
                     self.storm(now);
+                }
+                if self.job.resume_every_ns > 0 {
+                    if self.next_drop_ns == 0 {
+                        self.next_drop_ns = now + self.job.resume_every_ns;
+                    } else if now >= self.next_drop_ns {
+                        self.next_drop_ns = now + self.job.resume_every_ns;
+                        self.storm(now);
+                    }
                 }
             }
             if phase == phase::CLOSE && self.closing_since.is_none() {
@@ -559,7 +596,9 @@ impl Worker {
                 *first = Some(msg.to_string());
             }
         }
-        if self.job.scenario == Scenario::Storm && self.stormed && attempt < 12 {
+        let retries =
+            self.job.scenario == Scenario::Storm && self.stormed || self.job.resume_every_ns > 0;
+        if retries && attempt < 12 {
             let delay = self.backoff_ns(attempt + 1);
             self.reconnects
                 .push(Reverse((now + delay, id, attempt + 1)));
@@ -599,6 +638,9 @@ impl Worker {
 
     fn drop_conn(&mut self, key: usize) {
         let c = self.conns.remove(key);
+        if self.job.resume_every_ns > 0 {
+            self.recv_next_by_id.insert(c.id, (c.recv_next, c.send_seq));
+        }
         let st = &self.shared.stats[self.index];
         match c.st {
             St::Connecting | St::Handshake => {
@@ -637,7 +679,15 @@ impl Worker {
                 return self.mark_open(key, true);
             }
             c.st = St::Handshake;
-            let path = self.job.path(c.id as usize);
+            let mut path = self.job.path(c.id as usize);
+            if self.job.resume_every_ns > 0 {
+                // Resume from the last stored message seen (the confirmed one at first).
+                let since = self
+                    .positions
+                    .get(&c.id)
+                    .map_or("confirmed".to_owned(), |(e, o)| format!("{e}:{o}"));
+                path.push_str(&format!("&since={since}"));
+            }
             let host = &self.job.targets[c.id as usize % self.job.targets.len()].host;
             let req = testkit::upgrade_request(host, &path);
             c.wbuf.extend_from_slice(req.as_bytes());
@@ -661,6 +711,41 @@ impl Worker {
         if ready {
             st.ready.fetch_add(1, Relaxed);
         }
+        self.resume_sending(key, now);
+    }
+
+    /// A sender that reconnected after a periodic drop picks up its schedule from now (what
+    /// fell due while it was away is not sent: it was offline); a receiver picks up the
+    /// sequence it expects.
+    fn resume_sending(&mut self, key: usize, now: u64) {
+        if self.job.resume_every_ns == 0 {
+            return;
+        }
+        let cid = self.conns[key].id;
+        if let Some(t) = self.dropped_at.remove(&cid) {
+            self.recovery_hist.saturating_record(latency_us(t, now));
+        }
+        if let Some(&(recv, sent)) = self.recv_next_by_id.get(&cid) {
+            let c = &mut self.conns[key];
+            c.recv_next = recv;
+            c.send_seq = sent;
+        }
+        if !self.sending_started {
+            return;
+        }
+        let id = self.conns[key].id as usize;
+        let senders = self.job.senders();
+        if self.job.scenario != Scenario::Dm || id >= senders {
+            return;
+        }
+        let start = self.shared.run_start_ns.load(Relaxed);
+        let mut s = Schedule::new(start, self.job.rate, id, senders);
+        s.skip_to(now);
+        self.sends.push(Reverse((s.next_time(), key)));
+        if self.schedules.len() <= key {
+            self.schedules.resize(key + 1, s);
+        }
+        self.schedules[key] = s;
     }
 
     fn flush(&mut self, key: usize) {
@@ -874,6 +959,25 @@ impl Worker {
                         self.stats().op_errors.fetch_add(1, Relaxed);
                     }
                     "msg" => {
+                        if self.job.resume_every_ns > 0 {
+                            if let (Some(e), Some(o)) = (m.epoch, m.offset) {
+                                let id = self.conns[key].id;
+                                let seen = self
+                                    .positions
+                                    .get(&id)
+                                    .is_some_and(|(pe, po)| pe == e && o <= *po);
+                                if seen {
+                                    self.stats().redelivered.fetch_add(1, Relaxed);
+                                    return;
+                                }
+                                self.positions.insert(id, (e.to_owned(), o));
+                            }
+                            // A resumed inbox holds our own sends too: not ours to count.
+                            let me = format!("{}{}", self.job.user_prefix, self.conns[key].id);
+                            if m.to.is_some_and(|t| t != me) {
+                                return;
+                            }
+                        }
                         let Some(d) = m.data else { return };
                         self.record(latency_us(d.t, now));
                         self.stats().received.fetch_add(1, Relaxed);
@@ -1048,6 +1152,9 @@ impl Worker {
                 socket2::SockRef::from(&self.conns[key].stream).set_linger(Some(Duration::ZERO));
             self.drop_conn(key);
             self.stats().dropped.fetch_add(1, Relaxed);
+            if self.job.resume_every_ns > 0 {
+                self.dropped_at.insert(id, now);
+            }
             let delay = self.backoff_ns(0);
             self.reconnects.push(Reverse((now + delay, id, 0)));
         }
@@ -1142,6 +1249,7 @@ mod tests {
             user_prefix: "u".into(),
             sched_batch: false,
             qos: 0,
+            resume_every_ns: 0,
         };
         assert_eq!((0..3).map(|c| job.subscribers_of(c)).sum::<u64>(), 10);
         assert_eq!(job.subscribers_of(0), 4);

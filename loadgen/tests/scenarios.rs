@@ -203,6 +203,49 @@ fn dm_qos1_is_acknowledged_and_complete() {
 }
 
 #[test]
+fn dm_resume_loses_nothing_across_periodic_drops() {
+    let (_srv, url) = server(&[]);
+    let out = out_dir("dm-resume");
+    let s = loadgen(
+        &[
+            "dm",
+            "--url",
+            &url,
+            "--connections",
+            "200",
+            "--rate",
+            "1000",
+            "--duration",
+            "3s",
+            "--qos",
+            "1",
+            "--resume-every",
+            "1s",
+            "--drop-percent",
+            "20",
+        ],
+        &out,
+    );
+    let m = &s["messages"];
+    let sent = m["sent"].as_u64().unwrap();
+    assert!(sent >= 1500, "sent {sent}");
+    assert_eq!(
+        m["received"], sent,
+        "every message reaches its receiver, through the drops"
+    );
+    assert_eq!(
+        (m["gaps"].as_u64(), m["duplicates"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let dropped = s["connections"]["dropped_on_purpose"].as_u64().unwrap();
+    assert!(dropped >= 40, "dropped {dropped}");
+    assert_eq!(
+        s["histograms"]["resume_recovery"]["count"], dropped,
+        "every drop recovered"
+    );
+}
+
+#[test]
 fn fanout_qos1_on_channels_with_history_is_complete_and_in_order() {
     let cfg = std::env::temp_dir().join(format!("loadgen-channels-{}.toml", std::process::id()));
     std::fs::write(&cfg, "[[channels]]\npattern = \"lg-*\"\nhistory = 100000\n").unwrap();
