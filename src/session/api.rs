@@ -17,7 +17,7 @@ use crate::http::request::query_params;
 use crate::http::{response, Method, Request};
 use crate::hub::{ApiCmd, ApiTicket, ReplyTo, ShardMsg};
 use crate::metrics::{HandshakeFailure, ShardMetrics};
-use crate::protocol::{self, Target};
+use crate::protocol::{self, ErrorCode, Target};
 use crate::store::{Since, StoreReq};
 
 /// An API request waiting for the other shards' counts.
@@ -587,30 +587,26 @@ impl<T: Transport> Sessions<T> {
         self.api_store_answer(key, Route::History, 200, body);
     }
 
-    /// The store's answer to an API qos-1 send or a stored publication (`Some`: the ack;
-    /// `None`: refused, the store is full).
+    /// The store's ack of an API qos-1 send or a stored publication.
     pub(super) fn api_stored(
         &mut self,
         key: usize,
         route: Route,
-        ack: Option<(u64, String, Option<bool>)>,
+        offset: u64,
+        epoch: &str,
+        queued: Option<bool>,
     ) {
-        let (status, body) = match ack {
-            Some((offset, epoch, queued)) => (
-                200,
-                json(serde_json::json!({
-                    "stored": true, "offset": offset, "epoch": epoch,
-                    "queued": queued.unwrap_or(false), "duplicate": queued.is_none(),
-                })),
-            ),
-            None => (
-                503,
-                api::error_body(
-                    "store_full: the store is over its size budget; message not stored",
-                ),
-            ),
-        };
-        self.api_store_answer(key, route, status, &body);
+        let body = json(serde_json::json!({
+            "stored": true, "offset": offset, "epoch": epoch,
+            "queued": queued.unwrap_or(false), "duplicate": queued.is_none(),
+        }));
+        self.api_store_answer(key, route, 200, &body);
+    }
+
+    /// The store refused an API write: 503 with the protocol's error code and why.
+    pub(super) fn api_refused(&mut self, key: usize, code: ErrorCode, why: &str) {
+        let body = api::error_body(&format!("{}: {why}", code.as_str()));
+        self.api_store_answer(key, Route::Send, 503, &body);
     }
 
     /// Executes an API command on this shard's connections; returns its count.

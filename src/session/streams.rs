@@ -157,7 +157,7 @@ impl<T: Transport> Sessions<T> {
                     } else {
                         crate::http::api::Route::Send
                     };
-                    return self.api_stored(key, route, Some((offset, epoch.to_string(), queued)));
+                    return self.api_stored(key, route, offset, &epoch.to_string(), queued);
                 }
                 let Some(key) = self.live_open(reply.conn) else {
                     return;
@@ -168,18 +168,25 @@ impl<T: Transport> Sessions<T> {
                     protocol::stream_ack_in(&stream, &reply.id, offset, &epoch.to_string(), queued);
                 self.deliver(key, &f);
             }
-            StoreMsg::Refused { reply } => {
+            StoreMsg::Refused { reply, full } => {
+                let (code, why) = if full {
+                    (
+                        ErrorCode::StoreFull,
+                        "the store is over its size budget; message not stored",
+                    )
+                } else {
+                    (
+                        ErrorCode::Overloaded,
+                        "the store could not commit; message not stored, retry",
+                    )
+                };
                 if let Some(key) = self.waiting_http(reply.conn) {
-                    return self.api_stored(key, crate::http::api::Route::Send, None);
+                    return self.api_refused(key, code, why);
                 }
                 let Some(key) = self.live_open(reply.conn) else {
                     return;
                 };
-                let f = protocol::error(
-                    Some(&reply.id),
-                    ErrorCode::StoreFull,
-                    "the store is over its size budget; message not stored",
-                );
+                let f = protocol::error(Some(&reply.id), code, why);
                 self.deliver(key, &f);
             }
             StoreMsg::Opened(o) => self.on_opened(*o),

@@ -221,10 +221,13 @@ pub enum StoreMsg {
         /// dedup window.
         queued: Option<bool>,
     },
-    /// To the sender's shard: refused, the store is over `--store-max-bytes`.
+    /// To the sender's shard: not stored — the store is over `--store-max-bytes` (`full`),
+    /// or its commit failed.
     Refused {
         /// Whom.
         reply: ReplyTo,
+        /// Over the size budget (else: the commit failed; a retry may succeed).
+        full: bool,
     },
     /// To a connection's shard: its inbox position and first replay page.
     Opened(Box<Opened>),
@@ -383,19 +386,8 @@ impl Store {
         sink: Sink,
         metrics: Arc<StoreMetrics>,
     ) -> Result<Store, StoreError> {
-        let loaded = backend.load()?;
-        let epoch = loaded.epoch.unwrap_or_else(backend::new_epoch);
-        let now = unix_ms();
-        let mut streams = Streams::new(epoch);
-        for (s, m) in loaded.metas {
-            streams.restore(s, m);
-        }
-        for (u, o) in loaded.confirmed {
-            streams.restore_confirmed(u, o);
-        }
-        for (u, id, d) in loaded.dedups {
-            streams.restore_dedup(u, id, d, now);
-        }
+        let streams = streams_from(backend.load()?, unix_ms());
+        let epoch = streams.epoch;
         info!(
             epoch = %epoch,
             durable = backend.durable(),
@@ -439,6 +431,21 @@ impl Store {
             let _ = t.join();
         }
     }
+}
+
+/// The bookkeeping of a store as loaded (a new epoch for a store that has none).
+fn streams_from(loaded: backend::Loaded, now_ms: u64) -> Streams {
+    let mut streams = Streams::new(loaded.epoch.unwrap_or_else(backend::new_epoch));
+    for (s, m) in loaded.metas {
+        streams.restore(s, m);
+    }
+    for (u, o) in loaded.confirmed {
+        streams.restore_confirmed(u, o);
+    }
+    for (u, id, d) in loaded.dedups {
+        streams.restore_dedup(u, id, d, now_ms);
+    }
+    streams
 }
 
 fn unix_ms() -> u64 {
@@ -544,9 +551,9 @@ impl Worker {
         if !batch.is_empty() {
             let t = Instant::now();
             if let Err(e) = self.backend.commit(&batch) {
-                // Nothing of this batch is acknowledged or delivered: senders retry.
                 error!(error = %e, "store commit failed; the batch is refused");
-                self.out.clear();
+                self.refuse_batch();
+                self.post_all();
                 return stop;
             }
             let us = t.elapsed().as_micros() as u64;
@@ -560,6 +567,41 @@ impl Worker {
         }
         self.post_all();
         stop
+    }
+
+    /// A commit failed: nothing of the batch was stored. The bookkeeping goes back to what the
+    /// file holds, nothing is delivered, and every sender of the batch is told (so a retry
+    /// with the same id is stored, not answered from a dedup entry that was never written).
+    fn refuse_batch(&mut self) {
+        if self.backend.durable() {
+            match self.backend.load() {
+                Ok(loaded) => self.streams = streams_from(loaded, unix_ms()),
+                Err(e) => error!(error = %e, "store: cannot reload after a failed commit"),
+            }
+        }
+        let out = std::mem::take(&mut self.out);
+        for (shard, msg) in out {
+            match msg {
+                StoreMsg::Deliver {
+                    ack: Some((reply, _, _)),
+                    ..
+                } => {
+                    let shard = reply.conn.shard;
+                    self.out
+                        .push((shard, StoreMsg::Refused { reply, full: false }));
+                }
+                StoreMsg::Ack {
+                    reply,
+                    queued: Some(_),
+                    ..
+                } => self
+                    .out
+                    .push((shard, StoreMsg::Refused { reply, full: false })),
+                StoreMsg::Deliver { .. } | StoreMsg::ChannelDeliver { .. } => {}
+                // Answers about earlier commits (dedup hits) and refusals stand.
+                other => self.out.push((shard, other)),
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -647,7 +689,8 @@ impl Worker {
             StoreMetrics::add(&self.metrics.refused, 1);
             if let Some(reply) = reply {
                 let shard = reply.conn.shard;
-                self.out.push((shard, StoreMsg::Refused { reply }));
+                self.out
+                    .push((shard, StoreMsg::Refused { reply, full: true }));
             }
             return Err(());
         }
@@ -854,23 +897,9 @@ impl Worker {
                 let (resume, page) = match since {
                     None => (None, Page::default()),
                     Some(since) => {
-                        let (e, offset) = match since {
-                            Since::Position { epoch, offset } => (epoch, offset),
-                            Since::Confirmed => (None, self.streams.confirmed(&user)),
-                        };
-                        let plan = self.streams.plan_resume(&stream, e, offset);
-                        StoreMetrics::add(
-                            if plan.lost.is_none() {
-                                &self.metrics.recoveries_ok
-                            } else {
-                                &self.metrics.recoveries_failed
-                            },
-                            1,
-                        );
-                        (
-                            Some(plan.lost.map_or(Ok(()), Err)),
-                            self.page(&stream, plan.from),
-                        )
+                        let confirmed = self.streams.confirmed(&user);
+                        let (resume, page) = self.resume(&stream, since, confirmed);
+                        (Some(resume), page)
                     }
                 };
                 self.out.push((
@@ -946,20 +975,8 @@ impl Worker {
             } => {
                 let stream = channel_stream(&channel);
                 let m = self.streams.meta(&stream);
-                let (e, offset) = match since {
-                    Since::Position { epoch, offset } => (epoch, offset),
-                    Since::Confirmed => (None, m.top()),
-                };
-                let plan = self.streams.plan_resume(&stream, e, offset);
-                StoreMetrics::add(
-                    if plan.lost.is_none() {
-                        &self.metrics.recoveries_ok
-                    } else {
-                        &self.metrics.recoveries_failed
-                    },
-                    1,
-                );
-                let page = self.page(&stream, plan.from);
+                // Channels keep no confirmed position: `confirmed` means from now on.
+                let (resume, page) = self.resume(&stream, since, m.top());
                 self.out.push((
                     conn.shard,
                     StoreMsg::ChannelOpened(Box::new(ChannelOpened {
@@ -968,13 +985,35 @@ impl Worker {
                         id,
                         epoch: self.streams.epoch,
                         top: m.top(),
-                        resume: plan.lost.map_or(Ok(()), Err),
+                        resume,
                         page,
                     })),
                 ));
             }
             _ => {}
         }
+    }
+
+    /// Where a resume of `stream` from `since` starts (`confirmed` standing for the
+    /// confirmed offset), counted as recovered or not, and its first page.
+    fn resume(
+        &mut self,
+        stream: &str,
+        since: Since,
+        confirmed: u64,
+    ) -> (Result<(), Unrecoverable>, Page) {
+        let (epoch, offset) = match since {
+            Since::Position { epoch, offset } => (epoch, offset),
+            Since::Confirmed => (None, confirmed),
+        };
+        let plan = self.streams.plan_resume(stream, epoch, offset);
+        let counter = if plan.lost.is_none() {
+            &self.metrics.recoveries_ok
+        } else {
+            &self.metrics.recoveries_failed
+        };
+        StoreMetrics::add(counter, 1);
+        (plan.lost.map_or(Ok(()), Err), self.page(stream, plan.from))
     }
 
     fn page(&mut self, stream: &str, from: u64) -> Page {
@@ -1025,5 +1064,128 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    /// Memory that can be told to fail its commits, and says it is durable (so a failure
+    /// reloads what it committed).
+    #[derive(Default)]
+    struct Flaky {
+        mem: Memory,
+        metas: Vec<(String, StreamMeta)>,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl Backend for Flaky {
+        fn load(&mut self) -> Result<backend::Loaded, StoreError> {
+            Ok(backend::Loaded {
+                epoch: Some(Epoch(7)),
+                metas: self.metas.clone(),
+                ..Default::default()
+            })
+        }
+        fn commit(&mut self, b: &Batch) -> Result<(), StoreError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Redb("disk on fire".into()));
+            }
+            for (s, m) in &b.metas {
+                self.metas.retain(|(x, _)| x != s);
+                self.metas.push((s.clone(), *m));
+            }
+            self.mem.commit(b)
+        }
+        fn read(&mut self, s: &str, f: u64, n: usize, b: usize) -> Result<Vec<Entry>, StoreError> {
+            self.mem.read(s, f, n, b)
+        }
+        fn durable(&self) -> bool {
+            true
+        }
+    }
+
+    fn send(store: &StoreHandle, id: &str) {
+        let conn = ConnId {
+            shard: 0,
+            slot: 1,
+            generation: 1,
+        };
+        store
+            .request(StoreReq::SendDm {
+                from: "ann".into(),
+                to: "bob".into(),
+                prefix: Bytes::from_static(br#"{"op":"msg""#),
+                id: Some(id.into()),
+                reply: Some(ReplyTo {
+                    conn,
+                    id: id.into(),
+                    to: "bob".into(),
+                }),
+                sender: Some(conn),
+                sender_copy: true,
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_failed_commit_stores_nothing_and_tells_the_sender() {
+        let fail = Arc::new(AtomicBool::new(true));
+        let seen: Arc<Mutex<Vec<StoreMsg>>> = Default::default();
+        let sink_seen = seen.clone();
+        let sink: Sink = Box::new(move |_, m| {
+            sink_seen.lock().unwrap().push(*m);
+            Ok(())
+        });
+        let cfg = StoreConfig {
+            inbox: Retention {
+                max_count: 100,
+                ttl_ms: 1 << 40,
+            },
+            dedup_window_ms: 60_000,
+            max_bytes: 1 << 30,
+        };
+        let backend = Flaky {
+            fail: fail.clone(),
+            ..Flaky::default()
+        };
+        let store = Store::start(Box::new(backend), cfg, 1, sink, Default::default()).unwrap();
+        let wait = |n: usize| {
+            let start = Instant::now();
+            while seen.lock().unwrap().len() < n {
+                assert!(start.elapsed() < Duration::from_secs(10), "no answer");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        send(&store.handle(), "m1");
+        wait(1);
+        assert!(
+            matches!(
+                seen.lock().unwrap()[0],
+                StoreMsg::Refused { full: false, .. }
+            ),
+            "refused, not silently dropped: {:?}",
+            seen.lock().unwrap()[0]
+        );
+        // The retry is stored (no dedup entry survived the failed commit), at offset 1.
+        fail.store(false, Ordering::SeqCst);
+        send(&store.handle(), "m1");
+        wait(3);
+        let offsets: Vec<u64> = seen.lock().unwrap()[1..]
+            .iter()
+            .map(|m| match m {
+                StoreMsg::Deliver { offset, .. } => *offset,
+                other => panic!("expected deliveries, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            offsets,
+            vec![1, 1],
+            "both inboxes start at 1: nothing was half-stored"
+        );
+        store.stop();
     }
 }
