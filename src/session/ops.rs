@@ -62,7 +62,7 @@ impl<T: Transport> Sessions<T> {
         let name = self.user_name(key);
         let id = self.conn_id(key);
         let welcome = protocol::welcome(&name, &id.to_string(), self.cfg.ping_interval_ms);
-        self.push_text(key, welcome);
+        self.push_event(key, welcome);
     }
 
     /// The home shard recorded a connection: it may now be welcomed.

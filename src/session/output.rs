@@ -43,14 +43,7 @@ impl<T: Transport> Sessions<T> {
             return false;
         }
         let mut head = [0u8; INLINE_MAX];
-        let sse = c.flags.has(Flags::SSE);
-        let head_len = if sse {
-            Self::sse_head(c, &payload, &mut head)
-        } else {
-            let mut w = &mut head[..];
-            frame::put_header(&mut w, OpCode::Data(opcode), payload.len());
-            frame::header_len(payload.len())
-        };
+        let (head_len, sse) = Self::frame_head(c, opcode, &payload, &mut head);
         let unit = head_len + payload.len() + if sse { 2 } else { 0 };
         // One unit larger than the limit still goes to an otherwise empty queue.
         let max = self.cfg.max_outbound_bytes;
@@ -70,14 +63,36 @@ impl<T: Transport> Sessions<T> {
             }
         }
         ShardMetrics::add(&self.m().messages_out, 1);
+        self.queue_framed(key, &head[..head_len], payload, sse);
+        true
+    }
+
+    /// Writes the head of `payload` framed for `c`'s transport into `head`: a WebSocket frame
+    /// header, or an SSE `id: ..\ndata: ` prefix. Returns its length and whether it is SSE
+    /// (then a blank line follows the payload).
+    fn frame_head(
+        c: &mut super::Conn<T>,
+        opcode: Data,
+        payload: &[u8],
+        head: &mut [u8; INLINE_MAX],
+    ) -> (usize, bool) {
+        if c.flags.has(Flags::SSE) {
+            return (Self::sse_head(c, payload, head), true);
+        }
+        let mut w = &mut head[..];
+        frame::put_header(&mut w, OpCode::Data(opcode), payload.len());
+        (frame::header_len(payload.len()), false)
+    }
+
+    /// Queues one framed unit: head, shared payload, and the SSE blank line.
+    fn queue_framed(&mut self, key: usize, head: &[u8], payload: Bytes, sse: bool) {
         let out = self.outbox(key);
-        out.push_piece(Piece::inline(&head[..head_len]), true);
+        out.push_piece(Piece::inline(head), true);
         out.push_piece(Piece::Shared(payload), false);
         if sse {
             out.push_piece(Piece::Shared(Bytes::from_static(b"\n\n")), false);
         }
         self.mark_dirty(key);
-        true
     }
 
     pub(super) fn slow_consumer(&mut self, key: usize) {
@@ -121,32 +136,12 @@ impl<T: Transport> Sessions<T> {
         INLINE_MAX - w.len()
     }
 
-    /// Queues an event without limits (replayed pages): a text frame on a WebSocket, an SSE
-    /// event on a stream.
+    /// Queues an event without limits (the welcome, answers to ops, replayed pages, which
+    /// ask for more only once flushed): a text frame on a WebSocket, an SSE event on a stream.
     pub(super) fn push_event(&mut self, key: usize, payload: Bytes) {
-        let c = &mut self.conns[key];
-        if !c.flags.has(Flags::SSE) {
-            return self.push_text(key, payload);
-        }
         let mut head = [0u8; INLINE_MAX];
-        let hl = Self::sse_head(c, &payload, &mut head);
-        let out = self.outbox(key);
-        out.push_piece(Piece::inline(&head[..hl]), true);
-        out.push_piece(Piece::Shared(payload), false);
-        out.push_piece(Piece::Shared(Bytes::from_static(b"\n\n")), false);
-        self.mark_dirty(key);
-    }
-
-    /// Queues a WebSocket text frame around `payload` without limits (the welcome).
-    pub(super) fn push_text(&mut self, key: usize, payload: Bytes) {
-        let mut head = [0u8; frame::MAX_HEADER_LEN];
-        let mut w = &mut head[..];
-        frame::put_header(&mut w, OpCode::Data(Data::Text), payload.len());
-        let hl = frame::header_len(payload.len());
-        let out = self.outbox(key);
-        out.push_piece(Piece::inline(&head[..hl]), true);
-        out.push_piece(Piece::Shared(payload), false);
-        self.mark_dirty(key);
+        let (hl, sse) = Self::frame_head(&mut self.conns[key], Data::Text, &payload, &mut head);
+        self.queue_framed(key, &head[..hl], payload, sse);
     }
 
     /// Queues bytes without limits (responses, control frames) and marks the connection dirty.

@@ -210,7 +210,7 @@ impl<T: Transport> Sessions<T> {
                 if let Some(key) = self.live_open(h.conn) {
                     let op = Some(h.id.as_deref());
                     let f = protocol::history(op, "inbox", &epoch, span, &h.entries);
-                    self.push_text(key, f);
+                    self.push_event(key, f);
                 }
             }
             StoreMsg::Page { conn, stream, page } => {
@@ -359,7 +359,7 @@ impl<T: Transport> Sessions<T> {
             self.push_raw(key, f);
         } else {
             let welcome = protocol::welcome_inbox(&name, &id, self.cfg.ping_interval_ms, info);
-            self.push_text(key, welcome);
+            self.push_event(key, welcome);
         }
         if o.resume.is_some() {
             let stream = StreamRef::Inbox(name.clone());
@@ -512,7 +512,7 @@ impl<T: Transport> Sessions<T> {
                 o.top,
                 o.resume.map_err(|r| r.as_str()),
             );
-            self.push_text(key, f);
+            self.push_event(key, f);
         }
         self.replay(key, &stream, o.page);
     }
