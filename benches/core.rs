@@ -5,14 +5,10 @@
 
 use std::hint::black_box;
 use std::io;
-use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use switchboard::auth::Auth;
 use switchboard::config::Config;
 use switchboard::http::request;
-use switchboard::metrics::ShardMetrics;
 use switchboard::protocol;
 use switchboard::session::{flush, Outbox, Sessions, Shared, Transport};
 use switchboard::testkit;
@@ -196,14 +192,7 @@ fn sessions(echo: bool) -> Sessions<BenchPipe> {
         max_outbound_bytes: 64 << 20,
         ..Config::default()
     };
-    let shared = Shared {
-        config: Arc::new(cfg),
-        auth: Arc::new(Auth::none()),
-        metrics: Arc::from(vec![ShardMetrics::default()]),
-        open_total: Arc::new(AtomicUsize::new(0)),
-        store: None,
-        store_metrics: Default::default(),
-    };
+    let shared = Shared::standalone(cfg, 1);
     Sessions::new(0, 1, shared, 0, 1_800_000_000_000)
 }
 

@@ -211,21 +211,11 @@ proptest! {
 /// Feeds `input` to a one-shard session, cut at `cuts`, one turn per piece; returns what the
 /// client received.
 fn run_session(input: &[u8], cuts: &[usize]) -> Vec<u8> {
-    use std::sync::atomic::AtomicUsize;
-    use std::sync::Arc;
-    use switchboard::auth::Auth;
     use switchboard::config::Config;
-    use switchboard::metrics::ShardMetrics;
+
     use switchboard::session::{Sessions, Shared};
     use switchboard::sim::SimSocket;
-    let shared = Shared {
-        config: Arc::new(Config::default()),
-        auth: Arc::new(Auth::none()),
-        metrics: Arc::from(vec![ShardMetrics::default()]),
-        open_total: Arc::new(AtomicUsize::new(0)),
-        store: None,
-        store_metrics: Default::default(),
-    };
+    let shared = Shared::standalone(Config::default(), 1);
     let mut s: Sessions<SimSocket> = Sessions::new(0, 1, shared, 0, 1_800_000_000_000);
     let pipe = SimSocket::new(1 << 20);
     let key = s.accept(pipe.clone(), true);

@@ -4,13 +4,9 @@
 //! Input: byte 0 picks a preamble (none, a WebSocket upgrade, an event stream, an API call)
 //! so the fuzzer reaches frames quickly; then chunks of `[len, clock step, bytes…]`.
 #![no_main]
-use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use switchboard::auth::Auth;
 use switchboard::config::Config;
-use switchboard::metrics::ShardMetrics;
 use switchboard::session::{Sessions, Shared};
 use switchboard::sim::SimSocket;
 use switchboard::testkit;
@@ -29,14 +25,7 @@ fuzz_target!(|data: &[u8]| {
         echo: mode & 0x80 != 0,
         ..Config::default()
     };
-    let shared = Shared {
-        config: Arc::new(cfg),
-        auth: Arc::new(Auth::none()),
-        metrics: Arc::from(vec![ShardMetrics::default()]),
-        open_total: Arc::new(AtomicUsize::new(0)),
-        store: None,
-        store_metrics: Default::default(),
-    };
+    let shared = Shared::standalone(cfg, 1);
     let mut s: Sessions<SimSocket> = Sessions::new(0, 1, shared, 0, 1_800_000_000_000);
     let pipe = SimSocket::new(if mode & 0x40 != 0 { 256 } else { 1 << 20 });
     let key = s.accept(pipe.clone(), true);

@@ -72,6 +72,22 @@ pub struct Shared {
     pub store_metrics: Arc<StoreMetrics>,
 }
 
+impl Shared {
+    /// Everything for `shards` shards without a server around them (the simulation, tests,
+    /// benches, fuzzing): fresh counters, no store. Panics on a token key that does not parse.
+    pub fn standalone(config: Config, shards: usize) -> Shared {
+        let auth = crate::auth::Auth::from_config(&config).expect("a valid token configuration");
+        Shared {
+            config: Arc::new(config),
+            auth: Arc::new(auth),
+            metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            open_total: Arc::new(AtomicUsize::new(0)),
+            store: None,
+            store_metrics: Default::default(),
+        }
+    }
+}
+
 /// One shard's connections and everything that routes between them (see the module docs).
 pub struct Sessions<T: Transport> {
     index: u16,

@@ -1,13 +1,8 @@
 //! The connection lifecycle in virtual time: bytes in through an in-memory pipe, the clock
 //! moved by hand, no sockets and no sleeping.
 
-use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
-
 use super::{Sessions, Shared};
-use crate::auth::Auth;
 use crate::config::Config;
-use crate::metrics::ShardMetrics;
 use crate::sim::SimSocket;
 use crate::testkit::{self, ServerFrame};
 
@@ -38,14 +33,9 @@ impl Harness {
     }
 
     fn with_store(cfg: Config, store: Option<crate::store::StoreHandle>) -> Harness {
-        let auth = Arc::new(Auth::from_config(&cfg).unwrap());
         let shared = Shared {
-            config: Arc::new(cfg),
-            auth,
-            metrics: Arc::from(vec![ShardMetrics::default()]),
-            open_total: Arc::new(AtomicUsize::new(0)),
             store,
-            store_metrics: Default::default(),
+            ..Shared::standalone(cfg, 1)
         };
         Harness {
             s: Sessions::new(0, 1, shared, 0, UNIX_BASE_MS),

@@ -12,15 +12,11 @@
 pub mod pipe;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::auth::Auth;
 use crate::config::Config;
 use crate::hub::{ConnId, ShardMsg};
-use crate::metrics::ShardMetrics;
 use crate::session::{Sessions, Shared};
 use crate::testkit;
 pub use pipe::{PipeState, SimSocket};
@@ -153,15 +149,7 @@ pub struct World {
 impl World {
     /// A world of `shards` shards seeded with `seed`.
     pub fn new(seed: u64, shards: usize) -> World {
-        let config = Arc::new(sim_config(shards));
-        let shared = Shared {
-            config,
-            auth: Arc::new(Auth::none()),
-            metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
-            open_total: Arc::new(AtomicUsize::new(0)),
-            store: None,
-            store_metrics: Default::default(),
-        };
+        let shared = Shared::standalone(sim_config(shards), shards);
         World {
             rng: Rng::new(seed),
             now_ms: 0,
