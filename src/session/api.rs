@@ -55,22 +55,11 @@ impl<T: Transport> Sessions<T> {
             return self.http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
         }
         // Resume: `Last-Event-ID` (what the browser brings back on its own) wins over `since`.
-        let since = match (
-            req.last_event_id.as_deref().and_then(Since::parse),
-            crate::http::request::query_param(req.query.as_deref(), "since"),
-        ) {
-            (Some(s @ Since::Position { .. }), _) => Some(s),
-            (_, None) => None,
-            (_, Some(q)) => match Since::parse(&q) {
-                Some(s) => Some(s),
-                None => {
-                    return self.http_fail(
-                        key,
-                        400,
-                        "since must be <epoch>:<offset> or confirmed",
-                        HandshakeFailure::Malformed,
-                    )
-                }
+        let since = match req.last_event_id.as_deref().and_then(Since::parse) {
+            Some(s @ Since::Position { .. }) => Some(s),
+            _ => match self.since_param(key, req) {
+                Ok(s) => s,
+                Err(()) => return, // answered 400
             },
         };
         let (user, grant) = match self.auth.resolve(req, self.now_unix_ms / 1000) {
@@ -100,6 +89,7 @@ impl<T: Transport> Sessions<T> {
                 channels.push(c.into());
             }
         }
+        let streams_on = self.streams_on();
         let m = &self.metrics[self.index as usize];
         let c = &mut self.conns[key];
         c.flags.set(Flags::COUNTED);
@@ -120,7 +110,7 @@ impl<T: Transport> Sessions<T> {
         if let Some(g) = grant {
             c.extra_mut().grant = Some(g);
         }
-        let resume = since.is_some() && c.user.is_some() && self.store.is_some() && !self.cfg.echo;
+        let resume = since.is_some() && c.user.is_some() && streams_on;
         if let (true, Some(since)) = (resume, since) {
             c.extra_mut().cursor = Some(Box::new(super::streams::Cursor::resuming(since)));
         }

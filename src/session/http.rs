@@ -181,28 +181,17 @@ impl<T: Transport> Sessions<T> {
                 return self.http_fail(key, e.status(), &e.to_string(), HandshakeFailure::BadUser)
             }
         };
-        let since = match http::request::query_param(req.query.as_deref(), "since") {
-            None => None,
-            Some(s) => match Since::parse(&s) {
-                Some(s) if matches!(identity, Identity::User(..)) && self.streams_on() => Some(s),
-                Some(_) => {
-                    return self.http_fail(
-                        key,
-                        400,
-                        "since needs a named user and a store",
-                        HandshakeFailure::Malformed,
-                    )
-                }
-                None => {
-                    return self.http_fail(
-                        key,
-                        400,
-                        "since must be <epoch>:<offset> or confirmed",
-                        HandshakeFailure::Malformed,
-                    )
-                }
-            },
+        let Ok(since) = self.since_param(key, req) else {
+            return; // answered 400
         };
+        if since.is_some() && !(matches!(identity, Identity::User(..)) && self.streams_on()) {
+            return self.http_fail(
+                key,
+                400,
+                "since needs a named user and a store",
+                HandshakeFailure::Malformed,
+            );
+        }
         if let Some(since) = since {
             self.conns[key].extra_mut().cursor = Some(Box::new(Cursor::resuming(since)));
         }
@@ -239,6 +228,28 @@ impl<T: Transport> Sessions<T> {
         }
         let deadline = self.next_heartbeat_check(key);
         self.arm(key, deadline);
+    }
+}
+
+impl<T: Transport> Sessions<T> {
+    /// The `since` query parameter of `/ws` and `/events`; a malformed one is answered 400
+    /// (`Err`).
+    pub(super) fn since_param(&mut self, key: usize, req: &Request) -> Result<Option<Since>, ()> {
+        let Some(q) = http::request::query_param(req.query.as_deref(), "since") else {
+            return Ok(None);
+        };
+        match Since::parse(&q) {
+            Some(s) => Ok(Some(s)),
+            None => {
+                self.http_fail(
+                    key,
+                    400,
+                    "since must be <epoch>:<offset> or confirmed",
+                    HandshakeFailure::Malformed,
+                );
+                Err(())
+            }
+        }
     }
 }
 
