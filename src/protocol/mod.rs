@@ -322,15 +322,37 @@ fn put_u64(b: &mut Builder, v: u64) {
 
 /// `{"op":"welcome","user":..,"conn":..,"ping_interval_ms":..}`
 pub fn welcome(user: &str, conn: &str, ping_interval_ms: u64) -> Bytes {
-    let mut b = Builder::new(64 + user.len());
+    let mut b = welcome_head(user, conn, ping_interval_ms);
+    put(&mut b, b"}");
+    b.finish()
+}
+
+/// A welcome without its closing brace.
+fn welcome_head(user: &str, conn: &str, ping_interval_ms: u64) -> Builder {
+    let mut b = Builder::new(128 + user.len());
     put(&mut b, br#"{"op":"welcome","user":"#);
     put_str(&mut b, user);
     put(&mut b, br#","conn":"#);
     put_str(&mut b, conn);
     put(&mut b, br#","ping_interval_ms":"#);
     put_u64(&mut b, ping_interval_ms);
-    put(&mut b, b"}");
-    b.finish()
+    b
+}
+
+/// `"epoch":..,"offset":N` and, for a resume, `,"recovered":bool[,"reason":..]`.
+fn put_position(b: &mut Builder, epoch: &str, offset: u64, resume: Option<Result<(), &str>>) {
+    put(b, br#""epoch":"#);
+    put_str(b, epoch);
+    put(b, br#","offset":"#);
+    put_u64(b, offset);
+    match resume {
+        None => {}
+        Some(Ok(())) => put(b, br#","recovered":true"#),
+        Some(Err(reason)) => {
+            put(b, br#","recovered":false,"reason":"#);
+            put_str(b, reason);
+        }
+    }
 }
 
 /// Where a `msg` was addressed.
@@ -499,25 +521,9 @@ pub struct InboxInfo<'a> {
 
 /// `{"op":"welcome",..,"inbox":{"epoch":..,"offset":N[,"recovered":bool[,"reason":..]]}}`
 pub fn welcome_inbox(user: &str, conn: &str, ping_interval_ms: u64, inbox: InboxInfo<'_>) -> Bytes {
-    let mut b = Builder::new(128 + user.len());
-    put(&mut b, br#"{"op":"welcome","user":"#);
-    put_str(&mut b, user);
-    put(&mut b, br#","conn":"#);
-    put_str(&mut b, conn);
-    put(&mut b, br#","ping_interval_ms":"#);
-    put_u64(&mut b, ping_interval_ms);
-    put(&mut b, br#","inbox":{"epoch":"#);
-    put_str(&mut b, inbox.epoch);
-    put(&mut b, br#","offset":"#);
-    put_u64(&mut b, inbox.offset);
-    match inbox.resume {
-        None => {}
-        Some(Ok(())) => put(&mut b, br#","recovered":true"#),
-        Some(Err(reason)) => {
-            put(&mut b, br#","recovered":false,"reason":"#);
-            put_str(&mut b, reason);
-        }
-    }
+    let mut b = welcome_head(user, conn, ping_interval_ms);
+    put(&mut b, br#","inbox":{"#);
+    put_position(&mut b, inbox.epoch, inbox.offset, inbox.resume);
     put(&mut b, b"}}");
     b.finish()
 }
@@ -525,18 +531,9 @@ pub fn welcome_inbox(user: &str, conn: &str, ping_interval_ms: u64, inbox: Inbox
 /// An SSE `resume` event: `event: resume\ndata: {"epoch":..,"offset":N,"recovered":..}\n\n`.
 pub fn resume_event(inbox: InboxInfo<'_>) -> Bytes {
     let mut b = Builder::new(128);
-    put(&mut b, br#"event: resume"#);
-    put(&mut b, b"\ndata: {\"epoch\":");
-    put_str(&mut b, inbox.epoch);
-    put(&mut b, br#","offset":"#);
-    put_u64(&mut b, inbox.offset);
-    match inbox.resume {
-        None | Some(Ok(())) => put(&mut b, br#","recovered":true"#),
-        Some(Err(reason)) => {
-            put(&mut b, br#","recovered":false,"reason":"#);
-            put_str(&mut b, reason);
-        }
-    }
+    put(&mut b, b"event: resume\ndata: {");
+    let resume = inbox.resume.unwrap_or(Ok(()));
+    put_position(&mut b, inbox.epoch, inbox.offset, Some(resume));
     put(&mut b, b"}\n\n");
     b.finish()
 }
@@ -549,18 +546,9 @@ pub fn sub_ack(id: &str, stream: &str, epoch: &str, top: u64, resume: Result<(),
     put_json(&mut b, id.as_bytes());
     put(&mut b, br#","stream":"#);
     put_str(&mut b, stream);
-    put(&mut b, br#","epoch":"#);
-    put_str(&mut b, epoch);
-    put(&mut b, br#","offset":"#);
-    put_u64(&mut b, top);
-    match resume {
-        Ok(()) => put(&mut b, br#","recovered":true}"#),
-        Err(reason) => {
-            put(&mut b, br#","recovered":false,"reason":"#);
-            put_str(&mut b, reason);
-            put(&mut b, b"}");
-        }
-    }
+    put(&mut b, b",");
+    put_position(&mut b, epoch, top, Some(resume));
+    put(&mut b, b"}");
     b.finish()
 }
 
