@@ -112,7 +112,8 @@ pub struct Streams {
     pub epoch: Epoch,
     meta: HashMap<String, StreamMeta>,
     confirmed: HashMap<Arc<str>, u64>,
-    dedup: HashMap<(Arc<str>, Box<str>), Dedup>,
+    /// user → request id → first answer (nested so a lookup borrows, allocating nothing).
+    dedup: HashMap<Arc<str>, HashMap<Box<str>, Dedup>>,
     dedup_order: VecDeque<(u64, Arc<str>, Box<str>)>,
     /// Payload bytes retained in all streams.
     pub total_bytes: u64,
@@ -145,9 +146,7 @@ impl Streams {
     /// Restores a dedup entry unless it expired by `now_ms`.
     pub fn restore_dedup(&mut self, user: Arc<str>, id: Box<str>, d: Dedup, now_ms: u64) {
         if d.expires_ms > now_ms {
-            self.dedup_order
-                .push_back((d.expires_ms, user.clone(), id.clone()));
-            self.dedup.insert((user, id), d);
+            self.remember(user, id, d.offset, d.expires_ms);
         }
     }
 
@@ -239,10 +238,9 @@ impl Streams {
 
     /// The first answer to a request `id` of `user` still within the window, if any.
     pub fn dedup_hit(&self, user: &str, id: &str, now_ms: u64) -> Option<Dedup> {
-        // Tuple keys of owned types cannot be looked up by borrowed parts: build the key.
-        let key = (Arc::<str>::from(user), Box::<str>::from(id));
         self.dedup
-            .get(&key)
+            .get(user)?
+            .get(id)
             .copied()
             .filter(|d| d.expires_ms > now_ms)
     }
@@ -251,7 +249,10 @@ impl Streams {
     pub fn remember(&mut self, user: Arc<str>, id: Box<str>, offset: u64, expires_ms: u64) {
         self.dedup_order
             .push_back((expires_ms, user.clone(), id.clone()));
-        self.dedup.insert((user, id), Dedup { offset, expires_ms });
+        self.dedup
+            .entry(user)
+            .or_default()
+            .insert(id, Dedup { offset, expires_ms });
     }
 
     /// Forgets dedup entries that expired by `now_ms`; returns them (the backend deletes
@@ -263,10 +264,16 @@ impl Streams {
                 break;
             }
             let (exp, u, id) = self.dedup_order.pop_front().expect("peeked");
-            let key = (u, id);
-            if self.dedup.get(&key).is_some_and(|d| d.expires_ms == exp) {
-                self.dedup.remove(&key);
-                out.push(key);
+            let Some(ids) = self.dedup.get_mut(&u) else {
+                continue;
+            };
+            // A later `remember` of the same id moved its expiry: that entry stays.
+            if ids.get(&id).is_some_and(|d| d.expires_ms == exp) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.dedup.remove(&u);
+                }
+                out.push((u, id));
             }
         }
         out
@@ -274,7 +281,7 @@ impl Streams {
 
     /// Entries in the dedup window.
     pub fn dedup_len(&self) -> usize {
-        self.dedup.len()
+        self.dedup.values().map(HashMap::len).sum()
     }
 }
 
