@@ -37,6 +37,22 @@ pub struct Cursor {
 }
 
 impl Cursor {
+    /// A live message at `offset`: true when it is to be delivered (then it is the
+    /// position); false while replaying (a later page has it) or when already delivered.
+    pub fn take_live(&mut self, offset: u64) -> bool {
+        !self.replaying && self.since.is_none() && self.take(offset)
+    }
+
+    /// A message at `offset` from a page or live: true when it is new (then it is the
+    /// position), false for a duplicate.
+    pub fn take(&mut self, offset: u64) -> bool {
+        if offset < self.next {
+            return false;
+        }
+        self.next = offset + 1;
+        true
+    }
+
     /// A cursor waiting for the store's answer to a resume from `since`.
     pub fn resuming(since: Since) -> Cursor {
         Cursor {
@@ -316,10 +332,9 @@ impl<T: Transport> Sessions<T> {
                 continue;
             }
             if let Some(cur) = c.extra.as_mut().and_then(|e| e.cursor.as_mut()) {
-                if cur.replaying || cur.since.is_some() || offset < cur.next {
-                    continue; // a page has it, or it was delivered already
+                if !cur.take_live(offset) {
+                    continue;
                 }
-                cur.next = offset + 1;
             }
             self.deliver(key, payload);
         }
@@ -377,10 +392,9 @@ impl<T: Transport> Sessions<T> {
             let Some(cur) = cursor_mut(&mut self.conns[key], stream) else {
                 return;
             };
-            if *offset < cur.next {
+            if !cur.take(*offset) {
                 continue;
             }
-            cur.next = offset + 1;
             // Replayed messages bypass the slow-consumer check: the next page is asked for
             // only after this one is flushed, so the queue holds at most a page per stream.
             self.push_event(key, payload.clone());
@@ -529,10 +543,9 @@ impl<T: Transport> Sessions<T> {
             if let Some(e) = c.extra.as_mut() {
                 if let Some((_, cur)) = e.channel_cursors.iter_mut().find(|(c, _)| &**c == channel)
                 {
-                    if cur.replaying || cur.since.is_some() || offset < cur.next {
+                    if !cur.take_live(offset) {
                         continue;
                     }
-                    cur.next = offset + 1;
                 }
             }
             self.deliver(key, payload);
