@@ -239,11 +239,6 @@ impl Hub {
             .flat_map(|v| v.iter().copied())
             .chain(self.channels.values().flat_map(|s| s.iter().copied()))
     }
-
-    /// The directory's entry for a home user: (shard, connections there).
-    pub fn directory_entry(&self, user: &str) -> &[(u16, u32)] {
-        self.directory.get(user).map_or(&[], |v| v.as_slice())
-    }
 }
 
 #[cfg(test)]

@@ -166,16 +166,6 @@ impl<T: Transport> Sessions<T> {
         self.now_unix_ms = now_unix_ms;
     }
 
-    /// The shard clock as last set.
-    pub fn now_ms(&self) -> u64 {
-        self.now_ms
-    }
-
-    /// This shard's index.
-    pub fn index(&self) -> u16 {
-        self.index
-    }
-
     /// The slab key the next [`accept`](Self::accept) will use (register the socket under it).
     pub fn next_key(&self) -> usize {
         self.conns.vacant_key()

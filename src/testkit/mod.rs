@@ -2,7 +2,7 @@
 //! HTTP response heads and server frames as a client parses them. Used by the end-to-end
 //! tests, the benches, the simulation, the fuzz targets and loadgen (no I/O here).
 
-use crate::ws::frame::{self, OpCode};
+use crate::ws::frame;
 
 /// The RFC 6455 sample key; its accept value is [`SAMPLE_ACCEPT`].
 pub const SAMPLE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -152,11 +152,6 @@ pub fn take_frame(buf: &mut Vec<u8>) -> Result<Option<ServerFrame>, frame::Frame
         masked: h.mask.is_some(),
         payload,
     }))
-}
-
-/// The opcode byte of `op`.
-pub fn opcode_byte(op: OpCode) -> u8 {
-    u8::from(op)
 }
 
 #[cfg(test)]
