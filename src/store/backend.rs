@@ -2,11 +2,9 @@
 //! one fsync per committed batch). The store thread decides; a backend only persists and reads.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use redb::{Database, ReadableTable, TableDefinition};
 
 use super::streams::{Dedup, Epoch, StreamMeta};
 
@@ -80,10 +78,6 @@ pub enum StoreError {
     Redb(String),
 }
 
-fn redb_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Redb(e.to_string())
-}
-
 /// Persistence of streams.
 pub trait Backend: Send {
     /// Reads what the store holds (at start-up).
@@ -98,6 +92,12 @@ pub trait Backend: Send {
         max_items: usize,
         max_bytes: usize,
     ) -> Result<Vec<Entry>, StoreError>;
+    /// Payload bytes of `stream`'s stored entries `from..to` (what trimming them frees).
+    fn bytes(&mut self, stream: &str, from: u64, to: u64) -> Result<u64, StoreError> {
+        let n = to.saturating_sub(from) as usize;
+        let entries = self.read(stream, from, n, usize::MAX)?;
+        Ok(entries.iter().map(|e| e.payload.len() as u64).sum())
+    }
     /// Whether a crash keeps what was committed.
     fn durable(&self) -> bool;
 }
@@ -166,153 +166,11 @@ impl Backend for Memory {
     }
 }
 
-const ENTRIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("entries");
-const META: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("meta");
-const CONFIRMED: TableDefinition<&str, u64> = TableDefinition::new("confirmed");
-const DEDUP: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("dedup");
-const INFO: TableDefinition<&str, u64> = TableDefinition::new("info");
-
-/// Streams in a redb file (`<data-dir>/streams.redb`); each commit is one fsync.
-pub struct Redb {
-    db: Database,
-}
-
-impl Redb {
-    /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path) -> Result<Redb, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        let db = Database::create(dir.join("streams.redb")).map_err(redb_err)?;
-        Ok(Redb { db })
-    }
-}
-
-impl Backend for Redb {
-    fn load(&mut self) -> Result<Loaded, StoreError> {
-        let tx = self.db.begin_write().map_err(redb_err)?;
-        let mut out = Loaded::default();
-        {
-            let mut info = tx.open_table(INFO).map_err(redb_err)?;
-            let found = info.get("epoch").map_err(redb_err)?.map(|v| v.value());
-            let epoch = match found {
-                Some(v) => Epoch(v),
-                None => {
-                    let e = new_epoch();
-                    info.insert("epoch", e.0).map_err(redb_err)?;
-                    e
-                }
-            };
-            out.epoch = Some(epoch);
-            let meta = tx.open_table(META).map_err(redb_err)?;
-            for r in meta.iter().map_err(redb_err)? {
-                let (k, v) = r.map_err(redb_err)?;
-                let (first, next, bytes) = v.value();
-                out.metas
-                    .push((k.value().to_owned(), StreamMeta { first, next, bytes }));
-            }
-            let conf = tx.open_table(CONFIRMED).map_err(redb_err)?;
-            for r in conf.iter().map_err(redb_err)? {
-                let (k, v) = r.map_err(redb_err)?;
-                out.confirmed.push((k.value().into(), v.value()));
-            }
-            let dedup = tx.open_table(DEDUP).map_err(redb_err)?;
-            for r in dedup.iter().map_err(redb_err)? {
-                let (k, v) = r.map_err(redb_err)?;
-                let (u, id) = k.value();
-                let (offset, expires_ms) = v.value();
-                out.dedups
-                    .push((u.into(), id.into(), Dedup { offset, expires_ms }));
-            }
-            tx.open_table(ENTRIES).map_err(redb_err)?;
-        }
-        tx.commit().map_err(redb_err)?;
-        Ok(out)
-    }
-
-    fn commit(&mut self, b: &Batch) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(redb_err)?;
-        {
-            let mut entries = tx.open_table(ENTRIES).map_err(redb_err)?;
-            let mut value = Vec::new();
-            for (s, e) in &b.appends {
-                value.clear();
-                value.extend_from_slice(&e.ts_ms.to_le_bytes());
-                value.extend_from_slice(&e.payload);
-                entries
-                    .insert((s.as_str(), e.offset), value.as_slice())
-                    .map_err(redb_err)?;
-            }
-            for (s, from, to) in &b.trims {
-                for o in *from..*to {
-                    entries.remove((s.as_str(), o)).map_err(redb_err)?;
-                }
-            }
-            let mut meta = tx.open_table(META).map_err(redb_err)?;
-            for (s, m) in &b.metas {
-                meta.insert(s.as_str(), (m.first, m.next, m.bytes))
-                    .map_err(redb_err)?;
-            }
-            let mut conf = tx.open_table(CONFIRMED).map_err(redb_err)?;
-            for (u, o) in &b.confirms {
-                conf.insert(&**u, *o).map_err(redb_err)?;
-            }
-            let mut dedup = tx.open_table(DEDUP).map_err(redb_err)?;
-            for (u, id, d) in &b.dedups {
-                dedup
-                    .insert((&**u, &**id), (d.offset, d.expires_ms))
-                    .map_err(redb_err)?;
-            }
-            for (u, id) in &b.dedup_expired {
-                dedup.remove((&**u, &**id)).map_err(redb_err)?;
-            }
-        }
-        tx.commit().map_err(redb_err)
-    }
-
-    fn read(
-        &mut self,
-        stream: &str,
-        from: u64,
-        max_items: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Entry>, StoreError> {
-        let tx = self.db.begin_read().map_err(redb_err)?;
-        let t = tx.open_table(ENTRIES).map_err(redb_err)?;
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for r in t
-            .range((stream, from)..=(stream, u64::MAX))
-            .map_err(redb_err)?
-        {
-            let (k, v) = r.map_err(redb_err)?;
-            let v = v.value();
-            if out.len() >= max_items || (bytes > 0 && bytes + v.len() > max_bytes) || v.len() < 8 {
-                break;
-            }
-            bytes += v.len();
-            let mut ts = [0u8; 8];
-            ts.copy_from_slice(&v[..8]);
-            out.push(Entry {
-                offset: k.value().1,
-                ts_ms: u64::from_le_bytes(ts),
-                payload: Bytes::copy_from_slice(&v[8..]),
-            });
-        }
-        Ok(out)
-    }
-
-    fn durable(&self) -> bool {
-        true
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn entry(offset: u64, p: &'static [u8]) -> Entry {
+    pub(crate) fn entry(offset: u64, p: &'static [u8]) -> Entry {
         Entry {
             offset,
             ts_ms: offset * 10,
@@ -320,7 +178,7 @@ mod tests {
         }
     }
 
-    fn exercise(b: &mut dyn Backend) {
+    pub(crate) fn exercise(b: &mut dyn Backend) {
         let mut batch = Batch::default();
         for (o, p) in [(1, &b"a"[..]), (2, b"bb"), (3, b"ccc")] {
             batch.appends.push(("inbox:bob".into(), entry(o, p)));
@@ -352,34 +210,5 @@ mod tests {
     #[test]
     fn memory_backend() {
         exercise(&mut Memory::default());
-    }
-
-    #[test]
-    fn redb_backend_persists_across_opens() {
-        let dir = std::env::temp_dir().join(format!("sb-redb-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let epoch = {
-            let mut r = Redb::open(&dir).unwrap();
-            let l = r.load().unwrap();
-            exercise(&mut r);
-            l.epoch.unwrap()
-        };
-        let mut r = Redb::open(&dir).unwrap();
-        let l = r.load().unwrap();
-        assert_eq!(l.epoch, Some(epoch), "same store, same epoch");
-        assert_eq!(l.metas.len(), 1);
-        assert_eq!(
-            r.read("inbox:bob", 0, 10, 1 << 20).unwrap(),
-            vec![entry(3, b"ccc")]
-        );
-        drop(r);
-        std::fs::remove_dir_all(&dir).unwrap();
-        let mut r = Redb::open(&dir).unwrap();
-        assert_ne!(
-            r.load().unwrap().epoch,
-            Some(epoch),
-            "a wiped store has a new epoch"
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,6 +9,7 @@
 //! connections: one path per stream, so offsets arrive in order.
 
 pub mod backend;
+pub mod redb_log;
 pub mod streams;
 
 use std::sync::Arc;
@@ -18,7 +19,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tracing::{error, info, warn};
 
-pub use backend::{Backend, Batch, Entry, Memory, Redb, StoreError};
+pub use backend::{Backend, Batch, Entry, Memory, StoreError};
+pub use redb_log::Redb;
 pub use streams::{Epoch, Retention, StreamMeta, Streams, Unrecoverable};
 
 use crate::ids::{home_of, ConnId, ReplyTo};
@@ -816,11 +818,7 @@ impl Worker {
         if first <= m.first {
             return;
         }
-        let mut bytes = 0u64;
-        let n = (first - m.first) as usize;
-        if let Ok(old) = self.backend.read(stream, m.first, n, usize::MAX) {
-            bytes += old.iter().map(|e| e.payload.len() as u64).sum::<u64>();
-        }
+        let mut bytes = self.backend.bytes(stream, m.first, first).unwrap_or(0);
         bytes += batch
             .appends
             .iter()
@@ -868,6 +866,11 @@ impl Worker {
                 .retention
                 .get(&s)
                 .map_or(self.cfg.inbox.ttl_ms, |r| r.ttl_ms);
+            // The oldest entry first: most streams have nothing to expire.
+            match self.backend.read(&s, m.first, 1, usize::MAX) {
+                Ok(oldest) if oldest.first().is_some_and(|e| e.ts_ms + ttl <= now) => {}
+                _ => continue,
+            }
             let Ok(old) = self.backend.read(&s, m.first, PAGE_ITEMS, usize::MAX) else {
                 continue;
             };

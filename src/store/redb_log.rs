@@ -1,0 +1,1099 @@
+//! Streams in a redb file (`<data-dir>/streams.redb`), laid out as a log of chunks.
+//!
+//! A commit appends its records (stored messages, dedup entries) to one chunk of up to
+//! 64 KiB, stored under the next chunk number: one B-tree insert at the right edge per
+//! commit instead of one per record, and never a random page (keyed by stream, the first
+//! layout wrote about five random 4 KiB pages per DM). Each stream's offsets map to record
+//! locations in memory (16 bytes per retained message), rebuilt by one scan when the file is
+//! opened.
+//!
+//! A chunk is deleted once none of its records is live (trimmed, expired). A chunk mostly
+//! dead is compacted: its live records move into the chunk being written, so the file stays
+//! within a small factor of what is retained. Deletions are written many at once, with the
+//! trimmed streams' `(first, next)`; a crash before that finds trimmed records again at
+//! start-up and applies retention again, which is harmless.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use redb::{Database, ReadableTable, Table, TableDefinition, TableHandle};
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use super::backend::{new_epoch, Backend, Batch, Entry, Loaded, StoreError};
+use super::streams::{Dedup, Epoch, StreamMeta};
+
+/// chunk number → chunk (see [`ChunkWriter`]).
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// stream id → stream name (written when a stream first stores a message).
+const NAMES: TableDefinition<u64, &str> = TableDefinition::new("names");
+/// stream id → (first, next) of a trimmed stream.
+const TRIMMED: TableDefinition<u64, (u64, u64)> = TableDefinition::new("trimmed");
+const CONFIRMED: TableDefinition<&str, u64> = TableDefinition::new("confirmed");
+const INFO: TableDefinition<&str, u64> = TableDefinition::new("info");
+
+/// The first layout (one B-tree entry per (stream, offset)); converted when opened.
+const V1_ENTRIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("entries");
+const V1_META: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("meta");
+const V1_DEDUP: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("dedup");
+
+/// A chunk is sealed past this size (a replay reads one chunk per message it returns).
+const CHUNK_BYTES: usize = 64 * 1024;
+/// Records in one chunk, at most (a location keeps 16 bits for the index).
+const CHUNK_RECORDS: usize = u16::MAX as usize;
+/// Dead chunks that wait before they are deleted in one go.
+const DEAD_FLUSH: usize = 64;
+/// Trimmed streams whose new start waits to be written, at most.
+const TRIMMED_FLUSH: usize = 4_096;
+/// Chunks inspected for compaction per commit.
+const INSPECT_PER_COMMIT: usize = 2;
+
+const KIND_ENTRY: u8 = 1;
+const KIND_DEDUP: u8 = 2;
+const ENTRY_HEAD: usize = 25;
+
+fn redb_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Redb(e.to_string())
+}
+
+/// Where a record is: chunk number and index in the chunk.
+fn loc(chunk: u64, idx: usize) -> u64 {
+    (chunk << 16) | idx as u64
+}
+
+fn chunk_of(loc: u64) -> u64 {
+    loc >> 16
+}
+
+/// One log record, decoded.
+#[derive(Debug, PartialEq, Eq)]
+enum Record<'a> {
+    /// A message of stream `id`.
+    Entry {
+        id: u64,
+        offset: u64,
+        ts_ms: u64,
+        payload: &'a [u8],
+    },
+    /// A dedup entry: `user`'s request `key` was answered with `offset`.
+    Dedup {
+        expires_ms: u64,
+        offset: u64,
+        user: &'a str,
+        key: &'a str,
+    },
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+impl<'a> Record<'a> {
+    fn encode_entry(out: &mut Vec<u8>, id: u64, e: &Entry) {
+        out.push(KIND_ENTRY);
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&e.offset.to_le_bytes());
+        out.extend_from_slice(&e.ts_ms.to_le_bytes());
+        out.extend_from_slice(&e.payload);
+    }
+
+    fn encode_dedup(out: &mut Vec<u8>, user: &str, key: &str, d: &Dedup) {
+        out.push(KIND_DEDUP);
+        out.extend_from_slice(&d.expires_ms.to_le_bytes());
+        out.extend_from_slice(&d.offset.to_le_bytes());
+        out.extend_from_slice(&(user.len() as u32).to_le_bytes());
+        out.extend_from_slice(user.as_bytes());
+        out.extend_from_slice(key.as_bytes());
+    }
+
+    fn decode(b: &'a [u8]) -> Option<Record<'a>> {
+        match *b.first()? {
+            KIND_ENTRY => Some(Record::Entry {
+                id: u64_at(b, 1)?,
+                offset: u64_at(b, 9)?,
+                ts_ms: u64_at(b, 17)?,
+                payload: b.get(ENTRY_HEAD..)?,
+            }),
+            KIND_DEDUP => {
+                let n = u32_at(b, 17)? as usize;
+                let user = std::str::from_utf8(b.get(21..21 + n)?).ok()?;
+                let key = std::str::from_utf8(b.get(21 + n..)?).ok()?;
+                Some(Record::Dedup {
+                    expires_ms: u64_at(b, 1)?,
+                    offset: u64_at(b, 9)?,
+                    user,
+                    key,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A chunk being written: `[n: u32][end of record i: u32; n][records]`.
+#[derive(Debug, Default)]
+struct ChunkWriter {
+    ends: Vec<u32>,
+    body: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn full(&self) -> bool {
+        self.body.len() >= CHUNK_BYTES || self.ends.len() >= CHUNK_RECORDS
+    }
+
+    /// Adds a record written by `f`; returns its index.
+    fn push(&mut self, f: impl FnOnce(&mut Vec<u8>)) -> usize {
+        f(&mut self.body);
+        self.ends.push(self.body.len() as u32);
+        self.ends.len() - 1
+    }
+
+    fn finish(&mut self) -> &[u8] {
+        self.out.clear();
+        self.out
+            .extend_from_slice(&(self.ends.len() as u32).to_le_bytes());
+        for e in &self.ends {
+            self.out.extend_from_slice(&e.to_le_bytes());
+        }
+        self.out.extend_from_slice(&self.body);
+        self.ends.clear();
+        self.body.clear();
+        &self.out
+    }
+}
+
+/// The records of a stored chunk.
+fn chunk_records(c: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let n = u32_at(c, 0).unwrap_or(0) as usize;
+    let base = 4 + 4 * n;
+    let mut start = 0usize;
+    (0..n).map_while(move |i| {
+        let end = u32_at(c, 4 + 4 * i)? as usize;
+        let r = c.get(base + start..base + end)?;
+        start = end;
+        Some(r)
+    })
+}
+
+/// Record `idx` of a stored chunk.
+fn chunk_record(c: &[u8], idx: usize) -> Option<&[u8]> {
+    let n = u32_at(c, 0)? as usize;
+    if idx >= n {
+        return None;
+    }
+    let base = 4 + 4 * n;
+    let start = if idx == 0 {
+        0
+    } else {
+        u32_at(c, 4 + 4 * (idx - 1))? as usize
+    };
+    let end = u32_at(c, 4 + 4 * idx)? as usize;
+    c.get(base + start..base + end)
+}
+
+/// One retained message: where its record is and its payload size.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    loc: u64,
+    len: u32,
+}
+
+/// Where one stream's retained messages are: `slots[i]` holds offset `first + i`.
+#[derive(Debug, Default)]
+struct Indexed {
+    first: u64,
+    slots: VecDeque<Slot>,
+    /// `next` as last written to TRIMMED (a stream trimmed empty keeps its offsets going).
+    trimmed_next: u64,
+    /// Payload bytes (counted when loading).
+    bytes: u64,
+}
+
+impl Indexed {
+    fn next(&self) -> u64 {
+        (self.first + self.slots.len() as u64).max(self.trimmed_next)
+    }
+
+    /// The slot of `offset`, if retained.
+    fn slot_mut(&mut self, offset: u64) -> Option<&mut Slot> {
+        let i = offset.checked_sub(self.first)?;
+        self.slots.get_mut(i as usize)
+    }
+}
+
+/// Live and total records of a chunk.
+#[derive(Debug, Default, Clone, Copy)]
+struct ChunkInfo {
+    live: u32,
+    total: u32,
+}
+
+/// Streams in a redb file; each commit is one fsync.
+pub struct Redb {
+    db: Database,
+    ids: FxHashMap<String, u64>,
+    names: FxHashMap<u64, String>,
+    streams: FxHashMap<u64, Indexed>,
+    chunks: FxHashMap<u64, ChunkInfo>,
+    /// Sealed chunks, in the order they are inspected for compaction.
+    ring: VecDeque<u64>,
+    /// The chunk being written.
+    current: u64,
+    writer: ChunkWriter,
+    next_id: u64,
+    /// Dedup records in the order they expire (the window is one length for all).
+    dedups: VecDeque<(u64, u64)>,
+    /// Chunks with no live record, deleted at the next flush.
+    dead: Vec<u64>,
+    /// Streams trimmed since the last flush.
+    trimmed: FxHashSet<u64>,
+}
+
+impl Redb {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Redb, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let db = Database::create(dir.join("streams.redb")).map_err(redb_err)?;
+        Ok(Redb {
+            db,
+            ids: FxHashMap::default(),
+            names: FxHashMap::default(),
+            streams: FxHashMap::default(),
+            chunks: FxHashMap::default(),
+            ring: VecDeque::new(),
+            current: 1,
+            writer: ChunkWriter::default(),
+            next_id: 1,
+            dedups: VecDeque::new(),
+            dead: Vec::new(),
+            trimmed: FxHashSet::default(),
+        })
+    }
+
+    /// Chunks stored (live or waiting to be deleted).
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Dead chunks not deleted yet.
+    pub fn dead(&self) -> usize {
+        self.dead.len()
+    }
+
+    fn id_of(&mut self, stream: &str, names: &mut Table<u64, &str>) -> Result<u64, StoreError> {
+        if let Some(&id) = self.ids.get(stream) {
+            return Ok(id);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        names.insert(id, stream).map_err(redb_err)?;
+        self.ids.insert(stream.to_owned(), id);
+        self.names.insert(id, stream.to_owned());
+        self.streams.insert(id, Indexed::default());
+        Ok(id)
+    }
+
+    /// Adds a record to the chunk being written (sealing it first when full); its location.
+    fn place(
+        &mut self,
+        log: &mut Table<u64, &[u8]>,
+        f: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<u64, StoreError> {
+        if self.writer.full() {
+            self.seal(log)?;
+        }
+        let idx = self.writer.push(f);
+        let info = self.chunks.entry(self.current).or_default();
+        info.live += 1;
+        info.total += 1;
+        Ok(loc(self.current, idx))
+    }
+
+    /// Writes the chunk being written, if it has records.
+    fn seal(&mut self, log: &mut Table<u64, &[u8]>) -> Result<(), StoreError> {
+        if self.writer.len() == 0 {
+            return Ok(());
+        }
+        log.insert(self.current, self.writer.finish())
+            .map_err(redb_err)?;
+        if self.chunks.get(&self.current).is_some_and(|c| c.live > 0) {
+            self.ring.push_back(self.current);
+        }
+        self.current += 1;
+        Ok(())
+    }
+
+    /// A record is no longer live.
+    fn release(&mut self, at: u64) {
+        let c = chunk_of(at);
+        if let Some(info) = self.chunks.get_mut(&c) {
+            info.live = info.live.saturating_sub(1);
+            if info.live == 0 {
+                self.dead.push(c);
+            }
+        }
+    }
+
+    /// Drops `stream id`'s slots before `to`.
+    fn trim_to(&mut self, id: u64, to: u64) {
+        let Some(ix) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let mut freed = Vec::new();
+        while ix.first < to {
+            match ix.slots.pop_front() {
+                Some(s) => freed.push(s.loc),
+                None => {
+                    ix.first = to;
+                    break;
+                }
+            }
+            ix.first += 1;
+        }
+        for at in freed {
+            self.release(at);
+        }
+        self.trimmed.insert(id);
+    }
+
+    /// Whether the record at `at` is still live; if so it is moved to `to`.
+    fn relocate(&mut self, record: &Record<'_>, at: u64, to: u64, now: u64) -> bool {
+        match *record {
+            Record::Entry { id, offset, .. } => {
+                let Some(slot) = self.streams.get_mut(&id).and_then(|ix| ix.slot_mut(offset))
+                else {
+                    return false;
+                };
+                if slot.loc != at {
+                    return false;
+                }
+                slot.loc = to;
+                true
+            }
+            Record::Dedup { expires_ms, .. } => {
+                if expires_ms <= now {
+                    return false;
+                }
+                let from = self.dedups.partition_point(|&(e, _)| e < expires_ms);
+                let found = (from..self.dedups.len())
+                    .chain(0..from)
+                    .find(|&i| self.dedups[i].1 == at);
+                match found {
+                    Some(i) => {
+                        self.dedups[i].1 = to;
+                        true
+                    }
+                    None => false,
+                }
+            }
+        }
+    }
+
+    /// Looks at a few sealed chunks: a mostly dead one has its live records moved into the
+    /// chunk being written (then it is dead itself); others go to the back of the ring.
+    fn compact(&mut self, log: &mut Table<u64, &[u8]>, now: u64) -> Result<(), StoreError> {
+        for _ in 0..INSPECT_PER_COMMIT {
+            let Some(c) = self.ring.pop_front() else {
+                return Ok(());
+            };
+            let Some(info) = self.chunks.get(&c).copied() else {
+                continue;
+            };
+            if info.live == 0 {
+                continue;
+            }
+            if info.live * 4 > info.total {
+                self.ring.push_back(c);
+                continue;
+            }
+            let stored = match log.get(c).map_err(redb_err)? {
+                Some(v) => v.value().to_vec(),
+                None => continue,
+            };
+            for (idx, raw) in chunk_records(&stored).enumerate() {
+                let Some(record) = Record::decode(raw) else {
+                    continue;
+                };
+                let at = loc(c, idx);
+                if self.writer.full() {
+                    self.seal(log)?;
+                }
+                let to = loc(self.current, self.writer.len());
+                if self.relocate(&record, at, to, now) {
+                    self.place(log, |out| out.extend_from_slice(raw))?;
+                    self.release(at);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes dead chunks and writes the trimmed streams' starts.
+    fn flush(&mut self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let mut log = tx.open_table(LOG).map_err(redb_err)?;
+        self.dead.sort_unstable();
+        self.dead.dedup();
+        for c in self.dead.drain(..) {
+            if self.chunks.get(&c).is_some_and(|i| i.live == 0) {
+                log.remove(c).map_err(redb_err)?;
+                self.chunks.remove(&c);
+            }
+        }
+        let mut trimmed = tx.open_table(TRIMMED).map_err(redb_err)?;
+        for id in self.trimmed.drain() {
+            if let Some(ix) = self.streams.get_mut(&id) {
+                ix.trimmed_next = ix.next();
+                trimmed
+                    .insert(id, (ix.first, ix.trimmed_next))
+                    .map_err(redb_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn commit_inner(&mut self, b: &Batch) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(redb_err)?;
+        let now = unix_ms();
+        {
+            let mut log = tx.open_table(LOG).map_err(redb_err)?;
+            let mut names = tx.open_table(NAMES).map_err(redb_err)?;
+            // Trims first: entries of this batch are already past them.
+            for (s, _, to) in &b.trims {
+                if let Some(&id) = self.ids.get(s.as_str()) {
+                    self.trim_to(id, *to);
+                }
+            }
+            for (s, e) in &b.appends {
+                let id = self.id_of(s, &mut names)?;
+                let at = self.place(&mut log, |out| Record::encode_entry(out, id, e))?;
+                let slot = Slot {
+                    loc: at,
+                    len: e.payload.len() as u32,
+                };
+                let ix = self.streams.entry(id).or_default();
+                let mut gap = Vec::new();
+                if ix.slots.is_empty() {
+                    ix.first = e.offset;
+                } else if ix.first + ix.slots.len() as u64 != e.offset {
+                    // Not expected (offsets have no gaps); keep the index exact anyway.
+                    gap.extend(ix.slots.drain(..).map(|s| s.loc));
+                    ix.first = e.offset;
+                }
+                ix.slots.push_back(slot);
+                for at in gap {
+                    self.release(at);
+                }
+            }
+            for (u, key, d) in &b.dedups {
+                let at = self.place(&mut log, |out| Record::encode_dedup(out, u, key, d))?;
+                self.dedups.push_back((d.expires_ms, at));
+            }
+            while self.dedups.front().is_some_and(|&(exp, _)| exp <= now) {
+                if let Some((_, at)) = self.dedups.pop_front() {
+                    self.release(at);
+                }
+            }
+            if !b.confirms.is_empty() {
+                let mut conf = tx.open_table(CONFIRMED).map_err(redb_err)?;
+                for (u, o) in &b.confirms {
+                    conf.insert(&**u, *o).map_err(redb_err)?;
+                }
+            }
+            self.compact(&mut log, now)?;
+            self.seal(&mut log)?;
+        }
+        // Idle (nothing appended) or enough piled up: delete the dead chunks.
+        let idle = b.appends.is_empty() && !(self.dead.is_empty() && self.trimmed.is_empty());
+        if idle || self.dead.len() >= DEAD_FLUSH || self.trimmed.len() >= TRIMMED_FLUSH {
+            self.flush(&tx)?;
+        }
+        tx.commit().map_err(redb_err)
+    }
+
+    /// Converts a file of the first layout (one entry per (stream, offset)) into the log.
+    fn migrate_v1(&mut self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let has_v1 = tx
+            .list_tables()
+            .map_err(redb_err)?
+            .any(|t| t.name() == V1_ENTRIES.name());
+        if !has_v1 {
+            return Ok(());
+        }
+        let mut log = tx.open_table(LOG).map_err(redb_err)?;
+        let mut names = tx.open_table(NAMES).map_err(redb_err)?;
+        let mut trimmed = tx.open_table(TRIMMED).map_err(redb_err)?;
+        let mut chunk = log
+            .last()
+            .map_err(redb_err)?
+            .map_or(1, |(k, _)| k.value() + 1);
+        let mut ids: FxHashMap<String, u64> = FxHashMap::default();
+        let mut next_id = 1;
+        let mut w = ChunkWriter::default();
+        let mut put = |w: &mut ChunkWriter, log: &mut Table<u64, &[u8]>| {
+            let r = log.insert(chunk, w.finish()).map(|_| ());
+            chunk += 1;
+            r.map_err(redb_err)
+        };
+        {
+            let meta = tx.open_table(V1_META).map_err(redb_err)?;
+            for r in meta.iter().map_err(redb_err)? {
+                let (k, v) = r.map_err(redb_err)?;
+                let (first, next, _) = v.value();
+                let id = next_id;
+                next_id += 1;
+                names.insert(id, k.value()).map_err(redb_err)?;
+                trimmed.insert(id, (first, next)).map_err(redb_err)?;
+                ids.insert(k.value().to_owned(), id);
+            }
+            let entries = tx.open_table(V1_ENTRIES).map_err(redb_err)?;
+            for r in entries.iter().map_err(redb_err)? {
+                let (k, v) = r.map_err(redb_err)?;
+                let (stream, offset) = k.value();
+                let v = v.value();
+                let Some(ts_ms) = u64_at(v, 0) else { continue };
+                let id = match ids.get(stream) {
+                    Some(&id) => id,
+                    None => {
+                        let id = next_id;
+                        next_id += 1;
+                        names.insert(id, stream).map_err(redb_err)?;
+                        ids.insert(stream.to_owned(), id);
+                        id
+                    }
+                };
+                let e = Entry {
+                    offset,
+                    ts_ms,
+                    payload: Bytes::copy_from_slice(&v[8..]),
+                };
+                w.push(|out| Record::encode_entry(out, id, &e));
+                if w.full() {
+                    put(&mut w, &mut log)?;
+                }
+            }
+            let dedup = tx.open_table(V1_DEDUP).map_err(redb_err)?;
+            for r in dedup.iter().map_err(redb_err)? {
+                let (k, v) = r.map_err(redb_err)?;
+                let (user, key) = k.value();
+                let (offset, expires_ms) = v.value();
+                let d = Dedup { offset, expires_ms };
+                w.push(|out| Record::encode_dedup(out, user, key, &d));
+                if w.full() {
+                    put(&mut w, &mut log)?;
+                }
+            }
+            if w.len() > 0 {
+                put(&mut w, &mut log)?;
+            }
+        }
+        tx.delete_table(V1_ENTRIES).map_err(redb_err)?;
+        tx.delete_table(V1_META).map_err(redb_err)?;
+        tx.delete_table(V1_DEDUP).map_err(redb_err)?;
+        Ok(())
+    }
+
+    /// Rebuilds the in-memory index from the file.
+    fn load_inner(&mut self) -> Result<Loaded, StoreError> {
+        self.ids.clear();
+        self.names.clear();
+        self.streams.clear();
+        self.chunks.clear();
+        self.ring.clear();
+        self.writer = ChunkWriter::default();
+        self.dedups.clear();
+        self.dead.clear();
+        self.trimmed.clear();
+        let now = unix_ms();
+        let tx = self.db.begin_write().map_err(redb_err)?;
+        self.migrate_v1(&tx)?;
+        let mut out = Loaded::default();
+        {
+            let mut info = tx.open_table(INFO).map_err(redb_err)?;
+            let found = info.get("epoch").map_err(redb_err)?.map(|v| v.value());
+            let epoch = match found {
+                Some(v) => Epoch(v),
+                None => {
+                    let e = new_epoch();
+                    info.insert("epoch", e.0).map_err(redb_err)?;
+                    e
+                }
+            };
+            out.epoch = Some(epoch);
+            let names = tx.open_table(NAMES).map_err(redb_err)?;
+            for r in names.iter().map_err(redb_err)? {
+                let (k, v) = r.map_err(redb_err)?;
+                let (id, name) = (k.value(), v.value().to_owned());
+                self.next_id = self.next_id.max(id + 1);
+                self.ids.insert(name.clone(), id);
+                self.names.insert(id, name);
+                self.streams.insert(id, Indexed::default());
+            }
+            let trimmed = tx.open_table(TRIMMED).map_err(redb_err)?;
+            for r in trimmed.iter().map_err(redb_err)? {
+                let (k, v) = r.map_err(redb_err)?;
+                let (first, next) = v.value();
+                if let Some(ix) = self.streams.get_mut(&k.value()) {
+                    ix.first = first;
+                    ix.trimmed_next = next;
+                }
+            }
+            let log = tx.open_table(LOG).map_err(redb_err)?;
+            self.current = log
+                .last()
+                .map_err(redb_err)?
+                .map_or(1, |(k, _)| k.value() + 1);
+            for r in log.iter().map_err(redb_err)? {
+                let (k, v) = r.map_err(redb_err)?;
+                let c = k.value();
+                let mut info = ChunkInfo::default();
+                let mut freed = Vec::new();
+                for (idx, raw) in chunk_records(v.value()).enumerate() {
+                    info.total += 1;
+                    let at = loc(c, idx);
+                    match Record::decode(raw) {
+                        Some(Record::Entry {
+                            id,
+                            offset,
+                            payload,
+                            ..
+                        }) => {
+                            let Some(ix) = self.streams.get_mut(&id) else {
+                                continue;
+                            };
+                            if ix.slots.is_empty() && offset < ix.first {
+                                // Trimmed; the trim was not written yet.
+                                self.trimmed.insert(id);
+                                continue;
+                            }
+                            if ix.slots.is_empty() {
+                                ix.first = offset;
+                            } else if offset != ix.first + ix.slots.len() as u64 {
+                                // A gap: what came before was trimmed in a batch whose trim
+                                // was not written yet (entries trimmed before they were stored).
+                                freed.extend(ix.slots.drain(..).map(|s| s.loc));
+                                self.trimmed.insert(id);
+                                ix.first = offset;
+                                ix.bytes = 0;
+                            }
+                            ix.slots.push_back(Slot {
+                                loc: at,
+                                len: payload.len() as u32,
+                            });
+                            ix.bytes += payload.len() as u64;
+                            info.live += 1;
+                        }
+                        Some(Record::Dedup {
+                            expires_ms,
+                            offset,
+                            user,
+                            key,
+                        }) if expires_ms > now => {
+                            out.dedups.push((
+                                user.into(),
+                                key.into(),
+                                Dedup { offset, expires_ms },
+                            ));
+                            self.dedups.push_back((expires_ms, at));
+                            info.live += 1;
+                        }
+                        _ => {}
+                    }
+                }
+                self.chunks.insert(c, info);
+                if info.live == 0 {
+                    self.dead.push(c);
+                } else {
+                    self.ring.push_back(c);
+                }
+                for at in freed {
+                    self.release(at);
+                }
+            }
+            for (id, ix) in &self.streams {
+                let Some(name) = self.names.get(id) else {
+                    continue;
+                };
+                let next = ix.next();
+                let first = if ix.slots.is_empty() { next } else { ix.first };
+                out.metas.push((
+                    name.clone(),
+                    StreamMeta {
+                        first: first.max(1),
+                        next: next.max(1),
+                        bytes: ix.bytes,
+                    },
+                ));
+            }
+            let conf = tx.open_table(CONFIRMED).map_err(redb_err)?;
+            for r in conf.iter().map_err(redb_err)? {
+                let (k, v) = r.map_err(redb_err)?;
+                out.confirmed.push((Arc::from(k.value()), v.value()));
+            }
+        }
+        // What the scan found dead goes now, with the trimmed streams' new starts.
+        if !self.dead.is_empty() || !self.trimmed.is_empty() {
+            self.flush(&tx)?;
+        }
+        tx.commit().map_err(redb_err)?;
+        Ok(out)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Backend for Redb {
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        self.load_inner()
+    }
+
+    fn commit(&mut self, b: &Batch) -> Result<(), StoreError> {
+        let r = self.commit_inner(b);
+        if r.is_err() {
+            // The index may be ahead of the file: read it back.
+            let _ = self.load_inner();
+        }
+        r
+    }
+
+    fn read(
+        &mut self,
+        stream: &str,
+        from: u64,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::new();
+        let Some(ix) = self.ids.get(stream).and_then(|id| self.streams.get(id)) else {
+            return Ok(out);
+        };
+        let start = from.max(ix.first);
+        let skip = (start - ix.first) as usize;
+        if skip >= ix.slots.len() {
+            return Ok(out);
+        }
+        let tx = self.db.begin_read().map_err(redb_err)?;
+        let t = tx.open_table(LOG).map_err(redb_err)?;
+        let mut bytes = 0;
+        let mut chunk: Option<(u64, redb::AccessGuard<'_, &[u8]>)> = None;
+        for slot in ix.slots.iter().skip(skip) {
+            let len = slot.len as usize;
+            if out.len() >= max_items || (bytes > 0 && bytes + len > max_bytes) {
+                break;
+            }
+            let c = chunk_of(slot.loc);
+            if chunk.as_ref().is_none_or(|(n, _)| *n != c) {
+                let Some(v) = t.get(c).map_err(redb_err)? else {
+                    break;
+                };
+                chunk = Some((c, v));
+            }
+            let Some((_, v)) = &chunk else { break };
+            let Some(Record::Entry {
+                offset,
+                ts_ms,
+                payload,
+                ..
+            }) = chunk_record(v.value(), (slot.loc & 0xffff) as usize).and_then(Record::decode)
+            else {
+                break;
+            };
+            bytes += len;
+            out.push(Entry {
+                offset,
+                ts_ms,
+                payload: Bytes::copy_from_slice(payload),
+            });
+        }
+        Ok(out)
+    }
+
+    fn bytes(&mut self, stream: &str, from: u64, to: u64) -> Result<u64, StoreError> {
+        let Some(ix) = self.ids.get(stream).and_then(|id| self.streams.get(id)) else {
+            return Ok(0);
+        };
+        let from = from.max(ix.first);
+        let to = to.min(ix.first + ix.slots.len() as u64);
+        Ok((from..to)
+            .filter_map(|o| ix.slots.get((o - ix.first) as usize))
+            .map(|s| u64::from(s.len))
+            .sum())
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::backend::tests::{entry, exercise};
+
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let p = std::env::temp_dir().join(format!("sb-redb-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn meta_of(l: &Loaded, s: &str) -> Option<StreamMeta> {
+        l.metas.iter().find(|(n, _)| n == s).map(|(_, m)| *m)
+    }
+
+    fn appends(stream: &str, offsets: &[u64]) -> Batch {
+        let mut b = Batch::default();
+        for &o in offsets {
+            b.appends.push((stream.into(), entry(o, b"pp")));
+        }
+        b
+    }
+
+    #[test]
+    fn persists_across_opens_and_a_wiped_store_has_a_new_epoch() {
+        let dir = TempDir::new("persist");
+        let epoch = {
+            let mut r = Redb::open(&dir.0).unwrap();
+            let l = r.load().unwrap();
+            exercise(&mut r);
+            l.epoch.unwrap()
+        };
+        let mut r = Redb::open(&dir.0).unwrap();
+        let l = r.load().unwrap();
+        assert_eq!(l.epoch, Some(epoch), "same store, same epoch");
+        assert_eq!(
+            meta_of(&l, "inbox:bob"),
+            Some(StreamMeta {
+                first: 3,
+                next: 4,
+                bytes: 3
+            })
+        );
+        assert_eq!(
+            r.read("inbox:bob", 0, 10, 1 << 20).unwrap(),
+            vec![entry(3, b"ccc")]
+        );
+        drop(r);
+        std::fs::remove_dir_all(&dir.0).unwrap();
+        let mut r = Redb::open(&dir.0).unwrap();
+        assert_ne!(
+            r.load().unwrap().epoch,
+            Some(epoch),
+            "a wiped store has a new epoch"
+        );
+    }
+
+    #[test]
+    fn trimmed_records_are_deleted_in_batches_and_a_crash_before_that_loses_nothing_kept() {
+        let dir = TempDir::new("garbage");
+        {
+            let mut r = Redb::open(&dir.0).unwrap();
+            r.load().unwrap();
+            r.commit(&appends("s", &[1, 2, 3])).unwrap();
+            // Offset 5 was trimmed before it was stored (retention within one batch).
+            let mut b = appends("s", &[4, 6]);
+            b.trims.push(("s".into(), 1, 3));
+            b.trims.push(("s".into(), 3, 6));
+            b.appends.retain(|(_, e)| e.offset != 4);
+            r.commit(&b).unwrap();
+            assert_eq!(r.dead(), 1, "deleted later, not in a commit that appends");
+            assert_eq!(r.read("s", 0, 10, 1 << 20).unwrap(), vec![entry(6, b"pp")]);
+            // Dropped here as by a crash: the trim was never written.
+        }
+        let mut r = Redb::open(&dir.0).unwrap();
+        let l = r.load().unwrap();
+        assert_eq!(
+            meta_of(&l, "s"),
+            Some(StreamMeta {
+                first: 6,
+                next: 7,
+                bytes: 2
+            }),
+            "the gap at 4..6 shows the trim"
+        );
+        assert_eq!(r.read("s", 1, 10, 1 << 20).unwrap(), vec![entry(6, b"pp")]);
+        // An idle commit deletes everything trimmed; a stream trimmed empty keeps its next.
+        let mut b = Batch::default();
+        b.trims.push(("s".into(), 6, 7));
+        r.commit(&b).unwrap();
+        assert_eq!((r.dead(), r.chunks()), (0, 0));
+        drop(r);
+        let mut r = Redb::open(&dir.0).unwrap();
+        let l = r.load().unwrap();
+        assert_eq!(
+            meta_of(&l, "s"),
+            Some(StreamMeta {
+                first: 7,
+                next: 7,
+                bytes: 0
+            })
+        );
+        assert!(r.read("s", 0, 10, 1 << 20).unwrap().is_empty());
+        r.commit(&appends("s", &[7])).unwrap();
+        assert_eq!(r.read("s", 0, 10, 1 << 20).unwrap(), vec![entry(7, b"pp")]);
+    }
+
+    #[test]
+    fn dedup_entries_survive_a_restart_until_they_expire() {
+        let dir = TempDir::new("dedup");
+        let now = unix_ms();
+        {
+            let mut r = Redb::open(&dir.0).unwrap();
+            r.load().unwrap();
+            let mut b = appends("inbox:ann", &[1]);
+            let live = Dedup {
+                offset: 1,
+                expires_ms: now + 600_000,
+            };
+            let dead = Dedup {
+                offset: 1,
+                expires_ms: now.saturating_sub(1),
+            };
+            b.dedups.push(("ann".into(), "m1".into(), live));
+            b.dedups.push(("ann".into(), "old".into(), dead));
+            r.commit(&b).unwrap();
+        }
+        let mut r = Redb::open(&dir.0).unwrap();
+        let l = r.load().unwrap();
+        assert_eq!(l.dedups.len(), 1);
+        assert_eq!(&*l.dedups[0].0, "ann");
+        assert_eq!(&*l.dedups[0].1, "m1");
+        assert_eq!(l.dedups[0].2.offset, 1);
+        assert_eq!((r.chunks(), r.dead()), (1, 0));
+    }
+
+    #[test]
+    fn a_mostly_dead_chunk_is_compacted_and_its_live_records_stay_readable() {
+        let dir = TempDir::new("compact");
+        {
+            let mut r = Redb::open(&dir.0).unwrap();
+            r.load().unwrap();
+            let mut b = appends("a", &[1, 2, 3, 4, 5, 6, 7, 8]);
+            b.appends.push(("b".into(), entry(1, b"bb")));
+            r.commit(&b).unwrap();
+            let mut b = appends("c", &[1]);
+            b.trims.push(("a".into(), 1, 9));
+            r.commit(&b).unwrap();
+            assert_eq!(r.dead(), 1, "b:1 moved out of the first chunk");
+            assert_eq!(r.read("b", 1, 10, 1 << 20).unwrap(), vec![entry(1, b"bb")]);
+            assert_eq!(r.bytes("b", 1, 2).unwrap(), 2);
+            r.commit(&Batch::default()).unwrap();
+            assert_eq!((r.chunks(), r.dead()), (1, 0));
+        }
+        let mut r = Redb::open(&dir.0).unwrap();
+        let l = r.load().unwrap();
+        assert_eq!(r.read("b", 1, 10, 1 << 20).unwrap(), vec![entry(1, b"bb")]);
+        assert_eq!(r.read("c", 1, 10, 1 << 20).unwrap(), vec![entry(1, b"pp")]);
+        assert!(r.read("a", 1, 10, 1 << 20).unwrap().is_empty());
+        assert_eq!(meta_of(&l, "a").map(|m| (m.first, m.next)), Some((9, 9)));
+    }
+
+    #[test]
+    fn records_past_a_chunk_fill_several_chunks() {
+        let dir = TempDir::new("seal");
+        let mut r = Redb::open(&dir.0).unwrap();
+        r.load().unwrap();
+        let big = Bytes::from(vec![b'x'; 20_000]);
+        let mut b = Batch::default();
+        for o in 1..=10 {
+            let e = Entry {
+                offset: o,
+                ts_ms: 1,
+                payload: big.clone(),
+            };
+            b.appends.push(("s".into(), e));
+        }
+        r.commit(&b).unwrap();
+        assert!(r.chunks() >= 3, "{} chunks", r.chunks());
+        let got = r.read("s", 1, 100, usize::MAX).unwrap();
+        assert_eq!(
+            got.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            (1..=10).collect::<Vec<_>>()
+        );
+        assert!(got.iter().all(|e| e.payload == big));
+        assert_eq!(r.read("s", 1, 100, 50_000).unwrap().len(), 2, "byte cap");
+    }
+
+    #[test]
+    fn a_file_of_the_first_layout_is_converted() {
+        let dir = TempDir::new("v1");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        {
+            let db = Database::create(dir.0.join("streams.redb")).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut e = tx.open_table(V1_ENTRIES).unwrap();
+                for o in [4u64, 5] {
+                    let mut v = (o * 10).to_le_bytes().to_vec();
+                    v.extend_from_slice(b"pp");
+                    e.insert(("inbox:bob", o), v.as_slice()).unwrap();
+                }
+                let mut m = tx.open_table(V1_META).unwrap();
+                m.insert("inbox:bob", (4, 6, 4)).unwrap();
+                m.insert("inbox:eve", (9, 9, 0)).unwrap();
+                let mut d = tx.open_table(V1_DEDUP).unwrap();
+                d.insert(("bob", "m1"), (5, unix_ms() + 600_000)).unwrap();
+                let mut i = tx.open_table(INFO).unwrap();
+                i.insert("epoch", 77).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let mut r = Redb::open(&dir.0).unwrap();
+        let l = r.load().unwrap();
+        assert_eq!(
+            l.epoch,
+            Some(Epoch(77)),
+            "the epoch is kept: positions stay valid"
+        );
+        assert_eq!(
+            meta_of(&l, "inbox:bob"),
+            Some(StreamMeta {
+                first: 4,
+                next: 6,
+                bytes: 4
+            })
+        );
+        assert_eq!(
+            meta_of(&l, "inbox:eve"),
+            Some(StreamMeta {
+                first: 9,
+                next: 9,
+                bytes: 0
+            })
+        );
+        assert_eq!(l.dedups.len(), 1);
+        assert_eq!(
+            r.read("inbox:bob", 0, 10, 1 << 20).unwrap(),
+            vec![entry(4, b"pp"), entry(5, b"pp")]
+        );
+        drop(r);
+        let mut r = Redb::open(&dir.0).unwrap();
+        assert_eq!(r.load().unwrap().metas.len(), 2, "converted once");
+    }
+}
