@@ -24,17 +24,17 @@ pub struct Entry {
 #[derive(Debug, Default)]
 pub struct Batch {
     /// (stream, entry).
-    pub appends: Vec<(String, Entry)>,
+    pub appends: Vec<(Arc<str>, Entry)>,
     /// (stream, old first, new first): entries in between are deleted.
     pub trims: Vec<(String, u64, u64)>,
     /// Stream states after this batch.
-    pub metas: Vec<(String, StreamMeta)>,
+    pub metas: Vec<(Arc<str>, StreamMeta)>,
     /// Confirmed positions after this batch.
     pub confirms: Vec<(Arc<str>, u64)>,
     /// New dedup entries.
-    pub dedups: Vec<(Arc<str>, Box<str>, Dedup)>,
+    pub dedups: Vec<(Arc<str>, Arc<str>, Dedup)>,
     /// Expired dedup entries.
-    pub dedup_expired: Vec<(Arc<str>, Box<str>)>,
+    pub dedup_expired: Vec<(Arc<str>, Arc<str>)>,
 }
 
 impl Batch {
@@ -59,7 +59,7 @@ pub struct Loaded {
     /// Confirmed positions.
     pub confirmed: Vec<(Arc<str>, u64)>,
     /// Dedup entries.
-    pub dedups: Vec<(Arc<str>, Box<str>, Dedup)>,
+    pub dedups: Vec<(Arc<str>, Arc<str>, Dedup)>,
 }
 
 /// Why the store failed.
@@ -128,7 +128,7 @@ impl Backend for Memory {
     fn commit(&mut self, b: &Batch) -> Result<(), StoreError> {
         for (s, e) in &b.appends {
             self.entries
-                .insert((s.clone(), e.offset), (e.ts_ms, e.payload.clone()));
+                .insert((s.to_string(), e.offset), (e.ts_ms, e.payload.clone()));
         }
         for (s, from, to) in &b.trims {
             for o in *from..*to {

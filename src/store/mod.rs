@@ -409,6 +409,7 @@ impl Store {
             metrics,
             out: Vec::new(),
             meta_index: Default::default(),
+            name_buf: String::new(),
             retention: Default::default(),
         };
         let thread = std::thread::Builder::new()
@@ -466,7 +467,9 @@ struct Worker {
     /// Answers of this batch, posted after the commit.
     out: Vec<(u16, StoreMsg)>,
     /// Where each stream's state is in the current batch's `metas`.
-    meta_index: std::collections::HashMap<String, usize>,
+    meta_index: std::collections::HashMap<Arc<str>, usize>,
+    /// Where a stream name is composed before it is looked up.
+    name_buf: String,
     /// Retention of channel streams (inboxes use the configured one).
     retention: std::collections::HashMap<String, Retention>,
 }
@@ -623,11 +626,11 @@ impl Worker {
         let Ok(reply) = self.check_write(&from, id.as_deref(), need, now, reply, None) else {
             return;
         };
-        let to_stream = inbox_stream(&to);
+        let to_stream = self.stream_name("inbox:", &to);
         let (to_offset, to_payload) = self.append(batch, &to_stream, &prefix, now);
         let mut ack_offset = to_offset;
         if from != to && sender_copy {
-            let from_stream = inbox_stream(&from);
+            let from_stream = self.stream_name("inbox:", &from);
             let (from_offset, from_payload) = self.append(batch, &from_stream, &prefix, now);
             ack_offset = from_offset;
             let home = home_of(&from, self.shards);
@@ -701,6 +704,7 @@ impl Worker {
 
     /// Remembers the first answer to request `key` of `who` for the dedup window.
     fn remember(&mut self, batch: &mut Batch, who: Arc<str>, key: Box<str>, offset: u64, now: u64) {
+        let key: Arc<str> = key.into();
         let expires_ms = now + self.cfg.dedup_window_ms;
         self.streams
             .remember(who.clone(), key.clone(), offset, expires_ms);
@@ -722,7 +726,7 @@ impl Worker {
         reply: Option<ReplyTo>,
     ) {
         let epoch = self.streams.epoch;
-        let stream = channel_stream(&channel);
+        let stream = self.stream_name("channel:", &channel);
         // Dedup keys are per publisher and channel.
         let dedup_id = id.map(|i| format!("{stream}/{i}").into_boxed_str());
         let need = prefix.len() as u64 + 64;
@@ -736,7 +740,9 @@ impl Worker {
         ) else {
             return;
         };
-        self.retention.insert(stream.clone(), retention);
+        if self.retention.get(&*stream) != Some(&retention) {
+            self.retention.insert(stream.to_string(), retention);
+        }
         let (offset, payload) = self.append_in(batch, &stream, &stream, retention, &prefix, now);
         if let Some(key) = dedup_id {
             self.remember(batch, publisher, key, offset, now);
@@ -766,9 +772,24 @@ impl Worker {
         }
     }
 
+    /// The shared name of stream `kind` + `name` (`inbox:` or `channel:`); allocates only for
+    /// a new stream.
+    fn stream_name(&mut self, kind: &str, name: &str) -> Arc<str> {
+        self.name_buf.clear();
+        self.name_buf.push_str(kind);
+        self.name_buf.push_str(name);
+        self.streams.intern(&self.name_buf)
+    }
+
     /// Appends one event to `stream`: assigns the offset, completes the payload, applies
     /// count retention.
-    fn append(&mut self, batch: &mut Batch, stream: &str, prefix: &[u8], now: u64) -> (u64, Bytes) {
+    fn append(
+        &mut self,
+        batch: &mut Batch,
+        stream: &Arc<str>,
+        prefix: &[u8],
+        now: u64,
+    ) -> (u64, Bytes) {
         let retention = self.cfg.inbox;
         self.append_in(batch, stream, "inbox", retention, prefix, now)
     }
@@ -777,26 +798,27 @@ impl Worker {
     fn append_in(
         &mut self,
         batch: &mut Batch,
-        stream: &str,
+        stream: &Arc<str>,
         wire: &str,
         retention: Retention,
         prefix: &[u8],
         now: u64,
     ) -> (u64, Bytes) {
+        use std::fmt::Write as _;
         let epoch = self.streams.epoch;
         let mut p = BytesMut::with_capacity(prefix.len() + 64 + wire.len());
         p.put_slice(prefix);
         // The offset is known only now: written after `append` below assigns it.
         let offset = self.streams.meta(stream).next;
-        p.put_slice(
-            format!(",\"stream\":\"{wire}\",\"offset\":{offset},\"epoch\":\"{epoch}\"}}")
-                .as_bytes(),
+        let _ = write!(
+            p,
+            ",\"stream\":\"{wire}\",\"offset\":{offset},\"epoch\":\"{epoch}\"}}"
         );
         let payload = p.freeze();
         let got = self.streams.append(stream, payload.len() as u64);
         debug_assert_eq!(got, offset);
         batch.appends.push((
-            stream.to_owned(),
+            stream.clone(),
             Entry {
                 offset,
                 ts_ms: now,
@@ -822,25 +844,25 @@ impl Worker {
         bytes += batch
             .appends
             .iter()
-            .filter(|(s, e)| s == stream && e.offset >= m.first && e.offset < first)
+            .filter(|(s, e)| **s == *stream && e.offset >= m.first && e.offset < first)
             .map(|(_, e)| e.payload.len() as u64)
             .sum::<u64>();
         batch
             .appends
-            .retain(|(s, e)| !(s == stream && e.offset < first));
+            .retain(|(s, e)| !(**s == *stream && e.offset < first));
         batch.trims.push((stream.to_owned(), m.first, first));
         self.streams.trim(stream, first, bytes);
     }
 
     /// Notes `stream`'s new state in the batch (once per stream per batch: an index keeps
     /// this O(1) in a batch of thousands of streams).
-    fn record_meta(&mut self, batch: &mut Batch, stream: &str) {
+    fn record_meta(&mut self, batch: &mut Batch, stream: &Arc<str>) {
         let m = self.streams.meta(stream);
-        match self.meta_index.get(stream) {
+        match self.meta_index.get(&**stream) {
             Some(&i) => batch.metas[i].1 = m,
             None => {
-                self.meta_index.insert(stream.to_owned(), batch.metas.len());
-                batch.metas.push((stream.to_owned(), m));
+                self.meta_index.insert(stream.clone(), batch.metas.len());
+                batch.metas.push((stream.clone(), m));
             }
         }
     }
@@ -853,7 +875,7 @@ impl Worker {
             dedup_expired: self.streams.expire_dedup(now),
             ..Batch::default()
         };
-        let streams: Vec<(String, StreamMeta)> = self
+        let streams: Vec<(Arc<str>, StreamMeta)> = self
             .streams
             .streams()
             .map(|(s, m)| (s.clone(), *m))
@@ -864,7 +886,7 @@ impl Worker {
             }
             let ttl = self
                 .retention
-                .get(&s)
+                .get(&*s)
                 .map_or(self.cfg.inbox.ttl_ms, |r| r.ttl_ms);
             // The oldest entry first: most streams have nothing to expire.
             match self.backend.read(&s, m.first, 1, usize::MAX) {
@@ -1098,8 +1120,8 @@ mod tests {
                 return Err(StoreError::Redb("disk on fire".into()));
             }
             for (s, m) in &b.metas {
-                self.metas.retain(|(x, _)| x != s);
-                self.metas.push((s.clone(), *m));
+                self.metas.retain(|(x, _)| **x != **s);
+                self.metas.push((s.to_string(), *m));
             }
             self.mem.commit(b)
         }

@@ -110,11 +110,11 @@ pub struct Dedup {
 pub struct Streams {
     /// The store's epoch.
     pub epoch: Epoch,
-    meta: HashMap<String, StreamMeta>,
+    meta: HashMap<Arc<str>, StreamMeta>,
     confirmed: HashMap<Arc<str>, u64>,
     /// user → request id → first answer (nested so a lookup borrows, allocating nothing).
-    dedup: HashMap<Arc<str>, HashMap<Box<str>, Dedup>>,
-    dedup_order: VecDeque<(u64, Arc<str>, Box<str>)>,
+    dedup: HashMap<Arc<str>, HashMap<Arc<str>, Dedup>>,
+    dedup_order: VecDeque<(u64, Arc<str>, Arc<str>)>,
     /// Payload bytes retained in all streams.
     pub total_bytes: u64,
 }
@@ -135,7 +135,17 @@ impl Streams {
     /// Restores a stream's state (loading a store).
     pub fn restore(&mut self, stream: String, meta: StreamMeta) {
         self.total_bytes += meta.bytes;
-        self.meta.insert(stream, meta);
+        self.meta.insert(stream.into(), meta);
+    }
+
+    /// The shared name of `stream` (allocated once, when the stream first appears).
+    pub fn intern(&mut self, stream: &str) -> Arc<str> {
+        if let Some((k, _)) = self.meta.get_key_value(stream) {
+            return k.clone();
+        }
+        let k: Arc<str> = stream.into();
+        self.meta.insert(k.clone(), StreamMeta::new());
+        k
     }
 
     /// Restores a confirmed position.
@@ -144,7 +154,7 @@ impl Streams {
     }
 
     /// Restores a dedup entry unless it expired by `now_ms`.
-    pub fn restore_dedup(&mut self, user: Arc<str>, id: Box<str>, d: Dedup, now_ms: u64) {
+    pub fn restore_dedup(&mut self, user: Arc<str>, id: Arc<str>, d: Dedup, now_ms: u64) {
         if d.expires_ms > now_ms {
             self.remember(user, id, d.offset, d.expires_ms);
         }
@@ -159,13 +169,16 @@ impl Streams {
     }
 
     /// Every stream.
-    pub fn streams(&self) -> impl Iterator<Item = (&String, &StreamMeta)> {
+    pub fn streams(&self) -> impl Iterator<Item = (&Arc<str>, &StreamMeta)> {
         self.meta.iter()
     }
 
     /// Assigns the next offset of `stream` to a message of `bytes` payload bytes.
     pub fn append(&mut self, stream: &str, bytes: u64) -> u64 {
-        let m = self.meta.entry(stream.to_owned()).or_default();
+        let m = match self.meta.get_mut(stream) {
+            Some(m) => m,
+            None => self.meta.entry(stream.into()).or_default(),
+        };
         let offset = m.next;
         m.next += 1;
         m.bytes += bytes;
@@ -246,7 +259,7 @@ impl Streams {
     }
 
     /// Remembers the answer to request `id` of `user` until `now_ms + window_ms`.
-    pub fn remember(&mut self, user: Arc<str>, id: Box<str>, offset: u64, expires_ms: u64) {
+    pub fn remember(&mut self, user: Arc<str>, id: Arc<str>, offset: u64, expires_ms: u64) {
         self.dedup_order
             .push_back((expires_ms, user.clone(), id.clone()));
         self.dedup
@@ -257,7 +270,7 @@ impl Streams {
 
     /// Forgets dedup entries that expired by `now_ms`; returns them (the backend deletes
     /// them too).
-    pub fn expire_dedup(&mut self, now_ms: u64) -> Vec<(Arc<str>, Box<str>)> {
+    pub fn expire_dedup(&mut self, now_ms: u64) -> Vec<(Arc<str>, Arc<str>)> {
         let mut out = Vec::new();
         while let Some((exp, _, _)) = self.dedup_order.front() {
             if *exp > now_ms {
