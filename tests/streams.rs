@@ -559,3 +559,69 @@ fn channels_with_history_store_publications_and_resume_subscribers() {
     }
     let _ = std::fs::remove_file(&cfg);
 }
+
+#[test]
+fn over_the_size_budget_sends_and_publications_are_refused_store_full() {
+    let cfg = std::env::temp_dir().join(format!("sb-full-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "[[channels]]\npattern = \"room*\"\nhistory = 100\n").unwrap();
+    let server = Server::start(&[
+        "--shards",
+        "2",
+        "--store-max-bytes",
+        "1000",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    let (mut alice, _) = connect(&server, "alice");
+    // Each stored copy counts: the budget takes a few DMs, then refuses, never silently.
+    let mut stored = 0;
+    let refusal = loop {
+        assert!(stored < 50, "1000 bytes never filled");
+        let id = format!("m{stored}");
+        send_json(
+            &mut alice,
+            json!({"op":"send","to":"bob","data":"x".repeat(40),"id":id,"qos":1}),
+        );
+        let a = recv_json(&mut alice);
+        if a["op"] == "ack" {
+            stored += 1;
+            continue;
+        }
+        break a;
+    };
+    assert!(stored >= 1, "something fits in 1000 bytes");
+    assert_eq!(
+        (refusal["op"].as_str(), refusal["code"].as_str()),
+        (Some("error"), Some("store_full")),
+        "{refusal}"
+    );
+    // Bob gets exactly what was acked.
+    let (mut bob, w) = connect_since(&server, "bob", ":0");
+    assert_eq!(w["inbox"]["offset"], stored, "{w}");
+    for i in 1..=stored {
+        assert_eq!(recv_json(&mut bob)["offset"], i);
+    }
+    let (status, e) = api_post(
+        &server,
+        "/api/send",
+        r#"{"to":"bob","data":"y","from":"ops","qos":1,"id":"a1"}"#,
+    );
+    assert_eq!(status, 503, "{e}");
+    assert!(e.to_string().contains("store_full"), "{e}");
+    let (status, e) = api_post(
+        &server,
+        "/api/publish",
+        r#"{"channel":"room1","data":"z","qos":1,"id":"p1"}"#,
+    );
+    assert_eq!(status, 503, "{e}");
+    assert!(e.to_string().contains("store_full"), "{e}");
+    let (_, metrics) = http(
+        server.addr,
+        "GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    for route in ["send", "publish"] {
+        let line = format!("switchboard_api_requests_total{{route=\"{route}\",status=\"503\"}} 1");
+        assert!(metrics.contains(&line), "{line} missing");
+    }
+    let _ = std::fs::remove_file(&cfg);
+}

@@ -594,9 +594,9 @@ impl<T: Transport> Sessions<T> {
     }
 
     /// The store refused an API write: 503 with the protocol's error code and why.
-    pub(super) fn api_refused(&mut self, key: usize, code: ErrorCode, why: &str) {
+    pub(super) fn api_refused(&mut self, key: usize, route: Route, code: ErrorCode, why: &str) {
         let body = api::error_body(&format!("{}: {why}", code.as_str()));
-        self.api_store_answer(key, Route::Send, 503, &body);
+        self.api_store_answer(key, route, 503, &body);
     }
 
     /// Executes an API command on this shard's connections; returns its count.

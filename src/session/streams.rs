@@ -184,7 +184,11 @@ impl<T: Transport> Sessions<T> {
                     protocol::stream_ack_in(&stream, &reply.id, offset, &epoch.to_string(), queued);
                 self.deliver(key, &f);
             }
-            StoreMsg::Refused { reply, full } => {
+            StoreMsg::Refused {
+                reply,
+                full,
+                publish,
+            } => {
                 let (code, why) = if full {
                     (
                         ErrorCode::StoreFull,
@@ -197,7 +201,12 @@ impl<T: Transport> Sessions<T> {
                     )
                 };
                 if let Some(key) = self.waiting_http(reply.conn) {
-                    return self.api_refused(key, code, why);
+                    let route = if publish {
+                        crate::http::api::Route::Publish
+                    } else {
+                        crate::http::api::Route::Send
+                    };
+                    return self.api_refused(key, route, code, why);
                 }
                 let Some(key) = self.live_open(reply.conn) else {
                     return;

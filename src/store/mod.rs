@@ -230,6 +230,8 @@ pub enum StoreMsg {
         reply: ReplyTo,
         /// Over the size budget (else: the commit failed; a retry may succeed).
         full: bool,
+        /// A channel publication (else a DM).
+        publish: bool,
     },
     /// To a connection's shard: its inbox position and first replay page.
     Opened(Box<Opened>),
@@ -592,16 +594,26 @@ impl Worker {
                     ..
                 } => {
                     let shard = reply.conn.shard;
-                    self.out
-                        .push((shard, StoreMsg::Refused { reply, full: false }));
+                    let msg = StoreMsg::Refused {
+                        reply,
+                        full: false,
+                        publish: false,
+                    };
+                    self.out.push((shard, msg));
                 }
                 StoreMsg::Ack {
                     reply,
+                    channel,
                     queued: Some(_),
                     ..
-                } => self
-                    .out
-                    .push((shard, StoreMsg::Refused { reply, full: false })),
+                } => {
+                    let msg = StoreMsg::Refused {
+                        reply,
+                        full: false,
+                        publish: channel.is_some(),
+                    };
+                    self.out.push((shard, msg));
+                }
                 StoreMsg::Deliver { .. } | StoreMsg::ChannelDeliver { .. } => {}
                 // Answers about earlier commits (dedup hits) and refusals stand.
                 other => self.out.push((shard, other)),
@@ -694,8 +706,14 @@ impl Worker {
             StoreMetrics::add(&self.metrics.refused, 1);
             if let Some(reply) = reply {
                 let shard = reply.conn.shard;
-                self.out
-                    .push((shard, StoreMsg::Refused { reply, full: true }));
+                self.out.push((
+                    shard,
+                    StoreMsg::Refused {
+                        reply,
+                        full: true,
+                        publish: channel.is_some(),
+                    },
+                ));
             }
             return Err(());
         }
