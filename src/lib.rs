@@ -4,6 +4,7 @@
 //! drives its [`session`] layer — the sans-I/O state of its connections, its [`timer`] wheel
 //! and its part of the [`hub`]; shards talk over bounded mailboxes. [`server`] wires them up.
 pub mod auth;
+pub mod broker;
 pub mod config;
 pub mod http;
 pub mod hub;

@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 use mio::{Poll, Waker};
 use tracing::{info, warn};
 
+use crate::broker::Broker;
 use crate::config::{Config, FdTableMode, StoreKind};
 use crate::hub::ShardMsg;
 use crate::metrics::{ShardMetrics, StoreMetrics};
@@ -36,6 +37,9 @@ pub enum StartError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The cluster's broker could not be joined.
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
     /// A shard thread could not be spawned.
     #[error("cannot spawn shard {shard}: {source}")]
     Spawn {
@@ -57,6 +61,9 @@ pub struct Server {
     peers: Arc<[Mailbox]>,
     threads: Vec<JoinHandle<std::io::Result<()>>>,
     store: Option<Store>,
+    broker: Option<Broker>,
+    /// This node's id in the cluster.
+    pub node_id: Arc<str>,
 }
 
 /// Resolves `auto`, raising the soft `RLIMIT_NOFILE` when it is below what is needed.
@@ -144,6 +151,32 @@ impl Server {
                 store_metrics.clone(),
             )?)
         };
+        let node_id: Arc<str> = match &cfg.node_id {
+            Some(id) => id.as_str().into(),
+            None => format!("{}:{}", hostname(), local_addrs[0].port()).into(),
+        };
+        let broker = match &cfg.broker_url {
+            None => None,
+            Some(url) => {
+                let sink_peers = peers.clone();
+                let sink: crate::broker::Sink = Box::new(move |i, m| {
+                    sink_peers[i as usize]
+                        .post(ShardMsg::Broker(Box::new(m)))
+                        .map_err(|e| match e {
+                            ShardMsg::Broker(m) => *m,
+                            _ => unreachable!("posted a broker message"),
+                        })
+                });
+                let password = std::env::var("SWITCHBOARD_BROKER_PASSWORD").ok();
+                Some(Broker::start(
+                    url,
+                    password,
+                    node_id.clone(),
+                    cfg.shards,
+                    sink,
+                )?)
+            }
+        };
         let metrics: Arc<[ShardMetrics]> =
             (0..cfg.shards).map(|_| ShardMetrics::default()).collect();
         let open_total = Arc::new(AtomicUsize::new(0));
@@ -165,6 +198,9 @@ impl Server {
                 auth: auth.clone(),
                 store: store.as_ref().map(Store::handle),
                 store_metrics: store_metrics.clone(),
+                broker: broker.as_ref().map(Broker::handle),
+                broker_metrics: broker.as_ref().map(|b| b.metrics.clone()),
+                node: node_id.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("shard-{i}"))
@@ -186,6 +222,8 @@ impl Server {
             peers,
             threads,
             store,
+            broker,
+            node_id,
         })
     }
 
@@ -225,6 +263,22 @@ impl Server {
         if let Some(s) = self.store {
             s.stop();
         }
+        if let Some(b) = self.broker {
+            b.stop();
+        }
         failed
+    }
+}
+
+/// This host's name (for the default node id).
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let n = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if r == 0 && n > 0 {
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    } else {
+        "localhost".to_owned()
     }
 }

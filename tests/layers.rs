@@ -22,6 +22,10 @@ const NEVER: &[(&str, &[&str])] = &[
     ("testkit", &["session", "shard", "server", "sim"]),
     ("store", &["session", "shard", "server", "hub", "sim"]),
     (
+        "broker",
+        &["session", "shard", "server", "hub", "store", "sim"],
+    ),
+    (
         "ids",
         &[
             "session", "shard", "server", "hub", "store", "protocol", "ws", "http",

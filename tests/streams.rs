@@ -589,7 +589,7 @@ fn over_the_size_budget_sends_and_publications_are_refused_store_full() {
         }
         break a;
     };
-    assert!(stored >= 1, "something fits in 1000 bytes");
+    assert!(stored >= 1, "something fits in 1000 bytes: {refusal}");
     assert_eq!(
         (refusal["op"].as_str(), refusal["code"].as_str()),
         (Some("error"), Some("store_full")),

@@ -221,6 +221,25 @@ pub struct Options {
     /// Channels with history (config file only: `[[channels]]` tables).
     #[arg(skip)]
     pub channels: Vec<ChannelRuleOpt>,
+    /// Join the cluster of nodes sharing this Redis: `redis://host:port[/db]` (password in
+    /// the URL or `SWITCHBOARD_BROKER_PASSWORD`) [default: none, one node].
+    #[arg(long = "broker", value_name = "URL")]
+    #[serde(skip)]
+    pub broker_url: Option<String>,
+    /// The `[broker]` table of the config file.
+    #[arg(skip)]
+    pub broker: Option<BrokerOpt>,
+    /// This node's id in the cluster [default: hostname:port of the first listener].
+    #[arg(long)]
+    pub node_id: Option<String>,
+}
+
+/// The `[broker]` table of the config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerOpt {
+    /// `redis://host:port[/db]`.
+    pub url: Option<String>,
 }
 
 /// Why the configuration was refused.
@@ -307,6 +326,10 @@ pub struct Config {
     pub inbox_ttl_ms: u64,
     /// Channels with history, first match wins.
     pub channels: Vec<ChannelRule>,
+    /// Redis URL of the cluster (none: a single node).
+    pub broker_url: Option<String>,
+    /// This node's id (none: hostname:port, known once bound).
+    pub node_id: Option<String>,
 }
 
 impl Default for Config {
@@ -430,6 +453,11 @@ impl Options {
                 .inbox_ttl_ms
                 .or(f.inbox_ttl_ms)
                 .unwrap_or(DEFAULT_INBOX_TTL_MS),
+            broker_url: self
+                .broker_url
+                .or(f.broker.and_then(|b| b.url))
+                .filter(|u| !u.is_empty()),
+            node_id: self.node_id.or(f.node_id).filter(|n| !n.is_empty()),
             channels: {
                 let rules = if self.channels.is_empty() {
                     f.channels

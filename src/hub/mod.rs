@@ -13,6 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::broker::BrokerMsg;
 pub use crate::ids::{home_of, ConnId, ReplyTo};
 use crate::store::StoreMsg;
 
@@ -63,6 +64,8 @@ pub enum ShardMsg {
     },
     /// Stop accepting, close every connection with 1001, exit within the grace period.
     Shutdown,
+    /// From the broker: another node's message, or an answer about one of ours.
+    Broker(Box<BrokerMsg>),
 }
 
 /// An API request waiting for every shard's answer.
@@ -174,14 +177,17 @@ impl Hub {
     }
 
     /// Directory update from shard `from` for a user whose home is this shard: one
-    /// connection opened (`online`) or closed there.
-    pub fn presence(&mut self, user: Arc<str>, from: u16, online: bool) {
+    /// connection opened (`online`) or closed there. `Some(true)` when it is the user's first
+    /// connection in the process, `Some(false)` when its last closed (the node's interest).
+    pub fn presence(&mut self, user: Arc<str>, from: u16, online: bool) -> Option<bool> {
         if online {
             let shards = self.directory.entry(user).or_default();
+            let first = shards.is_empty();
             match shards.iter_mut().find(|(s, _)| *s == from) {
                 Some((_, n)) => *n += 1,
                 None => shards.push((from, 1)),
             }
+            first.then_some(true)
         } else if let Some(shards) = self.directory.get_mut(&user) {
             if let Some(i) = shards.iter().position(|(s, _)| *s == from) {
                 shards[i].1 -= 1;
@@ -191,7 +197,11 @@ impl Hub {
             }
             if shards.is_empty() {
                 self.directory.remove(&user);
+                return Some(false);
             }
+            None
+        } else {
+            None
         }
     }
 
@@ -284,9 +294,13 @@ mod tests {
             h.locate("bob", &mut v);
             v
         };
-        h.presence(bob.clone(), 3, true);
-        h.presence(bob.clone(), 3, true);
-        h.presence(bob.clone(), 1, true);
+        assert_eq!(
+            h.presence(bob.clone(), 3, true),
+            Some(true),
+            "first in the process"
+        );
+        assert_eq!(h.presence(bob.clone(), 3, true), None);
+        assert_eq!(h.presence(bob.clone(), 1, true), None);
         assert_eq!(at(&h), vec![3, 1]);
         h.presence(bob.clone(), 3, false);
         assert_eq!(at(&h), vec![3, 1], "one of two connections on shard 3 left");
@@ -302,8 +316,13 @@ mod tests {
             vec![1],
             "two on shard 1: the other one still gets the copy"
         );
-        h.presence(bob.clone(), 1, false);
-        h.presence(bob, 1, false);
+        assert_eq!(h.presence(bob.clone(), 1, false), None);
+        assert_eq!(
+            h.presence(bob.clone(), 1, false),
+            Some(false),
+            "last in the process"
+        );
+        assert_eq!(h.presence(bob, 1, false), None);
         assert!(at(&h).is_empty());
     }
 

@@ -142,6 +142,23 @@ pub const COMMIT_US_BUCKETS: [u64; 9] =
 /// Upper bounds of the commit batch size histogram (appended messages per commit).
 pub const BATCH_BUCKETS: [u64; 9] = [1, 2, 4, 8, 16, 64, 256, 1_024, 4_096];
 
+/// Counters of the cluster broker's threads.
+#[derive(Debug, Default)]
+pub struct BrokerMetrics {
+    /// Messages published.
+    pub published: AtomicU64,
+    /// Messages received from other nodes.
+    pub received: AtomicU64,
+    /// Messages of this node that came back and were dropped.
+    pub own_dropped: AtomicU64,
+    /// Active Redis subscriptions.
+    pub subscriptions: AtomicU64,
+    /// Connections to Redis lost.
+    pub disconnects: AtomicU64,
+    /// Whether both connections are up (1) or not (0).
+    pub connected: AtomicU64,
+}
+
 /// Counters of the store thread (written only by it).
 #[derive(Debug, Default)]
 pub struct StoreMetrics {
@@ -219,6 +236,57 @@ fn histogram(
     acc += counts[bounds.len()].load(Relaxed);
     let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {acc}");
     let _ = writeln!(o, "{name}_sum {sum}\n{name}_count {acc}");
+}
+
+/// Appends this node's id and, with a broker, its counters.
+pub fn render_node(o: &mut String, node: &str, b: Option<&BrokerMetrics>) {
+    let node = node.replace(['"', '\\', '\n'], "_");
+    let _ = writeln!(
+        o,
+        "# HELP switchboard_node_info This node's id in the cluster.\n# TYPE switchboard_node_info gauge\nswitchboard_node_info{{node=\"{node}\"}} 1"
+    );
+    let Some(b) = b else { return };
+    let rows: [(&str, &str, &str, u64); 6] = [
+        (
+            "switchboard_broker_published_total",
+            "counter",
+            "Messages published to Redis.",
+            b.published.load(Relaxed),
+        ),
+        (
+            "switchboard_broker_received_total",
+            "counter",
+            "Messages received from other nodes.",
+            b.received.load(Relaxed),
+        ),
+        (
+            "switchboard_broker_own_dropped_total",
+            "counter",
+            "This node's own messages that came back from Redis (dropped).",
+            b.own_dropped.load(Relaxed),
+        ),
+        (
+            "switchboard_broker_subscriptions",
+            "gauge",
+            "Redis subscriptions (users and channels with local interest).",
+            b.subscriptions.load(Relaxed),
+        ),
+        (
+            "switchboard_broker_disconnects_total",
+            "counter",
+            "Connections to Redis lost.",
+            b.disconnects.load(Relaxed),
+        ),
+        (
+            "switchboard_broker_connected",
+            "gauge",
+            "1 while Redis is reachable.",
+            b.connected.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, v) in rows {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
 }
 
 /// Prometheus text of the store's counters.

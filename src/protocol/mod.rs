@@ -122,6 +122,8 @@ pub enum ErrorCode {
     Forbidden,
     /// The store is over its size budget: a qos-1 message was not stored.
     StoreFull,
+    /// The cluster's broker (Redis) is unreachable: a message for other nodes was not sent.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -134,6 +136,7 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::StoreFull => "store_full",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

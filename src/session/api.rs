@@ -314,6 +314,8 @@ impl<T: Transport> Sessions<T> {
         let sum = |f: &dyn Fn(&ShardMetrics) -> u64| -> u64 { self.metrics.iter().map(f).sum() };
         let r = Ordering::Relaxed;
         json(serde_json::json!({
+            "node": &*self.node,
+            "cluster": self.broker.is_some(),
             "shards": self.metrics.len(),
             "connections": {
                 "ws": sum(&|m| m.open_ws.load(r)),

@@ -89,6 +89,7 @@ impl<T: Transport> Sessions<T> {
                 if self.store.is_some() {
                     metrics::render_store(&mut text, &self.store_metrics);
                 }
+                metrics::render_node(&mut text, &self.node, self.broker_metrics.as_deref());
                 let body = text.into_bytes();
                 self.http_ok(key, req, "text/plain; version=0.0.4", body)
             }

@@ -41,6 +41,7 @@ use tracing::info;
 pub use buffers::{BufPool, Chunk, Fragment, Inbound, Outbox, Piece};
 pub use conn::{flush, Conn, ConnState, Extra, Flags, Flushed, Transport};
 
+use crate::broker::{BrokerHandle, BrokerMetrics};
 use crate::config::Config;
 use crate::hub::{ConnId, Hub, ShardMsg};
 use crate::metrics::{ShardMetrics, StoreMetrics};
@@ -70,6 +71,12 @@ pub struct Shared {
     pub store: Option<StoreHandle>,
     /// The store's counters (for `/metrics`).
     pub store_metrics: Arc<StoreMetrics>,
+    /// The cluster's broker, with `--broker`.
+    pub broker: Option<BrokerHandle>,
+    /// The broker's counters (for `/metrics`).
+    pub broker_metrics: Option<Arc<BrokerMetrics>>,
+    /// This node's id (shown in `/api/stats` and `/metrics`).
+    pub node: Arc<str>,
 }
 
 impl Shared {
@@ -84,8 +91,20 @@ impl Shared {
             open_total: Arc::new(AtomicUsize::new(0)),
             store: None,
             store_metrics: Default::default(),
+            broker: None,
+            broker_metrics: None,
+            node: "standalone".into(),
         }
     }
+}
+
+/// Waiting for the broker to subscribe before answering a client.
+#[derive(Debug)]
+enum ReadyWait {
+    /// A connection is welcomed once its user's DMs reach this node.
+    Registered(ConnId),
+    /// A `sub` is acked once the channel's publications reach this node.
+    SubAck(ConnId, Option<Box<str>>),
 }
 
 /// One shard's connections and everything that routes between them (see the module docs).
@@ -98,6 +117,12 @@ pub struct Sessions<T: Transport> {
     open_total: Arc<AtomicUsize>,
     store: Option<StoreHandle>,
     store_metrics: Arc<StoreMetrics>,
+    broker: Option<BrokerHandle>,
+    broker_metrics: Option<Arc<BrokerMetrics>>,
+    node: Arc<str>,
+    /// What to do when the broker says a subscription is active, by token.
+    ready_waits: rustc_hash::FxHashMap<u64, ReadyWait>,
+    next_token: u64,
     conns: Slab<Conn<T>>,
     wheel: Wheel<u32>,
     hub: Hub,
@@ -135,6 +160,11 @@ impl<T: Transport> Sessions<T> {
             open_total: shared.open_total,
             store: shared.store,
             store_metrics: shared.store_metrics,
+            broker: shared.broker,
+            broker_metrics: shared.broker_metrics,
+            node: shared.node,
+            ready_waits: Default::default(),
+            next_token: 1,
             conns: Slab::with_capacity(1024),
             wheel: Wheel::new(now_ms),
             hub: Hub::default(),

@@ -8,8 +8,9 @@ use bytes::Bytes;
 
 use super::conn::{ConnState, Flags, Transport};
 use super::frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
-use super::Sessions;
+use super::{ReadyWait, Sessions};
 use crate::auth;
+use crate::broker::{BrokerMsg, BrokerReq, Interest};
 use crate::hub::{home_of, ConnId, ReplyTo, ShardMsg};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, Op, Target};
@@ -35,8 +36,11 @@ impl<T: Transport> Sessions<T> {
         self.hub.add_user(&user, key as u32);
         let home = home_of(&user, self.shards as usize);
         if home == self.index {
-            self.hub.presence(user, self.index, true);
-            if welcome {
+            let change = self.hub.presence(user.clone(), self.index, true);
+            if self.tell_broker_user(user, change, welcome.then_some(me)) {
+                // Welcomed once the node receives the user's DMs from the whole cluster.
+                self.conns[key].flags.set(Flags::HOLD_INPUT);
+            } else if welcome {
                 self.open_or_welcome(key);
             }
         } else {
@@ -94,7 +98,8 @@ impl<T: Transport> Sessions<T> {
     pub(super) fn presence_offline(&mut self, user: Arc<str>) {
         let home = home_of(&user, self.shards as usize);
         if home == self.index {
-            self.hub.presence(user, self.index, false);
+            let change = self.hub.presence(user.clone(), self.index, false);
+            self.tell_broker_user(user, change, None);
         } else {
             let from = self.index;
             self.send_mail(
@@ -119,7 +124,7 @@ impl<T: Transport> Sessions<T> {
         let channels = c.extra.as_mut().map(|e| std::mem::take(&mut e.channels));
         let user = c.user.clone();
         for ch in channels.iter().flatten() {
-            self.hub.unsubscribe(ch, key as u32);
+            self.unsubscribe_local(ch, key);
         }
         if let Some(user) = user {
             self.hub.remove_user(&user, key as u32);
@@ -201,11 +206,17 @@ impl<T: Transport> Sessions<T> {
                     );
                     return self.deliver_reply(key, f);
                 }
-                self.subscribe(key, Arc::from(channel.as_ref()));
+                if let Some(token) = self.subscribe(key, Arc::from(channel.as_ref())) {
+                    // Acked once the channel's publications reach this node from the cluster.
+                    let me = self.conn_id(key);
+                    self.ready_waits
+                        .insert(token, ReadyWait::SubAck(me, id.map(Into::into)));
+                    return;
+                }
                 self.ack(key, id);
             }
             Op::Unsub { channel } => {
-                self.hub.unsubscribe(&channel, key as u32);
+                self.unsubscribe_local(&channel, key);
                 if let Some(e) = self.conns[key].extra.as_mut() {
                     e.channels.retain(|x| **x != *channel);
                     e.channel_cursors.retain(|(c, _)| **c != *channel);
@@ -265,10 +276,108 @@ impl<T: Transport> Sessions<T> {
 
     /// Adds a local subscription (the caller checked the name, permission and limit),
     /// sharing the hub's key for the name when the channel already has local subscribers.
-    pub(super) fn subscribe(&mut self, key: usize, channel: Arc<str>) {
+    /// With a broker, the shard's first subscriber of a channel is reported: the token to
+    /// wait for before the subscription is active cluster-wide.
+    pub(super) fn subscribe(&mut self, key: usize, channel: Arc<str>) -> Option<u64> {
         let name = self.hub.channel_key(&channel).unwrap_or(channel);
-        self.hub.subscribe(&name, key as u32);
+        let added = self.hub.subscribe(&name, key as u32);
+        let mut token = None;
+        if let (true, 1, Some(b)) = (added, self.hub.subscriber_count(&name), &self.broker) {
+            let t = self.next_token;
+            self.next_token += 1;
+            b.interest(Interest::Channel {
+                channel: name.clone(),
+                on: true,
+                ready: Some((self.index, t)),
+            });
+            token = Some(t);
+        }
         self.conns[key].extra_mut().channels.push(name);
+        token
+    }
+
+    /// Removes a local subscription; the shard's last subscriber of a channel is reported to
+    /// the broker.
+    pub(super) fn unsubscribe_local(&mut self, channel: &str, key: usize) {
+        let removed = self.hub.unsubscribe(channel, key as u32);
+        if let (true, 0, Some(b)) = (removed, self.hub.subscriber_count(channel), &self.broker) {
+            b.interest(Interest::Channel {
+                channel: channel.into(),
+                on: false,
+                ready: None,
+            });
+        }
+    }
+
+    /// At the home shard: reports the user's first or last connection in the process to the
+    /// broker. With `ack`, true when the connection must wait for [`ShardMsg::Broker`]'s
+    /// `Ready` before it is registered (its DMs reach this node from the whole cluster then).
+    fn tell_broker_user(
+        &mut self,
+        user: Arc<str>,
+        change: Option<bool>,
+        ack: Option<ConnId>,
+    ) -> bool {
+        let (Some(on), Some(b)) = (change, &self.broker) else {
+            return false;
+        };
+        let ready = match ack {
+            Some(conn) if on => {
+                let t = self.next_token;
+                self.next_token += 1;
+                self.ready_waits.insert(t, ReadyWait::Registered(conn));
+                Some((self.index, t))
+            }
+            _ => None,
+        };
+        b.interest(Interest::User { user, on, ready });
+        ready.is_some()
+    }
+
+    /// The broker says subscription `token` is active: answer whoever waited for it.
+    fn on_ready(&mut self, token: u64) {
+        match self.ready_waits.remove(&token) {
+            Some(ReadyWait::Registered(conn)) if conn.shard == self.index => {
+                self.on_registered(conn)
+            }
+            Some(ReadyWait::Registered(conn)) => {
+                self.send_mail(conn.shard, ShardMsg::Registered { conn })
+            }
+            Some(ReadyWait::SubAck(conn, id)) => {
+                if let Some(key) = self.live_open(conn) {
+                    self.ack(key, id.as_deref());
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Mail from the broker.
+    fn on_broker(&mut self, m: BrokerMsg) {
+        match m {
+            BrokerMsg::User { user, payload } => {
+                self.fanout_home(&user, &payload, None);
+            }
+            BrokerMsg::Channel { channel, payload } => {
+                self.deliver_channel_local(&channel, &payload);
+            }
+            BrokerMsg::Routed { reply, online } => self.reply_local(reply, Some(online)),
+            BrokerMsg::Unavailable { reply } => self.reply_unavailable(reply),
+            BrokerMsg::Busy { reply } => self.reply_local(reply, None),
+            BrokerMsg::Ready { token } => self.on_ready(token),
+        }
+    }
+
+    /// Answers a send that other nodes should have delivered while Redis is unreachable.
+    fn reply_unavailable(&mut self, reply: ReplyTo) {
+        if let Some(key) = self.live_open(reply.conn) {
+            let f = protocol::error(
+                Some(&reply.id),
+                ErrorCode::Unavailable,
+                "the cluster broker is unreachable; not delivered to other nodes",
+            );
+            self.deliver(key, &f);
+        }
     }
 
     pub(super) fn ack(&mut self, key: usize, id: Option<&str>) {
@@ -292,6 +401,16 @@ impl<T: Transport> Sessions<T> {
             }
         }
         self.deliver_channel_local(&channel, &f);
+        self.publish_remote(channel, f);
+    }
+
+    /// With a broker, one publish for the other nodes (a full queue drops it, counted: qos 0).
+    pub(super) fn publish_remote(&mut self, channel: Arc<str>, payload: Bytes) {
+        if let Some(b) = &self.broker {
+            if !b.is_up() || b.publish(BrokerReq::Channel { channel, payload }).is_err() {
+                ShardMetrics::add(&self.m().dropped, 1);
+            }
+        }
     }
 
     pub(super) fn route_user(
@@ -317,7 +436,8 @@ impl<T: Transport> Sessions<T> {
         );
     }
 
-    /// At the home shard of `to`: forward to the shards that hold it, report to the sender.
+    /// At the home shard of `to`: forward to the shards that hold it (and with a broker to the
+    /// other nodes), report to the sender.
     pub(super) fn on_route_user(
         &mut self,
         to: Arc<str>,
@@ -325,15 +445,56 @@ impl<T: Transport> Sessions<T> {
         exclude: Option<ConnId>,
         reply: Option<ReplyTo>,
     ) {
+        let online = self.fanout_home(&to, &f, exclude);
+        let mut reply = reply;
+        if let Some(b) = &self.broker {
+            if !b.is_up() {
+                if !online {
+                    if let Some(r) = reply.take() {
+                        return self.answer_routed(r, Answer::Unavailable);
+                    }
+                }
+            } else {
+                // Answered here when someone on this node got it; else by the broker, from
+                // the number of nodes that did.
+                let ask = if online { None } else { reply.take() };
+                let req = BrokerReq::User {
+                    user: to,
+                    payload: f,
+                    reply: ask,
+                };
+                if let Err(BrokerReq::User { reply: back, .. }) = b.publish(req) {
+                    ShardMetrics::add(&self.m().dropped, 1);
+                    if let Some(r) = back {
+                        return self.answer_routed(r, Answer::Overloaded);
+                    }
+                }
+            }
+        }
+        if let Some(reply) = reply {
+            self.answer_routed(
+                reply,
+                if online {
+                    Answer::Online
+                } else {
+                    Answer::Offline
+                },
+            );
+        }
+    }
+
+    /// Delivers to the user's connections in this process (home shard: the directory);
+    /// whether it has any.
+    fn fanout_home(&mut self, to: &Arc<str>, f: &Bytes, exclude: Option<ConnId>) -> bool {
         let mut shards = std::mem::take(&mut self.scratch_shards);
         shards.clear();
         // Skip a shard whose only connection of the user is the excluded sender: no trip for
         // nothing when a user without other devices sends.
         self.hub
-            .locate_except(&to, exclude.map(|x| x.shard), &mut shards);
+            .locate_except(to, exclude.map(|x| x.shard), &mut shards);
         for &s in &shards {
             if s == self.index {
-                self.deliver_user_local(&to, &f, exclude);
+                self.deliver_user_local(to, f, exclude);
             } else {
                 self.send_mail(
                     s,
@@ -345,14 +506,30 @@ impl<T: Transport> Sessions<T> {
                 );
             }
         }
-        let online = self.hub.is_online(&to);
         self.scratch_shards = shards;
-        if let Some(reply) = reply {
-            if reply.conn.shard == self.index {
-                self.reply_local(reply, Some(online));
-            } else {
-                let shard = reply.conn.shard;
-                self.send_mail(shard, ShardMsg::Routed { reply, online });
+        self.hub.is_online(to)
+    }
+
+    /// Answers a routed `send` on the sender's shard (here or by mail).
+    fn answer_routed(&mut self, reply: ReplyTo, a: Answer) {
+        let shard = reply.conn.shard;
+        match a {
+            Answer::Online | Answer::Offline if shard == self.index => {
+                self.reply_local(reply, Some(matches!(a, Answer::Online)))
+            }
+            Answer::Online | Answer::Offline => {
+                let online = matches!(a, Answer::Online);
+                self.send_mail(shard, ShardMsg::Routed { reply, online })
+            }
+            Answer::Overloaded if shard == self.index => self.reply_local(reply, None),
+            Answer::Unavailable if shard == self.index => self.reply_unavailable(reply),
+            Answer::Overloaded => {
+                let m = BrokerMsg::Busy { reply };
+                self.send_mail(shard, ShardMsg::Broker(Box::new(m)))
+            }
+            Answer::Unavailable => {
+                let m = BrokerMsg::Unavailable { reply };
+                self.send_mail(shard, ShardMsg::Broker(Box::new(m)))
             }
         }
     }
@@ -430,7 +607,10 @@ impl<T: Transport> Sessions<T> {
                 online,
                 ack,
             } => {
-                self.hub.presence(user, from, online);
+                let change = self.hub.presence(user.clone(), from, online);
+                if self.tell_broker_user(user, change, ack) {
+                    return;
+                }
                 if let Some(conn) = ack {
                     self.send_mail(from, ShardMsg::Registered { conn });
                 }
@@ -463,6 +643,20 @@ impl<T: Transport> Sessions<T> {
                 exclude,
             } => self.deliver_stream_local(&user, &payload, offset, exclude),
             ShardMsg::Shutdown => self.begin_shutdown(),
+            ShardMsg::Broker(m) => self.on_broker(*m),
         }
     }
+}
+
+/// How a routed `send` is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Delivered to someone: `ack`.
+    Online,
+    /// Nobody has the user: `user_offline`.
+    Offline,
+    /// A queue was full: `overloaded`.
+    Overloaded,
+    /// The broker is unreachable: `unavailable`.
+    Unavailable,
 }

@@ -253,7 +253,7 @@ impl<T: Transport> Sessions<T> {
     }
 
     /// The key of `conn` if it is a live open connection here.
-    fn live_open(&self, conn: ConnId) -> Option<usize> {
+    pub(super) fn live_open(&self, conn: ConnId) -> Option<usize> {
         let key = conn.slot as usize;
         self.conns
             .get(key)

@@ -71,6 +71,12 @@ pub struct ShardSetup {
     pub store: Option<crate::store::StoreHandle>,
     /// The store's counters.
     pub store_metrics: Arc<crate::metrics::StoreMetrics>,
+    /// The cluster's broker, with `--broker`.
+    pub broker: Option<crate::broker::BrokerHandle>,
+    /// The broker's counters.
+    pub broker_metrics: Option<Arc<crate::broker::BrokerMetrics>>,
+    /// This node's id.
+    pub node: Arc<str>,
 }
 
 /// A running shard.
@@ -135,6 +141,9 @@ impl Shard {
             open_total: setup.open_total,
             store: setup.store,
             store_metrics: setup.store_metrics,
+            broker: setup.broker,
+            broker_metrics: setup.broker_metrics,
+            node: setup.node,
         };
         let index = setup.index as u16;
         Ok(Shard {

@@ -12,6 +12,8 @@ use serde_json::Value;
 use switchboard::testkit;
 use tungstenite::{Message, WebSocket};
 
+pub mod redis;
+
 /// How long any single wait in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(15);
 
@@ -32,7 +34,7 @@ impl Server {
         cmd.args(["--listen", "127.0.0.1:0"]).args(args);
         if !args
             .iter()
-            .any(|a| a.starts_with("--store") || a.starts_with("--data-dir"))
+            .any(|a| *a == "--store" || a.starts_with("--store=") || a.starts_with("--data-dir"))
         {
             // Streams in memory unless a test asks for a data directory of its own.
             cmd.args(["--store", "memory"]);

@@ -1,0 +1,691 @@
+//! Nodes that act as one, through Redis PUB/SUB (`--broker redis://…`).
+//!
+//! Two threads own the Redis connections, outside the shard loops:
+//! - the **publisher** takes every request waiting, sends them as one pipeline (one `PUBLISH`
+//!   per message, never one per recipient) and answers the senders that asked whether anyone
+//!   received it (`PUBLISH` counts the nodes subscribed);
+//! - the **subscriber** follows the node's interest: it subscribes to `sb:u:<user>` when the
+//!   user's first connection on this node appears and to `sb:c:<channel>` when the first local
+//!   subscriber does, unsubscribes after the last, and hands what arrives to the shards.
+//!
+//! A message carries the id of the node that published it; a node drops its own: local
+//! recipients were served directly, never through Redis. Both threads reconnect with backoff
+//! and the subscriber restores every subscription; meanwhile cross-node sends are answered
+//! `unavailable`. The broker imports neither the hub nor the session layer: it answers through
+//! a sink the server gives it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use tracing::{info, warn};
+
+use crate::ids::{home_of, ReplyTo};
+pub use crate::metrics::BrokerMetrics;
+
+/// Publish requests waiting for the publisher thread, at most.
+pub const BROKER_QUEUE: usize = 65_536;
+/// Requests sent in one pipeline, at most.
+const PIPELINE_MAX: usize = 1_024;
+/// How long the subscriber waits for a message before it looks at interest changes.
+const POLL: Duration = Duration::from_millis(2);
+/// Longest wait between reconnect attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a thread keeps retrying a full shard mailbox.
+const POST_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The URL is not a Redis URL.
+    #[error("invalid --broker URL {url}: {source}")]
+    Url {
+        /// URL (without password).
+        url: String,
+        /// Cause.
+        source: redis::RedisError,
+    },
+    /// Redis did not answer.
+    #[error("cannot reach the broker at {url}: {source}")]
+    Connect {
+        /// URL (without password).
+        url: String,
+        /// Cause.
+        source: redis::RedisError,
+    },
+    /// A thread could not be spawned.
+    #[error("cannot spawn the broker threads: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// To the publisher thread.
+#[derive(Debug)]
+pub enum BrokerReq {
+    /// A DM for `user`'s connections on other nodes. With `reply`, the sender is answered
+    /// from the number of nodes that received it (this node holds none of the user's
+    /// connections then).
+    User {
+        /// Recipient.
+        user: Arc<str>,
+        /// The event as delivered.
+        payload: Bytes,
+        /// Whom to answer.
+        reply: Option<ReplyTo>,
+    },
+    /// A publication for `channel`'s subscribers on other nodes.
+    Channel {
+        /// Channel.
+        channel: Arc<str>,
+        /// The event as delivered.
+        payload: Bytes,
+    },
+}
+
+/// To the subscriber thread: the node's interest changed.
+#[derive(Debug)]
+pub enum Interest {
+    /// `user`'s first connection on this node opened (`true`) or its last closed. With
+    /// `ready`, the shard is told once the subscription is active.
+    User {
+        /// User.
+        user: Arc<str>,
+        /// Opened or closed.
+        on: bool,
+        /// (shard, token) to answer with [`BrokerMsg::Ready`].
+        ready: Option<(u16, u64)>,
+    },
+    /// A shard's first subscriber of `channel` (`true`) or its last left.
+    Channel {
+        /// Channel.
+        channel: Arc<str>,
+        /// Joined or left.
+        on: bool,
+        /// (shard, token) to answer with [`BrokerMsg::Ready`].
+        ready: Option<(u16, u64)>,
+    },
+}
+
+/// From the broker to a shard.
+#[derive(Debug)]
+pub enum BrokerMsg {
+    /// To `user`'s home shard: a DM published by another node.
+    User {
+        /// Recipient.
+        user: Arc<str>,
+        /// The event.
+        payload: Bytes,
+    },
+    /// To every shard: a publication of another node.
+    Channel {
+        /// Channel.
+        channel: Arc<str>,
+        /// The event.
+        payload: Bytes,
+    },
+    /// The answer to a DM that only other nodes could deliver.
+    Routed {
+        /// Whom.
+        reply: ReplyTo,
+        /// Whether any node received it.
+        online: bool,
+    },
+    /// Redis is unreachable: the DM was not delivered anywhere else.
+    Unavailable {
+        /// Whom.
+        reply: ReplyTo,
+    },
+    /// The broker's queue was full: the DM was not sent to other nodes.
+    Busy {
+        /// Whom.
+        reply: ReplyTo,
+    },
+    /// The subscription asked for with `token` is active.
+    Ready {
+        /// The token of the [`Interest`].
+        token: u64,
+    },
+}
+
+/// Hands a message to shard `i`; gives it back when the mailbox is full.
+pub type Sink = Box<dyn Fn(u16, BrokerMsg) -> Result<(), BrokerMsg> + Send + Sync>;
+
+/// What shards hold to talk to the broker.
+#[derive(Debug, Clone)]
+pub struct BrokerHandle {
+    publish: Sender<BrokerReq>,
+    interest: Sender<Interest>,
+    /// This node's id.
+    pub node: Arc<str>,
+    up: Arc<Up>,
+}
+
+/// Whether each Redis connection is up.
+#[derive(Debug, Default)]
+struct Up {
+    publisher: AtomicBool,
+    subscriber: AtomicBool,
+}
+
+impl Up {
+    fn both(&self) -> bool {
+        self.publisher.load(Ordering::Relaxed) && self.subscriber.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, which: &AtomicBool, v: bool, m: &BrokerMetrics) {
+        which.store(v, Ordering::Relaxed);
+        m.connected.store(u64::from(self.both()), Ordering::Relaxed);
+    }
+}
+
+impl BrokerHandle {
+    /// Queues a publication; gives it back when the queue is full.
+    pub fn publish(&self, req: BrokerReq) -> Result<(), BrokerReq> {
+        match self.publish.try_send(req) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(r)) | Err(TrySendError::Disconnected(r)) => Err(r),
+        }
+    }
+
+    /// Reports an interest change (never dropped: subscriptions must follow it).
+    pub fn interest(&self, i: Interest) {
+        let _ = self.interest.send(i);
+    }
+
+    /// Whether Redis is reachable right now.
+    pub fn is_up(&self) -> bool {
+        self.up.both()
+    }
+}
+
+/// The Redis channel of a user's DMs.
+pub fn user_channel(user: &str) -> String {
+    format!("sb:u:{user}")
+}
+
+/// The Redis channel of a channel's publications.
+pub fn channel_channel(channel: &str) -> String {
+    format!("sb:c:{channel}")
+}
+
+/// (Redis channel, on, ready) of an interest change.
+fn split(i: Interest) -> (String, bool, Option<(u16, u64)>) {
+    match i {
+        Interest::User { user, on, ready } => (user_channel(&user), on, ready),
+        Interest::Channel { channel, on, ready } => (channel_channel(&channel), on, ready),
+    }
+}
+
+/// `<node>\n<payload>`: who published, then the event as delivered.
+fn envelope(node: &str, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(node.len() + 1 + payload.len());
+    v.extend_from_slice(node.as_bytes());
+    v.push(b'\n');
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Splits an envelope into (node, payload).
+fn open_envelope(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let i = b.iter().position(|&c| c == b'\n')?;
+    Some((&b[..i], &b[i + 1..]))
+}
+
+/// The URL as logged: without a password.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// A running broker: its threads and how to stop them.
+pub struct Broker {
+    handle: BrokerHandle,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    /// Counters.
+    pub metrics: Arc<BrokerMetrics>,
+}
+
+impl Broker {
+    /// Connects to Redis (both connections must answer, or start-up fails) and starts the
+    /// publisher and subscriber threads.
+    pub fn start(
+        url: &str,
+        password: Option<String>,
+        node: Arc<str>,
+        shards: usize,
+        sink: Sink,
+    ) -> Result<Broker, BrokerError> {
+        let shown = redacted(url);
+        let mut info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|source| BrokerError::Url {
+                url: shown.clone(),
+                source,
+            })?;
+        if let Some(p) = password {
+            if info.redis_settings().password().is_none() {
+                let settings = info.redis_settings().clone().set_password(p);
+                info = info.set_redis_settings(settings);
+            }
+        }
+        let client = redis::Client::open(info).map_err(|source| BrokerError::Url {
+            url: shown.clone(),
+            source,
+        })?;
+        let connect = |client: &redis::Client| -> redis::RedisResult<redis::Connection> {
+            let mut c = client.get_connection_with_timeout(Duration::from_secs(2))?;
+            redis::cmd("PING").query::<String>(&mut c)?;
+            Ok(c)
+        };
+        let pub_con = connect(&client).map_err(|source| BrokerError::Connect {
+            url: shown.clone(),
+            source,
+        })?;
+        let sub_con = connect(&client).map_err(|source| BrokerError::Connect {
+            url: shown.clone(),
+            source,
+        })?;
+        let (ptx, prx) = crossbeam_channel::bounded(BROKER_QUEUE);
+        let (itx, irx) = crossbeam_channel::unbounded();
+        let stop = Arc::new(AtomicBool::new(false));
+        let metrics = Arc::new(BrokerMetrics::default());
+        let up = Arc::new(Up::default());
+        up.set(&up.publisher, true, &metrics);
+        up.set(&up.subscriber, true, &metrics);
+        let sink = Arc::new(sink);
+        let mut publisher = Publisher {
+            client: client.clone(),
+            con: Some(pub_con),
+            node: node.clone(),
+            sink: sink.clone(),
+            metrics: metrics.clone(),
+            up: up.clone(),
+        };
+        let mut subscriber = Subscriber {
+            client,
+            node: node.clone(),
+            shards,
+            sink,
+            metrics: metrics.clone(),
+            up: up.clone(),
+            stop: stop.clone(),
+            interest: HashMap::new(),
+        };
+        let threads = vec![
+            std::thread::Builder::new()
+                .name("broker-pub".into())
+                .spawn(move || publisher.run(prx))
+                .map_err(BrokerError::Spawn)?,
+            std::thread::Builder::new()
+                .name("broker-sub".into())
+                .spawn(move || subscriber.run(sub_con, irx))
+                .map_err(BrokerError::Spawn)?,
+        ];
+        info!(broker = %shown, node = %node, "joined the cluster");
+        Ok(Broker {
+            handle: BrokerHandle {
+                publish: ptx,
+                interest: itx,
+                node,
+                up,
+            },
+            stop,
+            threads,
+            metrics,
+        })
+    }
+
+    /// What shards hold.
+    pub fn handle(&self) -> BrokerHandle {
+        self.handle.clone()
+    }
+
+    /// Stops both threads.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        drop(self.handle);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Posts to a shard, retrying a full mailbox for a while (answers must not be lost).
+fn post(sink: &Sink, shard: u16, mut msg: BrokerMsg) {
+    let start = Instant::now();
+    loop {
+        match sink(shard, msg) {
+            Ok(()) => return,
+            Err(m) if start.elapsed() < POST_PATIENCE => {
+                msg = m;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(m) => {
+                warn!(shard, msg = ?m, "shard mailbox full for 10 s: broker message dropped");
+                return;
+            }
+        }
+    }
+}
+
+struct Publisher {
+    client: redis::Client,
+    con: Option<redis::Connection>,
+    node: Arc<str>,
+    sink: Arc<Sink>,
+    metrics: Arc<BrokerMetrics>,
+    up: Arc<Up>,
+}
+
+impl Publisher {
+    fn run(&mut self, rx: Receiver<BrokerReq>) {
+        let mut batch = Vec::with_capacity(PIPELINE_MAX);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(r) => batch.push(r),
+                Err(RecvTimeoutError::Timeout) => {
+                    // Idle: find out now whether the connection still works.
+                    let alive = self
+                        .con
+                        .as_mut()
+                        .map(|c| redis::cmd("PING").query::<String>(c).is_ok());
+                    match alive {
+                        None => self.reconnect(&mut backoff),
+                        Some(false) => self.lost(),
+                        Some(true) => {}
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            while batch.len() < PIPELINE_MAX {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            if self.con.is_none() {
+                self.reconnect(&mut backoff);
+            }
+            let counts = match self.con.as_mut() {
+                Some(con) => {
+                    let mut pipe = redis::pipe();
+                    for r in &batch {
+                        let (channel, payload) = match r {
+                            BrokerReq::User { user, payload, .. } => (user_channel(user), payload),
+                            BrokerReq::Channel { channel, payload } => {
+                                (channel_channel(channel), payload)
+                            }
+                        };
+                        pipe.cmd("PUBLISH")
+                            .arg(channel)
+                            .arg(envelope(&self.node, payload));
+                    }
+                    match pipe.query::<Vec<i64>>(con) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            warn!(error = %e, "broker: publishing failed; reconnecting");
+                            self.lost();
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            self.metrics.published.fetch_add(
+                counts.as_ref().map_or(0, |c| c.len() as u64),
+                Ordering::Relaxed,
+            );
+            for (i, r) in batch.drain(..).enumerate() {
+                let BrokerReq::User {
+                    reply: Some(reply), ..
+                } = r
+                else {
+                    continue;
+                };
+                let shard = reply.conn.shard;
+                let msg = match &counts {
+                    Some(c) => BrokerMsg::Routed {
+                        reply,
+                        online: c.get(i).is_some_and(|&n| n > 0),
+                    },
+                    None => BrokerMsg::Unavailable { reply },
+                };
+                post(&self.sink, shard, msg);
+            }
+        }
+    }
+
+    /// The connection failed: what was in the pipeline is answered `unavailable` (never
+    /// retried: a message may have gone out before the failure), then one immediate attempt.
+    fn lost(&mut self) {
+        self.con = None;
+        self.up.set(&self.up.publisher, false, &self.metrics);
+        self.metrics.disconnects.fetch_add(1, Ordering::Relaxed);
+        let mut backoff = Duration::ZERO;
+        self.reconnect(&mut backoff);
+    }
+
+    /// One attempt after `backoff` (the caller's loop paces them): requests meanwhile are
+    /// answered `unavailable`, never held.
+    fn reconnect(&mut self, backoff: &mut Duration) {
+        std::thread::sleep(*backoff);
+        let attempt = self
+            .client
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c).map(|_| c));
+        match attempt {
+            Ok(c) => {
+                info!("broker: publisher reconnected");
+                self.con = Some(c);
+                self.up.set(&self.up.publisher, true, &self.metrics);
+                *backoff = Duration::from_millis(50);
+            }
+            Err(e) => {
+                warn!(error = %e, "broker: Redis unreachable");
+                *backoff = (*backoff * 2).clamp(Duration::from_millis(50), BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+struct Subscriber {
+    client: redis::Client,
+    node: Arc<str>,
+    shards: usize,
+    sink: Arc<Sink>,
+    metrics: Arc<BrokerMetrics>,
+    up: Arc<Up>,
+    stop: Arc<AtomicBool>,
+    /// Redis channel → interested parties (1 per user; shards per channel).
+    interest: HashMap<String, u32>,
+}
+
+impl Subscriber {
+    fn run(&mut self, mut con: redis::Connection, rx: Receiver<Interest>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let lost = self.serve(&mut con, &rx);
+            if self.stop.load(Ordering::Relaxed) || !lost {
+                return;
+            }
+            self.up.set(&self.up.subscriber, false, &self.metrics);
+            self.metrics.disconnects.fetch_add(1, Ordering::Relaxed);
+            loop {
+                if self.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                // Meanwhile interest is only noted (restored with the rest): nobody waits
+                // for Redis to be welcomed or to subscribe.
+                let deadline = Instant::now() + backoff;
+                while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                    match rx.recv_timeout(left) {
+                        Ok(i) => {
+                            let (name, on, ready) = split(i);
+                            self.note(name, on);
+                            if let Some((shard, token)) = ready {
+                                post(&self.sink, shard, BrokerMsg::Ready { token });
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                match self
+                    .client
+                    .get_connection_with_timeout(Duration::from_secs(1))
+                {
+                    Ok(c) => {
+                        con = c;
+                        backoff = Duration::from_millis(50);
+                        info!(
+                            subscriptions = self.interest.len(),
+                            "broker: subscriber reconnected; restoring subscriptions"
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "broker: Redis unreachable");
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves one connection; true when it was lost (false: asked to stop).
+    fn serve(&mut self, con: &mut redis::Connection, rx: &Receiver<Interest>) -> bool {
+        let mut ps = con.as_pubsub();
+        let names: Vec<String> = self.interest.keys().cloned().collect();
+        for n in names {
+            if ps.subscribe(&n).is_err() {
+                return true;
+            }
+        }
+        if ps.set_read_timeout(Some(POLL)).is_err() {
+            return true;
+        }
+        self.up.set(&self.up.subscriber, true, &self.metrics);
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            loop {
+                let i = match rx.try_recv() {
+                    Ok(i) => i,
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => return false,
+                };
+                let (name, on, ready) = split(i);
+                if self.note(name.clone(), on) {
+                    let r = if on {
+                        ps.subscribe(&name)
+                    } else {
+                        ps.unsubscribe(&name)
+                    };
+                    if r.is_err() {
+                        // Restored with the rest once reconnected.
+                        return true;
+                    }
+                    self.metrics
+                        .subscriptions
+                        .store(self.interest.len() as u64, Ordering::Relaxed);
+                }
+                if let Some((shard, token)) = ready {
+                    post(&self.sink, shard, BrokerMsg::Ready { token });
+                }
+            }
+            match ps.get_message() {
+                Ok(m) => self.on_message(m.get_channel_name(), m.get_payload_bytes()),
+                Err(e) if e.is_timeout() => {}
+                Err(e) => {
+                    warn!(error = %e, "broker: subscriber connection lost");
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Counts an interest change; true when the subscription must follow (first or last).
+    fn note(&mut self, name: String, on: bool) -> bool {
+        if on {
+            let n = self.interest.entry(name).or_insert(0);
+            *n += 1;
+            *n == 1
+        } else {
+            match self.interest.get_mut(&name) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    self.interest.remove(&name);
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+
+    fn on_message(&self, channel: &str, payload: &[u8]) {
+        let Some((node, event)) = open_envelope(payload) else {
+            return;
+        };
+        if node == self.node.as_bytes() {
+            self.metrics.own_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.metrics.received.fetch_add(1, Ordering::Relaxed);
+        let event = Bytes::copy_from_slice(event);
+        if let Some(user) = channel.strip_prefix("sb:u:") {
+            let user: Arc<str> = user.into();
+            let home = home_of(&user, self.shards);
+            post(
+                &self.sink,
+                home,
+                BrokerMsg::User {
+                    user,
+                    payload: event,
+                },
+            );
+        } else if let Some(ch) = channel.strip_prefix("sb:c:") {
+            let ch: Arc<str> = ch.into();
+            for s in 0..self.shards as u16 {
+                post(
+                    &self.sink,
+                    s,
+                    BrokerMsg::Channel {
+                        channel: ch.clone(),
+                        payload: event.clone(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_round_trip_and_urls_hide_passwords() {
+        let e = envelope("n1:8080", br#"{"op":"msg"}"#);
+        assert_eq!(
+            open_envelope(&e),
+            Some((&b"n1:8080"[..], &br#"{"op":"msg"}"#[..]))
+        );
+        assert_eq!(open_envelope(b"no separator"), None);
+        assert_eq!(
+            redacted("redis://:secret@127.0.0.1:6379/0"),
+            "redis://***@127.0.0.1:6379/0"
+        );
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

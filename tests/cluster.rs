@@ -1,0 +1,197 @@
+//! Several nodes sharing one real `redis-server`: DMs and channel publications cross nodes,
+//! only interested nodes receive, and Redis failures are answered, never silent.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis::Redis;
+use common::*;
+use serde_json::{json, Value};
+
+fn node(redis: &Redis, id: &str) -> Server {
+    Server::start(&["--shards", "2", "--broker", &redis.url(), "--node-id", id])
+}
+
+fn send(ws: &mut Ws, to: &str, data: Value, id: &str) -> Value {
+    send_json(ws, json!({"op":"send","to":to,"data":data,"id":id}));
+    recv_json(ws)
+}
+
+#[test]
+fn dms_cross_nodes_both_ways_and_reach_every_device() {
+    let redis = Redis::start();
+    let (a, b, c) = (node(&redis, "a"), node(&redis, "b"), node(&redis, "c"));
+    let (mut alice_a, _) = connect(&a, "alice");
+    let (mut alice_c, _) = connect(&c, "alice");
+    let (mut bob, _) = connect(&b, "bob");
+    let ack = send(&mut alice_a, "bob", json!("hi bob"), "1");
+    assert_eq!(
+        (ack["op"].as_str(), ack["id"].as_str()),
+        (Some("ack"), Some("1")),
+        "{ack}"
+    );
+    let m = recv_json(&mut bob);
+    assert_eq!(
+        (m["from"].as_str(), m["data"].as_str()),
+        (Some("alice"), Some("hi bob")),
+        "{m}"
+    );
+    // alice's other device, on a third node, sees her side of the conversation.
+    let copy = recv_json(&mut alice_c);
+    assert_eq!(
+        (copy["to"].as_str(), copy["data"].as_str()),
+        (Some("bob"), Some("hi bob"))
+    );
+    let ack = send(&mut bob, "alice", json!("hi alice"), "2");
+    assert_eq!(ack["op"], "ack", "{ack}");
+    for ws in [&mut alice_a, &mut alice_c] {
+        let m = recv_json(ws);
+        assert_eq!(
+            (m["from"].as_str(), m["data"].as_str()),
+            (Some("bob"), Some("hi alice"))
+        );
+    }
+    // Nobody has carol anywhere in the cluster.
+    let e = send(&mut bob, "carol", json!(1), "3");
+    assert_eq!(
+        (e["op"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("user_offline")),
+        "{e}"
+    );
+    // Order per sender holds across nodes.
+    for i in 0..50 {
+        send_json(&mut alice_a, json!({"op":"send","to":"bob","data":i}));
+    }
+    for i in 0..50 {
+        assert_eq!(recv_json(&mut bob)["data"], i);
+    }
+    assert!(a.metric("switchboard_broker_published_total") >= 52);
+    assert!(b.metric("switchboard_broker_received_total") >= 51);
+}
+
+#[test]
+fn a_publication_reaches_subscribers_on_every_node_and_no_one_else() {
+    let redis = Redis::start();
+    let (a, b, c) = (node(&redis, "a"), node(&redis, "b"), node(&redis, "c"));
+    let mut subs = Vec::new();
+    for (n, user) in [(&b, "bea"), (&c, "cid"), (&a, "ann")] {
+        let (mut ws, _) = connect(n, user);
+        send_json(&mut ws, json!({"op":"sub","channel":"room","id":"s"}));
+        let ack = recv_json(&mut ws);
+        assert_eq!(ack["op"], "ack", "{ack}");
+        subs.push(ws);
+    }
+    let (mut dan, _) = connect(&c, "dan");
+    let (mut pubr, _) = connect(&a, "pat");
+    send_json(
+        &mut pubr,
+        json!({"op":"pub","channel":"room","data":"hello","id":"p"}),
+    );
+    assert_eq!(recv_json(&mut pubr)["op"], "ack");
+    for ws in &mut subs {
+        let m = recv_json(ws);
+        assert_eq!(
+            (m["channel"].as_str(), m["data"].as_str()),
+            (Some("room"), Some("hello")),
+            "{m}"
+        );
+    }
+    // cid on node c got it: dan, on the same node and not subscribed, got nothing.
+    expect_silence(&mut dan, Duration::from_millis(300));
+    // Node b has no subscriber of "other": it does not even receive it from Redis.
+    let before = b.metric("switchboard_broker_received_total");
+    send_json(
+        &mut pubr,
+        json!({"op":"pub","channel":"other","data":"x","id":"q"}),
+    );
+    assert_eq!(recv_json(&mut pubr)["op"], "ack");
+    send_json(
+        &mut pubr,
+        json!({"op":"pub","channel":"room","data":"after","id":"r"}),
+    );
+    assert_eq!(recv_json(&mut pubr)["op"], "ack");
+    assert_eq!(recv_json(&mut subs[0])["data"], "after");
+    assert_eq!(
+        b.metric("switchboard_broker_received_total"),
+        before + 1,
+        "only the room message reached node b"
+    );
+    // The last subscriber leaving unsubscribes the node.
+    send_json(
+        &mut subs[0],
+        json!({"op":"unsub","channel":"room","id":"u"}),
+    );
+    assert_eq!(recv_json(&mut subs[0])["op"], "ack");
+    b.wait_for("node b's room subscription to go", |s| {
+        s.metric("switchboard_broker_subscriptions") == 1
+    });
+}
+
+#[test]
+fn redis_unreachable_at_start_is_a_clear_error_and_exit_1() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--listen", "127.0.0.1:0", "--store", "memory"])
+        .args(["--broker", &format!("redis://127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the broker at redis://127.0.0.1:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn redis_lost_mid_run_is_answered_unavailable_and_recovers_when_back() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut alice, _) = connect(&a, "alice");
+    let (mut amy, _) = connect(&a, "amy");
+    let (mut bob, _) = connect(&b, "bob");
+    assert_eq!(send(&mut alice, "bob", json!(1), "1")["op"], "ack");
+    assert_eq!(recv_json(&mut bob)["data"], 1);
+    redis.stop();
+    a.wait_for("node a to see Redis gone", |s| {
+        s.metric("switchboard_broker_connected") == 0
+    });
+    // Local delivery goes on; a DM only another node could deliver is refused, not lost.
+    assert_eq!(send(&mut alice, "amy", json!("local"), "2")["op"], "ack");
+    assert_eq!(recv_json(&mut amy)["data"], "local");
+    let e = send(&mut alice, "bob", json!(2), "3");
+    assert_eq!(
+        (e["op"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("unavailable")),
+        "{e}"
+    );
+    let _redis = Redis::start_on(port);
+    for n in [&a, &b] {
+        n.wait_for("the broker to reconnect", |s| {
+            s.metric("switchboard_broker_connected") == 1
+        });
+        n.wait_for("subscriptions to be restored", |s| {
+            s.metric("switchboard_broker_subscriptions") >= 1
+        });
+    }
+    // The subscriber restored bob's subscription: the next DM crosses again.
+    let start = std::time::Instant::now();
+    loop {
+        let r = send(&mut alice, "bob", json!(4), "4");
+        if r["op"] == "ack" {
+            break;
+        }
+        // The publisher reconnects on its next request: `unavailable` until then.
+        assert_eq!(r["code"], "unavailable", "{r}");
+        assert!(start.elapsed() < DEADLINE, "never recovered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(recv_json(&mut bob)["data"], 4);
+    assert!(a.metric("switchboard_broker_disconnects_total") >= 1);
+}
