@@ -66,6 +66,17 @@ fn dms_cross_nodes_both_ways_and_reach_every_device() {
     for i in 0..50 {
         assert_eq!(recv_json(&mut bob)["data"], i);
     }
+    // The push API on node c reaches bob on node b and a channel's subscribers elsewhere.
+    let body = r#"{"to":"bob","data":"from the backend"}"#;
+    let (status, _) = http(
+        c.addr,
+        &format!(
+            "POST /api/send HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(recv_json(&mut bob)["data"], "from the backend");
     assert!(a.metric("switchboard_broker_published_total") >= 52);
     assert!(b.metric("switchboard_broker_received_total") >= 51);
 }

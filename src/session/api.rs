@@ -366,11 +366,35 @@ impl<T: Transport> Sessions<T> {
         }
         let local = self.exec_api(&cmd);
         self.pending_api[id as usize].count += local;
+        self.api_to_cluster(&cmd);
         if others == 0 {
             self.complete_api(id, false);
         } else {
             // Later requests on this connection wait for this answer (responses stay in order).
             self.conns[key].flags.set(Flags::HOLD_INPUT);
+        }
+    }
+
+    /// With a broker, a publication or a send also goes to the other nodes (one publish;
+    /// the answer's count is this node's).
+    fn api_to_cluster(&mut self, cmd: &ApiCmd) {
+        match cmd {
+            ApiCmd::Publish { channel, payload } => {
+                self.publish_remote(channel.clone(), payload.clone())
+            }
+            ApiCmd::SendUser { user, payload } => {
+                if let Some(b) = &self.broker {
+                    let req = crate::broker::BrokerReq::User {
+                        user: user.clone(),
+                        payload: payload.clone(),
+                        reply: None,
+                    };
+                    if !b.is_up() || b.publish(req).is_err() {
+                        ShardMetrics::add(&self.m().dropped, 1);
+                    }
+                }
+            }
+            _ => {}
         }
     }
 
