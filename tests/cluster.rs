@@ -206,3 +206,31 @@ fn redis_lost_mid_run_is_answered_unavailable_and_recovers_when_back() {
     assert_eq!(recv_json(&mut bob)["data"], 4);
     assert!(a.metric("switchboard_broker_disconnects_total") >= 1);
 }
+
+#[test]
+fn sigterm_on_a_node_tells_its_clients_to_reconnect_elsewhere() {
+    let redis = Redis::start();
+    let (mut a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut ws, _) = connect(&a, "alice");
+    let (mut bob, _) = connect(&b, "bob");
+    let status = a.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{status:?}");
+    match ws.read() {
+        Ok(tungstenite::Message::Close(Some(f))) => {
+            assert_eq!(u16::from(f.code), 1001);
+            assert!(
+                f.reason.contains("reconnect to another node"),
+                "{}",
+                f.reason
+            );
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    // The other node carries on; alice reconnects there and is reachable.
+    let (mut alice, _) = connect(&b, "alice");
+    assert_eq!(
+        send(&mut bob, "alice", json!("still here"), "1")["op"],
+        "ack"
+    );
+    assert_eq!(recv_json(&mut alice)["data"], "still here");
+}

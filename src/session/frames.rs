@@ -436,6 +436,11 @@ impl<T: Transport> Sessions<T> {
     /// During shutdown: 1001 for open connections, drop the rest.
     pub(super) fn shutdown_conn(&mut self, key: usize) {
         match self.conns[key].state {
+            ConnState::Open if self.broker.is_some() => self.start_close(
+                key,
+                code::GOING_AWAY,
+                "node shutting down; reconnect to another node",
+            ),
             ConnState::Open => self.start_close(key, code::GOING_AWAY, "server shutting down"),
             ConnState::Closing => {}
             ConnState::Http | ConnState::Draining => self.finish(key),
