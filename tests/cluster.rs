@@ -65,6 +65,11 @@ fn dms_cross_nodes_both_ways_and_reach_every_device() {
     }
     for i in 0..50 {
         assert_eq!(recv_json(&mut bob)["data"], i);
+        assert_eq!(
+            recv_json(&mut alice_c)["data"],
+            i,
+            "the copy on alice's other node"
+        );
     }
     // The push API on node c reaches bob on node b and a channel's subscribers elsewhere.
     let body = r#"{"to":"bob","data":"from the backend"}"#;
@@ -77,6 +82,18 @@ fn dms_cross_nodes_both_ways_and_reach_every_device() {
     );
     assert_eq!(status, 200);
     assert_eq!(recv_json(&mut bob)["data"], "from the backend");
+    let body = r#"{"data":"to everyone"}"#;
+    let (status, _) = http(
+        a.addr,
+        &format!(
+            "POST /api/broadcast HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert_eq!(status, 200);
+    for ws in [&mut bob, &mut alice_a, &mut alice_c] {
+        assert_eq!(recv_json(ws)["data"], "to everyone");
+    }
     assert!(a.metric("switchboard_broker_published_total") >= 52);
     assert!(b.metric("switchboard_broker_received_total") >= 51);
 }
@@ -134,8 +151,9 @@ fn a_publication_reaches_subscribers_on_every_node_and_no_one_else() {
         json!({"op":"unsub","channel":"room","id":"u"}),
     );
     assert_eq!(recv_json(&mut subs[0])["op"], "ack");
+    // Left: bea's own DMs and the broadcast channel every node keeps.
     b.wait_for("node b's room subscription to go", |s| {
-        s.metric("switchboard_broker_subscriptions") == 1
+        s.metric("switchboard_broker_subscriptions") == 2
     });
 }
 
@@ -187,8 +205,9 @@ fn redis_lost_mid_run_is_answered_unavailable_and_recovers_when_back() {
         n.wait_for("the broker to reconnect", |s| {
             s.metric("switchboard_broker_connected") == 1
         });
+        // sb:all and at least one user's channel.
         n.wait_for("subscriptions to be restored", |s| {
-            s.metric("switchboard_broker_subscriptions") >= 1
+            s.metric("switchboard_broker_subscriptions") >= 2
         });
     }
     // The subscriber restored bob's subscription: the next DM crosses again.

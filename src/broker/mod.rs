@@ -83,6 +83,11 @@ pub enum BrokerReq {
         /// The event as delivered.
         payload: Bytes,
     },
+    /// A broadcast to every connection of every other node (`POST /api/broadcast`).
+    Broadcast {
+        /// The event as delivered.
+        payload: Bytes,
+    },
 }
 
 /// To the subscriber thread: the node's interest changed.
@@ -123,6 +128,11 @@ pub enum BrokerMsg {
     Channel {
         /// Channel.
         channel: Arc<str>,
+        /// The event.
+        payload: Bytes,
+    },
+    /// To every shard: another node's broadcast to every connection.
+    Broadcast {
         /// The event.
         payload: Bytes,
     },
@@ -200,6 +210,9 @@ impl BrokerHandle {
         self.up.both()
     }
 }
+
+/// The Redis channel every node always subscribes to (broadcasts).
+pub const ALL: &str = "sb:all";
 
 /// The Redis channel of a user's DMs.
 pub fn user_channel(user: &str) -> String {
@@ -314,7 +327,8 @@ impl Broker {
             metrics: metrics.clone(),
             up: up.clone(),
             stop: stop.clone(),
-            interest: HashMap::new(),
+            // Every node takes broadcasts: subscribed from the start, for good.
+            interest: HashMap::from([(ALL.to_owned(), 1)]),
         };
         let threads = vec![
             std::thread::Builder::new()
@@ -422,6 +436,7 @@ impl Publisher {
                             BrokerReq::Channel { channel, payload } => {
                                 (channel_channel(channel), payload)
                             }
+                            BrokerReq::Broadcast { payload } => (ALL.to_owned(), payload),
                         };
                         pipe.cmd("PUBLISH")
                             .arg(channel)
@@ -572,6 +587,9 @@ impl Subscriber {
             return true;
         }
         self.up.set(&self.up.subscriber, true, &self.metrics);
+        self.metrics
+            .subscriptions
+            .store(self.interest.len() as u64, Ordering::Relaxed);
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return false;
@@ -654,6 +672,16 @@ impl Subscriber {
                     payload: event,
                 },
             );
+        } else if channel == ALL {
+            for s in 0..self.shards as u16 {
+                post(
+                    &self.sink,
+                    s,
+                    BrokerMsg::Broadcast {
+                        payload: event.clone(),
+                    },
+                );
+            }
         } else if let Some(ch) = channel.strip_prefix("sb:c:") {
             let ch: Arc<str> = ch.into();
             for s in 0..self.shards as u16 {

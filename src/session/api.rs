@@ -382,6 +382,16 @@ impl<T: Transport> Sessions<T> {
             ApiCmd::Publish { channel, payload } => {
                 self.publish_remote(channel.clone(), payload.clone())
             }
+            ApiCmd::Broadcast { payload } => {
+                if let Some(b) = &self.broker {
+                    let req = crate::broker::BrokerReq::Broadcast {
+                        payload: payload.clone(),
+                    };
+                    if !b.is_up() || b.publish(req).is_err() {
+                        ShardMetrics::add(&self.m().dropped, 1);
+                    }
+                }
+            }
             ApiCmd::SendUser { user, payload } => {
                 if let Some(b) = &self.broker {
                     let req = crate::broker::BrokerReq::User {

@@ -361,6 +361,9 @@ impl<T: Transport> Sessions<T> {
             BrokerMsg::Channel { channel, payload } => {
                 self.deliver_channel_local(&channel, &payload);
             }
+            BrokerMsg::Broadcast { payload } => {
+                self.exec_api(&crate::hub::ApiCmd::Broadcast { payload });
+            }
             BrokerMsg::Routed { reply, online } => self.reply_local(reply, Some(online)),
             BrokerMsg::Unavailable { reply } => self.reply_unavailable(reply),
             BrokerMsg::Busy { reply } => self.reply_local(reply, None),
