@@ -33,6 +33,10 @@ pub const BROKER_QUEUE: usize = 65_536;
 const PIPELINE_MAX: usize = 1_024;
 /// How long the subscriber waits for a message before it looks at interest changes.
 const POLL: Duration = Duration::from_millis(2);
+/// How long a SUBSCRIBE or UNSUBSCRIBE may take before the connection counts as lost.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interest changes applied before the subscriber looks at messages again.
+const BATCH_CHANGES: usize = 4_096;
 /// Longest wait between reconnect attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long a thread keeps retrying a full shard mailbox.
@@ -329,6 +333,7 @@ impl Broker {
             stop: stop.clone(),
             // Every node takes broadcasts: subscribed from the start, for good.
             interest: HashMap::from([(ALL.to_owned(), 1)]),
+            late_ready: Vec::new(),
         };
         let threads = vec![
             std::thread::Builder::new()
@@ -520,6 +525,8 @@ struct Subscriber {
     stop: Arc<AtomicBool>,
     /// Redis channel → interested parties (1 per user; shards per channel).
     interest: HashMap<String, u32>,
+    /// Subscriptions whose waiters are told once the connection is back and restored.
+    late_ready: Vec<(u16, u64)>,
 }
 
 impl Subscriber {
@@ -577,9 +584,12 @@ impl Subscriber {
     /// Serves one connection; true when it was lost (false: asked to stop).
     fn serve(&mut self, con: &mut redis::Connection, rx: &Receiver<Interest>) -> bool {
         let mut ps = con.as_pubsub();
+        if ps.set_read_timeout(Some(COMMAND_TIMEOUT)).is_err() {
+            return true;
+        }
         let names: Vec<String> = self.interest.keys().cloned().collect();
-        for n in names {
-            if ps.subscribe(&n).is_err() {
+        for n in &names {
+            if ps.subscribe(n).is_err() {
                 return true;
             }
         }
@@ -590,10 +600,19 @@ impl Subscriber {
         self.metrics
             .subscriptions
             .store(self.interest.len() as u64, Ordering::Relaxed);
+        // Those who waited through the outage are subscribed now.
+        for (shard, token) in std::mem::take(&mut self.late_ready) {
+            post(&self.sink, shard, BrokerMsg::Ready { token });
+        }
+        let mut changed: Vec<String> = Vec::new();
+        let mut readies: Vec<(u16, u64)> = Vec::new();
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return false;
             }
+            // Every change waiting, then the subscriptions they need. One channel per command:
+            // redis-rs waits for one confirmation per command, so only then is "returned"
+            // the same as "active" (a multi-channel SUBSCRIBE would return early).
             loop {
                 let i = match rx.try_recv() {
                     Ok(i) => i,
@@ -602,22 +621,39 @@ impl Subscriber {
                 };
                 let (name, on, ready) = split(i);
                 if self.note(name.clone(), on) {
-                    let r = if on {
-                        ps.subscribe(&name)
-                    } else {
-                        ps.unsubscribe(&name)
-                    };
-                    if r.is_err() {
-                        // Restored with the rest once reconnected.
-                        return true;
-                    }
-                    self.metrics
-                        .subscriptions
-                        .store(self.interest.len() as u64, Ordering::Relaxed);
+                    changed.push(name);
                 }
-                if let Some((shard, token)) = ready {
-                    post(&self.sink, shard, BrokerMsg::Ready { token });
+                readies.extend(ready);
+                if changed.len() >= BATCH_CHANGES {
+                    break;
                 }
+            }
+            if !changed.is_empty() {
+                changed.sort_unstable();
+                changed.dedup();
+                // What counts is the state after the batch (a user may come and go in it).
+                let (subs, unsubs): (Vec<String>, Vec<String>) = changed
+                    .drain(..)
+                    .partition(|n| self.interest.contains_key(n));
+                let mut ok = ps.set_read_timeout(Some(COMMAND_TIMEOUT)).is_ok();
+                for n in &subs {
+                    ok = ok && ps.subscribe(n).is_ok();
+                }
+                for n in &unsubs {
+                    ok = ok && ps.unsubscribe(n).is_ok();
+                }
+                ok = ok && ps.set_read_timeout(Some(POLL)).is_ok();
+                if !ok {
+                    // Restored with the rest once reconnected; then they are told.
+                    self.late_ready.append(&mut readies);
+                    return true;
+                }
+                self.metrics
+                    .subscriptions
+                    .store(self.interest.len() as u64, Ordering::Relaxed);
+            }
+            for (shard, token) in readies.drain(..) {
+                post(&self.sink, shard, BrokerMsg::Ready { token });
             }
             match ps.get_message() {
                 Ok(m) => self.on_message(m.get_channel_name(), m.get_payload_bytes()),
