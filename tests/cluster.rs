@@ -253,3 +253,38 @@ fn sigterm_on_a_node_tells_its_clients_to_reconnect_elsewhere() {
     );
     assert_eq!(recv_json(&mut alice)["data"], "still here");
 }
+
+fn user_on(server: &Server, user: &str) -> Value {
+    let (status, body) = http(
+        server.addr,
+        &format!("GET /api/users/{user} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[test]
+fn any_node_counts_a_users_connections_on_every_node_and_a_dead_node_drops_out() {
+    let redis = Redis::start();
+    let (a, b, c) = (node(&redis, "a"), node(&redis, "b"), node(&redis, "c"));
+    let alice_a = connect(&a, "alice");
+    let _alice_b1 = connect(&b, "alice");
+    let _alice_b2 = connect(&b, "alice");
+    // Each node writes its counts to Redis as connections come and go (asynchronously).
+    c.wait_for("alice's three connections", |s| {
+        user_on(s, "alice")["connections"] == 3
+    });
+    assert_eq!(user_on(&c, "alice")["online"], true);
+    assert_eq!(user_on(&c, "nobody")["online"], false);
+    // Node b dies without a word: its two connections vanish within two heartbeats.
+    let mut b = b;
+    let _ = b.child.kill();
+    let _ = b.child.wait();
+    c.wait_for("node b's connections to drop out", |s| {
+        user_on(s, "alice")["connections"] == 1
+    });
+    drop(alice_a);
+    c.wait_for("alice to go offline", |s| {
+        user_on(s, "alice")["online"] == false
+    });
+}

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tracing::{info, warn};
 
-use crate::ids::{home_of, ReplyTo};
+use crate::ids::{home_of, ConnId, ReplyTo};
 pub use crate::metrics::BrokerMetrics;
 
 /// Publish requests waiting for the publisher thread, at most.
@@ -92,6 +92,22 @@ pub enum BrokerReq {
         /// The event as delivered.
         payload: Bytes,
     },
+    /// One of `user`'s connections on this node opened (+1) or closed (-1).
+    Presence {
+        /// User.
+        user: Arc<str>,
+        /// +1 or -1.
+        delta: i64,
+    },
+    /// `GET /api/users/<id>`: how many connections `user` has on the other live nodes.
+    CountUser {
+        /// User.
+        user: Arc<str>,
+        /// The waiting HTTP connection.
+        conn: ConnId,
+        /// Connections on this node.
+        local: u64,
+    },
 }
 
 /// To the subscriber thread: the node's interest changed.
@@ -157,6 +173,15 @@ pub enum BrokerMsg {
         /// Whom.
         reply: ReplyTo,
     },
+    /// The answer to [`BrokerReq::CountUser`].
+    UserCount {
+        /// The waiting HTTP connection.
+        conn: ConnId,
+        /// User.
+        user: Arc<str>,
+        /// Connections on every live node, this one included.
+        connections: u64,
+    },
     /// The subscription asked for with `token` is active.
     Ready {
         /// The token of the [`Interest`].
@@ -213,6 +238,24 @@ impl BrokerHandle {
     pub fn is_up(&self) -> bool {
         self.up.both()
     }
+}
+
+/// How often a node refreshes its liveness key.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long a node's liveness key lives: a dead node's users vanish within this.
+const NODE_TTL_MS: u64 = 5_000;
+/// Drops a user's count on a node when it reaches 0.
+const PRESENCE_SCRIPT: &str = "local v = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) \
+if v <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end return v";
+
+/// The key of a node's liveness.
+fn node_key(node: &str) -> String {
+    format!("sb:node:{node}")
+}
+
+/// The hash of a node's users → connections there.
+fn node_users(node: &str) -> String {
+    format!("sb:n:{node}:users")
 }
 
 /// The Redis channel every node always subscribes to (broadcasts).
@@ -402,12 +445,83 @@ struct Publisher {
 }
 
 impl Publisher {
+    /// Announces this node alive (and, at start, forgets its old presence counts).
+    fn heartbeat(&mut self, fresh: bool) {
+        let Some(con) = self.con.as_mut() else { return };
+        let mut pipe = redis::pipe();
+        if fresh {
+            pipe.cmd("DEL").arg(node_users(&self.node)).ignore();
+        }
+        pipe.cmd("SET")
+            .arg(node_key(&self.node))
+            .arg(1)
+            .arg("PX")
+            .arg(NODE_TTL_MS)
+            .ignore()
+            .cmd("SADD")
+            .arg("sb:nodes")
+            .arg(&*self.node)
+            .ignore();
+        if let Err(e) = pipe.query::<()>(con) {
+            warn!(error = %e, "broker: heartbeat failed");
+            self.lost();
+        }
+    }
+
+    /// Connections of `user` on every other live node (dead nodes are forgotten on the way).
+    fn count_elsewhere(&mut self, user: &str) -> redis::RedisResult<u64> {
+        let Some(con) = self.con.as_mut() else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "not connected",
+            )));
+        };
+        let nodes: Vec<String> = redis::cmd("SMEMBERS").arg("sb:nodes").query(con)?;
+        let others: Vec<&String> = nodes.iter().filter(|n| **n != *self.node).collect();
+        if others.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for n in &others {
+            pipe.cmd("EXISTS").arg(node_key(n));
+            pipe.cmd("HGET").arg(node_users(n)).arg(user);
+        }
+        let replies: Vec<(bool, Option<u64>)> = pipe.query(con)?;
+        let mut total = 0;
+        let mut dead = redis::pipe();
+        let mut any_dead = false;
+        for (n, (alive, count)) in others.iter().zip(replies) {
+            if alive {
+                total += count.unwrap_or(0);
+            } else {
+                any_dead = true;
+                dead.cmd("SREM").arg("sb:nodes").arg(n.as_str()).ignore();
+                dead.cmd("DEL").arg(node_users(n)).ignore();
+            }
+        }
+        if any_dead {
+            dead.query::<()>(con)?;
+        }
+        Ok(total)
+    }
+
     fn run(&mut self, rx: Receiver<BrokerReq>) {
         let mut batch = Vec::with_capacity(PIPELINE_MAX);
         let mut backoff = Duration::from_millis(50);
+        self.heartbeat(true);
+        let mut beat = Instant::now();
         loop {
+            if beat.elapsed() >= HEARTBEAT {
+                self.heartbeat(false);
+                beat = Instant::now();
+            }
             match rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(r) => batch.push(r),
+                Err(RecvTimeoutError::Timeout)
+                    if self.con.is_some() && beat.elapsed() >= HEARTBEAT =>
+                {
+                    continue;
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     // Idle: find out now whether the connection still works.
                     let alive = self
@@ -442,13 +556,34 @@ impl Publisher {
                                 (channel_channel(channel), payload)
                             }
                             BrokerReq::Broadcast { payload } => (ALL.to_owned(), payload),
+                            BrokerReq::Presence { user, delta } => {
+                                pipe.cmd("EVAL")
+                                    .arg(PRESENCE_SCRIPT)
+                                    .arg(1)
+                                    .arg(node_users(&self.node))
+                                    .arg(&**user)
+                                    .arg(*delta);
+                                continue;
+                            }
+                            // Not in the pipeline: answered after it (one reply per command).
+                            BrokerReq::CountUser { .. } => {
+                                pipe.cmd("PING");
+                                continue;
+                            }
                         };
                         pipe.cmd("PUBLISH")
                             .arg(channel)
                             .arg(envelope(&self.node, payload));
                     }
-                    match pipe.query::<Vec<i64>>(con) {
-                        Ok(c) => Some(c),
+                    match pipe.query::<Vec<redis::Value>>(con) {
+                        Ok(v) => Some(
+                            v.into_iter()
+                                .map(|x| match x {
+                                    redis::Value::Int(n) => n,
+                                    _ => 0,
+                                })
+                                .collect::<Vec<i64>>(),
+                        ),
                         Err(e) => {
                             warn!(error = %e, "broker: publishing failed; reconnecting");
                             self.lost();
@@ -458,11 +593,40 @@ impl Publisher {
                 }
                 None => None,
             };
-            self.metrics.published.fetch_add(
-                counts.as_ref().map_or(0, |c| c.len() as u64),
-                Ordering::Relaxed,
-            );
-            for (i, r) in batch.drain(..).enumerate() {
+            if counts.is_some() {
+                let n = batch
+                    .iter()
+                    .filter(|r| {
+                        matches!(
+                            r,
+                            BrokerReq::User { .. }
+                                | BrokerReq::Channel { .. }
+                                | BrokerReq::Broadcast { .. }
+                        )
+                    })
+                    .count();
+                self.metrics
+                    .published
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            for (i, r) in std::mem::take(&mut batch).into_iter().enumerate() {
+                if let BrokerReq::CountUser { user, conn, local } = r {
+                    let elsewhere = if counts.is_some() {
+                        self.count_elsewhere(&user).unwrap_or_else(|e| {
+                            warn!(error = %e, "broker: counting a user's connections failed");
+                            0
+                        })
+                    } else {
+                        0
+                    };
+                    let msg = BrokerMsg::UserCount {
+                        conn,
+                        user,
+                        connections: local + elsewhere,
+                    };
+                    post(&self.sink, conn.shard, msg);
+                    continue;
+                }
                 let BrokerReq::User {
                     reply: Some(reply), ..
                 } = r

@@ -439,6 +439,24 @@ impl<T: Transport> Sessions<T> {
         if !alive {
             return;
         }
+        if let (Route::User, Some(user), Some(b)) = (p.route, &p.user, &self.broker) {
+            // The other nodes' connections first (Redis), then the store's unread count.
+            if b.is_up() {
+                let req = crate::broker::BrokerReq::CountUser {
+                    user: user.clone(),
+                    conn: self.conn_id(p.key),
+                    local: p.count,
+                };
+                if b.publish(req).is_ok() {
+                    let c = &mut self.conns[p.key];
+                    c.flags.set(Flags::HOLD_INPUT);
+                    if p.close {
+                        c.flags.set(Flags::API_CLOSE);
+                    }
+                    return;
+                }
+            }
+        }
         if let (Route::User, Some(user), true) = (p.route, &p.user, self.streams_on()) {
             // The store adds the unread count; the answer waits for it.
             let req = StoreReq::Unread {
@@ -601,6 +619,33 @@ impl<T: Transport> Sessions<T> {
     }
 
     /// The store's answer to `GET /api/users/<id>`: the counts and the unread messages.
+    /// The broker counted `user`'s connections on every live node: answer, or ask the store
+    /// for the unread count first.
+    pub(super) fn api_user_counted(
+        &mut self,
+        conn: crate::hub::ConnId,
+        user: Arc<str>,
+        connections: u64,
+    ) {
+        let Some(key) = self.waiting_http(conn) else {
+            return;
+        };
+        if self.streams_on() {
+            let close = self.conns[key].flags.has(Flags::API_CLOSE);
+            let req = StoreReq::Unread {
+                user,
+                conn,
+                connections,
+            };
+            if self.api_ask_store(key, close, req).is_ok() {
+                return;
+            }
+        }
+        let body =
+            json(serde_json::json!({ "online": connections > 0, "connections": connections }));
+        self.api_store_answer(key, Route::User, 200, &body);
+    }
+
     pub(super) fn api_user_unread(&mut self, key: usize, connections: u64, unread: u64) {
         let body = json(serde_json::json!({
             "online": connections > 0, "connections": connections, "unread": unread,

@@ -37,7 +37,7 @@ impl<T: Transport> Sessions<T> {
         let home = home_of(&user, self.shards as usize);
         if home == self.index {
             let change = self.hub.presence(user.clone(), self.index, true);
-            if self.tell_broker_user(user, change, welcome.then_some(me)) {
+            if self.tell_broker_user(user, true, change, welcome.then_some(me)) {
                 // Welcomed once the node receives the user's DMs from the whole cluster.
                 self.conns[key].flags.set(Flags::HOLD_INPUT);
             } else if welcome {
@@ -99,7 +99,7 @@ impl<T: Transport> Sessions<T> {
         let home = home_of(&user, self.shards as usize);
         if home == self.index {
             let change = self.hub.presence(user.clone(), self.index, false);
-            self.tell_broker_user(user, change, None);
+            self.tell_broker_user(user, false, change, None);
         } else {
             let from = self.index;
             self.send_mail(
@@ -315,9 +315,21 @@ impl<T: Transport> Sessions<T> {
     fn tell_broker_user(
         &mut self,
         user: Arc<str>,
+        online: bool,
         change: Option<bool>,
         ack: Option<ConnId>,
     ) -> bool {
+        if let Some(b) = &self.broker {
+            // Counted per node in Redis, for `GET /api/users/<id>` on any node.
+            let delta = if online { 1 } else { -1 };
+            let req = BrokerReq::Presence {
+                user: user.clone(),
+                delta,
+            };
+            if b.is_up() && b.publish(req).is_err() {
+                ShardMetrics::add(&self.m().dropped, 1);
+            }
+        }
         let (Some(on), Some(b)) = (change, &self.broker) else {
             return false;
         };
@@ -368,6 +380,11 @@ impl<T: Transport> Sessions<T> {
             BrokerMsg::Unavailable { reply } => self.reply_unavailable(reply),
             BrokerMsg::Busy { reply } => self.reply_local(reply, None),
             BrokerMsg::Ready { token } => self.on_ready(token),
+            BrokerMsg::UserCount {
+                conn,
+                user,
+                connections,
+            } => self.api_user_counted(conn, user, connections),
         }
     }
 
@@ -611,7 +628,7 @@ impl<T: Transport> Sessions<T> {
                 ack,
             } => {
                 let change = self.hub.presence(user.clone(), from, online);
-                if self.tell_broker_user(user, change, ack) {
+                if self.tell_broker_user(user, online, change, ack) {
                     return;
                 }
                 if let Some(conn) = ack {

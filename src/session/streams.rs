@@ -262,7 +262,7 @@ impl<T: Transport> Sessions<T> {
     }
 
     /// The key of `conn` if it is an HTTP connection waiting for the store (a qos-1 API send).
-    fn waiting_http(&self, conn: ConnId) -> Option<usize> {
+    pub(super) fn waiting_http(&self, conn: ConnId) -> Option<usize> {
         let key = conn.slot as usize;
         self.conns
             .get(key)
