@@ -366,8 +366,11 @@ fn main() -> anyhow::Result<()> {
             // Ends as soon as every expected delivery arrived; big fan-outs need the time.
             drain_until = Some(now + 30_000_000_000);
         }
+        // With periodic drops, also wait for the last dropped connections to come back and
+        // resume (a drop just before the end would otherwise never count as recovered).
+        let all_back = args.resume_every.is_none() || t.open as usize >= total;
         if shared.phase.load(Relaxed) == phase::DRAIN
-            && (t.received >= t.expected || drain_until.is_some_and(|d| now >= d))
+            && ((t.received >= t.expected && all_back) || drain_until.is_some_and(|d| now >= d))
         {
             shared.phase.store(phase::CLOSE, Relaxed);
         }
