@@ -422,3 +422,78 @@ fn refused_connections_are_reported_with_the_fix() {
         "{stdout}"
     );
 }
+
+/// A real `redis-server` on a free loopback port, no persistence; killed when dropped.
+struct Redis(std::process::Child, u16, PathBuf);
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = out_dir(&format!("redis-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        let start = std::time::Instant::now();
+        loop {
+            use std::io::{Read, Write};
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let mut buf = [0u8; 16];
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read(&mut buf)
+                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                {
+                    break;
+                }
+            }
+            assert!(start.elapsed().as_secs() < 15, "redis-server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Redis(child, port, dir)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.2);
+    }
+}
+
+#[test]
+fn dm_across_three_nodes_loses_nothing() {
+    let redis = Redis::start();
+    let broker = format!("redis://127.0.0.1:{}", redis.1);
+    let nodes: Vec<(Running, String)> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| server(&["--broker", &broker, "--node-id", id]))
+        .collect();
+    let out = out_dir("dm-cluster");
+    let mut args = vec!["dm"];
+    for (_, url) in &nodes {
+        args.extend(["--url", url.as_str()]);
+    }
+    args.extend(["--connections", "600", "--rate", "3000", "--duration", "2s"]);
+    let s = loadgen(&args, &out);
+    let m = &s["messages"];
+    let sent = m["sent"].as_u64().unwrap();
+    assert!(sent >= 4000, "sent {sent}");
+    assert_eq!(m["received"], sent, "every DM crossed its node");
+    assert_eq!(
+        (
+            m["gaps"].as_u64(),
+            m["duplicates"].as_u64(),
+            m["op_errors"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0))
+    );
+}
