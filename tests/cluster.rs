@@ -264,7 +264,7 @@ fn user_on(server: &Server, user: &str) -> Value {
 }
 
 #[test]
-fn any_node_counts_a_users_connections_on_every_node_and_a_dead_node_drops_out() {
+fn any_node_counts_users_and_subscribers_on_every_node_and_a_dead_node_drops_out() {
     let redis = Redis::start();
     let (a, b, c) = (node(&redis, "a"), node(&redis, "b"), node(&redis, "c"));
     let alice_a = connect(&a, "alice");
@@ -276,6 +276,23 @@ fn any_node_counts_a_users_connections_on_every_node_and_a_dead_node_drops_out()
     });
     assert_eq!(user_on(&c, "alice")["online"], true);
     assert_eq!(user_on(&c, "nobody")["online"], false);
+    // Channel subscribers are counted across nodes the same way.
+    let mut subs = Vec::new();
+    for n in [&a, &b, &b] {
+        let (mut ws, _) = connect(n, "sub");
+        send_json(&mut ws, json!({"op":"sub","channel":"room","id":"s"}));
+        assert_eq!(recv_json(&mut ws)["op"], "ack");
+        subs.push(ws);
+    }
+    let room = |s: &Server| -> Value {
+        let (status, body) = http(
+            s.addr,
+            "GET /api/channels/room HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    c.wait_for("three subscribers of room", |s| room(s)["subscribers"] == 3);
     // Node b dies without a word: its two connections vanish within two heartbeats.
     let mut b = b;
     let _ = b.child.kill();
@@ -283,6 +300,11 @@ fn any_node_counts_a_users_connections_on_every_node_and_a_dead_node_drops_out()
     c.wait_for("node b's connections to drop out", |s| {
         user_on(s, "alice")["connections"] == 1
     });
+    assert_eq!(
+        room(&c)["subscribers"],
+        1,
+        "node b's two subscribers went with it"
+    );
     drop(alice_a);
     c.wait_for("alice to go offline", |s| {
         user_on(s, "alice")["online"] == false

@@ -92,22 +92,45 @@ pub enum BrokerReq {
         /// The event as delivered.
         payload: Bytes,
     },
-    /// One of `user`'s connections on this node opened (+1) or closed (-1).
+    /// A user's connection (or a channel's subscriber) on this node came (+1) or went (-1).
     Presence {
-        /// User.
-        user: Arc<str>,
+        /// Users or channels.
+        kind: Counted,
+        /// The user or channel.
+        name: Arc<str>,
         /// +1 or -1.
         delta: i64,
     },
-    /// `GET /api/users/<id>`: how many connections `user` has on the other live nodes.
-    CountUser {
-        /// User.
-        user: Arc<str>,
+    /// `GET /api/users/<id>` or `/api/channels/<name>`: the count on every live node.
+    Count {
+        /// Users or channels.
+        kind: Counted,
+        /// The user or channel.
+        name: Arc<str>,
         /// The waiting HTTP connection.
         conn: ConnId,
-        /// Connections on this node.
+        /// The count on this node.
         local: u64,
     },
+}
+
+/// What a node counts in Redis for cluster-wide answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Connections per user.
+    Users,
+    /// Subscribers per channel.
+    Channels,
+}
+
+impl Counted {
+    /// The hash of a node's counts of this kind.
+    fn key(self, node: &str) -> String {
+        match self {
+            Counted::Users => format!("sb:n:{node}:users"),
+            Counted::Channels => format!("sb:n:{node}:channels"),
+        }
+    }
 }
 
 /// To the subscriber thread: the node's interest changed.
@@ -173,14 +196,16 @@ pub enum BrokerMsg {
         /// Whom.
         reply: ReplyTo,
     },
-    /// The answer to [`BrokerReq::CountUser`].
-    UserCount {
+    /// The answer to [`BrokerReq::Count`].
+    Counted {
+        /// Users or channels.
+        kind: Counted,
         /// The waiting HTTP connection.
         conn: ConnId,
-        /// User.
-        user: Arc<str>,
-        /// Connections on every live node, this one included.
-        connections: u64,
+        /// The user or channel.
+        name: Arc<str>,
+        /// The count on every live node, this one included.
+        total: u64,
     },
     /// The subscription asked for with `token` is active.
     Ready {
@@ -251,11 +276,6 @@ if v <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end return v";
 /// The key of a node's liveness.
 fn node_key(node: &str) -> String {
     format!("sb:node:{node}")
-}
-
-/// The hash of a node's users → connections there.
-fn node_users(node: &str) -> String {
-    format!("sb:n:{node}:users")
 }
 
 /// The Redis channel every node always subscribes to (broadcasts).
@@ -450,7 +470,9 @@ impl Publisher {
         let Some(con) = self.con.as_mut() else { return };
         let mut pipe = redis::pipe();
         if fresh {
-            pipe.cmd("DEL").arg(node_users(&self.node)).ignore();
+            for k in [Counted::Users, Counted::Channels] {
+                pipe.cmd("DEL").arg(k.key(&self.node)).ignore();
+            }
         }
         pipe.cmd("SET")
             .arg(node_key(&self.node))
@@ -468,8 +490,8 @@ impl Publisher {
         }
     }
 
-    /// Connections of `user` on every other live node (dead nodes are forgotten on the way).
-    fn count_elsewhere(&mut self, user: &str) -> redis::RedisResult<u64> {
+    /// The count of `name` on every other live node (dead nodes are forgotten on the way).
+    fn count_elsewhere(&mut self, kind: Counted, name: &str) -> redis::RedisResult<u64> {
         let Some(con) = self.con.as_mut() else {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Io,
@@ -484,7 +506,7 @@ impl Publisher {
         let mut pipe = redis::pipe();
         for n in &others {
             pipe.cmd("EXISTS").arg(node_key(n));
-            pipe.cmd("HGET").arg(node_users(n)).arg(user);
+            pipe.cmd("HGET").arg(kind.key(n)).arg(name);
         }
         let replies: Vec<(bool, Option<u64>)> = pipe.query(con)?;
         let mut total = 0;
@@ -496,7 +518,9 @@ impl Publisher {
             } else {
                 any_dead = true;
                 dead.cmd("SREM").arg("sb:nodes").arg(n.as_str()).ignore();
-                dead.cmd("DEL").arg(node_users(n)).ignore();
+                for k in [Counted::Users, Counted::Channels] {
+                    dead.cmd("DEL").arg(k.key(n)).ignore();
+                }
             }
         }
         if any_dead {
@@ -556,17 +580,17 @@ impl Publisher {
                                 (channel_channel(channel), payload)
                             }
                             BrokerReq::Broadcast { payload } => (ALL.to_owned(), payload),
-                            BrokerReq::Presence { user, delta } => {
+                            BrokerReq::Presence { kind, name, delta } => {
                                 pipe.cmd("EVAL")
                                     .arg(PRESENCE_SCRIPT)
                                     .arg(1)
-                                    .arg(node_users(&self.node))
-                                    .arg(&**user)
+                                    .arg(kind.key(&self.node))
+                                    .arg(&**name)
                                     .arg(*delta);
                                 continue;
                             }
                             // Not in the pipeline: answered after it (one reply per command).
-                            BrokerReq::CountUser { .. } => {
+                            BrokerReq::Count { .. } => {
                                 pipe.cmd("PING");
                                 continue;
                             }
@@ -610,19 +634,26 @@ impl Publisher {
                     .fetch_add(n as u64, Ordering::Relaxed);
             }
             for (i, r) in std::mem::take(&mut batch).into_iter().enumerate() {
-                if let BrokerReq::CountUser { user, conn, local } = r {
+                if let BrokerReq::Count {
+                    kind,
+                    name,
+                    conn,
+                    local,
+                } = r
+                {
                     let elsewhere = if counts.is_some() {
-                        self.count_elsewhere(&user).unwrap_or_else(|e| {
+                        self.count_elsewhere(kind, &name).unwrap_or_else(|e| {
                             warn!(error = %e, "broker: counting a user's connections failed");
                             0
                         })
                     } else {
                         0
                     };
-                    let msg = BrokerMsg::UserCount {
+                    let msg = BrokerMsg::Counted {
+                        kind,
                         conn,
-                        user,
-                        connections: local + elsewhere,
+                        name,
+                        total: local + elsewhere,
                     };
                     post(&self.sink, conn.shard, msg);
                     continue;

@@ -12,6 +12,7 @@ use super::conn::{ConnState, Flags, Transport};
 use super::frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
 use super::{admit, Sessions};
 use crate::auth::{self, Identity};
+use crate::broker::Counted;
 use crate::http::api::{self, ApiError, Route};
 use crate::http::request::query_params;
 use crate::http::{response, Method, Request};
@@ -29,7 +30,8 @@ pub struct PendingApi {
     count: u64,
     route: Route,
     close: bool,
-    /// For `GET /api/users/<id>`: the user, whose unread count the store adds.
+    /// For `GET /api/users/<id>` and `/api/channels/<name>`: whom the cluster counts (and,
+    /// for a user, whose unread count the store adds).
     user: Option<Arc<str>>,
 }
 
@@ -346,6 +348,7 @@ impl<T: Transport> Sessions<T> {
             close,
             user: match &*cmd {
                 ApiCmd::CountUser { user } => Some(user.clone()),
+                ApiCmd::CountChannel { channel } => Some(channel.clone()),
                 _ => None,
             },
         }) as u32;
@@ -439,11 +442,17 @@ impl<T: Transport> Sessions<T> {
         if !alive {
             return;
         }
-        if let (Route::User, Some(user), Some(b)) = (p.route, &p.user, &self.broker) {
-            // The other nodes' connections first (Redis), then the store's unread count.
+        let counted = match (p.route, &p.user) {
+            (Route::User, Some(u)) => Some((Counted::Users, u.clone())),
+            (Route::Channel, Some(c)) => Some((Counted::Channels, c.clone())),
+            _ => None,
+        };
+        if let (Some((kind, name)), Some(b)) = (counted, &self.broker) {
+            // The other nodes' counts first (Redis); for a user, then the store's unread.
             if b.is_up() {
-                let req = crate::broker::BrokerReq::CountUser {
-                    user: user.clone(),
+                let req = crate::broker::BrokerReq::Count {
+                    kind,
+                    name,
                     conn: self.conn_id(p.key),
                     local: p.count,
                 };
@@ -618,11 +627,11 @@ impl<T: Transport> Sessions<T> {
         self.api_ask_store(key, req.connection_close, sreq)
     }
 
-    /// The store's answer to `GET /api/users/<id>`: the counts and the unread messages.
-    /// The broker counted `user`'s connections on every live node: answer, or ask the store
-    /// for the unread count first.
-    pub(super) fn api_user_counted(
+    /// The broker counted a user's connections or a channel's subscribers on every live node:
+    /// answer (for a user, after the store's unread count).
+    pub(super) fn api_counted(
         &mut self,
+        kind: Counted,
         conn: crate::hub::ConnId,
         user: Arc<str>,
         connections: u64,
@@ -630,6 +639,10 @@ impl<T: Transport> Sessions<T> {
         let Some(key) = self.waiting_http(conn) else {
             return;
         };
+        if kind == Counted::Channels {
+            let body = json(serde_json::json!({ "subscribers": connections }));
+            return self.api_store_answer(key, Route::Channel, 200, &body);
+        }
         if self.streams_on() {
             let close = self.conns[key].flags.has(Flags::API_CLOSE);
             let req = StoreReq::Unread {
@@ -646,6 +659,7 @@ impl<T: Transport> Sessions<T> {
         self.api_store_answer(key, Route::User, 200, &body);
     }
 
+    /// The store's answer to `GET /api/users/<id>`: the counts and the unread messages.
     pub(super) fn api_user_unread(&mut self, key: usize, connections: u64, unread: u64) {
         let body = json(serde_json::json!({
             "online": connections > 0, "connections": connections, "unread": unread,

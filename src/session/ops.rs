@@ -10,7 +10,7 @@ use super::conn::{ConnState, Flags, Transport};
 use super::frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
 use super::{ReadyWait, Sessions};
 use crate::auth;
-use crate::broker::{BrokerMsg, BrokerReq, Interest};
+use crate::broker::{BrokerMsg, BrokerReq, Counted, Interest};
 use crate::hub::{home_of, ConnId, ReplyTo, ShardMsg};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, Op, Target};
@@ -281,6 +281,9 @@ impl<T: Transport> Sessions<T> {
     pub(super) fn subscribe(&mut self, key: usize, channel: Arc<str>) -> Option<u64> {
         let name = self.hub.channel_key(&channel).unwrap_or(channel);
         let added = self.hub.subscribe(&name, key as u32);
+        if added {
+            self.count_in_cluster(Counted::Channels, &name, 1);
+        }
         let mut token = None;
         if let (true, 1, Some(b)) = (added, self.hub.subscriber_count(&name), &self.broker) {
             let t = self.next_token;
@@ -300,12 +303,29 @@ impl<T: Transport> Sessions<T> {
     /// the broker.
     pub(super) fn unsubscribe_local(&mut self, channel: &str, key: usize) {
         let removed = self.hub.unsubscribe(channel, key as u32);
+        if removed {
+            self.count_in_cluster(Counted::Channels, channel, -1);
+        }
         if let (true, 0, Some(b)) = (removed, self.hub.subscriber_count(channel), &self.broker) {
             b.interest(Interest::Channel {
                 channel: channel.into(),
                 on: false,
                 ready: None,
             });
+        }
+    }
+
+    /// With a broker, keeps this node's count of `name` in Redis (for cluster-wide answers).
+    fn count_in_cluster(&mut self, kind: Counted, name: &str, delta: i64) {
+        if let Some(b) = &self.broker {
+            let req = BrokerReq::Presence {
+                kind,
+                name: name.into(),
+                delta,
+            };
+            if b.is_up() && b.publish(req).is_err() {
+                ShardMetrics::add(&self.m().dropped, 1);
+            }
         }
     }
 
@@ -323,7 +343,8 @@ impl<T: Transport> Sessions<T> {
             // Counted per node in Redis, for `GET /api/users/<id>` on any node.
             let delta = if online { 1 } else { -1 };
             let req = BrokerReq::Presence {
-                user: user.clone(),
+                kind: Counted::Users,
+                name: user.clone(),
                 delta,
             };
             if b.is_up() && b.publish(req).is_err() {
@@ -380,11 +401,12 @@ impl<T: Transport> Sessions<T> {
             BrokerMsg::Unavailable { reply } => self.reply_unavailable(reply),
             BrokerMsg::Busy { reply } => self.reply_local(reply, None),
             BrokerMsg::Ready { token } => self.on_ready(token),
-            BrokerMsg::UserCount {
+            BrokerMsg::Counted {
+                kind,
                 conn,
-                user,
-                connections,
-            } => self.api_user_counted(conn, user, connections),
+                name,
+                total,
+            } => self.api_counted(kind, conn, name, total),
         }
     }
 
