@@ -153,12 +153,16 @@ function defaultStorage() {
  * A switchboard connection that reconnects by itself.
  *
  *   const sb = new Switchboard('ws://127.0.0.1:8080/ws', {user: 'alice'});
+ *   // A cluster: the URLs are tried in turn, moving on after every close or failed attempt.
+ *   const sb2 = new Switchboard(['ws://n1:8081/ws', 'ws://n2:8082/ws'], {user: 'alice'});
  *   sb.on('message', (m) => ...); sb.on('close', (e) => console.log(e.explanation));
  *   await sb.send('bob', {text: 'hi'}); await sb.subscribe('room1');
  */
 export class Switchboard {
   constructor(url, opts = {}) {
-    this.baseUrl = url;
+    this.urls = Array.isArray(url) ? [...url] : [url];
+    if (this.urls.length === 0) throw new TypeError('Switchboard: no URL');
+    this.urlIndex = 0;
     this.user = opts.user;
     this.token = opts.token;
     this.base = opts.backoffBaseMs ?? 500;
@@ -218,6 +222,11 @@ export class Switchboard {
   setState(s) {
     this.state = s;
     this.emit('state', s);
+  }
+
+  /** The URL connected to now (one of the list). */
+  get baseUrl() {
+    return this.urls[this.urlIndex];
   }
 
   url() {
@@ -355,6 +364,8 @@ export class Switchboard {
   }
 
   scheduleReconnect(code) {
+    // With several URLs (cluster nodes), the next attempt goes to the next one.
+    this.urlIndex = (this.urlIndex + 1) % this.urls.length;
     const delay = backoffDelay(this.attempt++, this.base, this.cap);
     this.setState('reconnecting');
     this.emit('reconnecting', { attempt: this.attempt, delayMs: delay, code });

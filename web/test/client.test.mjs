@@ -248,3 +248,25 @@ test('qos-1 sends wait while disconnected and retry with the same id until ackno
   await assert.rejects(failing, (e) => e.code === 'store_full');
   sb.close();
 });
+
+test('with several URLs the client moves to the next one after every close', async () => {
+  FakeWS.all = [];
+  const sb = new Switchboard(['ws://n1:8081/ws', 'ws://n2:8082/ws'], {
+    user: 'alice', WebSocket: FakeWS, backoffBaseMs: 1, backoffCapMs: 2, heartbeatMs: 60000,
+    logger: quiet, storage: null,
+  });
+  assert.match(FakeWS.all[0].url, /^ws:\/\/n1:8081\/ws\?/);
+  FakeWS.all[0].open();
+  let next = new Promise((r) => sb.on('reconnecting', r));
+  FakeWS.all[0].drop(1001, 'node shutting down; reconnect to another node');
+  await next;
+  await new Promise((r) => setTimeout(r, 10));
+  assert.match(FakeWS.all[1].url, /^ws:\/\/n2:8082\/ws\?/, 'the other node');
+  next = new Promise((r) => sb.on('reconnecting', r));
+  FakeWS.all[1].drop(1006);
+  await next;
+  await new Promise((r) => setTimeout(r, 10));
+  assert.match(FakeWS.all[2].url, /^ws:\/\/n1:8081\/ws\?/, 'and back in turn');
+  sb.close();
+  assert.throws(() => new Switchboard([], { WebSocket: FakeWS, autoConnect: false }), /no URL/);
+});
