@@ -423,56 +423,13 @@ fn refused_connections_are_reported_with_the_fix() {
     );
 }
 
-/// A real `redis-server` on a free loopback port, no persistence; killed when dropped.
-struct Redis(std::process::Child, u16, PathBuf);
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = out_dir(&format!("redis-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (apt-get install redis-server)");
-        let start = std::time::Instant::now();
-        loop {
-            use std::io::{Read, Write};
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                let mut buf = [0u8; 16];
-                if s.write_all(b"PING\r\n").is_ok()
-                    && s.read(&mut buf)
-                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
-                {
-                    break;
-                }
-            }
-            assert!(start.elapsed().as_secs() < 15, "redis-server did not start");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        Redis(child, port, dir)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.2);
-    }
-}
+#[path = "../../tests/common/redis.rs"]
+mod redis;
 
 #[test]
 fn dm_across_three_nodes_loses_nothing() {
-    let redis = Redis::start();
-    let broker = format!("redis://127.0.0.1:{}", redis.1);
+    let redis = redis::Redis::start();
+    let broker = redis.url();
     let nodes: Vec<(Running, String)> = ["n1", "n2", "n3"]
         .iter()
         .map(|id| server(&["--broker", &broker, "--node-id", id]))

@@ -381,34 +381,26 @@ impl<T: Transport> Sessions<T> {
     /// With a broker, a publication or a send also goes to the other nodes (one publish;
     /// the answer's count is this node's).
     fn api_to_cluster(&mut self, cmd: &ApiCmd) {
-        match cmd {
-            ApiCmd::Publish { channel, payload } => {
-                self.publish_remote(channel.clone(), payload.clone())
-            }
-            ApiCmd::Broadcast { payload } => {
-                if let Some(b) = &self.broker {
-                    let req = crate::broker::BrokerReq::Broadcast {
-                        payload: payload.clone(),
-                    };
-                    if !b.is_up() || b.publish(req).is_err() {
-                        ShardMetrics::add(&self.m().dropped, 1);
-                    }
-                }
-            }
-            ApiCmd::SendUser { user, payload } => {
-                if let Some(b) = &self.broker {
-                    let req = crate::broker::BrokerReq::User {
-                        user: user.clone(),
-                        payload: payload.clone(),
-                        reply: None,
-                    };
-                    if !b.is_up() || b.publish(req).is_err() {
-                        ShardMetrics::add(&self.m().dropped, 1);
-                    }
-                }
-            }
-            _ => {}
+        use crate::broker::BrokerReq;
+        if self.broker.is_none() {
+            return;
         }
+        let req = match cmd {
+            ApiCmd::Publish { channel, payload } => BrokerReq::Channel {
+                channel: channel.clone(),
+                payload: payload.clone(),
+            },
+            ApiCmd::Broadcast { payload } => BrokerReq::Broadcast {
+                payload: payload.clone(),
+            },
+            ApiCmd::SendUser { user, payload } => BrokerReq::User {
+                user: user.clone(),
+                payload: payload.clone(),
+                reply: None,
+            },
+            _ => return,
+        };
+        self.send_to_other_nodes(req);
     }
 
     pub(super) fn on_api(&mut self, ticket: ApiTicket, cmd: &ApiCmd) {

@@ -339,18 +339,8 @@ impl<T: Transport> Sessions<T> {
         change: Option<bool>,
         ack: Option<ConnId>,
     ) -> bool {
-        if let Some(b) = &self.broker {
-            // Counted per node in Redis, for `GET /api/users/<id>` on any node.
-            let delta = if online { 1 } else { -1 };
-            let req = BrokerReq::Presence {
-                kind: Counted::Users,
-                name: user.clone(),
-                delta,
-            };
-            if b.is_up() && b.publish(req).is_err() {
-                ShardMetrics::add(&self.m().dropped, 1);
-            }
-        }
+        // Counted per node in Redis, for `GET /api/users/<id>` on any node.
+        self.count_in_cluster(Counted::Users, &user, if online { 1 } else { -1 });
         let (Some(on), Some(b)) = (change, &self.broker) else {
             return false;
         };
@@ -446,10 +436,16 @@ impl<T: Transport> Sessions<T> {
         self.publish_remote(channel, f);
     }
 
-    /// With a broker, one publish for the other nodes (a full queue drops it, counted: qos 0).
+    /// With a broker, one publish for the other nodes.
     pub(super) fn publish_remote(&mut self, channel: Arc<str>, payload: Bytes) {
+        self.send_to_other_nodes(BrokerReq::Channel { channel, payload });
+    }
+
+    /// With a broker, a qos-0 message for the other nodes: Redis down or a full queue drops
+    /// it, counted in `dropped` (at most once).
+    pub(super) fn send_to_other_nodes(&mut self, req: BrokerReq) {
         if let Some(b) = &self.broker {
-            if !b.is_up() || b.publish(BrokerReq::Channel { channel, payload }).is_err() {
+            if !b.is_up() || b.publish(req).is_err() {
                 ShardMetrics::add(&self.m().dropped, 1);
             }
         }

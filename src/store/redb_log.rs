@@ -23,6 +23,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::backend::{new_epoch, Backend, Batch, Entry, Loaded, StoreError};
 use super::streams::{Dedup, Epoch, StreamMeta};
+use super::unix_ms;
 
 /// chunk number → chunk (see [`ChunkWriter`]).
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -751,12 +752,6 @@ impl Redb {
         tx.commit().map_err(redb_err)?;
         Ok(out)
     }
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Backend for Redb {

@@ -1,12 +1,14 @@
 //! A real `redis-server` (the Debian package) on a free loopback port, in a temp dir, with no
-//! persistence; stopped by pid when dropped.
+//! persistence; stopped by pid when dropped. Self-contained: loadgen's tests include it too.
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::DEADLINE;
+/// How long redis-server may take to answer its first PING.
+const DEADLINE: Duration = Duration::from_secs(15);
 
 pub struct Redis {
     pub child: Child,
