@@ -18,7 +18,9 @@ use super::Sessions;
 use crate::hub::{home_of, ConnId, ReplyTo, ShardMsg};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, InboxInfo, Target};
-use crate::store::{ChannelOpened, Opened, Page, Retention, Since, StoreMsg, StoreReq, StreamRef};
+use crate::store::{
+    ChannelOpened, Opened, Page, Refusal, Retention, Since, StoreMsg, StoreReq, StreamRef,
+};
 
 /// A connection's place in its inbox stream (boxed in `Extra`: only resuming connections).
 #[derive(Debug, Clone, Copy, Default)]
@@ -186,19 +188,22 @@ impl<T: Transport> Sessions<T> {
             }
             StoreMsg::Refused {
                 reply,
-                full,
+                why,
                 publish,
             } => {
-                let (code, why) = if full {
-                    (
+                let (code, why) = match why {
+                    Refusal::Full => (
                         ErrorCode::StoreFull,
                         "the store is over its size budget; message not stored",
-                    )
-                } else {
-                    (
+                    ),
+                    Refusal::Failed => (
                         ErrorCode::Overloaded,
                         "the store could not commit; message not stored, retry",
-                    )
+                    ),
+                    Refusal::Unavailable => (
+                        ErrorCode::Unavailable,
+                        "the store (Redis) is unreachable; message not stored, retry",
+                    ),
                 };
                 if let Some(key) = self.waiting_http(reply.conn) {
                     let route = if publish {

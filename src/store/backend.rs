@@ -17,6 +17,22 @@ pub struct Entry {
     pub ts_ms: u64,
     /// The event as delivered (JSON, with `stream`, `offset`, `epoch`).
     pub payload: Bytes,
+    /// How much of `payload` is the message itself; after it comes the trailer
+    /// ([`crate::store::put_trailer`]), which a backend may rebuild instead of storing. The
+    /// whole payload when it has no trailer. A DM's copies in two inboxes share this part.
+    pub body: u32,
+}
+
+impl Entry {
+    /// The part of the payload before its trailer.
+    pub fn body(&self) -> &[u8] {
+        &self.payload[..(self.body as usize).min(self.payload.len())]
+    }
+
+    /// Whether the payload ends with a trailer.
+    pub fn has_trailer(&self) -> bool {
+        (self.body as usize) < self.payload.len()
+    }
 }
 
 /// What one commit writes: appended entries, trims, stream states, confirmed positions and
@@ -76,6 +92,9 @@ pub enum StoreError {
     /// redb refused.
     #[error("store: {0}")]
     Redb(String),
+    /// Redis (the cluster's store) refused or is unreachable.
+    #[error("store (Redis): {0}")]
+    Redis(String),
 }
 
 /// Persistence of streams.
@@ -156,6 +175,7 @@ impl Backend for Memory {
                 offset: *o,
                 ts_ms: *ts,
                 payload: p.clone(),
+                body: p.len() as u32,
             });
         }
         Ok(out)
@@ -175,6 +195,7 @@ pub(crate) mod tests {
             offset,
             ts_ms: offset * 10,
             payload: Bytes::from_static(p),
+            body: p.len() as u32,
         }
     }
 

@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod redb_log;
+pub mod redis_streams;
 pub mod streams;
 
 use std::sync::Arc;
@@ -44,6 +45,16 @@ pub fn inbox_stream(user: &str) -> String {
 /// The stream of a channel with history.
 pub fn channel_stream(channel: &str) -> String {
     format!("channel:{channel}")
+}
+
+/// A stream's name in its events: `inbox` for every inbox (each reader sees their own),
+/// the full name for a channel's.
+pub fn wire_name(stream: &str) -> &str {
+    if stream.starts_with("inbox:") {
+        "inbox"
+    } else {
+        stream
+    }
 }
 
 /// Which stream: a user's inbox or a channel's.
@@ -223,13 +234,12 @@ pub enum StoreMsg {
         /// dedup window.
         queued: Option<bool>,
     },
-    /// To the sender's shard: not stored — the store is over `--store-max-bytes` (`full`),
-    /// or its commit failed.
+    /// To the sender's shard: not stored, and why.
     Refused {
         /// Whom.
         reply: ReplyTo,
-        /// Over the size budget (else: the commit failed; a retry may succeed).
-        full: bool,
+        /// Why.
+        why: Refusal,
         /// A channel publication (else a DM).
         publish: bool,
     },
@@ -266,6 +276,17 @@ pub enum StoreMsg {
     },
     /// To a connection's shard: the answer to `sub` with `since`.
     ChannelOpened(Box<ChannelOpened>),
+}
+
+/// Why a message was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The store is over `--store-max-bytes` (`store_full`).
+    Full,
+    /// The commit failed; a retry may succeed (`overloaded`).
+    Failed,
+    /// The store (Redis) is unreachable (`unavailable`).
+    Unavailable,
 }
 
 /// Posts a store message to shard `i`; gives it back when that mailbox is full.
@@ -459,6 +480,32 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Bytes of a trailer besides the stream name, at most.
+const TRAILER_MAX: usize = 64;
+
+/// Completes a stream event after its prefix: `,"stream":"<wire>","offset":N,"epoch":"<hex>"}`
+/// (without `fmt`: this runs for every stored message).
+pub fn put_trailer(out: &mut impl BufMut, wire: &str, offset: u64, epoch: Epoch) {
+    out.put_slice(b",\"stream\":\"");
+    out.put_slice(wire.as_bytes());
+    out.put_slice(b"\",\"offset\":");
+    out.put_slice(itoa::Buffer::new().format(offset).as_bytes());
+    out.put_slice(b",\"epoch\":\"");
+    let mut hex = [0u8; 16];
+    let mut n = 0;
+    let mut v = epoch.0;
+    loop {
+        hex[15 - n] = b"0123456789abcdef"[(v & 15) as usize];
+        n += 1;
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    out.put_slice(&hex[16 - n..]);
+    out.put_slice(b"\"}");
+}
+
 struct Worker {
     backend: Box<dyn Backend>,
     streams: Streams,
@@ -469,11 +516,11 @@ struct Worker {
     /// Answers of this batch, posted after the commit.
     out: Vec<(u16, StoreMsg)>,
     /// Where each stream's state is in the current batch's `metas`.
-    meta_index: std::collections::HashMap<Arc<str>, usize>,
+    meta_index: foldhash::HashMap<Arc<str>, usize>,
     /// Where a stream name is composed before it is looked up.
     name_buf: String,
     /// Retention of channel streams (inboxes use the configured one).
-    retention: std::collections::HashMap<String, Retention>,
+    retention: foldhash::HashMap<String, Retention>,
 }
 
 impl Worker {
@@ -596,7 +643,7 @@ impl Worker {
                     let shard = reply.conn.shard;
                     let msg = StoreMsg::Refused {
                         reply,
-                        full: false,
+                        why: Refusal::Failed,
                         publish: false,
                     };
                     self.out.push((shard, msg));
@@ -609,7 +656,7 @@ impl Worker {
                 } => {
                     let msg = StoreMsg::Refused {
                         reply,
-                        full: false,
+                        why: Refusal::Failed,
                         publish: channel.is_some(),
                     };
                     self.out.push((shard, msg));
@@ -710,7 +757,7 @@ impl Worker {
                     shard,
                     StoreMsg::Refused {
                         reply,
-                        full: true,
+                        why: Refusal::Full,
                         publish: channel.is_some(),
                     },
                 ));
@@ -761,7 +808,7 @@ impl Worker {
         if self.retention.get(&*stream) != Some(&retention) {
             self.retention.insert(stream.to_string(), retention);
         }
-        let (offset, payload) = self.append_in(batch, &stream, &stream, retention, &prefix, now);
+        let (offset, payload) = self.append_in(batch, &stream, retention, &prefix, now);
         if let Some(key) = dedup_id {
             self.remember(batch, publisher, key, offset, now);
         }
@@ -799,7 +846,7 @@ impl Worker {
         self.streams.intern(&self.name_buf)
     }
 
-    /// Appends one event to `stream`: assigns the offset, completes the payload, applies
+    /// Appends one event to an inbox: assigns the offset, completes the payload, applies
     /// count retention.
     fn append(
         &mut self,
@@ -809,29 +856,24 @@ impl Worker {
         now: u64,
     ) -> (u64, Bytes) {
         let retention = self.cfg.inbox;
-        self.append_in(batch, stream, "inbox", retention, prefix, now)
+        self.append_in(batch, stream, retention, prefix, now)
     }
 
-    /// Appends one event to `stream` (named `wire` in the event).
+    /// Appends one event to `stream` with `retention`.
     fn append_in(
         &mut self,
         batch: &mut Batch,
         stream: &Arc<str>,
-        wire: &str,
         retention: Retention,
         prefix: &[u8],
         now: u64,
     ) -> (u64, Bytes) {
-        use std::fmt::Write as _;
-        let epoch = self.streams.epoch;
-        let mut p = BytesMut::with_capacity(prefix.len() + 64 + wire.len());
+        let wire = wire_name(stream);
+        let mut p = BytesMut::with_capacity(prefix.len() + TRAILER_MAX + wire.len());
         p.put_slice(prefix);
         // The offset is known only now: written after `append` below assigns it.
         let offset = self.streams.meta(stream).next;
-        let _ = write!(
-            p,
-            ",\"stream\":\"{wire}\",\"offset\":{offset},\"epoch\":\"{epoch}\"}}"
-        );
+        put_trailer(&mut p, wire, offset, self.streams.epoch);
         let payload = p.freeze();
         let got = self.streams.append(stream, payload.len() as u64);
         debug_assert_eq!(got, offset);
@@ -841,6 +883,7 @@ impl Worker {
                 offset,
                 ts_ms: now,
                 payload: payload.clone(),
+                body: prefix.len() as u32,
             },
         ));
         StoreMetrics::add(&self.metrics.appends, 1);
@@ -1085,25 +1128,29 @@ impl Worker {
         }
     }
 
-    /// Posts every answer; a full mailbox is retried (the store may wait, a shard never),
-    /// for at most [`POST_PATIENCE`] per message (then the shard is gone or stuck).
     fn post_all(&mut self) {
-        for (shard, msg) in self.out.drain(..) {
-            let mut msg = Box::new(msg);
-            let mut wait_us = 50;
-            let started = Instant::now();
-            loop {
-                match (self.sink)(shard, msg) {
-                    Ok(()) => break,
-                    Err(m) if started.elapsed() < POST_PATIENCE => {
-                        msg = m;
-                        std::thread::sleep(Duration::from_micros(wait_us));
-                        wait_us = (wait_us * 2).min(10_000);
-                    }
-                    Err(m) => {
-                        error!(shard, message = ?m, "store: a shard's mailbox stayed full; answer dropped");
-                        break;
-                    }
+        post_each(&self.sink, &mut self.out);
+    }
+}
+
+/// Posts every answer; a full mailbox is retried (the store may wait, a shard never), for
+/// at most [`POST_PATIENCE`] per message (then the shard is gone or stuck).
+fn post_each(sink: &Sink, out: &mut Vec<(u16, StoreMsg)>) {
+    for (shard, msg) in out.drain(..) {
+        let mut msg = Box::new(msg);
+        let mut wait_us = 50;
+        let started = Instant::now();
+        loop {
+            match sink(shard, msg) {
+                Ok(()) => break,
+                Err(m) if started.elapsed() < POST_PATIENCE => {
+                    msg = m;
+                    std::thread::sleep(Duration::from_micros(wait_us));
+                    wait_us = (wait_us * 2).min(10_000);
+                }
+                Err(m) => {
+                    error!(shard, message = ?m, "store: a shard's mailbox stayed full; answer dropped");
+                    break;
                 }
             }
         }
@@ -1115,6 +1162,24 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
+
+    #[test]
+    fn the_trailer_matches_the_formatted_event() {
+        for (offset, epoch) in [
+            (1, 0),
+            (9, 0xa),
+            (1234567890, 0xffff_ffff_ffff),
+            (u64::MAX, 1),
+        ] {
+            let mut out = Vec::new();
+            put_trailer(&mut out, "room:1", offset, Epoch(epoch));
+            let want = format!(
+                ",\"stream\":\"room:1\",\"offset\":{offset},\"epoch\":\"{}\"}}",
+                Epoch(epoch)
+            );
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+    }
 
     /// Memory that can be told to fail its commits, and says it is durable (so a failure
     /// reloads what it committed).
@@ -1208,7 +1273,10 @@ mod tests {
         assert!(
             matches!(
                 seen.lock().unwrap()[0],
-                StoreMsg::Refused { full: false, .. }
+                StoreMsg::Refused {
+                    why: Refusal::Failed,
+                    ..
+                }
             ),
             "refused, not silently dropped: {:?}",
             seen.lock().unwrap()[0]

@@ -2,7 +2,11 @@
 //! confirmed positions. The store thread owns one [`Streams`]; a backend persists what it
 //! decides. Time is passed in.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+/// Stream names, user ids and request ids come from clients: a seeded fast hash (foldhash)
+/// is quick on the store's hot path and not open to crafted collisions.
+type HashMap<K, V> = foldhash::HashMap<K, V>;
 use std::sync::Arc;
 
 /// A store's epoch: a new value whenever history was lost (a new or wiped store). Shown as
@@ -54,6 +58,35 @@ impl StreamMeta {
     pub fn top(&self) -> u64 {
         self.next - 1
     }
+
+    /// Where a resume of this stream from `epoch:offset` (the last offset the client has)
+    /// starts, in a store whose epoch is `current`.
+    pub fn plan_resume(&self, current: Epoch, epoch: Option<Epoch>, offset: u64) -> ResumePlan {
+        let m = self;
+        if epoch.is_some_and(|e| e != current) {
+            // The old history is gone: replay nothing, the client refetches.
+            return ResumePlan {
+                from: m.next,
+                lost: Some(Unrecoverable::Epoch),
+            };
+        }
+        if offset > m.top() {
+            return ResumePlan {
+                from: m.next,
+                lost: Some(Unrecoverable::Ahead),
+            };
+        }
+        if offset + 1 < m.first {
+            return ResumePlan {
+                from: m.first,
+                lost: Some(Unrecoverable::Trimmed),
+            };
+        }
+        ResumePlan {
+            from: offset + 1,
+            lost: None,
+        }
+    }
 }
 
 /// How much of a stream is kept.
@@ -74,6 +107,8 @@ pub enum Unrecoverable {
     Trimmed,
     /// The position is past the stream's top.
     Ahead,
+    /// The store (Redis) could not be reached: the position is unknown; resume later.
+    Unavailable,
 }
 
 impl Unrecoverable {
@@ -83,6 +118,7 @@ impl Unrecoverable {
             Unrecoverable::Epoch => "epoch_changed",
             Unrecoverable::Trimmed => "trimmed",
             Unrecoverable::Ahead => "offset_ahead",
+            Unrecoverable::Unavailable => "unavailable",
         }
     }
 }
@@ -124,9 +160,9 @@ impl Streams {
     pub fn new(epoch: Epoch) -> Streams {
         Streams {
             epoch,
-            meta: HashMap::new(),
-            confirmed: HashMap::new(),
-            dedup: HashMap::new(),
+            meta: HashMap::default(),
+            confirmed: HashMap::default(),
+            dedup: HashMap::default(),
             dedup_order: VecDeque::new(),
             total_bytes: 0,
         }
@@ -205,30 +241,7 @@ impl Streams {
 
     /// Where a resume from `epoch:offset` starts (the last offset the client has).
     pub fn plan_resume(&self, stream: &str, epoch: Option<Epoch>, offset: u64) -> ResumePlan {
-        let m = self.meta(stream);
-        if epoch.is_some_and(|e| e != self.epoch) {
-            // The old history is gone: replay nothing, the client refetches.
-            return ResumePlan {
-                from: m.next,
-                lost: Some(Unrecoverable::Epoch),
-            };
-        }
-        if offset > m.top() {
-            return ResumePlan {
-                from: m.next,
-                lost: Some(Unrecoverable::Ahead),
-            };
-        }
-        if offset + 1 < m.first {
-            return ResumePlan {
-                from: m.first,
-                lost: Some(Unrecoverable::Trimmed),
-            };
-        }
-        ResumePlan {
-            from: offset + 1,
-            lost: None,
-        }
+        self.meta(stream).plan_resume(self.epoch, epoch, offset)
     }
 
     /// A user's confirmed inbox position (0 when never confirmed).
