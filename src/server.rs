@@ -119,38 +119,6 @@ impl Server {
         }
         let peers: Arc<[Mailbox]> = peers.into();
         let store_metrics = Arc::new(StoreMetrics::default());
-        let store = if cfg.echo {
-            None
-        } else {
-            let backend: Box<dyn crate::store::Backend> = match cfg.store {
-                StoreKind::Redb => Box::new(crate::store::Redb::open(&cfg.data_dir)?),
-                StoreKind::Memory => Box::new(crate::store::Memory::default()),
-            };
-            let sink_peers = peers.clone();
-            let sink: crate::store::Sink = Box::new(move |i, m| {
-                sink_peers[i as usize]
-                    .post(ShardMsg::Store(m))
-                    .map_err(|e| match e {
-                        ShardMsg::Store(m) => m,
-                        _ => unreachable!("posted a store message"),
-                    })
-            });
-            let scfg = StoreConfig {
-                inbox: Retention {
-                    max_count: cfg.inbox_history,
-                    ttl_ms: cfg.inbox_ttl_ms,
-                },
-                dedup_window_ms: cfg.dedup_window_ms,
-                max_bytes: cfg.store_max_bytes,
-            };
-            Some(Store::start(
-                backend,
-                scfg,
-                cfg.shards,
-                sink,
-                store_metrics.clone(),
-            )?)
-        };
         let node_id: Arc<str> = match &cfg.node_id {
             Some(id) => id.as_str().into(),
             None => format!("{}:{}", hostname(), local_addrs[0].port()).into(),
@@ -176,6 +144,42 @@ impl Server {
                     sink,
                 )?)
             }
+        };
+        let store = if cfg.echo {
+            None
+        } else {
+            let sink_peers = peers.clone();
+            let sink: crate::store::Sink = Box::new(move |i, m| {
+                sink_peers[i as usize]
+                    .post(ShardMsg::Store(m))
+                    .map_err(|e| match e {
+                        ShardMsg::Store(m) => m,
+                        _ => unreachable!("posted a store message"),
+                    })
+            });
+            let scfg = StoreConfig {
+                inbox: Retention {
+                    max_count: cfg.inbox_history,
+                    ttl_ms: cfg.inbox_ttl_ms,
+                },
+                dedup_window_ms: cfg.dedup_window_ms,
+                max_bytes: cfg.store_max_bytes,
+            };
+            let m = store_metrics.clone();
+            Some(match (cfg.store, &broker) {
+                (StoreKind::Redis, Some(b)) => {
+                    crate::store::redis_streams::start(b.client(), node_id.clone(), scfg, sink, m)?
+                }
+                (StoreKind::Redis, None) => unreachable!("validated: redis needs --broker"),
+                (StoreKind::Redb, _) => {
+                    let backend = Box::new(crate::store::Redb::open(&cfg.data_dir)?);
+                    Store::start(backend, scfg, cfg.shards, sink, m)?
+                }
+                (StoreKind::Memory, _) => {
+                    let backend = Box::new(crate::store::Memory::default());
+                    Store::start(backend, scfg, cfg.shards, sink, m)?
+                }
+            })
         };
         let metrics: Arc<[ShardMetrics]> =
             (0..cfg.shards).map(|_| ShardMetrics::default()).collect();

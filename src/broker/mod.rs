@@ -179,6 +179,27 @@ pub enum BrokerMsg {
         /// The event.
         payload: Bytes,
     },
+    /// To `user`'s home shard: a message of the user's inbox, stored in Redis (by any
+    /// node, this one included), in offset order.
+    Stored {
+        /// The inbox's user.
+        user: Arc<str>,
+        /// The event.
+        payload: Bytes,
+        /// Its offset.
+        offset: u64,
+        /// The sending connection, when it is on this node.
+        exclude: Option<ConnId>,
+    },
+    /// To every shard: a publication stored in a channel's stream in Redis.
+    ChannelStored {
+        /// Channel.
+        channel: Arc<str>,
+        /// The event.
+        payload: Bytes,
+        /// Its offset.
+        offset: u64,
+    },
     /// The answer to a DM that only other nodes could deliver.
     Routed {
         /// Whom.
@@ -324,6 +345,8 @@ fn redacted(url: &str) -> String {
 
 /// A running broker: its threads and how to stop them.
 pub struct Broker {
+    /// How to reach the broker's Redis (the Redis store connects with it too).
+    client: redis::Client,
     handle: BrokerHandle,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -387,7 +410,7 @@ impl Broker {
             up: up.clone(),
         };
         let mut subscriber = Subscriber {
-            client,
+            client: client.clone(),
             node: node.clone(),
             shards,
             sink,
@@ -410,6 +433,7 @@ impl Broker {
         ];
         info!(broker = %shown, node = %node, "joined the cluster");
         Ok(Broker {
+            client,
             handle: BrokerHandle {
                 publish: ptx,
                 interest: itx,
@@ -420,6 +444,11 @@ impl Broker {
             threads,
             metrics,
         })
+    }
+
+    /// How to reach the broker's Redis.
+    pub fn client(&self) -> redis::Client {
+        self.client.clone()
     }
 
     /// What shards hold.
@@ -883,6 +912,41 @@ impl Subscriber {
     }
 
     fn on_message(&self, channel: &str, payload: &[u8]) {
+        if let Some((offset, exclude, node, event)) =
+            crate::store::redis_streams::open_stored(payload)
+        {
+            // Stored messages come this way from every node, this one included: one path per
+            // stream keeps its offsets in order.
+            self.metrics.received.fetch_add(1, Ordering::Relaxed);
+            let exclude = if node == &*self.node {
+                exclude.parse().ok()
+            } else {
+                None
+            };
+            let payload = Bytes::copy_from_slice(event);
+            if let Some(user) = channel.strip_prefix("sb:u:") {
+                let user: Arc<str> = user.into();
+                let home = home_of(&user, self.shards);
+                let m = BrokerMsg::Stored {
+                    user,
+                    payload,
+                    offset,
+                    exclude,
+                };
+                post(&self.sink, home, m);
+            } else if let Some(ch) = channel.strip_prefix("sb:c:") {
+                let ch: Arc<str> = ch.into();
+                for s in 0..self.shards as u16 {
+                    let m = BrokerMsg::ChannelStored {
+                        channel: ch.clone(),
+                        payload: payload.clone(),
+                        offset,
+                    };
+                    post(&self.sink, s, m);
+                }
+            }
+            return;
+        }
         let Some((node, event)) = open_envelope(payload) else {
             return;
         };

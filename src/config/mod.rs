@@ -53,6 +53,9 @@ pub enum StoreKind {
     Redb,
     /// Memory: streams and resume within one process lifetime (tests, benchmarks).
     Memory,
+    /// Redis (the `--broker`; the default with one): streams shared by every node of the
+    /// cluster, so a client resumes on any node.
+    Redis,
 }
 
 /// A `[[channels]]` rule of the config file: channels matching `pattern` keep a stream.
@@ -200,7 +203,7 @@ pub struct Options {
     /// Interval (ms) of SSE comment heartbeats [default: 15000].
     #[arg(long)]
     pub sse_heartbeat_ms: Option<u64>,
-    /// Where inbox streams live [default: redb].
+    /// Where inbox streams live [default: redb; redis with --broker].
     #[arg(long, value_enum)]
     pub store: Option<StoreKind>,
     /// Directory of the durable store, created on first use [default: ./data].
@@ -372,6 +375,11 @@ impl Options {
             vec![DEFAULT_LISTEN.parse().expect("default address parses")]
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let broker_given = self
+            .broker_url
+            .as_deref()
+            .or(f.broker.as_ref().and_then(|b| b.url.as_deref()))
+            .is_some_and(|u| !u.is_empty());
         let c = Config {
             listen,
             shards: self.shards.or(f.shards).unwrap_or(cores),
@@ -432,7 +440,11 @@ impl Options {
                 .sse_heartbeat_ms
                 .or(f.sse_heartbeat_ms)
                 .unwrap_or(DEFAULT_SSE_HEARTBEAT_MS),
-            store: self.store.or(f.store).unwrap_or_default(),
+            store: self.store.or(f.store).unwrap_or(if broker_given {
+                StoreKind::Redis
+            } else {
+                StoreKind::Redb
+            }),
             data_dir: self
                 .data_dir
                 .or(f.data_dir)
@@ -524,6 +536,12 @@ impl Config {
         }
         if self.max_connections == 0 {
             return bad("max-connections", "must be > 0");
+        }
+        if self.store == StoreKind::Redis && self.broker_url.is_none() {
+            return bad(
+                "store",
+                "redis keeps streams in the --broker's Redis: give --broker",
+            );
         }
         if self.inbox_history == 0 || self.inbox_ttl_ms == 0 {
             return bad("inbox-history/inbox-ttl-ms", "must be > 0");

@@ -24,6 +24,23 @@ impl std::fmt::Display for ConnId {
     }
 }
 
+impl std::str::FromStr for ConnId {
+    type Err = ();
+    /// Parses what `Display` wrote (`shard.slot.generation`).
+    fn from_str(s: &str) -> Result<ConnId, ()> {
+        let mut p = s.split('.');
+        let mut next = || p.next().ok_or(());
+        let shard = next()?.parse().map_err(|_| ())?;
+        let slot = next()?.parse().map_err(|_| ())?;
+        let generation = next()?.parse().map_err(|_| ())?;
+        Ok(ConnId {
+            shard,
+            slot,
+            generation,
+        })
+    }
+}
+
 /// Who asked for a routed `send`, and the request id to acknowledge.
 #[derive(Debug)]
 pub struct ReplyTo {

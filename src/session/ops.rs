@@ -387,6 +387,17 @@ impl<T: Transport> Sessions<T> {
             BrokerMsg::Broadcast { payload } => {
                 self.exec_api(&crate::hub::ApiCmd::Broadcast { payload });
             }
+            BrokerMsg::Stored {
+                user,
+                payload,
+                offset,
+                exclude,
+            } => self.route_stored(user, payload, offset, exclude, None),
+            BrokerMsg::ChannelStored {
+                channel,
+                payload,
+                offset,
+            } => self.deliver_channel_stored(&channel, &payload, offset),
             BrokerMsg::Routed { reply, online } => self.reply_local(reply, Some(online)),
             BrokerMsg::Unavailable { reply } => self.reply_unavailable(reply),
             BrokerMsg::Busy { reply } => self.reply_local(reply, None),

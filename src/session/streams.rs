@@ -36,13 +36,22 @@ pub struct Cursor {
     pub epoch: Option<crate::store::Epoch>,
     /// The next page is to be asked for once the outbox drained.
     pub wants_page: bool,
+    /// One past the newest live message skipped while replaying: the replay goes on until
+    /// it passed it. (A page read before that message was stored, answered after it
+    /// arrived live — as with streams in Redis, where the two come by different threads —
+    /// would otherwise end the replay short of it.)
+    pub skipped: u64,
 }
 
 impl Cursor {
     /// A live message at `offset`: true when it is to be delivered (then it is the
     /// position); false while replaying (a later page has it) or when already delivered.
     pub fn take_live(&mut self, offset: u64) -> bool {
-        !self.replaying && self.since.is_none() && self.take(offset)
+        if self.replaying || self.since.is_some() {
+            self.skipped = self.skipped.max(offset + 1);
+            return false;
+        }
+        self.take(offset)
     }
 
     /// A message at `offset` from a page or live: true when it is new (then it is the
@@ -63,6 +72,7 @@ impl Cursor {
             replaying: true,
             epoch: None,
             wants_page: false,
+            skipped: 0,
         }
     }
 }
@@ -281,7 +291,7 @@ impl<T: Transport> Sessions<T> {
 
     /// At the user's home shard: a stored message goes to every shard holding the user (one
     /// path per stream keeps offsets in order), then the sender learns whether it waits.
-    fn route_stored(
+    pub(super) fn route_stored(
         &mut self,
         user: Arc<str>,
         payload: Bytes,
@@ -419,7 +429,8 @@ impl<T: Transport> Sessions<T> {
             return;
         };
         cur.next = cur.next.max(page.next);
-        if page.done {
+        // `next` 0: the store could not read (Redis unreachable); the replay ends here.
+        if page.done && (cur.next >= cur.skipped || page.next == 0) {
             cur.replaying = false;
             return;
         }
@@ -547,7 +558,7 @@ impl<T: Transport> Sessions<T> {
 
     /// A stored publication for the local subscribers of `channel`, in offset order for
     /// those resuming it.
-    fn deliver_channel_stored(&mut self, channel: &str, payload: &Bytes, offset: u64) {
+    pub(super) fn deliver_channel_stored(&mut self, channel: &str, payload: &Bytes, offset: u64) {
         let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
         slots.extend(self.hub.subscribers(channel));

@@ -46,7 +46,7 @@ if not epoch then
 end
 if KEYS[1] ~= '' then
   local d = redis.call('GET', KEYS[1])
-  if d then return {'dup', d, epoch} end
+  if d then return {'dup', tonumber(d), epoch, 0} end
 end
 local ts = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[4])
@@ -232,8 +232,9 @@ impl Worker {
     fn lost(&mut self, e: &redis::RedisError) {
         if self.con.take().is_some() {
             warn!(error = %e, "store: Redis connection lost");
+            // Not moved while already waiting: requests keep coming, the retry must too.
+            self.retry_at = Some(Instant::now() + RETRY);
         }
-        self.retry_at = Some(Instant::now() + RETRY);
     }
 
     /// The cluster's epoch (set now if Redis has none).
