@@ -96,14 +96,12 @@ fn a_stream_has_one_order_in_redis_and_a_client_resumes_on_another_node() {
         let ack = send_qos1(&mut bob, "alice", json!({"r": i}), &format!("r{i}"));
         assert_eq!(ack["op"], "ack", "{ack}");
     }
-    let mut seen = 0;
-    loop {
+    let seen = loop {
         let m = recv_json(&mut alice);
         if m["from"] == "bob" {
-            seen = m["offset"].as_u64().unwrap();
-            break;
+            break m["offset"].as_u64().unwrap();
         }
-    }
+    };
     drop(a);
     // alice reconnects to node b from what she saw: the rest, nothing twice.
     let (mut alice2, welcome) = connect_since(&b, "alice", &format!("{epoch}:{seen}"));
