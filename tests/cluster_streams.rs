@@ -157,3 +157,94 @@ fn redis_lost_answers_qos1_unavailable_and_nothing_unacked_is_delivered() {
     let m = recv_json(&mut bob);
     assert_eq!(m["data"], 3, "{m}");
 }
+
+#[test]
+fn channel_history_lives_in_redis_and_subscribers_on_any_node_resume() {
+    let redis = Redis::start();
+    let cfg = std::env::temp_dir().join(format!("sb-cluster-ch-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "[[channels]]\npattern = \"room*\"\nhistory = 5\n").unwrap();
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let start = |id: &str| {
+        Server::start(&[
+            "--shards",
+            "2",
+            "--broker",
+            &redis.url(),
+            "--node-id",
+            id,
+            "--store",
+            "redis",
+            "--config",
+            &cfg,
+        ])
+    };
+    let (a, b) = (start("a"), start("b"));
+    let (mut alice, _) = connect(&a, "alice");
+    let (mut carol, _) = connect(&b, "carol");
+    send_json(&mut carol, json!({"op":"sub","channel":"room1","id":"s"}));
+    assert_eq!(recv_json(&mut carol)["op"], "ack");
+    let mut epoch = String::new();
+    for i in 1..=3u64 {
+        send_json(
+            &mut alice,
+            json!({"op":"pub","channel":"room1","data":i,"id":format!("p{i}")}),
+        );
+        let ack = recv_json(&mut alice);
+        assert_eq!(
+            (ack["stream"].as_str(), ack["offset"].as_u64()),
+            (Some("channel:room1"), Some(i)),
+            "{ack}"
+        );
+        epoch = ack["epoch"].as_str().unwrap().to_owned();
+        let m = recv_json(&mut carol);
+        assert_eq!(
+            (m["data"].as_u64(), m["offset"].as_u64()),
+            (Some(i), Some(i)),
+            "{m}"
+        );
+        assert_eq!(m["stream"], "channel:room1");
+    }
+    send_json(
+        &mut alice,
+        json!({"op":"pub","channel":"room1","data":2,"id":"p2"}),
+    );
+    assert_eq!(
+        recv_json(&mut alice)["offset"],
+        2,
+        "a retried id is stored once"
+    );
+    // dave, on node a, had offset 1: 2 and 3 from Redis, then live from node b.
+    let (mut dave, _) = connect(&a, "dave");
+    send_json(
+        &mut dave,
+        json!({"op":"sub","channel":"room1","since":{"epoch":epoch,"offset":1},"id":"d"}),
+    );
+    let ack = recv_json(&mut dave);
+    assert_eq!(
+        (ack["recovered"].as_bool(), ack["offset"].as_u64()),
+        (Some(true), Some(3)),
+        "{ack}"
+    );
+    for i in 2..=3u64 {
+        assert_eq!(recv_json(&mut dave)["offset"], i);
+    }
+    send_json(
+        &mut carol,
+        json!({"op":"pub","channel":"room1","data":4,"id":"c4"}),
+    );
+    // carol subscribes too: her copy and her ack come in either order.
+    let (x, y) = (recv_json(&mut carol), recv_json(&mut carol));
+    let (ack, m) = if x["op"] == "ack" { (x, y) } else { (y, x) };
+    assert_eq!(ack["op"], "ack", "{ack}");
+    assert_eq!(
+        (m["data"].as_u64(), m["offset"].as_u64()),
+        (Some(4), Some(4)),
+        "{m}"
+    );
+    let m = recv_json(&mut dave);
+    assert_eq!(
+        (m["data"].as_u64(), m["offset"].as_u64()),
+        (Some(4), Some(4)),
+        "{m}"
+    );
+}

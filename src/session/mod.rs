@@ -105,6 +105,9 @@ enum ReadyWait {
     Registered(ConnId),
     /// A `sub` is acked once the channel's publications reach this node.
     SubAck(ConnId, Option<Box<str>>),
+    /// A `sub` with `since` reads the channel's stream once its publications reach this
+    /// node (read earlier, a message stored in between would be in neither).
+    SubSince(ConnId, Option<Box<str>>, Arc<str>, crate::store::Since),
 }
 
 /// One shard's connections and everything that routes between them (see the module docs).

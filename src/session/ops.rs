@@ -371,6 +371,11 @@ impl<T: Transport> Sessions<T> {
                     self.ack(key, id.as_deref());
                 }
             }
+            Some(ReadyWait::SubSince(conn, id, channel, since)) => {
+                if let Some(key) = self.live_open(conn) {
+                    self.open_channel(key, id.as_deref(), channel, since);
+                }
+            }
             None => {}
         }
     }

@@ -506,8 +506,24 @@ impl<T: Transport> Sessions<T> {
                 .push((channel.clone(), Cursor::resuming(since)));
         }
         if !self.conns[key].channel_list().contains(&channel) {
-            self.subscribe(key, channel.clone());
+            if let Some(token) = self.subscribe(key, channel.clone()) {
+                let wait = super::ReadyWait::SubSince(conn, id.map(Into::into), channel, since);
+                self.ready_waits.insert(token, wait);
+                return;
+            }
         }
+        self.open_channel(key, id, channel, since);
+    }
+
+    /// Asks the store for `channel`'s position and first page after `since`.
+    pub(super) fn open_channel(
+        &mut self,
+        key: usize,
+        id: Option<&str>,
+        channel: Arc<str>,
+        since: Since,
+    ) {
+        let conn = self.conn_id(key);
         let store = self.store.as_ref().expect("streams on");
         let req = StoreReq::OpenChannel {
             channel: channel.clone(),
