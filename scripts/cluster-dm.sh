@@ -2,15 +2,19 @@
 # Cross-node DMs at the given rates: three nodes (1 shard each) and one Redis on this host,
 # 3000 connections spread over the nodes; prints latency, loss, Redis CPU and PUBLISH calls.
 #   scripts/cluster-dm.sh 20000 60000 120000
+# qos 1 with the streams in Redis (one EVALSHA per DM, its PUBLISHes inside):
+#   QOS=1 scripts/cluster-dm.sh 10000 40000
 cd "$(dirname "$0")/.."
 for r in "$@"; do
-  bash scripts/cluster.sh up 3 -- --shards 1 --store memory >/dev/null
+  QOS=${QOS:-0}
+  if [ "$QOS" = 1 ]; then STORE=redis; else STORE=memory; fi
+  bash scripts/cluster.sh up 3 -- --shards 1 --store $STORE >/dev/null
   redis-cli -p 6399 config resetstat >/dev/null
   c0=$(redis-cli -p 6399 info cpu | awk -F: '/^used_cpu_(sys|user):/ {s+=$2} END {print s}')
-  out=$(target/release/loadgen dm --url ws://127.0.0.1:8081/ws --url ws://127.0.0.1:8082/ws --url ws://127.0.0.1:8083/ws --connections 3000 --rate $r --duration 10s --out /tmp/lgc 2>&1)
+  out=$(target/release/loadgen dm --url ws://127.0.0.1:8081/ws --url ws://127.0.0.1:8082/ws --url ws://127.0.0.1:8083/ws --connections 3000 --rate $r --duration 10s --qos $QOS --out /tmp/lgc 2>&1)
   c1=$(redis-cli -p 6399 info cpu | awk -F: '/^used_cpu_(sys|user):/ {s+=$2} END {print s}')
-  pubs=$(redis-cli -p 6399 info commandstats | grep -o "cmdstat_publish:calls=[0-9]*")
-  p=$(echo "$out" | awk '/^dm_latency/ {print "p50", $5, "p99", $9, "p99.9", $11}')
+  pubs=$(redis-cli -p 6399 info commandstats | grep -o "cmdstat_\(publish\|evalsha\):calls=[0-9]*" | tr '\n' ' ')
+  p=$(echo "$out" | awk '/^(dm|ack)_latency/ {print $1, "p50", $5, "p99", $9, "p99.9", $11}' | tr '\n' ' ')
   m=$(echo "$out" | grep -o "missing [0-9]*.*errors [0-9]* ([0-9]* deliveries/s)")
   echo "rate $r: $p ms | $m | redis cpu $(echo "$c1 - $c0" | bc) s | $pubs"
   bash scripts/cluster.sh down >/dev/null
