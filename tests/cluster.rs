@@ -310,3 +310,33 @@ fn any_node_counts_users_and_subscribers_on_every_node_and_a_dead_node_drops_out
         user_on(s, "alice")["online"] == false
     });
 }
+
+#[test]
+fn api_disconnect_on_one_node_closes_the_user_on_every_node() {
+    let redis = Redis::start();
+    let (a, b, c) = (node(&redis, "a"), node(&redis, "b"), node(&redis, "c"));
+    let (mut on_b, _) = connect(&b, "mallory");
+    let (mut on_c, _) = connect(&c, "mallory");
+    let (mut bystander, _) = connect(&b, "bob");
+    let body = r#"{"user":"mallory","code":4002,"reason":"kicked"}"#;
+    let (status, answer) = http(
+        a.addr,
+        &format!(
+            "POST /api/disconnect HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    // The count is this node's (none here); the other nodes close theirs.
+    assert_eq!(status, 200, "{answer}");
+    for ws in [&mut on_b, &mut on_c] {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(Some(f))) => {
+                assert_eq!((u16::from(f.code), f.reason.as_str()), (4002, "kicked"));
+            }
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+    // Others stay.
+    send_json(&mut bystander, json!({"op":"ping","id":"p"}));
+    assert_eq!(recv_json(&mut bystander)["op"], "pong");
+}

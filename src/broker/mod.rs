@@ -92,6 +92,15 @@ pub enum BrokerReq {
         /// The event as delivered.
         payload: Bytes,
     },
+    /// `POST /api/disconnect`: close `user`'s connections on the other nodes.
+    Disconnect {
+        /// The user.
+        user: Arc<str>,
+        /// Close code (4000-4999).
+        code: u16,
+        /// Close reason.
+        reason: Arc<str>,
+    },
     /// A user's connection (or a channel's subscriber) on this node came (+1) or went (-1).
     Presence {
         /// Users or channels.
@@ -199,6 +208,15 @@ pub enum BrokerMsg {
         payload: Bytes,
         /// Its offset.
         offset: u64,
+    },
+    /// To every shard: another node's `POST /api/disconnect` for `user`.
+    Disconnect {
+        /// The user.
+        user: Arc<str>,
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: Arc<str>,
     },
     /// The answer to a DM that only other nodes could deliver.
     Routed {
@@ -327,6 +345,19 @@ fn envelope(node: &str, payload: &[u8]) -> Vec<u8> {
     v.push(b'\n');
     v.extend_from_slice(payload);
     v
+}
+
+/// `!<node>\n<code> <reason>`: close a user's connections (`POST /api/disconnect`).
+fn disconnect_envelope(node: &str, code: u16, reason: &str) -> Vec<u8> {
+    format!("!{node}\n{code} {reason}").into_bytes()
+}
+
+/// Splits a disconnect envelope into (node, code, reason).
+fn open_disconnect(b: &[u8]) -> Option<(&[u8], u16, &str)> {
+    let (node, rest) = open_envelope(b.strip_prefix(b"!")?)?;
+    let rest = std::str::from_utf8(rest).ok()?;
+    let (code, reason) = rest.split_once(' ')?;
+    Some((node, code.parse().ok()?, reason))
 }
 
 /// Splits an envelope into (node, payload).
@@ -609,6 +640,12 @@ impl Publisher {
                                 (channel_channel(channel), payload)
                             }
                             BrokerReq::Broadcast { payload } => (ALL.to_owned(), payload),
+                            BrokerReq::Disconnect { user, code, reason } => {
+                                pipe.cmd("PUBLISH")
+                                    .arg(user_channel(user))
+                                    .arg(disconnect_envelope(&self.node, *code, reason));
+                                continue;
+                            }
                             BrokerReq::Presence { kind, name, delta } => {
                                 pipe.cmd("EVAL")
                                     .arg(PRESENCE_SCRIPT)
@@ -947,6 +984,22 @@ impl Subscriber {
             }
             return;
         }
+        if let Some((node, code, reason)) = open_disconnect(payload) {
+            if node != self.node.as_bytes() {
+                if let Some(user) = channel.strip_prefix("sb:u:") {
+                    let (user, reason): (Arc<str>, Arc<str>) = (user.into(), reason.into());
+                    for s in 0..self.shards as u16 {
+                        let m = BrokerMsg::Disconnect {
+                            user: user.clone(),
+                            code,
+                            reason: reason.clone(),
+                        };
+                        post(&self.sink, s, m);
+                    }
+                }
+            }
+            return;
+        }
         let Some((node, event)) = open_envelope(payload) else {
             return;
         };
@@ -1005,6 +1058,13 @@ mod tests {
             Some((&b"n1:8080"[..], &br#"{"op":"msg"}"#[..]))
         );
         assert_eq!(open_envelope(b"no separator"), None);
+        let d = disconnect_envelope("n1", 4005, "go away now");
+        assert_eq!(open_disconnect(&d), Some((&b"n1"[..], 4005, "go away now")));
+        assert_eq!(
+            open_disconnect(b"n1\n{}"),
+            None,
+            "a message is not a disconnect"
+        );
         assert_eq!(
             redacted("redis://:secret@127.0.0.1:6379/0"),
             "redis://***@127.0.0.1:6379/0"

@@ -378,8 +378,8 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
-    /// With a broker, a publication or a send also goes to the other nodes (one publish;
-    /// the answer's count is this node's).
+    /// With a broker, a publication, a send or a disconnect also goes to the other nodes (one
+    /// publish; the answer's count is this node's).
     fn api_to_cluster(&mut self, cmd: &ApiCmd) {
         use crate::broker::BrokerReq;
         if self.broker.is_none() {
@@ -397,6 +397,11 @@ impl<T: Transport> Sessions<T> {
                 user: user.clone(),
                 payload: payload.clone(),
                 reply: None,
+            },
+            ApiCmd::Disconnect { user, code, reason } => BrokerReq::Disconnect {
+                user: user.clone(),
+                code: *code,
+                reason: reason.clone(),
             },
             _ => return,
         };

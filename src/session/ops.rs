@@ -403,6 +403,9 @@ impl<T: Transport> Sessions<T> {
                 payload,
                 offset,
             } => self.deliver_channel_stored(&channel, &payload, offset),
+            BrokerMsg::Disconnect { user, code, reason } => {
+                self.exec_api(&crate::hub::ApiCmd::Disconnect { user, code, reason });
+            }
             BrokerMsg::Routed { reply, online } => self.reply_local(reply, Some(online)),
             BrokerMsg::Unavailable { reply } => self.reply_unavailable(reply),
             BrokerMsg::Busy { reply } => self.reply_local(reply, None),
