@@ -869,14 +869,13 @@ impl Worker {
         now: u64,
     ) -> (u64, Bytes) {
         let wire = wire_name(stream);
-        let mut p = BytesMut::with_capacity(prefix.len() + TRAILER_MAX + wire.len());
-        p.put_slice(prefix);
-        // The offset is known only now: written after `append` below assigns it.
-        let offset = self.streams.meta(stream).next;
-        put_trailer(&mut p, wire, offset, self.streams.epoch);
-        let payload = p.freeze();
-        let got = self.streams.append(stream, payload.len() as u64);
-        debug_assert_eq!(got, offset);
+        let epoch = self.streams.epoch;
+        let (offset, payload, meta) = self.streams.append_built(stream, |offset| {
+            let mut p = BytesMut::with_capacity(prefix.len() + TRAILER_MAX + wire.len());
+            p.put_slice(prefix);
+            put_trailer(&mut p, wire, offset, epoch);
+            p.freeze()
+        });
         batch.appends.push((
             stream.clone(),
             Entry {
@@ -887,10 +886,14 @@ impl Worker {
             },
         ));
         StoreMetrics::add(&self.metrics.appends, 1);
-        if let Some(first) = self.streams.over_count(stream, retention.max_count) {
-            self.trim(batch, stream, first);
-        }
-        self.record_meta(batch, stream);
+        let meta = match meta.over_count(retention.max_count) {
+            Some(first) => {
+                self.trim(batch, stream, first);
+                self.streams.meta(stream)
+            }
+            None => meta,
+        };
+        self.record_meta(batch, stream, meta);
         (offset, payload)
     }
 
@@ -917,8 +920,7 @@ impl Worker {
 
     /// Notes `stream`'s new state in the batch (once per stream per batch: an index keeps
     /// this O(1) in a batch of thousands of streams).
-    fn record_meta(&mut self, batch: &mut Batch, stream: &Arc<str>) {
-        let m = self.streams.meta(stream);
+    fn record_meta(&mut self, batch: &mut Batch, stream: &Arc<str>, m: StreamMeta) {
         match self.meta_index.get(&**stream) {
             Some(&i) => batch.metas[i].1 = m,
             None => {
@@ -963,7 +965,8 @@ impl Worker {
                 .map_or(m.first + old.len() as u64, |e| e.offset);
             if keep_from > m.first {
                 self.trim(&mut batch, &s, keep_from);
-                self.record_meta(&mut batch, &s);
+                let m = self.streams.meta(&s);
+                self.record_meta(&mut batch, &s, m);
             }
         }
         if !batch.is_empty() {

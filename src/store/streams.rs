@@ -59,6 +59,11 @@ impl StreamMeta {
         self.next - 1
     }
 
+    /// Count retention: the new first offset when more than `max_count` are kept.
+    pub fn over_count(&self, max_count: u64) -> Option<u64> {
+        (self.next - self.first > max_count).then(|| self.next - max_count)
+    }
+
     /// Where a resume of this stream from `epoch:offset` (the last offset the client has)
     /// starts, in a store whose epoch is `current`.
     pub fn plan_resume(&self, current: Epoch, epoch: Option<Epoch>, offset: u64) -> ResumePlan {
@@ -222,11 +227,30 @@ impl Streams {
         offset
     }
 
+    /// Appends one message to `stream` with one lookup: `build` makes its payload from the
+    /// offset it gets. The offset, the payload and the stream's state after it.
+    pub fn append_built<P: AsRef<[u8]>>(
+        &mut self,
+        stream: &str,
+        build: impl FnOnce(u64) -> P,
+    ) -> (u64, P, StreamMeta) {
+        let m = match self.meta.get_mut(stream) {
+            Some(m) => m,
+            None => self.meta.entry(stream.into()).or_default(),
+        };
+        let offset = m.next;
+        let payload = build(offset);
+        let bytes = payload.as_ref().len() as u64;
+        m.next += 1;
+        m.bytes += bytes;
+        let after = *m;
+        self.total_bytes += bytes;
+        (offset, payload, after)
+    }
+
     /// Applies count retention: the new first offset when older messages must go.
     pub fn over_count(&self, stream: &str, max_count: u64) -> Option<u64> {
-        let m = self.meta.get(stream)?;
-        let kept = m.next - m.first;
-        (kept > max_count).then(|| m.next - max_count)
+        self.meta.get(stream)?.over_count(max_count)
     }
 
     /// Records that `stream` now starts at `first`, having dropped `bytes` payload bytes.
