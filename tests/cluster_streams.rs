@@ -248,3 +248,61 @@ fn channel_history_lives_in_redis_and_subscribers_on_any_node_resume() {
         "{m}"
     );
 }
+
+#[test]
+fn acked_messages_survive_a_redis_crash_when_redis_fsyncs_its_log() {
+    let port = common::redis::free_port();
+    let mut redis = Redis::start_durable(port);
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut alice, welcome) = connect(&a, "alice");
+    let epoch = welcome["inbox"]["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=5u64 {
+        let ack = send_qos1(&mut alice, "bob", json!(i), &format!("m{i}"));
+        assert_eq!(ack["op"], "ack", "{ack}");
+    }
+    // Redis dies with SIGKILL: what it acknowledged is in its fsynced log.
+    redis.stop();
+    let e = send_qos1(&mut alice, "bob", json!("lost?"), "x");
+    assert_eq!(
+        (e["op"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("unavailable")),
+        "{e}"
+    );
+    let _back = Redis::start_durable(port);
+    // bob connects to the other node once it reaches Redis again: the five acked messages,
+    // in order, in the same epoch; the refused one never appears.
+    let start = Instant::now();
+    let (mut bob, welcome) = loop {
+        let (ws, w) = connect_since(&b, "bob", &format!("{epoch}:0"));
+        if w["inbox"]["recovered"] == true {
+            break (ws, w);
+        }
+        assert_eq!(w["inbox"]["reason"], "unavailable", "{w}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "Redis never came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(welcome["inbox"]["offset"], 5, "{welcome}");
+    for i in 1..=5u64 {
+        let m = recv_json(&mut bob);
+        assert_eq!(
+            (m["data"].as_u64(), m["offset"].as_u64()),
+            (Some(i), Some(i)),
+            "{m}"
+        );
+    }
+    let ack = send_qos1(&mut alice, "bob", json!(6), "m6");
+    assert_eq!(
+        (ack["op"].as_str(), ack["epoch"].as_str()),
+        (Some("ack"), Some(epoch.as_str())),
+        "{ack}"
+    );
+    let m = recv_json(&mut bob);
+    assert_eq!(
+        (m["data"].as_u64(), m["offset"].as_u64()),
+        (Some(6), Some(6)),
+        "{m}"
+    );
+}

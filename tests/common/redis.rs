@@ -16,7 +16,7 @@ pub struct Redis {
     dir: std::path::PathBuf,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -31,11 +31,27 @@ impl Redis {
 
     /// Starts on `port` (again, after a stop: the same URL comes back).
     pub fn start_on(port: u16) -> Redis {
+        Self::start_in(port, false)
+    }
+
+    /// Starts with an append-only file fsynced at every write (`appendfsync always`), in a
+    /// directory kept for `port`: a restart on the same port finds what was acknowledged.
+    pub fn start_durable(port: u16) -> Redis {
+        Self::start_in(port, true)
+    }
+
+    fn start_in(port: u16, durable: bool) -> Redis {
         let dir = std::env::temp_dir().join(format!("sb-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let aof: &[&str] = if durable {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--save", ""])
+            .args(aof)
             .arg("--dir")
             .arg(&dir)
             .stdout(Stdio::null())
@@ -72,7 +88,7 @@ impl Redis {
         self.command("PING").is_some_and(|r| r.starts_with("+PONG"))
     }
 
-    /// Stops the server by pid and waits for it.
+    /// Stops the server by pid (SIGKILL: nothing is flushed on the way out) and waits.
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
