@@ -340,3 +340,18 @@ fn api_disconnect_on_one_node_closes_the_user_on_every_node() {
     send_json(&mut bystander, json!({"op":"ping","id":"p"}));
     assert_eq!(recv_json(&mut bystander)["op"], "pong");
 }
+
+#[test]
+fn a_second_connection_is_welcomed_only_once_the_users_subscription_is_active() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    // Redis holds every command for 2 s: the SUBSCRIBE for alice cannot complete before.
+    let paused = redis.command("CLIENT PAUSE 2000 ALL").unwrap_or_default();
+    assert!(paused.starts_with("+OK"), "{paused}");
+    let mut first = connect_raw_ws(&a, "/ws?user=alice");
+    let mut second = connect_raw_ws(&a, "/ws?user=alice");
+    // Welcomed before it, the second could miss a DM published meanwhile by another node.
+    expect_silence(&mut second, Duration::from_millis(300));
+    assert_eq!(recv_json(&mut first)["op"], "welcome");
+    assert_eq!(recv_json(&mut second)["op"], "welcome");
+}

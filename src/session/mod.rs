@@ -98,6 +98,15 @@ impl Shared {
     }
 }
 
+/// An interest whose Redis subscription is on its way.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Interested {
+    /// A user's DMs (at the user's home shard).
+    User(Arc<str>),
+    /// A channel's publications (per shard).
+    Channel(Arc<str>),
+}
+
 /// Waiting for the broker to subscribe before answering a client.
 #[derive(Debug)]
 enum ReadyWait {
@@ -123,8 +132,13 @@ pub struct Sessions<T: Transport> {
     broker: Option<BrokerHandle>,
     broker_metrics: Option<Arc<BrokerMetrics>>,
     node: Arc<str>,
-    /// What to do when the broker says a subscription is active, by token.
-    ready_waits: rustc_hash::FxHashMap<u64, ReadyWait>,
+    /// What to do when the broker says a subscription is active, by token: the interest it
+    /// is for and everyone waiting on it.
+    ready_waits: rustc_hash::FxHashMap<u64, (Interested, Vec<ReadyWait>)>,
+    /// Subscriptions asked of the broker and not active yet: a later connection of the same
+    /// user, or a later subscriber of the same channel, waits on the same token (answered
+    /// earlier, it could miss what is published before the subscription is active).
+    pending: rustc_hash::FxHashMap<Interested, u64>,
     next_token: u64,
     conns: Slab<Conn<T>>,
     wheel: Wheel<u32>,
@@ -167,6 +181,7 @@ impl<T: Transport> Sessions<T> {
             broker_metrics: shared.broker_metrics,
             node: shared.node,
             ready_waits: Default::default(),
+            pending: Default::default(),
             next_token: 1,
             conns: Slab::with_capacity(1024),
             wheel: Wheel::new(now_ms),

@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::conn::{ConnState, Flags, Transport};
 use super::frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
-use super::{ReadyWait, Sessions};
+use super::{Interested, ReadyWait, Sessions};
 use crate::auth;
 use crate::broker::{BrokerMsg, BrokerReq, Counted, Interest};
 use crate::hub::{home_of, ConnId, ReplyTo, ShardMsg};
@@ -209,8 +209,7 @@ impl<T: Transport> Sessions<T> {
                 if let Some(token) = self.subscribe(key, Arc::from(channel.as_ref())) {
                     // Acked once the channel's publications reach this node from the cluster.
                     let me = self.conn_id(key);
-                    self.ready_waits
-                        .insert(token, ReadyWait::SubAck(me, id.map(Into::into)));
+                    self.add_wait(token, ReadyWait::SubAck(me, id.map(Into::into)));
                     return;
                 }
                 self.ack(key, id);
@@ -284,19 +283,26 @@ impl<T: Transport> Sessions<T> {
         if added {
             self.count_in_cluster(Counted::Channels, &name, 1);
         }
-        let mut token = None;
-        if let (true, 1, Some(b)) = (added, self.hub.subscriber_count(&name), &self.broker) {
-            let t = self.next_token;
-            self.next_token += 1;
+        self.conns[key].extra_mut().channels.push(name.clone());
+        let first = added && self.hub.subscriber_count(&name) == 1;
+        self.broker.as_ref()?;
+        let what = Interested::Channel(name.clone());
+        if !first {
+            return self.pending.get(&what).copied();
+        }
+        // The caller adds its waiter (`add_wait`); later subscribers wait on the same token.
+        let t = self.next_token;
+        self.next_token += 1;
+        self.pending.insert(what.clone(), t);
+        self.ready_waits.insert(t, (what, Vec::new()));
+        if let Some(b) = &self.broker {
             b.interest(Interest::Channel {
-                channel: name.clone(),
+                channel: name,
                 on: true,
                 ready: Some((self.index, t)),
             });
-            token = Some(t);
         }
-        self.conns[key].extra_mut().channels.push(name);
-        token
+        Some(t)
     }
 
     /// Removes a local subscription; the shard's last subscriber of a channel is reported to
@@ -341,42 +347,87 @@ impl<T: Transport> Sessions<T> {
     ) -> bool {
         // Counted per node in Redis, for `GET /api/users/<id>` on any node.
         self.count_in_cluster(Counted::Users, &user, if online { 1 } else { -1 });
-        let (Some(on), Some(b)) = (change, &self.broker) else {
+        if self.broker.is_none() {
             return false;
+        }
+        let Some(on) = change else {
+            // Not the first connection: it waits if the first one's subscription is not
+            // active yet.
+            return match (ack, online) {
+                (Some(conn), true) => {
+                    self.wait_on(Interested::User(user), ReadyWait::Registered(conn))
+                }
+                _ => false,
+            };
         };
         let ready = match ack {
             Some(conn) if on => {
-                let t = self.next_token;
-                self.next_token += 1;
-                self.ready_waits.insert(t, ReadyWait::Registered(conn));
+                let t = self.new_wait(Interested::User(user.clone()), ReadyWait::Registered(conn));
                 Some((self.index, t))
             }
             _ => None,
         };
-        b.interest(Interest::User { user, on, ready });
+        if let Some(b) = &self.broker {
+            b.interest(Interest::User { user, on, ready });
+        }
         ready.is_some()
+    }
+
+    /// Adds a waiter to subscription `token`.
+    pub(super) fn add_wait(&mut self, token: u64, w: ReadyWait) {
+        if let Some((_, waits)) = self.ready_waits.get_mut(&token) {
+            waits.push(w);
+        }
+    }
+
+    /// A token for a subscription asked of the broker, with its first waiter.
+    pub(super) fn new_wait(&mut self, what: Interested, w: ReadyWait) -> u64 {
+        let t = self.next_token;
+        self.next_token += 1;
+        self.pending.insert(what.clone(), t);
+        self.ready_waits.insert(t, (what, vec![w]));
+        t
+    }
+
+    /// Waits on `what`'s subscription if it is not active yet; false when it is.
+    pub(super) fn wait_on(&mut self, what: Interested, w: ReadyWait) -> bool {
+        let Some(t) = self.pending.get(&what) else {
+            return false;
+        };
+        match self.ready_waits.get_mut(t) {
+            Some((_, waits)) => {
+                waits.push(w);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The broker says subscription `token` is active: answer whoever waited for it.
     fn on_ready(&mut self, token: u64) {
-        match self.ready_waits.remove(&token) {
-            Some(ReadyWait::Registered(conn)) if conn.shard == self.index => {
-                self.on_registered(conn)
-            }
-            Some(ReadyWait::Registered(conn)) => {
-                self.send_mail(conn.shard, ShardMsg::Registered { conn })
-            }
-            Some(ReadyWait::SubAck(conn, id)) => {
-                if let Some(key) = self.live_open(conn) {
-                    self.ack(key, id.as_deref());
+        let Some((what, waits)) = self.ready_waits.remove(&token) else {
+            return;
+        };
+        if self.pending.get(&what) == Some(&token) {
+            self.pending.remove(&what);
+        }
+        for w in waits {
+            match w {
+                ReadyWait::Registered(conn) if conn.shard == self.index => self.on_registered(conn),
+                ReadyWait::Registered(conn) => {
+                    self.send_mail(conn.shard, ShardMsg::Registered { conn })
+                }
+                ReadyWait::SubAck(conn, id) => {
+                    if let Some(key) = self.live_open(conn) {
+                        self.ack(key, id.as_deref());
+                    }
+                }
+                ReadyWait::SubSince(conn, id, channel, since) => {
+                    if let Some(key) = self.live_open(conn) {
+                        self.open_channel(key, id.as_deref(), channel, since);
+                    }
                 }
             }
-            Some(ReadyWait::SubSince(conn, id, channel, since)) => {
-                if let Some(key) = self.live_open(conn) {
-                    self.open_channel(key, id.as_deref(), channel, since);
-                }
-            }
-            None => {}
         }
     }
 

@@ -508,7 +508,7 @@ impl<T: Transport> Sessions<T> {
         if !self.conns[key].channel_list().contains(&channel) {
             if let Some(token) = self.subscribe(key, channel.clone()) {
                 let wait = super::ReadyWait::SubSince(conn, id.map(Into::into), channel, since);
-                self.ready_waits.insert(token, wait);
+                self.add_wait(token, wait);
                 return;
             }
         }
