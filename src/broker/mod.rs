@@ -360,6 +360,19 @@ fn open_disconnect(b: &[u8]) -> Option<(&[u8], u16, &str)> {
     Some((node, code.parse().ok()?, reason))
 }
 
+/// The envelope of a stored stream message, published by the Redis store's script
+/// (`store::redis_streams`): `*<offset> <excluded conn|-> <node>`, a newline, then the event.
+pub fn open_stored(b: &[u8]) -> Option<(u64, &str, &str, &[u8])> {
+    let rest = b.strip_prefix(b"*")?;
+    let nl = rest.iter().position(|&c| c == b'\n')?;
+    let head = std::str::from_utf8(&rest[..nl]).ok()?;
+    let mut parts = head.splitn(3, ' ');
+    let offset = parts.next()?.parse().ok()?;
+    let exclude = parts.next()?;
+    let node = parts.next()?;
+    Some((offset, exclude, node, &rest[nl + 1..]))
+}
+
 /// Splits an envelope into (node, payload).
 fn open_envelope(b: &[u8]) -> Option<(&[u8], &[u8])> {
     let i = b.iter().position(|&c| c == b'\n')?;
@@ -949,9 +962,7 @@ impl Subscriber {
     }
 
     fn on_message(&self, channel: &str, payload: &[u8]) {
-        if let Some((offset, exclude, node, event)) =
-            crate::store::redis_streams::open_stored(payload)
-        {
+        if let Some((offset, exclude, node, event)) = open_stored(payload) {
             // Stored messages come this way from every node, this one included: one path per
             // stream keeps its offsets in order.
             self.metrics.received.fetch_add(1, Ordering::Relaxed);
@@ -1058,6 +1069,13 @@ mod tests {
             Some((&b"n1:8080"[..], &br#"{"op":"msg"}"#[..]))
         );
         assert_eq!(open_envelope(b"no separator"), None);
+        let b = b"*42 0.7.3 node-a:8080\n{\"op\":\"msg\"}";
+        assert_eq!(
+            open_stored(b),
+            Some((42, "0.7.3", "node-a:8080", &b"{\"op\":\"msg\"}"[..]))
+        );
+        assert_eq!(open_stored(b"node\n{}"), None, "a plain envelope");
+        assert_eq!(open_stored(b"*x - n\n{}"), None);
         let d = disconnect_envelope("n1", 4005, "go away now");
         assert_eq!(open_disconnect(&d), Some((&b"n1"[..], 4005, "go away now")));
         assert_eq!(

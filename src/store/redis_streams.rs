@@ -33,7 +33,8 @@ use super::{
 };
 use crate::metrics::StoreMetrics;
 
-/// Stores one message in one or two streams and publishes it. KEYS: dedup key or "". ARGV:
+/// Stores one message in one or two streams and publishes it (the envelope is the broker's:
+/// [`crate::broker::open_stored`]). KEYS: dedup key or "". ARGV:
 /// body, ts, max count, ttl ms, dedup window ms, epoch candidate, node, then per stream
 /// (stream, wire name, Redis channel, excluded connection or "-"). Answers
 /// `{"ok", offset of the last stream, epoch, receivers of the first publish}` or
@@ -90,19 +91,6 @@ const CONFIRMED: &str = "sb:confirmed";
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait before connecting again after a failure.
 const RETRY: Duration = Duration::from_millis(500);
-
-/// The stream envelope published by [`STORE_SCRIPT`]: `*<offset> <excluded conn|-> <node>`,
-/// a newline, then the event. Parsed by the broker's subscriber.
-pub fn open_stored(b: &[u8]) -> Option<(u64, &str, &str, &[u8])> {
-    let rest = b.strip_prefix(b"*")?;
-    let nl = rest.iter().position(|&c| c == b'\n')?;
-    let head = std::str::from_utf8(&rest[..nl]).ok()?;
-    let mut parts = head.splitn(3, ' ');
-    let offset = parts.next()?.parse().ok()?;
-    let exclude = parts.next()?;
-    let node = parts.next()?;
-    Some((offset, exclude, node, &rest[nl + 1..]))
-}
 
 /// Starts the store thread on `client`'s Redis (which must answer now).
 pub fn start(
@@ -847,14 +835,28 @@ fn entries(v: Value) -> Vec<(u64, Vec<u8>)> {
 mod tests {
     use super::*;
 
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
     #[test]
-    fn stream_envelopes_parse() {
-        let b = b"*42 0.7.3 node-a:8080\n{\"op\":\"msg\"}";
+    fn xrange_answers_parse_into_offsets_and_bodies() {
+        let v = Value::Array(vec![
+            Value::Array(vec![
+                bulk("7-0"),
+                Value::Array(vec![bulk("p"), bulk("{\"a\":1"), bulk("t"), bulk("5")]),
+            ]),
+            Value::Array(vec![bulk("8-0"), Value::Array(vec![bulk("t"), bulk("6")])]),
+            Value::Array(vec![
+                bulk("9-0"),
+                Value::Array(vec![bulk("t"), bulk("6"), bulk("p"), bulk("x")]),
+            ]),
+        ]);
         assert_eq!(
-            open_stored(b),
-            Some((42, "0.7.3", "node-a:8080", &b"{\"op\":\"msg\"}"[..]))
+            entries(v),
+            vec![(7, b"{\"a\":1".to_vec()), (9, b"x".to_vec())],
+            "an entry without a body is skipped"
         );
-        assert_eq!(open_stored(b"node\n{}"), None, "a plain envelope");
-        assert_eq!(open_stored(b"*x - n\n{}"), None);
+        assert!(entries(Value::Nil).is_empty());
     }
 }
