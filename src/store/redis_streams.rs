@@ -538,63 +538,52 @@ impl Worker {
 
     /// Answers a read; Redis unreachable → an answer that says so (never a silent drop).
     fn read(&mut self, r: StoreReq) {
-        let result = self.try_read(r);
-        if let Err((e, r)) = result {
-            self.lost(&e);
-            self.unavailable(*r);
+        match self.answer_read(&r) {
+            Ok(Some(answer)) => self.out.push(answer),
+            Ok(None) => {}
+            Err(e) => {
+                self.lost(&e);
+                self.unavailable(r);
+            }
         }
     }
 
-    #[allow(clippy::result_large_err)]
-    fn try_read(&mut self, r: StoreReq) -> Result<(), (redis::RedisError, Box<StoreReq>)> {
-        macro_rules! tryr {
-            ($e:expr, $r:expr) => {
-                match $e {
-                    Ok(v) => v,
-                    Err(e) => return Err((e, Box::new($r))),
-                }
-            };
-        }
-        match r {
+    /// The answer to a read request, and the shard it goes to.
+    fn answer_read(&mut self, r: &StoreReq) -> redis::RedisResult<Option<(u16, StoreMsg)>> {
+        Ok(Some(match r {
             StoreReq::Open { user, conn, since } => {
-                let stream = inbox_stream(&user);
-                let head = tryr!(self.head(&stream), StoreReq::Open { user, conn, since });
-                let (resume, page) = match since {
+                let stream = inbox_stream(user);
+                let head = self.head(&stream)?;
+                let (resume, page) = match *since {
                     None => (None, Page::default()),
                     Some(s) => {
                         let confirmed = match s {
-                            Since::Confirmed => {
-                                tryr!(self.confirmed(&user), StoreReq::Open { user, conn, since })
-                            }
+                            Since::Confirmed => self.confirmed(user)?,
                             Since::Position { .. } => 0,
                         };
-                        let (resume, page) = tryr!(
-                            self.resume(&stream, &head, s, confirmed),
-                            StoreReq::Open { user, conn, since }
-                        );
+                        let (resume, page) = self.resume(&stream, &head, s, confirmed)?;
                         (Some(resume), page)
                     }
                 };
-                self.out.push((
-                    conn.shard,
-                    StoreMsg::Opened(Box::new(Opened {
-                        conn,
-                        epoch: head.epoch,
-                        top: head.meta.top(),
-                        resume,
-                        page,
-                    })),
-                ));
+                let o = Opened {
+                    conn: *conn,
+                    epoch: head.epoch,
+                    top: head.meta.top(),
+                    resume,
+                    page,
+                };
+                (conn.shard, StoreMsg::Opened(Box::new(o)))
             }
             StoreReq::Page { stream, conn, from } => {
                 let name = stream.name();
-                let head = tryr!(self.head(&name), StoreReq::Page { stream, conn, from });
-                let page = tryr!(
-                    self.page(&name, &head, from),
-                    StoreReq::Page { stream, conn, from }
-                );
-                self.out
-                    .push((conn.shard, StoreMsg::Page { conn, stream, page }));
+                let head = self.head(&name)?;
+                let page = self.page(&name, &head, *from)?;
+                let msg = StoreMsg::Page {
+                    conn: *conn,
+                    stream: stream.clone(),
+                    page,
+                };
+                (conn.shard, msg)
             }
             StoreReq::History {
                 user,
@@ -603,70 +592,40 @@ impl Worker {
                 conn,
                 id,
             } => {
-                let stream = inbox_stream(&user);
-                let again = |user, id| StoreReq::History {
-                    user,
-                    from,
-                    limit,
-                    conn,
-                    id,
-                };
-                let head = match self.head(&stream) {
-                    Ok(h) => h,
-                    Err(e) => return Err((e, Box::new(again(user, id)))),
-                };
-                let from = from.max(head.meta.first);
+                let stream = inbox_stream(user);
+                let head = self.head(&stream)?;
+                let from = (*from).max(head.meta.first);
                 let entries = if from >= head.meta.next {
                     Vec::new()
                 } else {
-                    match self.range(&stream, head.epoch, from, limit) {
-                        Ok(e) => e,
-                        Err(e) => return Err((e, Box::new(again(user, id)))),
-                    }
+                    self.range(&stream, head.epoch, from, *limit)?
                 };
                 let next = entries.last().map_or(from.min(head.meta.next), |e| e.0 + 1);
-                self.out.push((
-                    conn.shard,
-                    StoreMsg::History(Box::new(History {
-                        conn,
-                        id,
-                        user,
-                        epoch: head.epoch,
-                        first: head.meta.first,
-                        top: head.meta.top(),
-                        entries,
-                        next,
-                    })),
-                ));
+                let h = History {
+                    conn: *conn,
+                    id: id.clone(),
+                    user: user.clone(),
+                    epoch: head.epoch,
+                    first: head.meta.first,
+                    top: head.meta.top(),
+                    entries,
+                    next,
+                };
+                (conn.shard, StoreMsg::History(Box::new(h)))
             }
             StoreReq::Unread {
                 user,
                 conn,
                 connections,
             } => {
-                let stream = inbox_stream(&user);
-                let again = |user| StoreReq::Unread {
-                    user,
-                    conn,
-                    connections,
+                let head = self.head(&inbox_stream(user))?;
+                let confirmed = self.confirmed(user)?.max(head.meta.first.saturating_sub(1));
+                let msg = StoreMsg::Unread {
+                    conn: *conn,
+                    connections: *connections,
+                    unread: head.meta.top().saturating_sub(confirmed),
                 };
-                let head = match self.head(&stream) {
-                    Ok(h) => h,
-                    Err(e) => return Err((e, Box::new(again(user)))),
-                };
-                let confirmed = match self.confirmed(&user) {
-                    Ok(c) => c,
-                    Err(e) => return Err((e, Box::new(again(user)))),
-                };
-                let confirmed = confirmed.max(head.meta.first.saturating_sub(1));
-                self.out.push((
-                    conn.shard,
-                    StoreMsg::Unread {
-                        conn,
-                        connections,
-                        unread: head.meta.top().saturating_sub(confirmed),
-                    },
-                ));
+                (conn.shard, msg)
             }
             StoreReq::OpenChannel {
                 channel,
@@ -674,48 +633,24 @@ impl Worker {
                 since,
                 id,
             } => {
-                let stream = channel_stream(&channel);
-                let head = match self.head(&stream) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        let r = StoreReq::OpenChannel {
-                            channel,
-                            conn,
-                            since,
-                            id,
-                        };
-                        return Err((e, Box::new(r)));
-                    }
-                };
+                let stream = channel_stream(channel);
+                let head = self.head(&stream)?;
                 let top = head.meta.top();
-                let (resume, page) = match self.resume(&stream, &head, since, top) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        let r = StoreReq::OpenChannel {
-                            channel,
-                            conn,
-                            since,
-                            id,
-                        };
-                        return Err((e, Box::new(r)));
-                    }
+                // Channels keep no confirmed position: `confirmed` means from now on.
+                let (resume, page) = self.resume(&stream, &head, *since, top)?;
+                let o = ChannelOpened {
+                    conn: *conn,
+                    channel: channel.clone(),
+                    id: id.clone(),
+                    epoch: head.epoch,
+                    top,
+                    resume,
+                    page,
                 };
-                self.out.push((
-                    conn.shard,
-                    StoreMsg::ChannelOpened(Box::new(ChannelOpened {
-                        conn,
-                        channel,
-                        id,
-                        epoch: head.epoch,
-                        top,
-                        resume,
-                        page,
-                    })),
-                ));
+                (conn.shard, StoreMsg::ChannelOpened(Box::new(o)))
             }
-            _ => {}
-        }
-        Ok(())
+            _ => return Ok(None),
+        }))
     }
 
     /// The answer to a read Redis could not serve: the connection is told its position is
