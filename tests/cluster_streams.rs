@@ -10,16 +10,15 @@ use common::*;
 use serde_json::{json, Value};
 
 fn node(redis: &Redis, id: &str) -> Server {
-    Server::start(&[
-        "--shards",
-        "2",
-        "--broker",
-        &redis.url(),
-        "--node-id",
-        id,
-        "--store",
-        "redis",
-    ])
+    node_with(redis, id, &[])
+}
+
+fn node_with(redis: &Redis, id: &str, more: &[&str]) -> Server {
+    let url = redis.url();
+    let mut args = vec!["--shards", "2", "--broker", &url, "--node-id", id];
+    args.extend_from_slice(&["--store", "redis"]);
+    args.extend_from_slice(more);
+    Server::start(&args)
 }
 
 fn send_qos1(ws: &mut Ws, to: &str, data: Value, id: &str) -> Value {
@@ -164,20 +163,7 @@ fn channel_history_lives_in_redis_and_subscribers_on_any_node_resume() {
     let cfg = std::env::temp_dir().join(format!("sb-cluster-ch-{}.toml", std::process::id()));
     std::fs::write(&cfg, "[[channels]]\npattern = \"room*\"\nhistory = 5\n").unwrap();
     let cfg = cfg.to_str().unwrap().to_owned();
-    let start = |id: &str| {
-        Server::start(&[
-            "--shards",
-            "2",
-            "--broker",
-            &redis.url(),
-            "--node-id",
-            id,
-            "--store",
-            "redis",
-            "--config",
-            &cfg,
-        ])
-    };
+    let start = |id: &str| node_with(&redis, id, &["--config", &cfg]);
     let (a, b) = (start("a"), start("b"));
     let (mut alice, _) = connect(&a, "alice");
     let (mut carol, _) = connect(&b, "carol");
