@@ -41,7 +41,7 @@ use tracing::info;
 pub use buffers::{BufPool, Chunk, Fragment, Inbound, Outbox, Piece};
 pub use conn::{flush, Conn, ConnState, Extra, Flags, Flushed, Transport};
 
-use crate::broker::{BrokerHandle, BrokerMetrics};
+use crate::broker::{BrokerHandle, BrokerMetrics, BrokerMsg};
 use crate::config::Config;
 use crate::hub::{ConnId, Hub, ShardMsg};
 use crate::metrics::{ShardMetrics, StoreMetrics};
@@ -536,15 +536,21 @@ impl<T: Transport> Sessions<T> {
 
 /// Mail that must arrive (retried when a mailbox is full, in order per target).
 fn is_reliable(msg: &ShardMsg) -> bool {
-    matches!(
-        msg,
+    match msg {
         ShardMsg::Presence { .. }
-            | ShardMsg::Registered { .. }
-            | ShardMsg::Api { .. }
-            | ShardMsg::ApiDone { .. }
-            | ShardMsg::Store(_)
-            | ShardMsg::DeliverStream { .. }
-    )
+        | ShardMsg::Registered { .. }
+        | ShardMsg::Api { .. }
+        | ShardMsg::ApiDone { .. }
+        | ShardMsg::Store(_)
+        | ShardMsg::DeliverStream { .. }
+        // The answer to a routed `send`: dropped, its sender would wait for ever.
+        | ShardMsg::Routed { .. } => true,
+        ShardMsg::Broker(m) => matches!(
+            **m,
+            BrokerMsg::Unavailable { .. } | BrokerMsg::Busy { .. }
+        ),
+        _ => false,
+    }
 }
 
 /// Increments the process-wide open count; false when over `max`.

@@ -457,3 +457,36 @@ fn resume_seam_replays_then_joins_live_without_gap_or_duplicate() {
     assert_eq!(offsets, vec![1, 2, 3, 4, 5]);
     assert!(rx.try_recv().is_err(), "no more pages once done");
 }
+
+#[test]
+fn answers_to_senders_are_reliable_mail_and_copies_are_not() {
+    use crate::broker::BrokerMsg;
+    use crate::hub::{ConnId, ReplyTo, ShardMsg};
+    let reply = || ReplyTo {
+        conn: ConnId {
+            shard: 1,
+            slot: 2,
+            generation: 3,
+        },
+        id: "\"1\"".into(),
+        to: "bob".into(),
+    };
+    let answers = [
+        ShardMsg::Routed {
+            reply: reply(),
+            online: true,
+        },
+        ShardMsg::Broker(Box::new(BrokerMsg::Unavailable { reply: reply() })),
+        ShardMsg::Broker(Box::new(BrokerMsg::Busy { reply: reply() })),
+    ];
+    for m in &answers {
+        assert!(super::is_reliable(m), "{m:?} must not be dropped");
+    }
+    let copy = ShardMsg::Broker(Box::new(BrokerMsg::Broadcast {
+        payload: bytes::Bytes::from_static(b"{}"),
+    }));
+    assert!(
+        !super::is_reliable(&copy),
+        "qos-0 copies may be dropped (counted)"
+    );
+}
