@@ -189,3 +189,74 @@ test('messages sent while a tab was closed arrive in order, through a server res
   server2 = null;
   rmSync(dataDir, { recursive: true, force: true });
 });
+
+// A free loopback port (closed again before use).
+async function freePort() {
+  const net = await import('node:net');
+  return new Promise((r) => {
+    const s = net.createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => r(port));
+    });
+  });
+}
+
+// A redis-server (Debian's; .ci/run installs it) on a free port, no persistence; answers PING.
+async function startRedis() {
+  const net = await import('node:net');
+  const port = await freePort();
+  const dir = `${OUT}/redis-${process.pid}`;
+  mkdirSync(dir, { recursive: true });
+  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '',
+    '--appendonly', 'no', '--dir', dir], { stdio: 'ignore' });
+  const ping = () => new Promise((r) => {
+    const s = net.connect(port, '127.0.0.1', () => s.write('PING\r\n'));
+    s.on('data', (d) => { s.destroy(); r(String(d).startsWith('+PONG')); });
+    s.on('error', () => r(false));
+  });
+  await until('redis-server to answer', ping);
+  return { child, port, dir };
+}
+
+test('two people on two nodes of a cluster chat, and a message waits in Redis for a closed tab', async () => {
+  const redis = await startRedis();
+  const broker = ['--broker', `redis://127.0.0.1:${redis.port}`];
+  const n1 = await startServer('127.0.0.1:0', [...broker, '--node-id', 'n1']);
+  const n2 = await startServer('127.0.0.1:0', [...broker, '--node-id', 'n2']);
+  try {
+    browser ||= await launch();
+    const alice = await (await browser.newContext()).newPage();
+    const bobContext = await browser.newContext();
+    let bob = await bobContext.newPage();
+    await login(alice, `http://${n1.addr}`, 'alice');
+    await login(bob, `http://${n2.addr}`, 'bob');
+    // Each sees the other (lobby announcements cross nodes) and they talk across nodes.
+    await alice.click('#people button[data-user="bob"]', WAIT);
+    await sendText(alice, 'hi from node 1');
+    await alice.waitForSelector('#messages li.mine .status[data-status="delivered"]', WAIT);
+    await bob.click('#people button[data-user="alice"]', WAIT);
+    await bob.waitForSelector('#messages li:has-text("hi from node 1")', WAIT);
+    await sendText(bob, 'hi from node 2');
+    await alice.waitForSelector('#messages li:not(.mine):has-text("hi from node 2")', WAIT);
+    // Bob closes his tab; alice's messages (sent on node 1) wait in his inbox in Redis; bob
+    // comes back on node 2 and gets them in order.
+    await bob.close();
+    for (const text of ['one', 'two', 'three']) {
+      await sendText(alice, text);
+      await alice.waitForSelector(`#messages li.mine:has-text("${text}") .status[data-status="queued"]`, WAIT);
+    }
+    bob = await bobContext.newPage();
+    await login(bob, `http://${n2.addr}`, 'bob');
+    await bob.click('#people button[data-user="alice"]', WAIT);
+    await bob.waitForSelector('#messages li:has-text("three")', WAIT);
+    const texts = await bob.$$eval('#messages li .text', (els) => els.map((e) => e.textContent));
+    assert.deepEqual(texts.filter((t) => ['one', 'two', 'three'].includes(t)), ['one', 'two', 'three']);
+    await bob.screenshot({ path: `${OUT}/bob-other-node.png`, fullPage: true });
+  } finally {
+    n1.child.kill('SIGKILL');
+    n2.child.kill('SIGKILL');
+    redis.child.kill('SIGKILL');
+    rmSync(redis.dir, { recursive: true, force: true });
+  }
+});
