@@ -355,3 +355,39 @@ fn a_second_connection_is_welcomed_only_once_the_users_subscription_is_active() 
     assert_eq!(recv_json(&mut first)["op"], "welcome");
     assert_eq!(recv_json(&mut second)["op"], "welcome");
 }
+
+#[test]
+fn counts_in_redis_are_rewritten_after_redis_comes_back_empty() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let (first, _) = connect(&a, "alice");
+    let (_second, _) = connect(&a, "alice");
+    let (mut carol, _) = connect(&a, "carol");
+    send_json(&mut carol, json!({"op":"sub","channel":"room","id":"s"}));
+    assert_eq!(recv_json(&mut carol)["op"], "ack");
+    b.wait_for("alice's two connections", |s| {
+        user_on(s, "alice")["connections"] == 2
+    });
+    // Redis dies and comes back empty; meanwhile one of alice's connections went away.
+    redis.stop();
+    a.wait_for("node a to see Redis gone", |s| {
+        s.metric("switchboard_broker_connected") == 0
+    });
+    drop(first);
+    let _redis = Redis::start_on(port);
+    // Node a rewrites its counts from what its shards hold: alice 1, room 1.
+    b.wait_for("alice's count rewritten", |s| {
+        user_on(s, "alice")["connections"] == 1
+    });
+    let (status, body) = http(
+        b.addr,
+        "GET /api/channels/room HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["subscribers"],
+        1,
+        "{body}"
+    );
+}

@@ -101,8 +101,20 @@ pub enum BrokerReq {
         /// Close reason.
         reason: Arc<str>,
     },
+    /// Shard `shard`'s counts as they are, replacing what Redis holds for it (after Redis was
+    /// lost: the changes meanwhile were not counted).
+    Resync {
+        /// Users or channels.
+        kind: Counted,
+        /// The shard.
+        shard: u16,
+        /// Every name with its count.
+        counts: Vec<(Arc<str>, u64)>,
+    },
     /// A user's connection (or a channel's subscriber) on this node came (+1) or went (-1).
     Presence {
+        /// The shard that counts it.
+        shard: u16,
         /// Users or channels.
         kind: Counted,
         /// The user or channel.
@@ -133,11 +145,12 @@ pub enum Counted {
 }
 
 impl Counted {
-    /// The hash of a node's counts of this kind.
-    fn key(self, node: &str) -> String {
+    /// The hash of a node's shard's counts of this kind (each shard owns its own, so that a
+    /// rewrite after an outage and the shard's later changes apply in queue order).
+    fn key(self, node: &str, shard: u16) -> String {
         match self {
-            Counted::Users => format!("sb:n:{node}:users"),
-            Counted::Channels => format!("sb:n:{node}:channels"),
+            Counted::Users => format!("sb:n:{node}:{shard}:users"),
+            Counted::Channels => format!("sb:n:{node}:{shard}:channels"),
         }
     }
 }
@@ -271,6 +284,8 @@ pub struct BrokerHandle {
 struct Up {
     publisher: AtomicBool,
     subscriber: AtomicBool,
+    /// Bumped at every reconnect of the publisher.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Up {
@@ -302,10 +317,19 @@ impl BrokerHandle {
     pub fn is_up(&self) -> bool {
         self.up.both()
     }
+
+    /// Changes at every reconnect to Redis: shards then rewrite their counts
+    /// ([`BrokerReq::Resync`]).
+    pub fn generation(&self) -> u64 {
+        self.up.generation.load(Ordering::Relaxed)
+    }
 }
 
 /// How often a node refreshes its liveness key.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Most shards a node may have (`--shards` is 1..=1024): a dead node's hashes are deleted
+/// for every shard number.
+const MAX_SHARDS: u16 = 1024;
 /// How long a node's liveness key lives: a dead node's users vanish within this.
 const NODE_TTL_MS: u64 = 5_000;
 /// Drops a user's count on a node when it reaches 0.
@@ -449,6 +473,7 @@ impl Broker {
             client: client.clone(),
             con: Some(pub_con),
             node: node.clone(),
+            shards: shards as u16,
             sink: sink.clone(),
             metrics: metrics.clone(),
             up: up.clone(),
@@ -532,6 +557,7 @@ struct Publisher {
     client: redis::Client,
     con: Option<redis::Connection>,
     node: Arc<str>,
+    shards: u16,
     sink: Arc<Sink>,
     metrics: Arc<BrokerMetrics>,
     up: Arc<Up>,
@@ -543,13 +569,16 @@ impl Publisher {
         let Some(con) = self.con.as_mut() else { return };
         let mut pipe = redis::pipe();
         if fresh {
-            for k in [Counted::Users, Counted::Channels] {
-                pipe.cmd("DEL").arg(k.key(&self.node)).ignore();
+            for shard in 0..self.shards {
+                for k in [Counted::Users, Counted::Channels] {
+                    pipe.cmd("DEL").arg(k.key(&self.node, shard)).ignore();
+                }
             }
         }
+        // The value is the node's shard count: readers sum its shards' hashes.
         pipe.cmd("SET")
             .arg(node_key(&self.node))
-            .arg(1)
+            .arg(self.shards)
             .arg("PX")
             .arg(NODE_TTL_MS)
             .ignore()
@@ -578,22 +607,31 @@ impl Publisher {
         }
         let mut pipe = redis::pipe();
         for n in &others {
-            pipe.cmd("EXISTS").arg(node_key(n));
-            pipe.cmd("HGET").arg(kind.key(n)).arg(name);
+            pipe.cmd("GET").arg(node_key(n));
         }
-        let replies: Vec<(bool, Option<u64>)> = pipe.query(con)?;
-        let mut total = 0;
+        let shards: Vec<Option<u16>> = pipe.query(con)?;
+        let mut pipe = redis::pipe();
+        for (n, s) in others.iter().zip(&shards) {
+            for shard in 0..s.unwrap_or(0) {
+                pipe.cmd("HGET").arg(kind.key(n, shard)).arg(name);
+            }
+        }
+        let counts: Vec<Option<u64>> = pipe.query(con)?;
+        let total = counts.into_iter().flatten().sum();
         let mut dead = redis::pipe();
         let mut any_dead = false;
-        for (n, (alive, count)) in others.iter().zip(replies) {
-            if alive {
-                total += count.unwrap_or(0);
-            } else {
+        for (n, s) in others.iter().zip(&shards) {
+            if s.is_none() {
+                // Its liveness key expired: forget it (its hashes: every shard a node may have).
                 any_dead = true;
                 dead.cmd("SREM").arg("sb:nodes").arg(n.as_str()).ignore();
-                for k in [Counted::Users, Counted::Channels] {
-                    dead.cmd("DEL").arg(k.key(n)).ignore();
+                let mut keys = redis::cmd("DEL");
+                for shard in 0..MAX_SHARDS {
+                    for k in [Counted::Users, Counted::Channels] {
+                        keys.arg(k.key(n, shard));
+                    }
                 }
+                dead.add_command(keys).ignore();
             }
         }
         if any_dead {
@@ -659,11 +697,33 @@ impl Publisher {
                                     .arg(disconnect_envelope(&self.node, *code, reason));
                                 continue;
                             }
-                            BrokerReq::Presence { kind, name, delta } => {
+                            BrokerReq::Resync {
+                                kind,
+                                shard,
+                                counts,
+                            } => {
+                                let key = kind.key(&self.node, *shard);
+                                pipe.cmd("DEL").arg(&key);
+                                for part in counts.chunks(1000) {
+                                    let mut c = redis::cmd("HSET");
+                                    c.arg(&key);
+                                    for (name, n) in part {
+                                        c.arg(&**name).arg(*n);
+                                    }
+                                    pipe.add_command(c);
+                                }
+                                continue;
+                            }
+                            BrokerReq::Presence {
+                                shard,
+                                kind,
+                                name,
+                                delta,
+                            } => {
                                 pipe.cmd("EVAL")
                                     .arg(PRESENCE_SCRIPT)
                                     .arg(1)
-                                    .arg(kind.key(&self.node))
+                                    .arg(kind.key(&self.node, *shard))
                                     .arg(&**name)
                                     .arg(*delta);
                                 continue;
@@ -779,6 +839,8 @@ impl Publisher {
                 info!("broker: publisher reconnected");
                 self.con = Some(c);
                 self.up.set(&self.up.publisher, true, &self.metrics);
+                // Changes while Redis was away were not counted: shards rewrite theirs.
+                self.up.generation.fetch_add(1, Ordering::Relaxed);
                 *backoff = Duration::from_millis(50);
             }
             Err(e) => {

@@ -205,6 +205,23 @@ impl Hub {
         }
     }
 
+    /// Every home user with its connections in the process (what this shard counts in
+    /// Redis).
+    pub fn home_counts(&self) -> Vec<(Arc<str>, u64)> {
+        self.directory
+            .iter()
+            .map(|(u, shards)| (u.clone(), shards.iter().map(|&(_, n)| u64::from(n)).sum()))
+            .collect()
+    }
+
+    /// Every channel with its local subscribers.
+    pub fn channel_counts(&self) -> Vec<(Arc<str>, u64)> {
+        self.channels
+            .iter()
+            .map(|(c, set)| (c.clone(), set.len() as u64))
+            .collect()
+    }
+
     /// Appends the shards holding connections of a home user to `out`.
     pub fn locate(&self, user: &str, out: &mut Vec<u16>) {
         self.locate_except(user, None, out);

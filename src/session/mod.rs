@@ -139,6 +139,8 @@ pub struct Sessions<T: Transport> {
     /// user, or a later subscriber of the same channel, waits on the same token (answered
     /// earlier, it could miss what is published before the subscription is active).
     pending: rustc_hash::FxHashMap<Interested, u64>,
+    /// The broker's reconnect generation this shard's counts in Redis were written for.
+    broker_generation: u64,
     next_token: u64,
     conns: Slab<Conn<T>>,
     wheel: Wheel<u32>,
@@ -182,6 +184,7 @@ impl<T: Transport> Sessions<T> {
             node: shared.node,
             ready_waits: Default::default(),
             pending: Default::default(),
+            broker_generation: 0,
             next_token: 1,
             conns: Slab::with_capacity(1024),
             wheel: Wheel::new(now_ms),
@@ -339,6 +342,7 @@ impl<T: Transport> Sessions<T> {
 
     /// Fires every deadline due at the current clock (at most [`TIMERS_PER_TURN`]).
     pub fn on_timers(&mut self) {
+        self.resync_counts();
         let mut expired = std::mem::take(&mut self.expired);
         expired.clear();
         self.wheel.poll(self.now_ms, &mut expired, TIMERS_PER_TURN);

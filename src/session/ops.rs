@@ -325,6 +325,7 @@ impl<T: Transport> Sessions<T> {
     fn count_in_cluster(&mut self, kind: Counted, name: &str, delta: i64) {
         if let Some(b) = &self.broker {
             let req = BrokerReq::Presence {
+                shard: self.index,
                 kind,
                 name: name.into(),
                 delta,
@@ -332,6 +333,34 @@ impl<T: Transport> Sessions<T> {
             if b.is_up() && b.publish(req).is_err() {
                 ShardMetrics::add(&self.m().dropped, 1);
             }
+        }
+    }
+
+    /// After Redis came back, this shard's counts in Redis are rewritten from what it holds
+    /// (changes while Redis was away were not counted). Called every turn; cheap when nothing
+    /// changed.
+    pub(super) fn resync_counts(&mut self) {
+        let Some(b) = &self.broker else {
+            return;
+        };
+        let g = b.generation();
+        if g == self.broker_generation || !b.is_up() {
+            return;
+        }
+        let users = self.hub.home_counts();
+        let channels = self.hub.channel_counts();
+        let mut sent = true;
+        for (kind, counts) in [(Counted::Users, users), (Counted::Channels, channels)] {
+            let req = BrokerReq::Resync {
+                kind,
+                shard: self.index,
+                counts,
+            };
+            sent &= b.publish(req).is_ok();
+        }
+        // A full queue: again on a later turn.
+        if sent {
+            self.broker_generation = g;
         }
     }
 
