@@ -345,8 +345,9 @@ fn api_disconnect_on_one_node_closes_the_user_on_every_node() {
 fn a_second_connection_is_welcomed_only_once_the_users_subscription_is_active() {
     let redis = Redis::start();
     let a = node(&redis, "a");
-    // Redis holds every command for 2 s: the SUBSCRIBE for alice cannot complete before.
-    let paused = redis.command("CLIENT PAUSE 2000 ALL").unwrap_or_default();
+    // Redis holds every command for 5 s: the SUBSCRIBE for alice cannot complete before
+    // (the margin covers a slow, loaded machine: the check below takes 0.3 s).
+    let paused = redis.command("CLIENT PAUSE 5000 ALL").unwrap_or_default();
     assert!(paused.starts_with("+OK"), "{paused}");
     let mut first = connect_raw_ws(&a, "/ws?user=alice");
     let mut second = connect_raw_ws(&a, "/ws?user=alice");
