@@ -527,24 +527,15 @@ impl Worker {
     fn run(&mut self, rx: Receiver<StoreReq>) {
         let mut reqs = Vec::with_capacity(BATCH_MAX);
         loop {
-            match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(r) => reqs.push(r),
-                Err(RecvTimeoutError::Timeout) => {
-                    self.housekeeping();
-                    continue;
+            match next_batch(&rx, &mut reqs) {
+                Waited::Closed => return,
+                Waited::Idle => self.housekeeping(),
+                Waited::Batch => {
+                    if self.apply(&mut reqs) {
+                        info!("store stopped");
+                        return;
+                    }
                 }
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-            while reqs.len() < BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(r) => reqs.push(r),
-                    Err(_) => break,
-                }
-            }
-            let stop = self.apply(&mut reqs);
-            if stop {
-                info!("store stopped");
-                return;
             }
         }
     }
@@ -1091,49 +1082,111 @@ impl Worker {
         since: Since,
         confirmed: u64,
     ) -> (Result<(), Unrecoverable>, Page) {
-        let (epoch, offset) = match since {
-            Since::Position { epoch, offset } => (epoch, offset),
-            Since::Confirmed => (None, confirmed),
-        };
-        let plan = self.streams.plan_resume(stream, epoch, offset);
-        let counter = if plan.lost.is_none() {
-            &self.metrics.recoveries_ok
-        } else {
-            &self.metrics.recoveries_failed
-        };
-        StoreMetrics::add(counter, 1);
+        let meta = self.streams.meta(stream);
+        let plan = plan_resume(&meta, self.streams.epoch, since, confirmed, &self.metrics);
         (plan.lost.map_or(Ok(()), Err), self.page(stream, plan.from))
     }
 
     fn page(&mut self, stream: &str, from: u64) -> Page {
-        let m = self.streams.meta(stream);
-        let from = from.max(m.first);
-        if from >= m.next {
-            return Page {
-                entries: Vec::new(),
-                next: m.next,
-                done: true,
+        let meta = self.streams.meta(stream);
+        let backend = &mut self.backend;
+        let page = read_page(&meta, from, &self.metrics, |from| {
+            let entries = match backend.read(stream, from, PAGE_ITEMS, PAGE_BYTES) {
+                Ok(e) => e,
+                Err(e) => {
+                    error!(error = %e, stream, "store read failed");
+                    Vec::new()
+                }
             };
-        }
-        StoreMetrics::add(&self.metrics.replays, 1);
-        let entries = match self.backend.read(stream, from, PAGE_ITEMS, PAGE_BYTES) {
-            Ok(e) => e,
-            Err(e) => {
-                error!(error = %e, stream, "store read failed");
-                Vec::new()
-            }
-        };
-        let next = entries.last().map_or(m.next, |e| e.offset + 1);
-        Page {
-            done: next >= m.next,
-            next,
-            entries: entries.into_iter().map(|e| (e.offset, e.payload)).collect(),
+            Ok::<_, std::convert::Infallible>(
+                entries.into_iter().map(|e| (e.offset, e.payload)).collect(),
+            )
+        });
+        match page {
+            Ok(p) => p,
+            Err(never) => match never {},
         }
     }
 
     fn post_all(&mut self) {
         post_each(&self.sink, &mut self.out);
     }
+}
+
+/// What waiting for the store's queue gave.
+enum Waited {
+    /// Requests are in the batch.
+    Batch,
+    /// Nothing for a second (time for housekeeping).
+    Idle,
+    /// Every handle is gone.
+    Closed,
+}
+
+/// Waits up to a second for a request, then takes everything waiting (up to [`BATCH_MAX`]):
+/// one batch, one commit (shared by the redb/memory and Redis store threads).
+fn next_batch(rx: &Receiver<StoreReq>, reqs: &mut Vec<StoreReq>) -> Waited {
+    match rx.recv_timeout(Duration::from_secs(1)) {
+        Ok(r) => reqs.push(r),
+        Err(RecvTimeoutError::Timeout) => return Waited::Idle,
+        Err(RecvTimeoutError::Disconnected) => return Waited::Closed,
+    }
+    while reqs.len() < BATCH_MAX {
+        match rx.try_recv() {
+            Ok(r) => reqs.push(r),
+            Err(_) => break,
+        }
+    }
+    Waited::Batch
+}
+
+/// Where a resume from `since` starts in a stream at `meta` (`confirmed` standing for the
+/// confirmed offset) in a store of epoch `current`; counted as recovered or not.
+fn plan_resume(
+    meta: &StreamMeta,
+    current: Epoch,
+    since: Since,
+    confirmed: u64,
+    metrics: &StoreMetrics,
+) -> streams::ResumePlan {
+    let (epoch, offset) = match since {
+        Since::Position { epoch, offset } => (epoch, offset),
+        Since::Confirmed => (None, confirmed),
+    };
+    let plan = meta.plan_resume(current, epoch, offset);
+    let counter = if plan.lost.is_none() {
+        &metrics.recoveries_ok
+    } else {
+        &metrics.recoveries_failed
+    };
+    StoreMetrics::add(counter, 1);
+    plan
+}
+
+/// A replay page of a stream at `meta` from offset `from`, its entries read by `read` (from
+/// the first retained offset on; not called when there is nothing to replay).
+fn read_page<E>(
+    meta: &StreamMeta,
+    from: u64,
+    metrics: &StoreMetrics,
+    read: impl FnOnce(u64) -> Result<Vec<(u64, Bytes)>, E>,
+) -> Result<Page, E> {
+    let from = from.max(meta.first);
+    if from >= meta.next {
+        return Ok(Page {
+            entries: Vec::new(),
+            next: meta.next,
+            done: true,
+        });
+    }
+    StoreMetrics::add(&metrics.replays, 1);
+    let entries = read(from)?;
+    let next = entries.last().map_or(meta.next, |e| e.0 + 1);
+    Ok(Page {
+        done: next >= meta.next,
+        next,
+        entries,
+    })
 }
 
 /// Posts every answer; a full mailbox is retried (the store may wait, a shard never), for

@@ -20,16 +20,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::Receiver;
 use redis::Value;
 use tracing::{error, info, warn};
 
 use super::backend::new_epoch;
 use super::streams::{Epoch, Retention, StreamMeta, Unrecoverable};
 use super::{
-    channel_stream, inbox_stream, put_trailer, unix_ms, wire_name, ChannelOpened, History, Opened,
-    Page, Refusal, Since, Sink, Store, StoreConfig, StoreError, StoreHandle, StoreMsg, StoreReq,
-    BATCH_MAX, PAGE_ITEMS, STORE_QUEUE,
+    channel_stream, inbox_stream, next_batch, plan_resume, put_trailer, read_page, unix_ms,
+    wire_name, ChannelOpened, History, Opened, Page, Refusal, Since, Sink, Store, StoreConfig,
+    StoreError, StoreHandle, StoreMsg, StoreReq, Waited, BATCH_MAX, PAGE_ITEMS, STORE_QUEUE,
 };
 use crate::metrics::StoreMetrics;
 
@@ -162,20 +162,16 @@ impl Worker {
     fn run(&mut self, rx: Receiver<StoreReq>) {
         let mut reqs = Vec::with_capacity(BATCH_MAX);
         loop {
-            match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(r) => reqs.push(r),
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-            while reqs.len() < BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(r) => reqs.push(r),
-                    Err(_) => break,
+            match next_batch(&rx, &mut reqs) {
+                Waited::Closed => return,
+                // Retention is applied by the scripts as messages are stored.
+                Waited::Idle => {}
+                Waited::Batch => {
+                    if self.apply(&mut reqs) {
+                        info!("store stopped");
+                        return;
+                    }
                 }
-            }
-            if self.apply(&mut reqs) {
-                info!("store stopped");
-                return;
             }
         }
     }
@@ -489,21 +485,9 @@ impl Worker {
 
     /// A page of `stream` from `from`, read against `head`.
     fn page(&mut self, stream: &str, head: &Head, from: u64) -> redis::RedisResult<Page> {
-        let from = from.max(head.meta.first);
-        if from >= head.meta.next {
-            return Ok(Page {
-                entries: Vec::new(),
-                next: head.meta.next,
-                done: true,
-            });
-        }
-        StoreMetrics::add(&self.metrics.replays, 1);
-        let entries = self.range(stream, head.epoch, from, PAGE_ITEMS)?;
-        let next = entries.last().map_or(head.meta.next, |e| e.0 + 1);
-        Ok(Page {
-            done: next >= head.meta.next,
-            next,
-            entries,
+        let metrics = self.metrics.clone();
+        read_page(&head.meta, from, &metrics, |from| {
+            self.range(stream, head.epoch, from, PAGE_ITEMS)
         })
     }
 
@@ -515,17 +499,7 @@ impl Worker {
         since: Since,
         confirmed: u64,
     ) -> redis::RedisResult<(Result<(), Unrecoverable>, Page)> {
-        let (epoch, offset) = match since {
-            Since::Position { epoch, offset } => (epoch, offset),
-            Since::Confirmed => (None, confirmed),
-        };
-        let plan = head.meta.plan_resume(head.epoch, epoch, offset);
-        let counter = if plan.lost.is_none() {
-            &self.metrics.recoveries_ok
-        } else {
-            &self.metrics.recoveries_failed
-        };
-        StoreMetrics::add(counter, 1);
+        let plan = plan_resume(&head.meta, head.epoch, since, confirmed, &self.metrics);
         let page = self.page(stream, head, plan.from)?;
         Ok((plan.lost.map_or(Ok(()), Err), page))
     }
