@@ -1023,6 +1023,13 @@ impl Subscriber {
         }
     }
 
+    /// Posts a message made by `m` to every shard.
+    fn to_every_shard(&self, m: impl Fn() -> BrokerMsg) {
+        for s in 0..self.shards as u16 {
+            post(&self.sink, s, m());
+        }
+    }
+
     fn on_message(&self, channel: &str, payload: &[u8]) {
         if let Some((offset, exclude, node, event)) = open_stored(payload) {
             // Stored messages come this way from every node, this one included: one path per
@@ -1046,14 +1053,11 @@ impl Subscriber {
                 post(&self.sink, home, m);
             } else if let Some(ch) = channel.strip_prefix("sb:c:") {
                 let ch: Arc<str> = ch.into();
-                for s in 0..self.shards as u16 {
-                    let m = BrokerMsg::ChannelStored {
-                        channel: ch.clone(),
-                        payload: payload.clone(),
-                        offset,
-                    };
-                    post(&self.sink, s, m);
-                }
+                self.to_every_shard(|| BrokerMsg::ChannelStored {
+                    channel: ch.clone(),
+                    payload: payload.clone(),
+                    offset,
+                });
             }
             return;
         }
@@ -1061,14 +1065,11 @@ impl Subscriber {
             if node != self.node.as_bytes() {
                 if let Some(user) = channel.strip_prefix("sb:u:") {
                     let (user, reason): (Arc<str>, Arc<str>) = (user.into(), reason.into());
-                    for s in 0..self.shards as u16 {
-                        let m = BrokerMsg::Disconnect {
-                            user: user.clone(),
-                            code,
-                            reason: reason.clone(),
-                        };
-                        post(&self.sink, s, m);
-                    }
+                    self.to_every_shard(|| BrokerMsg::Disconnect {
+                        user: user.clone(),
+                        code,
+                        reason: reason.clone(),
+                    });
                 }
             }
             return;
@@ -1094,27 +1095,15 @@ impl Subscriber {
                 },
             );
         } else if channel == ALL {
-            for s in 0..self.shards as u16 {
-                post(
-                    &self.sink,
-                    s,
-                    BrokerMsg::Broadcast {
-                        payload: event.clone(),
-                    },
-                );
-            }
+            self.to_every_shard(|| BrokerMsg::Broadcast {
+                payload: event.clone(),
+            });
         } else if let Some(ch) = channel.strip_prefix("sb:c:") {
             let ch: Arc<str> = ch.into();
-            for s in 0..self.shards as u16 {
-                post(
-                    &self.sink,
-                    s,
-                    BrokerMsg::Channel {
-                        channel: ch.clone(),
-                        payload: event.clone(),
-                    },
-                );
-            }
+            self.to_every_shard(|| BrokerMsg::Channel {
+                channel: ch.clone(),
+                payload: event.clone(),
+            });
         }
     }
 }

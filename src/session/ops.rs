@@ -291,10 +291,7 @@ impl<T: Transport> Sessions<T> {
             return self.pending.get(&what).copied();
         }
         // The caller adds its waiter (`add_wait`); later subscribers wait on the same token.
-        let t = self.next_token;
-        self.next_token += 1;
-        self.pending.insert(what.clone(), t);
-        self.ready_waits.insert(t, (what, Vec::new()));
+        let t = self.new_wait(what, Vec::new());
         if let Some(b) = &self.broker {
             b.interest(Interest::Channel {
                 channel: name,
@@ -391,7 +388,8 @@ impl<T: Transport> Sessions<T> {
         };
         let ready = match ack {
             Some(conn) if on => {
-                let t = self.new_wait(Interested::User(user.clone()), ReadyWait::Registered(conn));
+                let waits = vec![ReadyWait::Registered(conn)];
+                let t = self.new_wait(Interested::User(user.clone()), waits);
                 Some((self.index, t))
             }
             _ => None,
@@ -409,27 +407,22 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
-    /// A token for a subscription asked of the broker, with its first waiter.
-    pub(super) fn new_wait(&mut self, what: Interested, w: ReadyWait) -> u64 {
+    /// A token for a subscription asked of the broker, with its waiters so far.
+    pub(super) fn new_wait(&mut self, what: Interested, waits: Vec<ReadyWait>) -> u64 {
         let t = self.next_token;
         self.next_token += 1;
         self.pending.insert(what.clone(), t);
-        self.ready_waits.insert(t, (what, vec![w]));
+        self.ready_waits.insert(t, (what, waits));
         t
     }
 
     /// Waits on `what`'s subscription if it is not active yet; false when it is.
     pub(super) fn wait_on(&mut self, what: Interested, w: ReadyWait) -> bool {
-        let Some(t) = self.pending.get(&what) else {
+        let Some(&t) = self.pending.get(&what) else {
             return false;
         };
-        match self.ready_waits.get_mut(t) {
-            Some((_, waits)) => {
-                waits.push(w);
-                true
-            }
-            None => false,
-        }
+        self.add_wait(t, w);
+        true
     }
 
     /// The broker says subscription `token` is active: answer whoever waited for it.
