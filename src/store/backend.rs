@@ -47,10 +47,10 @@ pub struct Batch {
     pub metas: Vec<(Arc<str>, StreamMeta)>,
     /// Confirmed positions after this batch.
     pub confirms: Vec<(Arc<str>, u64)>,
-    /// New dedup entries.
-    pub dedups: Vec<(Arc<str>, Arc<str>, Dedup)>,
-    /// Expired dedup entries.
-    pub dedup_expired: Vec<(Arc<str>, Arc<str>)>,
+    /// New dedup entries (user, request id, answer).
+    pub dedups: Vec<(Arc<str>, Box<str>, Dedup)>,
+    /// How many dedup entries expired (the backend drops its records of them).
+    pub dedup_expired: usize,
 }
 
 impl Batch {
@@ -61,7 +61,7 @@ impl Batch {
             && self.metas.is_empty()
             && self.confirms.is_empty()
             && self.dedups.is_empty()
-            && self.dedup_expired.is_empty()
+            && self.dedup_expired == 0
     }
 }
 

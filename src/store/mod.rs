@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 pub use backend::{Backend, Batch, Entry, Memory, StoreError};
 pub use redb_log::Redb;
-pub use streams::{Epoch, Retention, StreamMeta, Streams, Unrecoverable};
+pub use streams::{DedupKey, Epoch, Retention, StreamMeta, Streams, Unrecoverable};
 
 use crate::ids::{home_of, ConnId, ReplyTo};
 use crate::metrics::StoreMetrics;
@@ -469,7 +469,7 @@ fn streams_from(loaded: backend::Loaded, now_ms: u64) -> Streams {
         streams.restore_confirmed(u, o);
     }
     for (u, id, d) in loaded.dedups {
-        streams.restore_dedup(u, id, d, now_ms);
+        streams.restore_dedup(&u, &id, d, now_ms);
     }
     streams
 }
@@ -673,7 +673,8 @@ impl Worker {
         let epoch = self.streams.epoch;
         let copies = if from == to || !sender_copy { 1 } else { 2 };
         let need = (prefix.len() as u64 + 64) * copies;
-        let Ok(reply) = self.check_write(&from, id.as_deref(), need, now, reply, None) else {
+        let key = id.as_deref().map(|i| self.streams.dedup_key(&from, i));
+        let Ok(reply) = self.check_write(key, need, now, reply, None) else {
             return;
         };
         let to_stream = self.stream_name("inbox:", &to);
@@ -695,8 +696,8 @@ impl Worker {
                 },
             ));
         }
-        if let Some(id) = id {
-            self.remember(batch, from.clone(), id, ack_offset, now);
+        if let (Some(id), Some(key)) = (id, key) {
+            self.remember(batch, (from.clone(), id, key), ack_offset, now);
         }
         let self_dm = from == to;
         let home = home_of(&to, self.shards);
@@ -717,15 +718,14 @@ impl Worker {
     /// Otherwise the reply comes back for the ack.
     fn check_write(
         &mut self,
-        who: &str,
-        key: Option<&str>,
+        key: Option<DedupKey>,
         need: u64,
         now: u64,
         reply: Option<ReplyTo>,
         channel: Option<Arc<str>>,
     ) -> Result<Option<ReplyTo>, ()> {
         let epoch = self.streams.epoch;
-        if let Some(d) = key.and_then(|k| self.streams.dedup_hit(who, k, now)) {
+        if let Some(d) = key.and_then(|k| self.streams.dedup_hit(k, now)) {
             StoreMetrics::add(&self.metrics.dedup_hits, 1);
             if let Some(reply) = reply {
                 let shard = reply.conn.shard;
@@ -758,15 +758,20 @@ impl Worker {
         Ok(reply)
     }
 
-    /// Remembers the first answer to request `key` of `who` for the dedup window.
-    fn remember(&mut self, batch: &mut Batch, who: Arc<str>, key: Box<str>, offset: u64, now: u64) {
-        let key: Arc<str> = key.into();
+    /// Remembers the first answer to request `id` (with its `key`) of `who` for the dedup
+    /// window.
+    fn remember(
+        &mut self,
+        batch: &mut Batch,
+        (who, id, key): (Arc<str>, Box<str>, DedupKey),
+        offset: u64,
+        now: u64,
+    ) {
         let expires_ms = now + self.cfg.dedup_window_ms;
-        self.streams
-            .remember(who.clone(), key.clone(), offset, expires_ms);
+        self.streams.remember(key, offset, expires_ms);
         batch
             .dedups
-            .push((who, key, streams::Dedup { offset, expires_ms }));
+            .push((who, id, streams::Dedup { offset, expires_ms }));
     }
 
     /// A publication to a channel with history: stored, then to every shard, then acked.
@@ -785,23 +790,19 @@ impl Worker {
         let stream = self.stream_name("channel:", &channel);
         // Dedup keys are per publisher and channel.
         let dedup_id = id.map(|i| format!("{stream}/{i}").into_boxed_str());
+        let key = dedup_id
+            .as_deref()
+            .map(|i| self.streams.dedup_key(&publisher, i));
         let need = prefix.len() as u64 + 64;
-        let Ok(reply) = self.check_write(
-            &publisher,
-            dedup_id.as_deref(),
-            need,
-            now,
-            reply,
-            Some(channel.clone()),
-        ) else {
+        let Ok(reply) = self.check_write(key, need, now, reply, Some(channel.clone())) else {
             return;
         };
         if self.retention.get(&*stream) != Some(&retention) {
             self.retention.insert(stream.to_string(), retention);
         }
         let (offset, payload) = self.append_in(batch, &stream, retention, &prefix, now);
-        if let Some(key) = dedup_id {
-            self.remember(batch, publisher, key, offset, now);
+        if let (Some(id), Some(key)) = (dedup_id, key) {
+            self.remember(batch, (publisher, id, key), offset, now);
         }
         for shard in 0..self.shards as u16 {
             self.out.push((

@@ -146,6 +146,35 @@ pub struct Dedup {
     pub expires_ms: u64,
 }
 
+/// A request (user, client id) as a 128-bit keyed SipHash: distinct requests collide with
+/// odds of about 2⁻¹²⁸ per pair, and the key is random per process, so ids cannot be
+/// crafted to collide. Nothing stores it: it is rebuilt from the records at load.
+pub type DedupKey = u128;
+
+/// The random key of [`DedupKey`]s.
+#[derive(Debug, Clone, Copy)]
+struct DedupKeys(u64, u64);
+
+impl DedupKeys {
+    /// Keys from the OS's randomness (std's `RandomState` is seeded from it).
+    fn random() -> DedupKeys {
+        use std::hash::BuildHasher;
+        let r = std::collections::hash_map::RandomState::new();
+        DedupKeys(r.hash_one(1u8), r.hash_one(2u8))
+    }
+
+    fn of(&self, user: &str, id: &str) -> DedupKey {
+        use siphasher::sip128::{Hasher128, SipHasher13};
+        use std::hash::Hasher;
+        let mut h = SipHasher13::new_with_keys(self.0, self.1);
+        h.write(user.as_bytes());
+        // 0xff never occurs in UTF-8: ("a", "bc") and ("ab", "c") differ.
+        h.write_u8(0xff);
+        h.write(id.as_bytes());
+        h.finish128().as_u128()
+    }
+}
+
 /// Every stream's bookkeeping.
 #[derive(Debug)]
 pub struct Streams {
@@ -153,9 +182,11 @@ pub struct Streams {
     pub epoch: Epoch,
     meta: HashMap<Arc<str>, StreamMeta>,
     confirmed: HashMap<Arc<str>, u64>,
-    /// user → request id → first answer (nested so a lookup borrows, allocating nothing).
-    dedup: HashMap<Arc<str>, HashMap<Arc<str>, Dedup>>,
-    dedup_order: VecDeque<(u64, Arc<str>, Arc<str>)>,
+    /// [`DedupKey`] of (user, request id) → first answer. A flat table of 16-byte keys: one
+    /// probe per send and no string kept (the ids live in the backend's records).
+    dedup: HashMap<DedupKey, Dedup>,
+    dedup_order: VecDeque<(u64, DedupKey)>,
+    dedup_keys: DedupKeys,
     /// Payload bytes retained in all streams.
     pub total_bytes: u64,
 }
@@ -169,6 +200,7 @@ impl Streams {
             confirmed: HashMap::default(),
             dedup: HashMap::default(),
             dedup_order: VecDeque::new(),
+            dedup_keys: DedupKeys::random(),
             total_bytes: 0,
         }
     }
@@ -195,9 +227,10 @@ impl Streams {
     }
 
     /// Restores a dedup entry unless it expired by `now_ms`.
-    pub fn restore_dedup(&mut self, user: Arc<str>, id: Arc<str>, d: Dedup, now_ms: u64) {
+    pub fn restore_dedup(&mut self, user: &str, id: &str, d: Dedup, now_ms: u64) {
         if d.expires_ms > now_ms {
-            self.remember(user, id, d.offset, d.expires_ms);
+            let key = self.dedup_key(user, id);
+            self.remember(key, d.offset, d.expires_ms);
         }
     }
 
@@ -286,52 +319,46 @@ impl Streams {
         }
     }
 
-    /// The first answer to a request `id` of `user` still within the window, if any.
-    pub fn dedup_hit(&self, user: &str, id: &str, now_ms: u64) -> Option<Dedup> {
+    /// The dedup key of request `id` of `user`.
+    pub fn dedup_key(&self, user: &str, id: &str) -> DedupKey {
+        self.dedup_keys.of(user, id)
+    }
+
+    /// The first answer to request `key` still within the window, if any.
+    pub fn dedup_hit(&self, key: DedupKey, now_ms: u64) -> Option<Dedup> {
         self.dedup
-            .get(user)?
-            .get(id)
+            .get(&key)
             .copied()
             .filter(|d| d.expires_ms > now_ms)
     }
 
-    /// Remembers the answer to request `id` of `user` until `now_ms + window_ms`.
-    pub fn remember(&mut self, user: Arc<str>, id: Arc<str>, offset: u64, expires_ms: u64) {
-        self.dedup_order
-            .push_back((expires_ms, user.clone(), id.clone()));
-        self.dedup
-            .entry(user)
-            .or_default()
-            .insert(id, Dedup { offset, expires_ms });
+    /// Remembers the answer to request `key` until `expires_ms`.
+    pub fn remember(&mut self, key: DedupKey, offset: u64, expires_ms: u64) {
+        self.dedup_order.push_back((expires_ms, key));
+        self.dedup.insert(key, Dedup { offset, expires_ms });
     }
 
-    /// Forgets dedup entries that expired by `now_ms`; returns them (the backend deletes
-    /// them too).
-    pub fn expire_dedup(&mut self, now_ms: u64) -> Vec<(Arc<str>, Arc<str>)> {
-        let mut out = Vec::new();
-        while let Some((exp, _, _)) = self.dedup_order.front() {
-            if *exp > now_ms {
+    /// Forgets dedup entries that expired by `now_ms`; returns how many (the backend drops
+    /// its records of them at its next commit).
+    pub fn expire_dedup(&mut self, now_ms: u64) -> usize {
+        let mut n = 0;
+        while let Some(&(exp, key)) = self.dedup_order.front() {
+            if exp > now_ms {
                 break;
             }
-            let (exp, u, id) = self.dedup_order.pop_front().expect("peeked");
-            let Some(ids) = self.dedup.get_mut(&u) else {
-                continue;
-            };
+            self.dedup_order.pop_front();
             // A later `remember` of the same id moved its expiry: that entry stays.
-            if ids.get(&id).is_some_and(|d| d.expires_ms == exp) {
-                ids.remove(&id);
-                if ids.is_empty() {
-                    self.dedup.remove(&u);
-                }
-                out.push((u, id));
+            if self.dedup.get(&key).is_some_and(|d| d.expires_ms == exp) {
+                self.dedup.remove(&key);
+                n += 1;
             }
         }
-        out
+        n
     }
 
     /// Entries in the dedup window.
     pub fn dedup_len(&self) -> usize {
-        self.dedup.values().map(HashMap::len).sum()
+        self.dedup.len()
     }
 }
 
@@ -412,13 +439,22 @@ mod tests {
     #[test]
     fn dedup_window() {
         let mut s = Streams::new(Epoch(1));
-        let bob: Arc<str> = "bob".into();
-        s.remember(bob.clone(), "c1".into(), 42, 1_000);
-        assert_eq!(s.dedup_hit("bob", "c1", 999).map(|d| d.offset), Some(42));
-        assert_eq!(s.dedup_hit("ann", "c1", 999), None, "per user");
-        assert_eq!(s.dedup_hit("bob", "c1", 1_000), None, "expired");
-        assert_eq!(s.expire_dedup(999).len(), 0);
-        assert_eq!(s.expire_dedup(1_000).len(), 1);
+        let bob_c1 = s.dedup_key("bob", "c1");
+        s.remember(bob_c1, 42, 1_000);
+        assert_eq!(s.dedup_hit(bob_c1, 999).map(|d| d.offset), Some(42));
+        assert_eq!(s.dedup_hit(s.dedup_key("ann", "c1"), 999), None, "per user");
+        assert_eq!(
+            s.dedup_hit(s.dedup_key("bo", "bc1"), 999),
+            None,
+            "user/id seam"
+        );
+        assert_eq!(s.dedup_hit(bob_c1, 1_000), None, "expired");
+        // A retry remembered later moves the expiry: the first expiry leaves it.
+        s.remember(bob_c1, 42, 2_000);
+        assert_eq!(s.expire_dedup(999), 0);
+        assert_eq!(s.expire_dedup(1_000), 0, "moved to 2000");
+        assert_eq!(s.dedup_len(), 1);
+        assert_eq!(s.expire_dedup(2_000), 1);
         assert_eq!(s.dedup_len(), 0);
     }
 
