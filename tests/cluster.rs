@@ -392,3 +392,135 @@ fn counts_in_redis_are_rewritten_after_redis_comes_back_empty() {
         "{body}"
     );
 }
+
+/// Nodes whose `chat*` channels tell joins and leaves.
+fn node_jl(redis: &Redis, id: &str) -> Server {
+    let cfg = std::env::temp_dir().join(format!("sb-cluster-jl-{}.toml", std::process::id()));
+    std::fs::write(
+        &cfg,
+        "[[channels]]\npattern = \"chat*\"\njoin_leave = true\n",
+    )
+    .unwrap();
+    let url = redis.url();
+    Server::start(&[
+        "--shards",
+        "2",
+        "--broker",
+        &url,
+        "--node-id",
+        id,
+        "--config",
+        cfg.to_str().unwrap(),
+    ])
+}
+
+fn presence_on(server: &Server, channel: &str) -> Value {
+    let (status, body) = http(
+        server.addr,
+        &format!(
+            "GET /api/channels/{channel}/presence HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[test]
+fn presence_lists_members_on_every_node_joins_cross_nodes_and_a_dead_node_drops_out() {
+    let redis = Redis::start();
+    let (a, b, c) = (
+        node_jl(&redis, "a"),
+        node_jl(&redis, "b"),
+        node_jl(&redis, "c"),
+    );
+    let (mut alice, _) = connect(&a, "alice");
+    send_json(
+        &mut alice,
+        json!({"op":"sub","channel":"chat","join_leave":true,"id":"s"}),
+    );
+    assert_eq!(recv_json(&mut alice)["op"], "ack");
+    // Joins on other nodes reach alice through Redis.
+    let mut on_b = Vec::new();
+    for user in ["bob", "bob", "carol"] {
+        let (mut ws, _) = connect(&b, user);
+        send_json(&mut ws, json!({"op":"sub","channel":"chat","id":"s"}));
+        assert_eq!(recv_json(&mut ws)["op"], "ack");
+        let j = recv_json(&mut alice);
+        assert_eq!(
+            (j["op"].as_str(), j["user"].as_str()),
+            (Some("join"), Some(user)),
+            "{j}"
+        );
+        on_b.push(ws);
+    }
+    let (mut dave, _) = connect(&c, "dave");
+    send_json(&mut dave, json!({"op":"sub","channel":"chat","id":"s"}));
+    assert_eq!(recv_json(&mut dave)["op"], "ack");
+    assert_eq!(recv_json(&mut alice)["user"], "dave");
+    // Any node lists the members of every node (counts reach Redis asynchronously).
+    let everyone = json!([
+        {"user":"alice","connections":1},
+        {"user":"bob","connections":2},
+        {"user":"carol","connections":1},
+        {"user":"dave","connections":1},
+    ]);
+    c.wait_for("five members on three nodes", |s| {
+        presence_on(s, "chat")["members"] == everyone
+    });
+    send_json(
+        &mut dave,
+        json!({"op":"presence","channel":"chat","id":"p"}),
+    );
+    let p = recv_json(&mut dave);
+    assert_eq!(
+        (&p["members"], &p["subscribers"], &p["complete"]),
+        (&everyone, &json!(5), &json!(true)),
+        "{p}"
+    );
+    // A leave on node c reaches alice on node a.
+    send_json(&mut dave, json!({"op":"unsub","channel":"chat","id":"u"}));
+    assert_eq!(recv_json(&mut dave)["op"], "ack");
+    let l = recv_json(&mut alice);
+    assert_eq!(
+        (l["op"].as_str(), l["user"].as_str()),
+        (Some("leave"), Some("dave")),
+        "{l}"
+    );
+    // Node b dies without a word: its members vanish within two heartbeats.
+    let mut b = b;
+    let _ = b.child.kill();
+    let _ = b.child.wait();
+    a.wait_for("node b's members to drop out", |s| {
+        presence_on(s, "chat")["members"] == json!([{"user":"alice","connections":1}])
+    });
+}
+
+#[test]
+fn presence_in_redis_is_rewritten_after_redis_comes_back_empty() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (a, b) = (node_jl(&redis, "a"), node_jl(&redis, "b"));
+    let mut subs = Vec::new();
+    for user in ["ann", "ann", "ben"] {
+        let (mut ws, _) = connect(&a, user);
+        send_json(&mut ws, json!({"op":"sub","channel":"chat","id":"s"}));
+        assert_eq!(recv_json(&mut ws)["op"], "ack");
+        subs.push(ws);
+    }
+    b.wait_for("three members", |s| {
+        presence_on(s, "chat")["subscribers"] == 3
+    });
+    redis.stop();
+    a.wait_for("node a to see Redis gone", |s| {
+        s.metric("switchboard_broker_connected") == 0
+    });
+    // Meanwhile on node a: one of ann's connections leaves; b answers what it can.
+    drop(subs.remove(0));
+    let p = presence_on(&b, "chat");
+    assert_eq!(p["complete"], false, "{p}");
+    let _redis = Redis::start_on(port);
+    b.wait_for("node a's members rewritten", |s| {
+        presence_on(s, "chat")["members"]
+            == json!([{"user":"ann","connections":1},{"user":"ben","connections":1}])
+    });
+}

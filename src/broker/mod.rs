@@ -24,7 +24,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tracing::{info, warn};
 
-use crate::ids::{home_of, ConnId, ReplyTo};
+use crate::ids::{home_of, ApiTicket, ConnId, ReplyTo};
 pub use crate::metrics::BrokerMetrics;
 
 /// Publish requests waiting for the publisher thread, at most.
@@ -110,6 +110,8 @@ pub enum BrokerReq {
         shard: u16,
         /// Every name with its count.
         counts: Vec<(Arc<str>, u64)>,
+        /// For channels: each channel's members (user, `""` for anonymous → subscriptions).
+        members: Vec<(Arc<str>, Members)>,
     },
     /// A user's connection (or a channel's subscriber) on this node came (+1) or went (-1).
     Presence {
@@ -119,8 +121,19 @@ pub enum BrokerReq {
         kind: Counted,
         /// The user or channel.
         name: Arc<str>,
+        /// For a channel: the subscriber's user (`""`: anonymous), counted in the channel's
+        /// members too.
+        member: Option<Arc<str>>,
         /// +1 or -1.
         delta: i64,
+    },
+    /// The `presence` op or `GET /api/channels/<name>/presence`: `channel`'s members on every
+    /// other live node.
+    Members {
+        /// The channel.
+        channel: Arc<str>,
+        /// The waiting request (its shard and id there).
+        ticket: ApiTicket,
     },
     /// `GET /api/users/<id>` or `/api/channels/<name>`: the count on every live node.
     Count {
@@ -134,6 +147,9 @@ pub enum BrokerReq {
         local: u64,
     },
 }
+
+/// A channel's members: user (`""` for anonymous subscribers) → subscriptions.
+pub type Members = Vec<(Arc<str>, u64)>;
 
 /// What a node counts in Redis for cluster-wide answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,6 +275,14 @@ pub enum BrokerMsg {
         /// The count on every live node, this one included.
         total: u64,
     },
+    /// The answer to [`BrokerReq::Members`]: the members on the other live nodes (`None`:
+    /// Redis could not be asked).
+    Members {
+        /// The waiting request.
+        ticket: ApiTicket,
+        /// User (`""`: anonymous) → subscriptions.
+        members: Option<Members>,
+    },
     /// The subscription asked for with `token` is active.
     Ready {
         /// The token of the [`Interest`].
@@ -335,6 +359,62 @@ const NODE_TTL_MS: u64 = 5_000;
 /// Drops a user's count on a node when it reaches 0.
 const PRESENCE_SCRIPT: &str = "local v = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) \
 if v <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end return v";
+/// A channel's subscriber count (KEYS[1], field ARGV[1]) and its members (KEYS[2], field
+/// ARGV[2], the user) move by ARGV[3] together: a member hash exists while its channel counts.
+const MEMBER_SCRIPT: &str = "local v = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[3]) \
+if v <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end \
+local m = redis.call('HINCRBY', KEYS[2], ARGV[2], ARGV[3]) \
+if m <= 0 then redis.call('HDEL', KEYS[2], ARGV[2]) end return v";
+/// Deletes the channel counts of a node's shards ARGV[2]..ARGV[3] (ARGV[1]: `sb:n:<node>:`)
+/// and the member hash of every channel they count.
+const CLEAR_CHANNELS_SCRIPT: &str = "for s = tonumber(ARGV[2]), tonumber(ARGV[3]) - 1 do \
+local p = ARGV[1] .. s .. ':' local h = p .. 'channels' \
+for _, c in ipairs(redis.call('HKEYS', h)) do redis.call('DEL', p .. 'm:' .. c) end \
+redis.call('DEL', h) end return 0";
+
+/// The hash of a channel's members counted by a node's shard.
+fn members_key(node: &str, shard: u16, channel: &str) -> String {
+    format!("sb:n:{node}:{shard}:m:{channel}")
+}
+
+/// Adds to `pipe` the deletion of one shard's channel counts and members.
+fn clear_counts_channels(pipe: &mut redis::Pipeline, node: &str, shard: u16) {
+    pipe.cmd("EVAL")
+        .arg(CLEAR_CHANNELS_SCRIPT)
+        .arg(0)
+        .arg(format!("sb:n:{node}:"))
+        .arg(shard)
+        .arg(shard + 1)
+        .ignore();
+}
+
+/// Adds to `pipe` HSETs of `key` to every (field, value), 1000 per command; no replies.
+fn hset_all(pipe: &mut redis::Pipeline, key: &str, fields: &[(Arc<str>, u64)]) {
+    for part in fields.chunks(1000) {
+        let mut c = redis::cmd("HSET");
+        c.arg(key);
+        for (name, n) in part {
+            c.arg(&**name).arg(*n);
+        }
+        pipe.add_command(c).ignore();
+    }
+}
+
+/// Adds to `pipe` the deletion of a node's counts and members for shards `from..to`.
+fn clear_counts(pipe: &mut redis::Pipeline, node: &str, from: u16, to: u16) {
+    pipe.cmd("EVAL")
+        .arg(CLEAR_CHANNELS_SCRIPT)
+        .arg(0)
+        .arg(format!("sb:n:{node}:"))
+        .arg(from)
+        .arg(to)
+        .ignore();
+    let mut users = redis::cmd("DEL");
+    for shard in from..to {
+        users.arg(Counted::Users.key(node, shard));
+    }
+    pipe.add_command(users).ignore();
+}
 
 /// The key of a node's liveness.
 fn node_key(node: &str) -> String {
@@ -569,11 +649,7 @@ impl Publisher {
         let Some(con) = self.con.as_mut() else { return };
         let mut pipe = redis::pipe();
         if fresh {
-            for shard in 0..self.shards {
-                for k in [Counted::Users, Counted::Channels] {
-                    pipe.cmd("DEL").arg(k.key(&self.node, shard)).ignore();
-                }
-            }
+            clear_counts(&mut pipe, &self.node, 0, self.shards);
         }
         // The value is the node's shard count: readers sum its shards' hashes.
         pipe.cmd("SET")
@@ -592,8 +668,8 @@ impl Publisher {
         }
     }
 
-    /// The count of `name` on every other live node (dead nodes are forgotten on the way).
-    fn count_elsewhere(&mut self, kind: Counted, name: &str) -> redis::RedisResult<u64> {
+    /// Every other live node with its shard count (dead nodes are forgotten on the way).
+    fn live_others(&mut self) -> redis::RedisResult<Vec<(String, u16)>> {
         let Some(con) = self.con.as_mut() else {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Io,
@@ -601,43 +677,69 @@ impl Publisher {
             )));
         };
         let nodes: Vec<String> = redis::cmd("SMEMBERS").arg("sb:nodes").query(con)?;
-        let others: Vec<&String> = nodes.iter().filter(|n| **n != *self.node).collect();
+        let others: Vec<String> = nodes.into_iter().filter(|n| **n != *self.node).collect();
         if others.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         for n in &others {
             pipe.cmd("GET").arg(node_key(n));
         }
         let shards: Vec<Option<u16>> = pipe.query(con)?;
-        let mut pipe = redis::pipe();
-        for (n, s) in others.iter().zip(&shards) {
-            for shard in 0..s.unwrap_or(0) {
-                pipe.cmd("HGET").arg(kind.key(n, shard)).arg(name);
-            }
-        }
-        let counts: Vec<Option<u64>> = pipe.query(con)?;
-        let total = counts.into_iter().flatten().sum();
         let mut dead = redis::pipe();
         let mut any_dead = false;
-        for (n, s) in others.iter().zip(&shards) {
-            if s.is_none() {
-                // Its liveness key expired: forget it (its hashes: every shard a node may have).
-                any_dead = true;
-                dead.cmd("SREM").arg("sb:nodes").arg(n.as_str()).ignore();
-                let mut keys = redis::cmd("DEL");
-                for shard in 0..MAX_SHARDS {
-                    for k in [Counted::Users, Counted::Channels] {
-                        keys.arg(k.key(n, shard));
-                    }
+        let mut live = Vec::with_capacity(others.len());
+        for (n, s) in others.into_iter().zip(shards) {
+            match s {
+                Some(s) => live.push((n, s)),
+                None => {
+                    any_dead = true;
+                    // Its liveness key expired: forget it (every shard a node may have).
+                    dead.cmd("SREM").arg("sb:nodes").arg(n.as_str()).ignore();
+                    clear_counts(&mut dead, &n, 0, MAX_SHARDS);
                 }
-                dead.add_command(keys).ignore();
             }
         }
         if any_dead {
             dead.query::<()>(con)?;
         }
-        Ok(total)
+        Ok(live)
+    }
+
+    /// The count of `name` on every other live node.
+    fn count_elsewhere(&mut self, kind: Counted, name: &str) -> redis::RedisResult<u64> {
+        let others = self.live_others()?;
+        let mut pipe = redis::pipe();
+        for (n, s) in &others {
+            for shard in 0..*s {
+                pipe.cmd("HGET").arg(kind.key(n, shard)).arg(name);
+            }
+        }
+        let Some(con) = self.con.as_mut().filter(|_| !others.is_empty()) else {
+            return Ok(0);
+        };
+        let counts: Vec<Option<u64>> = pipe.query(con)?;
+        Ok(counts.into_iter().flatten().sum())
+    }
+
+    /// The members of `channel` on every other live node (user → subscriptions).
+    fn members_elsewhere(&mut self, channel: &str) -> redis::RedisResult<Members> {
+        let others = self.live_others()?;
+        let mut pipe = redis::pipe();
+        for (n, s) in &others {
+            for shard in 0..*s {
+                pipe.cmd("HGETALL").arg(members_key(n, shard, channel));
+            }
+        }
+        let Some(con) = self.con.as_mut().filter(|_| !others.is_empty()) else {
+            return Ok(Vec::new());
+        };
+        let hashes: Vec<HashMap<String, u64>> = pipe.query(con)?;
+        Ok(hashes
+            .into_iter()
+            .flatten()
+            .map(|(u, n)| (Arc::from(u), n))
+            .collect())
     }
 
     fn run(&mut self, rx: Receiver<BrokerReq>) {
@@ -701,23 +803,32 @@ impl Publisher {
                                 kind,
                                 shard,
                                 counts,
+                                members,
                             } => {
                                 let key = kind.key(&self.node, *shard);
-                                pipe.cmd("DEL").arg(&key);
-                                for part in counts.chunks(1000) {
-                                    let mut c = redis::cmd("HSET");
-                                    c.arg(&key);
-                                    for (name, n) in part {
-                                        c.arg(&**name).arg(*n);
+                                // One reply for the request (the answers are matched by
+                                // index): the deletions are ignored.
+                                match kind {
+                                    Counted::Users => {
+                                        pipe.cmd("DEL").arg(&key).ignore();
                                     }
-                                    pipe.add_command(c);
+                                    Counted::Channels => {
+                                        clear_counts_channels(&mut pipe, &self.node, *shard);
+                                    }
                                 }
+                                hset_all(&mut pipe, &key, counts);
+                                for (channel, users) in members {
+                                    let mk = members_key(&self.node, *shard, channel);
+                                    hset_all(&mut pipe, &mk, users);
+                                }
+                                pipe.cmd("PING");
                                 continue;
                             }
                             BrokerReq::Presence {
                                 shard,
                                 kind,
                                 name,
+                                member: None,
                                 delta,
                             } => {
                                 pipe.cmd("EVAL")
@@ -728,8 +839,25 @@ impl Publisher {
                                     .arg(*delta);
                                 continue;
                             }
+                            BrokerReq::Presence {
+                                shard,
+                                kind,
+                                name,
+                                member: Some(user),
+                                delta,
+                            } => {
+                                pipe.cmd("EVAL")
+                                    .arg(MEMBER_SCRIPT)
+                                    .arg(2)
+                                    .arg(kind.key(&self.node, *shard))
+                                    .arg(members_key(&self.node, *shard, name))
+                                    .arg(&**name)
+                                    .arg(&**user)
+                                    .arg(*delta);
+                                continue;
+                            }
                             // Not in the pipeline: answered after it (one reply per command).
-                            BrokerReq::Count { .. } => {
+                            BrokerReq::Count { .. } | BrokerReq::Members { .. } => {
                                 pipe.cmd("PING");
                                 continue;
                             }
@@ -773,6 +901,24 @@ impl Publisher {
                     .fetch_add(n as u64, Ordering::Relaxed);
             }
             for (i, r) in std::mem::take(&mut batch).into_iter().enumerate() {
+                if let BrokerReq::Members { channel, ticket } = r {
+                    let members = match counts {
+                        Some(_) => self.members_elsewhere(&channel).map_or_else(
+                            |e| {
+                                warn!(error = %e, "broker: listing a channel's members failed");
+                                None
+                            },
+                            Some,
+                        ),
+                        None => None,
+                    };
+                    post(
+                        &self.sink,
+                        ticket.shard,
+                        BrokerMsg::Members { ticket, members },
+                    );
+                    continue;
+                }
                 if let BrokerReq::Count {
                     kind,
                     name,

@@ -58,17 +58,23 @@ pub enum StoreKind {
     Redis,
 }
 
-/// A `[[channels]]` rule of the config file: channels matching `pattern` keep a stream.
+/// A `[[channels]]` rule of the config file: channels matching `pattern` keep a stream
+/// (`history` > 0) and/or tell subscribers who joined and left (`join_leave`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelRuleOpt {
     /// A channel name, or a prefix followed by `*`.
     pub pattern: String,
-    /// Messages kept.
+    /// Messages kept (0: no stream).
+    #[serde(default)]
     pub history: u64,
     /// Oldest age kept (`"24h"`, `"30m"`, `"90s"`, `"500ms"`, `"7d"`) [default: 24h].
     #[serde(default)]
     pub ttl: Option<String>,
+    /// Subscribes and unsubscribes are told as `join`/`leave` events to the subscribers that
+    /// asked for them (`"join_leave":true` in their `sub`).
+    #[serde(default)]
+    pub join_leave: bool,
 }
 
 /// A validated channel rule.
@@ -76,10 +82,12 @@ pub struct ChannelRuleOpt {
 pub struct ChannelRule {
     /// Pattern (exact, or prefix + `*`).
     pub pattern: String,
-    /// Messages kept.
+    /// Messages kept (0: no stream).
     pub history: u64,
     /// Oldest age kept (ms).
     pub ttl_ms: u64,
+    /// Subscribes and unsubscribes are told as `join`/`leave` events.
+    pub join_leave: bool,
 }
 
 impl ChannelRule {
@@ -489,6 +497,7 @@ impl Options {
                         pattern: r.pattern,
                         history: r.history,
                         ttl_ms,
+                        join_leave: r.join_leave,
                     });
                 }
                 out
@@ -503,6 +512,16 @@ impl Config {
     /// The history rule of `channel`, if any (first match).
     pub fn channel_rule(&self, channel: &str) -> Option<&ChannelRule> {
         self.channels.iter().find(|r| r.matches(channel))
+    }
+
+    /// The rule of `channel` if it keeps a stream (history > 0).
+    pub fn stream_rule(&self, channel: &str) -> Option<&ChannelRule> {
+        self.channel_rule(channel).filter(|r| r.history > 0)
+    }
+
+    /// Whether `channel`'s subscribes and unsubscribes are told as `join`/`leave` events.
+    pub fn join_leave(&self, channel: &str) -> bool {
+        self.channel_rule(channel).is_some_and(|r| r.join_leave)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -547,10 +566,10 @@ impl Config {
             return bad("inbox-history/inbox-ttl-ms", "must be > 0");
         }
         for r in &self.channels {
-            if r.history == 0 || r.ttl_ms == 0 || r.pattern.is_empty() {
+            if (r.history == 0 && !r.join_leave) || r.ttl_ms == 0 || r.pattern.is_empty() {
                 return bad(
                     "channels",
-                    "each rule needs a pattern, history > 0 and ttl > 0",
+                    "each rule needs a pattern, history > 0 or join_leave, and ttl > 0",
                 );
             }
         }
@@ -598,6 +617,19 @@ mod tests {
         assert_eq!((r.history, r.ttl_ms), (1000, 86_400_000));
         assert_eq!(c.channel_rule("news").unwrap().history, 5);
         assert!(c.channel_rule("newsy").is_none() && c.channel_rule("lobby").is_none());
+        assert!(!c.join_leave("room1"));
+        let jl: Options = toml::from_str(
+            "[[channels]]\npattern = \"chat*\"\njoin_leave = true\n[[channels]]\npattern = \"log\"\nhistory = 9\njoin_leave = true\n",
+        )
+        .unwrap();
+        let c = Options::default().resolve(Some(jl)).unwrap();
+        assert!(
+            c.join_leave("chat1") && c.stream_rule("chat1").is_none(),
+            "no stream"
+        );
+        assert!(c.join_leave("log") && c.stream_rule("log").is_some());
+        let neither: Options = toml::from_str("[[channels]]\npattern = \"x\"\n").unwrap();
+        assert!(Options::default().resolve(Some(neither)).is_err());
         assert_eq!(parse_duration_ms("90s"), Some(90_000));
         assert_eq!(parse_duration_ms("7d"), Some(604_800_000));
         assert_eq!(parse_duration_ms("5 parsecs"), None);

@@ -25,13 +25,15 @@ pub enum Route {
     Stats,
     /// GET /api/history/<stream>
     History,
+    /// GET /api/channels/<name>/presence
+    Presence,
     /// Anything else under /api/
     Unknown,
 }
 
 impl Route {
     /// All routes, in index order.
-    pub const ALL: [Route; 9] = [
+    pub const ALL: [Route; 10] = [
         Route::Publish,
         Route::Send,
         Route::Broadcast,
@@ -40,6 +42,7 @@ impl Route {
         Route::Channel,
         Route::Stats,
         Route::History,
+        Route::Presence,
         Route::Unknown,
     ];
 
@@ -54,6 +57,7 @@ impl Route {
             Route::Channel => "channels",
             Route::Stats => "stats",
             Route::History => "history",
+            Route::Presence => "presence",
             Route::Unknown => "unknown",
         }
     }
@@ -70,7 +74,11 @@ impl Route {
                 if let Some(id) = p.strip_prefix("/api/users/") {
                     (Route::User, Some(id), "GET")
                 } else if let Some(name) = p.strip_prefix("/api/channels/") {
-                    (Route::Channel, Some(name), "GET")
+                    // A channel named `x/presence` is asked for as `x%2Fpresence`.
+                    match name.strip_suffix("/presence") {
+                        Some(name) => (Route::Presence, Some(name), "GET"),
+                        None => (Route::Channel, Some(name), "GET"),
+                    }
                 } else if let Some(name) = p.strip_prefix("/api/history/") {
                     (Route::History, Some(name), "GET")
                 } else {
@@ -237,6 +245,14 @@ mod tests {
         assert_eq!(
             Route::of("/api/channels/a:b"),
             (Route::Channel, Some("a:b"), "GET")
+        );
+        assert_eq!(
+            Route::of("/api/channels/a/b/presence"),
+            (Route::Presence, Some("a/b"), "GET")
+        );
+        assert_eq!(
+            Route::of("/api/channels/x%2Fpresence"),
+            (Route::Channel, Some("x%2Fpresence"), "GET")
         );
         assert_eq!(Route::of("/api/nope").0, Route::Unknown);
     }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::broker::BrokerMsg;
-pub use crate::ids::{home_of, ConnId, ReplyTo};
+pub use crate::ids::{home_of, ApiTicket, ConnId, ReplyTo};
 use crate::store::StoreMsg;
 
 /// Messages between shards (bounded mailboxes; see `shard::mailbox`).
@@ -51,8 +51,13 @@ pub enum ShardMsg {
     Routed { reply: ReplyTo, online: bool },
     /// Execute an API command on local connections and answer [`ShardMsg::ApiDone`].
     Api { ticket: ApiTicket, cmd: Arc<ApiCmd> },
-    /// A shard's count for API request `id` of this shard.
-    ApiDone { id: u32, count: u64 },
+    /// A shard's count for API request `id` of this shard (and, for
+    /// [`ApiCmd::Members`], its members: user → subscriptions, `""` for anonymous ones).
+    ApiDone {
+        id: u32,
+        count: u64,
+        members: Vec<(Arc<str>, u64)>,
+    },
     /// From the store thread (or a home shard passing on a stored message's ack).
     Store(Box<StoreMsg>),
     /// To a shard holding connections of `user`: a stored message of the user's inbox.
@@ -66,15 +71,6 @@ pub enum ShardMsg {
     Shutdown,
     /// From the broker: another node's message, or an answer about one of ours.
     Broker(Box<BrokerMsg>),
-}
-
-/// An API request waiting for every shard's answer.
-#[derive(Debug, Clone, Copy)]
-pub struct ApiTicket {
-    /// Shard holding the HTTP connection.
-    pub shard: u16,
-    /// Its pending-request id there.
-    pub id: u32,
 }
 
 /// What an API request asks every shard to do; each answers with a count.
@@ -96,6 +92,8 @@ pub enum ApiCmd {
     CountUser { user: Arc<str> },
     /// Count local subscribers of `channel`.
     CountChannel { channel: Arc<str> },
+    /// List local subscribers of `channel` by user (the `presence` op and route).
+    Members { channel: Arc<str> },
 }
 
 /// One shard's view: local users and subscriptions, and the directory of its home users.

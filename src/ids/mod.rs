@@ -58,3 +58,12 @@ pub fn home_of(user: &str, shards: usize) -> u16 {
     let v = FxBuildHasher.hash_one(user);
     ((v ^ (v >> 29) ^ (v >> 47)) % shards as u64) as u16
 }
+
+/// An API request (or a `presence` op) waiting for every shard's and node's answer.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiTicket {
+    /// Shard holding the waiting connection.
+    pub shard: u16,
+    /// Its pending-request id there.
+    pub id: u32,
+}

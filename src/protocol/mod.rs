@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 use std::io::Write;
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
@@ -64,11 +65,15 @@ pub enum Op<'a> {
         data: &'a RawValue,
         qos: u8,
     },
-    /// Join a channel; with `since`, replay its stream after that position first.
+    /// Join a channel; with `since`, replay its stream after that position first; with
+    /// `join_leave`, also get `join`/`leave` events (channels whose rule tells them).
     Sub {
         channel: Cow<'a, str>,
         since: Option<StreamPos>,
+        join_leave: bool,
     },
+    /// The members of a channel (across the cluster).
+    Presence { channel: Cow<'a, str> },
     /// Leave a channel.
     Unsub { channel: Cow<'a, str> },
     /// Publish to every subscriber of a channel.
@@ -174,6 +179,8 @@ struct Envelope<'a> {
     since: Option<&'a RawValue>,
     #[serde(default)]
     limit: Option<u64>,
+    #[serde(default)]
+    join_leave: Option<bool>,
 }
 
 const NULL_JSON: &str = "null";
@@ -243,6 +250,10 @@ pub fn parse<'a>(text: &'a str) -> Result<Parsed<'a>, RequestError<'a>> {
                     )
                 })?),
             },
+            join_leave: env.join_leave.unwrap_or(false),
+        },
+        "presence" => Op::Presence {
+            channel: channel_of(env.channel, id)?,
         },
         "unsub" => Op::Unsub {
             channel: channel_of(env.channel, id)?,
@@ -403,6 +414,79 @@ fn msg_builder(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> B
     put(&mut b, br#","ts":"#);
     put_u64(&mut b, ts_ms);
     b
+}
+
+/// `{"op":"join"|"leave","channel":..,"user":..,"conn":..}`: a connection of `user`
+/// subscribed to (or left) `channel`.
+pub fn join_leave(join: bool, channel: &str, user: &str, conn: &str) -> Bytes {
+    let mut b = Builder::new(48 + channel.len() + user.len() + conn.len());
+    put(
+        &mut b,
+        if join {
+            JOIN_HEAD.as_bytes()
+        } else {
+            LEAVE_HEAD.as_bytes()
+        },
+    );
+    put_str(&mut b, channel);
+    put(&mut b, br#","user":"#);
+    put_str(&mut b, user);
+    put(&mut b, br#","conn":"#);
+    put_str(&mut b, conn);
+    put(&mut b, b"}");
+    b.finish()
+}
+
+const JOIN_HEAD: &str = r#"{"op":"join","channel":"#;
+const LEAVE_HEAD: &str = r#"{"op":"leave","channel":"#;
+
+/// Whether an event is a `join`/`leave` (only subscribers who asked for them get it).
+pub fn is_join_leave(payload: &[u8]) -> bool {
+    payload.starts_with(JOIN_HEAD.as_bytes()) || payload.starts_with(LEAVE_HEAD.as_bytes())
+}
+
+/// `{"channel":..,"subscribers":n,"anonymous":a,"members":[{"user":..,"connections":n},..],
+/// "complete":bool}`: who is subscribed to `channel`, from a tally of user → subscriptions
+/// (`""`: anonymous ones; sorted by user); `complete` is false when other nodes could not be
+/// asked (Redis unreachable). The body of `GET /api/channels/<name>/presence`.
+pub fn presence_json(
+    channel: &str,
+    tally: &[(Arc<str>, u64)],
+    complete: bool,
+) -> serde_json::Value {
+    let mut anonymous = 0;
+    let mut members = Vec::with_capacity(tally.len());
+    for (user, n) in tally {
+        if user.is_empty() {
+            anonymous += n;
+        } else {
+            members.push(serde_json::json!({ "user": &**user, "connections": n }));
+        }
+    }
+    let subscribers: u64 = tally.iter().map(|(_, n)| n).sum();
+    serde_json::json!({
+        "channel": channel,
+        "subscribers": subscribers,
+        "anonymous": anonymous,
+        "members": members,
+        "complete": complete,
+    })
+}
+
+/// `{"op":"presence","id":..,` then [`presence_json`]'s fields: the answer to the `presence`
+/// op (`id` is the raw JSON of the request's id).
+pub fn presence(
+    id: Option<&str>,
+    channel: &str,
+    tally: &[(Arc<str>, u64)],
+    complete: bool,
+) -> Bytes {
+    let mut v = presence_json(channel, tally, complete);
+    v["op"] = "presence".into();
+    if let Some(id) = id.and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok()) {
+        v["id"] = id;
+    }
+    Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
 }
 
 /// `{"op":"ack","id":..}`
@@ -607,6 +691,21 @@ mod tests {
             }
         ));
         assert!(parse(r#"{"op":"sub","channel":"r","since":3}"#).is_err());
+        assert!(matches!(
+            parse(r#"{"op":"sub","channel":"r","join_leave":true}"#)
+                .unwrap()
+                .op,
+            Op::Sub {
+                join_leave: true,
+                ..
+            }
+        ));
+        assert!(parse(r#"{"op":"sub","channel":"r","join_leave":1}"#).is_err());
+        assert!(matches!(
+            parse(r#"{"op":"presence","channel":"r"}"#).unwrap().op,
+            Op::Presence { ref channel } if channel == "r"
+        ));
+        assert!(parse(r#"{"op":"presence"}"#).is_err());
         assert!(matches!(
             parse(r#"{"op":"history","stream":"inbox","since":4}"#)
                 .unwrap()

@@ -33,6 +33,34 @@ pub struct PendingApi {
     /// For `GET /api/users/<id>` and `/api/channels/<name>`: whom the cluster counts (and,
     /// for a user, whose unread count the store adds).
     user: Option<Arc<str>>,
+    /// For presence: the members counted so far (user → subscriptions, `""` for anonymous
+    /// ones), and where the answer goes.
+    presence: Option<Box<Presence>>,
+}
+
+/// A presence request being gathered (shards, then the other nodes).
+#[derive(Debug)]
+struct Presence {
+    members: Vec<(Arc<str>, u64)>,
+    /// `Some(id)`: a WebSocket's `presence` op (the raw JSON of its id, if any); `None`: HTTP.
+    ws: Option<Option<Box<str>>>,
+    /// The other nodes were asked (with a broker).
+    asked: bool,
+    /// Every node answered (false: Redis could not be asked).
+    complete: bool,
+}
+
+/// Sums the counts of each user, sorted by user.
+fn merge_members(mut v: Vec<(Arc<str>, u64)>) -> Vec<(Arc<str>, u64)> {
+    v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut out: Vec<(Arc<str>, u64)> = Vec::with_capacity(v.len());
+    for (u, n) in v {
+        match out.last_mut() {
+            Some(last) if last.0 == u => last.1 += n,
+            _ => out.push((u, n)),
+        }
+    }
+    out
 }
 
 fn json(v: serde_json::Value) -> Vec<u8> {
@@ -184,7 +212,7 @@ impl<T: Transport> Sessions<T> {
                     None | Some(0) | Some(1) => {}
                     Some(_) => return Err(ApiError::bad("`qos` must be 0 or 1")),
                 }
-                if let (true, Some(rule)) = (self.streams_on(), self.cfg.channel_rule(&p.channel)) {
+                if let (true, Some(rule)) = (self.streams_on(), self.cfg.stream_rule(&p.channel)) {
                     // A channel with history is always stored; the answer waits for the commit.
                     let retention = crate::store::Retention {
                         max_count: rule.history,
@@ -268,6 +296,15 @@ impl<T: Transport> Sessions<T> {
                     channel: name.into(),
                 }
             }
+            Route::Presence => {
+                let name = arg
+                    .and_then(crate::http::request::percent_decode)
+                    .unwrap_or_default();
+                api::check_channel(&name)?;
+                ApiCmd::Members {
+                    channel: name.into(),
+                }
+            }
             Route::Stats => {
                 let body = self.stats_json();
                 self.api_answer(key, route, 200, &body, req.connection_close);
@@ -337,8 +374,21 @@ impl<T: Transport> Sessions<T> {
 
     /// Runs `cmd` here and on every other shard; answers when all have counted.
     pub(super) fn start_api(&mut self, key: usize, route: Route, cmd: ApiCmd, close: bool) {
+        self.start_gather(key, route, cmd, close, None);
+    }
+
+    /// [`Self::start_api`], or with `ws` a WebSocket's `presence` op (never holds input).
+    fn start_gather(
+        &mut self,
+        key: usize,
+        route: Route,
+        cmd: ApiCmd,
+        close: bool,
+        ws: Option<Option<Box<str>>>,
+    ) {
         let cmd = Arc::new(cmd);
         let others = self.shards as usize - 1;
+        let http = ws.is_none();
         let id = self.pending_api.insert(PendingApi {
             key,
             generation: self.conns[key].generation,
@@ -348,9 +398,19 @@ impl<T: Transport> Sessions<T> {
             close,
             user: match &*cmd {
                 ApiCmd::CountUser { user } => Some(user.clone()),
-                ApiCmd::CountChannel { channel } => Some(channel.clone()),
+                ApiCmd::CountChannel { channel } | ApiCmd::Members { channel } => {
+                    Some(channel.clone())
+                }
                 _ => None,
             },
+            presence: matches!(&*cmd, ApiCmd::Members { .. }).then(|| {
+                Box::new(Presence {
+                    members: Vec::new(),
+                    ws,
+                    asked: false,
+                    complete: true,
+                })
+            }),
         }) as u32;
         let ticket = ApiTicket {
             shard: self.index,
@@ -368,11 +428,16 @@ impl<T: Transport> Sessions<T> {
             }
         }
         let local = self.exec_api(&cmd);
-        self.pending_api[id as usize].count += local;
+        let members = self.members_of(&cmd);
+        let p = &mut self.pending_api[id as usize];
+        p.count += local;
+        if let Some(pr) = p.presence.as_mut() {
+            pr.members.extend(members);
+        }
         self.api_to_cluster(&cmd);
         if others == 0 {
             self.complete_api(id, false);
-        } else {
+        } else if http {
             // Later requests on this connection wait for this answer (responses stay in order).
             self.conns[key].flags.set(Flags::HOLD_INPUT);
         }
@@ -410,27 +475,134 @@ impl<T: Transport> Sessions<T> {
 
     pub(super) fn on_api(&mut self, ticket: ApiTicket, cmd: &ApiCmd) {
         let count = self.exec_api(cmd);
+        let members = self.members_of(cmd);
         self.send_mail(
             ticket.shard,
             ShardMsg::ApiDone {
                 id: ticket.id,
                 count,
+                members,
             },
         );
     }
 
-    pub(super) fn on_api_done(&mut self, id: u32, count: u64) {
+    /// For [`ApiCmd::Members`]: this shard's subscribers of the channel by user.
+    fn members_of(&self, cmd: &ApiCmd) -> Vec<(Arc<str>, u64)> {
+        match cmd {
+            ApiCmd::Members { channel } => self.channel_members(channel),
+            _ => Vec::new(),
+        }
+    }
+
+    /// This shard's subscribers of `channel` by user (`""` for anonymous ones).
+    pub(super) fn channel_members(&self, channel: &str) -> Vec<(Arc<str>, u64)> {
+        let anonymous: Arc<str> = Arc::from("");
+        let users = self.hub.subscribers(channel).map(|slot| {
+            let u = self.conns.get(slot as usize).and_then(|c| c.user.clone());
+            (u.unwrap_or_else(|| anonymous.clone()), 1)
+        });
+        merge_members(users.collect())
+    }
+
+    pub(super) fn on_api_done(&mut self, id: u32, count: u64, members: Vec<(Arc<str>, u64)>) {
         let Some(p) = self.pending_api.get_mut(id as usize) else {
             return;
         };
         p.count += count;
+        if let Some(pr) = p.presence.as_mut() {
+            pr.members.extend(members);
+        }
         p.remaining -= 1;
         if p.remaining == 0 {
             self.complete_api(id, true);
         }
     }
 
+    /// The other nodes' members of a channel (`None`: Redis could not be asked).
+    pub(super) fn api_members(&mut self, id: u32, members: Option<Vec<(Arc<str>, u64)>>) {
+        let Some(pr) = self
+            .pending_api
+            .get_mut(id as usize)
+            .and_then(|p| p.presence.as_mut())
+        else {
+            return;
+        };
+        match members {
+            Some(m) => pr.members.extend(m),
+            None => pr.complete = false,
+        }
+        self.complete_api(id, true);
+    }
+
+    /// Every shard counted a presence request: with a broker, the other nodes next (the
+    /// answer waits; an HTTP connection holds its later requests), then the answer.
+    fn complete_presence(&mut self, id: u32) {
+        let p = &mut self.pending_api[id as usize];
+        let pr = p.presence.as_mut().expect("a presence request");
+        let channel = p.user.clone().expect("a channel");
+        if !pr.asked {
+            if let Some(b) = &self.broker {
+                pr.asked = true;
+                let ticket = ApiTicket {
+                    shard: self.index,
+                    id,
+                };
+                let req = crate::broker::BrokerReq::Members { channel, ticket };
+                if b.is_up() && b.publish(req).is_ok() {
+                    let http = pr.ws.is_none();
+                    if let (true, Some(c)) = (http, self.conns.get_mut(p.key)) {
+                        c.flags.set(Flags::HOLD_INPUT);
+                    }
+                    return;
+                }
+                pr.complete = false;
+            }
+        }
+        let p = self.pending_api.remove(id as usize);
+        let alive = self
+            .conns
+            .get(p.key)
+            .is_some_and(|c| c.generation == p.generation);
+        let pr = p.presence.expect("a presence request");
+        if !alive {
+            return;
+        }
+        let members = merge_members(pr.members);
+        let channel = p.user.as_deref().unwrap_or_default();
+        match pr.ws {
+            Some(ws_id) => {
+                let f = protocol::presence(ws_id.as_deref(), channel, &members, pr.complete);
+                self.deliver_reply(p.key, f);
+            }
+            None => {
+                let body =
+                    serde_json::to_vec(&protocol::presence_json(channel, &members, pr.complete))
+                        .unwrap_or_default();
+                if self.conns[p.key].flags.has(Flags::HOLD_INPUT) {
+                    if p.close {
+                        self.conns[p.key].flags.set(Flags::API_CLOSE);
+                    }
+                    self.api_store_answer(p.key, Route::Presence, 200, &body);
+                } else {
+                    self.api_answer(p.key, Route::Presence, 200, &body, p.close);
+                }
+            }
+        }
+    }
+
+    /// `{"op":"presence","channel":..}` on a WebSocket: the channel's members across shards
+    /// (and nodes), answered as a `presence` event.
+    pub(super) fn presence_op(&mut self, key: usize, id: Option<&str>, channel: &str) {
+        let cmd = ApiCmd::Members {
+            channel: Arc::from(channel),
+        };
+        self.start_gather(key, Route::Presence, cmd, false, Some(id.map(Into::into)));
+    }
+
     pub(super) fn complete_api(&mut self, id: u32, resume: bool) {
+        if self.pending_api[id as usize].presence.is_some() {
+            return self.complete_presence(id);
+        }
         let p = self.pending_api.remove(id as usize);
         let alive = self
             .conns
@@ -483,7 +655,7 @@ impl<T: Transport> Sessions<T> {
                 json(serde_json::json!({ "online": p.count > 0, "connections": p.count }))
             }
             Route::Channel => json(serde_json::json!({ "subscribers": p.count })),
-            Route::Stats | Route::History | Route::Unknown => {
+            Route::Stats | Route::History | Route::Presence | Route::Unknown => {
                 unreachable!("answered without the other shards")
             }
         };
@@ -718,7 +890,9 @@ impl<T: Transport> Sessions<T> {
                 slots.len() as u64
             }
             ApiCmd::CountUser { user } => self.hub.user_slots(user).len() as u64,
-            ApiCmd::CountChannel { channel } => self.hub.subscriber_count(channel) as u64,
+            ApiCmd::CountChannel { channel } | ApiCmd::Members { channel } => {
+                self.hub.subscriber_count(channel) as u64
+            }
         }
     }
 }

@@ -99,6 +99,8 @@ impl Flags {
 pub struct Extra {
     /// Channels subscribed to.
     pub channels: Vec<Arc<str>>,
+    /// Subscribed channels whose `join`/`leave` events the connection asked for.
+    pub join_leave: Vec<Arc<str>>,
     /// What the connection's signed token grants (expiry, private channels).
     pub grant: Option<Box<Grant>>,
     /// Last SSE event id sent.

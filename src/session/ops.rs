@@ -160,14 +160,23 @@ impl<T: Transport> Sessions<T> {
                 let f = protocol::pong(data);
                 self.deliver(key, &f);
             }
+            Op::Presence { channel } => {
+                if !self.channel_allowed(key, &channel) {
+                    let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
+                    return self.deliver_reply(key, f);
+                }
+                self.presence_op(key, id, &channel);
+            }
             Op::Sub {
                 channel,
                 since: Some(pos),
+                join_leave,
             } => {
                 if !self.channel_allowed(key, &channel) {
                     let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
                     return self.deliver_reply(key, f);
                 }
+                self.want_join_leave(key, &channel, join_leave);
                 let epoch = match pos.epoch.as_deref().map(str::parse) {
                     None => None,
                     Some(Ok(e)) => Some(e),
@@ -189,6 +198,7 @@ impl<T: Transport> Sessions<T> {
             Op::Sub {
                 channel,
                 since: None,
+                join_leave,
             } => {
                 if !self.channel_allowed(key, &channel) {
                     let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
@@ -196,6 +206,7 @@ impl<T: Transport> Sessions<T> {
                 }
                 let c = &self.conns[key];
                 if c.channel_list().iter().any(|x| **x == *channel) {
+                    self.want_join_leave(key, &channel, join_leave);
                     return self.ack(key, id);
                 }
                 if c.channel_list().len() >= MAX_CHANNELS_PER_CONN {
@@ -206,6 +217,7 @@ impl<T: Transport> Sessions<T> {
                     );
                     return self.deliver_reply(key, f);
                 }
+                self.want_join_leave(key, &channel, join_leave);
                 if let Some(token) = self.subscribe(key, Arc::from(channel.as_ref())) {
                     // Acked once the channel's publications reach this node from the cluster.
                     let me = self.conn_id(key);
@@ -219,6 +231,7 @@ impl<T: Transport> Sessions<T> {
                 if let Some(e) = self.conns[key].extra.as_mut() {
                     e.channels.retain(|x| **x != *channel);
                     e.channel_cursors.retain(|(c, _)| **c != *channel);
+                    e.join_leave.retain(|x| **x != *channel);
                 }
                 self.ack(key, id);
             }
@@ -227,7 +240,7 @@ impl<T: Transport> Sessions<T> {
                     let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
                     return self.deliver_reply(key, f);
                 }
-                if self.streams_on() && self.cfg.channel_rule(&channel).is_some() {
+                if self.streams_on() && self.cfg.stream_rule(&channel).is_some() {
                     // A channel with history: stored first, acked with its offset.
                     return self.publish_stored(key, id, &channel, data);
                 }
@@ -281,7 +294,9 @@ impl<T: Transport> Sessions<T> {
         let name = self.hub.channel_key(&channel).unwrap_or(channel);
         let added = self.hub.subscribe(&name, key as u32);
         if added {
-            self.count_in_cluster(Counted::Channels, &name, 1);
+            let user = self.conns[key].user.clone();
+            self.count_member(&name, user, 1);
+            self.tell_join_leave(key, &name, true);
         }
         self.conns[key].extra_mut().channels.push(name.clone());
         let first = added && self.hub.subscriber_count(&name) == 1;
@@ -307,7 +322,9 @@ impl<T: Transport> Sessions<T> {
     pub(super) fn unsubscribe_local(&mut self, channel: &str, key: usize) {
         let removed = self.hub.unsubscribe(channel, key as u32);
         if removed {
-            self.count_in_cluster(Counted::Channels, channel, -1);
+            let user = self.conns[key].user.clone();
+            self.count_member(channel, user, -1);
+            self.tell_join_leave(key, channel, false);
         }
         if let (true, 0, Some(b)) = (removed, self.hub.subscriber_count(channel), &self.broker) {
             b.interest(Interest::Channel {
@@ -318,6 +335,83 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
+    /// Turns the connection's `join`/`leave` events of `channel` on (`sub` with
+    /// `"join_leave":true`) or off (a `sub` without it).
+    fn want_join_leave(&mut self, key: usize, channel: &str, on: bool) {
+        let has = self.conns[key]
+            .extra
+            .as_ref()
+            .is_some_and(|e| e.join_leave.iter().any(|c| **c == *channel));
+        if on && !has {
+            self.conns[key].extra_mut().join_leave.push(channel.into());
+        } else if !on && has {
+            let e = self.conns[key].extra_mut();
+            e.join_leave.retain(|c| **c != *channel);
+        }
+    }
+
+    /// A subscription of connection `key` to `channel` came or went: when the channel's
+    /// rule says so, its subscribers that asked get a `join`/`leave` event, on every shard
+    /// and node (not the connection itself).
+    fn tell_join_leave(&mut self, key: usize, channel: &str, join: bool) {
+        if !self.cfg.join_leave(channel) {
+            return;
+        }
+        let user = self.user_name(key);
+        let conn = self.conn_id(key).to_string();
+        let f = protocol::join_leave(join, channel, &user, &conn);
+        let name: Arc<str> = Arc::from(channel);
+        for s in 0..self.shards {
+            if s != self.index {
+                self.send_mail(
+                    s,
+                    ShardMsg::DeliverChannel {
+                        channel: name.clone(),
+                        payload: f.clone(),
+                    },
+                );
+            }
+        }
+        self.deliver_join_leave(channel, &f, Some(key));
+        self.publish_remote(name, f);
+    }
+
+    /// A `join`/`leave` event to the local subscribers of `channel` that asked for them.
+    fn deliver_join_leave(&mut self, channel: &str, f: &Bytes, except: Option<usize>) -> u64 {
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        slots.clear();
+        slots.extend(self.hub.subscribers(channel).filter(|&s| {
+            Some(s as usize) != except
+                && self.conns[s as usize]
+                    .extra
+                    .as_ref()
+                    .is_some_and(|e| e.join_leave.iter().any(|c| **c == *channel))
+        }));
+        let mut n = 0;
+        for &slot in &slots {
+            n += u64::from(self.deliver(slot as usize, f));
+        }
+        self.scratch_slots = slots;
+        n
+    }
+
+    /// With a broker, keeps this node's count of a channel's subscribers, by user
+    /// (`""` for anonymous ones), in Redis (for cluster-wide counts and presence).
+    fn count_member(&mut self, channel: &str, user: Option<Arc<str>>, delta: i64) {
+        if let Some(b) = &self.broker {
+            let req = BrokerReq::Presence {
+                shard: self.index,
+                kind: Counted::Channels,
+                name: channel.into(),
+                member: Some(user.unwrap_or_else(|| Arc::from(""))),
+                delta,
+            };
+            if b.is_up() && b.publish(req).is_err() {
+                ShardMetrics::add(&self.m().dropped, 1);
+            }
+        }
+    }
+
     /// With a broker, keeps this node's count of `name` in Redis (for cluster-wide answers).
     fn count_in_cluster(&mut self, kind: Counted, name: &str, delta: i64) {
         if let Some(b) = &self.broker {
@@ -325,6 +419,7 @@ impl<T: Transport> Sessions<T> {
                 shard: self.index,
                 kind,
                 name: name.into(),
+                member: None,
                 delta,
             };
             if b.is_up() && b.publish(req).is_err() {
@@ -346,12 +441,20 @@ impl<T: Transport> Sessions<T> {
         }
         let users = self.hub.home_counts();
         let channels = self.hub.channel_counts();
+        let members: Vec<_> = channels
+            .iter()
+            .map(|(c, _)| (c.clone(), self.channel_members(c)))
+            .collect();
         let mut sent = true;
-        for (kind, counts) in [(Counted::Users, users), (Counted::Channels, channels)] {
+        for (kind, counts, members) in [
+            (Counted::Users, users, Vec::new()),
+            (Counted::Channels, channels, members),
+        ] {
             let req = BrokerReq::Resync {
                 kind,
                 shard: self.index,
                 counts,
+                members,
             };
             sent &= b.publish(req).is_ok();
         }
@@ -489,6 +592,7 @@ impl<T: Transport> Sessions<T> {
                 name,
                 total,
             } => self.api_counted(kind, conn, name, total),
+            BrokerMsg::Members { ticket, members } => self.api_members(ticket.id, members),
         }
     }
 
@@ -717,6 +821,9 @@ impl<T: Transport> Sessions<T> {
     }
 
     pub(super) fn deliver_channel_local(&mut self, channel: &str, f: &Bytes) -> u64 {
+        if protocol::is_join_leave(f) {
+            return self.deliver_join_leave(channel, f, None);
+        }
         let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
         slots.extend(self.hub.subscribers(channel));
@@ -764,7 +871,7 @@ impl<T: Transport> Sessions<T> {
             }
             ShardMsg::Routed { reply, online } => self.reply_local(reply, Some(online)),
             ShardMsg::Api { ticket, cmd } => self.on_api(ticket, &cmd),
-            ShardMsg::ApiDone { id, count } => self.on_api_done(id, count),
+            ShardMsg::ApiDone { id, count, members } => self.on_api_done(id, count, members),
             ShardMsg::Store(m) => self.on_store(*m),
             ShardMsg::DeliverStream {
                 user,

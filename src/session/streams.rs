@@ -490,7 +490,7 @@ impl<T: Transport> Sessions<T> {
         channel: Arc<str>,
         since: Since,
     ) {
-        if !self.streams_on() || self.cfg.channel_rule(&channel).is_none() {
+        if !self.streams_on() || self.cfg.stream_rule(&channel).is_none() {
             let f = protocol::error(
                 id,
                 ErrorCode::BadRequest,
@@ -603,7 +603,7 @@ impl<T: Transport> Sessions<T> {
         channel: &str,
         data: &RawValue,
     ) {
-        let rule = self.cfg.channel_rule(channel).expect("caller checked");
+        let rule = self.cfg.stream_rule(channel).expect("caller checked");
         let retention = Retention {
             max_count: rule.history,
             ttl_ms: rule.ttl_ms,
