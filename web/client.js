@@ -70,13 +70,13 @@ export class Pending {
     return [id, promise];
   }
 
-  /** Settles a request from an `ack` or `error` event; false if unknown. */
+  /** Settles a request from an `ack`, `error` or answer (`presence`) event; false if unknown. */
   settle(msg) {
     const p = this.map.get(msg.id);
     if (!p) return false;
     this.map.delete(msg.id);
     this.clearTimer(p.timer);
-    if (msg.op === 'ack') {
+    if (msg.op !== 'error') {
       p.resolve(msg);
     } else {
       const err = new Error(msg.message || msg.code);
@@ -175,7 +175,8 @@ export class Switchboard {
     this.log = opts.logger ?? console;
     this.handlers = {};
     this.pending = new Pending(opts.ackTimeoutMs ?? 10000);
-    this.channels = new Set();
+    /** channel → {joinLeave}: restored after every reconnect. */
+    this.channels = new Map();
     this.attempt = 0;
     this.failuresBeforeOpen = 0;
     this.closedByApp = false;
@@ -283,7 +284,7 @@ export class Switchboard {
         this.setState('open');
         this.startHeartbeat();
         // Restore subscriptions after a reconnect.
-        for (const c of this.channels) this.request({ op: 'sub', channel: c }).catch(() => {});
+        for (const [c, o] of this.channels) this.request(subBody(c, o)).catch(() => {});
         // qos-1 sends not yet acknowledged go again with the same id (stored once).
         for (const [, d] of this.durable) this.ws.send(JSON.stringify(d.body));
         this.emit('open', msg);
@@ -292,6 +293,14 @@ export class Switchboard {
       case 'error':
         if (this.settleDurable(msg)) break;
         if (!this.pending.settle(msg) && msg.op === 'error') this.emit('error', msg);
+        break;
+      case 'presence':
+        this.pending.settle(msg);
+        break;
+      case 'join':
+      case 'leave':
+        // {channel, user, conn}: only for subscriptions made with {joinLeave: true}.
+        this.emit(msg.op, msg);
         break;
       case 'pong':
         this.lastPong = Date.now();
@@ -378,7 +387,7 @@ export class Switchboard {
     u.pathname = u.pathname.replace(/\/ws$/, '/events');
     u.protocol = u.protocol === 'wss:' ? 'https:' : 'http:';
     // The stream resumes from our position; EventSource's own reconnects send Last-Event-ID.
-    for (const c of this.channels) u.searchParams.append('channel', c);
+    for (const [c] of this.channels) u.searchParams.append('channel', c);
     this.log.warn('[switchboard] WebSocket keeps failing; receiving over Server-Sent Events');
     const es = new this.EventSourceImpl(u.toString());
     this.es = es;
@@ -448,11 +457,21 @@ export class Switchboard {
     return this.request({ op: 'pub', channel, data });
   }
 
-  /** Joins a channel (restored after every reconnect). */
-  subscribe(channel) {
-    this.channels.add(channel);
+  /**
+   * Joins a channel (restored after every reconnect). With `{joinLeave: true}`, the
+   * channel's `join`/`leave` events come as `sb.on('join'|'leave', ({channel, user}) => ..)`
+   * (channels whose server rule has `join_leave = true`).
+   */
+  subscribe(channel, opts = {}) {
+    const o = { joinLeave: opts.joinLeave === true };
+    this.channels.set(channel, o);
     if (this.state !== 'open') return Promise.resolve({ queued: true });
-    return this.request({ op: 'sub', channel });
+    return this.request(subBody(channel, o));
+  }
+
+  /** Who is subscribed to `channel` (every node): resolves `{subscribers, anonymous, members: [{user, connections}], complete}`. */
+  presence(channel) {
+    return this.request({ op: 'presence', channel });
   }
 
   /** Leaves a channel. */
@@ -473,6 +492,11 @@ export class Switchboard {
     }
     if (this.ws && this.ws.readyState <= 1) this.ws.close(code, reason);
   }
+}
+
+/** The `sub` request of a channel with its options. */
+function subBody(channel, o) {
+  return o.joinLeave ? { op: 'sub', channel, join_leave: true } : { op: 'sub', channel };
 }
 
 if (typeof window !== 'undefined') window.Switchboard = Switchboard;

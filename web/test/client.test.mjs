@@ -112,6 +112,42 @@ test('send resolves on ack and rejects with the server error; subscriptions are 
   sb.close();
 });
 
+test('presence resolves with the members; join/leave events come only as join/leave', async () => {
+  FakeWS.all = [];
+  const sb = new Switchboard('ws://x/ws', {
+    user: 'alice', WebSocket: FakeWS, backoffBaseMs: 1, backoffCapMs: 2, heartbeatMs: 60000, logger: quiet,
+  });
+  const ws = FakeWS.all[0];
+  ws.open();
+  ws.recv({ op: 'welcome', user: 'alice', conn: '0.1.1', ping_interval_ms: 25000 });
+  const sub = sb.subscribe('chat', { joinLeave: true });
+  assert.deepEqual(ws.sent[0], { op: 'sub', channel: 'chat', join_leave: true, id: ws.sent[0].id });
+  ws.recv({ op: 'ack', id: ws.sent[0].id });
+  await sub;
+  const who = sb.presence('chat');
+  const ask = ws.sent.at(-1);
+  assert.deepEqual({ op: ask.op, channel: ask.channel }, { op: 'presence', channel: 'chat' });
+  const members = [{ user: 'alice', connections: 1 }];
+  ws.recv({ op: 'presence', id: ask.id, channel: 'chat', subscribers: 1, anonymous: 0, members, complete: true });
+  assert.deepEqual((await who).members, members);
+  const seen = [];
+  sb.on('join', (e) => seen.push(['join', e.user]));
+  sb.on('leave', (e) => seen.push(['leave', e.user]));
+  sb.on('message', (m) => seen.push(['message', m.op]));
+  ws.recv({ op: 'join', channel: 'chat', user: 'bob', conn: '1.2.3' });
+  ws.recv({ op: 'leave', channel: 'chat', user: 'bob', conn: '1.2.3' });
+  assert.deepEqual(seen, [['join', 'bob'], ['leave', 'bob']]);
+  // A reconnect asks for the events again.
+  ws.drop(1001, 'server shutting down');
+  for (let i = 0; i < 500 && FakeWS.all.length < 2; i++) await new Promise((r) => setTimeout(r, 2));
+  const ws2 = FakeWS.all[1];
+  assert.ok(ws2, 'reconnected');
+  ws2.open();
+  ws2.recv({ op: 'welcome', user: 'alice', conn: '0.2.1', ping_interval_ms: 25000 });
+  assert.equal(ws2.sent[0].join_leave, true);
+  sb.close();
+});
+
 test('no reconnect after a terminal code or an app close', async () => {
   FakeWS.all = [];
   const sb = new Switchboard('ws://x/ws', { user: 'a', WebSocket: FakeWS, backoffBaseMs: 1, logger: quiet });
@@ -159,7 +195,7 @@ test('falls back to EventSource when WebSocket keeps failing', async () => {
   const sb = new Switchboard('ws://x:1/ws', {
     user: 'old', WebSocket: FakeWS, EventSource: FakeES, backoffBaseMs: 1, backoffCapMs: 1, logger: quiet,
   });
-  sb.channels.add('news');
+  sb.channels.set('news', { joinLeave: false });
   for (let i = 0; i < 3; i++) {
     while (FakeWS.all.length <= i) await new Promise((r) => setTimeout(r, 2));
     FakeWS.all[i].drop(1006);
