@@ -32,6 +32,17 @@ impl<T: Transport> Sessions<T> {
         if !self.conns.contains(key) {
             return; // spurious event for a finished connection
         }
+        if self.has_retries() {
+            // Mail waits for room in another shard's mailbox: read no more requests (TCP
+            // pushes back on the clients) until it is posted; picked up again from the
+            // backlog, every millisecond while the mail waits.
+            let c = &mut self.conns[key];
+            if !c.flags.has(Flags::READ_BACKLOG) {
+                c.flags.set(Flags::READ_BACKLOG);
+                self.read_backlog.push((key, c.generation));
+            }
+            return;
+        }
         let held = self.conns[key].inbound.take();
         let mut inb = self.pool.prepare(held);
         let mut eof = false;

@@ -376,9 +376,10 @@ impl<T: Transport> Sessions<T> {
     }
 
     /// Hands this turn's mail to `post` in order. `post` gives a message back when the
-    /// target's mailbox is full: mail that must not be lost (presence, API) waits and is
-    /// retried on the next call, in order; a routed `send` is answered `overloaded`; a
-    /// delivery is dropped and counted.
+    /// target's mailbox is full: mail that must not be lost (presence, API, copies of
+    /// accepted messages) waits and is retried on the next call, in order; a routed `send`
+    /// that waits for its answer is answered `overloaded`; anything else is dropped and
+    /// counted.
     pub fn post_mail(&mut self, mut post: impl FnMut(u16, ShardMsg) -> Result<(), ShardMsg>) {
         for target in 0..self.retry.len() {
             while let Some(msg) = self.retry[target].pop_front() {
@@ -548,7 +549,14 @@ fn is_reliable(msg: &ShardMsg) -> bool {
         | ShardMsg::Store(_)
         | ShardMsg::DeliverStream { .. }
         // The answer to a routed `send`: dropped, its sender would wait for ever.
-        | ShardMsg::Routed { .. } => true,
+        | ShardMsg::Routed { .. }
+        // Copies of a message its sender was (or will be) told was accepted: a DM on its
+        // way to the shard holding the recipient, a channel publication, the sender's own
+        // copy for her other devices. Never acked and then dropped: they wait for room, and
+        // the shard reads no client input meanwhile (`on_readable`), which bounds the wait.
+        | ShardMsg::DeliverUser { .. }
+        | ShardMsg::DeliverChannel { .. }
+        | ShardMsg::RouteUser { reply: None, .. } => true,
         ShardMsg::Broker(m) => matches!(
             **m,
             BrokerMsg::Unavailable { .. } | BrokerMsg::Busy { .. }

@@ -110,6 +110,10 @@ struct Client {
     pub_seen: BTreeMap<(usize, &'static str), u64>,
     ever_subscribed: BTreeSet<&'static str>,
     pending_ids: BTreeSet<u64>,
+    /// Request ids answered `ack`.
+    acked: BTreeSet<u64>,
+    /// DMs received, as (sending client, sequence).
+    dms: BTreeSet<(usize, u64)>,
     welcomed: bool,
     close_code: Option<u16>,
 }
@@ -207,6 +211,20 @@ impl World {
             None
         };
         let capacity = if self.rng.chance(20) { 512 } else { 64 * 1024 };
+        let answers_pings = !self.rng.chance(10);
+        let slow = self.rng.chance(15);
+        self.connect_on(s, user, capacity, answers_pings, slow);
+    }
+
+    /// A client of `user` connects to shard `s` (its upgrade request queued to send).
+    fn connect_on(
+        &mut self,
+        s: usize,
+        user: Option<&'static str>,
+        capacity: usize,
+        answers_pings: bool,
+        slow: bool,
+    ) -> usize {
         let pipe = SimSocket::new(capacity);
         let sh = &mut self.shards[s];
         sh.set_clock(self.now_ms, UNIX_BASE_MS + self.now_ms);
@@ -230,17 +248,20 @@ impl World {
                 phase: Phase::Handshake,
                 unsent: req.into_bytes().into(),
                 rbuf: Vec::new(),
-                answers_pings: !self.rng.chance(10),
-                slow: self.rng.chance(15),
+                answers_pings,
+                slow,
                 next_seq: 0,
                 dm_seen: BTreeMap::new(),
                 pub_seen: BTreeMap::new(),
                 ever_subscribed: BTreeSet::new(),
                 pending_ids: BTreeSet::new(),
+                acked: BTreeSet::new(),
+                dms: BTreeSet::new(),
                 welcomed: false,
                 close_code: None,
             },
         );
+        id
     }
 
     fn pick_client(&mut self) -> Option<usize> {
@@ -424,6 +445,7 @@ impl World {
                         ));
                     }
                     *last = n;
+                    c.dms.insert((sender, n));
                     self.stats.dms_received += 1;
                 } else if let Some(ch) = v["channel"].as_str() {
                     let Some(&ch) = CHANNELS.iter().find(|&&x| x == ch) else {
@@ -446,6 +468,9 @@ impl World {
                 if let Some(n) = v["id"].as_u64() {
                     // Errors and acks answer requests; a `send` gets exactly one.
                     c.pending_ids.remove(&n);
+                    if op == "ack" {
+                        c.acked.insert(n);
+                    }
                 }
             }
             "pong" => {}
@@ -629,4 +654,86 @@ pub fn run(seed: u64, shards: usize, steps: u64) -> Stats {
     }
     w.drain();
     w.stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::home_of;
+
+    /// Every client hands over all it has, every shard turns, every client reads.
+    fn pump(w: &mut World) {
+        let ids: Vec<usize> = w.clients.keys().copied().collect();
+        for id in &ids {
+            let c = w.clients.get_mut(id).expect("listed");
+            let bytes: Vec<u8> = c.unsent.drain(..).collect();
+            c.pipe.0.borrow_mut().client_write(&bytes);
+        }
+        for s in 0..w.shards.len() {
+            w.turn(s);
+        }
+        for id in ids {
+            w.client_reads(Some(id));
+        }
+        w.check();
+    }
+
+    #[test]
+    fn a_full_mailbox_never_loses_an_acked_dm() {
+        let mut w = World::new(7, 2);
+        // bob's connection is not on his home shard: a DM goes sender → home → holder, and
+        // the home shard's copy to the holder meets a full mailbox.
+        let home = home_of("bob", 2) as usize;
+        let other = 1 - home;
+        let alice = w.connect_on(other, Some("ann"), 1 << 20, true, false);
+        let bob = w.connect_on(other, Some("bob"), 1 << 20, true, false);
+        for _ in 0..50 {
+            pump(&mut w);
+        }
+        assert!(w.clients[&alice].welcomed && w.clients[&bob].welcomed);
+        // Bursts small enough for the connection's outbound limit; the sender's shard reads
+        // each, then the home shard runs alone for a while, so its mail to the holder piles
+        // up against the bound.
+        let (bursts, per_burst) = (15u64, 30u64);
+        let sends = bursts * per_burst;
+        for b in 0..bursts {
+            let c = w.clients.get_mut(&alice).expect("alice");
+            for n in b * per_burst + 1..=(b + 1) * per_burst {
+                let m = serde_json::json!({"op":"send","to":"bob","data":{"c":alice,"n":n},"id":n});
+                c.unsent
+                    .extend(testkit::text_frame(&m.to_string()).iter().copied());
+                c.pending_ids.insert(n);
+            }
+            let bytes: Vec<u8> = c.unsent.drain(..).collect();
+            c.pipe.0.borrow_mut().client_write(&bytes);
+            w.turn(other);
+            for _ in 0..3 {
+                w.turn(home);
+                w.client_reads(None);
+            }
+        }
+        for _ in 0..500 {
+            pump(&mut w);
+        }
+        assert!(w.stats.mailbox_full > 0, "the scenario must fill a mailbox");
+        assert_eq!(
+            (w.clients[&alice].close_code, w.clients[&bob].close_code),
+            (None, None),
+            "both stay connected"
+        );
+        let acked = &w.clients[&alice].acked;
+        let got: BTreeSet<u64> = w.clients[&bob]
+            .dms
+            .iter()
+            .filter(|(c, _)| *c == alice)
+            .map(|&(_, n)| n)
+            .collect();
+        let lost: Vec<u64> = acked.difference(&got).copied().collect();
+        assert!(!acked.is_empty(), "some DMs must be acked");
+        assert!(lost.is_empty(), "acked but never delivered: {lost:?}");
+        assert!(
+            w.clients[&alice].pending_ids.is_empty(),
+            "every one of {sends} sends answered"
+        );
+    }
 }
