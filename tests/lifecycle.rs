@@ -198,3 +198,25 @@ fn shared_fd_table_serves_and_recycles_descriptors() {
     });
     let _again = hold(&server, 200);
 }
+
+#[test]
+fn a_second_server_on_a_served_address_refuses_to_start_and_the_first_keeps_serving() {
+    let first = Server::start(&["--shards", "2"]);
+    let port = first.addr.port();
+    // The same address, and the wildcard that overlaps it: both refused, exit 1.
+    for listen in [format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["--listen", &listen, "--store", "memory"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{listen}: {err}");
+        assert!(err.contains("another process is already serving"), "{err}");
+    }
+    // Every new client still reaches the first server (none went to a second one).
+    for _ in 0..8 {
+        let (mut ws, welcome) = connect(&first, "alice");
+        send_json(&mut ws, json!({"op":"ping","id":1}));
+        assert_eq!(recv_json(&mut ws)["op"], "pong", "{welcome}");
+    }
+}

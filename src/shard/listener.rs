@@ -32,6 +32,16 @@ pub enum BindError {
         /// Cause.
         source: io::Error,
     },
+    /// Another process already listens on the address (SO_REUSEPORT would share the port
+    /// with it silently: clients split between servers that do not know each other).
+    #[error(
+        "another process is already serving {addr} (a second switchboard?): stop it or pick \
+         another --listen"
+    )]
+    Taken {
+        /// Address.
+        addr: SocketAddr,
+    },
     /// listen(2).
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -64,8 +74,33 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, Bin
     Ok(socket.into())
 }
 
-/// Binds `shards` listeners on each address. Port 0 is resolved by the first bind, so every
-/// shard shares the port the kernel chose.
+/// Fails when another socket listens on `addr` (or on a wildcard or specific address that
+/// overlaps it), whatever its options: a probe bound without SO_REUSEPORT meets
+/// `EADDRINUSE` then. SO_REUSEADDR on the probe lets a port whose old connections linger in
+/// TIME_WAIT through. The probe is closed before the shards bind.
+pub fn ensure_free(addr: SocketAddr) -> Result<(), BindError> {
+    if addr.port() == 0 {
+        return Ok(()); // the kernel picks a free port
+    }
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|source| BindError::Socket { addr, source })?;
+    let opts = || -> io::Result<()> {
+        probe.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            probe.set_only_v6(true)?;
+        }
+        Ok(())
+    };
+    opts().map_err(|source| BindError::SetOptions { addr, source })?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(BindError::Taken { addr }),
+        Err(source) => Err(BindError::Bind { addr, source }),
+    }
+}
+
+/// Binds `shards` listeners on each address (each checked free first: [`ensure_free`]). Port
+/// 0 is resolved by the first bind, so every shard shares the port the kernel chose.
 pub fn bind_all(
     addrs: &[SocketAddr],
     shards: usize,
@@ -74,6 +109,7 @@ pub fn bind_all(
     let mut per_shard: Vec<Vec<std::net::TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     for &addr in addrs {
+        ensure_free(addr)?;
         let first = bind(addr, backlog)?;
         let actual = first
             .local_addr()
@@ -85,4 +121,29 @@ pub fn bind_all(
         bound.push(actual);
     }
     Ok((bound, per_shard))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_another_listener_serves_is_refused_and_shards_still_share_one() {
+        let (bound, per_shard) = bind_all(&["127.0.0.1:0".parse().unwrap()], 2, 16).unwrap();
+        assert_eq!(
+            per_shard.iter().map(Vec::len).sum::<usize>(),
+            2,
+            "two shards share it"
+        );
+        let taken = bound[0];
+        assert!(matches!(ensure_free(taken), Err(BindError::Taken { .. })));
+        // The wildcard address overlaps it too.
+        let wild: SocketAddr = format!("0.0.0.0:{}", taken.port()).parse().unwrap();
+        assert!(matches!(
+            bind_all(&[wild], 1, 16),
+            Err(BindError::Taken { .. })
+        ));
+        drop(per_shard);
+        assert!(ensure_free(taken).is_ok(), "free again once closed");
+    }
 }
