@@ -194,9 +194,14 @@ impl<T: Transport> Sessions<T> {
             };
             let total = hl as u64 + h.payload_len;
             if let Err((close_code, reason)) = self.check_header(key, &h, inb.frag.as_ref()) {
+                inb.skip = total;
+                if h.opcode == OpCode::Control(Control::Close) {
+                    // A malformed close is still the peer's close.
+                    self.reject_close(key, close_code, reason);
+                    continue;
+                }
                 // Skip the offending frame and keep parsing for the peer's close frame.
                 self.fail(key, close_code, reason);
-                inb.skip = total;
                 continue;
             }
             if self.conns[key].state == ConnState::Closing && matches!(h.opcode, OpCode::Data(_)) {
@@ -358,7 +363,7 @@ impl<T: Transport> Sessions<T> {
                 frame::encode(OpCode::Control(Control::Close), &[]),
             ),
             1 => {
-                return self.fail(
+                return self.reject_close(
                     key,
                     code::PROTOCOL_ERROR,
                     "close frame with a 1-byte payload",
@@ -367,16 +372,22 @@ impl<T: Transport> Sessions<T> {
             _ => {
                 let c = u16::from_be_bytes([payload[0], payload[1]]);
                 if !code::is_valid_received(c) {
-                    return self.fail(key, code::PROTOCOL_ERROR, "invalid close code");
+                    return self.reject_close(key, code::PROTOCOL_ERROR, "invalid close code");
                 }
-                if std::str::from_utf8(&payload[2..]).is_err() {
-                    return self.fail(
+                let Ok(reason) = std::str::from_utf8(&payload[2..]) else {
+                    return self.reject_close(
                         key,
                         code::INVALID_PAYLOAD,
                         "close reason is not valid UTF-8",
                     );
-                }
-                (c, frame::encode_close(c, ""))
+                };
+                // The answer echoes the peer's code and reason (ours when it gave none).
+                let reason = if reason.is_empty() {
+                    "closed by the client"
+                } else {
+                    reason
+                };
+                (c, frame::encode_close(c, reason))
             }
         };
         let c = &mut self.conns[key];
@@ -389,6 +400,17 @@ impl<T: Transport> Sessions<T> {
         c.close_code = close_code;
         c.extra_mut().close_reason = "closed by peer".into();
         self.begin_closing(key, reply);
+    }
+
+    /// An invalid close frame is still the peer's close: answered with `close_code`, it
+    /// completes the closing handshake, and the TCP connection closes once the answer is
+    /// written (RFC 6455 §5.5.1, §7.1.1) rather than after a close frame that never comes.
+    fn reject_close(&mut self, key: usize, close_code: u16, reason: &'static str) {
+        self.fail(key, close_code, reason);
+        if let Some(c) = self.conns.get_mut(key) {
+            c.flags.set(Flags::CLOSE_RECEIVED | Flags::DISCARD_INPUT);
+            self.mark_dirty(key);
+        }
     }
 
     /// A protocol violation: close with `close_code`. A second violation while closing

@@ -241,8 +241,43 @@ fn close_handshake_started_by_the_peer() {
     let (key, pipe, mut buf) = h.open("/ws?user=carol", 64 * 1024);
     h.send(&pipe, &testkit::close_frame(1000, "bye"));
     let f = frames(&pipe, &mut buf);
-    assert_eq!(close_code(&f[0]).0, 1000);
+    assert_eq!(
+        close_code(&f[0]),
+        (1000, "bye".into()),
+        "code and reason echoed"
+    );
     assert!(!h.live(key), "both close frames exchanged: finished");
+    // Without a reason, the answer still carries one.
+    let (key, pipe, mut buf) = h.open("/ws?user=dan", 64 * 1024);
+    h.send(&pipe, &testkit::close_frame(1001, ""));
+    let (code, reason) = close_code(&frames(&pipe, &mut buf)[0]);
+    assert_eq!(code, 1001);
+    assert!(!reason.is_empty());
+    assert!(!h.live(key));
+}
+
+#[test]
+fn an_invalid_close_frame_is_answered_and_the_connection_ends_at_once() {
+    let mut h = Harness::new(config());
+    let mut long = vec![0x03, 0xe8];
+    long.extend(std::iter::repeat_n(b'r', 124));
+    let bad: [(&[u8], u16); 5] = [
+        (&[0x03], 1002),             // 1-byte payload
+        (&[0x03, 0xe7], 1002),       // code 999
+        (&[0x03, 0xed], 1002),       // code 1005: may not be sent
+        (&[0x03, 0xe8, 0xff], 1007), // reason not UTF-8
+        (&long, 1002),               // a control frame over 125 bytes
+    ];
+    for (payload, want) in bad {
+        let (key, pipe, mut buf) = h.open("/ws?user=erin", 64 * 1024);
+        h.send(&pipe, &testkit::client_frame(0x8, payload, [7, 7, 7, 7]));
+        let f = frames(&pipe, &mut buf);
+        assert_eq!(close_code(&f[0]).0, want, "{payload:?}");
+        assert!(
+            !h.live(key),
+            "{payload:?}: finished without waiting for another close"
+        );
+    }
 }
 
 #[test]
