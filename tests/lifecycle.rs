@@ -220,3 +220,18 @@ fn a_second_server_on_a_served_address_refuses_to_start_and_the_first_keeps_serv
         assert_eq!(recv_json(&mut ws)["op"], "pong", "{welcome}");
     }
 }
+
+#[test]
+fn a_bad_config_file_is_one_clear_error_said_once_and_exit_1() {
+    let cfg = std::env::temp_dir().join(format!("sb-bad-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "bogus = 1\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("unknown field `bogus`").count(), 1, "{err}");
+    assert!(err.contains("invalid config file"), "{err}");
+}
