@@ -245,6 +245,36 @@ fn api_bad_input() {
     assert_eq!(s, 200);
     assert!(stats["accepted"].as_u64().unwrap() >= 9);
     assert_eq!(stats["shards"], 2);
+    // Every series of /metrics is in /api/stats under `metrics`, with its labels.
+    let (s, text) = request(&server, "GET", "/metrics", "", "");
+    assert_eq!(s, 200);
+    let m = &stats["metrics"];
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let series = line.rsplit_once(' ').unwrap().0;
+        let found = match series.split_once('{') {
+            None => m[series].is_number(),
+            Some((name, labels)) => m[name].as_array().is_some_and(|rows| {
+                rows.iter().any(|r| {
+                    labels.trim_end_matches('}').split("\",").all(|p| {
+                        let (k, v) = p.split_once("=\"").unwrap();
+                        r[k] == v.trim_end_matches('"')
+                    })
+                })
+            }),
+        };
+        assert!(found, "{series} of /metrics missing from /api/stats");
+    }
+    let bad_400 = m["switchboard_api_requests_total"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "users" && r["status"] == "400")
+        .unwrap()["value"]
+        .as_u64();
+    assert_eq!(bad_400, Some(1), "the bad user id above");
 }
 
 #[test]

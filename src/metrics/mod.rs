@@ -505,9 +505,78 @@ pub fn render(shards: &[ShardMetrics]) -> String {
     o
 }
 
+/// The Prometheus text of [`render`] and friends as JSON, so `/api/stats` carries every
+/// series `/metrics` has from the same definitions: an unlabelled series is
+/// `"name": value`; a labelled one is `"name": [{"label": "..", .., "value": v}, ..]`.
+pub fn text_to_json(text: &str) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let value = match value.parse::<u64>() {
+            Ok(v) => serde_json::Value::from(v),
+            Err(_) => value
+                .parse::<f64>()
+                .map_or(serde_json::Value::Null, serde_json::Value::from),
+        };
+        match series.split_once('{') {
+            None => {
+                out.insert(series.to_owned(), value);
+            }
+            Some((name, labels)) => {
+                let mut row = serde_json::Map::new();
+                for pair in labels.trim_end_matches('}').split("\",") {
+                    if let Some((k, v)) = pair.split_once("=\"") {
+                        row.insert(k.to_owned(), v.trim_end_matches('"').into());
+                    }
+                }
+                row.insert("value".into(), value);
+                let e = out
+                    .entry(name.to_owned())
+                    .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+                if let Some(a) = e.as_array_mut() {
+                    a.push(serde_json::Value::Object(row));
+                }
+            }
+        }
+    }
+    serde_json::Value::Object(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_series_of_the_text_is_in_the_json() {
+        let shards: Vec<ShardMetrics> = (0..2).map(|_| ShardMetrics::default()).collect();
+        ShardMetrics::add(&shards[1].accepted, 3);
+        shards[1].count_close(4000);
+        let mut text = render(&shards);
+        render_store(&mut text, &StoreMetrics::default());
+        let j = text_to_json(&text);
+        assert_eq!(j["switchboard_accepted_total"], 3);
+        let closes = j["switchboard_closes_total"].as_array().unwrap();
+        assert!(closes.contains(&serde_json::json!({"code":"4000","value":1})));
+        let api = j["switchboard_api_requests_total"].as_array().unwrap();
+        assert!(api.contains(&serde_json::json!({"route":"presence","status":"200","value":0})));
+        let buckets = j["switchboard_store_commit_latency_us_bucket"]
+            .as_array()
+            .unwrap();
+        assert!(buckets.iter().any(|b| b["le"] == "+Inf"));
+        let samples = text.lines().filter(|l| !l.starts_with('#')).count();
+        let in_json: usize = j
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_array().map_or(1, Vec::len))
+            .sum();
+        assert_eq!(in_json, samples, "one JSON value per sample");
+    }
 
     #[test]
     fn renders_sums_and_labels() {

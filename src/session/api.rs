@@ -349,10 +349,22 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
+    /// The Prometheus text of `/metrics`: the shards', the store's (with one) and the node's.
+    pub(super) fn metrics_text(&self) -> String {
+        let mut text = crate::metrics::render(&self.metrics);
+        if self.store.is_some() {
+            crate::metrics::render_store(&mut text, &self.store_metrics);
+        }
+        crate::metrics::render_node(&mut text, &self.node, self.broker_metrics.as_deref());
+        text
+    }
+
+    /// `GET /api/stats`: a summary, and under `metrics` every series of `/metrics`.
     pub(super) fn stats_json(&self) -> Vec<u8> {
         let sum = |f: &dyn Fn(&ShardMetrics) -> u64| -> u64 { self.metrics.iter().map(f).sum() };
         let r = Ordering::Relaxed;
         json(serde_json::json!({
+            "metrics": crate::metrics::text_to_json(&self.metrics_text()),
             "node": &*self.node,
             "cluster": self.broker.is_some(),
             "shards": self.metrics.len(),

@@ -13,7 +13,7 @@ use super::streams::Cursor;
 use super::{admit, Sessions};
 use crate::auth::Identity;
 use crate::http::{self, response, HttpError, Method, Request};
-use crate::metrics::{self, HandshakeFailure, ShardMetrics};
+use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::store::Since;
 use crate::ws::close::{self as code};
 use crate::ws::handshake;
@@ -85,12 +85,7 @@ impl<T: Transport> Sessions<T> {
                 self.http_ok(key, req, "text/plain; charset=utf-8", b"ok\n".to_vec())
             }
             "/metrics" if get => {
-                let mut text = metrics::render(&self.metrics);
-                if self.store.is_some() {
-                    metrics::render_store(&mut text, &self.store_metrics);
-                }
-                metrics::render_node(&mut text, &self.node, self.broker_metrics.as_deref());
-                let body = text.into_bytes();
+                let body = self.metrics_text().into_bytes();
                 self.http_ok(key, req, "text/plain; version=0.0.4", body)
             }
             "/" if get => {
