@@ -143,6 +143,8 @@ struct Totals {
     sent: u64,
     received: u64,
     expected: u64,
+    /// `error` answers (a refused DM is one delivery that will never come).
+    op_errors: u64,
 }
 
 fn totals(stats: &[WorkerStats]) -> Totals {
@@ -157,6 +159,7 @@ fn totals(stats: &[WorkerStats]) -> Totals {
         t.sent += s.sent.load(Relaxed);
         t.received += s.received.load(Relaxed);
         t.expected += s.expected.load(Relaxed);
+        t.op_errors += s.op_errors.load(Relaxed);
     }
     t
 }
@@ -251,8 +254,8 @@ fn main() -> anyhow::Result<()> {
         stats: (0..threads).map(|_| WorkerStats::default()).collect(),
     });
     eprintln!(
-        "loadgen {:?}: {} connections to {} target(s) from {} source address(es), {} threads, connect rate {}/s{}",
-        args.scenario,
+        "loadgen {}: {} connections to {} target(s) from {} source address(es), {} threads, connect rate {}/s{}",
+        scenario_name(args.scenario),
         total,
         job.targets.len(),
         job.sources.as_ref().map_or(1, |v| v.len()),
@@ -314,15 +317,16 @@ fn main() -> anyhow::Result<()> {
             while let Ok(iv) = irx.try_recv() {
                 let _ = interval.add(&iv.latency);
             }
+            // No latency in an interval without messages (not "0.000 ms").
             let p99 = if interval.is_empty() {
-                0.0
+                "-".to_owned()
             } else {
-                interval.value_at_quantile(0.99) as f64 / 1000.0
+                format!("{:.3} ms", interval.value_at_quantile(0.99) as f64 / 1000.0)
             };
             let elapsed = (now - t_start) as f64 / 1e9;
             intervals.push((elapsed - 1.0, 1.0, interval));
             eprintln!(
-                "[{elapsed:6.1}s] open {} connecting {} connect/s {} errors {} msgs/s {} p99 {p99:.3} ms",
+                "[{elapsed:6.1}s] open {} connecting {} connect/s {} errors {} msgs/s {} p99 {p99}",
                 t.open,
                 t.connecting,
                 t.established - last_established,
@@ -369,8 +373,15 @@ fn main() -> anyhow::Result<()> {
         // With periodic drops, also wait for the last dropped connections to come back and
         // resume (a drop just before the end would otherwise never count as recovered).
         let all_back = args.resume_every.is_none() || t.open as usize >= total;
+        // A refused DM was answered: nothing more will come for it.
+        let refused = if args.scenario == Scenario::Dm {
+            t.op_errors
+        } else {
+            0
+        };
         if shared.phase.load(Relaxed) == phase::DRAIN
-            && ((t.received >= t.expected && all_back) || drain_until.is_some_and(|d| now >= d))
+            && ((t.received + refused >= t.expected && all_back)
+                || drain_until.is_some_and(|d| now >= d))
         {
             shared.phase.store(phase::CLOSE, Relaxed);
         }
@@ -417,7 +428,11 @@ fn main() -> anyhow::Result<()> {
     let (mut gaps, mut dups, mut op_errors, mut dropped, mut acked) = (0, 0, 0, 0, 0);
     let mut redelivered = 0;
     let mut first_error = None;
+    let mut by_code = [0u64; worker::OP_ERROR_CODES.len() + 1];
     for s in &shared.stats {
+        for (i, n) in by_code.iter_mut().enumerate() {
+            *n += s.op_error_codes[i].load(Relaxed);
+        }
         for k in ErrKind::ALL {
             let v = s.errors[k as usize].load(Relaxed);
             if v > 0 {
@@ -460,7 +475,11 @@ fn main() -> anyhow::Result<()> {
     if args.resume_every.is_some() {
         hists.push(("resume_recovery", &recovery_hist));
     }
-    let title = format!("loadgen {:?}: {} connections", args.scenario, total);
+    let title = format!(
+        "loadgen {}: {} connections",
+        scenario_name(args.scenario),
+        total
+    );
     report::write_histograms(&args.out, &title, &hists)?;
     report::write_interval_log(&args.out.join("intervals.hlog"), started_wall, &intervals)?;
     let per_conn = |first: Option<(u64, f64)>, last: Option<(u64, f64)>| -> serde_json::Value {
@@ -501,7 +520,8 @@ fn main() -> anyhow::Result<()> {
         "started_at_unix_s": started_wall.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         "targets": args.url,
         "threads": threads,
-        "source_ips": job.sources.as_ref().map_or(0, |v| v.len()),
+        // Without --source-ips the kernel picks one source address.
+        "source_ips": job.sources.as_ref().map_or(1, |v| v.len()),
         "open_loop": true,
         "latency_from_scheduled_send_time": true,
         "connections": {
@@ -526,6 +546,7 @@ fn main() -> anyhow::Result<()> {
             "gaps": gaps,
             "duplicates": dups,
             "op_errors": op_errors,
+            "op_errors_by_code": op_errors_by_code(&by_code),
             "qos": args.qos,
             "acked": acked,
             "redelivered": redelivered,
@@ -564,6 +585,14 @@ fn main() -> anyhow::Result<()> {
             "messages: sent {} received {} expected {} missing {} duplicates {} gaps {} errors {} ({:.0} deliveries/s)",
             t.sent, t.received, t.expected, missing, dups, gaps, op_errors, t.received as f64 / run_secs
         );
+        let codes = op_errors_by_code(&by_code);
+        if let Some(m) = codes.as_object().filter(|m| !m.is_empty()) {
+            let list: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!(
+                "refused by the server: {} (each answered `error` to its sender)",
+                list.join(", ")
+            );
+        }
     }
     if args.scenario == Scenario::Storm {
         println!(
@@ -603,7 +632,30 @@ fn main() -> anyhow::Result<()> {
     if t.established == 0 {
         std::process::exit(1);
     }
+    if missing > 0 {
+        println!("FAILED: {missing} messages never arrived");
+        std::process::exit(2);
+    }
     Ok(())
+}
+
+/// The scenario as typed on the command line (`dm`, not `Dm`).
+fn scenario_name(s: Scenario) -> String {
+    use clap::ValueEnum;
+    s.to_possible_value()
+        .map_or_else(|| format!("{s:?}"), |v| v.get_name().to_owned())
+}
+
+/// The `error` answers by code, as JSON (codes never seen left out).
+fn op_errors_by_code(counts: &[u64]) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (i, &n) in counts.iter().enumerate() {
+        if n > 0 {
+            let code = worker::OP_ERROR_CODES.get(i).copied().unwrap_or("other");
+            m.insert(code.into(), n.into());
+        }
+    }
+    serde_json::Value::Object(m)
 }
 
 fn nofile() -> (u64, u64) {

@@ -163,6 +163,8 @@ pub struct WorkerStats {
     pub redelivered: AtomicU64,
     /// `error` ops received.
     pub op_errors: AtomicU64,
+    /// `error` ops received, by code ([`OP_ERROR_CODES`]; the last slot: any other code).
+    pub op_error_codes: [AtomicU64; OP_ERROR_CODES.len() + 1],
     /// Closes the loadgen did not ask for, by code (1006 = dropped without a close frame).
     pub unexpected_closes: Mutex<BTreeMap<u16, u64>>,
     /// First error message seen, for the report.
@@ -172,6 +174,17 @@ pub struct WorkerStats {
     /// Clock (ns) of the latest completed upgrade.
     pub last_established_ns: AtomicU64,
 }
+
+/// The error codes of the protocol (`docs/protocol.md`), counted one by one.
+pub const OP_ERROR_CODES: [&str; 7] = [
+    "bad_request",
+    "bad_channel",
+    "user_offline",
+    "overloaded",
+    "forbidden",
+    "store_full",
+    "unavailable",
+];
 
 /// State shared by the main thread and every worker.
 #[derive(Debug)]
@@ -317,6 +330,9 @@ struct Incoming<'a> {
     /// Recipient of a DM.
     #[serde(borrow, default)]
     to: Option<&'a str>,
+    /// Code of an `error`.
+    #[serde(borrow, default)]
+    code: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -957,6 +973,12 @@ impl Worker {
                     }
                     "error" => {
                         self.stats().op_errors.fetch_add(1, Relaxed);
+                        let code = m.code.unwrap_or("");
+                        let slot = OP_ERROR_CODES
+                            .iter()
+                            .position(|c| *c == code)
+                            .unwrap_or(OP_ERROR_CODES.len());
+                        self.stats().op_error_codes[slot].fetch_add(1, Relaxed);
                     }
                     "msg" => {
                         if self.job.resume_every_ns > 0 {
@@ -1106,8 +1128,10 @@ impl Worker {
                 job.user_prefix,
                 id ^ 1
             ),
+            // Every op carries an id: refusals (`user_offline`, `overloaded`) come back and
+            // are counted by code.
             Scenario::Dm => format!(
-                r#"{{"op":"send","to":"{}{}","data":{{"t":{scheduled},"s":{seq}}}}}"#,
+                r#"{{"op":"send","to":"{}{}","data":{{"t":{scheduled},"s":{seq}}},"id":{scheduled}}}"#,
                 job.user_prefix,
                 id ^ 1
             ),
@@ -1117,15 +1141,9 @@ impl Worker {
                 self.stats()
                     .expected
                     .fetch_add(job.subscribers_of(channel), Relaxed);
-                if job.qos == 1 {
-                    format!(
-                        r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq}}},"id":{scheduled}}}"#
-                    )
-                } else {
-                    format!(
-                        r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq}}}}}"#
-                    )
-                }
+                format!(
+                    r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq}}},"id":{scheduled}}}"#
+                )
             }
             Scenario::Connect | Scenario::Storm | Scenario::Tcp => return,
         };

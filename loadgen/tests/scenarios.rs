@@ -423,6 +423,36 @@ fn refused_connections_are_reported_with_the_fix() {
     );
 }
 
+#[test]
+fn refused_dms_are_counted_by_code_and_a_run_with_missing_messages_fails() {
+    // A store of 2 KB: the first qos-1 DMs are stored, the rest refused `store_full`.
+    let (_s, url) = server(&["--store-max-bytes", "2000"]);
+    let out = out_dir("refused-dms");
+    let run = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["dm", "--url", &url, "--connections", "2", "--rate", "40"])
+        .args(["--duration", "1s", "--qos", "1"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(run.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains("refused by the server: store_full"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("FAILED:"), "{stdout}");
+    let text = std::fs::read_to_string(out.join("summary.json")).unwrap();
+    let s: Value = serde_json::from_str(&text).unwrap();
+    let refused = s["messages"]["op_errors_by_code"]["store_full"]
+        .as_u64()
+        .unwrap();
+    assert!(refused > 0, "{s}");
+    assert_eq!(s["messages"]["op_errors"].as_u64(), Some(refused));
+    // Exactly the refused ones are missing: every stored one arrived.
+    assert_eq!(s["messages"]["missing"].as_u64(), Some(refused), "{s}");
+}
+
 #[path = "../../tests/common/redis.rs"]
 mod redis;
 
