@@ -32,7 +32,17 @@ fuzz_target!(|data: &[u8]| {
                 }
                 Op::Ping { data } => check(&protocol::pong(data)),
                 Op::Sub { channel, .. } | Op::Unsub { channel } => {
-                    assert!(protocol::valid_channel(&channel))
+                    assert!(protocol::valid_channel(&channel));
+                    check(&protocol::join_leave(true, &channel, "u", "0.1.2"));
+                    assert!(protocol::is_join_leave(&protocol::join_leave(
+                        false, &channel, "u", "0.1.2"
+                    )));
+                }
+                Op::Presence { channel } => {
+                    assert!(protocol::valid_channel(&channel));
+                    let id = p.id.map(|r| r.get());
+                    let tally = [(std::sync::Arc::from("u"), 2), (std::sync::Arc::from(""), 1)];
+                    check(&protocol::presence(id, &channel, &tally, true));
                 }
                 Op::Confirm { .. } => {}
                 Op::History { stream, .. } => {
