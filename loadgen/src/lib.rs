@@ -2,4 +2,5 @@
 pub mod plan;
 pub mod report;
 pub mod schedule;
+pub mod timer;
 pub mod worker;

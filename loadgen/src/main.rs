@@ -395,6 +395,7 @@ fn main() -> anyhow::Result<()> {
     let mut latency_hist = report::new_histogram();
     let mut ack_hist = report::new_histogram();
     let mut recovery_hist = report::new_histogram();
+    let mut lateness_hist = report::new_histogram();
     for h in handles {
         match h.join() {
             Ok(Ok(r)) => {
@@ -402,6 +403,7 @@ fn main() -> anyhow::Result<()> {
                 latency_hist.add(&r.latency).ok();
                 ack_hist.add(&r.ack).ok();
                 recovery_hist.add(&r.recovery).ok();
+                lateness_hist.add(&r.lateness).ok();
             }
             Ok(Err(e)) => eprintln!("a worker failed: {e}"),
             Err(_) => eprintln!("a worker panicked"),
@@ -468,6 +470,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Echo | Scenario::Dm | Scenario::Fanout
     ) {
         hists.push((latency_name, &latency_hist));
+        hists.push(("send_lateness", &lateness_hist));
     }
     if args.qos == 1 && matches!(args.scenario, Scenario::Dm | Scenario::Fanout) {
         hists.push(("ack_latency", &ack_hist));
@@ -558,6 +561,7 @@ fn main() -> anyhow::Result<()> {
             latency_name: report::stats(&latency_hist),
             "ack_latency": report::stats(&ack_hist),
             "resume_recovery": report::stats(&recovery_hist),
+            "send_lateness": report::stats(&lateness_hist),
         },
         "open_per_second": open_per_second,
         "server": server,

@@ -175,6 +175,9 @@ pub struct WorkerStats {
     pub last_established_ns: AtomicU64,
 }
 
+/// The poll token of the send timer (never a slab key).
+const TIMER: usize = usize::MAX - 1;
+
 /// The error codes of the protocol (`docs/protocol.md`), counted one by one.
 pub const OP_ERROR_CODES: [&str; 7] = [
     "bad_request",
@@ -284,6 +287,8 @@ pub struct WorkerResult {
     pub ack: Histogram<u64>,
     /// Abrupt drop → open again (dm --resume-every), µs.
     pub recovery: Histogram<u64>,
+    /// Actual − scheduled send time, µs: loadgen's own lateness.
+    pub lateness: Histogram<u64>,
 }
 
 /// A latency interval histogram sent to the main thread once a second.
@@ -380,6 +385,9 @@ pub struct Worker {
     latency_hist: Histogram<u64>,
     ack_hist: Histogram<u64>,
     recovery_hist: Histogram<u64>,
+    lateness_hist: Histogram<u64>,
+    /// Wakes the poll for the next scheduled send.
+    timer: crate::timer::TimerFd,
     /// When each dropped connection id was dropped (dm --resume-every).
     dropped_at: std::collections::HashMap<u32, u64>,
     interval_hist: Histogram<u64>,
@@ -412,6 +420,7 @@ impl Worker {
             unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
         }
         let poll = Poll::new()?;
+        let timer = crate::timer::TimerFd::new(poll.registry(), Token(TIMER))?;
         let total = job.total();
         let to_open: VecDeque<u32> = (index..total)
             .step_by(job.threads)
@@ -437,6 +446,8 @@ impl Worker {
             latency_hist: new_histogram(),
             ack_hist: new_histogram(),
             recovery_hist: new_histogram(),
+            lateness_hist: new_histogram(),
+            timer,
             dropped_at: Default::default(),
             interval_hist: new_histogram(),
             intervals,
@@ -452,6 +463,7 @@ impl Worker {
             latency: w.latency_hist,
             ack: w.ack_hist,
             recovery: w.recovery_hist,
+            lateness: w.lateness_hist,
         })
     }
 
@@ -502,7 +514,13 @@ impl Worker {
             }
             if phase == phase::RUN {
                 if let Some(&Reverse((t, _))) = self.sends.peek() {
-                    timeout = timeout.min(Duration::from_nanos(t.saturating_sub(now_ns())));
+                    let wait = t.saturating_sub(now_ns());
+                    if wait == 0 {
+                        timeout = Duration::ZERO;
+                    } else if wait < timeout.as_nanos() as u64 {
+                        // The timerfd wakes the poll at `t` to the microsecond.
+                        self.timer.arm(t, wait)?;
+                    }
                 }
             }
             self.poll.poll(&mut events, Some(timeout)).or_else(|e| {
@@ -514,6 +532,10 @@ impl Worker {
             })?;
             for ev in events.iter() {
                 let key = ev.token().0;
+                if key == TIMER {
+                    self.timer.clear();
+                    continue;
+                }
                 if !self.conns.contains(key) {
                     continue;
                 }
@@ -1102,6 +1124,8 @@ impl Worker {
                 continue;
             };
             self.send_one(key, scheduled);
+            self.lateness_hist
+                .saturating_record(latency_us(scheduled, now_ns()));
             if self.conns.contains(key) {
                 let next = self.schedules[key].next_time();
                 self.sends.push(Reverse((next, key)));
