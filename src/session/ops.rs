@@ -294,8 +294,7 @@ impl<T: Transport> Sessions<T> {
         let name = self.hub.channel_key(&channel).unwrap_or(channel);
         let added = self.hub.subscribe(&name, key as u32);
         if added {
-            let user = self.conns[key].user.clone();
-            self.count_member(&name, user, 1);
+            self.count_subscriber(key, &name, 1);
             self.tell_join_leave(key, &name, true);
         }
         self.conns[key].extra_mut().channels.push(name.clone());
@@ -322,8 +321,7 @@ impl<T: Transport> Sessions<T> {
     pub(super) fn unsubscribe_local(&mut self, channel: &str, key: usize) {
         let removed = self.hub.unsubscribe(channel, key as u32);
         if removed {
-            let user = self.conns[key].user.clone();
-            self.count_member(channel, user, -1);
+            self.count_subscriber(key, channel, -1);
             self.tell_join_leave(key, channel, false);
         }
         if let (true, 0, Some(b)) = (removed, self.hub.subscriber_count(channel), &self.broker) {
@@ -378,15 +376,23 @@ impl<T: Transport> Sessions<T> {
 
     /// A `join`/`leave` event to the local subscribers of `channel` that asked for them.
     fn deliver_join_leave(&mut self, channel: &str, f: &Bytes, except: Option<usize>) -> u64 {
+        self.deliver_to(f, |me, slots| {
+            slots.extend(me.hub.subscribers(channel).filter(|&s| {
+                Some(s as usize) != except
+                    && me.conns[s as usize]
+                        .extra
+                        .as_ref()
+                        .is_some_and(|e| e.join_leave.iter().any(|c| **c == *channel))
+            }))
+        })
+    }
+
+    /// Delivers `f` to the slots `pick` lists (into the reused scratch list: the hub is
+    /// borrowed while listing); how many connections took it.
+    fn deliver_to(&mut self, f: &Bytes, pick: impl FnOnce(&Self, &mut Vec<u32>)) -> u64 {
         let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
-        slots.extend(self.hub.subscribers(channel).filter(|&s| {
-            Some(s as usize) != except
-                && self.conns[s as usize]
-                    .extra
-                    .as_ref()
-                    .is_some_and(|e| e.join_leave.iter().any(|c| **c == *channel))
-        }));
+        pick(self, &mut slots);
         let mut n = 0;
         for &slot in &slots {
             n += u64::from(self.deliver(slot as usize, f));
@@ -395,15 +401,22 @@ impl<T: Transport> Sessions<T> {
         n
     }
 
-    /// With a broker, keeps this node's count of a channel's subscribers, by user
-    /// (`""` for anonymous ones), in Redis (for cluster-wide counts and presence).
-    fn count_member(&mut self, channel: &str, user: Option<Arc<str>>, delta: i64) {
+    /// With a broker, keeps this node's count of `name` in Redis (for cluster-wide answers);
+    /// a channel's subscribers are counted by `member` too (their user, `""` for anonymous
+    /// ones: the channel's presence).
+    fn count_in_cluster(
+        &mut self,
+        kind: Counted,
+        name: &str,
+        member: Option<Arc<str>>,
+        delta: i64,
+    ) {
         if let Some(b) = &self.broker {
             let req = BrokerReq::Presence {
                 shard: self.index,
-                kind: Counted::Channels,
-                name: channel.into(),
-                member: Some(user.unwrap_or_else(|| Arc::from(""))),
+                kind,
+                name: name.into(),
+                member,
                 delta,
             };
             if b.is_up() && b.publish(req).is_err() {
@@ -412,20 +425,11 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
-    /// With a broker, keeps this node's count of `name` in Redis (for cluster-wide answers).
-    fn count_in_cluster(&mut self, kind: Counted, name: &str, delta: i64) {
-        if let Some(b) = &self.broker {
-            let req = BrokerReq::Presence {
-                shard: self.index,
-                kind,
-                name: name.into(),
-                member: None,
-                delta,
-            };
-            if b.is_up() && b.publish(req).is_err() {
-                ShardMetrics::add(&self.m().dropped, 1);
-            }
-        }
+    /// [`Self::count_in_cluster`] for a subscription of connection `key` to `channel`.
+    fn count_subscriber(&mut self, key: usize, channel: &str, delta: i64) {
+        let user = self.conns[key].user.clone();
+        let member = user.unwrap_or_else(|| Arc::from(""));
+        self.count_in_cluster(Counted::Channels, channel, Some(member), delta);
     }
 
     /// After Redis came back, this shard's counts in Redis are rewritten from what it holds
@@ -475,7 +479,7 @@ impl<T: Transport> Sessions<T> {
         ack: Option<ConnId>,
     ) -> bool {
         // Counted per node in Redis, for `GET /api/users/<id>` on any node.
-        self.count_in_cluster(Counted::Users, &user, if online { 1 } else { -1 });
+        self.count_in_cluster(Counted::Users, &user, None, if online { 1 } else { -1 });
         if self.broker.is_none() {
             return false;
         }
@@ -800,39 +804,22 @@ impl<T: Transport> Sessions<T> {
         f: &Bytes,
         exclude: Option<ConnId>,
     ) -> u64 {
-        let mut n = 0;
-        let mut slots = std::mem::take(&mut self.scratch_slots);
-        slots.clear();
-        slots.extend_from_slice(self.hub.user_slots(to));
-        for &slot in &slots {
-            let key = slot as usize;
-            if let Some(x) = exclude {
-                if x.shard == self.index
-                    && x.slot == slot
-                    && self.conns[key].generation == x.generation
-                {
-                    continue;
-                }
-            }
-            n += u64::from(self.deliver(key, f));
-        }
-        self.scratch_slots = slots;
-        n
+        self.deliver_to(f, |me, slots| {
+            slots.extend(me.hub.user_slots(to).iter().filter(|&&slot| {
+                !exclude.is_some_and(|x| {
+                    x.shard == me.index
+                        && x.slot == slot
+                        && me.conns[slot as usize].generation == x.generation
+                })
+            }))
+        })
     }
 
     pub(super) fn deliver_channel_local(&mut self, channel: &str, f: &Bytes) -> u64 {
         if protocol::is_join_leave(f) {
             return self.deliver_join_leave(channel, f, None);
         }
-        let mut slots = std::mem::take(&mut self.scratch_slots);
-        slots.clear();
-        slots.extend(self.hub.subscribers(channel));
-        let mut n = 0;
-        for &slot in &slots {
-            n += u64::from(self.deliver(slot as usize, f));
-        }
-        self.scratch_slots = slots;
-        n
+        self.deliver_to(f, |me, slots| slots.extend(me.hub.subscribers(channel)))
     }
 
     /// Mail from another shard (at most [`super::MAILBOX_PER_TURN`] per turn).
