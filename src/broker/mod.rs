@@ -377,14 +377,15 @@ fn members_key(node: &str, shard: u16, channel: &str) -> String {
     format!("sb:n:{node}:{shard}:m:{channel}")
 }
 
-/// Adds to `pipe` the deletion of one shard's channel counts and members.
-fn clear_counts_channels(pipe: &mut redis::Pipeline, node: &str, shard: u16) {
+/// Adds to `pipe` the deletion of the channel counts of a node's shards `from..to` and of
+/// every member hash they list (no reply).
+fn clear_channel_counts(pipe: &mut redis::Pipeline, node: &str, from: u16, to: u16) {
     pipe.cmd("EVAL")
         .arg(CLEAR_CHANNELS_SCRIPT)
         .arg(0)
         .arg(format!("sb:n:{node}:"))
-        .arg(shard)
-        .arg(shard + 1)
+        .arg(from)
+        .arg(to)
         .ignore();
 }
 
@@ -402,13 +403,7 @@ fn hset_all(pipe: &mut redis::Pipeline, key: &str, fields: &[(Arc<str>, u64)]) {
 
 /// Adds to `pipe` the deletion of a node's counts and members for shards `from..to`.
 fn clear_counts(pipe: &mut redis::Pipeline, node: &str, from: u16, to: u16) {
-    pipe.cmd("EVAL")
-        .arg(CLEAR_CHANNELS_SCRIPT)
-        .arg(0)
-        .arg(format!("sb:n:{node}:"))
-        .arg(from)
-        .arg(to)
-        .ignore();
+    clear_channel_counts(pipe, node, from, to);
     let mut users = redis::cmd("DEL");
     for shard in from..to {
         users.arg(Counted::Users.key(node, shard));
@@ -813,7 +808,8 @@ impl Publisher {
                                         pipe.cmd("DEL").arg(&key).ignore();
                                     }
                                     Counted::Channels => {
-                                        clear_counts_channels(&mut pipe, &self.node, *shard);
+                                        let next = *shard + 1;
+                                        clear_channel_counts(&mut pipe, &self.node, *shard, next);
                                     }
                                 }
                                 hset_all(&mut pipe, &key, counts);

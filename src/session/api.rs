@@ -562,8 +562,13 @@ impl<T: Transport> Sessions<T> {
                 let req = crate::broker::BrokerReq::Members { channel, ticket };
                 if b.is_up() && b.publish(req).is_ok() {
                     let http = pr.ws.is_none();
-                    if let (true, Some(c)) = (http, self.conns.get_mut(p.key)) {
-                        c.flags.set(Flags::HOLD_INPUT);
+                    let (key, generation) = (p.key, p.generation);
+                    if let Some(c) = self.conns.get_mut(key) {
+                        // The same connection (not a reuse of its slot): an HTTP one holds
+                        // its later requests until the answer.
+                        if http && c.generation == generation {
+                            c.flags.set(Flags::HOLD_INPUT);
+                        }
                     }
                     return;
                 }

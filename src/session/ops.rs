@@ -176,7 +176,6 @@ impl<T: Transport> Sessions<T> {
                     let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
                     return self.deliver_reply(key, f);
                 }
-                self.want_join_leave(key, &channel, join_leave);
                 let epoch = match pos.epoch.as_deref().map(str::parse) {
                     None => None,
                     Some(Ok(e)) => Some(e),
@@ -193,6 +192,7 @@ impl<T: Transport> Sessions<T> {
                     epoch,
                     offset: pos.offset,
                 };
+                self.want_join_leave(key, &channel, join_leave);
                 self.sub_since(key, id, Arc::from(channel.as_ref()), since);
             }
             Op::Sub {
