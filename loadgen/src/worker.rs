@@ -117,7 +117,7 @@ impl ErrKind {
             ErrKind::TooManyFiles => "out of file descriptors: use more --threads (each has its own fd table) or raise RLIMIT_NOFILE",
             ErrKind::Refused => "nothing listens on the target: start the server or check --url",
             ErrKind::Rejected => "the server refused the upgrade: see the status code; check the URL path and query",
-            ErrKind::Timeout => "the upgrade did not complete in 15 s: the server or the host is saturated; lower --connect-rate",
+            ErrKind::Timeout => "TCP connected but no 101 within 15 s: the server is not taking these connections; most often its fd limit (its log says \"out of file descriptors: accepting paused\"; /metrics switchboard_connections_open stops growing): give it more fd tables (--shards N with --fd-table per-shard) or a higher --max-connections; else a full listen backlog or a saturated host (then lower --connect-rate)",
             ErrKind::Other => "see the first error message",
         }
     }
