@@ -287,22 +287,16 @@ impl<T: Transport> Sessions<T> {
                 api::check_user("user", &id)?;
                 ApiCmd::CountUser { user: id.into() }
             }
-            Route::Channel => {
+            Route::Channel | Route::Presence => {
                 let name = arg
                     .and_then(crate::http::request::percent_decode)
                     .unwrap_or_default();
                 api::check_channel(&name)?;
-                ApiCmd::CountChannel {
-                    channel: name.into(),
-                }
-            }
-            Route::Presence => {
-                let name = arg
-                    .and_then(crate::http::request::percent_decode)
-                    .unwrap_or_default();
-                api::check_channel(&name)?;
-                ApiCmd::Members {
-                    channel: name.into(),
+                let channel = name.into();
+                if route == Route::Channel {
+                    ApiCmd::CountChannel { channel }
+                } else {
+                    ApiCmd::Members { channel }
                 }
             }
             Route::Stats => {

@@ -36,12 +36,7 @@ impl<T: Transport> Sessions<T> {
             // Mail waits for room in another shard's mailbox: read no more requests (TCP
             // pushes back on the clients) until it is posted; picked up again from the
             // backlog, every millisecond while the mail waits.
-            let c = &mut self.conns[key];
-            if !c.flags.has(Flags::READ_BACKLOG) {
-                c.flags.set(Flags::READ_BACKLOG);
-                self.read_backlog.push((key, c.generation));
-            }
-            return;
+            return self.defer_read(key);
         }
         let held = self.conns[key].inbound.take();
         let mut inb = self.pool.prepare(held);
@@ -54,11 +49,7 @@ impl<T: Transport> Sessions<T> {
         }
         loop {
             if reads == READS_PER_TURN {
-                let c = &mut self.conns[key];
-                if !c.flags.has(Flags::READ_BACKLOG) {
-                    c.flags.set(Flags::READ_BACKLOG);
-                    self.read_backlog.push((key, c.generation));
-                }
+                self.defer_read(key);
                 break;
             }
             if inb.end == inb.buf.len() {
@@ -103,6 +94,15 @@ impl<T: Transport> Sessions<T> {
             self.finish(key);
         } else if eof {
             self.on_eof(key);
+        }
+    }
+
+    /// Reading `key` continues from the read backlog on a later call (once).
+    fn defer_read(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        if !c.flags.has(Flags::READ_BACKLOG) {
+            c.flags.set(Flags::READ_BACKLOG);
+            self.read_backlog.push((key, c.generation));
         }
     }
 

@@ -358,20 +358,7 @@ impl<T: Transport> Sessions<T> {
         let user = self.user_name(key);
         let conn = self.conn_id(key).to_string();
         let f = protocol::join_leave(join, channel, &user, &conn);
-        let name: Arc<str> = Arc::from(channel);
-        for s in 0..self.shards {
-            if s != self.index {
-                self.send_mail(
-                    s,
-                    ShardMsg::DeliverChannel {
-                        channel: name.clone(),
-                        payload: f.clone(),
-                    },
-                );
-            }
-        }
-        self.deliver_join_leave(channel, &f, Some(key));
-        self.publish_remote(name, f);
+        self.publish_except(Arc::from(channel), f, Some(key));
     }
 
     /// A `join`/`leave` event to the local subscribers of `channel` that asked for them.
@@ -621,6 +608,12 @@ impl<T: Transport> Sessions<T> {
 
     /// Fans a channel frame out to every shard's subscribers.
     pub(super) fn publish(&mut self, channel: Arc<str>, f: Bytes) {
+        self.publish_except(channel, f, None);
+    }
+
+    /// [`Self::publish`], but not to the local connection `except` (the one whose
+    /// subscription a `join`/`leave` event tells).
+    fn publish_except(&mut self, channel: Arc<str>, f: Bytes, except: Option<usize>) {
         for s in 0..self.shards as usize as u16 {
             if s != self.index {
                 self.send_mail(
@@ -632,7 +625,7 @@ impl<T: Transport> Sessions<T> {
                 );
             }
         }
-        self.deliver_channel_local(&channel, &f);
+        self.deliver_channel_except(&channel, &f, except);
         self.publish_remote(channel, f);
     }
 
@@ -816,10 +809,22 @@ impl<T: Transport> Sessions<T> {
     }
 
     pub(super) fn deliver_channel_local(&mut self, channel: &str, f: &Bytes) -> u64 {
+        self.deliver_channel_except(channel, f, None)
+    }
+
+    /// To the local subscribers of `channel` but `except` (a `join`/`leave` event only to
+    /// those that asked for them).
+    fn deliver_channel_except(&mut self, channel: &str, f: &Bytes, except: Option<usize>) -> u64 {
         if protocol::is_join_leave(f) {
-            return self.deliver_join_leave(channel, f, None);
+            return self.deliver_join_leave(channel, f, except);
         }
-        self.deliver_to(f, |me, slots| slots.extend(me.hub.subscribers(channel)))
+        self.deliver_to(f, |me, slots| {
+            slots.extend(
+                me.hub
+                    .subscribers(channel)
+                    .filter(|&s| Some(s as usize) != except),
+            )
+        })
     }
 
     /// Mail from another shard (at most [`super::MAILBOX_PER_TURN`] per turn).
