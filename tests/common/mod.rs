@@ -178,6 +178,35 @@ pub fn recv_json(ws: &mut Ws) -> Value {
     }
 }
 
+/// `publisher` publishes data 1..=n to `channel` (a channel with history, fresh) with ids
+/// p1..pn: each is acked with offsets 1..=n in stream `channel:<channel>` and reaches
+/// `subscriber` with the same offset, in order. Returns the stream's epoch.
+pub fn publish_stored(publisher: &mut Ws, subscriber: &mut Ws, channel: &str, n: u64) -> String {
+    let stream = format!("channel:{channel}");
+    let mut epoch = String::new();
+    for i in 1..=n {
+        send_json(
+            publisher,
+            serde_json::json!({"op":"pub","channel":channel,"data":i,"id":format!("p{i}")}),
+        );
+        let ack = recv_json(publisher);
+        assert_eq!(
+            (ack["stream"].as_str(), ack["offset"].as_u64()),
+            (Some(stream.as_str()), Some(i)),
+            "{ack}"
+        );
+        epoch = ack["epoch"].as_str().unwrap().to_owned();
+        let m = recv_json(subscriber);
+        assert_eq!(
+            (m["data"].as_u64(), m["offset"].as_u64()),
+            (Some(i), Some(i)),
+            "{m}"
+        );
+        assert_eq!(m["stream"], stream);
+    }
+    epoch
+}
+
 /// Expects no message within `wait` (used only where absence is the point, after a
 /// barrier message proves everything sent earlier has been delivered).
 pub fn expect_silence(ws: &mut Ws, wait: Duration) {
