@@ -184,6 +184,8 @@ export class Switchboard {
     this.ws = null;
     this.es = null;
     this.lastClose = null;
+    /** The close that ended the last open connection (failed reconnect attempts do not replace it). */
+    this.lastSessionClose = null;
     // Streams: resume the inbox after every reconnect, drop redelivered duplicates by offset,
     // confirm what was shown, and retry qos-1 sends with the same id until acknowledged.
     this.resume = opts.resume ?? Boolean(this.user || this.token);
@@ -261,7 +263,7 @@ export class Switchboard {
       if (this.ws !== ws) return;
       this.ws = null;
       if (!opened) this.failuresBeforeOpen++;
-      this.onClosed(e.code, e.reason, e.wasClean);
+      this.onClosed(e.code, e.reason, e.wasClean, opened);
     };
   }
 
@@ -352,14 +354,16 @@ export class Switchboard {
     return true;
   }
 
-  onClosed(code, reason, wasClean) {
+  /** `opened`: false for an attempt that never opened (the event says so, `ev.opened`). */
+  onClosed(code, reason, wasClean, opened = true) {
     this.stopHeartbeat();
     this.pending.failAll(`connection closed (${code})`);
     const byApp = this.closedByApp;
     const willReconnect = shouldReconnect(code, byApp);
     const explanation = explainClose(code);
-    const ev = { code, reason, wasClean, explanation, willReconnect };
+    const ev = { code, reason, wasClean, explanation, willReconnect, opened };
     this.lastClose = ev;
+    if (opened) this.lastSessionClose = ev;
     const line = `[switchboard] closed code=${code} reason=${JSON.stringify(reason || '')} wasClean=${wasClean} — ${explanation}`;
     if (code === 1000 || code === 1001) this.log.info(line);
     else this.log.warn(line);

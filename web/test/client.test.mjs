@@ -100,11 +100,20 @@ test('send resolves on ack and rejects with the server error; subscriptions are 
   ws.drop(1001, 'server shutting down');
   assert.equal(closes[0].code, 1001);
   assert.equal(closes[0].willReconnect, true);
+  assert.equal(closes[0].opened, true);
   assert.match(closes[0].explanation, /shutting down/);
   assert.ok(logs.some((l) => l.includes('code=1001') && l.includes('wasClean=true')), 'close logged');
   await reconnecting;
   await new Promise((r) => setTimeout(r, 20));
-  const ws2 = FakeWS.all[1];
+  // An attempt that never opens is a close too, but not the one that ended the session.
+  const reconnectingAgain = new Promise((r) => sb.on('reconnecting', r));
+  FakeWS.all[1].drop(1006);
+  assert.equal(closes[1].opened, false);
+  assert.equal(sb.lastClose.code, 1006);
+  assert.equal(sb.lastSessionClose.code, 1001);
+  await reconnectingAgain;
+  await new Promise((r) => setTimeout(r, 20));
+  const ws2 = FakeWS.all[2];
   assert.ok(ws2, 'reconnected');
   ws2.open();
   ws2.recv({ op: 'welcome', user: 'alice', conn: '0.2.1', ping_interval_ms: 25000 });
