@@ -50,7 +50,6 @@ fn run() -> anyhow::Result<()> {
         .init();
     let cfg = Options::parse().load().context("configuration")?;
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
-    let shards = cfg.shards;
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
     let server = Server::start(cfg).context("starting the server")?;
     {
@@ -58,8 +57,8 @@ fn run() -> anyhow::Result<()> {
         for a in &server.local_addrs {
             writeln!(
                 out,
-                "switchboard listening on {a} (shards={shards}, fd-table={})",
-                server.fd_table
+                "switchboard listening on {a} (shards={}, fd-table={}, capacity={})",
+                server.shards, server.fd_table, server.capacity
             )?;
         }
         out.flush()?;

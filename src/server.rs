@@ -14,8 +14,8 @@ use crate::metrics::{ShardMetrics, StoreMetrics};
 use crate::shard::{self, fdtable, listener, Mailbox, Shard, ShardSetup};
 use crate::store::{Retention, Store, StoreConfig};
 
-/// Descriptors a shard needs beyond its connections (epoll, eventfds, listeners, stdio).
-const FD_OVERHEAD: u64 = 64;
+/// Descriptors a process needs beyond its shards' (stdio, signal pipe, store, broker).
+const FD_OVERHEAD: u64 = 32;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,10 @@ pub struct Server {
     pub local_addrs: Vec<std::net::SocketAddr>,
     /// The fd-table mode in effect.
     pub fd_table: FdTableMode,
+    /// Shards running (more than asked for when fd tables needed them).
+    pub shards: usize,
+    /// Connections the fd tables hold (`--max-connections` or less).
+    pub capacity: usize,
     /// Per-shard counters.
     pub metrics: Arc<[ShardMetrics]>,
     peers: Arc<[Mailbox]>,
@@ -66,32 +70,155 @@ pub struct Server {
     pub node_id: Arc<str>,
 }
 
-/// Resolves `auto`, raising the soft `RLIMIT_NOFILE` when it is below what is needed.
-pub fn choose_fd_table(cfg: &Config) -> FdTableMode {
-    let needed = cfg.max_connections as u64 + FD_OVERHEAD;
-    let (soft, hard) = fdtable::nofile_limit().unwrap_or((1024, 1024));
-    if soft < needed {
-        match fdtable::raise_nofile_to_hard() {
-            Ok(new) if new < needed => warn!(
-                soft, hard, needed,
-                "RLIMIT_NOFILE cannot cover --max-connections in one fd table; raise it (tuning/limits.d/switchboard.conf, LimitNOFILE in tuning/systemd) or rely on per-shard fd tables"
-            ),
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+/// How the fd tables hold `--max-connections`: the shards, their tables and the capacity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdPlan {
+    /// `Shared` or `PerShard` (`Auto` resolved).
+    pub mode: FdTableMode,
+    /// Shards to run.
+    pub shards: usize,
+    /// Shards asked for (or the cores): how many take new connections at a time when
+    /// `shards` is larger.
+    pub width: usize,
+    /// Sockets one fd table holds beside its overhead.
+    pub per_table: usize,
+    /// Connections the process can hold: `--max-connections` or less.
+    pub capacity: usize,
+}
+
+impl FdPlan {
+    /// Shards added beyond those asked for, only for their fd tables.
+    pub fn added(&self) -> usize {
+        self.shards - self.width
+    }
+}
+
+/// Most shards start-up adds for fd tables.
+const MAX_AUTO_SHARDS: usize = 256;
+
+/// Descriptors one fd table spends beside sockets: a private table is a copy of the process's
+/// at the unshare, so it holds every shard's epoll, waker and listeners.
+fn table_overhead(shards: usize, listen: usize) -> u64 {
+    FD_OVERHEAD + (shards * (2 + listen)) as u64
+}
+
+/// Plans the fd tables for `cfg` under a hard `RLIMIT_NOFILE` of `hard`. With `auto`, one
+/// shared table when `hard` covers `--max-connections`, else a private table per shard; and
+/// when the shard count is the default, as many more shards as the private tables need (up to
+/// [`MAX_AUTO_SHARDS`], while a table's overhead stays under half of it).
+pub fn plan_fd_tables(cfg: &Config, hard: u64) -> FdPlan {
+    let listen = cfg.listen.len().max(1);
+    let max = cfg.max_connections;
+    let per = |shards: usize| hard.saturating_sub(table_overhead(shards, listen)) as usize;
+    let mode = match cfg.fd_table {
+        FdTableMode::Auto if per(cfg.shards) >= max => FdTableMode::Shared,
+        FdTableMode::Auto => FdTableMode::PerShard,
+        m => m,
+    };
+    let width = cfg.shards;
+    let mut shards = cfg.shards;
+    if mode == FdTableMode::PerShard && cfg.shards_auto {
+        while shards * per(shards) < max
+            && shards < MAX_AUTO_SHARDS
+            && per(shards + 1) as u64 >= hard / 2
+        {
+            shards += 1;
         }
     }
-    let (_, hard) = fdtable::nofile_limit().unwrap_or((soft, hard));
-    match cfg.fd_table {
-        FdTableMode::Auto if hard < needed => FdTableMode::PerShard,
-        FdTableMode::Auto => FdTableMode::Shared,
-        m => m,
+    let per_table = per(shards);
+    let capacity = match mode {
+        FdTableMode::PerShard => max.min(shards * per_table),
+        _ => max.min(per_table),
+    };
+    FdPlan {
+        mode,
+        shards,
+        width,
+        per_table,
+        capacity,
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard one and plans the fd tables under it.
+pub fn choose_fd_tables(cfg: &Config) -> FdPlan {
+    if let Err(e) = fdtable::raise_nofile_to_hard() {
+        warn!(error = %e, "cannot raise RLIMIT_NOFILE");
+    }
+    let (_, hard) = fdtable::nofile_limit().unwrap_or((1024, 1024));
+    plan_fd_tables(cfg, hard)
+}
+
+/// With shards added for their fd tables, new connections go to the first `plan.width`
+/// shards with room ([`shard::steer`]). Without the program (a kernel that refuses it) the
+/// kernel's hash spreads them over every shard: it still works, at more wake-ups per publish.
+fn steer_new_connections(
+    plan: &FdPlan,
+    listeners: &[Vec<std::net::TcpListener>],
+) -> Option<Arc<shard::steer::Steering>> {
+    use std::os::fd::AsRawFd;
+    if plan.added() == 0 {
+        return None;
+    }
+    let steering = shard::steer::Steering::new(plan.shards, plan.width, plan.per_table);
+    let eligible = steering.eligible();
+    for l in &listeners[0] {
+        if let Err(e) = shard::steer::attach(l.as_raw_fd(), &eligible) {
+            warn!(error = %e, "cannot steer new connections to the first shards; they spread over all shards");
+            return None;
+        }
+    }
+    Some(Arc::new(steering))
+}
+
+/// Tells how many connections the process holds and why, in one line; a warning only when
+/// that is less than an explicit `--max-connections` or `--shards` asked for.
+fn report_capacity(cfg: &Config, plan: &FdPlan, hard: u64) {
+    let why = match plan.mode {
+        FdTableMode::PerShard if plan.added() > 0 => format!(
+            "{} shards with a private fd table of {} descriptors each (RLIMIT_NOFILE {hard}); \
+             {} take new connections at a time, the other {} only as those fill",
+            plan.shards,
+            plan.per_table,
+            plan.width,
+            plan.added()
+        ),
+        FdTableMode::PerShard => format!(
+            "{} shards with a private fd table of {} descriptors each (RLIMIT_NOFILE {hard})",
+            plan.shards, plan.per_table
+        ),
+        _ => format!("one shared fd table (RLIMIT_NOFILE {hard})"),
+    };
+    let asked = !cfg.shards_auto || cfg.fd_table == FdTableMode::Shared;
+    if plan.capacity < cfg.max_connections && asked {
+        warn!(
+            capacity = plan.capacity,
+            max_connections = cfg.max_connections,
+            "the fd tables hold fewer connections than --max-connections: {why}; raise RLIMIT_NOFILE (tuning/limits.d/switchboard.conf, LimitNOFILE in tuning/systemd) or leave --shards and --fd-table on their defaults"
+        );
+    } else if plan.capacity < cfg.max_connections {
+        info!(
+            capacity = plan.capacity,
+            "holds {} connections, not --max-connections {}: {why}; raise RLIMIT_NOFILE for more",
+            plan.capacity,
+            cfg.max_connections
+        );
+    } else {
+        info!(
+            capacity = plan.capacity,
+            "holds {} connections: {why}", plan.capacity
+        );
     }
 }
 
 impl Server {
     /// Binds, creates every shard's poll and mailbox, then starts the shard threads.
-    pub fn start(cfg: Config) -> Result<Server, StartError> {
-        let fd_table = choose_fd_table(&cfg);
+    pub fn start(mut cfg: Config) -> Result<Server, StartError> {
+        let plan = choose_fd_tables(&cfg);
+        let hard = fdtable::nofile_limit().map_or(0, |(_, h)| h);
+        report_capacity(&cfg, &plan, hard);
+        let fd_table = plan.mode;
+        cfg.shards = plan.shards;
+        cfg.max_connections = plan.capacity;
         let auth = Arc::new(crate::auth::Auth::from_config(&cfg)?);
         if !auth.requires_token() && !cfg.echo {
             warn!("no --jwt-secret or --jwt-public-key: identities are unauthenticated (?user= is trusted)");
@@ -104,6 +231,7 @@ impl Server {
         }
         let (local_addrs, mut listeners) =
             listener::bind_all(&cfg.listen, cfg.shards, cfg.backlog)?;
+        let steering = steer_new_connections(&plan, &listeners);
         // Every fd another thread touches is created here, before any shard unshares.
         let mut polls = Vec::new();
         let mut peers = Vec::new();
@@ -184,6 +312,7 @@ impl Server {
         let metrics: Arc<[ShardMetrics]> =
             (0..cfg.shards).map(|_| ShardMetrics::default()).collect();
         let open_total = Arc::new(AtomicUsize::new(0));
+        let subscribed: Arc<[AtomicUsize]> = (0..cfg.shards).map(|_| AtomicUsize::new(0)).collect();
         let barrier = Arc::new(Barrier::new(cfg.shards));
         let config = Arc::new(cfg);
         let mut threads = Vec::new();
@@ -197,6 +326,8 @@ impl Server {
                 metrics: metrics.clone(),
                 config: config.clone(),
                 open_total: open_total.clone(),
+                subscribed: subscribed.clone(),
+                steering: steering.clone(),
                 private_fd_table: fd_table == FdTableMode::PerShard,
                 barrier: barrier.clone(),
                 auth: auth.clone(),
@@ -222,6 +353,8 @@ impl Server {
         Ok(Server {
             local_addrs,
             fd_table,
+            shards: config.shards,
+            capacity: config.max_connections,
             metrics,
             peers,
             threads,
@@ -284,5 +417,59 @@ fn hostname() -> String {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     } else {
         "localhost".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(shards: Option<usize>, max: usize) -> Config {
+        Config {
+            shards: shards.unwrap_or(2),
+            shards_auto: shards.is_none(),
+            max_connections: max,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn the_default_adds_shards_until_their_tables_hold_max_connections() {
+        let p = plan_fd_tables(&cfg(None, 1_000_000), 20_000);
+        assert_eq!(p.mode, FdTableMode::PerShard);
+        assert_eq!(p.capacity, 1_000_000);
+        assert!(p.shards * p.per_table >= 1_000_000, "{p:?}");
+        assert!(
+            (p.shards - 1) * p.per_table < 1_000_000,
+            "no more than needed: {p:?}"
+        );
+        assert_eq!((p.width, p.shards), (2, 51), "{p:?}");
+    }
+
+    #[test]
+    fn asked_for_shards_are_kept_and_the_capacity_says_what_they_hold() {
+        let p = plan_fd_tables(&cfg(Some(2), 1_000_000), 20_000);
+        assert_eq!((p.mode, p.shards, p.width), (FdTableMode::PerShard, 2, 2));
+        assert_eq!(p.capacity, 2 * (20_000 - 32 - 6));
+    }
+
+    #[test]
+    fn a_limit_that_covers_everything_keeps_one_table_and_the_cores() {
+        let p = plan_fd_tables(&cfg(None, 1_000_000), 2_000_000);
+        assert_eq!(
+            (p.mode, p.shards, p.capacity),
+            (FdTableMode::Shared, 2, 1_000_000)
+        );
+    }
+
+    #[test]
+    fn a_tiny_limit_stops_adding_shards_and_lowers_the_capacity() {
+        let p = plan_fd_tables(&cfg(None, 1_000_000), 1024);
+        assert_eq!(p.mode, FdTableMode::PerShard);
+        assert!(p.per_table as u64 >= 1024 / 2, "{p:?}");
+        assert!(
+            p.capacity < 1_000_000 && p.capacity == p.shards * p.per_table,
+            "{p:?}"
+        );
     }
 }

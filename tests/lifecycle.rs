@@ -151,6 +151,41 @@ fn per_shard_fd_tables_hold_more_than_one_table_allows() {
 }
 
 #[test]
+fn default_shards_grow_to_hold_max_connections_and_fill_in_order() {
+    // RLIMIT_NOFILE 256 in the server: one table holds ~210 sockets, so 1000 connections need
+    // five private tables. With the shard count left to its default, the server adds
+    // shards for them; new connections go to the first (cores) shards until those fill.
+    let server = Server::start_with(&["--max-connections", "1000"], Some(256));
+    let banner = &server.banner;
+    assert!(banner.contains("fd-table=per-shard"), "{banner}");
+    assert!(banner.contains("capacity=1000"), "{banner}");
+    let shards = server.shards();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(shards * (256 - 32 - 3 * shards) >= 1000, "{banner}");
+    let open = |s: usize| {
+        server.metric(&format!(
+            "switchboard_connections_open{{shard=\"{s}\",transport=\"ws\"}}"
+        ))
+    };
+    let mut conns = hold(&server, 150);
+    if shards > cores {
+        // 150 fit in the first shards: the added ones stay empty.
+        let late: u64 = (cores..shards).map(open).sum();
+        assert_eq!(
+            late, 0,
+            "connections in the added shards before the first filled"
+        );
+    }
+    conns.extend(hold(&server, 850));
+    let total: u64 = (0..shards).map(open).sum();
+    assert_eq!(total, 1000);
+    for c in conns.iter_mut().step_by(50) {
+        c.send_text(r#"{"op":"ping","data":1}"#);
+        assert_eq!(c.read_json()["op"], "pong");
+    }
+}
+
+#[test]
 fn auto_mode_picks_per_shard_when_the_limit_is_low() {
     let server = Server::start_with(&["--shards", "2", "--max-connections", "1000"], Some(256));
     assert!(

@@ -289,6 +289,9 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// Shards.
     pub shards: usize,
+    /// `shards` is the default (the cores), not asked for: start-up may add shards for fd
+    /// tables ([`crate::server::plan_fd_tables`]).
+    pub shards_auto: bool,
     /// Listener backlog.
     pub backlog: u32,
     /// Requested fd-table mode (`Auto` is resolved at start-up).
@@ -391,6 +394,7 @@ impl Options {
         let c = Config {
             listen,
             shards: self.shards.or(f.shards).unwrap_or(cores),
+            shards_auto: self.shards.or(f.shards).is_none(),
             backlog: self.backlog.or(f.backlog).unwrap_or(DEFAULT_BACKLOG),
             fd_table: self.fd_table.or(f.fd_table).unwrap_or_default(),
             max_connections: self

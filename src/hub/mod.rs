@@ -169,6 +169,11 @@ impl Hub {
             .flat_map(|s| s.iter().copied())
     }
 
+    /// Channels with local subscribers.
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
     /// Number of local subscribers of `channel`.
     pub fn subscriber_count(&self, channel: &str) -> usize {
         self.channels.get(channel).map_or(0, |s| s.len())

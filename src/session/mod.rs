@@ -67,6 +67,9 @@ pub struct Shared {
     pub metrics: Arc<[ShardMetrics]>,
     /// Open WebSocket and SSE connections in the process, against `--max-connections`.
     pub open_total: Arc<AtomicUsize>,
+    /// Channels with local subscribers, by shard: a publish skips the shards at 0 (shards
+    /// added only for their fd tables sit empty).
+    pub subscribed: Arc<[AtomicUsize]>,
     /// The store thread, when streams are on.
     pub store: Option<StoreHandle>,
     /// The store's counters (for `/metrics`).
@@ -89,6 +92,7 @@ impl Shared {
             auth: Arc::new(auth),
             metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
             open_total: Arc::new(AtomicUsize::new(0)),
+            subscribed: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
             store: None,
             store_metrics: Default::default(),
             broker: None,
@@ -127,6 +131,7 @@ pub struct Sessions<T: Transport> {
     auth: Arc<crate::auth::Auth>,
     metrics: Arc<[ShardMetrics]>,
     open_total: Arc<AtomicUsize>,
+    subscribed: Arc<[AtomicUsize]>,
     store: Option<StoreHandle>,
     store_metrics: Arc<StoreMetrics>,
     broker: Option<BrokerHandle>,
@@ -177,6 +182,7 @@ impl<T: Transport> Sessions<T> {
             auth: shared.auth,
             metrics: shared.metrics,
             open_total: shared.open_total,
+            subscribed: shared.subscribed,
             store: shared.store,
             store_metrics: shared.store_metrics,
             broker: shared.broker,

@@ -2,6 +2,7 @@
 //! the user's home-shard directory), the ops (`send`, `sub`, `unsub`, `pub`, `ping`), DMs
 //! routed through the recipient's home shard, channel fan-out, and mail from other shards.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -293,6 +294,7 @@ impl<T: Transport> Sessions<T> {
     pub(super) fn subscribe(&mut self, key: usize, channel: Arc<str>) -> Option<u64> {
         let name = self.hub.channel_key(&channel).unwrap_or(channel);
         let added = self.hub.subscribe(&name, key as u32);
+        self.count_channels();
         if added {
             self.count_subscriber(key, &name, 1);
             self.tell_join_leave(key, &name, true);
@@ -320,6 +322,7 @@ impl<T: Transport> Sessions<T> {
     /// the broker.
     pub(super) fn unsubscribe_local(&mut self, channel: &str, key: usize) {
         let removed = self.hub.unsubscribe(channel, key as u32);
+        self.count_channels();
         if removed {
             self.count_subscriber(key, channel, -1);
             self.tell_join_leave(key, channel, false);
@@ -606,6 +609,12 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
+    /// Publishes how many channels have local subscribers (a relaxed store: a publish that
+    /// races with this shard's first subscription is one that came before it).
+    fn count_channels(&self) {
+        self.subscribed[self.index as usize].store(self.hub.channel_count(), Ordering::Relaxed);
+    }
+
     /// Fans a channel frame out to every shard's subscribers.
     pub(super) fn publish(&mut self, channel: Arc<str>, f: Bytes) {
         self.publish_except(channel, f, None);
@@ -615,7 +624,8 @@ impl<T: Transport> Sessions<T> {
     /// subscription a `join`/`leave` event tells).
     fn publish_except(&mut self, channel: Arc<str>, f: Bytes, except: Option<usize>) {
         for s in 0..self.shards as usize as u16 {
-            if s != self.index {
+            let none = self.subscribed[s as usize].load(Ordering::Relaxed) == 0;
+            if s != self.index && !none {
                 self.send_mail(
                     s,
                     ShardMsg::DeliverChannel {

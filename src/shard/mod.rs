@@ -10,6 +10,7 @@
 pub mod fdtable;
 pub mod listener;
 pub mod mailbox;
+pub mod steer;
 
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::atomic::AtomicUsize;
@@ -35,6 +36,8 @@ const ACCEPTS_PER_TURN: usize = 512;
 const MAX_POLL_MS: u64 = 1000;
 /// Accepting pauses this long after EMFILE/ENFILE (the backlog keeps the connections).
 const ACCEPT_PAUSE_MS: u64 = 100;
+/// The answer to a connection accepted only to be refused: the fd table is full.
+const FULL_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: 38\r\nConnection: close\r\n\r\nserver full (out of file descriptors)\n";
 /// Events fetched per poll.
 const EVENTS_CAPACITY: usize = 1024;
 
@@ -61,6 +64,10 @@ pub struct ShardSetup {
     pub config: Arc<Config>,
     /// Open WebSocket connections in the process, against `--max-connections`.
     pub open_total: Arc<AtomicUsize>,
+    /// Channels with local subscribers, by shard.
+    pub subscribed: Arc<[AtomicUsize]>,
+    /// Which shards take new connections, when shards were added for their fd tables.
+    pub steering: Option<Arc<steer::Steering>>,
     /// Give this shard its own fd table before it accepts anything.
     pub private_fd_table: bool,
     /// Every shard waits here after unsharing, so no accepted fd leaks into another table.
@@ -93,6 +100,15 @@ pub struct Shard {
     accept_paused_until_ms: u64,
     last_emfile_warn_ms: Option<u64>,
     mailbox_pending: bool,
+    steering: Option<Arc<steer::Steering>>,
+    /// The listeners' fds, for the steering program (empty once shutdown stopped listening).
+    listener_fds: Vec<std::os::fd::RawFd>,
+    /// `--backlog`: how many connections an accept queue can hold.
+    backlog: usize,
+    /// A descriptor held in reserve: closed to accept (and refuse) one connection when the
+    /// table is full.
+    spare_fd: Option<std::fs::File>,
+    metrics: Arc<[ShardMetrics]>,
 }
 
 impl Transport for TcpStream {
@@ -133,12 +149,22 @@ impl Shard {
                 .register(&mut l, listener_token(i), Interest::READABLE)?;
             listeners.push(l);
         }
+        let listener_fds = {
+            use std::os::fd::AsRawFd;
+            listeners
+                .iter()
+                .map(|l: &TcpListener| l.as_raw_fd())
+                .collect()
+        };
         let shards = setup.peers.len() as u16;
+        let backlog = setup.config.backlog as usize;
+        let metrics = setup.metrics.clone();
         let shared = Shared {
             config: setup.config,
             auth: setup.auth,
             metrics: setup.metrics,
             open_total: setup.open_total,
+            subscribed: setup.subscribed,
             store: setup.store,
             store_metrics: setup.store_metrics,
             broker: setup.broker,
@@ -159,6 +185,11 @@ impl Shard {
             accept_paused_until_ms: 0,
             last_emfile_warn_ms: None,
             mailbox_pending: false,
+            steering: setup.steering,
+            listener_fds,
+            backlog,
+            spare_fd: std::fs::File::open("/dev/null").ok(),
+            metrics,
         })
     }
 
@@ -234,6 +265,7 @@ impl Shard {
             self.sessions
                 .post_mail(|to, msg| peers[to as usize].post(msg));
             self.sessions.flush();
+            self.steer();
             if self.sessions.shutting_down() {
                 self.stop_listening();
                 if self.sessions.shutdown_done() {
@@ -253,30 +285,65 @@ impl Shard {
                     break;
                 }
                 match self.listeners[li].accept() {
-                    Ok((stream, peer)) => self.on_accept(stream, peer.ip().is_loopback()),
+                    Ok((stream, peer)) => {
+                        self.on_accept(stream, peer.ip().is_loopback());
+                        // At once, not at the end of the turn: every accept this turn
+                        // would otherwise still land here.
+                        self.steer();
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if is_fd_exhaustion(&e) && self.refuse_one(li) => {}
                     Err(e) if is_fd_exhaustion(&e) => {
                         self.accept_pending = true;
                         self.accept_paused_until_ms = self.now_ms + ACCEPT_PAUSE_MS;
-                        let quiet = self
-                            .last_emfile_warn_ms
-                            .is_some_and(|t| self.now_ms < t + 1000);
-                        if !quiet {
-                            self.last_emfile_warn_ms = Some(self.now_ms);
-                            warn!(
-                                shard = self.index,
-                                open = self.sessions.len(),
-                                error = %e,
-                                "out of file descriptors: accepting paused; raise RLIMIT_NOFILE (tuning/limits.d) or use --fd-table per-shard with more --shards"
-                            );
-                        }
+                        self.warn_out_of_fds(&format!(
+                            "out of file descriptors ({e}): accepting paused"
+                        ));
                         return;
                     }
                     // ECONNABORTED and friends: that connection is gone, keep accepting.
                     Err(_) => {}
                 }
             }
+        }
+    }
+
+    /// Out of descriptors with connections queued: the spare descriptor makes room to accept
+    /// one and answer it 503 with `Retry-After` (it would otherwise wait in the queue until
+    /// its handshake timed out). False when there is no spare (the shard pauses accepting).
+    fn refuse_one(&mut self, li: usize) -> bool {
+        if self.spare_fd.take().is_none() {
+            return false;
+        }
+        let refused = match self.listeners[li].accept() {
+            Ok((mut stream, _)) => {
+                let _ = stream.write(FULL_RESPONSE);
+                let m = &self.metrics[self.index as usize];
+                ShardMetrics::add(&m.accepted, 1);
+                m.count_handshake_failure(crate::metrics::HandshakeFailure::OverCapacity);
+                true
+            }
+            Err(_) => false,
+        };
+        self.spare_fd = std::fs::File::open("/dev/null").ok();
+        if refused {
+            self.warn_out_of_fds("out of file descriptors: refusing queued connections with 503");
+        }
+        refused
+    }
+
+    fn warn_out_of_fds(&mut self, what: &str) {
+        let quiet = self
+            .last_emfile_warn_ms
+            .is_some_and(|t| self.now_ms < t + 1000);
+        if !quiet {
+            self.last_emfile_warn_ms = Some(self.now_ms);
+            warn!(
+                shard = self.index,
+                open = self.sessions.len(),
+                "{what}; raise RLIMIT_NOFILE (tuning/limits.d) or leave --shards and --fd-table on their defaults"
+            );
         }
     }
 
@@ -293,6 +360,31 @@ impl Shard {
         }
         let got = self.sessions.accept(stream, loopback);
         debug_assert_eq!(got, key, "the slab key is the token");
+    }
+
+    /// Tells the steering how full this shard is (it changes the program at a mark).
+    fn steer(&mut self) {
+        let Some(s) = &self.steering else { return };
+        // What waits in the accept queue lands here whatever the program says next: count
+        // it (one getsockopt per accept, only near the mark).
+        let mut open = self.sessions.len();
+        if open + self.backlog >= s.high() {
+            open += self
+                .listener_fds
+                .iter()
+                .map(|&fd| steer::accept_queue_len(fd))
+                .sum::<usize>();
+        }
+        match s.update(self.index as usize, open, &self.listener_fds) {
+            Ok(None) => {}
+            Ok(Some(eligible)) => info!(
+                shard = self.index,
+                open, "new connections now go to shards {eligible:?}"
+            ),
+            Err(e) => {
+                warn!(shard = self.index, error = %e, "cannot change which shards take new connections")
+            }
+        }
     }
 
     fn drain_mailbox(&mut self) {
@@ -312,6 +404,7 @@ impl Shard {
             let _ = self.poll.registry().deregister(l);
         }
         self.listeners.clear();
+        self.listener_fds.clear();
     }
 }
 

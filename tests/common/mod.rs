@@ -29,6 +29,16 @@ impl Server {
     }
 
     /// Starts the server with `RLIMIT_NOFILE` lowered to `nofile` in the child only.
+    /// Shards running, from the banner (`shards=N`).
+    pub fn shards(&self) -> usize {
+        self.banner
+            .split("shards=")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .expect("shards= in the banner")
+    }
+
     pub fn start_with(args: &[&str], nofile: Option<u64>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
         cmd.args(["--listen", "127.0.0.1:0"]).args(args);
