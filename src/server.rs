@@ -93,6 +93,9 @@ impl FdPlan {
     }
 }
 
+/// Smallest mailbox start-up scales one to.
+const MIN_SCALED_MAILBOX: usize = 1024;
+
 /// Most shards start-up adds for fd tables.
 const MAX_AUTO_SHARDS: usize = 256;
 
@@ -218,7 +221,14 @@ impl Server {
         report_capacity(&cfg, &plan, hard);
         let fd_table = plan.mode;
         cfg.shards = plan.shards;
+        cfg.home_shards = plan.width;
         cfg.max_connections = plan.capacity;
+        if cfg.mailbox_capacity_auto && plan.added() > 0 {
+            // Each mailbox is an array of preallocated slots: the added shards share the
+            // cores' budget instead of adding ~2 MiB each.
+            cfg.mailbox_capacity =
+                (cfg.mailbox_capacity * plan.width / plan.shards).max(MIN_SCALED_MAILBOX);
+        }
         let auth = Arc::new(crate::auth::Auth::from_config(&cfg)?);
         if !auth.requires_token() && !cfg.echo {
             warn!("no --jwt-secret or --jwt-public-key: identities are unauthenticated (?user= is trusted)");
@@ -269,6 +279,7 @@ impl Server {
                     password,
                     node_id.clone(),
                     cfg.shards,
+                    cfg.homes(),
                     sink,
                 )?)
             }
@@ -292,6 +303,7 @@ impl Server {
                 },
                 dedup_window_ms: cfg.dedup_window_ms,
                 max_bytes: cfg.store_max_bytes,
+                homes: cfg.homes(),
             };
             let m = store_metrics.clone();
             Some(match (cfg.store, &broker) {

@@ -122,7 +122,12 @@ fn sigterm_closes_everyone_with_1001_and_exits_zero() {
 }
 
 fn hold(server: &Server, n: usize) -> Vec<Raw> {
-    (0..n)
+    hold_from(server, 0, n)
+}
+
+/// `n` WebSockets of users `h<start>`, `h<start + 1>`…
+fn hold_from(server: &Server, start: usize, n: usize) -> Vec<Raw> {
+    (start..start + n)
         .map(|i| {
             let mut r = Raw::upgrade(server.addr, &format!("/ws?user=h{i}"));
             assert_eq!(r.read_json()["op"], "welcome");
@@ -176,12 +181,41 @@ fn default_shards_grow_to_hold_max_connections_and_fill_in_order() {
             "connections in the added shards before the first filled"
         );
     }
-    conns.extend(hold(&server, 850));
+    conns.extend(hold_from(&server, 150, 850));
     let total: u64 = (0..shards).map(open).sum();
     assert_eq!(total, 1000);
     for c in conns.iter_mut().step_by(50) {
         c.send_text(r#"{"op":"ping","data":1}"#);
         assert_eq!(c.read_json()["op"], "pong");
+    }
+    // Routing reaches every shard: subscribers spread over the first and the added shards
+    // get a publish (shards without subscriptions are skipped), and DMs go both ways
+    // (homes are the first shards only).
+    for (i, c) in conns.iter_mut().enumerate().step_by(100) {
+        c.send_text(&format!(r#"{{"op":"sub","channel":"room","id":{i}}}"#));
+        let m = c.read_json();
+        assert_eq!(m["op"], "ack", "{m}");
+    }
+    conns[1].send_text(r#"{"op":"pub","channel":"room","data":"hi all"}"#);
+    for c in conns.iter_mut().step_by(100) {
+        let m = c.read_json();
+        assert_eq!(
+            (m["channel"].as_str(), m["data"].as_str()),
+            (Some("room"), Some("hi all")),
+            "{m}"
+        );
+    }
+    for (from, to) in [(0, 999), (999, 0), (500, 150)] {
+        conns[from].send_text(&format!(
+            r#"{{"op":"send","to":"h{to}","data":{from},"id":1}}"#
+        ));
+        assert_eq!(conns[from].read_json()["op"], "ack");
+        let m = conns[to].read_json();
+        assert_eq!(
+            (m["from"].as_str(), m["data"].as_u64()),
+            (Some(&*format!("h{from}")), Some(from as u64)),
+            "{m}"
+        );
     }
 }
 

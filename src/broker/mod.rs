@@ -505,6 +505,7 @@ impl Broker {
         password: Option<String>,
         node: Arc<str>,
         shards: usize,
+        homes: usize,
         sink: Sink,
     ) -> Result<Broker, BrokerError> {
         let shown = redacted(url);
@@ -557,6 +558,7 @@ impl Broker {
             client: client.clone(),
             node: node.clone(),
             shards,
+            homes,
             sink,
             metrics: metrics.clone(),
             up: up.clone(),
@@ -997,6 +999,8 @@ struct Subscriber {
     client: redis::Client,
     node: Arc<str>,
     shards: usize,
+    /// Shards that are users' homes (`home_of`'s modulus).
+    homes: usize,
     sink: Arc<Sink>,
     metrics: Arc<BrokerMetrics>,
     up: Arc<Up>,
@@ -1185,7 +1189,7 @@ impl Subscriber {
             let payload = Bytes::copy_from_slice(event);
             if let Some(user) = channel.strip_prefix("sb:u:") {
                 let user: Arc<str> = user.into();
-                let home = home_of(&user, self.shards);
+                let home = home_of(&user, self.homes);
                 let m = BrokerMsg::Stored {
                     user,
                     payload,
@@ -1227,7 +1231,7 @@ impl Subscriber {
         let event = Bytes::copy_from_slice(event);
         if let Some(user) = channel.strip_prefix("sb:u:") {
             let user: Arc<str> = user.into();
-            let home = home_of(&user, self.shards);
+            let home = home_of(&user, self.homes);
             post(
                 &self.sink,
                 home,

@@ -188,7 +188,8 @@ pub struct Options {
     /// Time (ms) shutdown waits for close handshakes [default: 5000].
     #[arg(long)]
     pub shutdown_grace_ms: Option<u64>,
-    /// Capacity of each shard's cross-shard mailbox [default: 16384].
+    /// Capacity of each shard's cross-shard mailbox [default: 16384; shards added for fd
+    /// tables share the cores' total: 16384 × cores / shards, at least 1024].
     #[arg(long)]
     pub mailbox_capacity: Option<usize>,
     /// Echo every message back and upgrade on any path (conformance and peer benchmarks only).
@@ -292,6 +293,9 @@ pub struct Config {
     /// `shards` is the default (the cores), not asked for: start-up may add shards for fd
     /// tables ([`crate::server::plan_fd_tables`]).
     pub shards_auto: bool,
+    /// Shards that are users' homes (their directory entries, DM routing); 0: all. Shards
+    /// added for fd tables are not homes, so a DM never wakes an empty shard.
+    pub home_shards: usize,
     /// Listener backlog.
     pub backlog: u32,
     /// Requested fd-table mode (`Auto` is resolved at start-up).
@@ -314,6 +318,8 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Mailbox capacity.
     pub mailbox_capacity: usize,
+    /// `mailbox_capacity` is the default: start-up scales it down when it adds shards.
+    pub mailbox_capacity_auto: bool,
     /// Echo mode.
     pub echo: bool,
     /// Push API key.
@@ -344,6 +350,16 @@ pub struct Config {
     pub broker_url: Option<String>,
     /// This node's id (none: hostname:port, known once bound).
     pub node_id: Option<String>,
+}
+
+impl Config {
+    /// How many shards are users' homes: the modulus of [`crate::ids::home_of`].
+    pub fn homes(&self) -> usize {
+        match self.home_shards {
+            0 => self.shards,
+            n => n.min(self.shards),
+        }
+    }
 }
 
 impl Default for Config {
@@ -395,6 +411,7 @@ impl Options {
             listen,
             shards: self.shards.or(f.shards).unwrap_or(cores),
             shards_auto: self.shards.or(f.shards).is_none(),
+            home_shards: 0,
             backlog: self.backlog.or(f.backlog).unwrap_or(DEFAULT_BACKLOG),
             fd_table: self.fd_table.or(f.fd_table).unwrap_or_default(),
             max_connections: self
@@ -433,6 +450,7 @@ impl Options {
                 .mailbox_capacity
                 .or(f.mailbox_capacity)
                 .unwrap_or(DEFAULT_MAILBOX_CAPACITY),
+            mailbox_capacity_auto: self.mailbox_capacity.or(f.mailbox_capacity).is_none(),
             echo: self.echo || f.echo,
             api_key: self.api_key.or(f.api_key).filter(|k| !k.is_empty()),
             jwt_secret: self.jwt_secret.or(f.jwt_secret).filter(|k| !k.is_empty()),

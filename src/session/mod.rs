@@ -127,6 +127,8 @@ enum ReadyWait {
 pub struct Sessions<T: Transport> {
     index: u16,
     shards: u16,
+    /// Shards that are users' homes: `home_of`'s modulus.
+    homes: usize,
     cfg: Arc<Config>,
     auth: Arc<crate::auth::Auth>,
     metrics: Arc<[ShardMetrics]>,
@@ -178,6 +180,7 @@ impl<T: Transport> Sessions<T> {
         Sessions {
             index,
             shards,
+            homes: shared.config.homes().min(shards as usize),
             cfg: shared.config,
             auth: shared.auth,
             metrics: shared.metrics,

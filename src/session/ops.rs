@@ -35,7 +35,7 @@ impl<T: Transport> Sessions<T> {
             return;
         };
         self.hub.add_user(&user, key as u32);
-        let home = home_of(&user, self.shards as usize);
+        let home = home_of(&user, self.homes);
         if home == self.index {
             let change = self.hub.presence(user.clone(), self.index, true);
             if self.tell_broker_user(user, true, change, welcome.then_some(me)) {
@@ -97,7 +97,7 @@ impl<T: Transport> Sessions<T> {
     }
 
     pub(super) fn presence_offline(&mut self, user: Arc<str>) {
-        let home = home_of(&user, self.shards as usize);
+        let home = home_of(&user, self.homes);
         if home == self.index {
             let change = self.hub.presence(user.clone(), self.index, false);
             self.tell_broker_user(user, false, change, None);
@@ -661,7 +661,7 @@ impl<T: Transport> Sessions<T> {
         exclude: Option<ConnId>,
         reply: Option<ReplyTo>,
     ) {
-        let home = home_of(&to, self.shards as usize);
+        let home = home_of(&to, self.homes);
         if home == self.index {
             return self.on_route_user(to, f, exclude, reply);
         }

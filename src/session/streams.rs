@@ -299,7 +299,7 @@ impl<T: Transport> Sessions<T> {
         exclude: Option<ConnId>,
         ack: Option<(ReplyTo, u64, crate::store::Epoch)>,
     ) {
-        debug_assert_eq!(home_of(&user, self.shards as usize), self.index);
+        debug_assert_eq!(home_of(&user, self.homes), self.index);
         let mut shards = std::mem::take(&mut self.scratch_shards);
         shards.clear();
         self.hub.locate(&user, &mut shards);

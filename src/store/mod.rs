@@ -393,6 +393,8 @@ pub struct StoreConfig {
     pub dedup_window_ms: u64,
     /// Total payload bytes kept before qos-1 sends are refused.
     pub max_bytes: u64,
+    /// Shards that are users' homes ([`crate::config::Config::homes`]).
+    pub homes: usize,
 }
 
 /// A running store thread.
@@ -684,7 +686,7 @@ impl Worker {
             let from_stream = self.stream_name("inbox:", &from);
             let (from_offset, from_payload) = self.append(batch, &from_stream, &prefix, now);
             ack_offset = from_offset;
-            let home = home_of(&from, self.shards);
+            let home = home_of(&from, self.cfg.homes);
             self.out.push((
                 home,
                 StoreMsg::Deliver {
@@ -700,7 +702,7 @@ impl Worker {
             self.remember(batch, (from.clone(), id, key), ack_offset, now);
         }
         let self_dm = from == to;
-        let home = home_of(&to, self.shards);
+        let home = home_of(&to, self.cfg.homes);
         self.out.push((
             home,
             StoreMsg::Deliver {
@@ -1312,6 +1314,7 @@ mod tests {
             },
             dedup_window_ms: 60_000,
             max_bytes: 1 << 30,
+            homes: 1,
         };
         let backend = Flaky {
             fail: fail.clone(),
