@@ -179,7 +179,7 @@ pub struct WorkerStats {
 const TIMER: usize = usize::MAX - 1;
 
 /// The error codes of the protocol (`docs/protocol.md`), counted one by one.
-pub const OP_ERROR_CODES: [&str; 7] = [
+pub const OP_ERROR_CODES: [&str; 8] = [
     "bad_request",
     "bad_channel",
     "user_offline",
@@ -187,6 +187,7 @@ pub const OP_ERROR_CODES: [&str; 7] = [
     "forbidden",
     "store_full",
     "unavailable",
+    "rate_limited",
 ];
 
 /// State shared by the main thread and every worker.

@@ -26,6 +26,10 @@ pub const DEFAULT_CLOSE_TIMEOUT_MS: u64 = 2_000;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Default per-connection outbound queue limit.
 pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 1024 * 1024;
+/// Default `--max-messages-per-sec` (per connection).
+pub const DEFAULT_MAX_MESSAGES_PER_SEC: u32 = 1000;
+/// Default `--message-burst` (per connection).
+pub const DEFAULT_MESSAGE_BURST: u32 = 2000;
 /// Default shutdown grace period.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 5_000;
 /// Default capacity of each shard's mailbox (messages).
@@ -185,6 +189,14 @@ pub struct Options {
     /// Per-connection outbound queue limit; over it the connection is closed with 4001 [default: 1048576].
     #[arg(long)]
     pub max_outbound_bytes: Option<usize>,
+    /// Messages a connection may send per second on average (0: no limit; off with --echo);
+    /// over it an op is answered `rate_limited`, and a connection that keeps going is closed
+    /// with 1008 [default: 1000].
+    #[arg(long)]
+    pub max_messages_per_sec: Option<u32>,
+    /// Messages a connection may send at once above its rate [default: 2000].
+    #[arg(long)]
+    pub message_burst: Option<u32>,
     /// Time (ms) shutdown waits for close handshakes [default: 5000].
     #[arg(long)]
     pub shutdown_grace_ms: Option<u64>,
@@ -314,6 +326,10 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Outbound queue limit.
     pub max_outbound_bytes: usize,
+    /// Per-connection message rate (0: none).
+    pub max_messages_per_sec: u32,
+    /// Per-connection message burst.
+    pub message_burst: u32,
     /// Shutdown grace.
     pub shutdown_grace_ms: u64,
     /// Mailbox capacity.
@@ -442,6 +458,14 @@ impl Options {
                 .max_outbound_bytes
                 .or(f.max_outbound_bytes)
                 .unwrap_or(DEFAULT_MAX_OUTBOUND_BYTES),
+            max_messages_per_sec: self
+                .max_messages_per_sec
+                .or(f.max_messages_per_sec)
+                .unwrap_or(DEFAULT_MAX_MESSAGES_PER_SEC),
+            message_burst: self
+                .message_burst
+                .or(f.message_burst)
+                .unwrap_or(DEFAULT_MESSAGE_BURST),
             shutdown_grace_ms: self
                 .shutdown_grace_ms
                 .or(f.shutdown_grace_ms)
@@ -562,6 +586,15 @@ impl Config {
         }
         if self.max_message_bytes < 128 || self.max_message_bytes > 1 << 30 {
             return bad("max-message-bytes", "must be 128..=1073741824");
+        }
+        if self.max_messages_per_sec > 1_000_000 {
+            return bad(
+                "max-messages-per-sec",
+                "must be at most 1000000 (0: no limit)",
+            );
+        }
+        if self.max_messages_per_sec > 0 && self.message_burst == 0 {
+            return bad("message-burst", "must be at least 1");
         }
         if self.max_outbound_bytes < 1024 {
             return bad("max-outbound-bytes", "must be >= 1024");

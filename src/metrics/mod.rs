@@ -104,6 +104,8 @@ pub struct ShardMetrics {
     pub dropped: AtomicU64,
     /// Connections closed with 4001.
     pub slow_consumers: AtomicU64,
+    /// Ops refused `rate_limited` (over `--max-messages-per-sec`).
+    pub rate_limited: AtomicU64,
     /// Entries in the shard's timer wheel (gauge).
     pub wheel_entries: AtomicU64,
 }
@@ -474,6 +476,12 @@ pub fn render(shards: &[ShardMetrics]) -> String {
         "switchboard_slow_consumer_closes_total",
         "Connections closed with 4001.",
         sum(shards, |s| &s.slow_consumers),
+    );
+    counter(
+        &mut o,
+        "switchboard_rate_limited_total",
+        "Ops refused rate_limited (over --max-messages-per-sec).",
+        sum(shards, |s| &s.rate_limited),
     );
     let _ = writeln!(
         o,

@@ -129,6 +129,8 @@ pub enum ErrorCode {
     StoreFull,
     /// The cluster's broker (Redis) is unreachable: a message for other nodes was not sent.
     Unavailable,
+    /// Over `--max-messages-per-sec` (and its burst): the op was dropped, not done.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -142,6 +144,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::StoreFull => "store_full",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }

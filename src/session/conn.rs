@@ -133,8 +133,13 @@ pub struct Conn<T> {
     pub last_seen_ms: u32,
     /// Identified user once upgraded; `None` for anonymous connections (not in the hub).
     pub user: Option<Arc<str>>,
-    /// Shard clock (ms) when accepted.
-    pub opened_ms: u64,
+    /// Shard clock (ms, wrapping u32) when accepted: for the close log's duration.
+    pub opened_ms: u32,
+    /// The message rate limit (GCRA): how far (µs) the connection is ahead of its allowed
+    /// rate. Each message adds one interval; it drains as time passes ([`Conn::touch`]).
+    pub rate_debt_us: u32,
+    /// Messages refused in a row by the rate limit.
+    pub rate_strikes: u16,
     /// Read state while bytes of an unfinished frame or request are held.
     pub inbound: Option<Box<Inbound>>,
     /// Frames waiting for the socket.
@@ -155,11 +160,27 @@ impl<T> Conn<T> {
             timer: TimerKey::NONE,
             last_seen_ms: now_ms as u32,
             user: None,
-            opened_ms: now_ms,
+            opened_ms: now_ms as u32,
+            rate_debt_us: 0,
+            rate_strikes: 0,
             inbound: None,
             outbox: None,
             extra: None,
         }
+    }
+
+    /// A frame arrived at `now_ms`: the liveness reset, and the rate limit's debt drains by
+    /// the time since the previous frame.
+    #[inline]
+    pub fn touch(&mut self, now_ms: u64) {
+        let elapsed_us = self.silent_ms(now_ms).saturating_mul(1000);
+        self.rate_debt_us = (self.rate_debt_us as u64).saturating_sub(elapsed_us) as u32;
+        self.last_seen_ms = now_ms as u32;
+    }
+
+    /// Milliseconds the connection has been open.
+    pub fn age_ms(&self, now_ms: u64) -> u64 {
+        (now_ms as u32).wrapping_sub(self.opened_ms) as u64
     }
 
     /// Milliseconds since the last inbound frame.

@@ -220,7 +220,7 @@ impl<T: Transport> Sessions<T> {
             }
             let now = self.now_ms;
             let c = &mut self.conns[key];
-            c.last_seen_ms = now as u32;
+            c.touch(now);
             c.flags.clear(Flags::PING_OUTSTANDING);
             self.on_frame(key, &h, s, e, inb);
         }

@@ -103,6 +103,7 @@ impl<T: Transport> Sessions<T> {
         self.unregister(key);
         let c = self.conns.remove(key);
         self.wheel.cancel(c.timer);
+        let age_ms = c.age_ms(self.now_ms);
         let reason = c.extra.map(|e| e.close_reason).unwrap_or_default();
         let m = &self.metrics[self.index as usize];
         if c.flags.has(Flags::COUNTED) {
@@ -118,7 +119,7 @@ impl<T: Transport> Sessions<T> {
                 user = c.user.as_deref().unwrap_or("(anonymous)"),
                 transport = "sse",
                 reason = %reason,
-                duration_ms = self.now_ms.saturating_sub(c.opened_ms),
+                duration_ms = age_ms,
                 "closed"
             );
         } else if was_ws {
@@ -136,7 +137,7 @@ impl<T: Transport> Sessions<T> {
                 user = c.user.as_deref().unwrap_or("(anonymous)"),
                 code = close_code,
                 reason = %reason,
-                duration_ms = self.now_ms.saturating_sub(c.opened_ms),
+                duration_ms = age_ms,
                 "closed"
             );
         } else {

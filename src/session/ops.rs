@@ -133,6 +133,46 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
+    /// The message rate limit (GCRA over `Conn::rate_debt_us`): true when this message is
+    /// over the connection's rate and burst.
+    fn over_rate(&mut self, key: usize) -> bool {
+        let rate = self.cfg.max_messages_per_sec as u64;
+        if rate == 0 {
+            return false;
+        }
+        let interval_us = 1_000_000 / rate;
+        let tolerance_us = interval_us * self.cfg.message_burst as u64;
+        let c = &mut self.conns[key];
+        let debt = c.rate_debt_us as u64 + interval_us;
+        if debt <= tolerance_us {
+            c.rate_debt_us = debt as u32;
+            c.rate_strikes = 0;
+            false
+        } else {
+            c.rate_strikes = c.rate_strikes.saturating_add(1);
+            true
+        }
+    }
+
+    /// Answers an op over the rate `rate_limited` (it is not done); a connection that sends
+    /// another whole burst while limited is closed with 1008.
+    fn refuse_rate(&mut self, key: usize, id: Option<&str>) {
+        ShardMetrics::add(&self.m().rate_limited, 1);
+        let c = &self.conns[key];
+        if c.rate_strikes as u32 >= self.cfg.message_burst.min(u16::MAX as u32) {
+            return self.fail(key, code::POLICY, "message rate limit exceeded");
+        }
+        let interval_us = 1_000_000 / self.cfg.max_messages_per_sec as u64;
+        let tolerance_us = interval_us * self.cfg.message_burst as u64;
+        let wait_ms = (c.rate_debt_us as u64 + interval_us - tolerance_us).div_ceil(1000);
+        let msg = format!(
+            "over {} messages/s (burst {}): not done; retry after {wait_ms} ms",
+            self.cfg.max_messages_per_sec, self.cfg.message_burst
+        );
+        let f = protocol::error(id, ErrorCode::RateLimited, &msg);
+        self.deliver_reply(key, f);
+    }
+
     pub(super) fn on_message(&mut self, key: usize, text: bool, payload: &[u8]) {
         ShardMetrics::add(&self.m().messages_in, 1);
         if self.cfg.echo {
@@ -156,6 +196,9 @@ impl<T: Transport> Sessions<T> {
             }
         };
         let id = parsed.id.map(|r| r.get());
+        if self.over_rate(key) {
+            return self.refuse_rate(key, id);
+        }
         match parsed.op {
             Op::Ping { data } => {
                 let f = protocol::pong(data);

@@ -525,3 +525,64 @@ fn answers_to_senders_are_reliable_mail_and_copies_are_not() {
         "qos-0 copies may be dropped (counted)"
     );
 }
+
+#[test]
+fn a_flood_of_ops_is_refused_rate_limited_then_closed_with_1008() {
+    // 10 messages/s, burst 5: five pings at once pass, the sixth is refused with its id.
+    let cfg = Config {
+        max_messages_per_sec: 10,
+        message_burst: 5,
+        ..config()
+    };
+    let mut h = Harness::new(cfg);
+    let (key, pipe, mut buf) = h.open("/ws?user=flood", 1 << 20);
+    let ping = |i: u32| testkit::text_frame(&format!(r#"{{"op":"ping","id":{i}}}"#));
+    let mut burst = Vec::new();
+    for i in 0..6 {
+        burst.extend(ping(i));
+    }
+    h.send(&pipe, &burst);
+    let texts: Vec<serde_json::Value> = frames(&pipe, &mut buf)
+        .iter()
+        .map(|f| serde_json::from_slice(&f.payload).unwrap())
+        .collect();
+    assert_eq!(texts.len(), 6);
+    assert!(texts[..5].iter().all(|t| t["op"] == "pong"), "{texts:?}");
+    assert_eq!(texts[5]["op"], "error");
+    assert_eq!(texts[5]["code"], "rate_limited");
+    assert_eq!(texts[5]["id"], 5);
+    assert!(
+        texts[5]["message"]
+            .as_str()
+            .unwrap()
+            .contains("retry after 100 ms"),
+        "{texts:?}"
+    );
+    // 100 ms later one more fits: the rate refills with time.
+    h.advance(100);
+    h.send(&pipe, &ping(6));
+    let f = frames(&pipe, &mut buf);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&f[0].payload).unwrap()["op"],
+        "pong"
+    );
+    // Sending a whole burst more while limited ends the connection with 1008.
+    let mut flood = Vec::new();
+    for i in 0..6 {
+        flood.extend(ping(10 + i));
+    }
+    h.send(&pipe, &flood);
+    let f = frames(&pipe, &mut buf);
+    let close = f.iter().find(|f| f.opcode == 0x8).expect("a close frame");
+    assert_eq!(
+        close_code(close),
+        (1008, "message rate limit exceeded".into())
+    );
+    let refused = f.iter().filter(|f| f.opcode == 0x1).count();
+    assert_eq!(
+        refused, 4,
+        "refused before the close: strikes 1..4, the fifth closes"
+    );
+    h.advance(1_000);
+    assert!(!h.live(key));
+}
