@@ -324,6 +324,10 @@ impl Server {
         let metrics: Arc<[ShardMetrics]> =
             (0..cfg.shards).map(|_| ShardMetrics::default()).collect();
         let open_total = Arc::new(AtomicUsize::new(0));
+        let ip_table = Arc::new(crate::session::admission::IpTable::new(
+            cfg.max_connections_per_ip,
+            cfg.limit_loopback,
+        ));
         let subscribed: Arc<[AtomicUsize]> = (0..cfg.shards).map(|_| AtomicUsize::new(0)).collect();
         let barrier = Arc::new(Barrier::new(cfg.shards));
         let config = Arc::new(cfg);
@@ -339,6 +343,7 @@ impl Server {
                 config: config.clone(),
                 open_total: open_total.clone(),
                 subscribed: subscribed.clone(),
+                ip_table: ip_table.clone(),
                 steering: steering.clone(),
                 private_fd_table: fd_table == FdTableMode::PerShard,
                 barrier: barrier.clone(),

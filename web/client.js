@@ -45,6 +45,15 @@ export function backoffDelay(attempt, base = 500, cap = 30000, random = Math.ran
   return Math.floor(random() * ceiling);
 }
 
+/**
+ * The wait a server asked for in a close reason (`…; retry_after_ms=1234`: 1013 when it is
+ * busy or full, 1001 during a staged drain), or null. The server already jittered it.
+ */
+export function retryAfterMs(reason) {
+  const m = /retry_after_ms=(\d+)/.exec(reason || '');
+  return m ? Math.min(Number(m[1]), 10 * 60 * 1000) : null;
+}
+
 /** A request waiting for the server's ack/error, or its timeout. */
 export class Pending {
   constructor(timeoutMs, setTimer = (f, ms) => setTimeout(f, ms), clearTimer = (t) => clearTimeout(t)) {
@@ -373,13 +382,14 @@ export class Switchboard {
     if (this.sseFallback && this.failuresBeforeOpen >= 3 && this.EventSourceImpl && !this.es) {
       return this.startEventSource();
     }
-    this.scheduleReconnect(code);
+    this.scheduleReconnect(code, retryAfterMs(reason));
   }
 
-  scheduleReconnect(code) {
+  /** `serverWaitMs`: the server's own retry-after, honoured when longer than the backoff. */
+  scheduleReconnect(code, serverWaitMs = null) {
     // With several URLs (cluster nodes), the next attempt goes to the next one.
     this.urlIndex = (this.urlIndex + 1) % this.urls.length;
-    const delay = backoffDelay(this.attempt++, this.base, this.cap);
+    const delay = Math.max(backoffDelay(this.attempt++, this.base, this.cap), serverWaitMs ?? 0);
     this.setState('reconnecting');
     this.emit('reconnecting', { attempt: this.attempt, delayMs: delay, code });
     this.reconnectTimer = setTimeout(() => this.connect(), delay);

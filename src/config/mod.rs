@@ -30,6 +30,12 @@ pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_MESSAGES_PER_SEC: u32 = 1000;
 /// Default `--message-burst` (per connection).
 pub const DEFAULT_MESSAGE_BURST: u32 = 2000;
+/// Default `--max-handshakes-per-sec` (per shard).
+pub const DEFAULT_MAX_HANDSHAKES_PER_SEC: u32 = 20_000;
+/// Default `--max-pending-handshakes` (per shard).
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: u32 = 4096;
+/// Default `--max-connections-per-ip`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 10_000;
 /// Default shutdown grace period.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 5_000;
 /// Default capacity of each shard's mailbox (messages).
@@ -197,6 +203,24 @@ pub struct Options {
     /// Messages a connection may send at once above its rate [default: 2000].
     #[arg(long)]
     pub message_burst: Option<u32>,
+    /// WebSocket and SSE handshakes each shard completes per second, with a burst of one
+    /// second's worth; beyond it an upgrade is closed with 1013 and an SSE request answered
+    /// 503, both saying when to retry (0: no limit) [default: 20000].
+    #[arg(long)]
+    pub max_handshakes_per_sec: Option<u32>,
+    /// Connections per shard that have not finished their HTTP exchange (handshakes in
+    /// progress, idle keep-alive API connections); beyond it new ones are answered 503 at
+    /// once (0: no limit) [default: 4096].
+    #[arg(long)]
+    pub max_pending_handshakes: Option<u32>,
+    /// Open connections per source address; beyond it new ones are answered 429 (0: no
+    /// limit; loopback addresses are exempt unless --limit-loopback) [default: 10000].
+    #[arg(long)]
+    pub max_connections_per_ip: Option<u32>,
+    /// Apply --max-connections-per-ip to loopback peers too.
+    #[arg(long)]
+    #[serde(default)]
+    pub limit_loopback: bool,
     /// Time (ms) shutdown waits for close handshakes [default: 5000].
     #[arg(long)]
     pub shutdown_grace_ms: Option<u64>,
@@ -330,6 +354,14 @@ pub struct Config {
     pub max_messages_per_sec: u32,
     /// Per-connection message burst.
     pub message_burst: u32,
+    /// Handshakes per shard per second (0: none).
+    pub max_handshakes_per_sec: u32,
+    /// Unfinished HTTP exchanges per shard (0: none).
+    pub max_pending_handshakes: u32,
+    /// Connections per source address (0: none).
+    pub max_connections_per_ip: u32,
+    /// Loopback peers count against `max_connections_per_ip`.
+    pub limit_loopback: bool,
     /// Shutdown grace.
     pub shutdown_grace_ms: u64,
     /// Mailbox capacity.
@@ -466,6 +498,19 @@ impl Options {
                 .message_burst
                 .or(f.message_burst)
                 .unwrap_or(DEFAULT_MESSAGE_BURST),
+            max_handshakes_per_sec: self
+                .max_handshakes_per_sec
+                .or(f.max_handshakes_per_sec)
+                .unwrap_or(DEFAULT_MAX_HANDSHAKES_PER_SEC),
+            max_pending_handshakes: self
+                .max_pending_handshakes
+                .or(f.max_pending_handshakes)
+                .unwrap_or(DEFAULT_MAX_PENDING_HANDSHAKES),
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .or(f.max_connections_per_ip)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
+            limit_loopback: self.limit_loopback || f.limit_loopback,
             shutdown_grace_ms: self
                 .shutdown_grace_ms
                 .or(f.shutdown_grace_ms)
@@ -586,6 +631,12 @@ impl Config {
         }
         if self.max_message_bytes < 128 || self.max_message_bytes > 1 << 30 {
             return bad("max-message-bytes", "must be 128..=1073741824");
+        }
+        if self.max_handshakes_per_sec > 1_000_000 {
+            return bad(
+                "max-handshakes-per-sec",
+                "must be at most 1000000 (0: no limit)",
+            );
         }
         if self.max_messages_per_sec > 1_000_000 {
             return bad(

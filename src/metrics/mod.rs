@@ -35,11 +35,17 @@ pub enum HandshakeFailure {
     Origin,
     /// A private channel the token does not grant (403).
     Forbidden,
+    /// Over the shard's `--max-handshakes-per-sec` (1013 after the upgrade, or 503).
+    RateLimited,
+    /// Over the shard's `--max-pending-handshakes` (503 at once).
+    Pending,
+    /// Over `--max-connections-per-ip` (429 at once).
+    PerIp,
 }
 
 impl HandshakeFailure {
     /// All reasons, in index order.
-    pub const ALL: [HandshakeFailure; 12] = [
+    pub const ALL: [HandshakeFailure; 15] = [
         HandshakeFailure::Malformed,
         HandshakeFailure::HeadTooLarge,
         HandshakeFailure::NotUpgrade,
@@ -52,6 +58,9 @@ impl HandshakeFailure {
         HandshakeFailure::Body,
         HandshakeFailure::Origin,
         HandshakeFailure::Forbidden,
+        HandshakeFailure::RateLimited,
+        HandshakeFailure::Pending,
+        HandshakeFailure::PerIp,
     ];
 
     /// Label value.
@@ -69,6 +78,9 @@ impl HandshakeFailure {
             HandshakeFailure::Body => "body",
             HandshakeFailure::Origin => "origin",
             HandshakeFailure::Forbidden => "forbidden",
+            HandshakeFailure::RateLimited => "rate_limited",
+            HandshakeFailure::Pending => "pending_handshakes",
+            HandshakeFailure::PerIp => "per_ip",
         }
     }
 }

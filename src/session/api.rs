@@ -120,18 +120,32 @@ impl<T: Transport> Sessions<T> {
             }
         }
         let streams_on = self.streams_on();
-        let m = &self.metrics[self.index as usize];
-        let c = &mut self.conns[key];
-        c.flags.set(Flags::COUNTED);
+        self.conns[key].flags.set(Flags::COUNTED);
         if !admit(&self.open_total, self.cfg.max_connections) {
-            m.count_handshake_failure(HandshakeFailure::OverCapacity);
-            return self.http_fail(
+            let wait = 1000 + super::admission::mix(self.salt(key)) % 9000;
+            return self.http_refuse(
                 key,
                 503,
                 "server at capacity, try again later",
                 HandshakeFailure::OverCapacity,
+                wait,
             );
         }
+        let salt = self.salt(key);
+        if let Err(wait) = self
+            .gate
+            .admit(self.now_ms, self.cfg.max_handshakes_per_sec, salt)
+        {
+            return self.http_refuse(
+                key,
+                503,
+                "server busy, try again later",
+                HandshakeFailure::RateLimited,
+                wait,
+            );
+        }
+        let m = &self.metrics[self.index as usize];
+        let c = &mut self.conns[key];
         m.open_http.fetch_sub(1, Ordering::Relaxed);
         ShardMetrics::add(&m.open_sse, 1);
         c.state = ConnState::Open;

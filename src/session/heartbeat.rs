@@ -101,6 +101,7 @@ impl<T: Transport> Sessions<T> {
     /// Removes a connection: logs and counts its close, releases everything it held.
     pub(super) fn finish(&mut self, key: usize) {
         self.unregister(key);
+        self.release_ip(key);
         let c = self.conns.remove(key);
         self.wheel.cancel(c.timer);
         let age_ms = c.age_ms(self.now_ms);

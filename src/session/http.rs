@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::debug;
 
+use super::admission;
 use super::buffers::Inbound;
 use super::conn::{ConnState, Flags, Transport};
 use super::streams::Cursor;
@@ -149,6 +150,38 @@ impl<T: Transport> Sessions<T> {
         self.drain_after_response(key);
     }
 
+    /// Refuses for now: `status` with `Retry-After` (seconds, rounded up from `wait_ms`),
+    /// then closes once the peer has read it.
+    pub(super) fn http_refuse(
+        &mut self,
+        key: usize,
+        status: u16,
+        message: &str,
+        why: HandshakeFailure,
+        wait_ms: u64,
+    ) {
+        debug!(
+            shard = self.index,
+            conn = key,
+            status,
+            reason = message,
+            "refused for now"
+        );
+        self.m().count_handshake_failure(why);
+        let secs = wait_ms.div_ceil(1000);
+        let body = format!("{message}; retry after {secs} s\n");
+        let extra = format!("Retry-After: {secs}\r\n");
+        let resp = response::simple(
+            status,
+            "text/plain; charset=utf-8",
+            body.as_bytes(),
+            &extra,
+            true,
+        );
+        self.push_raw(key, resp);
+        self.drain_after_response(key);
+    }
+
     pub(super) fn drain_after_response(&mut self, key: usize) {
         self.conns[key].state = ConnState::Draining;
         let deadline = self.now_ms + self.cfg.close_timeout_ms;
@@ -212,11 +245,17 @@ impl<T: Transport> Sessions<T> {
         ShardMetrics::add(&m.open_ws, 1);
         if !admit(&self.open_total, self.cfg.max_connections) {
             m.count_handshake_failure(HandshakeFailure::OverCapacity);
-            self.start_close(
-                key,
-                code::TRY_AGAIN_LATER,
-                "server at capacity, try again later",
-            );
+            let wait = 1000 + admission::mix(self.salt(key)) % 9000;
+            let reason = admission::retry_reason("server at capacity, try again later", wait);
+            self.start_close_with(key, code::TRY_AGAIN_LATER, reason.into());
+            return;
+        }
+        let rate = self.cfg.max_handshakes_per_sec;
+        let salt = self.salt(key);
+        if let Err(wait) = self.gate.admit(self.now_ms, rate, salt) {
+            m.count_handshake_failure(HandshakeFailure::RateLimited);
+            let reason = admission::retry_reason("server busy, try again later", wait);
+            self.start_close_with(key, code::TRY_AGAIN_LATER, reason.into());
             return;
         }
         if !self.cfg.echo {

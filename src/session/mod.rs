@@ -21,6 +21,7 @@
 //! their pipe). It never reads a clock, never blocks, and touches a connection's bytes only
 //! through [`Transport`].
 
+pub mod admission;
 mod api;
 pub mod buffers;
 pub mod conn;
@@ -44,7 +45,7 @@ pub use conn::{flush, Conn, ConnState, Extra, Flags, Flushed, Transport};
 use crate::broker::{BrokerHandle, BrokerMetrics, BrokerMsg};
 use crate::config::Config;
 use crate::hub::{ConnId, Hub, ShardMsg};
-use crate::metrics::{ShardMetrics, StoreMetrics};
+use crate::metrics::{HandshakeFailure, ShardMetrics, StoreMetrics};
 use crate::store::StoreHandle;
 use crate::timer::{TimerKey, Wheel};
 
@@ -70,6 +71,8 @@ pub struct Shared {
     /// Channels with local subscribers, by shard: a publish skips the shards at 0 (shards
     /// added only for their fd tables sit empty).
     pub subscribed: Arc<[AtomicUsize]>,
+    /// Connections per source address, process-wide.
+    pub ip_table: Arc<admission::IpTable>,
     /// The store thread, when streams are on.
     pub store: Option<StoreHandle>,
     /// The store's counters (for `/metrics`).
@@ -87,12 +90,17 @@ impl Shared {
     /// benches, fuzzing): fresh counters, no store. Panics on a token key that does not parse.
     pub fn standalone(config: Config, shards: usize) -> Shared {
         let auth = crate::auth::Auth::from_config(&config).expect("a valid token configuration");
+        let ip_table = Arc::new(admission::IpTable::new(
+            config.max_connections_per_ip,
+            config.limit_loopback,
+        ));
         Shared {
             config: Arc::new(config),
             auth: Arc::new(auth),
             metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
             open_total: Arc::new(AtomicUsize::new(0)),
             subscribed: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
+            ip_table,
             store: None,
             store_metrics: Default::default(),
             broker: None,
@@ -134,6 +142,11 @@ pub struct Sessions<T: Transport> {
     metrics: Arc<[ShardMetrics]>,
     open_total: Arc<AtomicUsize>,
     subscribed: Arc<[AtomicUsize]>,
+    ip_table: Arc<admission::IpTable>,
+    /// The address bucket each connection counts against, by slab key (`bucket + 1`; 0: not
+    /// counted): beside the slab, so `Conn` stays small.
+    ip_buckets: Vec<u16>,
+    gate: admission::HandshakeGate,
     store: Option<StoreHandle>,
     store_metrics: Arc<StoreMetrics>,
     broker: Option<BrokerHandle>,
@@ -186,6 +199,9 @@ impl<T: Transport> Sessions<T> {
             metrics: shared.metrics,
             open_total: shared.open_total,
             subscribed: shared.subscribed,
+            ip_table: shared.ip_table,
+            ip_buckets: Vec::new(),
+            gate: Default::default(),
             store: shared.store,
             store_metrics: shared.store_metrics,
             broker: shared.broker,
@@ -245,7 +261,64 @@ impl<T: Transport> Sessions<T> {
         let m = self.m();
         ShardMetrics::add(&m.accepted, 1);
         ShardMetrics::add(&m.open_http, 1);
+        let pending = m.open_http.load(Ordering::Relaxed);
+        let cap = self.cfg.max_pending_handshakes as u64;
+        if cap > 0 && pending > cap {
+            let wait = 1000 + admission::spread_ms(pending as u32, 1000, self.salt(key));
+            self.http_refuse(
+                key,
+                503,
+                "too many handshakes in progress",
+                HandshakeFailure::Pending,
+                wait,
+            );
+        }
         key
+    }
+
+    /// [`Self::accept`] from the peer address `ip`, counted against
+    /// `--max-connections-per-ip` (over it: 429 at once).
+    pub fn accept_ip(&mut self, io: T, ip: std::net::IpAddr) -> usize {
+        let key = self.accept(io, ip.is_loopback());
+        if self.conns[key].state != ConnState::Http {
+            return key; // refused already
+        }
+        match self.ip_table.admit(ip) {
+            Ok(None) => {}
+            Ok(Some(b)) => {
+                if self.ip_buckets.len() <= key {
+                    self.ip_buckets.resize(key + 1, 0);
+                }
+                self.ip_buckets[key] = b + 1;
+            }
+            Err(()) => {
+                let wait = 5000 + admission::mix(self.salt(key)) % 10_000;
+                self.http_refuse(
+                    key,
+                    429,
+                    "too many connections from your address",
+                    HandshakeFailure::PerIp,
+                    wait,
+                );
+            }
+        }
+        key
+    }
+
+    /// Gives back the address place of connection `key` (at its end).
+    fn release_ip(&mut self, key: usize) {
+        if let Some(b) = self.ip_buckets.get_mut(key) {
+            if *b != 0 {
+                self.ip_table.release(*b - 1);
+                *b = 0;
+            }
+        }
+    }
+
+    /// Jitter input for connection `key`: differs per connection and per moment.
+    fn salt(&self, key: usize) -> u64 {
+        let g = self.conns.get(key).map_or(0, |c| c.generation) as u64;
+        (key as u64) << 40 ^ g << 20 ^ self.now_ms ^ (self.index as u64) << 56
     }
 
     /// The pipe of connection `key`, if it exists.

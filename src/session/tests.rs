@@ -52,6 +52,15 @@ impl Harness {
         (key, pipe)
     }
 
+    /// Accepts a connection from `ip` (counted against `--max-connections-per-ip`).
+    fn accept_from(&mut self, ip: &str) -> (usize, SimSocket) {
+        let pipe = SimSocket::new(64 * 1024);
+        let key = self.s.accept_ip(pipe.clone(), ip.parse().unwrap());
+        self.pipes.push((key, pipe.clone()));
+        self.turn();
+        (key, pipe)
+    }
+
     /// One event-loop turn at the current clock.
     fn turn(&mut self) {
         self.s.set_clock(self.now_ms, UNIX_BASE_MS + self.now_ms);
@@ -585,4 +594,105 @@ fn a_flood_of_ops_is_refused_rate_limited_then_closed_with_1008() {
     );
     h.advance(1_000);
     assert!(!h.live(key));
+}
+
+/// The status line and headers of what the server wrote to `pipe`.
+fn response_head(pipe: &SimSocket) -> String {
+    let bytes = pipe.0.borrow_mut().client_read();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    text.split("\r\n\r\n").next().unwrap().to_owned()
+}
+
+#[test]
+fn a_handshake_storm_is_closed_1013_with_a_jittered_retry_after() {
+    // Two handshakes per second per shard, a burst of one second: the third upgrade gets its
+    // 101 and then 1013 with when to retry.
+    let cfg = Config {
+        max_handshakes_per_sec: 2,
+        ..config()
+    };
+    let mut h = Harness::new(cfg);
+    h.open("/ws?user=a", 1 << 16);
+    h.open("/ws?user=b", 1 << 16);
+    let (key, pipe) = h.accept(1 << 16);
+    h.send(
+        &pipe,
+        testkit::upgrade_request("t", "/ws?user=c").as_bytes(),
+    );
+    let mut buf = pipe.0.borrow_mut().client_read();
+    let head = testkit::parse_response_head(&buf).unwrap().unwrap();
+    assert_eq!(head.status, 101);
+    buf.drain(..head.head_len);
+    let f = testkit::take_frame(&mut buf)
+        .unwrap()
+        .expect("a close frame");
+    let (code, reason) = close_code(&f);
+    assert_eq!(code, 1013);
+    let ms: u64 = reason
+        .split("retry_after_ms=")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{reason}"));
+    assert!(
+        (500..=1500).contains(&ms),
+        "wait for the rate, plus jitter: {reason}"
+    );
+    h.send(&pipe, &testkit::close_frame(1013, ""));
+    assert!(!h.live(key));
+    // SSE is a handshake too: 503 with Retry-After.
+    let (_, sse) = h.accept(1 << 16);
+    h.send(&sse, b"GET /events?user=d HTTP/1.1\r\nHost: t\r\n\r\n");
+    let head = response_head(&sse);
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(head.contains("Retry-After: "), "{head}");
+    // Half a second later there is room again.
+    h.advance(500);
+    h.open("/ws?user=e", 1 << 16);
+}
+
+#[test]
+fn over_the_pending_handshake_cap_new_connections_get_503_at_once() {
+    let cfg = Config {
+        max_pending_handshakes: 2,
+        ..config()
+    };
+    let mut h = Harness::new(cfg);
+    let (a, _) = h.accept(1 << 16);
+    let (b, _) = h.accept(1 << 16);
+    let (c, pipe) = h.accept(1 << 16);
+    h.turn();
+    let head = response_head(&pipe);
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(head.contains("Retry-After: "), "{head}");
+    assert!(h.live(a) && h.live(b), "the first two keep their chance");
+    // The silent ones still meet the handshake deadline; then there is room again.
+    h.advance(2_000);
+    assert!(!h.live(a) && !h.live(b) && !h.live(c));
+    h.open("/ws?user=late", 1 << 16);
+}
+
+#[test]
+fn connections_per_address_are_capped_429_and_freed_at_close() {
+    let cfg = Config {
+        max_connections_per_ip: 2,
+        ..config()
+    };
+    let mut h = Harness::new(cfg);
+    let (a, _) = h.accept_from("10.1.1.1");
+    h.accept_from("10.1.1.1");
+    let (_, third) = h.accept_from("10.1.1.1");
+    let head = response_head(&third);
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    assert!(head.contains("Retry-After: "), "{head}");
+    let (_, other) = h.accept_from("10.1.1.2");
+    assert_eq!(response_head(&other), "", "another address is not limited");
+    for _ in 0..5 {
+        let (_, lo) = h.accept_from("127.0.0.1");
+        assert_eq!(response_head(&lo), "", "loopback is exempt by default");
+    }
+    // A close gives its place back.
+    h.advance(2_000); // handshake deadline: every silent one is dropped
+    assert!(!h.live(a));
+    let (_, again) = h.accept_from("10.1.1.1");
+    assert_eq!(response_head(&again), "");
 }

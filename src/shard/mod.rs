@@ -66,6 +66,8 @@ pub struct ShardSetup {
     pub open_total: Arc<AtomicUsize>,
     /// Channels with local subscribers, by shard.
     pub subscribed: Arc<[AtomicUsize]>,
+    /// Connections per source address, process-wide.
+    pub ip_table: Arc<crate::session::admission::IpTable>,
     /// Which shards take new connections, when shards were added for their fd tables.
     pub steering: Option<Arc<steer::Steering>>,
     /// Give this shard its own fd table before it accepts anything.
@@ -165,6 +167,7 @@ impl Shard {
             metrics: setup.metrics,
             open_total: setup.open_total,
             subscribed: setup.subscribed,
+            ip_table: setup.ip_table,
             store: setup.store,
             store_metrics: setup.store_metrics,
             broker: setup.broker,
@@ -286,7 +289,7 @@ impl Shard {
                 }
                 match self.listeners[li].accept() {
                     Ok((stream, peer)) => {
-                        self.on_accept(stream, peer.ip().is_loopback());
+                        self.on_accept(stream, peer.ip());
                         // At once, not at the end of the turn: every accept this turn
                         // would otherwise still land here.
                         self.steer();
@@ -347,7 +350,7 @@ impl Shard {
         }
     }
 
-    fn on_accept(&mut self, mut stream: TcpStream, loopback: bool) {
+    fn on_accept(&mut self, mut stream: TcpStream, ip: std::net::IpAddr) {
         let _ = stream.set_nodelay(true);
         let key = self.sessions.next_key();
         if let Err(e) = self.poll.registry().register(
@@ -358,7 +361,7 @@ impl Shard {
             warn!(shard = self.index, error = %e, "cannot register an accepted socket");
             return;
         }
-        let got = self.sessions.accept(stream, loopback);
+        let got = self.sessions.accept_ip(stream, ip);
         debug_assert_eq!(got, key, "the slab key is the token");
     }
 

@@ -3,6 +3,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   backoffDelay, explainClose, shouldReconnect, Pending, Switchboard, CLOSE_CODES, TERMINAL_CODES,
+  retryAfterMs,
 } from '../client.js';
 import { readFileSync } from 'node:fs';
 
@@ -16,6 +17,13 @@ test('backoff grows exponentially up to the cap, with full jitter', () => {
   const draws = Array.from({ length: 500 }, () => backoffDelay(4, 100, 5000));
   assert.ok(draws.every((d) => d >= 0 && d < 1600));
   assert.ok(Math.min(...draws) < 400 && Math.max(...draws) > 1200, 'spread over the range');
+});
+
+test('a retry_after_ms in a close reason is read and bounded', () => {
+  assert.equal(retryAfterMs('server busy, try again later; retry_after_ms=1234'), 1234);
+  assert.equal(retryAfterMs('server shutting down'), null);
+  assert.equal(retryAfterMs(''), null);
+  assert.equal(retryAfterMs('x; retry_after_ms=99999999'), 600000);
 });
 
 test('close table explains every documented code, and terminal codes stop reconnects', () => {
@@ -314,4 +322,19 @@ test('with several URLs the client moves to the next one after every close', asy
   assert.match(FakeWS.all[2].url, /^ws:\/\/n1:8081\/ws\?/, 'and back in turn');
   sb.close();
   assert.throws(() => new Switchboard([], { WebSocket: FakeWS, autoConnect: false }), /no URL/);
+});
+
+test('a busy server\'s 1013 with retry_after_ms delays the reconnect at least that long', async () => {
+  FakeWS.all = [];
+  const sb = new Switchboard('ws://x/ws', {
+    user: 'storm', WebSocket: FakeWS, backoffBaseMs: 1, backoffCapMs: 2, heartbeatMs: 60000, logger: quiet,
+  });
+  const ws = FakeWS.all[0];
+  ws.open();
+  const reconnecting = new Promise((r) => sb.on('reconnecting', r));
+  ws.drop(1013, 'server busy, try again later; retry_after_ms=4321');
+  const ev = await reconnecting;
+  assert.equal(ev.code, 1013);
+  assert.ok(ev.delayMs >= 4321, `waited ${ev.delayMs} ms`);
+  sb.close();
 });
