@@ -12,6 +12,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// connection keeps `bucket + 1` in a `u16` (0: not counted).
 const IP_BUCKETS: usize = (1 << 16) - 1;
 
+/// The address already has `--max-connections-per-ip` connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AtLimit;
+
 /// Connections per source address, process-wide: a table of counters indexed by a keyed hash
 /// of the address. Two addresses may share a bucket (and a limit) — with 65,536 buckets,
 /// rarely — but a connection only stores its 2-byte bucket, not its address.
@@ -43,8 +47,8 @@ impl IpTable {
     }
 
     /// Counts a connection from `ip`: `Ok(Some(bucket))` to give back at close, `Ok(None)`
-    /// when it is not counted, `Err(())` when the address is at its limit.
-    pub fn admit(&self, ip: IpAddr) -> Result<Option<u16>, ()> {
+    /// when it is not counted, `Err` when the address is at its limit.
+    pub fn admit(&self, ip: IpAddr) -> Result<Option<u16>, AtLimit> {
         if self.limit == 0 || (ip.is_loopback() && !self.loopback) {
             return Ok(None);
         }
@@ -53,7 +57,7 @@ impl IpTable {
         let mut n = c.load(Ordering::Relaxed);
         loop {
             if n >= self.limit {
-                return Err(());
+                return Err(AtLimit);
             }
             match c.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => return Ok(Some(b)),
@@ -156,7 +160,7 @@ mod tests {
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let ba = t.admit(a).unwrap().unwrap();
         t.admit(a).unwrap().unwrap();
-        assert_eq!(t.admit(a), Err(()));
+        assert_eq!(t.admit(a), Err(AtLimit));
         assert!(t.admit(b).is_ok());
         t.release(ba);
         assert!(t.admit(a).is_ok(), "a close frees a place");
@@ -166,6 +170,6 @@ mod tests {
         }
         let strict = IpTable::new(1, true);
         strict.admit(lo).unwrap();
-        assert_eq!(strict.admit(lo), Err(()));
+        assert_eq!(strict.admit(lo), Err(AtLimit));
     }
 }

@@ -291,7 +291,7 @@ impl<T: Transport> Sessions<T> {
                 }
                 self.ip_buckets[key] = b + 1;
             }
-            Err(()) => {
+            Err(admission::AtLimit) => {
                 let wait = 5000 + admission::mix(self.salt(key)) % 10_000;
                 self.http_refuse(
                     key,
