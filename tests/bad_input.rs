@@ -254,3 +254,38 @@ fn half_sent_request_is_dropped_after_the_handshake_timeout() {
         1
     );
 }
+
+#[test]
+fn one_address_over_max_connections_per_ip_gets_429_with_retry_after() {
+    // Loopback is exempt by default (loadgen); --limit-loopback lets this test count it.
+    let server = Server::start(&["--max-connections-per-ip", "3", "--limit-loopback"]);
+    let (_a, _) = connect(&server, "a");
+    let (_b, _) = connect(&server, "b");
+    let (mut c, _) = connect(&server, "c");
+    let (status, body) = http(
+        server.addr,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body.contains("too many connections from your address"),
+        "{body}"
+    );
+    // A close gives the place back.
+    c.close(None).unwrap();
+    while c.read().is_ok() {}
+    let mut ok = false;
+    for _ in 0..100 {
+        let (status, _) = http(
+            server.addr,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        if status == 200 {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(ok, "a place freed by a close is taken again");
+    assert!(server.metric("switchboard_handshake_failures_total{reason=\"per_ip\"}") >= 1);
+}
