@@ -101,8 +101,15 @@ fn client_that_never_reads_gets_4001_while_others_keep_receiving() {
 }
 
 #[test]
-fn sigterm_closes_everyone_with_1001_and_exits_zero() {
-    let mut server = Server::start(&["--shards", "2", "--shutdown-grace-ms", "3000"]);
+fn sigterm_drains_everyone_with_1001_over_the_drain_and_exits_zero() {
+    let mut server = Server::start(&[
+        "--shards",
+        "2",
+        "--shutdown-grace-ms",
+        "5000",
+        "--drain-ms",
+        "1000",
+    ]);
     let mut clients: Vec<Raw> = (0..20)
         .map(|i| {
             let mut r = Raw::upgrade(server.addr, &format!("/ws?user=u{i}"));
@@ -112,11 +119,27 @@ fn sigterm_closes_everyone_with_1001_and_exits_zero() {
         .collect();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let signalled = std::time::Instant::now();
+    let mut waits = std::collections::BTreeSet::new();
+    let mut last = Duration::ZERO;
     for c in clients.iter_mut() {
         let (code, reason) = c.read_close();
-        assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+        last = last.max(signalled.elapsed());
+        assert_eq!(code, 1001, "{reason}");
+        let wait: u64 = reason
+            .strip_prefix("server shutting down; retry_after_ms=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{reason}"));
+        assert!(wait < 2000, "within the drain left plus its length: {wait}");
+        waits.insert(wait);
         c.send_frame(0x88, &1001u16.to_be_bytes(), true);
     }
+    // Spread over --drain-ms: the last close cannot come before its turn.
+    assert!(
+        last >= Duration::from_millis(900),
+        "last close after {last:?}"
+    );
+    assert!(waits.len() >= 15, "jittered retry-afters: {waits:?}");
     let status = server.signal_and_wait(0);
     assert_eq!(status.code(), Some(0));
 }
@@ -153,6 +176,26 @@ fn per_shard_fd_tables_hold_more_than_one_table_allows() {
         c.send_text(r#"{"op":"ping","data":1}"#);
         assert_eq!(c.read_json()["op"], "pong");
     }
+}
+
+#[test]
+fn post_api_drain_drains_like_sigterm_and_exits_zero() {
+    let mut server = Server::start(&["--drain-ms", "300"]);
+    let mut clients = hold(&server, 6);
+    let (status, body) = http(
+        server.addr,
+        "POST /api/drain HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!((status, body.trim()), (200, r#"{"draining":true}"#));
+    for c in clients.iter_mut() {
+        let (code, reason) = c.read_close();
+        assert_eq!(code, 1001, "{reason}");
+        assert!(reason.contains("retry_after_ms="), "{reason}");
+        c.send_frame(0x88, &1001u16.to_be_bytes(), true);
+    }
+    // Signal 0 only waits: the drain ends the process by itself.
+    let status = server.signal_and_wait(0);
+    assert_eq!(status.code(), Some(0));
 }
 
 #[test]

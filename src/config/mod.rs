@@ -224,6 +224,11 @@ pub struct Options {
     /// Time (ms) shutdown waits for close handshakes [default: 5000].
     #[arg(long)]
     pub shutdown_grace_ms: Option<u64>,
+    /// Time (ms) over which shutdown spreads the 1001 closes, each saying when to come back,
+    /// so clients do not reconnect as one wave [default: 2000 per 100,000 open connections,
+    /// within --shutdown-grace-ms].
+    #[arg(long)]
+    pub drain_ms: Option<u64>,
     /// Capacity of each shard's cross-shard mailbox [default: 16384; shards added for fd
     /// tables share the cores' total: 16384 × cores / shards, at least 1024].
     #[arg(long)]
@@ -364,6 +369,8 @@ pub struct Config {
     pub limit_loopback: bool,
     /// Shutdown grace.
     pub shutdown_grace_ms: u64,
+    /// Drain length (`None`: by the number of connections).
+    pub drain_ms: Option<u64>,
     /// Mailbox capacity.
     pub mailbox_capacity: usize,
     /// `mailbox_capacity` is the default: start-up scales it down when it adds shards.
@@ -511,6 +518,7 @@ impl Options {
                 .or(f.max_connections_per_ip)
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
             limit_loopback: self.limit_loopback || f.limit_loopback,
+            drain_ms: self.drain_ms.or(f.drain_ms),
             shutdown_grace_ms: self
                 .shutdown_grace_ms
                 .or(f.shutdown_grace_ms)

@@ -27,13 +27,15 @@ pub enum Route {
     History,
     /// GET /api/channels/<name>/presence
     Presence,
+    /// POST /api/drain
+    Drain,
     /// Anything else under /api/
     Unknown,
 }
 
 impl Route {
     /// All routes, in index order.
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 11] = [
         Route::Publish,
         Route::Send,
         Route::Broadcast,
@@ -43,6 +45,7 @@ impl Route {
         Route::Stats,
         Route::History,
         Route::Presence,
+        Route::Drain,
         Route::Unknown,
     ];
 
@@ -58,6 +61,7 @@ impl Route {
             Route::Stats => "stats",
             Route::History => "history",
             Route::Presence => "presence",
+            Route::Drain => "drain",
             Route::Unknown => "unknown",
         }
     }
@@ -70,6 +74,7 @@ impl Route {
             "/api/broadcast" => (Route::Broadcast, None, "POST"),
             "/api/disconnect" => (Route::Disconnect, None, "POST"),
             "/api/stats" => (Route::Stats, None, "GET"),
+            "/api/drain" => (Route::Drain, None, "POST"),
             p => {
                 if let Some(id) = p.strip_prefix("/api/users/") {
                     (Route::User, Some(id), "GET")

@@ -218,6 +218,18 @@ impl<T: Transport> Sessions<T> {
         }
         let ts = self.now_unix_ms;
         let cmd = match route {
+            Route::Drain => {
+                let Some(drain) = self.on_drain.clone() else {
+                    return Err(ApiError {
+                        status: 503,
+                        message: "no process to drain here".into(),
+                    });
+                };
+                drain();
+                let body = br#"{"draining":true}"#;
+                self.api_answer(key, route, 200, body, req.connection_close);
+                return Ok(());
+            }
             Route::Publish => {
                 let p: api::Publish = api::parse_body(body)?;
                 api::check_channel(&p.channel)?;
@@ -680,7 +692,7 @@ impl<T: Transport> Sessions<T> {
                 json(serde_json::json!({ "online": p.count > 0, "connections": p.count }))
             }
             Route::Channel => json(serde_json::json!({ "subscribers": p.count })),
-            Route::Stats | Route::History | Route::Presence | Route::Unknown => {
+            Route::Stats | Route::History | Route::Presence | Route::Drain | Route::Unknown => {
                 unreachable!("answered without the other shards")
             }
         };

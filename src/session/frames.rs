@@ -466,6 +466,26 @@ impl<T: Transport> Sessions<T> {
         self.arm(key, deadline);
     }
 
+    /// The drain's turn of an open connection: 1001 with when to come back. A cluster node's
+    /// clients go to another node at once (spread over a second); a lone server's come back
+    /// after the drain (`left_ms`), spread over its length, when the next process is up.
+    pub(super) fn drain_conn(&mut self, key: usize, left_ms: u64, len_ms: u64) {
+        if self.conns[key].state != ConnState::Open {
+            return self.shutdown_conn(key);
+        }
+        let jitter = super::admission::mix(self.salt(key));
+        let (what, wait) = if self.broker.is_some() {
+            (
+                "node shutting down; reconnect to another node",
+                jitter % 1000,
+            )
+        } else {
+            ("server shutting down", left_ms + jitter % len_ms.max(1000))
+        };
+        let reason = super::admission::retry_reason(what, wait);
+        self.start_close_with(key, code::GOING_AWAY, reason.into());
+    }
+
     /// During shutdown: 1001 for open connections, drop the rest.
     pub(super) fn shutdown_conn(&mut self, key: usize) {
         match self.conns[key].state {

@@ -73,6 +73,8 @@ pub struct Shared {
     pub subscribed: Arc<[AtomicUsize]>,
     /// Connections per source address, process-wide.
     pub ip_table: Arc<admission::IpTable>,
+    /// Starts the process's staged shutdown (`POST /api/drain`); none without a process.
+    pub on_drain: Option<OnDrain>,
     /// The store thread, when streams are on.
     pub store: Option<StoreHandle>,
     /// The store's counters (for `/metrics`).
@@ -101,6 +103,7 @@ impl Shared {
             open_total: Arc::new(AtomicUsize::new(0)),
             subscribed: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
             ip_table,
+            on_drain: None,
             store: None,
             store_metrics: Default::default(),
             broker: None,
@@ -143,6 +146,7 @@ pub struct Sessions<T: Transport> {
     open_total: Arc<AtomicUsize>,
     subscribed: Arc<[AtomicUsize]>,
     ip_table: Arc<admission::IpTable>,
+    on_drain: Option<OnDrain>,
     /// The address bucket each connection counts against, by slab key (`bucket + 1`; 0: not
     /// counted): beside the slab, so `Conn` stays small.
     ip_buckets: Vec<u16>,
@@ -185,7 +189,33 @@ pub struct Sessions<T: Transport> {
     now_unix_ms: u64,
     next_generation: u32,
     shutdown_deadline_ms: Option<u64>,
+    /// The staged close of open connections at shutdown.
+    drain: Option<Drain>,
 }
+
+/// Open connections still to close at shutdown, closed evenly over `len_ms`.
+#[derive(Debug)]
+struct Drain {
+    start_ms: u64,
+    len_ms: u64,
+    /// `(key, generation)`, in the order they are closed.
+    queue: Vec<(usize, u32)>,
+    closed: usize,
+}
+
+impl Drain {
+    /// Shard clock at which the `n`-th close is due.
+    fn due_ms(&self, n: usize) -> u64 {
+        let total = self.queue.len().max(1) as u64;
+        self.start_ms + self.len_ms * n as u64 / total
+    }
+}
+
+/// What `POST /api/drain` calls: the server's SIGTERM path.
+pub type OnDrain = Arc<dyn Fn() + Send + Sync>;
+
+/// Drain time per open connection when `--drain-ms` is not given: 2 s per 100,000.
+const DRAIN_US_PER_CONN: u64 = 20;
 
 impl<T: Transport> Sessions<T> {
     /// Sessions of shard `index` of `shards`, with the clock at `now_ms` / `now_unix_ms`.
@@ -200,6 +230,7 @@ impl<T: Transport> Sessions<T> {
             open_total: shared.open_total,
             subscribed: shared.subscribed,
             ip_table: shared.ip_table,
+            on_drain: shared.on_drain,
             ip_buckets: Vec::new(),
             gate: Default::default(),
             store: shared.store,
@@ -227,6 +258,7 @@ impl<T: Transport> Sessions<T> {
             now_unix_ms,
             next_generation: 0,
             shutdown_deadline_ms: None,
+            drain: None,
         }
     }
 
@@ -400,10 +432,15 @@ impl<T: Transport> Sessions<T> {
     /// The earliest deadline: the wheel's next expiry or the end of the shutdown grace.
     pub fn next_deadline(&self) -> Option<u64> {
         let w = self.wheel.next_expiration();
-        match (w, self.shutdown_deadline_ms) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let drain = self
+            .drain
+            .as_ref()
+            .filter(|d| d.closed < d.queue.len())
+            .map(|d| d.due_ms(d.closed + 1));
+        [w, self.shutdown_deadline_ms, drain]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Reads capped in an earlier call continue.
@@ -425,6 +462,7 @@ impl<T: Transport> Sessions<T> {
     /// Fires every deadline due at the current clock (at most [`TIMERS_PER_TURN`]).
     pub fn on_timers(&mut self) {
         self.resync_counts();
+        self.drain_step();
         let mut expired = std::mem::take(&mut self.expired);
         expired.clear();
         self.wheel.poll(self.now_ms, &mut expired, TIMERS_PER_TURN);
@@ -521,17 +559,55 @@ impl<T: Transport> Sessions<T> {
         }
         let grace = self.cfg.shutdown_grace_ms;
         self.shutdown_deadline_ms = Some(self.now_ms + grace.saturating_sub(grace / 10));
-        let keys = self.keys();
-        info!(
-            shard = self.index,
-            connections = keys.len(),
-            "shutting down"
-        );
-        for key in keys {
-            if self.conns.contains(key) {
-                self.shutdown_conn(key);
+        // Every shard computes the same length from the process's count; the closes must
+        // leave the close handshakes time within the grace.
+        let open = self.open_total.load(Ordering::Relaxed) as u64;
+        let room = grace.saturating_sub(grace / 10 + self.cfg.close_timeout_ms);
+        let len_ms = self
+            .cfg
+            .drain_ms
+            .unwrap_or(open * DRAIN_US_PER_CONN / 1000)
+            .min(room);
+        let mut queue = Vec::new();
+        for key in self.keys() {
+            match self.conns[key].state {
+                ConnState::Open => queue.push((key, self.conns[key].generation)),
+                _ => self.shutdown_conn(key),
             }
         }
+        info!(
+            shard = self.index,
+            connections = queue.len(),
+            drain_ms = len_ms,
+            "shutting down: closing connections with 1001, spread over the drain"
+        );
+        self.drain = Some(Drain {
+            start_ms: self.now_ms,
+            len_ms,
+            queue,
+            closed: 0,
+        });
+        self.drain_step();
+    }
+
+    /// Closes the connections whose turn in the drain has come.
+    fn drain_step(&mut self) {
+        let Some(mut d) = self.drain.take() else {
+            return;
+        };
+        while d.closed < d.queue.len() && d.due_ms(d.closed + 1) <= self.now_ms {
+            let (key, generation) = d.queue[d.closed];
+            d.closed += 1;
+            if self
+                .conns
+                .get(key)
+                .is_some_and(|c| c.generation == generation)
+            {
+                let end = d.start_ms + d.len_ms;
+                self.drain_conn(key, end.saturating_sub(self.now_ms), d.len_ms);
+            }
+        }
+        self.drain = Some(d);
     }
 
     /// Whether shutdown was asked for.

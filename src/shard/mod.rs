@@ -168,6 +168,11 @@ impl Shard {
             open_total: setup.open_total,
             subscribed: setup.subscribed,
             ip_table: setup.ip_table,
+            on_drain: Some(Arc::new(|| {
+                // The same path as SIGTERM: the main thread's signal loop shuts down.
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+            })),
             store: setup.store,
             store_metrics: setup.store_metrics,
             broker: setup.broker,

@@ -139,7 +139,7 @@ test('two people chat in real Chromium, through a server restart', async () => {
     const text = document.getElementById('close-explanation').textContent;
     return /attempt \d+/.test(text) && text;
   }, null, WAIT);
-  assert.match(await retrying.jsonValue(), /^Closed 1001 \(server shutting down\)/);
+  assert.match(await retrying.jsonValue(), /^Closed 1001 \(server shutting down; retry_after_ms=\d+\)/);
   await alice.screenshot({ path: `${OUT}/alice-server-down.png` });
   server = await startServer(server.addr);
   for (const [page, name] of [[alice, 'alice'], [bob, 'bob']]) {
