@@ -299,6 +299,7 @@ fn main() -> anyhow::Result<()> {
     let mut drain_until: Option<u64> = None;
     let mut storm_at: Option<u64> = None;
     let mut storm_recovered_s: Option<f64> = None;
+    let mut open_at_storm = 0;
     let mut peak_open = 0;
     let mut next_print = now_ns() + 1_000_000_000;
     loop {
@@ -354,13 +355,16 @@ fn main() -> anyhow::Result<()> {
             if now >= s && !shared.storm.load(Relaxed) {
                 eprintln!("storm: dropping {}% of the connections", args.drop_percent);
                 shared.storm.store(true, Relaxed);
+                open_at_storm = t.open;
             } else if shared.storm.load(Relaxed)
                 && storm_recovered_s.is_none()
-                && t.open as usize == total
+                && t.open >= open_at_storm
             {
+                // Back to what was open when the storm hit (a connection that never opened
+                // before it is not waited for).
                 storm_recovered_s = Some((now - s) as f64 / 1e9);
                 eprintln!(
-                    "storm: all {total} open again after {:.2} s",
+                    "storm: all {open_at_storm} open again after {:.2} s",
                     (now - s) as f64 / 1e9
                 );
             }
@@ -536,6 +540,7 @@ fn main() -> anyhow::Result<()> {
             "connect_rate_per_s": t.established as f64 / connect_secs,
             "dropped_on_purpose": dropped,
             "storm_recovery_seconds": storm_recovered_s,
+            "storm_open_before": open_at_storm,
         },
         "errors": errors,
         "first_error": first_error,
@@ -600,7 +605,7 @@ fn main() -> anyhow::Result<()> {
     }
     if args.scenario == Scenario::Storm {
         println!(
-            "storm: dropped {dropped}, recovered to {total} open in {}",
+            "storm: dropped {dropped}, recovered to {open_at_storm} open in {}",
             storm_recovered_s.map_or("(not recovered)".to_string(), |s| format!("{s:.2} s"))
         );
     }

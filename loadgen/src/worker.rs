@@ -83,18 +83,22 @@ pub enum ErrKind {
     Rejected,
     /// Upgrade did not complete in time.
     Timeout,
+    /// Refused for now with when to retry (1013 after the upgrade, 429 or 503 with
+    /// `Retry-After`): admission control.
+    Busy,
     /// Anything else.
     Other,
 }
 
 impl ErrKind {
     /// All kinds.
-    pub const ALL: [ErrKind; 6] = [
+    pub const ALL: [ErrKind; 7] = [
         ErrKind::AddrNotAvail,
         ErrKind::TooManyFiles,
         ErrKind::Refused,
         ErrKind::Rejected,
         ErrKind::Timeout,
+        ErrKind::Busy,
         ErrKind::Other,
     ];
 
@@ -106,6 +110,7 @@ impl ErrKind {
             ErrKind::Refused => "ECONNREFUSED",
             ErrKind::Rejected => "handshake_rejected",
             ErrKind::Timeout => "handshake_timeout",
+            ErrKind::Busy => "server_busy",
             ErrKind::Other => "other",
         }
     }
@@ -117,7 +122,8 @@ impl ErrKind {
             ErrKind::TooManyFiles => "out of file descriptors: use more --threads (each has its own fd table) or raise RLIMIT_NOFILE",
             ErrKind::Refused => "nothing listens on the target: start the server or check --url",
             ErrKind::Rejected => "the server refused the upgrade: see the status code; check the URL path and query",
-            ErrKind::Timeout => "TCP connected but no 101 within 15 s: the server is not taking these connections; most often its fd limit (its log says \"out of file descriptors: accepting paused\"; /metrics switchboard_connections_open stops growing): give it more fd tables (--shards N with --fd-table per-shard) or a higher --max-connections; else a full listen backlog or a saturated host (then lower --connect-rate)",
+            ErrKind::Timeout => "TCP connected but no 101 within 15 s: the server is not taking these connections; most often its fd limit (its log says \"out of file descriptors: accepting paused\"; /metrics switchboard_connections_open stops growing): leave its --shards and --fd-table on their defaults (it then adds shards for fd tables) or raise its RLIMIT_NOFILE; else a full listen backlog or a saturated host (then lower --connect-rate)",
+            ErrKind::Busy => "the server's admission control refused for now and said when to retry (1013 retry_after_ms, or 429/503 Retry-After); loadgen retried after that wait, as the browser client does (up to 12 attempts). Expected in a storm; otherwise raise the server's --max-handshakes-per-sec, --max-pending-handshakes or --max-connections-per-ip, or lower --connect-rate",
             ErrKind::Other => "see the first error message",
         }
     }
@@ -146,7 +152,7 @@ pub struct WorkerStats {
     /// Connections of this worker that will not be opened (failed for good).
     pub failed: AtomicU64,
     /// Errors by kind.
-    pub errors: [AtomicU64; 6],
+    pub errors: [AtomicU64; ErrKind::ALL.len()],
     /// Messages sent.
     pub sent: AtomicU64,
     /// Messages received (deliveries).
@@ -631,6 +637,20 @@ impl Worker {
 
     /// Counts a failed attempt; storm reconnects retry with backoff, others give up.
     fn fail(&mut self, id: u32, attempt: u8, kind: ErrKind, msg: &str, now: u64) {
+        self.fail_after(id, attempt, kind, msg, now, 0);
+    }
+
+    /// [`Self::fail`], waiting at least `server_wait_ns` (a `Retry-After` or a close
+    /// reason's `retry_after_ms`) before the retry, as the browser client does.
+    fn fail_after(
+        &mut self,
+        id: u32,
+        attempt: u8,
+        kind: ErrKind,
+        msg: &str,
+        now: u64,
+        server_wait_ns: u64,
+    ) {
         let st = self.stats();
         st.errors[kind as usize].fetch_add(1, Relaxed);
         {
@@ -639,10 +659,12 @@ impl Worker {
                 *first = Some(msg.to_string());
             }
         }
-        let retries =
-            self.job.scenario == Scenario::Storm && self.stormed || self.job.resume_every_ns > 0;
+        // The server said when to come back: every scenario does (a real client would).
+        let retries = self.job.scenario == Scenario::Storm && self.stormed
+            || self.job.resume_every_ns > 0
+            || server_wait_ns > 0;
         if retries && attempt < 12 {
-            let delay = self.backoff_ns(attempt + 1);
+            let delay = self.backoff_ns(attempt + 1).max(server_wait_ns);
             self.reconnects
                 .push(Reverse((now + delay, id, attempt + 1)));
         } else {
@@ -902,6 +924,10 @@ impl Worker {
                 ),
                 Err(_) => (0, false, c.rbuf.len()),
             };
+            let retry_after_s: Option<u64> = testkit::parse_response_head(&c.rbuf)
+                .ok()
+                .flatten()
+                .and_then(|h| h.header("retry-after").and_then(|v| v.trim().parse().ok()));
             let first_line = String::from_utf8_lossy(&c.rbuf[..head_len])
                 .lines()
                 .next()
@@ -912,7 +938,13 @@ impl Worker {
                 let (id, attempt) = (c.id, c.attempt);
                 self.drop_conn(key);
                 let msg = format!("handshake rejected with status {status}: {first_line}");
-                return self.fail(id, attempt, ErrKind::Rejected, &msg, now_ns());
+                let wait_ns = retry_after_s.map_or(0, |s| s * 1_000_000_000);
+                let kind = if wait_ns > 0 {
+                    ErrKind::Busy
+                } else {
+                    ErrKind::Rejected
+                };
+                return self.fail_after(id, attempt, kind, &msg, now_ns(), wait_ns);
             }
             // dm and fanout connections are ready at their welcome (or subscription ack).
             let ready = matches!(
@@ -942,13 +974,36 @@ impl Worker {
                     } else {
                         1005
                     };
+                    let busy = code == 1013 && self.conns[key].st != St::Closing;
                     if self.conns[key].st != St::Closing {
                         self.count_unexpected(code);
                         self.queue_frame(key, 0x8, &code.to_be_bytes());
                         self.flush(key);
                     }
+                    let (id, attempt) = (self.conns[key].id, self.conns[key].attempt);
                     if self.conns.contains(key) {
                         self.drop_conn(key);
+                    }
+                    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or(&[]));
+                    let wait_ms: Option<u64> = reason
+                        .split("retry_after_ms=")
+                        .nth(1)
+                        .and_then(|v| v.parse().ok());
+                    if let (true, Some(ms)) = (busy, wait_ms) {
+                        // A busy server's refusal after the upgrade: not an established
+                        // connection after all; retry when it says.
+                        let st = &self.shared.stats[self.index];
+                        st.established.fetch_sub(1, Relaxed);
+                        let ready_at_101 = matches!(
+                            self.job.scenario,
+                            Scenario::Connect | Scenario::Echo | Scenario::Storm
+                        );
+                        if ready_at_101 {
+                            st.ready.fetch_sub(1, Relaxed);
+                        }
+                        let msg = format!("closed 1013: {reason}");
+                        let wait_ns = ms.max(1) * 1_000_000;
+                        self.fail_after(id, attempt, ErrKind::Busy, &msg, now_ns(), wait_ns);
                     }
                     return;
                 }
