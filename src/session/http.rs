@@ -138,16 +138,7 @@ impl<T: Transport> Sessions<T> {
         message: &str,
         why: HandshakeFailure,
     ) {
-        debug!(
-            shard = self.index,
-            conn = key,
-            status,
-            reason = message,
-            "request refused"
-        );
-        self.m().count_handshake_failure(why);
-        self.push_raw(key, response::error(status, message));
-        self.drain_after_response(key);
+        self.refuse(key, status, message, why, response::error(status, message));
     }
 
     /// Refuses for now: `status` with `Retry-After` (seconds, rounded up from `wait_ms`),
@@ -160,24 +151,31 @@ impl<T: Transport> Sessions<T> {
         why: HandshakeFailure,
         wait_ms: u64,
     ) {
+        let secs = wait_ms.div_ceil(1000);
+        let body = format!("{message}; retry after {secs} s\n");
+        let extra = format!("Retry-After: {secs}\r\n");
+        let ctype = "text/plain; charset=utf-8";
+        let resp = response::simple(status, ctype, body.as_bytes(), &extra, true);
+        self.refuse(key, status, message, why, resp);
+    }
+
+    /// Counts a refused request, queues its answer `resp` and closes once it is read.
+    fn refuse(
+        &mut self,
+        key: usize,
+        status: u16,
+        message: &str,
+        why: HandshakeFailure,
+        resp: Bytes,
+    ) {
         debug!(
             shard = self.index,
             conn = key,
             status,
             reason = message,
-            "refused for now"
+            "request refused"
         );
         self.m().count_handshake_failure(why);
-        let secs = wait_ms.div_ceil(1000);
-        let body = format!("{message}; retry after {secs} s\n");
-        let extra = format!("Retry-After: {secs}\r\n");
-        let resp = response::simple(
-            status,
-            "text/plain; charset=utf-8",
-            body.as_bytes(),
-            &extra,
-            true,
-        );
         self.push_raw(key, resp);
         self.drain_after_response(key);
     }

@@ -603,6 +603,13 @@ fn response_head(pipe: &SimSocket) -> String {
     text.split("\r\n\r\n").next().unwrap().to_owned()
 }
 
+/// The server answered `pipe` with `status` and said when to come back.
+fn assert_refused_for_now(pipe: &SimSocket, status: u16) {
+    let head = response_head(pipe);
+    assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+    assert!(head.contains("Retry-After: "), "{head}");
+}
+
 #[test]
 fn a_handshake_storm_is_closed_1013_with_a_jittered_retry_after() {
     // Two handshakes per second per shard, a burst of one second: the third upgrade gets its
@@ -642,9 +649,7 @@ fn a_handshake_storm_is_closed_1013_with_a_jittered_retry_after() {
     // SSE is a handshake too: 503 with Retry-After.
     let (_, sse) = h.accept(1 << 16);
     h.send(&sse, b"GET /events?user=d HTTP/1.1\r\nHost: t\r\n\r\n");
-    let head = response_head(&sse);
-    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
-    assert!(head.contains("Retry-After: "), "{head}");
+    assert_refused_for_now(&sse, 503);
     // Half a second later there is room again.
     h.advance(500);
     h.open("/ws?user=e", 1 << 16);
@@ -661,9 +666,7 @@ fn over_the_pending_handshake_cap_new_connections_get_503_at_once() {
     let (b, _) = h.accept(1 << 16);
     let (c, pipe) = h.accept(1 << 16);
     h.turn();
-    let head = response_head(&pipe);
-    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
-    assert!(head.contains("Retry-After: "), "{head}");
+    assert_refused_for_now(&pipe, 503);
     assert!(h.live(a) && h.live(b), "the first two keep their chance");
     // The silent ones still meet the handshake deadline; then there is room again.
     h.advance(2_000);
@@ -681,9 +684,7 @@ fn connections_per_address_are_capped_429_and_freed_at_close() {
     let (a, _) = h.accept_from("10.1.1.1");
     h.accept_from("10.1.1.1");
     let (_, third) = h.accept_from("10.1.1.1");
-    let head = response_head(&third);
-    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
-    assert!(head.contains("Retry-After: "), "{head}");
+    assert_refused_for_now(&third, 429);
     let (_, other) = h.accept_from("10.1.1.2");
     assert_eq!(response_head(&other), "", "another address is not limited");
     for _ in 0..5 {
