@@ -345,6 +345,16 @@ struct Incoming<'a> {
     /// Code of an `error`.
     #[serde(borrow, default)]
     code: Option<&'a str>,
+    /// The inbox position in a `welcome`.
+    #[serde(borrow, default)]
+    inbox: Option<InboxPos<'a>>,
+}
+
+#[derive(Deserialize)]
+struct InboxPos<'a> {
+    #[serde(borrow)]
+    epoch: &'a str,
+    offset: u64,
 }
 
 #[derive(Deserialize)]
@@ -745,13 +755,12 @@ impl Worker {
             }
             c.st = St::Handshake;
             let mut path = self.job.path(c.id as usize);
-            if self.job.resume_every_ns > 0 {
-                // Resume from the last stored message seen (the confirmed one at first).
-                let since = self
-                    .positions
-                    .get(&c.id)
-                    .map_or("confirmed".to_owned(), |(e, o)| format!("{e}:{o}"));
-                path.push_str(&format!("&since={since}"));
+            if let (true, Some((e, o))) = (self.job.resume_every_ns > 0, self.positions.get(&c.id))
+            {
+                // Resume from the last stored message seen. The first connection starts
+                // live at the inbox's top (its welcome says where): an inbox kept from an
+                // earlier run on the same server is not this run's to replay.
+                path.push_str(&format!("&since={e}:{o}"));
             }
             let host = &self.job.targets[c.id as usize % self.job.targets.len()].host;
             let req = testkit::upgrade_request(host, &path);
@@ -1031,6 +1040,12 @@ impl Worker {
                 };
                 match m.op {
                     "welcome" => {
+                        if let (true, Some(pos)) = (self.job.resume_every_ns > 0, &m.inbox) {
+                            let id = self.conns[key].id;
+                            self.positions
+                                .entry(id)
+                                .or_insert_with(|| (pos.epoch.to_owned(), pos.offset));
+                        }
                         let c = &self.conns[key];
                         if self.job.scenario == Scenario::Fanout
                             && (c.id as usize) < self.job.connections

@@ -47,15 +47,20 @@ fn out_dir(name: &str) -> PathBuf {
 }
 
 fn loadgen(args: &[&str], out: &Path) -> Value {
-    let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+    let run = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(args)
         .arg("--out")
         .arg(out)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .status()
+        .output()
         .expect("run loadgen");
-    assert!(status.success(), "loadgen {args:?} failed: {status}");
+    assert!(
+        run.status.success(),
+        "loadgen {args:?} failed: {}\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stdout)
+    );
     let text = std::fs::read_to_string(out.join("summary.json")).expect("summary.json");
     serde_json::from_str(&text).expect("summary.json is JSON")
 }
