@@ -17,7 +17,7 @@ mkdirSync(OUT, { recursive: true });
 
 function startServer(listen, store = ['--store', 'memory']) {
   return new Promise((resolveStart, reject) => {
-    const child = spawn(BIN, ['--listen', listen, '--shards', '2', '--shutdown-grace-ms', '2000', ...store], {
+    const child = spawn(BIN, ['--listen', listen, '--shards', '2', '--max-connections', '10000', '--shutdown-grace-ms', '2000', ...store], {
       stdio: ['ignore', 'pipe', 'inherit'],
       env: { ...process.env, RUST_LOG: 'warn' },
     });
