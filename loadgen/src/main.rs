@@ -56,9 +56,12 @@ struct Args {
     /// Sample this server process's RSS and CPU from /proc.
     #[arg(long)]
     server_pid: Option<u32>,
-    /// Text message size in bytes (echo).
+    /// Text message size in bytes (echo, flood).
     #[arg(long, default_value_t = 32)]
     size: usize,
+    /// Messages in flight per connection (flood).
+    #[arg(long, default_value_t = 64)]
+    window: usize,
     /// Channels (fanout).
     #[arg(long, default_value_t = 10)]
     channels: usize,
@@ -164,6 +167,36 @@ fn totals(stats: &[WorkerStats]) -> Totals {
     t
 }
 
+/// Clock, messages received and the server's CPU seconds at one moment (the run's start or
+/// end): what `flood` divides.
+#[derive(Debug, Clone, Copy)]
+struct RunMark {
+    ns: u64,
+    received: u64,
+    server_cpu_s: Option<f64>,
+}
+
+impl RunMark {
+    fn now(ns: u64, received: u64, server_pid: Option<&str>) -> RunMark {
+        RunMark {
+            ns,
+            received,
+            server_cpu_s: server_pid.and_then(proc_sample).map(|s| s.1),
+        }
+    }
+}
+
+/// Echoed messages per second and server CPU per message (ns) between two marks.
+fn flood_figures(a: RunMark, b: RunMark) -> (f64, Option<f64>) {
+    let msgs = b.received.saturating_sub(a.received);
+    let secs = (b.ns.saturating_sub(a.ns) as f64 / 1e9).max(1e-9);
+    let per_msg = match (a.server_cpu_s, b.server_cpu_s) {
+        (Some(x), Some(y)) if msgs > 0 => Some((y - x) * 1e9 / msgs as f64),
+        _ => None,
+    };
+    (msgs as f64 / secs, per_msg)
+}
+
 struct Sampler {
     server_pid: Option<String>,
     server_first: Option<(u64, f64)>,
@@ -246,6 +279,7 @@ fn main() -> anyhow::Result<()> {
         sched_batch: args.sched_batch,
         qos: args.qos,
         resume_every_ns: args.resume_every.map_or(0, |d| d.as_nanos() as u64),
+        window: args.window.max(1),
     });
     let shared = Arc::new(Shared {
         phase: std::sync::atomic::AtomicU8::new(phase::CONNECT),
@@ -300,6 +334,8 @@ fn main() -> anyhow::Result<()> {
     let mut storm_at: Option<u64> = None;
     let mut storm_recovered_s: Option<f64> = None;
     let mut open_at_storm = 0;
+    let server_pid = args.server_pid.map(|p| p.to_string());
+    let (mut run_mark, mut drain_mark): (Option<RunMark>, Option<RunMark>) = (None, None);
     let mut peak_open = 0;
     let mut next_print = now_ns() + 1_000_000_000;
     loop {
@@ -347,6 +383,7 @@ fn main() -> anyhow::Result<()> {
             shared.run_start_ns.store(start, Relaxed);
             shared.phase.store(phase::RUN, Relaxed);
             run_end = Some(start + args.duration.as_nanos() as u64);
+            run_mark = Some(RunMark::now(now, t.received, server_pid.as_deref()));
             if args.scenario == Scenario::Storm {
                 storm_at = Some(start + args.duration.as_nanos() as u64 / 3);
             }
@@ -371,6 +408,7 @@ fn main() -> anyhow::Result<()> {
         }
         if ph == phase::RUN && run_end.is_some_and(|e| now >= e) {
             shared.phase.store(phase::DRAIN, Relaxed);
+            drain_mark = Some(RunMark::now(now, t.received, server_pid.as_deref()));
             // Ends as soon as every expected delivery arrived; big fan-outs need the time.
             drain_until = Some(now + 30_000_000_000);
         }
@@ -466,7 +504,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Echo => "echo_rtt",
         Scenario::Dm => "dm_latency",
         Scenario::Fanout => "fanout_latency",
-        Scenario::Connect | Scenario::Storm | Scenario::Tcp => "latency",
+        Scenario::Connect | Scenario::Storm | Scenario::Tcp | Scenario::Flood => "latency",
     };
     let mut hists: Vec<(&str, &Histogram<u64>)> = vec![("connect", &connect_hist)];
     if matches!(
@@ -522,6 +560,10 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let missing = t.expected.saturating_sub(t.received);
+    let flood = match (args.scenario, run_mark, drain_mark) {
+        (Scenario::Flood, Some(a), Some(b)) => Some(flood_figures(a, b)),
+        _ => None,
+    };
     let summary = json!({
         "scenario": args.scenario,
         "started_at_unix_s": started_wall.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
@@ -529,7 +571,7 @@ fn main() -> anyhow::Result<()> {
         "threads": threads,
         // Without --source-ips the kernel picks one source address.
         "source_ips": job.sources.as_ref().map_or(1, |v| v.len()),
-        "open_loop": true,
+        "open_loop": args.scenario != Scenario::Flood,
         "latency_from_scheduled_send_time": true,
         "connections": {
             "target": total,
@@ -561,6 +603,12 @@ fn main() -> anyhow::Result<()> {
             "resume_every_s": args.resume_every.map(|d| d.as_secs_f64()),
             "received_per_s": t.received as f64 / run_secs,
         },
+        "flood": flood.map(|(rate, per_msg)| json!({
+            "window": args.window,
+            "size": args.size,
+            "echoed_per_s": rate,
+            "server_cpu_ns_per_message": per_msg,
+        })),
         "histograms": {
             "connect": report::stats(&connect_hist),
             latency_name: report::stats(&latency_hist),
@@ -588,7 +636,7 @@ fn main() -> anyhow::Result<()> {
     );
     if matches!(
         args.scenario,
-        Scenario::Echo | Scenario::Dm | Scenario::Fanout
+        Scenario::Echo | Scenario::Dm | Scenario::Fanout | Scenario::Flood
     ) {
         println!(
             "messages: sent {} received {} expected {} missing {} duplicates {} gaps {} errors {} ({:.0} deliveries/s)",
@@ -602,6 +650,14 @@ fn main() -> anyhow::Result<()> {
                 list.join(", ")
             );
         }
+    }
+    if let Some((rate, per_msg)) = flood {
+        println!(
+            "flood: {rate:.0} echoed msg/s over the run ({} in flight per connection, {} B), server CPU {}",
+            args.window,
+            args.size,
+            per_msg.map_or("not sampled (give --server-pid)".to_string(), |ns| format!("{ns:.0} ns per message"))
+        );
     }
     if args.scenario == Scenario::Storm {
         println!(
@@ -636,7 +692,11 @@ fn main() -> anyhow::Result<()> {
             me["cpu_seconds"].as_f64().unwrap_or(0.0)
         );
     }
-    println!("latency is measured from each message's scheduled send time (open loop, coordinated omission corrected)");
+    if args.scenario == Scenario::Flood {
+        println!("flood is closed loop: throughput, not latency (use echo for latency)");
+    } else {
+        println!("latency is measured from each message's scheduled send time (open loop, coordinated omission corrected)");
+    }
     println!("reports in {}", args.out.display());
     if t.established == 0 {
         std::process::exit(1);

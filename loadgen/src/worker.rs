@@ -55,6 +55,10 @@ pub enum Scenario {
     Storm,
     /// Plain TCP connects, no upgrade: the baseline the `connect` rate is compared with.
     Tcp,
+    /// Closed loop against any echo server: `--window` messages in flight per connection,
+    /// each echo answered by the next message, many frames per write (write-combining);
+    /// echoed msg/s and the server's CPU per message.
+    Flood,
 }
 
 /// Phases, set by the main thread.
@@ -245,6 +249,8 @@ pub struct Job {
     /// dm with qos 1: every this many ns drop `drop_percent` % of the connections abruptly;
     /// they reconnect with `since=<epoch>:<offset>` and resume (0: never).
     pub resume_every_ns: u64,
+    /// Messages in flight per connection (flood).
+    pub window: usize,
 }
 
 impl Job {
@@ -262,7 +268,7 @@ impl Job {
             Scenario::Echo => self.connections,
             Scenario::Dm => self.connections / 2 * 2,
             Scenario::Fanout => self.publishers,
-            Scenario::Connect | Scenario::Storm | Scenario::Tcp => 0,
+            Scenario::Connect | Scenario::Storm | Scenario::Tcp | Scenario::Flood => 0,
         }
     }
 
@@ -413,6 +419,8 @@ pub struct Worker {
     scratch: Vec<u8>,
     sending_started: bool,
     stormed: bool,
+    /// The text every flood message carries (`--size` bytes).
+    flood_payload: Vec<u8>,
     closing_since: Option<u64>,
 }
 
@@ -447,6 +455,7 @@ impl Worker {
             .step_by(job.threads)
             .map(|i| i as u32)
             .collect();
+        let flood_payload = vec![b'x'; job.size];
         let mut w = Worker {
             index,
             job,
@@ -476,6 +485,7 @@ impl Worker {
             scratch: vec![0; 64 * 1024],
             sending_started: false,
             stormed: false,
+            flood_payload,
             closing_since: None,
         };
         w.event_loop()?;
@@ -958,7 +968,7 @@ impl Worker {
             // dm and fanout connections are ready at their welcome (or subscription ack).
             let ready = matches!(
                 self.job.scenario,
-                Scenario::Connect | Scenario::Echo | Scenario::Storm
+                Scenario::Connect | Scenario::Echo | Scenario::Storm | Scenario::Flood
             );
             self.mark_open(key, ready);
         }
@@ -1005,7 +1015,7 @@ impl Worker {
                         st.established.fetch_sub(1, Relaxed);
                         let ready_at_101 = matches!(
                             self.job.scenario,
-                            Scenario::Connect | Scenario::Echo | Scenario::Storm
+                            Scenario::Connect | Scenario::Echo | Scenario::Storm | Scenario::Flood
                         );
                         if ready_at_101 {
                             st.ready.fetch_sub(1, Relaxed);
@@ -1028,6 +1038,12 @@ impl Worker {
         let now = now_ns();
         match self.job.scenario {
             Scenario::Connect | Scenario::Storm | Scenario::Tcp => {}
+            Scenario::Flood => {
+                self.stats().received.fetch_add(1, Relaxed);
+                if self.shared.phase.load(Relaxed) == phase::RUN {
+                    self.flood_one(key);
+                }
+            }
             Scenario::Echo => {
                 if let Some(t) = parse_echo(payload) {
                     self.record(latency_us(t, now));
@@ -1151,6 +1167,21 @@ impl Worker {
             return;
         }
         self.sending_started = true;
+        if self.job.scenario == Scenario::Flood {
+            let keys: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.st == St::Open)
+                .map(|(k, _)| k)
+                .collect();
+            for key in keys {
+                for _ in 0..self.job.window {
+                    self.flood_one(key);
+                }
+                self.flush(key);
+            }
+            return;
+        }
         let senders = self.job.senders();
         if senders == 0 {
             return;
@@ -1178,6 +1209,16 @@ impl Worker {
             }
             self.schedules[key] = s;
         }
+    }
+
+    /// Queues one flood message (written with the others of this turn by `flush`).
+    fn flood_one(&mut self, key: usize) {
+        let payload = std::mem::take(&mut self.flood_payload);
+        self.queue_frame(key, 0x1, &payload);
+        self.flood_payload = payload;
+        let st = self.stats();
+        st.sent.fetch_add(1, Relaxed);
+        st.expected.fetch_add(1, Relaxed);
     }
 
     fn send_due(&mut self, now: u64) {
@@ -1244,7 +1285,7 @@ impl Worker {
                     r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq}}},"id":{scheduled}}}"#
                 )
             }
-            Scenario::Connect | Scenario::Storm | Scenario::Tcp => return,
+            Scenario::Connect | Scenario::Storm | Scenario::Tcp | Scenario::Flood => return,
         };
         if job.scenario != Scenario::Fanout {
             self.stats().expected.fetch_add(1, Relaxed);

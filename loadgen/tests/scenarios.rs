@@ -93,7 +93,8 @@ fn check_common(s: &Value, out: &Path, n: u64) {
     for key in ["connect_rate_per_s", "peak_open"] {
         assert!(s["connections"][key].as_f64().unwrap() > 0.0, "{key}");
     }
-    assert_eq!(s["open_loop"], true);
+    let closed_loop = s["scenario"] == "flood";
+    assert_eq!(s["open_loop"], !closed_loop);
     assert!(s["histograms"]["connect"]["p99"].as_u64().unwrap() > 0);
     check_hgrm(out, "connect", n);
     assert!(std::fs::read_to_string(out.join("latency.svg"))
@@ -487,5 +488,46 @@ fn dm_across_three_nodes_loses_nothing() {
             m["op_errors"].as_u64()
         ),
         (Some(0), Some(0), Some(0))
+    );
+}
+
+#[test]
+fn flood_keeps_a_window_in_flight_and_reports_cpu_per_message() {
+    let (_srv, url) = server(&["--echo"]);
+    let out = out_dir("flood");
+    let pid = std::process::id().to_string();
+    let s = loadgen(
+        &[
+            "flood",
+            "--url",
+            &url,
+            "--connections",
+            "20",
+            "--window",
+            "16",
+            "--duration",
+            "1s",
+            // The server runs in this test process: its CPU is ours.
+            "--server-pid",
+            &pid,
+        ],
+        &out,
+    );
+    check_common(&s, &out, 20);
+    let m = &s["messages"];
+    let sent = m["sent"].as_u64().unwrap();
+    // The window alone is 20 × 16; each echo is answered by another message.
+    assert!(sent > 20 * 16 * 4, "closed loop kept going: sent {sent}");
+    assert_eq!(m["received"], sent, "every message echoed");
+    assert_eq!(m["missing"], 0);
+    let f = &s["flood"];
+    assert_eq!(
+        (f["window"].as_u64(), f["size"].as_u64()),
+        (Some(16), Some(32))
+    );
+    assert!(f["echoed_per_s"].as_f64().unwrap() > 0.0, "{f}");
+    assert!(
+        f["server_cpu_ns_per_message"].as_f64().unwrap() > 0.0,
+        "{f}"
     );
 }
