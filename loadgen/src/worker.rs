@@ -1408,6 +1408,7 @@ mod tests {
             sched_batch: false,
             qos: 0,
             resume_every_ns: 0,
+            window: 1,
         };
         assert_eq!((0..3).map(|c| job.subscribers_of(c)).sum::<u64>(), 10);
         assert_eq!(job.subscribers_of(0), 4);
