@@ -84,6 +84,8 @@ pub struct FdPlan {
     pub per_table: usize,
     /// Connections the process can hold: `--max-connections` or less.
     pub capacity: usize,
+    /// The hard `RLIMIT_NOFILE` planned under (each table's limit).
+    pub hard: u64,
 }
 
 impl FdPlan {
@@ -139,6 +141,7 @@ pub fn plan_fd_tables(cfg: &Config, hard: u64) -> FdPlan {
         width,
         per_table,
         capacity,
+        hard,
     }
 }
 
@@ -175,7 +178,8 @@ fn steer_new_connections(
 
 /// Tells how many connections the process holds and why, in one line; a warning only when
 /// that is less than an explicit `--max-connections` or `--shards` asked for.
-fn report_capacity(cfg: &Config, plan: &FdPlan, hard: u64) {
+fn report_capacity(cfg: &Config, plan: &FdPlan) {
+    let hard = plan.hard;
     let why = match plan.mode {
         FdTableMode::PerShard if plan.added() > 0 => format!(
             "{} shards with a private fd table of {} descriptors each (RLIMIT_NOFILE {hard}); \
@@ -217,8 +221,7 @@ impl Server {
     /// Binds, creates every shard's poll and mailbox, then starts the shard threads.
     pub fn start(mut cfg: Config) -> Result<Server, StartError> {
         let plan = choose_fd_tables(&cfg);
-        let hard = fdtable::nofile_limit().map_or(0, |(_, h)| h);
-        report_capacity(&cfg, &plan, hard);
+        report_capacity(&cfg, &plan);
         let fd_table = plan.mode;
         cfg.shards = plan.shards;
         cfg.home_shards = plan.width;

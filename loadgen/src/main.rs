@@ -560,6 +560,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let missing = t.expected.saturating_sub(t.received);
+    let codes = op_errors_by_code(&by_code);
     let flood = match (args.scenario, run_mark, drain_mark) {
         (Scenario::Flood, Some(a), Some(b)) => Some(flood_figures(a, b)),
         _ => None,
@@ -596,7 +597,7 @@ fn main() -> anyhow::Result<()> {
             "gaps": gaps,
             "duplicates": dups,
             "op_errors": op_errors,
-            "op_errors_by_code": op_errors_by_code(&by_code),
+            "op_errors_by_code": &codes,
             "qos": args.qos,
             "acked": acked,
             "redelivered": redelivered,
@@ -642,7 +643,6 @@ fn main() -> anyhow::Result<()> {
             "messages: sent {} received {} expected {} missing {} duplicates {} gaps {} errors {} ({:.0} deliveries/s)",
             t.sent, t.received, t.expected, missing, dups, gaps, op_errors, t.received as f64 / run_secs
         );
-        let codes = op_errors_by_code(&by_code);
         if let Some(m) = codes.as_object().filter(|m| !m.is_empty()) {
             let list: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!(

@@ -263,6 +263,15 @@ impl Job {
             }
     }
 
+    /// Whether a connection is ready at its 101 (dm and fanout ones are ready at their
+    /// welcome, or subscription ack).
+    fn ready_at_101(&self) -> bool {
+        matches!(
+            self.scenario,
+            Scenario::Connect | Scenario::Echo | Scenario::Storm | Scenario::Flood
+        )
+    }
+
     fn senders(&self) -> usize {
         match self.scenario {
             Scenario::Echo => self.connections,
@@ -934,19 +943,18 @@ impl Worker {
         }
         if self.conns[key].st == St::Handshake {
             let c = &mut self.conns[key];
-            let (status, accepted, head_len) = match testkit::parse_response_head(&c.rbuf) {
-                Ok(None) => return,
-                Ok(Some(h)) => (
-                    h.status,
-                    h.header("sec-websocket-accept") == Some(ACCEPT),
-                    h.head_len,
-                ),
-                Err(_) => (0, false, c.rbuf.len()),
-            };
-            let retry_after_s: Option<u64> = testkit::parse_response_head(&c.rbuf)
-                .ok()
-                .flatten()
-                .and_then(|h| h.header("retry-after").and_then(|v| v.trim().parse().ok()));
+            let (status, accepted, head_len, retry_after_s) =
+                match testkit::parse_response_head(&c.rbuf) {
+                    Ok(None) => return,
+                    Ok(Some(h)) => (
+                        h.status,
+                        h.header("sec-websocket-accept") == Some(ACCEPT),
+                        h.head_len,
+                        h.header("retry-after")
+                            .and_then(|v| v.trim().parse::<u64>().ok()),
+                    ),
+                    Err(_) => (0, false, c.rbuf.len(), None),
+                };
             let first_line = String::from_utf8_lossy(&c.rbuf[..head_len])
                 .lines()
                 .next()
@@ -965,11 +973,7 @@ impl Worker {
                 };
                 return self.fail_after(id, attempt, kind, &msg, now_ns(), wait_ns);
             }
-            // dm and fanout connections are ready at their welcome (or subscription ack).
-            let ready = matches!(
-                self.job.scenario,
-                Scenario::Connect | Scenario::Echo | Scenario::Storm | Scenario::Flood
-            );
+            let ready = self.job.ready_at_101();
             self.mark_open(key, ready);
         }
         loop {
@@ -1013,11 +1017,7 @@ impl Worker {
                         // connection after all; retry when it says.
                         let st = &self.shared.stats[self.index];
                         st.established.fetch_sub(1, Relaxed);
-                        let ready_at_101 = matches!(
-                            self.job.scenario,
-                            Scenario::Connect | Scenario::Echo | Scenario::Storm | Scenario::Flood
-                        );
-                        if ready_at_101 {
+                        if self.job.ready_at_101() {
                             st.ready.fetch_sub(1, Relaxed);
                         }
                         let msg = format!("closed 1013: {reason}");

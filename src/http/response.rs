@@ -61,6 +61,20 @@ pub fn error(status: u16, message: &str) -> Bytes {
     )
 }
 
+/// A refusal for now that closes the connection: `status` (429, 503) with `Retry-After`
+/// (seconds) and a plain-text body saying the same.
+pub fn retry_later(status: u16, message: &str, retry_after_s: u64) -> Bytes {
+    let body = format!("{message}; retry after {retry_after_s} s\n");
+    let extra = format!("Retry-After: {retry_after_s}\r\n");
+    simple(
+        status,
+        "text/plain; charset=utf-8",
+        body.as_bytes(),
+        &extra,
+        true,
+    )
+}
+
 /// The 101 answer to a WebSocket upgrade.
 pub fn switching_protocols(accept_key: &str) -> Bytes {
     format!(

@@ -107,15 +107,15 @@ impl HandshakeGate {
         }
         self.refused_now += 1;
         let wait_ms = (tat + interval_us - now_us - tolerance_us).div_ceil(1000);
-        Err(wait_ms + spread_ms(self.refused_now.max(self.refused_before), rate, salt))
+        let span = spread_span_ms(self.refused_now.max(self.refused_before), rate);
+        Err(wait_ms + mix(salt) % span)
     }
 }
 
-/// A jittered delay over the time `refused` handshakes take at `rate` per second (at least
-/// one second, at most a minute), so refused clients come back spread out.
-pub fn spread_ms(refused: u32, rate: u32, salt: u64) -> u64 {
-    let span = (refused as u64 * 1000 / rate.max(1) as u64).clamp(1000, 60_000);
-    mix(salt) % span
+/// The time `refused` handshakes take at `rate` per second (at least one second, at most a
+/// minute): the span refused clients' retries are spread over.
+pub fn spread_span_ms(refused: u32, rate: u32) -> u64 {
+    (refused as u64 * 1000 / rate.max(1) as u64).clamp(1000, 60_000)
 }
 
 /// A 64-bit mixer (splitmix64's finaliser): jitter without a random number generator, the

@@ -10,7 +10,7 @@ use tracing::debug;
 
 use super::conn::{ConnState, Flags, Transport};
 use super::frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
-use super::{admit, Sessions};
+use super::Sessions;
 use crate::auth::{self, Identity};
 use crate::broker::Counted;
 use crate::http::api::{self, ApiError, Route};
@@ -121,28 +121,8 @@ impl<T: Transport> Sessions<T> {
         }
         let streams_on = self.streams_on();
         self.conns[key].flags.set(Flags::COUNTED);
-        if !admit(&self.open_total, self.cfg.max_connections) {
-            let wait = 1000 + super::admission::mix(self.salt(key)) % 9000;
-            return self.http_refuse(
-                key,
-                503,
-                "server at capacity, try again later",
-                HandshakeFailure::OverCapacity,
-                wait,
-            );
-        }
-        let salt = self.salt(key);
-        if let Err(wait) = self
-            .gate
-            .admit(self.now_ms, self.cfg.max_handshakes_per_sec, salt)
-        {
-            return self.http_refuse(
-                key,
-                503,
-                "server busy, try again later",
-                HandshakeFailure::RateLimited,
-                wait,
-            );
+        if let Err(busy) = self.admit_handshake(key) {
+            return self.http_refuse(key, 503, busy.message, busy.why, busy.wait_ms);
         }
         let m = &self.metrics[self.index as usize];
         let c = &mut self.conns[key];

@@ -473,14 +473,17 @@ impl<T: Transport> Sessions<T> {
         if self.conns[key].state != ConnState::Open {
             return self.shutdown_conn(key);
         }
-        let jitter = super::admission::mix(self.salt(key));
         let (what, wait) = if self.broker.is_some() {
             (
                 "node shutting down; reconnect to another node",
-                jitter % 1000,
+                self.retry_jitter_ms(key, 0, 1000),
             )
         } else {
-            ("server shutting down", left_ms + jitter % len_ms.max(1000))
+            let span = len_ms.max(1000);
+            (
+                "server shutting down",
+                self.retry_jitter_ms(key, left_ms, span),
+            )
         };
         let reason = super::admission::retry_reason(what, wait);
         self.start_close_with(key, code::GOING_AWAY, reason.into());

@@ -151,11 +151,7 @@ impl<T: Transport> Sessions<T> {
         why: HandshakeFailure,
         wait_ms: u64,
     ) {
-        let secs = wait_ms.div_ceil(1000);
-        let body = format!("{message}; retry after {secs} s\n");
-        let extra = format!("Retry-After: {secs}\r\n");
-        let ctype = "text/plain; charset=utf-8";
-        let resp = response::simple(status, ctype, body.as_bytes(), &extra, true);
+        let resp = response::retry_later(status, message, wait_ms.div_ceil(1000));
         self.refuse(key, status, message, why, resp);
     }
 
@@ -241,18 +237,9 @@ impl<T: Transport> Sessions<T> {
         let m = &self.metrics[self.index as usize];
         m.open_http.fetch_sub(1, Ordering::Relaxed);
         ShardMetrics::add(&m.open_ws, 1);
-        if !admit(&self.open_total, self.cfg.max_connections) {
-            m.count_handshake_failure(HandshakeFailure::OverCapacity);
-            let wait = 1000 + admission::mix(self.salt(key)) % 9000;
-            let reason = admission::retry_reason("server at capacity, try again later", wait);
-            self.start_close_with(key, code::TRY_AGAIN_LATER, reason.into());
-            return;
-        }
-        let rate = self.cfg.max_handshakes_per_sec;
-        let salt = self.salt(key);
-        if let Err(wait) = self.gate.admit(self.now_ms, rate, salt) {
-            m.count_handshake_failure(HandshakeFailure::RateLimited);
-            let reason = admission::retry_reason("server busy, try again later", wait);
+        if let Err(busy) = self.admit_handshake(key) {
+            self.m().count_handshake_failure(busy.why);
+            let reason = admission::retry_reason(busy.message, busy.wait_ms);
             self.start_close_with(key, code::TRY_AGAIN_LATER, reason.into());
             return;
         }
@@ -264,7 +251,34 @@ impl<T: Transport> Sessions<T> {
     }
 }
 
+/// A WebSocket or SSE handshake refused for now, and when to come back.
+pub(super) struct Busy {
+    pub why: HandshakeFailure,
+    pub message: &'static str,
+    pub wait_ms: u64,
+}
+
 impl<T: Transport> Sessions<T> {
+    /// Admits connection `key` (already flagged `COUNTED`) as a WebSocket or SSE stream:
+    /// under `--max-connections` and the shard's `--max-handshakes-per-sec`.
+    pub(super) fn admit_handshake(&mut self, key: usize) -> Result<(), Busy> {
+        if !admit(&self.open_total, self.cfg.max_connections) {
+            return Err(Busy {
+                why: HandshakeFailure::OverCapacity,
+                message: "server at capacity, try again later",
+                wait_ms: self.retry_jitter_ms(key, 1000, 9000),
+            });
+        }
+        let (rate, salt) = (self.cfg.max_handshakes_per_sec, self.salt(key));
+        self.gate
+            .admit(self.now_ms, rate, salt)
+            .map_err(|wait_ms| Busy {
+                why: HandshakeFailure::RateLimited,
+                message: "server busy, try again later",
+                wait_ms,
+            })
+    }
+
     /// The `since` query parameter of `/ws` and `/events`; a malformed one is answered 400
     /// (`Err`).
     pub(super) fn since_param(&mut self, key: usize, req: &Request) -> Result<Option<Since>, ()> {

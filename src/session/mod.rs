@@ -296,7 +296,8 @@ impl<T: Transport> Sessions<T> {
         let pending = m.open_http.load(Ordering::Relaxed);
         let cap = self.cfg.max_pending_handshakes as u64;
         if cap > 0 && pending > cap {
-            let wait = 1000 + admission::spread_ms(pending as u32, 1000, self.salt(key));
+            let span = admission::spread_span_ms(pending as u32, 1000);
+            let wait = self.retry_jitter_ms(key, 1000, span);
             self.http_refuse(
                 key,
                 503,
@@ -306,6 +307,14 @@ impl<T: Transport> Sessions<T> {
             );
         }
         key
+    }
+
+    /// Counts a connection the driver accepted only to answer it 503 (its fd table is full):
+    /// accepted, and refused `over_capacity`.
+    pub fn count_refused_at_accept(&self) {
+        let m = self.m();
+        ShardMetrics::add(&m.accepted, 1);
+        m.count_handshake_failure(HandshakeFailure::OverCapacity);
     }
 
     /// [`Self::accept`] from the peer address `ip`, counted against
@@ -324,7 +333,7 @@ impl<T: Transport> Sessions<T> {
                 self.ip_buckets[key] = b + 1;
             }
             Err(admission::AtLimit) => {
-                let wait = 5000 + admission::mix(self.salt(key)) % 10_000;
+                let wait = self.retry_jitter_ms(key, 5000, 10_000);
                 self.http_refuse(
                     key,
                     429,
@@ -345,6 +354,11 @@ impl<T: Transport> Sessions<T> {
                 *b = 0;
             }
         }
+    }
+
+    /// A retry-after for connection `key`: `from_ms` plus jitter uniform over `span_ms`.
+    fn retry_jitter_ms(&self, key: usize, from_ms: u64, span_ms: u64) -> u64 {
+        from_ms + admission::mix(self.salt(key)) % span_ms.max(1)
     }
 
     /// Jitter input for connection `key`: differs per connection and per moment.

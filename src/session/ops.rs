@@ -133,15 +133,19 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
+    /// The message rate limit as (µs between messages, µs of burst), none when off.
+    fn message_rate(&self) -> Option<(u64, u64)> {
+        let rate = self.cfg.max_messages_per_sec as u64;
+        let interval_us = 1_000_000 / rate.max(1);
+        (rate > 0).then_some((interval_us, interval_us * self.cfg.message_burst as u64))
+    }
+
     /// The message rate limit (GCRA over `Conn::rate_debt_us`): true when this message is
     /// over the connection's rate and burst.
     fn over_rate(&mut self, key: usize) -> bool {
-        let rate = self.cfg.max_messages_per_sec as u64;
-        if rate == 0 {
+        let Some((interval_us, tolerance_us)) = self.message_rate() else {
             return false;
-        }
-        let interval_us = 1_000_000 / rate;
-        let tolerance_us = interval_us * self.cfg.message_burst as u64;
+        };
         let c = &mut self.conns[key];
         let debt = c.rate_debt_us as u64 + interval_us;
         if debt <= tolerance_us {
@@ -162,8 +166,7 @@ impl<T: Transport> Sessions<T> {
         if c.rate_strikes as u32 >= self.cfg.message_burst.min(u16::MAX as u32) {
             return self.fail(key, code::POLICY, "message rate limit exceeded");
         }
-        let interval_us = 1_000_000 / self.cfg.max_messages_per_sec as u64;
-        let tolerance_us = interval_us * self.cfg.message_burst as u64;
+        let (interval_us, tolerance_us) = self.message_rate().expect("over the rate: limited");
         let wait_ms = (c.rate_debt_us as u64 + interval_us - tolerance_us).div_ceil(1000);
         let msg = format!(
             "over {} messages/s (burst {}): not done; retry after {wait_ms} ms",

@@ -36,8 +36,6 @@ const ACCEPTS_PER_TURN: usize = 512;
 const MAX_POLL_MS: u64 = 1000;
 /// Accepting pauses this long after EMFILE/ENFILE (the backlog keeps the connections).
 const ACCEPT_PAUSE_MS: u64 = 100;
-/// The answer to a connection accepted only to be refused: the fd table is full.
-const FULL_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: 38\r\nConnection: close\r\n\r\nserver full (out of file descriptors)\n";
 /// Events fetched per poll.
 const EVENTS_CAPACITY: usize = 1024;
 
@@ -110,7 +108,6 @@ pub struct Shard {
     /// A descriptor held in reserve: closed to accept (and refuse) one connection when the
     /// table is full.
     spare_fd: Option<std::fs::File>,
-    metrics: Arc<[ShardMetrics]>,
 }
 
 impl Transport for TcpStream {
@@ -160,7 +157,6 @@ impl Shard {
         };
         let shards = setup.peers.len() as u16;
         let backlog = setup.config.backlog as usize;
-        let metrics = setup.metrics.clone();
         let shared = Shared {
             config: setup.config,
             auth: setup.auth,
@@ -197,7 +193,6 @@ impl Shard {
             listener_fds,
             backlog,
             spare_fd: std::fs::File::open("/dev/null").ok(),
-            metrics,
         })
     }
 
@@ -326,10 +321,9 @@ impl Shard {
         }
         let refused = match self.listeners[li].accept() {
             Ok((mut stream, _)) => {
-                let _ = stream.write(FULL_RESPONSE);
-                let m = &self.metrics[self.index as usize];
-                ShardMetrics::add(&m.accepted, 1);
-                m.count_handshake_failure(crate::metrics::HandshakeFailure::OverCapacity);
+                let full = "server full (out of file descriptors)";
+                let _ = stream.write(&crate::http::response::retry_later(503, full, 1));
+                self.sessions.count_refused_at_accept();
                 true
             }
             Err(_) => false,
