@@ -489,7 +489,8 @@ impl<T: Transport> Sessions<T> {
         self.start_close_with(key, code::GOING_AWAY, reason.into());
     }
 
-    /// During shutdown: 1001 for open connections, drop the rest.
+    /// During shutdown: 1001 for open connections; answers already queued are written; the
+    /// rest are dropped.
     pub(super) fn shutdown_conn(&mut self, key: usize) {
         match self.conns[key].state {
             ConnState::Open if self.broker.is_some() => self.start_close(
@@ -499,6 +500,10 @@ impl<T: Transport> Sessions<T> {
             ),
             ConnState::Open => self.start_close(key, code::GOING_AWAY, "server shutting down"),
             ConnState::Closing => {}
+            // An answer already queued (`POST /api/drain`'s own, say) is still written, then
+            // the connection closes as any answered one does.
+            ConnState::Http if self.conns[key].queued_bytes() > 0 => self.drain_after_response(key),
+            ConnState::Draining if self.conns[key].queued_bytes() > 0 => {}
             ConnState::Http | ConnState::Draining => self.finish(key),
         }
     }

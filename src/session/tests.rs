@@ -697,3 +697,22 @@ fn connections_per_address_are_capped_429_and_freed_at_close() {
     let (_, again) = h.accept_from("10.1.1.1");
     assert_eq!(response_head(&again), "");
 }
+
+#[test]
+fn an_answer_queued_when_shutdown_begins_is_still_written() {
+    // `POST /api/drain` queues its answer and signals the process in the same turn: the
+    // shutdown must not drop the answer (CI once saw an empty reply).
+    let mut h = Harness::new(config());
+    let (key, pipe) = h.accept(1 << 16);
+    pipe.0
+        .borrow_mut()
+        .client_write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    h.s.set_clock(h.now_ms, UNIX_BASE_MS + h.now_ms);
+    h.s.on_readable(key, false);
+    h.s.begin_shutdown();
+    h.s.flush();
+    let head = response_head(&pipe);
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head:?}");
+    h.advance(1_000);
+    assert!(!h.live(key), "closed once answered");
+}
