@@ -265,6 +265,7 @@ export class Switchboard {
       opened = true;
       this.attempt = 0;
       this.failuresBeforeOpen = 0;
+      this.wsWorked = true;
     };
     ws.onmessage = (e) => this.onFrame(e.data);
     ws.onerror = (e) => this.emit('error', e);
@@ -379,7 +380,9 @@ export class Switchboard {
     this.setState('closed');
     this.emit('close', ev);
     if (!willReconnect) return;
-    if (this.sseFallback && this.failuresBeforeOpen >= 3 && this.EventSourceImpl && !this.es) {
+    // Only where WebSocket never opened (a proxy that blocks it): failures after it worked
+    // on this page are the server's (a restart), and SSE would not fare better.
+    if (this.sseFallback && !this.wsWorked && this.failuresBeforeOpen >= 3 && this.EventSourceImpl && !this.es) {
       return this.startEventSource();
     }
     this.scheduleReconnect(code, retryAfterMs(reason));

@@ -338,3 +338,23 @@ test('a busy server\'s 1013 with retry_after_ms delays the reconnect at least th
   assert.ok(ev.delayMs >= 4321, `waited ${ev.delayMs} ms`);
   sb.close();
 });
+
+test('no EventSource fallback once WebSocket has worked on the page: a restart is not a proxy', async () => {
+  FakeWS.all = [];
+  const sources = [];
+  class FakeES { constructor(url) { this.url = url; sources.push(this); } close() {} }
+  const sb = new Switchboard('ws://x:1/ws', {
+    user: 'chat', WebSocket: FakeWS, EventSource: FakeES, backoffBaseMs: 1, backoffCapMs: 1, logger: quiet,
+  });
+  FakeWS.all[0].open();
+  FakeWS.all[0].drop(1001, 'server shutting down');
+  for (let i = 1; i <= 5; i++) {
+    for (let n = 0; n < 500 && FakeWS.all.length <= i && sources.length === 0; n++) {
+      await new Promise((r) => setTimeout(r, 2));
+    }
+    if (i < 5 && FakeWS.all[i]) FakeWS.all[i].drop(1006);
+  }
+  assert.equal(sources.length, 0, 'no fallback to EventSource');
+  assert.equal(FakeWS.all.length, 6, 'still trying WebSocket');
+  sb.close();
+});
