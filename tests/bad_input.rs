@@ -294,3 +294,73 @@ fn one_address_over_max_connections_per_ip_gets_429_with_retry_after() {
         .expect("the per_ip series");
     assert!(refused >= 1, "{metrics}");
 }
+
+/// Reads until `s` has a whole response head, or the peer closes or `DEADLINE` passes.
+fn read_head(s: &mut std::net::TcpStream) -> Option<(u16, String)> {
+    use std::io::Read;
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Ok(Some(_)) = switchboard::testkit::parse_response_head(&out) {
+            return Some(parse_response(&out));
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[test]
+fn partial_requests_over_the_half_open_cap_get_503_and_silent_connections_do_not() {
+    let server = Server::start(&["--shards", "1", "--max-pending-handshakes", "3"]);
+    let silent: Vec<_> = (0..20)
+        .map(|_| std::net::TcpStream::connect(server.addr).unwrap())
+        .collect();
+    let head = "GET /ws?user=slow HTTP/1.1\r\nHost: t\r\n";
+    let mut partial: Vec<_> = (0..4)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+            s.write_all(head.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    // Exactly one of the four passes the cap: find it by its answer.
+    server.wait_for("a 503 for the fourth half-open request", |s| {
+        s.metric("switchboard_handshake_failures_total{reason=\"pending_handshakes\"}") == 1
+    });
+    let answered = |s: &mut std::net::TcpStream| {
+        s.set_nonblocking(true).unwrap();
+        let yes = s.peek(&mut [0u8; 1]).is_ok();
+        s.set_nonblocking(false).unwrap();
+        yes
+    };
+    let start = std::time::Instant::now();
+    let refused = loop {
+        if let Some(i) = partial.iter_mut().position(answered) {
+            break i;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no half-open request was answered"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let mut r = partial.remove(refused);
+    let (status, body) = read_head(&mut r).expect("a response");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too many handshakes in progress"), "{body}");
+    let rest = format!(
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    // The other three, and every silent one, still get their upgrade.
+    for s in partial.iter_mut() {
+        s.write_all(rest.as_bytes()).unwrap();
+        assert_eq!(read_head(s).map(|h| h.0), Some(101));
+    }
+    for mut s in silent {
+        s.write_all(format!("{head}{rest}").as_bytes()).unwrap();
+        assert_eq!(read_head(&mut s).map(|h| h.0), Some(101));
+    }
+}

@@ -347,3 +347,47 @@ fn a_bad_config_file_is_one_clear_error_said_once_and_exit_1() {
     assert_eq!(err.matches("unknown field `bogus`").count(), 1, "{err}");
     assert!(err.contains("invalid config file"), "{err}");
 }
+
+#[test]
+fn a_full_fd_table_answers_queued_connections_503_and_recovers() {
+    // One table of 64 descriptors: silent connections fill it; the ones past it are accepted
+    // through the spare descriptor only to hear 503, instead of waiting out their handshake.
+    let server = Server::start_with(&["--shards", "1", "--fd-table", "shared"], Some(64));
+    let mut conns: Vec<_> = (0..100)
+        .map(|_| std::net::TcpStream::connect(server.addr).unwrap())
+        .collect();
+    // (Even /metrics would be refused now: read the answers on the sockets.)
+    let refused = conns
+        .iter_mut()
+        .rev()
+        .take(30)
+        .map(|s| {
+            use std::io::Read;
+            s.set_read_timeout(Some(DEADLINE)).unwrap();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        })
+        .filter(|r| {
+            r.starts_with("HTTP/1.1 503 ")
+                && r.contains("Retry-After: 1\r\n")
+                && r.contains("server full (out of file descriptors)")
+        })
+        .count();
+    assert_eq!(refused, 30, "the last 30 were each answered 503");
+    // Closing the held ones frees the table: the server serves again.
+    drop(conns);
+    let start = Instant::now();
+    loop {
+        let (status, _) = http(
+            server.addr,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        if status == 200 {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "the server did not recover");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(server.metric("switchboard_handshake_failures_total{reason=\"over_capacity\"}") >= 30);
+}

@@ -208,9 +208,9 @@ pub struct Options {
     /// 503, both saying when to retry (0: no limit) [default: 20000].
     #[arg(long)]
     pub max_handshakes_per_sec: Option<u32>,
-    /// Connections per shard that have not finished their HTTP exchange (handshakes in
-    /// progress, idle keep-alive API connections); beyond it new ones are answered 503 at
-    /// once (0: no limit) [default: 4096].
+    /// Half-open handshakes per shard: connections holding part of an HTTP request (what a
+    /// slowloris does to pin memory); beyond it such a connection is answered 503 (0: no
+    /// limit) [default: 4096].
     #[arg(long)]
     pub max_pending_handshakes: Option<u32>,
     /// Open connections per source address; beyond it new ones are answered 429 (0: no
@@ -361,7 +361,7 @@ pub struct Config {
     pub message_burst: u32,
     /// Handshakes per shard per second (0: none).
     pub max_handshakes_per_sec: u32,
-    /// Unfinished HTTP exchanges per shard (0: none).
+    /// Connections per shard holding part of an HTTP request (0: none).
     pub max_pending_handshakes: u32,
     /// Connections per source address (0: none).
     pub max_connections_per_ip: u32,

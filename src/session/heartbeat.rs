@@ -148,6 +148,9 @@ impl<T: Transport> Sessions<T> {
             self.pool.put_outbox(o);
         }
         if let Some(i) = c.inbound {
+            if i.half_open {
+                self.half_open -= 1;
+            }
             self.pool.put_inbound(i);
         }
         // Dropping the stream closes the fd, which also removes it from epoll.

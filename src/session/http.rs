@@ -69,6 +69,36 @@ impl<T: Transport> Sessions<T> {
         true
     }
 
+    /// Counts `key` against `--max-pending-handshakes` when it holds part of an HTTP request
+    /// (what a slowloris does to pin a read buffer); over the cap it is refused 503. A silent
+    /// connection holds no buffer and is not counted: `--max-connections` and the handshake
+    /// deadline bound those, and a burst of clients that connect before they write is not
+    /// refused.
+    pub(super) fn count_half_open(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        let Some(inb) = c.inbound.as_mut() else {
+            return;
+        };
+        if c.state != ConnState::Http || c.flags.has(Flags::SSE) {
+            return;
+        }
+        let cap = self.cfg.max_pending_handshakes;
+        if cap == 0 || self.half_open < cap {
+            inb.half_open = true;
+            self.half_open += 1;
+            return;
+        }
+        let span = admission::spread_span_ms(self.half_open, 1000);
+        let wait = self.retry_jitter_ms(key, 1000, span);
+        self.http_refuse(
+            key,
+            503,
+            "too many handshakes in progress",
+            HandshakeFailure::Pending,
+            wait,
+        );
+    }
+
     pub(super) fn route_http(&mut self, key: usize, req: &Request, body: &[u8]) {
         let is_upgrade = req.upgrade_websocket || req.connection_upgrade;
         if (self.cfg.echo && is_upgrade) || req.path == "/ws" {

@@ -151,6 +151,9 @@ pub struct Sessions<T: Transport> {
     /// counted): beside the slab, so `Conn` stays small.
     ip_buckets: Vec<u16>,
     gate: admission::HandshakeGate,
+    /// Connections holding part of an HTTP request (a slowloris pins a read buffer this
+    /// way), capped by `--max-pending-handshakes`.
+    half_open: u32,
     store: Option<StoreHandle>,
     store_metrics: Arc<StoreMetrics>,
     broker: Option<BrokerHandle>,
@@ -233,6 +236,7 @@ impl<T: Transport> Sessions<T> {
             on_drain: shared.on_drain,
             ip_buckets: Vec::new(),
             gate: Default::default(),
+            half_open: 0,
             store: shared.store,
             store_metrics: shared.store_metrics,
             broker: shared.broker,
@@ -293,19 +297,6 @@ impl<T: Transport> Sessions<T> {
         let m = self.m();
         ShardMetrics::add(&m.accepted, 1);
         ShardMetrics::add(&m.open_http, 1);
-        let pending = m.open_http.load(Ordering::Relaxed);
-        let cap = self.cfg.max_pending_handshakes as u64;
-        if cap > 0 && pending > cap {
-            let span = admission::spread_span_ms(pending as u32, 1000);
-            let wait = self.retry_jitter_ms(key, 1000, span);
-            self.http_refuse(
-                key,
-                503,
-                "too many handshakes in progress",
-                HandshakeFailure::Pending,
-                wait,
-            );
-        }
         key
     }
 
@@ -700,6 +691,15 @@ impl<T: Transport> Sessions<T> {
             timers,
             self.wheel.len(),
             "wheel entries without a connection"
+        );
+        let half_open = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.inbound.as_ref().is_some_and(|i| i.half_open))
+            .count();
+        assert_eq!(
+            half_open, self.half_open as usize,
+            "half-open handshake count"
         );
         for s in self.hub.all_slots() {
             let c = self.conns.get(s as usize);

@@ -656,22 +656,52 @@ fn a_handshake_storm_is_closed_1013_with_a_jittered_retry_after() {
 }
 
 #[test]
-fn over_the_pending_handshake_cap_new_connections_get_503_at_once() {
+fn over_the_half_open_handshake_cap_a_partial_request_gets_503() {
     let cfg = Config {
         max_pending_handshakes: 2,
         ..config()
     };
     let mut h = Harness::new(cfg);
-    let (a, _) = h.accept(1 << 16);
-    let (b, _) = h.accept(1 << 16);
-    let (c, pipe) = h.accept(1 << 16);
-    h.turn();
-    assert_refused_for_now(&pipe, 503);
+    // Silent connections hold no buffer: any number of them waits for its request.
+    let silent: Vec<_> = (0..5).map(|_| h.accept(1 << 16)).collect();
+    let part = b"GET /ws?user=a HTTP/1.1\r\nHost: t\r\n";
+    let (a, pa) = h.accept(1 << 16);
+    h.send(&pa, part);
+    let (b, pb) = h.accept(1 << 16);
+    h.send(&pb, part);
+    let (c, pc) = h.accept(1 << 16);
+    h.send(&pc, part);
+    assert_refused_for_now(&pc, 503);
     assert!(h.live(a) && h.live(b), "the first two keep their chance");
-    // The silent ones still meet the handshake deadline; then there is room again.
+    for (key, pipe) in &silent {
+        assert!(h.live(*key));
+        assert_eq!(
+            response_head(pipe),
+            "",
+            "a silent connection is not refused"
+        );
+    }
+    // The silent ones still finish their handshakes.
+    let (k0, p0) = &silent[0];
+    h.send(p0, testkit::upgrade_request("t", "/ws?user=s").as_bytes());
+    assert!(response_head(p0).starts_with("HTTP/1.1 101 "));
+    assert!(h.live(*k0));
+    // A finished request gives its place back.
+    let rest = format!(
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        testkit::SAMPLE_KEY
+    );
+    h.send(&pa, rest.as_bytes());
+    assert!(response_head(&pa).starts_with("HTTP/1.1 101 "));
+    let (_, pd) = h.accept(1 << 16);
+    h.send(&pd, part);
+    assert_eq!(response_head(&pd), "", "room again after a's upgrade");
+    // So does a half-open one that meets its handshake deadline.
     h.advance(2_000);
-    assert!(!h.live(a) && !h.live(b) && !h.live(c));
-    h.open("/ws?user=late", 1 << 16);
+    assert!(!h.live(b) && !h.live(c));
+    let (_, pe) = h.accept(1 << 16);
+    h.send(&pe, part);
+    assert_eq!(response_head(&pe), "", "room again after b's deadline");
 }
 
 #[test]
