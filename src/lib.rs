@@ -18,4 +18,5 @@ pub mod sim;
 pub mod store;
 pub mod testkit;
 pub mod timer;
+pub mod tls;
 pub mod ws;

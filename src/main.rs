@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use switchboard::config::Options;
 use switchboard::server::Server;
@@ -50,21 +50,33 @@ fn run() -> anyhow::Result<()> {
         .init();
     let cfg = Options::parse().load().context("configuration")?;
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
-    let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
     let server = Server::start(cfg).context("starting the server")?;
     {
         let mut out = std::io::stdout().lock();
-        for a in &server.local_addrs {
+        for (a, tls) in server.local_addrs.iter().zip(server.tls_listeners()) {
             writeln!(
                 out,
-                "switchboard listening on {a} (shards={}, fd-table={}, capacity={})",
-                server.shards, server.fd_table, server.capacity
+                "switchboard listening on {a} (shards={}, fd-table={}, capacity={}{})",
+                server.shards,
+                server.fd_table,
+                server.capacity,
+                if tls { ", tls" } else { "" }
             )?;
         }
         out.flush()?;
     }
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            // Certificates: new handshakes use the new ones, open connections stay.
+            for e in server.reload_tls() {
+                warn!(error = %e, "TLS reload failed; the old certificate stays in use");
+            }
+            continue;
+        }
         info!(signal = sig, "shutting down: closing connections with 1001");
+        break;
     }
     server.shutdown();
     // The shards finish within the grace period; a watchdog makes sure the process does too.

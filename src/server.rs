@@ -40,6 +40,9 @@ pub enum StartError {
     /// The cluster's broker could not be joined.
     #[error(transparent)]
     Broker(#[from] crate::broker::BrokerError),
+    /// A TLS listener's certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A shard thread could not be spawned.
     #[error("cannot spawn shard {shard}: {source}")]
     Spawn {
@@ -68,6 +71,8 @@ pub struct Server {
     broker: Option<Broker>,
     /// This node's id in the cluster.
     pub node_id: Arc<str>,
+    /// TLS of each listen address (`None`: plain), by index.
+    tls: Vec<Option<Arc<crate::tls::Acceptor>>>,
 }
 
 /// How the fd tables hold `--max-connections`: the shards, their tables and the capacity.
@@ -242,6 +247,13 @@ impl Server {
         if cfg.allowed_origins.is_empty() {
             info!("no --allowed-origin: browser upgrades and SSE are accepted from any origin");
         }
+        let mut tls = Vec::with_capacity(cfg.tls.len());
+        for files in &cfg.tls {
+            tls.push(match files {
+                Some(f) => Some(Arc::new(crate::tls::Acceptor::load(f.clone())?)),
+                None => None,
+            });
+        }
         let (local_addrs, mut listeners) =
             listener::bind_all(&cfg.listen, cfg.shards, cfg.backlog)?;
         let steering = steer_new_connections(&plan, &listeners);
@@ -342,6 +354,7 @@ impl Server {
                 inbox,
                 peers: peers.clone(),
                 listeners: std::mem::take(&mut listeners[i]),
+                tls: tls.clone(),
                 metrics: metrics.clone(),
                 config: config.clone(),
                 open_total: open_total.clone(),
@@ -381,7 +394,27 @@ impl Server {
             store,
             broker,
             node_id,
+            tls,
         })
+    }
+
+    /// Whether each listen address serves TLS (by index, as `local_addrs`).
+    pub fn tls_listeners(&self) -> Vec<bool> {
+        self.tls.iter().map(Option::is_some).collect()
+    }
+
+    /// Reloads every TLS listener's certificate and key (SIGHUP). New handshakes use the
+    /// new ones; open connections keep theirs. A listener whose files fail keeps its old
+    /// certificate; the errors are returned.
+    pub fn reload_tls(&self) -> Vec<crate::tls::TlsError> {
+        let mut errors = Vec::new();
+        for a in self.tls.iter().flatten() {
+            match a.reload() {
+                Ok(()) => info!(cert = %a.files().cert.display(), "TLS certificate reloaded"),
+                Err(e) => errors.push(e),
+            }
+        }
+        errors
     }
 
     /// Asks every shard to close its connections with 1001 and stop.

@@ -149,6 +149,34 @@ impl std::fmt::Display for FdTableMode {
     }
 }
 
+/// One `listen` entry: an address, or (in the file) a table with its own certificate.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ListenEntry {
+    /// `"127.0.0.1:8080"`.
+    Addr(SocketAddr),
+    /// `{ addr = "…", cert = "…", key = "…" }`: TLS when `cert` and `key` are given.
+    Table(ListenTable),
+}
+
+/// A `[[listen]]` table.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTable {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+fn parse_listen(s: &str) -> Result<ListenEntry, String> {
+    s.parse()
+        .map(ListenEntry::Addr)
+        .map_err(|e| format!("{e} (expected host:port)"))
+}
+
 /// Command-line flags; every one (but `--config`) can also be a key of the TOML file.
 #[derive(Debug, Parser, Default, Deserialize)]
 #[command(
@@ -162,9 +190,17 @@ pub struct Options {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Address to listen on (repeatable) [default: 127.0.0.1:8080].
-    #[arg(long)]
-    pub listen: Vec<SocketAddr>,
+    /// Address to listen on (repeatable) [default: 127.0.0.1:8080]. In the file also a
+    /// table, `[[listen]] addr = "…", cert = "…", key = "…"`, for TLS on that address only.
+    #[arg(long, value_parser = parse_listen)]
+    pub listen: Vec<ListenEntry>,
+    /// Certificate chain (PEM) for TLS on every `--listen` address given as a flag:
+    /// clients connect with wss:// and https://. Reloaded on SIGHUP.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Event-loop shards [default: number of cores].
     #[arg(long)]
     pub shards: Option<usize>,
@@ -329,6 +365,8 @@ pub enum ConfigError {
 pub struct Config {
     /// Listen addresses.
     pub listen: Vec<SocketAddr>,
+    /// TLS certificate files of each listen address (`None`: plain), by index.
+    pub tls: Vec<Option<crate::tls::TlsFiles>>,
     /// Shards.
     pub shards: usize,
     /// `shards` is the default (the cores), not asked for: start-up may add shards for fd
@@ -449,13 +487,51 @@ impl Options {
     /// Merges flags over `file` over defaults and validates.
     pub fn resolve(self, file: Option<Options>) -> Result<Config, ConfigError> {
         let f = file.unwrap_or_default();
-        let listen = if !self.listen.is_empty() {
-            self.listen
+        let entries = if !self.listen.is_empty() {
+            self.listen.clone()
         } else if !f.listen.is_empty() {
-            f.listen
+            f.listen.clone()
         } else {
-            vec![DEFAULT_LISTEN.parse().expect("default address parses")]
+            vec![ListenEntry::Addr(
+                DEFAULT_LISTEN.parse().expect("default address parses"),
+            )]
         };
+        let flag_tls = match (
+            self.tls_cert.clone().or(f.tls_cert.clone()),
+            self.tls_key.clone().or(f.tls_key.clone()),
+        ) {
+            (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "tls-cert",
+                    reason: "--tls-cert and --tls-key go together",
+                })
+            }
+        };
+        let mut listen = Vec::with_capacity(entries.len());
+        let mut tls = Vec::with_capacity(entries.len());
+        for e in entries {
+            match e {
+                ListenEntry::Addr(a) => {
+                    listen.push(a);
+                    tls.push(flag_tls.clone());
+                }
+                ListenEntry::Table(t) => {
+                    listen.push(t.addr);
+                    tls.push(match (t.cert, t.key) {
+                        (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+                        (None, None) => flag_tls.clone(),
+                        _ => {
+                            return Err(ConfigError::Invalid {
+                                key: "listen",
+                                reason: "a [[listen]] table needs both cert and key, or neither",
+                            })
+                        }
+                    });
+                }
+            }
+        }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let broker_given = self
             .broker_url
@@ -464,6 +540,7 @@ impl Options {
             .is_some_and(|u| !u.is_empty());
         let c = Config {
             listen,
+            tls,
             shards: self.shards.or(f.shards).unwrap_or(cores),
             shards_auto: self.shards.or(f.shards).is_none(),
             home_shards: 0,

@@ -20,6 +20,12 @@ pub trait Transport {
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
     /// Shuts the write side (FIN) after the last response of a draining connection.
     fn shutdown_write(&mut self);
+    /// The socket is writable again: bytes the pipe holds below the session (TLS records
+    /// of a handshake, say) go out now.
+    fn flush_pending(&mut self) {}
+    /// The connection is about to be dropped: a last word below the session (TLS
+    /// close_notify), best effort.
+    fn before_close(&mut self) {}
 }
 
 /// Lifecycle of a connection. Transitions are made by the session layer only.

@@ -102,7 +102,8 @@ impl<T: Transport> Sessions<T> {
     pub(super) fn finish(&mut self, key: usize) {
         self.unregister(key);
         self.release_ip(key);
-        let c = self.conns.remove(key);
+        let mut c = self.conns.remove(key);
+        c.io.before_close();
         self.wheel.cancel(c.timer);
         let age_ms = c.age_ms(self.now_ms);
         let reason = c.extra.map(|e| e.close_reason).unwrap_or_default();

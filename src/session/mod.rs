@@ -418,6 +418,7 @@ impl<T: Transport> Sessions<T> {
             return; // spurious event for a finished connection
         };
         c.flags.set(Flags::WRITABLE);
+        c.io.flush_pending();
         if c.outbox.is_some() {
             self.mark_dirty(key);
         }

@@ -11,8 +11,9 @@ pub mod fdtable;
 pub mod listener;
 pub mod mailbox;
 pub mod steer;
+pub mod stream;
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Write};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,8 +24,9 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
-use crate::session::{Sessions, Shared, Transport, MAILBOX_PER_TURN};
+use crate::session::{Sessions, Shared, MAILBOX_PER_TURN};
 pub use mailbox::{mailbox, Inbox, Mailbox};
+pub use stream::Stream;
 
 /// Token of the shard's waker (mailbox posts).
 pub const WAKER: Token = Token(usize::MAX - 1);
@@ -56,6 +58,8 @@ pub struct ShardSetup {
     pub peers: Arc<[Mailbox]>,
     /// This shard's listeners (SO_REUSEPORT siblings of the other shards').
     pub listeners: Vec<std::net::TcpListener>,
+    /// TLS of each listener, by index (`None`: plain).
+    pub tls: Vec<Option<Arc<crate::tls::Acceptor>>>,
     /// Counters of every shard, by index.
     pub metrics: Arc<[ShardMetrics]>,
     /// Configuration.
@@ -93,7 +97,9 @@ pub struct Shard {
     inbox: Inbox,
     peers: Arc<[Mailbox]>,
     listeners: Vec<TcpListener>,
-    sessions: Sessions<TcpStream>,
+    /// TLS of each listener, by index.
+    tls: Vec<Option<Arc<crate::tls::Acceptor>>>,
+    sessions: Sessions<Stream>,
     epoch: Instant,
     now_ms: u64,
     accept_pending: bool,
@@ -108,20 +114,6 @@ pub struct Shard {
     /// A descriptor held in reserve: closed to accept (and refuse) one connection when the
     /// table is full.
     spare_fd: Option<std::fs::File>,
-}
-
-impl Transport for TcpStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        Read::read(self, buf)
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        Write::write_vectored(self, bufs)
-    }
-
-    fn shutdown_write(&mut self) {
-        let _ = self.shutdown(std::net::Shutdown::Write);
-    }
 }
 
 impl Shard {
@@ -182,6 +174,7 @@ impl Shard {
             inbox: setup.inbox,
             peers: setup.peers,
             listeners,
+            tls: setup.tls,
             sessions: Sessions::new(index, shards, shared, 0, unix_ms()),
             epoch: Instant::now(),
             now_ms: 0,
@@ -289,7 +282,7 @@ impl Shard {
                 }
                 match self.listeners[li].accept() {
                     Ok((stream, peer)) => {
-                        self.on_accept(stream, peer.ip());
+                        self.on_accept(stream, peer.ip(), li);
                         // At once, not at the end of the turn: every accept this turn
                         // would otherwise still land here.
                         self.steer();
@@ -322,7 +315,10 @@ impl Shard {
         let refused = match self.listeners[li].accept() {
             Ok((mut stream, _)) => {
                 let full = "server full (out of file descriptors)";
-                let _ = stream.write(&crate::http::response::retry_later(503, full, 1));
+                // On a TLS listener there is no handshake to answer through: just close.
+                if self.tls[li].is_none() {
+                    let _ = stream.write(&crate::http::response::retry_later(503, full, 1));
+                }
                 self.sessions.count_refused_at_accept();
                 true
             }
@@ -349,7 +345,7 @@ impl Shard {
         }
     }
 
-    fn on_accept(&mut self, mut stream: TcpStream, ip: std::net::IpAddr) {
+    fn on_accept(&mut self, mut stream: TcpStream, ip: std::net::IpAddr, li: usize) {
         let _ = stream.set_nodelay(true);
         let key = self.sessions.next_key();
         if let Err(e) = self.poll.registry().register(
@@ -360,6 +356,16 @@ impl Shard {
             warn!(shard = self.index, error = %e, "cannot register an accepted socket");
             return;
         }
+        let stream = match &self.tls[li] {
+            None => Stream::Plain(stream),
+            Some(acceptor) => match crate::tls::TlsStream::new(stream, acceptor.config()) {
+                Ok(t) => Stream::Tls(Box::new(t)),
+                Err(e) => {
+                    warn!(shard = self.index, error = %e, "cannot start a TLS session");
+                    return;
+                }
+            },
+        };
         let got = self.sessions.accept_ip(stream, ip);
         debug_assert_eq!(got, key, "the slab key is the token");
     }

@@ -100,6 +100,11 @@ impl Server {
         }
     }
 
+    /// The server's pid.
+    pub fn child_id(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self, path_and_query: &str) -> String {
         format!("ws://{}{}", self.addr, path_and_query)
     }
