@@ -2,12 +2,13 @@
 # One-command capacity run: N concurrent WebSocket connections (default 1,000,000) held with
 # heartbeats, server and loadgen on this host, then one report.
 #
-#   scripts/capacity.sh [N] [--hold SECONDS] [--dm RATE] [--broadcast] [--out DIR] [--no-baseline]
+#   scripts/capacity.sh [N] [--hold SECONDS] [--dm RATE] [--broadcast] [--tls] [--out DIR] [--no-baseline]
 #
 # Checks the host (scripts/tune-host.sh), raises what the run needs and restores it afterwards
 # (also on Ctrl-C), starts the server with enough shards for the fd limit, runs a plain-TCP
 # baseline and then `loadgen connect` (or dm/fanout) with enough loopback source addresses,
-# holds with pings flowing, and prints the report (scripts/capacity_report.py).
+# holds with pings flowing, and prints the report (scripts/capacity_report.py). --tls: wss:// with
+# a self-signed ECDSA P-256 certificate made for the run (openssl), verified by loadgen.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=1000000
@@ -15,6 +16,7 @@ hold=300
 dm=""
 broadcast=0
 baseline=1
+tls=0
 out=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -23,6 +25,7 @@ while [ $# -gt 0 ]; do
     --broadcast) broadcast=1; shift ;;
     --out) out=$2; shift 2 ;;
     --no-baseline) baseline=0; shift ;;
+    --tls) tls=1; shift ;;
     -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     [0-9]*) n=$1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -67,7 +70,15 @@ p=1; while [ $p -lt "$shards" ]; do p=$((p * 2)); done; shards=$p
 ping_ms=$(( n / 40 )); [ $ping_ms -lt 2000 ] && ping_ms=2000
 idle_ms=$(( ping_ms * 2 + 10000 ))
 echo "== server: $shards shards (RLIMIT_NOFILE $nofile per private fd table), ping every ${ping_ms} ms, idle timeout ${idle_ms} ms"
-RUST_LOG=warn target/release/switchboard --listen 127.0.0.1:0 --shards "$shards" --fd-table per-shard --store memory \
+tls_args=()
+if [ $tls = 1 ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -keyout "$out/key.pem" -out "$out/cert.pem" -subj "/CN=localhost" \
+    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -addext "basicConstraints=critical,CA:FALSE" \
+    2>/dev/null
+  tls_args=(--tls-cert "$out/cert.pem" --tls-key "$out/key.pem")
+fi
+RUST_LOG=warn target/release/switchboard "${tls_args[@]}" --listen 127.0.0.1:0 --shards "$shards" --fd-table per-shard --store memory \
   --max-connections $((n + 1000)) --ping-interval-ms "$ping_ms" --idle-timeout-ms "$idle_ms" \
   --handshake-timeout-ms 600000 --shutdown-grace-ms 60000 >"$out/server.out" 2>"$out/server.log" &
 server=$!
@@ -75,6 +86,8 @@ pids+=("$server")
 for _ in $(seq 1 200); do addr=$(awk '/listening on/ {print $4; exit}' "$out/server.out"); [ -n "$addr" ] && break; sleep 0.1; done
 [ -n "${addr:-}" ] || { echo "server did not start" >&2; cat "$out/server.log" >&2; exit 1; }
 url="ws://$addr/ws"
+lg_tls=()
+[ $tls = 1 ] && url="wss://$addr/ws" && lg_tls=(--ca-file "$out/cert.pem")
 
 python3 scripts/kernel_sampler.py "$out/kernel.json" &
 pids+=("$!")  # pids[1]: stopped once the WebSocket run is over
@@ -85,7 +98,7 @@ scenario=(connect)
 [ -n "$dm" ] && scenario=(dm --rate "$dm")
 [ $broadcast = 1 ] && scenario=(fanout --channels 1 --publishers 1 --rate 0.1)
 echo "== ${scenario[*]}: $n connections from $ips source addresses, hold ${hold}s"
-target/release/loadgen "${scenario[@]}" --url "$url" --connections "$n" --connect-rate 1000000 \
+target/release/loadgen "${scenario[@]}" "${lg_tls[@]}" --url "$url" --connections "$n" --connect-rate 1000000 \
   --max-inflight-handshakes 20000 --duration "${hold}s" --server-pid "$server" --out "$out/ws" \
   >"$out/ws.txt" 2>"$out/ws.progress" || true
 tail -n 3 "$out/ws.progress" || true
@@ -96,7 +109,7 @@ if [ $baseline = 1 ]; then
   # After the WebSocket run, so the server's memory figures are not touched by it; other
   # source addresses, so no port of the first run is still in TIME_WAIT.
   echo "== plain TCP baseline: $n connects, same pacing and spreading (source addresses 127.0.1.x)"
-  target/release/loadgen tcp --url "$url" --connections "$n" --connect-rate 1000000 \
+  target/release/loadgen tcp "${lg_tls[@]}" --url "$url" --connections "$n" --connect-rate 1000000 \
     --max-inflight-handshakes 20000 --source-ips "127.0.1.2-127.0.1.$((1 + ips))" \
     --duration 1s --out "$out/tcp" >"$out/tcp.txt" 2>"$out/tcp.progress" || true
   grep -E "^connections:" "$out/tcp.txt" || true

@@ -3,4 +3,5 @@ pub mod plan;
 pub mod report;
 pub mod schedule;
 pub mod timer;
+pub mod tls;
 pub mod worker;

@@ -25,9 +25,16 @@ struct Args {
     /// What to do.
     #[arg(value_enum)]
     scenario: Scenario,
-    /// Target URL (repeatable; connections are spread round-robin).
+    /// Target URL, ws:// or wss:// (repeatable; connections are spread round-robin).
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     url: Vec<String>,
+    /// CA certificates (PEM) that wss:// servers are verified against [default: the
+    /// system's bundle].
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Accept any wss:// server certificate (self-signed test certificates).
+    #[arg(long)]
+    insecure: bool,
     /// Source addresses to bind before connect, e.g. 127.0.0.2-127.0.0.101 [default: automatic
     /// for loopback targets, keeping each (source, destination) pair under 14k connections].
     #[arg(long)]
@@ -233,6 +240,14 @@ fn main() -> anyhow::Result<()> {
     if args.connections == 0 {
         bail!("--connections must be > 0");
     }
+    let tls = if targets.iter().any(|t| t.tls) {
+        Some(loadgen::tls::client_config(
+            args.ca_file.as_deref(),
+            args.insecure,
+        )?)
+    } else {
+        None
+    };
     if args.scenario == Scenario::Dm && args.connections < 2 {
         bail!("dm needs at least 2 connections (pairs)");
     }
@@ -280,6 +295,7 @@ fn main() -> anyhow::Result<()> {
         qos: args.qos,
         resume_every_ns: args.resume_every.map_or(0, |d| d.as_nanos() as u64),
         window: args.window.max(1),
+        tls,
     });
     let shared = Arc::new(Shared {
         phase: std::sync::atomic::AtomicU8::new(phase::CONNECT),

@@ -16,13 +16,19 @@ pub struct Target {
     pub host: String,
     /// Path and query (starts with `/`).
     pub path: String,
+    /// `wss://`: TLS, verified against `server_name`.
+    pub tls: bool,
+    /// The host without its port (the TLS server name).
+    pub server_name: String,
 }
 
-/// Parses `ws://host:port/path?query`.
+/// Parses `ws://host:port/path?query` (or `wss://`).
 pub fn parse_url(url: &str) -> Result<Target, String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+    let (rest, tls) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(r), _) => (r, false),
+        (_, Some(r)) => (r, true),
+        _ => return Err(format!("{url}: only ws:// and wss:// URLs are supported")),
+    };
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -30,8 +36,15 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
     let hostport_full = if hostport.contains(':') && !hostport.ends_with(']') {
         hostport.to_string()
     } else {
-        format!("{hostport}:80")
+        format!("{hostport}:{}", if tls { 443 } else { 80 })
     };
+    let server_name = match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => hostport,
+    }
+    .trim_start_matches('[')
+    .trim_end_matches(']')
+    .to_string();
     let addr = hostport_full
         .to_socket_addrs()
         .map_err(|e| format!("{url}: cannot resolve {hostport}: {e}"))?
@@ -41,6 +54,8 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
         addr,
         host: hostport.to_string(),
         path: path.to_string(),
+        tls,
+        server_name,
     })
 }
 
@@ -128,6 +143,11 @@ mod tests {
         assert_eq!(t.path, "/ws?user=a");
         assert_eq!(parse_url("ws://127.0.0.1").unwrap().path, "/");
         assert!(parse_url("http://x").is_err());
+        assert!(!t.tls);
+        let s = parse_url("wss://localhost:8443/ws").unwrap();
+        assert!(s.tls);
+        assert_eq!((s.server_name.as_str(), s.addr.port()), ("localhost", 8443));
+        assert_eq!(parse_url("wss://127.0.0.1").unwrap().addr.port(), 443);
     }
 
     #[test]

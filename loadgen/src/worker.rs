@@ -251,6 +251,8 @@ pub struct Job {
     pub resume_every_ns: u64,
     /// Messages in flight per connection (flood).
     pub window: usize,
+    /// How wss:// targets are verified (`None`: every target is ws://).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Job {
@@ -327,8 +329,48 @@ enum St {
     Closing,
 }
 
+/// A connection's socket: plain, or TLS over it (`wss://`).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<switchboard::tls::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => t.get_ref(),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read_plain(buf),
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write_plain(&[io::IoSlice::new(buf)]),
+        }
+    }
+
+    /// TLS records waiting for the socket (the handshake's) go out.
+    fn flush_pending(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(_) => Ok(()),
+            Stream::Tls(t) => match t.flush_tls() {
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+                _ => Ok(()),
+            },
+        }
+    }
+}
+
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     id: u32,
     st: St,
     attempt: u8,
@@ -639,6 +681,22 @@ impl Worker {
                 ) {
                     return self.fail(id, attempt, ErrKind::of(&e), &e.to_string(), now);
                 }
+                let stream = match (&job.tls, target.tls) {
+                    (Some(cfg), true) => {
+                        let name =
+                            rustls::pki_types::ServerName::try_from(target.server_name.clone())
+                                .map_err(|e| e.to_string())
+                                .and_then(|n| {
+                                    switchboard::tls::TlsStream::client(stream, cfg.clone(), n)
+                                        .map_err(|e| e.to_string())
+                                });
+                        match name {
+                            Ok(t) => Stream::Tls(Box::new(t)),
+                            Err(e) => return self.fail(id, attempt, ErrKind::Other, &e, now),
+                        }
+                    }
+                    _ => Stream::Plain(stream),
+                };
                 entry.insert(Conn {
                     stream,
                     id,
@@ -748,8 +806,11 @@ impl Worker {
 
     fn on_writable(&mut self, key: usize) {
         let c = &mut self.conns[key];
+        if c.st != St::Connecting && c.stream.flush_pending().is_err() {
+            return self.lost(key, 1006);
+        }
         if c.st == St::Connecting {
-            match c.stream.take_error() {
+            match c.stream.tcp().take_error() {
                 Ok(None) => {}
                 Ok(Some(e)) | Err(e) => {
                     let (id, attempt) = (c.id, c.attempt);
@@ -763,7 +824,7 @@ impl Worker {
                     );
                 }
             }
-            if let Err(e) = c.stream.peer_addr() {
+            if let Err(e) = c.stream.tcp().peer_addr() {
                 if e.kind() == io::ErrorKind::NotConnected {
                     return; // not yet
                 }
@@ -881,6 +942,13 @@ impl Worker {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::InvalidData && c.st != St::Open => {
+                    // TLS refused (a certificate, say): say why instead of "closed".
+                    let (id, attempt) = (c.id, c.attempt);
+                    self.drop_conn(key);
+                    let msg = format!("TLS: {e} (--ca-file, or --insecure for test certificates)");
+                    return self.fail(id, attempt, ErrKind::Other, &msg, now_ns());
+                }
                 Err(_) => return self.on_eof(key),
             }
         }
@@ -1306,8 +1374,8 @@ impl Worker {
             .collect();
         for (key, id) in victims {
             // Abrupt: no close frame, like a client losing its network.
-            let _ =
-                socket2::SockRef::from(&self.conns[key].stream).set_linger(Some(Duration::ZERO));
+            let _ = socket2::SockRef::from(self.conns[key].stream.tcp())
+                .set_linger(Some(Duration::ZERO));
             self.drop_conn(key);
             self.stats().dropped.fetch_add(1, Relaxed);
             if self.job.resume_every_ns > 0 {
@@ -1409,6 +1477,7 @@ mod tests {
             qos: 0,
             resume_every_ns: 0,
             window: 1,
+            tls: None,
         };
         assert_eq!((0..3).map(|c| job.subscribers_of(c)).sum::<u64>(), 10);
         assert_eq!(job.subscribers_of(0), 4);

@@ -531,3 +531,75 @@ fn flood_keeps_a_window_in_flight_and_reports_cpu_per_message() {
         "{f}"
     );
 }
+
+/// A self-signed certificate for localhost and 127.0.0.1 in `dir`: (cert, key) files.
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+#[test]
+fn dm_over_wss_verifies_the_server_and_loses_nothing() {
+    let certs = out_dir("wss-certs");
+    let (cert, key) = self_signed(&certs);
+    let (_srv, url) = server(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let url = url.replace("ws://127.0.0.1", "wss://localhost");
+    let out = out_dir("wss");
+    let s = loadgen(
+        &[
+            "dm",
+            "--url",
+            &url,
+            "--ca-file",
+            cert.to_str().unwrap(),
+            "--connections",
+            "100",
+            "--rate",
+            "1000",
+            "--duration",
+            "2s",
+        ],
+        &out,
+    );
+    check_common(&s, &out, 100);
+    let m = &s["messages"];
+    let sent = m["sent"].as_u64().unwrap();
+    assert!(sent >= 1500, "sent {sent}");
+    assert_eq!(m["received"], sent);
+    assert_eq!(m["missing"], 0);
+    // Trusting another certificate, the server is not trusted: every connect fails and
+    // the report says why.
+    let (other, _) = self_signed(&certs.join("other"));
+    let run = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args([
+            "connect",
+            "--url",
+            &url,
+            "--connections",
+            "5",
+            "--duration",
+            "1s",
+        ])
+        .args(["--ca-file", other.to_str().unwrap()])
+        .arg("--out")
+        .arg(out_dir("wss-untrusted"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert!(!run.status.success(), "{text}");
+    assert!(text.contains("0 established of 5"), "{text}");
+    assert!(text.contains("TLS: invalid peer certificate"), "{text}");
+}

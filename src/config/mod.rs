@@ -178,7 +178,7 @@ fn parse_listen(s: &str) -> Result<ListenEntry, String> {
 }
 
 /// Command-line flags; every one (but `--config`) can also be a key of the TOML file.
-#[derive(Debug, Parser, Default, Deserialize)]
+#[derive(Debug, Clone, Parser, Default, Deserialize)]
 #[command(
     name = "switchboard",
     version,
@@ -781,6 +781,37 @@ mod tests {
         assert_eq!(c.max_message_bytes, 65_536);
         assert_eq!(c.fd_table, FdTableMode::Auto);
         assert!(!c.echo);
+    }
+
+    #[test]
+    fn listen_tables_give_tls_per_address_and_flags_cover_the_rest() {
+        let file: Options = toml::from_str(
+            "[[listen]]\naddr = \"127.0.0.1:8443\"\ncert = \"a.pem\"\nkey = \"a.key\"\n\n[[listen]]\naddr = \"127.0.0.1:8080\"\n",
+        )
+        .unwrap();
+        let c = Options::default().resolve(Some(file.clone())).unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(
+            c.tls[0],
+            Some(crate::tls::TlsFiles {
+                cert: "a.pem".into(),
+                key: "a.key".into()
+            })
+        );
+        assert_eq!(c.tls[1], None, "plain beside TLS");
+        // --tls-cert/--tls-key cover entries without their own.
+        let flags =
+            Options::parse_from(["switchboard", "--tls-cert", "b.pem", "--tls-key", "b.key"]);
+        let c = flags.resolve(Some(file)).unwrap();
+        assert_eq!(c.tls[0].as_ref().unwrap().cert, PathBuf::from("a.pem"));
+        assert_eq!(c.tls[1].as_ref().unwrap().cert, PathBuf::from("b.pem"));
+        // Plain strings still parse; a table with half a pair is refused.
+        let plain: Options = toml::from_str("listen = [\"127.0.0.1:9000\"]").unwrap();
+        assert_eq!(plain.resolve(None).unwrap().tls, vec![None]);
+        let half: Options =
+            toml::from_str("[[listen]]\naddr = \"127.0.0.1:8443\"\ncert = \"a.pem\"\n").unwrap();
+        assert!(Options::default().resolve(Some(half)).is_err());
+        assert!(Options::try_parse_from(["switchboard", "--tls-cert", "b.pem"]).is_err());
     }
 
     #[test]

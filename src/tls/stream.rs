@@ -5,16 +5,18 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::Arc;
 
-use rustls::{ServerConfig, ServerConnection};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
 
 /// Ciphertext rustls may hold for the socket beyond what the session's outbox holds: the
 /// session's own limits apply to plaintext; this only bounds what one write encrypts ahead.
 const SENDABLE_TLS_LIMIT: usize = 64 * 1024;
 
-/// A server-side TLS stream over a non-blocking socket `S`.
+/// A TLS stream over a non-blocking socket `S`: the server's connections, and loadgen's
+/// `wss://` clients.
 pub struct TlsStream<S> {
     sock: S,
-    tls: ServerConnection,
+    tls: Connection,
     /// The socket reached end of stream (or the peer's close_notify arrived).
     eof: bool,
 }
@@ -22,13 +24,29 @@ pub struct TlsStream<S> {
 impl<S: Read + Write> TlsStream<S> {
     /// Starts the server side of a handshake on `sock` with `config`.
     pub fn new(sock: S, config: Arc<ServerConfig>) -> Result<TlsStream<S>, rustls::Error> {
-        let mut tls = ServerConnection::new(config)?;
+        Ok(Self::over(sock, ServerConnection::new(config)?.into()))
+    }
+
+    /// Starts the client side of a handshake with `name` on `sock`: its first flight goes out
+    /// with the first write (or [`Self::flush_tls`]).
+    pub fn client(
+        sock: S,
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> Result<TlsStream<S>, rustls::Error> {
+        Ok(Self::over(
+            sock,
+            ClientConnection::new(config, name)?.into(),
+        ))
+    }
+
+    fn over(sock: S, mut tls: Connection) -> TlsStream<S> {
         tls.set_buffer_limit(Some(SENDABLE_TLS_LIMIT));
-        Ok(TlsStream {
+        TlsStream {
             sock,
             tls,
             eof: false,
-        })
+        }
     }
 
     /// The socket underneath.
@@ -42,7 +60,7 @@ impl<S: Read + Write> TlsStream<S> {
     }
 
     /// The rustls connection (handshake state, negotiated protocol).
-    pub fn tls(&self) -> &ServerConnection {
+    pub fn tls(&self) -> &Connection {
         &self.tls
     }
 
