@@ -306,3 +306,69 @@ asyncio.run(main())
         "{stdout}"
     );
 }
+
+#[test]
+fn every_cipher_suite_of_tls_1_2_and_1_3_carries_large_messages_both_ways() {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let pki = Pki::new("suites");
+    let (cert, key, _) = pki.leaf("server", false);
+    let server = tls_server(&cert, &key, &[]);
+    let (mut bob, _, _) = wss(&server, &pki.client(), "bob");
+    let suites = [
+        (cs::TLS13_AES_128_GCM_SHA256, &rustls::version::TLS13),
+        (cs::TLS13_AES_256_GCM_SHA384, &rustls::version::TLS13),
+        (cs::TLS13_CHACHA20_POLY1305_SHA256, &rustls::version::TLS13),
+        (
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            &rustls::version::TLS12,
+        ),
+        (
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            &rustls::version::TLS12,
+        ),
+        (
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            &rustls::version::TLS12,
+        ),
+    ];
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&pki.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    for (i, (suite, version)) in suites.into_iter().enumerate() {
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: vec![suite],
+            ..rustls::crypto::ring::default_provider()
+        };
+        let cfg = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth(),
+        );
+        let user = format!("a{i}");
+        let (mut a, _, _) = wss(&server, &cfg, &user);
+        assert_eq!(
+            a.get_ref().conn.negotiated_cipher_suite(),
+            Some(suite),
+            "{suite:?}"
+        );
+        // 60 KB of text: several records each way.
+        let big: String = (0..60_000)
+            .map(|k| (b'a' + (k % 26) as u8) as char)
+            .collect();
+        send(&mut a, json!({"op":"send","to":"bob","data":big}));
+        assert_eq!(
+            recv(&mut bob)["data"].as_str(),
+            Some(big.as_str()),
+            "{suite:?}"
+        );
+        send(&mut bob, json!({"op":"send","to":user,"data":big}));
+        assert_eq!(
+            recv(&mut a)["data"].as_str(),
+            Some(big.as_str()),
+            "{suite:?}"
+        );
+    }
+}

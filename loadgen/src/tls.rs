@@ -19,7 +19,7 @@ pub fn client_config(ca_file: Option<&Path>, insecure: bool) -> anyhow::Result<A
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .context("TLS versions")?;
-    let config = if insecure {
+    let mut config = if insecure {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider)))
@@ -40,6 +40,8 @@ pub fn client_config(ca_file: Option<&Path>, insecure: bool) -> anyhow::Result<A
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
+    // switchboard's TlsStream runs the record layer itself after the handshake.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

@@ -2,6 +2,7 @@
 //! on SIGHUP without touching open connections, and [`TlsStream`], the session's byte pipe
 //! over rustls. See `docs/tls.md`.
 
+mod record;
 mod stream;
 
 use std::path::{Path, PathBuf};
@@ -130,5 +131,8 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         .with_single_cert(certs, key)
         .map_err(refused)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // After the handshake the keys move to our record layer (`record.rs`) and rustls's
+    // state and buffers are freed.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
