@@ -3,7 +3,7 @@
 // through a server restart, and chat again. Screenshots go to target/e2e/.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { mkdirSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { dirname, resolve } from 'node:path';
@@ -270,5 +270,44 @@ test('two people on two nodes of a cluster chat, and a message waits in Redis fo
     n2.child.kill('SIGKILL');
     redis.child.kill('SIGKILL');
     rmSync(redis.dir, { recursive: true, force: true });
+  }
+});
+
+test('two people chat over wss:// and the page loads over https://', async () => {
+  // A self-signed P-256 certificate for this run; Chromium is told to accept it.
+  const dir = `${OUT}/tls-${process.pid}`;
+  mkdirSync(dir, { recursive: true });
+  const made = spawnSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+    '-nodes', '-days', '2', '-keyout', `${dir}/key.pem`, '-out', `${dir}/cert.pem`, '-subj', '/CN=localhost',
+    '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1'], { stdio: 'ignore' });
+  assert.equal(made.status, 0, 'openssl made a certificate');
+  const tls = await startServer('127.0.0.1:0', ['--store', 'memory', '--tls-cert', `${dir}/cert.pem`, '--tls-key', `${dir}/key.pem`]);
+  const insecure = await chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      '--ignore-certificate-errors'],
+  });
+  try {
+    const base = `https://${tls.addr}`;
+    const alice = await (await insecure.newContext()).newPage();
+    const bob = await (await insecure.newContext()).newPage();
+    await login(alice, base, 'alice');
+    await login(bob, base, 'bob');
+    // The page chose wss:// by itself.
+    assert.equal(await alice.evaluate(() => location.protocol), 'https:');
+    await alice.click('#people button[data-user="bob"]', WAIT);
+    await sendText(alice, 'over tls');
+    await alice.waitForSelector('#messages li.mine .status[data-status="delivered"]', WAIT);
+    await bob.click('#people button[data-user="alice"]', WAIT);
+    await bob.waitForSelector('#messages li:has-text("over tls")', WAIT);
+    await sendText(bob, 'and back');
+    await alice.waitForSelector('#messages li:not(.mine):has-text("and back")', WAIT);
+    await alice.screenshot({ path: `${OUT}/alice-wss.png`, fullPage: true });
+  } finally {
+    await insecure.close();
+    await stopServer(tls.child);
+    rmSync(dir, { recursive: true, force: true });
   }
 });
