@@ -372,3 +372,42 @@ fn every_cipher_suite_of_tls_1_2_and_1_3_carries_large_messages_both_ways() {
         );
     }
 }
+
+#[test]
+fn server_sent_events_stream_over_https() {
+    let pki = Pki::new("sse");
+    let (cert, key, _) = pki.leaf("server", false);
+    let server = tls_server(&cert, &key, &[]);
+    let cfg = pki.client();
+    let mut sse = tls_connect(&server, &cfg);
+    sse.write_all(b"GET /events?user=carol&channel=news HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The stream's head first (the subscription is in place once it is sent).
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = sse.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 200 "),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    let body = r#"{"channel":"news","data":"over https"}"#;
+    let (status, answer) = https(
+        &server,
+        &cfg,
+        &format!(
+            "POST /api/publish HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert_eq!(status, 200, "{answer}");
+    while !String::from_utf8_lossy(&seen).contains("over https") {
+        let n = sse.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
