@@ -273,6 +273,14 @@ pub struct Options {
     #[arg(long)]
     #[serde(default)]
     pub echo: bool,
+    /// Offer permessage-deflate (RFC 7692) to WebSocket clients that ask for it.
+    #[arg(long)]
+    #[serde(default)]
+    pub deflate: bool,
+    /// With --deflate, messages shorter than this go out uncompressed, and so do messages
+    /// that compression does not shrink; 0 compresses every message [default: 256].
+    #[arg(long)]
+    pub deflate_min_bytes: Option<usize>,
     /// Key for the HTTP push API (`Authorization: Bearer <key>`); without one the API answers
     /// loopback peers only.
     #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
@@ -415,6 +423,10 @@ pub struct Config {
     pub mailbox_capacity_auto: bool,
     /// Echo mode.
     pub echo: bool,
+    /// permessage-deflate offered.
+    pub deflate: bool,
+    /// Messages shorter than this are not compressed.
+    pub deflate_min_bytes: usize,
     /// Push API key.
     pub api_key: Option<String>,
     /// HS256 secret.
@@ -606,6 +618,11 @@ impl Options {
                 .unwrap_or(DEFAULT_MAILBOX_CAPACITY),
             mailbox_capacity_auto: self.mailbox_capacity.or(f.mailbox_capacity).is_none(),
             echo: self.echo || f.echo,
+            deflate: self.deflate || f.deflate,
+            deflate_min_bytes: self
+                .deflate_min_bytes
+                .or(f.deflate_min_bytes)
+                .unwrap_or(256),
             api_key: self.api_key.or(f.api_key).filter(|k| !k.is_empty()),
             jwt_secret: self.jwt_secret.or(f.jwt_secret).filter(|k| !k.is_empty()),
             jwt_public_key_pem: match self.jwt_public_key.or(f.jwt_public_key) {

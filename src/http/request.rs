@@ -42,6 +42,8 @@ pub struct Request {
     pub ws_key: Option<String>,
     /// `Sec-WebSocket-Version`.
     pub ws_version: Option<String>,
+    /// `Sec-WebSocket-Extensions`, every occurrence joined with `, `.
+    pub ws_extensions: Option<String>,
     /// `Origin`.
     pub origin: Option<String>,
     /// `Authorization`.
@@ -131,6 +133,12 @@ pub fn parse(buf: &[u8]) -> Result<Option<Request>, HttpError> {
             out.ws_key = Some(text(h.value));
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             out.ws_version = Some(text(h.value));
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            let v = text(h.value);
+            out.ws_extensions = Some(match out.ws_extensions.take() {
+                Some(prev) => format!("{prev}, {v}"),
+                None => v,
+            });
         } else if name.eq_ignore_ascii_case("origin") {
             out.origin = Some(text(h.value));
         } else if name.eq_ignore_ascii_case("authorization") {

@@ -77,8 +77,16 @@ pub fn retry_later(status: u16, message: &str, retry_after_s: u64) -> Bytes {
 
 /// The 101 answer to a WebSocket upgrade.
 pub fn switching_protocols(accept_key: &str) -> Bytes {
+    switching_protocols_with(accept_key, None)
+}
+
+/// The 101 with the extensions agreed (`Sec-WebSocket-Extensions`), if any.
+pub fn switching_protocols_with(accept_key: &str, extensions: Option<&str>) -> Bytes {
+    let ext = extensions
+        .map(|e| format!("Sec-WebSocket-Extensions: {e}\r\n"))
+        .unwrap_or_default();
     format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n{ext}\r\n"
     )
     .into_bytes()
     .into()

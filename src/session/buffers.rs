@@ -67,6 +67,8 @@ pub struct Fragment {
     pub data: Vec<u8>,
     /// Bytes of `data` known to be complete UTF-8.
     pub utf8_valid: usize,
+    /// permessage-deflate: `data` is compressed (checked once inflated).
+    pub compressed: bool,
 }
 
 /// Most bytes an inline chunk holds: a WebSocket header (10) or an SSE `id: N\ndata: ` prefix.

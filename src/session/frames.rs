@@ -240,7 +240,17 @@ impl<T: Transport> Sessions<T> {
     ) -> Result<(), (u16, &'static str)> {
         let p = code::PROTOCOL_ERROR;
         if h.rsv != 0 {
-            return Err((p, "reserved bits set without a negotiated extension"));
+            // permessage-deflate: RSV1 marks a compressed message, on its first frame only.
+            let first_data = matches!(h.opcode, OpCode::Data(Data::Text | Data::Binary));
+            if !self.conns[key].flags.has(Flags::DEFLATE) {
+                return Err((p, "reserved bits set without a negotiated extension"));
+            }
+            if h.rsv != 0b100 || !first_data {
+                return Err((
+                    p,
+                    "reserved bits set (only RSV1, on a message's first frame)",
+                ));
+            }
         }
         if h.mask.is_none() {
             return Err((p, "client frames must be masked"));
@@ -309,7 +319,12 @@ impl<T: Transport> Sessions<T> {
             OpCode::Data(_) if state != ConnState::Open => {} // closing: data is discarded
             OpCode::Data(d @ (Data::Text | Data::Binary)) => {
                 let text = d == Data::Text;
-                if h.fin {
+                let compressed = h.rsv != 0;
+                if h.fin && compressed {
+                    if let Some(data) = self.inflate_message(key, text, &inb.buf[s..e]) {
+                        self.on_message(key, text, &data);
+                    }
+                } else if h.fin {
                     if text && std::str::from_utf8(&inb.buf[s..e]).is_err() {
                         return self.fail(
                             key,
@@ -323,8 +338,9 @@ impl<T: Transport> Sessions<T> {
                         text,
                         data: inb.buf[s..e].to_vec(),
                         utf8_valid: 0,
+                        compressed,
                     };
-                    if text && !advance_utf8(&mut f) {
+                    if text && !compressed && !advance_utf8(&mut f) {
                         return self.fail(
                             key,
                             code::INVALID_PAYLOAD,
@@ -339,7 +355,7 @@ impl<T: Transport> Sessions<T> {
                     unreachable!("rejected by check_header")
                 };
                 f.data.extend_from_slice(&inb.buf[s..e]);
-                if f.text && !advance_utf8(f) {
+                if f.text && !f.compressed && !advance_utf8(f) {
                     return self.fail(
                         key,
                         code::INVALID_PAYLOAD,
@@ -348,6 +364,12 @@ impl<T: Transport> Sessions<T> {
                 }
                 if h.fin {
                     let f = inb.frag.take().expect("checked above");
+                    if f.compressed {
+                        if let Some(data) = self.inflate_message(key, f.text, &f.data) {
+                            self.on_message(key, f.text, &data);
+                        }
+                        return;
+                    }
                     if f.text && f.utf8_valid != f.data.len() {
                         return self.fail(
                             key,
@@ -357,6 +379,45 @@ impl<T: Transport> Sessions<T> {
                     }
                     self.on_message(key, f.text, &f.data);
                 }
+            }
+        }
+    }
+
+    /// A compressed message inflated (bounded by `--max-message-bytes`: a deflate bomb
+    /// gets 1009) and, if text, checked for UTF-8; `None` when the connection fails.
+    fn inflate_message(&mut self, key: usize, text: bool, data: &[u8]) -> Option<Vec<u8>> {
+        use crate::ws::deflate::{self, InflateError};
+        let max = self.cfg.max_message_bytes;
+        let c = &mut self.conns[key];
+        let inflated = if c.flags.has(Flags::DEFLATE_TAKEOVER) {
+            let d = c.extra_mut().inflater.get_or_insert_with(deflate::inflater);
+            deflate::inflate(d, data, max)
+        } else {
+            let d = self.inflater.get_or_insert_with(deflate::inflater);
+            d.reset(false);
+            deflate::inflate(d, data, max)
+        };
+        match inflated {
+            Ok(m) if text && std::str::from_utf8(&m).is_err() => {
+                self.fail(
+                    key,
+                    code::INVALID_PAYLOAD,
+                    "text message is not valid UTF-8",
+                );
+                None
+            }
+            Ok(m) => Some(m),
+            Err(InflateError::TooBig) => {
+                self.fail(
+                    key,
+                    code::TOO_BIG,
+                    "message over --max-message-bytes once inflated",
+                );
+                None
+            }
+            Err(InflateError::Corrupt) => {
+                self.fail(key, code::INVALID_PAYLOAD, "invalid compressed data");
+                None
             }
         }
     }

@@ -248,7 +248,24 @@ impl<T: Transport> Sessions<T> {
         if let Some(since) = since {
             self.conns[key].extra_mut().cursor = Some(Box::new(Cursor::resuming(since)));
         }
-        self.push_raw(key, response::switching_protocols(&accept));
+        let deflate = req
+            .ws_extensions
+            .as_deref()
+            .filter(|_| self.cfg.deflate)
+            .and_then(|e| crate::ws::deflate::negotiate([e]));
+        let ext = deflate.map(|a| a.response());
+        self.push_raw(
+            key,
+            response::switching_protocols_with(&accept, ext.as_deref()),
+        );
+        if let Some(a) = deflate {
+            let c = &mut self.conns[key];
+            c.flags.set(Flags::DEFLATE);
+            if !a.client_no_context_takeover {
+                c.flags.set(Flags::DEFLATE_TAKEOVER);
+            }
+            c.extra_mut().deflate_bits = a.server_window_bits;
+        }
         let user: Option<Arc<str>> = match identity {
             Identity::User(u, grant) => {
                 if let Some(g) = grant {

@@ -154,6 +154,11 @@ pub struct Sessions<T: Transport> {
     /// Connections holding part of an HTTP request (a slowloris pins a read buffer this
     /// way), capped by `--max-pending-handshakes`.
     half_open: u32,
+    /// permessage-deflate: the shard's compressors (no context is kept between messages).
+    deflater: crate::ws::deflate::Deflater,
+    /// permessage-deflate: the inflater of clients without context takeover, reset per
+    /// message.
+    inflater: Option<Box<flate2::Decompress>>,
     store: Option<StoreHandle>,
     store_metrics: Arc<StoreMetrics>,
     broker: Option<BrokerHandle>,
@@ -237,6 +242,8 @@ impl<T: Transport> Sessions<T> {
             ip_buckets: Vec::new(),
             gate: Default::default(),
             half_open: 0,
+            deflater: Default::default(),
+            inflater: None,
             store: shared.store,
             store_metrics: shared.store_metrics,
             broker: shared.broker,

@@ -42,8 +42,22 @@ impl<T: Transport> Sessions<T> {
             // reachable from its welcome on (a DM for another device of the user may pass by).
             return false;
         }
+        // permessage-deflate: compressed once per message, whoever it goes to.
+        let deflate = c.flags.has(Flags::DEFLATE) && payload.len() >= self.cfg.deflate_min_bytes;
+        let bits = c.extra.as_deref().map_or(15, |e| e.deflate_bits);
+        // --deflate-min-bytes 0: every message, even one that does not get smaller.
+        let always = self.cfg.deflate_min_bytes == 0;
+        let (payload, compressed) =
+            match deflate.then(|| self.deflater.compress(&payload, bits, always)) {
+                Some(Some(z)) => (z, true),
+                _ => (payload, false),
+            };
+        let c = &mut self.conns[key];
         let mut head = [0u8; INLINE_MAX];
         let (head_len, sse) = Self::frame_head(c, opcode, &payload, &mut head);
+        if compressed {
+            head[0] |= 0x40; // RSV1
+        }
         let unit = head_len + payload.len() + if sse { 2 } else { 0 };
         // One unit larger than the limit still goes to an otherwise empty queue.
         let max = self.cfg.max_outbound_bytes;

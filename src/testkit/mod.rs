@@ -128,6 +128,8 @@ pub struct ServerFrame {
     pub opcode: u8,
     /// Whether the frame was masked (a server must never mask).
     pub masked: bool,
+    /// RSV1..3 as the low three bits (RSV1 = 0b100: a permessage-deflate message).
+    pub rsv: u8,
     /// Payload (unmasked).
     pub payload: Vec<u8>,
 }
@@ -150,6 +152,7 @@ pub fn take_frame(buf: &mut Vec<u8>) -> Result<Option<ServerFrame>, frame::Frame
         fin: h.fin,
         opcode: u8::from(h.opcode),
         masked: h.mask.is_some(),
+        rsv: h.rsv,
         payload,
     }))
 }

@@ -325,6 +325,19 @@ impl Raw {
         self.send_frame(0x81, text.as_bytes(), true);
     }
 
+    /// Next frame whole (with its RSV bits); `None` at EOF.
+    pub fn read_server_frame(&mut self) -> Option<testkit::ServerFrame> {
+        loop {
+            if let Some(f) = testkit::take_frame(&mut self.buf).expect("a valid server frame") {
+                assert!(!f.masked, "server frames are never masked");
+                return Some(f);
+            }
+            if !self.fill() {
+                return None;
+            }
+        }
+    }
+
     /// Next frame: (opcode, payload); `None` at EOF.
     pub fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
