@@ -1,8 +1,9 @@
 //! A whole session fed arbitrary bytes in arbitrary pieces, with the clock moving: the
 //! session never panics and its invariants hold after every turn.
 //!
-//! Input: byte 0 picks a preamble (none, a WebSocket upgrade, an event stream, an API call)
-//! so the fuzzer reaches frames quickly; then chunks of `[len, clock step, bytes…]`.
+//! Input: byte 0 picks a preamble (none, a WebSocket upgrade with or without
+//! permessage-deflate, an event stream, an API call) so the fuzzer reaches frames quickly;
+//! then chunks of `[len, clock step, bytes…]`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -23,6 +24,9 @@ fuzz_target!(|data: &[u8]| {
         max_message_bytes: 4_096,
         max_outbound_bytes: 2_048,
         echo: mode & 0x80 != 0,
+        // permessage-deflate offered when the upgrade asks (bit 2): compressed frames too.
+        deflate: true,
+        deflate_min_bytes: 16,
         ..Config::default()
     };
     let shared = Shared::standalone(cfg, 1);
@@ -30,6 +34,10 @@ fuzz_target!(|data: &[u8]| {
     let pipe = SimSocket::new(if mode & 0x40 != 0 { 256 } else { 1 << 20 });
     let key = s.accept(pipe.clone(), true);
     let preamble = match mode & 3 {
+        1 if mode & 4 != 0 => testkit::upgrade_request("f", "/ws?user=fuzz").replace(
+            "\r\n\r\n",
+            "\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+        ),
         1 => testkit::upgrade_request("f", "/ws?user=fuzz"),
         2 => "GET /events?channel=a HTTP/1.1\r\nHost: f\r\n\r\n".to_owned(),
         3 => "POST /api/publish HTTP/1.1\r\nContent-Length: 36\r\n\r\n{\"channel\":\"a\",\"data\":\"x\",\"from\":\"\"}".to_owned(),
