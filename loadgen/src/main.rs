@@ -63,9 +63,14 @@ struct Args {
     /// Sample this server process's RSS and CPU from /proc.
     #[arg(long)]
     server_pid: Option<u32>,
-    /// Text message size in bytes (echo, flood).
+    /// Text message size in bytes (echo, flood; fanout pads its publications to it with
+    /// JSON text when larger than they are).
     #[arg(long, default_value_t = 32)]
     size: usize,
+    /// Offer permessage-deflate (`client_no_context_takeover`) and inflate compressed
+    /// messages (what we send stays uncompressed).
+    #[arg(long)]
+    deflate: bool,
     /// Messages in flight per connection (flood).
     #[arg(long, default_value_t = 64)]
     window: usize,
@@ -296,6 +301,7 @@ fn main() -> anyhow::Result<()> {
         resume_every_ns: args.resume_every.map_or(0, |d| d.as_nanos() as u64),
         window: args.window.max(1),
         tls,
+        deflate: args.deflate,
     });
     let shared = Arc::new(Shared {
         phase: std::sync::atomic::AtomicU8::new(phase::CONNECT),

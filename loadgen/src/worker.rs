@@ -253,6 +253,8 @@ pub struct Job {
     pub window: usize,
     /// How wss:// targets are verified (`None`: every target is ws://).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Offer permessage-deflate and inflate what arrives compressed.
+    pub deflate: bool,
 }
 
 impl Job {
@@ -468,6 +470,8 @@ pub struct Worker {
     intervals: Sender<Interval>,
     rng: Rng,
     scratch: Vec<u8>,
+    /// permessage-deflate: the server keeps no context, so one inflater, reset per message.
+    inflater: Option<Box<flate2::Decompress>>,
     sending_started: bool,
     stormed: bool,
     /// The text every flood message carries (`--size` bytes).
@@ -534,6 +538,7 @@ impl Worker {
             intervals,
             rng: Rng(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
             scratch: vec![0; 64 * 1024],
+            inflater: None,
             sending_started: false,
             stormed: false,
             flood_payload,
@@ -843,7 +848,13 @@ impl Worker {
                 path.push_str(&format!("&since={e}:{o}"));
             }
             let host = &self.job.targets[c.id as usize % self.job.targets.len()].host;
-            let req = testkit::upgrade_request(host, &path);
+            let mut req = testkit::upgrade_request(host, &path);
+            if self.job.deflate {
+                req.truncate(req.len() - 2);
+                req.push_str(
+                    "Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover\r\n\r\n",
+                );
+            }
             c.wbuf.extend_from_slice(req.as_bytes());
         }
         self.flush(key);
@@ -1053,8 +1064,19 @@ impl Worker {
             if c.rbuf.len() < total {
                 return;
             }
-            let payload: Vec<u8> = c.rbuf[hl..total].to_vec();
+            let mut payload: Vec<u8> = c.rbuf[hl..total].to_vec();
             c.rbuf.drain(..total);
+            if h.rsv & 0b100 != 0 {
+                // permessage-deflate (single-frame messages: the server does not fragment).
+                let d = self
+                    .inflater
+                    .get_or_insert_with(switchboard::ws::deflate::inflater);
+                d.reset(false);
+                match switchboard::ws::deflate::inflate(d, &payload, 64 << 20) {
+                    Ok(p) => payload = p,
+                    Err(_) => return self.lost(key, 1007),
+                }
+            }
             match h.opcode {
                 OpCode::Control(Control::Ping) => {
                     self.queue_frame(key, 0xA, &payload);
@@ -1349,9 +1371,19 @@ impl Worker {
                 self.stats()
                     .expected
                     .fetch_add(job.subscribers_of(channel), Relaxed);
-                format!(
+                let m = format!(
                     r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq}}},"id":{scheduled}}}"#
-                )
+                );
+                if job.size > m.len() + 8 {
+                    // Padding in the data (what subscribers get) that compresses like chat
+                    // text, not like a run of one byte.
+                    let pad = text_padding(&mut self.rng, job.size - m.len() - 8);
+                    format!(
+                        r#"{{"op":"pub","channel":"lg-{channel}","data":{{"t":{scheduled},"s":{seq},"p":"{pad}"}},"id":{scheduled}}}"#
+                    )
+                } else {
+                    m
+                }
             }
             Scenario::Connect | Scenario::Storm | Scenario::Tcp | Scenario::Flood => return,
         };
@@ -1419,6 +1451,28 @@ fn parse_echo(p: &[u8]) -> Option<u64> {
     t[..t.find(';')?].parse().ok()
 }
 
+/// `len` bytes of words drawn from a small vocabulary: JSON-safe text that compresses about
+/// as chat messages do.
+fn text_padding(rng: &mut Rng, len: usize) -> String {
+    const WORDS: [&str; 32] = [
+        "the", "message", "channel", "hello", "meeting", "tomorrow", "see", "you", "at", "noon",
+        "thanks", "for", "update", "please", "review", "this", "document", "before", "friday",
+        "deploy", "server", "latency", "is", "fine", "now", "and", "then", "we", "ship", "it",
+        "ok", "great",
+    ];
+    let mut s = String::with_capacity(len + 16);
+    while s.len() < len {
+        s.push_str(WORDS[(rng.next() % 32) as usize]);
+        s.push(' ');
+        if rng.next() % 8 == 0 {
+            s.push_str(&(rng.next() % 1000).to_string());
+            s.push(' ');
+        }
+    }
+    s.truncate(len);
+    s
+}
+
 /// Non-blocking connect, bound to `source` first (with IP_BIND_ADDRESS_NO_PORT so the port is
 /// chosen at connect time per destination, not reserved per source).
 fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
@@ -1478,6 +1532,7 @@ mod tests {
             resume_every_ns: 0,
             window: 1,
             tls: None,
+            deflate: false,
         };
         assert_eq!((0..3).map(|c| job.subscribers_of(c)).sum::<u64>(), 10);
         assert_eq!(job.subscribers_of(0), 4);

@@ -603,3 +603,46 @@ fn dm_over_wss_verifies_the_server_and_loses_nothing() {
     assert!(text.contains("0 established of 5"), "{text}");
     assert!(text.contains("TLS: invalid peer certificate"), "{text}");
 }
+
+#[test]
+fn fanout_with_deflate_inflates_every_compressed_publication() {
+    let (srv, url) = server(&["--deflate"]);
+    let out = out_dir("fanout-deflate");
+    let s = loadgen(
+        &[
+            "fanout",
+            "--url",
+            &url,
+            "--connections",
+            "100",
+            "--channels",
+            "1",
+            "--publishers",
+            "1",
+            "--rate",
+            "50",
+            "--size",
+            "2048",
+            "--deflate",
+            "--duration",
+            "2s",
+        ],
+        &out,
+    );
+    let m = &s["messages"];
+    let sent = m["sent"].as_u64().unwrap();
+    assert!(sent >= 50, "sent {sent}");
+    assert_eq!(m["received"], m["expected"]);
+    assert_eq!(m["missing"], 0);
+    // Compressed on the wire: well under 100 × 2 KiB per publication.
+    let server = srv.0.as_ref().unwrap();
+    let out_bytes: u64 = server
+        .metrics
+        .iter()
+        .map(|m| m.bytes_out.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert!(
+        out_bytes < sent * 100 * 2048 * 7 / 10,
+        "{out_bytes} bytes out for {sent} publications to 100"
+    );
+}
