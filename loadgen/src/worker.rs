@@ -1464,7 +1464,7 @@ fn text_padding(rng: &mut Rng, len: usize) -> String {
     while s.len() < len {
         s.push_str(WORDS[(rng.next() % 32) as usize]);
         s.push(' ');
-        if rng.next() % 8 == 0 {
+        if rng.next().is_multiple_of(8) {
             s.push_str(&(rng.next() % 1000).to_string());
             s.push(' ');
         }
