@@ -411,3 +411,68 @@ fn server_sent_events_stream_over_https() {
         seen.extend_from_slice(&buf[..n]);
     }
 }
+
+#[test]
+fn stalled_tls_handshakes_count_against_the_half_open_cap() {
+    let pki = Pki::new("slowloris");
+    let (cert, key, _) = pki.leaf("server", false);
+    let server = tls_server(
+        &cert,
+        &key,
+        &[
+            "--shards",
+            "1",
+            "--max-pending-handshakes",
+            "2",
+            "--handshake-timeout-ms",
+            "60000",
+        ],
+    );
+    // The first bytes of a ClientHello record, and then nothing.
+    let stall = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|_| {
+                let mut s = TcpStream::connect(server.addr).unwrap();
+                s.set_read_timeout(Some(DEADLINE)).unwrap();
+                s.write_all(&[22, 3, 1, 0x02]).unwrap();
+                s
+            })
+            .collect()
+    };
+    let mut held = stall(3);
+    // One of the three passes the cap: it is closed at once, not at the 60 s deadline.
+    let start = Instant::now();
+    let closed = loop {
+        let gone = held.iter().position(|s| {
+            s.set_nonblocking(true).unwrap();
+            let r = s.peek(&mut [0u8; 1]);
+            s.set_nonblocking(false).unwrap();
+            matches!(r, Ok(0)) || matches!(&r, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock)
+        });
+        if let Some(i) = gone {
+            break i;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "no stalled handshake was refused"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    held.remove(closed);
+    let cfg = pki.client();
+    // Once the stalled ones are gone, TLS clients get in again.
+    drop(held);
+    let start = Instant::now();
+    loop {
+        let sock = tls_connect(&server, &cfg);
+        let url = format!("wss://localhost:{}/ws?user=late", server.addr.port());
+        if tungstenite::client::client(url, sock).is_ok() {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no room after the stalled ones left"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -25,8 +25,6 @@ pub struct Inbound {
     pub frag: Option<Fragment>,
     /// Bytes still to skip unread (the rest of a rejected or ignored frame).
     pub skip: u64,
-    /// Counted against the shard's half-open handshakes (it holds part of an HTTP request).
-    pub half_open: bool,
 }
 
 impl Inbound {
@@ -242,7 +240,6 @@ impl BufPool {
             b.end = 0;
             b.skip = 0;
             b.frag = None;
-            b.half_open = false;
             self.inbound.push(b);
         }
     }
@@ -279,7 +276,6 @@ impl BufPool {
                 end: n,
                 frag: b.frag.take(),
                 skip: b.skip,
-                half_open: b.half_open,
             });
             self.put_inbound(b);
             return Some(small);

@@ -26,6 +26,15 @@ pub trait Transport {
     /// The connection is about to be dropped: a last word below the session (TLS
     /// close_notify), best effort.
     fn before_close(&mut self) {}
+    /// Bytes the pipe holds that the session has not seen yet (part of a TLS record, or a
+    /// TLS handshake in progress): they count as a half-open request.
+    fn holds_input(&self) -> bool {
+        false
+    }
+    /// Whether an HTTP answer written now reaches the peer (not during a TLS handshake).
+    fn can_answer(&self) -> bool {
+        true
+    }
 }
 
 /// Lifecycle of a connection. Transitions are made by the session layer only.
@@ -85,6 +94,8 @@ impl Flags {
     pub const DEFLATE: u32 = 1 << 16;
     /// The client keeps its compression context between messages: its own inflater.
     pub const DEFLATE_TAKEOVER: u32 = 1 << 17;
+    /// Counted against the shard's half-open handshakes (part of a request is held).
+    pub const HALF_OPEN: u32 = 1 << 18;
 
     /// Whether `f` is set.
     #[inline]

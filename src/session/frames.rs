@@ -38,11 +38,8 @@ impl<T: Transport> Sessions<T> {
             // backlog, every millisecond while the mail waits.
             return self.defer_read(key);
         }
-        let mut held = self.conns[key].inbound.take();
-        if let Some(h) = held.as_mut().filter(|h| h.half_open) {
-            h.half_open = false;
-            self.half_open -= 1;
-        }
+        self.uncount_half_open(key);
+        let held = self.conns[key].inbound.take();
         let mut inb = self.pool.prepare(held);
         let mut eof = false;
         let mut failed: Option<io::Error> = None;
@@ -94,6 +91,9 @@ impl<T: Transport> Sessions<T> {
         let parked = self.pool.park(inb);
         self.conns[key].inbound = parked;
         self.count_half_open(key);
+        if !self.conns.contains(key) {
+            return; // refused and closed by the half-open cap
+        }
         if let Some(e) = failed {
             debug!(shard = self.index, conn = key, error = %e, "read failed");
             self.finish(key);

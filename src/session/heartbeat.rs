@@ -148,10 +148,10 @@ impl<T: Transport> Sessions<T> {
         if let Some(o) = c.outbox {
             self.pool.put_outbox(o);
         }
+        if c.flags.has(Flags::HALF_OPEN) {
+            self.half_open -= 1;
+        }
         if let Some(i) = c.inbound {
-            if i.half_open {
-                self.half_open -= 1;
-            }
             self.pool.put_inbound(i);
         }
         // Dropping the stream closes the fd, which also removes it from epoll.

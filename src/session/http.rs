@@ -69,24 +69,28 @@ impl<T: Transport> Sessions<T> {
         true
     }
 
-    /// Counts `key` against `--max-pending-handshakes` when it holds part of an HTTP request
-    /// (what a slowloris does to pin a read buffer); over the cap it is refused 503. A silent
-    /// connection holds no buffer and is not counted: `--max-connections` and the handshake
-    /// deadline bound those, and a burst of clients that connect before they write is not
-    /// refused.
+    /// Counts `key` against `--max-pending-handshakes` when it holds part of an HTTP request,
+    /// or of its TLS handshake (what a slowloris does to pin a read buffer); over the cap it
+    /// is refused 503. A silent connection holds no buffer and is not counted:
+    /// `--max-connections` and the handshake deadline bound those, and a burst of clients
+    /// that connect before they write is not refused.
     pub(super) fn count_half_open(&mut self, key: usize) {
         let c = &mut self.conns[key];
-        let Some(inb) = c.inbound.as_mut() else {
-            return;
-        };
-        if c.state != ConnState::Http || c.flags.has(Flags::SSE) {
+        let holds = c.inbound.is_some() || c.io.holds_input();
+        if !holds || c.state != ConnState::Http || c.flags.has(Flags::SSE) {
             return;
         }
         let cap = self.cfg.max_pending_handshakes;
         if cap == 0 || self.half_open < cap {
-            inb.half_open = true;
+            c.flags.set(Flags::HALF_OPEN);
             self.half_open += 1;
             return;
+        }
+        if !c.io.can_answer() {
+            // A TLS handshake under way: no answer can reach the peer, and finishing the
+            // handshake is the work the cap saves. Closed.
+            self.m().count_handshake_failure(HandshakeFailure::Pending);
+            return self.finish(key);
         }
         let span = admission::spread_span_ms(self.half_open, 1000);
         let wait = self.retry_jitter_ms(key, 1000, span);
@@ -97,6 +101,15 @@ impl<T: Transport> Sessions<T> {
             HandshakeFailure::Pending,
             wait,
         );
+    }
+
+    /// Takes `key` out of the half-open count while it reads (counted again after).
+    pub(super) fn uncount_half_open(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        if c.flags.has(Flags::HALF_OPEN) {
+            c.flags.clear(Flags::HALF_OPEN);
+            self.half_open -= 1;
+        }
     }
 
     pub(super) fn route_http(&mut self, key: usize, req: &Request, body: &[u8]) {

@@ -703,7 +703,7 @@ impl<T: Transport> Sessions<T> {
         let half_open = self
             .conns
             .iter()
-            .filter(|(_, c)| c.inbound.as_ref().is_some_and(|i| i.half_open))
+            .filter(|(_, c)| c.flags.has(Flags::HALF_OPEN))
             .count();
         assert_eq!(
             half_open, self.half_open as usize,

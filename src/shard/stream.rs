@@ -49,6 +49,20 @@ impl Transport for Stream {
         }
     }
 
+    fn can_answer(&self) -> bool {
+        match self {
+            Stream::Plain(_) => true,
+            Stream::Tls(t) => t.is_established(),
+        }
+    }
+
+    fn holds_input(&self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Tls(t) => t.holds_input(),
+        }
+    }
+
     fn flush_pending(&mut self) {
         if let Stream::Tls(t) = self {
             let _ = t.flush_tls();

@@ -147,6 +147,8 @@ pub struct TlsStream<S> {
     out: Vec<u8>,
     out_at: u32,
     eof: bool,
+    /// The peer has sent something (a handshake in progress holds rustls's state).
+    heard: bool,
 }
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {
@@ -185,7 +187,14 @@ impl<S: Read + Write> TlsStream<S> {
             out: Vec::new(),
             out_at: 0,
             eof: false,
+            heard: false,
         }
+    }
+
+    /// Whether bytes from the peer are held below the session: part of a record, opened
+    /// plaintext, or a handshake under way (rustls's ~8 KiB of state).
+    pub fn holds_input(&self) -> bool {
+        !self.ibuf.is_empty() || (self.heard && matches!(self.state, State::Handshake(_)))
     }
 
     /// The socket underneath.
@@ -298,7 +307,10 @@ impl<S: Read + Write> TlsStream<S> {
             let end = self.end as usize;
             match self.sock.read(&mut self.ibuf[end..]) {
                 Ok(0) => self.eof = true,
-                Ok(n) => self.end += n as u32,
+                Ok(n) => {
+                    self.end += n as u32;
+                    self.heard = true;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
