@@ -65,11 +65,17 @@ impl Pki {
         (c, k, cert.der().to_vec())
     }
 
-    fn client(&self) -> Arc<rustls::ClientConfig> {
+    /// The test CA as a trust store.
+    fn roots(&self) -> rustls::RootCertStore {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(&self.ca).unwrap() {
             roots.add(c.unwrap()).unwrap();
         }
+        roots
+    }
+
+    fn client(&self) -> Arc<rustls::ClientConfig> {
+        let roots = self.roots();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         Arc::new(
             rustls::ClientConfig::builder_with_provider(provider)
@@ -331,10 +337,7 @@ fn every_cipher_suite_of_tls_1_2_and_1_3_carries_large_messages_both_ways() {
             &rustls::version::TLS12,
         ),
     ];
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&pki.ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
+    let roots = pki.roots();
     for (i, (suite, version)) in suites.into_iter().enumerate() {
         let provider = rustls::crypto::CryptoProvider {
             cipher_suites: vec![suite],

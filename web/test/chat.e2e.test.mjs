@@ -51,12 +51,12 @@ after(async () => {
   server2?.child.kill('SIGKILL');
 });
 
-function launch() {
+function launch(extraArgs = []) {
   return chromium.launch({
     executablePath: '/usr/bin/chromium',
     headless: true,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+      '--disable-background-networking', '--disable-component-update', '--disable-sync', ...extraArgs],
   });
 }
 
@@ -282,13 +282,7 @@ test('two people chat over wss:// and the page loads over https://', async () =>
     '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1'], { stdio: 'ignore' });
   assert.equal(made.status, 0, 'openssl made a certificate');
   const tls = await startServer('127.0.0.1:0', ['--store', 'memory', '--tls-cert', `${dir}/cert.pem`, '--tls-key', `${dir}/key.pem`]);
-  const insecure = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync',
-      '--ignore-certificate-errors'],
-  });
+  const insecure = await launch(['--ignore-certificate-errors']);
   try {
     const base = `https://${tls.addr}`;
     const alice = await (await insecure.newContext()).newPage();
