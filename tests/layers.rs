@@ -4,6 +4,7 @@
 //! - `protocol/` imports neither `ws/` nor `http/`; `ws/` does not import `http/`;
 //! - the session layer does not import `shard/`; `hub/` does not import the session layer;
 //! - the store answers through a sink: it imports neither `hub/` nor `session/` nor `shard/`;
+//! - `tls/` is a byte pipe: it imports nothing of HTTP, WebSocket or the session layer;
 //! - metric names (`"switchboard_…"`) are spelled only in `metrics/`;
 //! - no import circles between top-level modules.
 
@@ -20,6 +21,11 @@ const NEVER: &[(&str, &[&str])] = &[
     ("session", &["shard", "server"]),
     ("sim", &["shard", "server"]),
     ("testkit", &["session", "shard", "server", "sim"]),
+    // TLS is a byte pipe: it knows sockets and rustls, nothing of HTTP or sessions.
+    (
+        "tls",
+        &["session", "shard", "server", "http", "ws", "hub", "store"],
+    ),
     ("store", &["session", "shard", "server", "hub", "sim"]),
     (
         "broker",
