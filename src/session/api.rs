@@ -597,7 +597,7 @@ impl<T: Transport> Sessions<T> {
                         .unwrap_or_default();
                 if self.conns[p.key].flags.has(Flags::HOLD_INPUT) {
                     if p.close {
-                        self.conns[p.key].flags.set(Flags::API_CLOSE);
+                        self.conns[p.key].extra_mut().api_close = true;
                     }
                     self.api_store_answer(p.key, Route::Presence, 200, &body);
                 } else {
@@ -646,7 +646,7 @@ impl<T: Transport> Sessions<T> {
                     let c = &mut self.conns[p.key];
                     c.flags.set(Flags::HOLD_INPUT);
                     if p.close {
-                        c.flags.set(Flags::API_CLOSE);
+                        c.extra_mut().api_close = true;
                     }
                     return;
                 }
@@ -754,7 +754,7 @@ impl<T: Transport> Sessions<T> {
         let c = &mut self.conns[key];
         c.flags.set(Flags::HOLD_INPUT);
         if close {
-            c.flags.set(Flags::API_CLOSE);
+            c.extra_mut().api_close = true;
         }
         Ok(())
     }
@@ -763,8 +763,7 @@ impl<T: Transport> Sessions<T> {
     fn api_store_answer(&mut self, key: usize, route: Route, status: u16, body: &[u8]) {
         let c = &mut self.conns[key];
         c.flags.clear(Flags::HOLD_INPUT);
-        let close = c.flags.has(Flags::API_CLOSE);
-        c.flags.clear(Flags::API_CLOSE);
+        let close = c.take_api_close();
         self.api_answer(key, route, status, body, close);
         if self.conns.contains(key) && !close {
             self.on_readable(key, true);
@@ -830,7 +829,10 @@ impl<T: Transport> Sessions<T> {
             return self.api_store_answer(key, Route::Channel, 200, &body);
         }
         if self.streams_on() {
-            let close = self.conns[key].flags.has(Flags::API_CLOSE);
+            let close = self.conns[key]
+                .extra
+                .as_deref()
+                .is_some_and(|e| e.api_close);
             let req = StoreReq::Unread {
                 user,
                 conn,

@@ -52,64 +52,58 @@ pub enum ConnState {
     Draining,
 }
 
-/// Per-connection flags, packed in one word.
+/// Per-connection flags, packed in two bytes (rarer marks live in [`Extra`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Flags(u32);
+pub struct Flags(u16);
 
 impl Flags {
     /// The socket accepted our last write completely (edge-triggered readiness we track).
-    pub const WRITABLE: u32 = 1;
+    pub const WRITABLE: u16 = 1;
     /// Listed in the shard's dirty list for the end-of-turn flush.
-    pub const DIRTY: u32 = 1 << 1;
+    pub const DIRTY: u16 = 1 << 1;
     /// A ping was sent and nothing has arrived since.
-    pub const PING_OUTSTANDING: u32 = 1 << 2;
+    pub const PING_OUTSTANDING: u16 = 1 << 2;
     /// Our close frame is queued or sent.
-    pub const CLOSE_SENT: u32 = 1 << 3;
+    pub const CLOSE_SENT: u16 = 1 << 3;
     /// The peer's close frame arrived.
-    pub const CLOSE_RECEIVED: u32 = 1 << 4;
+    pub const CLOSE_RECEIVED: u16 = 1 << 4;
     /// Listed in the shard's read backlog (read cap hit with data left in the socket).
-    pub const READ_BACKLOG: u32 = 1 << 5;
+    pub const READ_BACKLOG: u16 = 1 << 5;
     /// Counted against `--max-connections`.
-    pub const COUNTED: u32 = 1 << 6;
+    pub const COUNTED: u16 = 1 << 6;
     /// Upgraded to WebSocket (counted and logged as such when it ends).
-    pub const WEBSOCKET: u32 = 1 << 10;
+    pub const WEBSOCKET: u16 = 1 << 10;
     /// Input stays unparsed: waiting for the home shard to record the user (welcome), or for
     /// the shards to answer an API request.
-    pub const HOLD_INPUT: u32 = 1 << 11;
+    pub const HOLD_INPUT: u16 = 1 << 11;
     /// A Server-Sent Events stream (open, receives events, sends nothing).
-    pub const SSE: u32 = 1 << 12;
+    pub const SSE: u16 = 1 << 12;
     /// Registered in the hub (user and channels).
-    pub const REGISTERED: u32 = 1 << 7;
+    pub const REGISTERED: u16 = 1 << 7;
     /// Input is discarded unparsed (after a protocol error).
-    pub const DISCARD_INPUT: u32 = 1 << 8;
+    pub const DISCARD_INPUT: u16 = 1 << 8;
     /// Our write side is shut (FIN sent).
-    pub const FIN_SENT: u32 = 1 << 9;
+    pub const FIN_SENT: u16 = 1 << 9;
     /// The peer connects from a loopback address (the push API's default access rule).
-    pub const LOOPBACK: u32 = 1 << 13;
-    /// A replaying connection wants its next page once its outbox drained.
-    pub const PAGE_WANTED: u32 = 1 << 14;
-    /// The HTTP request waiting for the store asked for `Connection: close`.
-    pub const API_CLOSE: u32 = 1 << 15;
+    pub const LOOPBACK: u16 = 1 << 13;
     /// permessage-deflate was agreed: messages may arrive and leave compressed.
-    pub const DEFLATE: u32 = 1 << 16;
-    /// The client keeps its compression context between messages: its own inflater.
-    pub const DEFLATE_TAKEOVER: u32 = 1 << 17;
+    pub const DEFLATE: u16 = 1 << 14;
     /// Counted against the shard's half-open handshakes (part of a request is held).
-    pub const HALF_OPEN: u32 = 1 << 18;
+    pub const HALF_OPEN: u16 = 1 << 15;
 
     /// Whether `f` is set.
     #[inline]
-    pub fn has(self, f: u32) -> bool {
+    pub fn has(self, f: u16) -> bool {
         self.0 & f != 0
     }
     /// Sets `f`.
     #[inline]
-    pub fn set(&mut self, f: u32) {
+    pub fn set(&mut self, f: u16) {
         self.0 |= f;
     }
     /// Clears `f`.
     #[inline]
-    pub fn clear(&mut self, f: u32) {
+    pub fn clear(&mut self, f: u16) {
         self.0 &= !f;
     }
 }
@@ -132,6 +126,13 @@ pub struct Extra {
     pub cursor: Option<Box<super::streams::Cursor>>,
     /// Places in the streams of channels subscribed with `since`.
     pub channel_cursors: Vec<(Arc<str>, super::streams::Cursor)>,
+    /// A replaying connection wants its next page once its outbox drained.
+    pub page_wanted: bool,
+    /// The HTTP request waiting for the store asked for `Connection: close`.
+    pub api_close: bool,
+    /// permessage-deflate: the client keeps its compression context between messages (its
+    /// own inflater).
+    pub deflate_takeover: bool,
     /// permessage-deflate: our window (bits) for this client.
     pub deflate_bits: u8,
     /// permessage-deflate with client context takeover: the client's stream so far.
@@ -223,6 +224,27 @@ impl<T> Conn<T> {
         self.extra.get_or_insert_with(Default::default)
     }
 
+    /// A replay page is wanted once the outbox drains.
+    pub fn page_wanted(&self) -> bool {
+        self.extra.as_deref().is_some_and(|e| e.page_wanted)
+    }
+
+    /// Sets or clears [`Extra::page_wanted`] (clearing allocates nothing).
+    pub fn set_page_wanted(&mut self, on: bool) {
+        if on {
+            self.extra_mut().page_wanted = true;
+        } else if let Some(e) = self.extra.as_deref_mut() {
+            e.page_wanted = false;
+        }
+    }
+
+    /// Takes [`Extra::api_close`].
+    pub fn take_api_close(&mut self) -> bool {
+        self.extra
+            .as_deref_mut()
+            .is_some_and(|e| std::mem::take(&mut e.api_close))
+    }
+
     /// The token's grant, if the connection has one.
     pub fn grant(&self) -> Option<&Grant> {
         self.extra.as_deref().and_then(|e| e.grant.as_deref())
@@ -278,12 +300,10 @@ pub fn flush<W: Transport + ?Sized>(
 #[cfg(test)]
 mod size_tests {
     /// Idle connections cost their slab entry: keep it small (see docs/capacity.md). The
-    /// server's pipe is `shard::Stream` (plain socket or boxed TLS): 16 bytes where the
-    /// socket alone was 4, and the flags are a u32 since permessage-deflate and the
-    /// half-open mark: 88 bytes, was 72. Do not let it grow further.
+    /// server's pipe is `shard::Stream`: 4 bytes, TLS state beside the slab.
     #[test]
     fn conn_stays_small() {
         let size = std::mem::size_of::<super::Conn<crate::shard::Stream>>();
-        assert!(size <= 88, "Conn is {size} bytes");
+        assert!(size <= 72, "Conn is {size} bytes");
     }
 }

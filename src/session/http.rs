@@ -274,10 +274,9 @@ impl<T: Transport> Sessions<T> {
         if let Some(a) = deflate {
             let c = &mut self.conns[key];
             c.flags.set(Flags::DEFLATE);
-            if !a.client_no_context_takeover {
-                c.flags.set(Flags::DEFLATE_TAKEOVER);
-            }
-            c.extra_mut().deflate_bits = a.server_window_bits;
+            let e = c.extra_mut();
+            e.deflate_takeover = !a.client_no_context_takeover;
+            e.deflate_bits = a.server_window_bits;
         }
         let user: Option<Arc<str>> = match identity {
             Identity::User(u, grant) => {

@@ -198,7 +198,7 @@ impl<T: Transport> Sessions<T> {
                     ShardMetrics::add(&self.metrics[self.index as usize].bytes_out, n as u64);
                     let out = c.outbox.take().expect("checked above");
                     self.pool.put_outbox(out);
-                    if c.flags.has(Flags::PAGE_WANTED) {
+                    if c.page_wanted() {
                         self.request_page(key);
                     }
                 }

@@ -435,7 +435,7 @@ impl<T: Transport> Sessions<T> {
             return;
         }
         cur.wants_page = true;
-        c.flags.set(Flags::PAGE_WANTED);
+        c.set_page_wanted(true);
         if c.outbox.is_none() {
             self.request_page(key);
         }
@@ -446,7 +446,7 @@ impl<T: Transport> Sessions<T> {
     pub(super) fn request_page(&mut self, key: usize) {
         let conn = self.conn_id(key);
         let c = &mut self.conns[key];
-        c.flags.clear(Flags::PAGE_WANTED);
+        c.set_page_wanted(false);
         let user = c.user.clone();
         let Some(e) = c.extra.as_mut() else {
             return;
@@ -476,7 +476,7 @@ impl<T: Transport> Sessions<T> {
                 if let Some(cur) = cursor_mut(c, &again) {
                     cur.wants_page = true;
                 }
-                c.flags.set(Flags::PAGE_WANTED);
+                c.set_page_wanted(true);
             }
         }
     }

@@ -357,9 +357,9 @@ impl Shard {
             return;
         }
         let stream = match &self.tls[li] {
-            None => Stream::Plain(stream),
-            Some(acceptor) => match crate::tls::TlsStream::new(stream, acceptor.config()) {
-                Ok(t) => Stream::Tls(Box::new(t)),
+            None => Stream::plain(stream),
+            Some(acceptor) => match Stream::tls(stream, acceptor.config()) {
+                Ok(s) => s,
                 Err(e) => {
                     warn!(shard = self.index, error = %e, "cannot start a TLS session");
                     return;

@@ -1,71 +1,149 @@
-//! A shard's connection: a plain TCP socket or TLS over one. One enum (not a trait object)
-//! so the plain path stays a direct call.
+//! A shard's connection: a plain TCP socket or TLS over one, in 4 bytes (the slab entry of
+//! every idle connection pays for this field). The socket's fd carries the kind in its sign;
+//! a TLS connection's state lives beside the slab, in this thread's table keyed by the fd
+//! (fds are unique in the shard's fd table, and only the shard's thread touches them).
 
+use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};
+use std::mem::ManuallyDrop;
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::sync::Arc;
 
-use mio::net::TcpStream;
+use rustc_hash::FxHashMap;
 
 use crate::session::Transport;
 use crate::tls::TlsStream;
 
-/// A connection's socket as the shard owns it.
-pub enum Stream {
-    /// `ws://`, `http://`.
-    Plain(TcpStream),
-    /// `wss://`, `https://`. Boxed: rustls's state is large, and plain connections should
-    /// not pay for it in the slab.
-    Tls(Box<TlsStream<TcpStream>>),
+/// A TLS connection's socket as rustls's reader and writer: the fd, not owned (the
+/// [`Stream`] closes it).
+pub struct Fd(RawFd);
+
+/// The socket behind `fd` for one call, without taking ownership.
+fn sock(fd: RawFd) -> ManuallyDrop<std::net::TcpStream> {
+    // SAFETY: `fd` is an open socket owned by a live `Stream`; ManuallyDrop never closes it.
+    ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) })
+}
+
+impl Read for Fd {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*sock(self.0)).read(buf)
+    }
+}
+
+impl Write for Fd {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*sock(self.0)).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// TLS state of this shard's TLS connections, by fd.
+    static TLS: RefCell<FxHashMap<RawFd, Box<TlsStream<Fd>>>> = RefCell::new(FxHashMap::default());
+}
+
+/// A connection's socket as the shard owns it: `fd` for plain (`ws://`, `http://`), `!fd`
+/// for TLS (`wss://`, `https://`).
+pub struct Stream(RawFd);
+
+impl Stream {
+    /// A plain connection.
+    pub fn plain(s: mio::net::TcpStream) -> Stream {
+        Stream(s.into_raw_fd())
+    }
+
+    /// A TLS connection (the server side of its handshake starts).
+    pub fn tls(
+        s: mio::net::TcpStream,
+        config: Arc<rustls::ServerConfig>,
+    ) -> Result<Stream, rustls::Error> {
+        let fd = s.into_raw_fd();
+        let stream = Stream(!fd); // closes the fd if the handshake cannot start
+        let t = TlsStream::new(Fd(fd), config)?;
+        TLS.with(|m| m.borrow_mut().insert(fd, Box::new(t)));
+        Ok(stream)
+    }
+
+    fn fd(&self) -> RawFd {
+        if self.0 >= 0 {
+            self.0
+        } else {
+            !self.0
+        }
+    }
+
+    /// Runs `f` on the TLS state (`None` for a plain connection).
+    fn with_tls<R>(&self, f: impl FnOnce(&mut TlsStream<Fd>) -> R) -> Option<R> {
+        if self.0 >= 0 {
+            return None;
+        }
+        let fd = !self.0;
+        TLS.try_with(|m| m.borrow_mut().get_mut(&fd).map(|t| f(t)))
+            .ok()
+            .flatten()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let fd = self.fd();
+        if self.0 < 0 {
+            let t = TLS.try_with(|m| m.borrow_mut().remove(&fd)).ok().flatten();
+            drop(t); // its buffers go back to the pool
+        }
+        // SAFETY: the fd is ours and closed once (this also removes it from epoll).
+        unsafe { libc::close(fd) };
+    }
 }
 
 impl Transport for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => Read::read(s, buf),
-            Stream::Tls(t) => t.read_plain(buf),
+        match self.with_tls(|t| t.read_plain(buf)) {
+            Some(r) => r,
+            None if self.0 >= 0 => (&*sock(self.0)).read(buf),
+            None => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => Write::write_vectored(s, bufs),
-            Stream::Tls(t) => t.write_plain(bufs),
+        match self.with_tls(|t| t.write_plain(bufs)) {
+            Some(r) => r,
+            None if self.0 >= 0 => (&*sock(self.0)).write_vectored(bufs),
+            None => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 
     fn shutdown_write(&mut self) {
-        let s = match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(t) => {
-                t.close_notify();
-                t.get_mut()
-            }
-        };
-        let _ = s.shutdown(std::net::Shutdown::Write);
+        self.with_tls(|t| t.close_notify());
+        let _ = sock(self.fd()).shutdown(std::net::Shutdown::Write);
     }
 
     fn before_close(&mut self) {
-        if let Stream::Tls(t) = self {
-            t.close_notify();
-        }
+        self.with_tls(|t| t.close_notify());
     }
 
     fn can_answer(&self) -> bool {
-        match self {
-            Stream::Plain(_) => true,
-            Stream::Tls(t) => t.is_established(),
-        }
+        self.with_tls(|t| t.is_established()).unwrap_or(true)
     }
 
     fn holds_input(&self) -> bool {
-        match self {
-            Stream::Plain(_) => false,
-            Stream::Tls(t) => t.holds_input(),
-        }
+        self.with_tls(|t| t.holds_input()).unwrap_or(false)
     }
 
     fn flush_pending(&mut self) {
-        if let Stream::Tls(t) = self {
+        self.with_tls(|t| {
             let _ = t.flush_tls();
-        }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_stream_is_four_bytes() {
+        assert_eq!(std::mem::size_of::<super::Stream>(), 4);
     }
 }
