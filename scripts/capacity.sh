@@ -90,7 +90,7 @@ lg_tls=()
 inflight=20000
 # A TLS handshake is CPU work on both sides: more in flight only queue up, each holding
 # rustls's handshake state (~8 KiB) until its turn.
-[ $tls = 1 ] && url="wss://$addr/ws" && lg_tls=(--ca-file "$out/cert.pem") && inflight=500
+[ $tls = 1 ] && url="wss://$addr/ws" && lg_tls=(--ca-file "$out/cert.pem") && inflight=200
 
 python3 scripts/kernel_sampler.py "$out/kernel.json" &
 pids+=("$!")  # pids[1]: stopped once the WebSocket run is over

@@ -1,15 +1,14 @@
 //! A shard's connection: a plain TCP socket or TLS over one, in 4 bytes (the slab entry of
 //! every idle connection pays for this field). The socket's fd carries the kind in its sign;
-//! a TLS connection's state lives beside the slab, in this thread's table keyed by the fd
-//! (fds are unique in the shard's fd table, and only the shard's thread touches them).
+//! a TLS connection's state lives beside the slab, in this thread's table indexed by the fd
+//! (fds are small and unique in the shard's fd table, and only the shard's thread touches
+//! them; a server without TLS listeners never grows the table).
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
-
-use rustc_hash::FxHashMap;
 
 use crate::session::Transport;
 use crate::tls::TlsStream;
@@ -41,8 +40,8 @@ impl Write for Fd {
 }
 
 thread_local! {
-    /// TLS state of this shard's TLS connections, by fd.
-    static TLS: RefCell<FxHashMap<RawFd, Box<TlsStream<Fd>>>> = RefCell::new(FxHashMap::default());
+    /// TLS state of this shard's TLS connections, indexed by fd (8 bytes per slot).
+    static TLS: RefCell<Vec<Option<Box<TlsStream<Fd>>>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A connection's socket as the shard owns it: `fd` for plain (`ws://`, `http://`), `!fd`
@@ -63,7 +62,14 @@ impl Stream {
         let fd = s.into_raw_fd();
         let stream = Stream(!fd); // closes the fd if the handshake cannot start
         let t = TlsStream::new(Fd(fd), config)?;
-        TLS.with(|m| m.borrow_mut().insert(fd, Box::new(t)));
+        TLS.with(|m| {
+            let mut m = m.borrow_mut();
+            let i = fd as usize;
+            if m.len() <= i {
+                m.resize_with(i + 1, || None);
+            }
+            m[i] = Some(Box::new(t));
+        });
         Ok(stream)
     }
 
@@ -80,8 +86,8 @@ impl Stream {
         if self.0 >= 0 {
             return None;
         }
-        let fd = !self.0;
-        TLS.try_with(|m| m.borrow_mut().get_mut(&fd).map(|t| f(t)))
+        let fd = !self.0 as usize;
+        TLS.try_with(|m| m.borrow_mut().get_mut(fd)?.as_deref_mut().map(f))
             .ok()
             .flatten()
     }
@@ -91,7 +97,10 @@ impl Drop for Stream {
     fn drop(&mut self) {
         let fd = self.fd();
         if self.0 < 0 {
-            let t = TLS.try_with(|m| m.borrow_mut().remove(&fd)).ok().flatten();
+            let t = TLS
+                .try_with(|m| m.borrow_mut().get_mut(fd as usize).and_then(Option::take))
+                .ok()
+                .flatten();
             drop(t); // its buffers go back to the pool
         }
         // SAFETY: the fd is ours and closed once (this also removes it from epoll).

@@ -4,6 +4,10 @@
 //! dropped, so an idle established connection holds its keys and no buffer: read and write
 //! buffers come from a per-thread pool only while bytes are in flight.
 
+// `Box<Vec<u8>>` on purpose: an idle connection holds a thin `Option<Box<_>>` (8 bytes) where a
+// `Vec` would take 24.
+#![allow(clippy::vec_box, clippy::box_collection)]
+
 use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::Arc;
@@ -13,8 +17,9 @@ use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
 use super::record::{self, RecordLayer};
 
-/// Size of a pooled buffer: a few records (a record is at most 16 KiB plus overhead).
-const BUF: usize = 64 * 1024 + 1024;
+/// Size of a pooled read buffer: a few records (a record is at most 16 KiB plus overhead),
+/// and positions in it fit a u16.
+const BUF: usize = 63 * 1024;
 /// Pooled buffers kept per thread.
 const POOL_MAX: usize = 64;
 /// Plaintext encrypted per write call at most (the rest waits for the next call).
@@ -24,7 +29,7 @@ thread_local! {
     /// Read buffers (no zeroing per use).
     static IN_POOL: RefCell<Vec<Box<[u8; BUF]>>> = const { RefCell::new(Vec::new()) };
     /// Write buffers, empty with their capacity.
-    static OUT_POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static OUT_POOL: RefCell<Vec<Box<Vec<u8>>>> = const { RefCell::new(Vec::new()) };
 }
 
 fn take_in() -> Box<[u8; BUF]> {
@@ -65,14 +70,14 @@ impl std::ops::DerefMut for InBuf {
     }
 }
 
-fn take_out() -> Vec<u8> {
+fn take_out() -> Box<Vec<u8>> {
     OUT_POOL
         .with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| Vec::with_capacity(BUF))
+        .unwrap_or_else(|| Box::new(Vec::with_capacity(WRITE_MAX + 1024)))
 }
 
-fn put_out(mut b: Vec<u8>) {
-    if b.capacity() == 0 || b.capacity() > 2 * BUF {
+fn put_out(mut b: Box<Vec<u8>>) {
+    if b.capacity() > 2 * (WRITE_MAX + 1024) {
         return;
     }
     b.clear();
@@ -82,6 +87,28 @@ fn put_out(mut b: Vec<u8>) {
             p.push(b);
         }
     });
+}
+
+/// Ciphertext waiting for the socket, while there is some: a thin pointer when not.
+#[derive(Default)]
+struct OutBuf(Option<Box<Vec<u8>>>);
+
+impl OutBuf {
+    /// The buffer, taken from the pool if none is held.
+    fn get(&mut self) -> &mut Vec<u8> {
+        self.0.get_or_insert_with(take_out)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.0.as_deref().map_or(&[], |v| &v[..])
+    }
+
+    /// Back to the pool.
+    fn release(&mut self) {
+        if let Some(b) = self.0.take() {
+            put_out(b);
+        }
+    }
 }
 
 /// The handshake, run by rustls.
@@ -161,11 +188,11 @@ pub struct TlsStream<S> {
     /// Ciphertext read and not yet opened (`next..end`), and opened plaintext not yet given
     /// (`plain`); empty (no allocation) when nothing is in flight.
     ibuf: InBuf,
-    plain: (u32, u32),
-    next: u32,
-    end: u32,
+    plain: (u16, u16),
+    next: u16,
+    end: u16,
     /// Ciphertext not yet written (`out_at..`); empty when the socket took everything.
-    out: Vec<u8>,
+    out: OutBuf,
     out_at: u32,
     eof: bool,
     /// The peer has sent something (a handshake in progress holds rustls's state).
@@ -205,7 +232,7 @@ impl<S: Read + Write> TlsStream<S> {
             plain: (0, 0),
             next: 0,
             end: 0,
-            out: Vec::new(),
+            out: OutBuf::default(),
             out_at: 0,
             eof: false,
             heard: false,
@@ -238,16 +265,14 @@ impl<S: Read + Write> TlsStream<S> {
     pub fn flush_tls(&mut self) -> io::Result<()> {
         if let State::Handshake(hs) = &mut self.state {
             if hs.wants_write() {
-                if self.out.capacity() == 0 {
-                    self.out = take_out();
-                }
+                let out = self.out.get();
                 while hs.wants_write() {
-                    hs.write_tls(&mut self.out)?;
+                    hs.write_tls(out)?;
                 }
             }
         }
-        while (self.out_at as usize) < self.out.len() {
-            match self.sock.write(&self.out[self.out_at as usize..]) {
+        while (self.out_at as usize) < self.out.bytes().len() {
+            match self.sock.write(&self.out.bytes()[self.out_at as usize..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.out_at += n as u32,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -255,7 +280,7 @@ impl<S: Read + Write> TlsStream<S> {
             }
         }
         self.out_at = 0;
-        put_out(std::mem::take(&mut self.out));
+        self.out.release();
         Ok(())
     }
 
@@ -295,7 +320,7 @@ impl<S: Read + Write> TlsStream<S> {
                 let n = (b - a).min(buf.len() - *off);
                 buf[*off..*off + n].copy_from_slice(&self.ibuf[a..a + n]);
                 *off += n;
-                self.plain.0 += n as u32;
+                self.plain.0 += n as u16;
             }
             if *off == buf.len() {
                 return Ok(());
@@ -308,7 +333,7 @@ impl<S: Read + Write> TlsStream<S> {
                 Err(e) => return Err(self.refuse(next, end, e)),
             };
             if let Some(len) = complete {
-                self.next += len as u32;
+                self.next += len as u16;
                 self.on_record(next, len, buf, off)?;
                 continue;
             }
@@ -329,7 +354,7 @@ impl<S: Read + Write> TlsStream<S> {
             match self.sock.read(&mut self.ibuf[end..]) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
-                    self.end += n as u32;
+                    self.end += n as u16;
                     self.heard = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -380,7 +405,7 @@ impl<S: Read + Write> TlsStream<S> {
                     .map_err(invalid)?;
                 match typ {
                     record::DATA => {
-                        self.plain = ((at + r.start) as u32, (at + r.end) as u32);
+                        self.plain = ((at + r.start) as u16, (at + r.end) as u16);
                         Ok(())
                     }
                     record::ALERT => {
@@ -478,7 +503,7 @@ impl<S: Read + Write> TlsStream<S> {
                     }
                     s.seal(record::DATA, &mut out, at);
                 }
-                self.out = out;
+                self.out.0 = Some(out);
                 self.out_at = 0;
                 self.flush_soft()?;
                 n
@@ -497,14 +522,12 @@ impl<S: Read + Write> TlsStream<S> {
             State::Handshake(hs) if !hs.is_handshaking() => hs.send_close_notify(),
             State::Handshake(_) => {} // an alert, if the handshake failed, is queued already
             State::Traffic(layer) => {
-                if self.out.capacity() == 0 {
-                    self.out = take_out();
-                }
+                let out = self.out.get();
                 let mut s = layer.sealer();
-                let at = self.out.len();
-                self.out.resize(at + s.body_offset(), 0);
-                self.out.extend_from_slice(&[1, 0]); // warning, close_notify
-                s.seal(record::ALERT, &mut self.out, at);
+                let at = out.len();
+                out.resize(at + s.body_offset(), 0);
+                out.extend_from_slice(&[1, 0]); // warning, close_notify
+                s.seal(record::ALERT, out, at);
                 self.state = State::Done;
             }
             State::Done => {}
@@ -516,6 +539,6 @@ impl<S: Read + Write> TlsStream<S> {
 impl<S> Drop for TlsStream<S> {
     fn drop(&mut self) {
         put_in(self.ibuf.0.take());
-        put_out(std::mem::take(&mut self.out));
+        self.out.release();
     }
 }
