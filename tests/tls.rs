@@ -166,6 +166,11 @@ fn two_users_chat_over_wss_and_the_api_answers_over_https() {
     assert_eq!(welcome["op"], "welcome");
     assert_eq!(shown, der, "the configured certificate");
     let (mut bob, _, _) = wss(&server, &cfg, "bob");
+    assert_eq!(
+        bob.get_ref().conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "a session ticket from alice's handshake resumes bob's (same client config)"
+    );
     // Large enough to take many TLS records each way.
     let big = "é".repeat(20_000);
     send(

@@ -42,6 +42,8 @@ pub fn client_config(ca_file: Option<&Path>, insecure: bool) -> anyhow::Result<A
     };
     // switchboard's TlsStream runs the record layer itself after the handshake.
     config.enable_secret_extraction = true;
+    // Each connection stands for a different client: full handshakes, no shared tickets.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 

@@ -134,5 +134,9 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     // After the handshake the keys move to our record layer (`record.rs`) and rustls's
     // state and buffers are freed.
     config.enable_secret_extraction = true;
+    // Stateless session tickets (keys rotated by rustls, nothing kept per client): a client
+    // that reconnects, a whole reconnect storm included, resumes without a certificate
+    // signature.
+    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(refused)?;
     Ok(Arc::new(config))
 }
