@@ -76,8 +76,11 @@ impl<T: Transport> Sessions<T> {
     /// that connect before they write is not refused.
     pub(super) fn count_half_open(&mut self, key: usize) {
         let c = &mut self.conns[key];
-        let holds = c.inbound.is_some() || c.io.holds_input();
-        if !holds || c.state != ConnState::Http || c.flags.has(Flags::SSE) {
+        // The state first: an open connection's reads never ask its pipe.
+        if c.state != ConnState::Http || c.flags.has(Flags::SSE) {
+            return;
+        }
+        if c.inbound.is_none() && !c.io.holds_input() {
             return;
         }
         let cap = self.cfg.max_pending_handshakes;
@@ -265,7 +268,7 @@ impl<T: Transport> Sessions<T> {
             .ws_extensions
             .as_deref()
             .filter(|_| self.cfg.deflate)
-            .and_then(|e| crate::ws::deflate::negotiate([e]));
+            .and_then(crate::ws::deflate::negotiate);
         let ext = deflate.map(|a| a.response());
         self.push_raw(
             key,

@@ -44,14 +44,16 @@ impl<T: Transport> Sessions<T> {
         }
         // permessage-deflate: compressed once per message, whoever it goes to.
         let deflate = c.flags.has(Flags::DEFLATE) && payload.len() >= self.cfg.deflate_min_bytes;
-        let bits = c.extra.as_deref().map_or(15, |e| e.deflate_bits);
-        // --deflate-min-bytes 0: every message, even one that does not get smaller.
-        let always = self.cfg.deflate_min_bytes == 0;
-        let (payload, compressed) =
-            match deflate.then(|| self.deflater.compress(&payload, bits, always)) {
-                Some(Some(z)) => (z, true),
-                _ => (payload, false),
-            };
+        let zipped = if deflate {
+            let bits = c.extra.as_deref().map_or(15, |e| e.deflate_bits);
+            // --deflate-min-bytes 0: every message, even one that does not get smaller.
+            let always = self.cfg.deflate_min_bytes == 0;
+            self.deflater.compress(&payload, bits, always)
+        } else {
+            None
+        };
+        let compressed = zipped.is_some();
+        let payload = zipped.unwrap_or(payload);
         let c = &mut self.conns[key];
         let mut head = [0u8; INLINE_MAX];
         let (head_len, sse) = Self::frame_head(c, opcode, &payload, &mut head);

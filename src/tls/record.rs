@@ -186,36 +186,32 @@ impl Sealer<'_> {
         let plain = buf.len() - body;
         debug_assert!(plain <= MAX_PLAIN);
         let nonce = self.keys.nonce();
-        if self.tls13 {
+        // TLS 1.3 authenticates the record header; TLS 1.2 its own 13 bytes (RFC 5246).
+        let mut aad = [0u8; 13];
+        let aad_len = if self.tls13 {
             buf.push(typ);
             let len = plain + 1 + TAG;
             let header = [DATA, 3, 3, (len >> 8) as u8, len as u8];
             buf[at..at + HEADER].copy_from_slice(&header);
-            let tag = self
-                .key
-                .seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::from(header),
-                    &mut buf[body..],
-                )
-                .expect("seal");
-            buf.extend_from_slice(tag.as_ref());
+            aad[..HEADER].copy_from_slice(&header);
+            HEADER
         } else {
-            let aad = self.keys.aad12(typ, plain);
+            aad = self.keys.aad12(typ, plain);
             let explicit = body - at - HEADER;
             let len = explicit + plain + TAG;
             buf[at..at + HEADER].copy_from_slice(&[typ, 3, 3, (len >> 8) as u8, len as u8]);
             buf[at + HEADER..body].copy_from_slice(&nonce[4..4 + explicit]);
-            let tag = self
-                .key
-                .seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::from(aad),
-                    &mut buf[body..],
-                )
-                .expect("seal");
-            buf.extend_from_slice(tag.as_ref());
-        }
+            aad.len()
+        };
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad[..aad_len]),
+                &mut buf[body..],
+            )
+            .expect("seal");
+        buf.extend_from_slice(tag.as_ref());
         self.keys.seq += 1;
     }
 }

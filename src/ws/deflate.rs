@@ -38,14 +38,12 @@ impl Agreed {
     }
 }
 
-/// The first acceptable permessage-deflate offer in `Sec-WebSocket-Extensions` values
-/// (RFC 7692 §5, §7.1): an offer with an unknown, repeated or invalid parameter is skipped,
-/// and so is `server_max_window_bits=8` (zlib's raw deflate has no 256-byte window).
-pub fn negotiate<'a>(headers: impl IntoIterator<Item = &'a str>) -> Option<Agreed> {
-    headers
-        .into_iter()
-        .flat_map(|h| h.split(','))
-        .find_map(parse_offer)
+/// The first acceptable permessage-deflate offer in a `Sec-WebSocket-Extensions` value
+/// (every occurrence of the header joined with `, `; RFC 7692 §5, §7.1): an offer with an
+/// unknown, repeated or invalid parameter is skipped, and so is `server_max_window_bits=8`
+/// (zlib's raw deflate has no 256-byte window).
+pub fn negotiate(extensions: &str) -> Option<Agreed> {
+    extensions.split(',').find_map(parse_offer)
 }
 
 fn parse_offer(offer: &str) -> Option<Agreed> {
@@ -210,16 +208,16 @@ mod tests {
 
     #[test]
     fn offers_are_parsed_as_rfc_7692_says() {
-        let a = negotiate(["permessage-deflate; client_max_window_bits"]).unwrap();
+        let a = negotiate("permessage-deflate; client_max_window_bits").unwrap();
         assert_eq!(
             a.response(),
             "permessage-deflate; server_no_context_takeover",
             "a browser's offer"
         );
         assert!(!a.client_no_context_takeover);
-        let a = negotiate([
+        let a = negotiate(
             "permessage-deflate; client_no_context_takeover; server_max_window_bits=\"10\"",
-        ])
+        )
         .unwrap();
         assert_eq!(
             a.response(),
@@ -237,11 +235,11 @@ mod tests {
             "permessage-deflate; server_no_context_takeover=1",
             "x-webkit-deflate-frame",
         ] {
-            assert_eq!(negotiate([bad]), None, "{bad}");
+            assert_eq!(negotiate(bad), None, "{bad}");
             let next = format!("{bad}, permessage-deflate");
-            assert!(negotiate([next.as_str()]).is_some(), "{bad}");
+            assert!(negotiate(&next).is_some(), "{bad}");
         }
-        assert_eq!(negotiate(["foo", "bar; baz"]), None);
+        assert_eq!(negotiate("foo, bar; baz"), None);
     }
 
     #[test]
