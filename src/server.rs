@@ -305,9 +305,9 @@ impl Server {
             let sink_peers = peers.clone();
             let sink: crate::store::Sink = Box::new(move |i, m| {
                 sink_peers[i as usize]
-                    .post(ShardMsg::Store(m))
+                    .post(ShardMsg::StoreBatch(m))
                     .map_err(|e| match e {
-                        ShardMsg::Store(m) => m,
+                        ShardMsg::StoreBatch(m) => m,
                         _ => unreachable!("posted a store message"),
                     })
             });

@@ -58,8 +58,14 @@ pub enum ShardMsg {
         count: u64,
         members: Vec<(Arc<str>, u64)>,
     },
-    /// From the store thread (or a home shard passing on a stored message's ack).
+    /// From a home shard passing on a stored message's ack.
     Store(Box<StoreMsg>),
+    /// From the store thread: its answers of one commit for this shard, in order (one
+    /// mailbox entry and at most one wake per commit).
+    StoreBatch(Vec<StoreMsg>),
+    /// Several messages of one turn for one shard, in order: one mailbox entry and at most
+    /// one wake (see `Sessions::post_mail`).
+    Batch(Vec<ShardMsg>),
     /// To a shard holding connections of `user`: a stored message of the user's inbox.
     DeliverStream {
         user: Arc<str>,
@@ -71,6 +77,17 @@ pub enum ShardMsg {
     Shutdown,
     /// From the broker: another node's message, or an answer about one of ours.
     Broker(Box<BrokerMsg>),
+}
+
+impl ShardMsg {
+    /// How many messages this is (a batch counts what it carries): a mailbox's bound.
+    pub fn weight(&self) -> usize {
+        match self {
+            ShardMsg::Batch(v) => v.len(),
+            ShardMsg::StoreBatch(v) => v.len(),
+            _ => 1,
+        }
+    }
 }
 
 /// What an API request asks every shard to do; each answers with a count.

@@ -289,8 +289,8 @@ pub enum Refusal {
     Unavailable,
 }
 
-/// Posts a store message to shard `i`; gives it back when that mailbox is full.
-pub type Sink = Box<dyn Fn(u16, Box<StoreMsg>) -> Result<(), Box<StoreMsg>> + Send>;
+/// Posts store messages (in order) to shard `i`; gives them back when that mailbox is full.
+pub type Sink = Box<dyn Fn(u16, Vec<StoreMsg>) -> Result<(), Vec<StoreMsg>> + Send>;
 
 /// What the store answers a connection that opened.
 #[derive(Debug)]
@@ -1192,23 +1192,34 @@ fn read_page<E>(
     })
 }
 
-/// Posts every answer; a full mailbox is retried (the store may wait, a shard never), for
-/// at most [`POST_PATIENCE`] per message (then the shard is gone or stuck).
+/// Posts every answer, one batch per shard in order; a full mailbox is retried (the store
+/// may wait, a shard never), for at most [`POST_PATIENCE`] per batch (then the shard is gone
+/// or stuck).
 fn post_each(sink: &Sink, out: &mut Vec<(u16, StoreMsg)>) {
+    let mut per: Vec<Vec<StoreMsg>> = Vec::new();
     for (shard, msg) in out.drain(..) {
-        let mut msg = Box::new(msg);
+        let i = shard as usize;
+        if per.len() <= i {
+            per.resize_with(i + 1, Vec::new);
+        }
+        per[i].push(msg);
+    }
+    for (shard, mut msgs) in per.into_iter().enumerate() {
+        if msgs.is_empty() {
+            continue;
+        }
         let mut wait_us = 50;
         let started = Instant::now();
         loop {
-            match sink(shard, msg) {
+            match sink(shard as u16, msgs) {
                 Ok(()) => break,
                 Err(m) if started.elapsed() < POST_PATIENCE => {
-                    msg = m;
+                    msgs = m;
                     std::thread::sleep(Duration::from_micros(wait_us));
                     wait_us = (wait_us * 2).min(10_000);
                 }
                 Err(m) => {
-                    error!(shard, message = ?m, "store: a shard's mailbox stayed full; answer dropped");
+                    error!(shard, messages = m.len(), first = ?m.first(), "store: a shard's mailbox stayed full; answers dropped");
                     break;
                 }
             }
@@ -1304,7 +1315,7 @@ mod tests {
         let seen: Arc<Mutex<Vec<StoreMsg>>> = Default::default();
         let sink_seen = seen.clone();
         let sink: Sink = Box::new(move |_, m| {
-            sink_seen.lock().unwrap().push(*m);
+            sink_seen.lock().unwrap().extend(m);
             Ok(())
         });
         let cfg = StoreConfig {
