@@ -63,9 +63,6 @@ pub enum ShardMsg {
     /// From the store thread: its answers of one commit for this shard, in order (one
     /// mailbox entry and at most one wake per commit).
     StoreBatch(Vec<StoreMsg>),
-    /// Several messages of one turn for one shard, in order: one mailbox entry and at most
-    /// one wake (see `Sessions::post_mail`).
-    Batch(Vec<ShardMsg>),
     /// To a shard holding connections of `user`: a stored message of the user's inbox.
     DeliverStream {
         user: Arc<str>,
@@ -83,7 +80,6 @@ impl ShardMsg {
     /// How many messages this is (a batch counts what it carries): a mailbox's bound.
     pub fn weight(&self) -> usize {
         match self {
-            ShardMsg::Batch(v) => v.len(),
             ShardMsg::StoreBatch(v) => v.len(),
             _ => 1,
         }

@@ -184,8 +184,6 @@ pub struct Sessions<T: Transport> {
     outgoing: Vec<(u16, ShardMsg)>,
     /// Mail that must not be lost, waiting for room in a full mailbox, per target shard.
     retry: Vec<VecDeque<ShardMsg>>,
-    /// This turn's mail per target shard while it is posted (kept for its capacity).
-    mail_groups: Vec<Vec<ShardMsg>>,
     /// Connections with output to flush this turn.
     dirty: Vec<(usize, u32)>,
     /// Connections whose read was capped with data left in the pipe.
@@ -262,7 +260,6 @@ impl<T: Transport> Sessions<T> {
             pending_api: Slab::new(),
             outgoing: Vec::new(),
             retry: (0..shards).map(|_| VecDeque::new()).collect(),
-            mail_groups: Vec::new(),
             dirty: Vec::new(),
             read_backlog: Vec::new(),
             expired: Vec::new(),
@@ -511,12 +508,11 @@ impl<T: Transport> Sessions<T> {
         self.dirty = list;
     }
 
-    /// Hands this turn's mail to `post`: one entry per target shard ([`ShardMsg::Batch`] when
-    /// there are several), each target's mail in order, so a turn costs a target one mailbox
-    /// entry and at most one wake. `post` gives a message back when the target's mailbox is
-    /// full: mail that must not be lost (presence, API, copies of accepted messages) waits
-    /// and is retried on the next call, in order; a routed `send` that waits for its answer is
-    /// answered `overloaded`; anything else is dropped and counted.
+    /// Hands this turn's mail to `post` in order. `post` gives a message back when the
+    /// target's mailbox is full: mail that must not be lost (presence, API, copies of
+    /// accepted messages) waits and is retried on the next call, in order; a routed `send`
+    /// that waits for its answer is answered `overloaded`; anything else is dropped and
+    /// counted.
     pub fn post_mail(&mut self, mut post: impl FnMut(u16, ShardMsg) -> Result<(), ShardMsg>) {
         for target in 0..self.retry.len() {
             while let Some(msg) = self.retry[target].pop_front() {
@@ -528,78 +524,29 @@ impl<T: Transport> Sessions<T> {
         }
         // Answers to failed sends may add mail: loop until none is left (bounded: an
         // `overloaded` answer to a local connection posts nothing).
-        let mut groups = std::mem::take(&mut self.mail_groups);
-        groups.resize_with(self.retry.len(), Vec::new);
         for _ in 0..4 {
             if self.outgoing.is_empty() {
                 break;
             }
-            for (target, msg) in self.outgoing.drain(..) {
-                groups[target as usize].push(msg);
-            }
-            for target in 0..groups.len() {
-                match groups[target].len() {
-                    0 => continue,
-                    1 => {
-                        let msg = groups[target].pop().expect("one");
-                        self.post_one(target, msg, &mut post);
+            let out = std::mem::take(&mut self.outgoing);
+            for (target, msg) in out {
+                let reliable = is_reliable(&msg);
+                if reliable && !self.retry[target as usize].is_empty() {
+                    self.retry[target as usize].push_back(msg);
+                    continue;
+                }
+                match post(target, msg) {
+                    Ok(()) => {}
+                    Err(msg) if reliable => self.retry[target as usize].push_back(msg),
+                    Err(ShardMsg::RouteUser {
+                        reply: Some(reply), ..
+                    }) => {
+                        ShardMetrics::add(&self.m().dropped, 1);
+                        self.reply_local(reply, None);
                     }
-                    // A batch is at most a quarter of a mailbox, so a turn's mail meets the
-                    // bound as single posts would. Once mail waits for room, the rest goes
-                    // one by one: reliable mail queues behind it, in order.
-                    _ => {
-                        let most = (self.cfg.mailbox_capacity / 4).clamp(1, 256);
-                        let mut msgs = std::mem::take(&mut groups[target]);
-                        while !msgs.is_empty() {
-                            if !self.retry[target].is_empty() {
-                                for msg in msgs {
-                                    self.post_one(target, msg, &mut post);
-                                }
-                                break;
-                            }
-                            let rest = msgs.split_off(most.min(msgs.len()));
-                            let batch = ShardMsg::Batch(std::mem::replace(&mut msgs, rest));
-                            if let Err(ShardMsg::Batch(refused)) = post(target as u16, batch) {
-                                for msg in refused {
-                                    self.refused_mail(target, msg);
-                                }
-                            }
-                        }
-                    }
+                    Err(_) => ShardMetrics::add(&self.m().dropped, 1),
                 }
             }
-        }
-        self.mail_groups = groups;
-    }
-
-    /// Posts one message, or handles its refusal.
-    fn post_one(
-        &mut self,
-        target: usize,
-        msg: ShardMsg,
-        post: &mut impl FnMut(u16, ShardMsg) -> Result<(), ShardMsg>,
-    ) {
-        let reliable = is_reliable(&msg);
-        if reliable && !self.retry[target].is_empty() {
-            return self.retry[target].push_back(msg);
-        }
-        if let Err(msg) = post(target as u16, msg) {
-            self.refused_mail(target, msg);
-        }
-    }
-
-    /// A full mailbox refused `msg`: reliable mail waits for room; a routed `send` is
-    /// answered `overloaded`; anything else is dropped and counted.
-    fn refused_mail(&mut self, target: usize, msg: ShardMsg) {
-        match msg {
-            msg if is_reliable(&msg) => self.retry[target].push_back(msg),
-            ShardMsg::RouteUser {
-                reply: Some(reply), ..
-            } => {
-                ShardMetrics::add(&self.m().dropped, 1);
-                self.reply_local(reply, None);
-            }
-            _ => ShardMetrics::add(&self.m().dropped, 1),
         }
     }
 

@@ -922,7 +922,6 @@ impl<T: Transport> Sessions<T> {
             ShardMsg::ApiDone { id, count, members } => self.on_api_done(id, count, members),
             ShardMsg::Store(m) => self.on_store(*m),
             ShardMsg::StoreBatch(ms) => ms.into_iter().for_each(|m| self.on_store(m)),
-            ShardMsg::Batch(ms) => ms.into_iter().for_each(|m| self.on_mail(m)),
             ShardMsg::DeliverStream {
                 user,
                 payload,

@@ -1,8 +1,8 @@
 //! A shard's inbox: a bounded crossbeam channel plus the shard's `mio::Waker`, woken only on
 //! the empty → non-empty edge so a burst of posts costs one eventfd write.
 //!
-//! The bound counts messages, not entries: a batch ([`ShardMsg::Batch`],
-//! [`ShardMsg::StoreBatch`]) weighs what it carries, so batching keeps the back-pressure
+//! The bound counts messages, not entries: a batch ([`ShardMsg::StoreBatch`]) weighs what
+//! it carries, so batching keeps the back-pressure
 //! (a full mailbox still means `capacity` messages waiting). An empty mailbox takes a batch
 //! of any size, so no batch is refused for ever.
 
@@ -101,6 +101,8 @@ impl Inbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::ConnId;
+    use crate::store::StoreMsg;
     use mio::{Events, Poll, Token};
     use std::time::Duration;
 
@@ -129,7 +131,17 @@ mod tests {
         let poll = Poll::new().unwrap();
         let waker = Waker::new(poll.registry(), Token(7)).unwrap();
         let (tx, rx) = mailbox(waker, 4);
-        let batch = |n| ShardMsg::Batch((0..n).map(|_| ShardMsg::Shutdown).collect());
+        let conn = ConnId {
+            shard: 0,
+            slot: 0,
+            generation: 0,
+        };
+        let unread = || StoreMsg::Unread {
+            conn,
+            connections: 0,
+            unread: 0,
+        };
+        let batch = |n| ShardMsg::StoreBatch((0..n).map(|_| unread()).collect());
         tx.post(batch(3)).unwrap();
         assert_eq!(tx.len(), 3);
         assert!(tx.post(batch(2)).is_err(), "3 + 2 messages are over 4");

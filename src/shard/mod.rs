@@ -398,10 +398,13 @@ impl Shard {
     fn drain_mailbox(&mut self) {
         self.inbox.rearm();
         self.mailbox_pending = false;
-        for _ in 0..MAILBOX_PER_TURN {
+        // Counted in messages: a batch weighs what it carries.
+        let mut handled = 0;
+        while handled < MAILBOX_PER_TURN {
             let Some(msg) = self.inbox.try_recv() else {
                 return;
             };
+            handled += msg.weight();
             self.sessions.on_mail(msg);
         }
         self.mailbox_pending = true;
