@@ -149,7 +149,8 @@ mod tests {
         assert!(tx.post(ShardMsg::Shutdown).is_err(), "full at 4 messages");
         assert!(rx.try_recv().is_some() && rx.try_recv().is_some());
         assert_eq!(tx.len(), 0);
-        tx.post(batch(9)).expect("an empty mailbox takes a batch over its capacity");
+        tx.post(batch(9))
+            .expect("an empty mailbox takes a batch over its capacity");
         assert!(tx.post(ShardMsg::Shutdown).is_err());
     }
 }
