@@ -27,7 +27,7 @@ run() {
   kill $sp; wait $sp 2>/dev/null
   local missing p99
   missing=$(grep -o "missing [0-9]*" "$WORK/lg.log" | head -1 | awk '{print $2}')
-  p99=$(awk '/^dm_latency/ {print $6}' "$WORK/lg.log")
+  p99=$(awk '/^dm_latency/ {print $9}' "$WORK/lg.log")
   echo "  qos $qos at $rate/s: missing ${missing:-?}, end-to-end p99 ${p99:-?} ms" >&2
   [ "${missing:-1}" = 0 ]
 }

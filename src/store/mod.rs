@@ -1310,6 +1310,52 @@ mod tests {
     }
 
     #[test]
+    fn answers_go_as_one_batch_per_shard_in_order_and_a_full_mailbox_is_retried() {
+        let unread = |slot: u32| StoreMsg::Unread {
+            conn: ConnId {
+                shard: 0,
+                slot,
+                generation: 0,
+            },
+            connections: 0,
+            unread: 0,
+        };
+        let slots = |m: &[StoreMsg]| -> Vec<u32> {
+            m.iter()
+                .map(|m| match m {
+                    StoreMsg::Unread { conn, .. } => conn.slot,
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect()
+        };
+        type Posts = Vec<(u16, Vec<u32>)>;
+        let posts: Arc<Mutex<Posts>> = Default::default();
+        let refusals = Arc::new(Mutex::new(2)); // shard 2's mailbox is full twice
+        let (p, r) = (posts.clone(), refusals.clone());
+        let sink: Sink = Box::new(move |shard, m| {
+            let mut r = r.lock().unwrap();
+            if shard == 2 && *r > 0 {
+                *r -= 1;
+                return Err(m);
+            }
+            p.lock().unwrap().push((shard, slots(&m)));
+            Ok(())
+        });
+        let mut out: Vec<(u16, StoreMsg)> = [(2, 1), (0, 2), (2, 3), (0, 4), (2, 5)]
+            .into_iter()
+            .map(|(shard, slot)| (shard, unread(slot)))
+            .collect();
+        post_each(&sink, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(*refusals.lock().unwrap(), 0, "the full mailbox was retried");
+        assert_eq!(
+            *posts.lock().unwrap(),
+            vec![(0, vec![2, 4]), (2, vec![1, 3, 5])],
+            "one post per shard, each shard's answers in order"
+        );
+    }
+
+    #[test]
     fn a_failed_commit_stores_nothing_and_tells_the_sender() {
         let fail = Arc::new(AtomicBool::new(true));
         let seen: Arc<Mutex<Vec<StoreMsg>>> = Default::default();
