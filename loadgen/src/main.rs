@@ -3,7 +3,7 @@
 //! protocol v1 for `dm` and `fanout`.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -366,6 +366,13 @@ fn main() -> anyhow::Result<()> {
             break;
         }
         let now = now_ns();
+        // Read before the counters: once every worker has seen the drain, the counters hold
+        // every message sent in the run (a worker may still send in the turn it began
+        // before the drain was set).
+        let all_draining = shared
+            .stats
+            .iter()
+            .all(|s| s.seen_phase.load(Acquire) >= phase::DRAIN);
         let t = totals(&shared.stats);
         peak_open = peak_open.max(t.open);
         if now >= next_print {
@@ -444,7 +451,7 @@ fn main() -> anyhow::Result<()> {
             0
         };
         if shared.phase.load(Relaxed) == phase::DRAIN
-            && ((t.received + refused >= t.expected && all_back)
+            && ((all_draining && t.received + refused >= t.expected && all_back)
                 || drain_until.is_some_and(|d| now >= d))
         {
             shared.phase.store(phase::CLOSE, Relaxed);

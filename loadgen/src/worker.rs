@@ -4,7 +4,7 @@
 use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use std::{cmp::Reverse, collections::BTreeMap};
@@ -145,6 +145,9 @@ impl ErrKind {
 /// Counters of one worker, read by the main thread.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
+    /// The phase this worker last began a turn in (the main thread knows from it that no
+    /// send of an earlier phase is still to be counted).
+    pub seen_phase: AtomicU8,
     /// Open connections (upgraded).
     pub open: AtomicU64,
     /// Connections between connect() and 101.
@@ -564,6 +567,8 @@ impl Worker {
         loop {
             let now = now_ns();
             let phase = self.shared.phase.load(Relaxed);
+            // Everything counted in earlier turns is visible to whoever reads this.
+            self.stats().seen_phase.store(phase, Release);
             if phase < phase::CLOSE {
                 self.open_paced(now);
                 self.expire_handshakes(now);

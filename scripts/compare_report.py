@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Turns scripts/compare.sh's results.jsonl into docs/benchmarks.md and one SVG bar chart per
+measure (medians over the runs; every run's figure is listed too).
+
+    compare_report.py RESULTS.jsonl OUT.md SVG_DIR
+"""
+import json
+import os
+import statistics
+import sys
+import time
+from html import escape
+
+SERVERS = ["switchboard", "tokio-tungstenite", "fastwebsockets", "node-ws"]
+THREADS = {"switchboard": "2 shards", "tokio-tungstenite": "2", "fastwebsockets": "2",
+           "node-ws": "1"}
+# (measure, field, title, unit, lower is better)
+METRICS = [
+    ("connect", "bytes_per_connection", "Idle memory per connection (15k)", "B", True),
+    ("connect", "connect_seconds", "Time to open 15k connections", "s", True),
+    ("flood", "echoed_per_s", "Flood: echoed messages per second", "msg/s", False),
+    ("flood", "cpu_ns_per_message", "Flood: server CPU per message", "ns", True),
+    ("latency", "p50_us", "Echo latency p50 at 20k msg/s", "µs", True),
+    ("latency", "p99_us", "Echo latency p99 at 20k msg/s", "µs", True),
+    ("latency", "p999_us", "Echo latency p99.9 at 20k msg/s", "µs", True),
+]
+
+
+def load(path):
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    by = {}
+    for r in rows:
+        if not r.get("ok"):
+            continue
+        if r["measure"] == "connect" and r.get("established") != r.get("target"):
+            continue  # a run that did not open every connection measures nothing comparable
+        for m, field, *_ in METRICS:
+            if r["measure"] == m and field in r:
+                by.setdefault((r["server"], field), []).append(r[field])
+    return rows, by
+
+
+def fmt(v, unit):
+    if unit == "msg/s":
+        return f"{v / 1e6:.2f}M"
+    if unit == "s":
+        return f"{v:.2f}"
+    return f"{v:,.0f}"
+
+
+def svg_bars(title, unit, values, lower_better):
+    """A horizontal bar chart: one bar per server, the median, labelled."""
+    w, bar, gap, left, top = 640, 26, 10, 150, 40
+    h = top + len(values) * (bar + gap) + 20
+    top_v = max(v for _, v in values) or 1
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+           f'font-family="sans-serif" font-size="13">',
+           f'<text x="10" y="22" font-weight="bold">{escape(title)} ({escape(unit)}, '
+           f'{"lower" if lower_better else "higher"} is better)</text>']
+    for i, (name, v) in enumerate(values):
+        y = top + i * (bar + gap)
+        bw = max(1, (w - left - 90) * v / top_v)
+        color = "#2b6cb0" if name == "switchboard" else "#a0aec0"
+        out.append(f'<text x="10" y="{y + bar * 0.7:.0f}">{escape(name)}</text>')
+        out.append(f'<rect x="{left}" y="{y}" width="{bw:.1f}" height="{bar}" fill="{color}"/>')
+        out.append(f'<text x="{left + bw + 6:.1f}" y="{y + bar * 0.7:.0f}">'
+                   f'{escape(fmt(v, unit))}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    results, md_path, svg_dir = sys.argv[1:4]
+    rows, by = load(results)
+    runs = max((r["run"] for r in rows), default=0)
+    os.makedirs(svg_dir, exist_ok=True)
+    present = [s for s in SERVERS if any(k[0] == s for k in by)]
+    lines = [
+        "# Benchmarks: switchboard against the servers users pick instead",
+        "",
+        f"Written by `scripts/compare.sh {runs}` on {time.strftime('%Y-%m-%d')}: this 2-core "
+        "machine, loadgen beside each server on loopback, every server started fresh for each "
+        "measure, the order rotating from run to run. Each figure is the median of the runs "
+        "(every run is in `target/compare/results.jsonl` and listed below). uWebSockets is "
+        "not here: the package registries do not carry it.",
+        "",
+        "| server | threads | " + " | ".join(f"{t} ({u})" for _, _, t, u, _ in METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
+    for s in present:
+        cells = []
+        for m, field, _, unit, _ in METRICS:
+            v = by.get((s, field))
+            cells.append(fmt(statistics.median(v), unit) if v else "–")
+        lines.append(f"| {s} | {THREADS[s]} | " + " | ".join(cells) + " |")
+    lines += ["", "Plots (medians):", ""]
+    for m, field, title, unit, lower in METRICS:
+        values = [(s, statistics.median(by[(s, field)])) for s in present if (s, field) in by]
+        if not values:
+            continue
+        name = f"{field}.svg"
+        with open(os.path.join(svg_dir, name), "w") as f:
+            f.write(svg_bars(title, unit, values, lower))
+        lines.append(f"![{title}](benchmarks/{name})")
+    lines += ["", "## Every run", "", "```"]
+    lines += [json.dumps(r) for r in rows]
+    lines += ["```", "", "## How each figure is taken", "",
+              "- **Idle memory per connection**: `loadgen connect --connections 15000` holds them "
+              "10 s; the server's RSS peak minus its RSS before the run, over 15,000.",
+              "- **Time to open**: loadgen's connect time for all 15,000 (50,000/s offered).",
+              "- **Flood**: `loadgen flood --connections 200 --window 64 --duration 15s` (32 B "
+              "messages, each echo answered by the next message, many frames per write); the "
+              "server's CPU from /proc over the run, divided by the echoed messages.",
+              "- **Latency**: `loadgen echo --connections 200 --rate 20000 --duration 15s`, open "
+              "loop, from each message's scheduled send time; loadgen's own send lateness is in "
+              "each run's row (`lateness_p99_us`).",
+              ""]
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {md_path} and {len(METRICS)} plots in {svg_dir}")
+
+
+if __name__ == "__main__":
+    main()
