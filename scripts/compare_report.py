@@ -114,6 +114,12 @@ def main():
               "- **Latency**: `loadgen echo --connections 200 --rate 20000 --duration 15s`, open "
               "loop, from each message's scheduled send time; loadgen's own send lateness is in "
               "each run's row (`lateness_p99_us`).",
+              "",
+              "Every peer runs with its defaults, as a user would start it (the sources are in "
+              "`benches/peers/`). tokio-tungstenite's `WebSocketConfig` gives each connection a "
+              "128 KiB read buffer by default (`read_buffer_size`), which is most of its idle "
+              "memory and of its time to open 15,000; fastwebsockets writes each echo with its "
+              "own syscall. switchboard runs `--echo --shards 2 --fd-table per-shard`.",
               ""]
     with open(md_path, "w") as f:
         f.write("\n".join(lines))
