@@ -117,9 +117,8 @@ def main():
               "",
               "Every peer runs with its defaults, as a user would start it (the sources are in "
               "`benches/peers/`). tokio-tungstenite's `WebSocketConfig` gives each connection a "
-              "128 KiB read buffer by default (`read_buffer_size`), which is most of its idle "
-              "memory and of its time to open 15,000; fastwebsockets writes each echo with its "
-              "own syscall. switchboard runs `--echo --shards 2 --fd-table per-shard`.",
+              "128 KiB read buffer by default (`read_buffer_size`): that is most of its idle "
+              "memory here. switchboard runs `--echo --shards 2 --fd-table per-shard`.",
               ""]
     with open(md_path, "w") as f:
         f.write("\n".join(lines))
