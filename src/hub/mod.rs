@@ -77,7 +77,7 @@ pub enum ShardMsg {
 }
 
 impl ShardMsg {
-    /// How many messages this is (a batch counts what it carries): a mailbox's bound.
+    /// How many messages this is (a batch counts what it carries): what a shard's turn counts.
     pub fn weight(&self) -> usize {
         match self {
             ShardMsg::StoreBatch(v) => v.len(),
