@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::hash_map::Entry;
 
 use crate::broker::BrokerMsg;
 pub use crate::ids::{home_of, ApiTicket, ConnId, ReplyTo};
@@ -109,22 +110,74 @@ pub enum ApiCmd {
     Members { channel: Arc<str> },
 }
 
+/// One item inline, or several on the heap: most users have one connection, on one shard,
+/// and a million of them should not cost a million small heap blocks (16–32 B each).
+#[derive(Debug)]
+enum Few<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Copy> Few<T> {
+    fn as_slice(&self) -> &[T] {
+        match self {
+            Few::One(x) => std::slice::from_ref(x),
+            Few::Many(v) => v,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [T] {
+        match self {
+            Few::One(x) => std::slice::from_mut(x),
+            Few::Many(v) => v,
+        }
+    }
+
+    fn push(&mut self, x: T) {
+        match self {
+            Few::One(a) => *self = Few::Many(vec![*a, x]),
+            Few::Many(v) => v.push(x),
+        }
+    }
+
+    /// Removes item `i` (the last one takes its place).
+    fn swap_remove(&mut self, i: usize) {
+        match self {
+            Few::One(_) => *self = Few::Many(Vec::new()),
+            Few::Many(v) => {
+                v.swap_remove(i);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+}
+
 /// One shard's view: local users and subscriptions, and the directory of its home users.
 #[derive(Debug, Default)]
 pub struct Hub {
-    users: FxHashMap<Arc<str>, Vec<u32>>,
+    users: FxHashMap<Arc<str>, Few<u32>>,
     channels: FxHashMap<Arc<str>, FxHashSet<u32>>,
     /// Home users → (shard, connections there).
-    directory: FxHashMap<Arc<str>, Vec<(u16, u32)>>,
+    directory: FxHashMap<Arc<str>, Few<(u16, u32)>>,
 }
 
 impl Hub {
     /// Adds a local connection of `user`; true when it is the user's first on this shard.
     /// (Every connection is reported to the home shard, which counts them per shard.)
     pub fn add_user(&mut self, user: &Arc<str>, slot: u32) -> bool {
-        let slots = self.users.entry(user.clone()).or_default();
-        slots.push(slot);
-        slots.len() == 1
+        match self.users.entry(user.clone()) {
+            Entry::Vacant(e) => {
+                e.insert(Few::One(slot));
+                true
+            }
+            Entry::Occupied(mut e) => {
+                e.get_mut().push(slot);
+                false
+            }
+        }
     }
 
     /// Removes a local connection; true when it was the user's last on this shard.
@@ -132,7 +185,7 @@ impl Hub {
         let Some(slots) = self.users.get_mut(user) else {
             return false;
         };
-        if let Some(i) = slots.iter().position(|&s| s == slot) {
+        if let Some(i) = slots.as_slice().iter().position(|&s| s == slot) {
             slots.swap_remove(i);
         }
         if slots.is_empty() {
@@ -197,17 +250,23 @@ impl Hub {
     /// connection in the process, `Some(false)` when its last closed (the node's interest).
     pub fn presence(&mut self, user: Arc<str>, from: u16, online: bool) -> Option<bool> {
         if online {
-            let shards = self.directory.entry(user).or_default();
-            let first = shards.is_empty();
-            match shards.iter_mut().find(|(s, _)| *s == from) {
+            let shards = match self.directory.entry(user) {
+                Entry::Vacant(e) => {
+                    e.insert(Few::One((from, 1)));
+                    return Some(true);
+                }
+                Entry::Occupied(e) => e.into_mut(),
+            };
+            match shards.as_mut_slice().iter_mut().find(|(s, _)| *s == from) {
                 Some((_, n)) => *n += 1,
                 None => shards.push((from, 1)),
             }
-            first.then_some(true)
+            None
         } else if let Some(shards) = self.directory.get_mut(&user) {
-            if let Some(i) = shards.iter().position(|(s, _)| *s == from) {
-                shards[i].1 -= 1;
-                if shards[i].1 == 0 {
+            if let Some(i) = shards.as_slice().iter().position(|(s, _)| *s == from) {
+                let n = &mut shards.as_mut_slice()[i].1;
+                *n -= 1;
+                if *n == 0 {
                     shards.swap_remove(i);
                 }
             }
@@ -226,7 +285,10 @@ impl Hub {
     pub fn home_counts(&self) -> Vec<(Arc<str>, u64)> {
         self.directory
             .iter()
-            .map(|(u, shards)| (u.clone(), shards.iter().map(|&(_, n)| u64::from(n)).sum()))
+            .map(|(u, shards)| {
+                let n = shards.as_slice().iter().map(|&(_, n)| u64::from(n)).sum();
+                (u.clone(), n)
+            })
             .collect()
     }
 
@@ -248,7 +310,8 @@ impl Hub {
     pub fn locate_except(&self, user: &str, except: Option<u16>, out: &mut Vec<u16>) {
         if let Some(v) = self.directory.get(user) {
             out.extend(
-                v.iter()
+                v.as_slice()
+                    .iter()
                     .filter(|&&(s, n)| !(Some(s) == except && n == 1))
                     .map(|(s, _)| *s),
             );
@@ -279,7 +342,7 @@ impl Hub {
     pub fn all_slots(&self) -> impl Iterator<Item = u32> + '_ {
         self.users
             .values()
-            .flat_map(|v| v.iter().copied())
+            .flat_map(|v| v.as_slice().iter().copied())
             .chain(self.channels.values().flat_map(|s| s.iter().copied()))
     }
 }
@@ -287,6 +350,34 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_connection_lives_inline_and_more_spill_to_the_heap_and_back() {
+        // A map value no bigger than the Vec it replaces.
+        assert!(std::mem::size_of::<Few<(u16, u32)>>() <= std::mem::size_of::<Vec<u32>>());
+        let mut h = Hub::default();
+        let bob: Arc<str> = "bob".into();
+        assert!(h.add_user(&bob, 7));
+        assert!(matches!(h.users["bob"], Few::One(7)));
+        assert!(!h.add_user(&bob, 8) && !h.add_user(&bob, 9));
+        assert_eq!(h.user_slots("bob"), &[7, 8, 9]);
+        assert!(!h.remove_user("bob", 7));
+        assert_eq!(h.user_slots("bob"), &[9, 8]);
+        assert!(!h.remove_user("bob", 9) && h.remove_user("bob", 8));
+        assert_eq!(h.local_users(), 0);
+        assert_eq!(h.presence(bob.clone(), 1, true), Some(true));
+        assert!(matches!(h.directory["bob"], Few::One((1, 1))));
+        assert_eq!(h.presence(bob.clone(), 1, true), None);
+        assert_eq!(h.presence(bob.clone(), 0, true), None);
+        let mut at = Vec::new();
+        h.locate("bob", &mut at);
+        assert_eq!(at, [1, 0]);
+        assert_eq!(h.home_counts(), vec![(bob.clone(), 3)]);
+        assert_eq!(h.presence(bob.clone(), 1, false), None);
+        assert_eq!(h.presence(bob.clone(), 1, false), None);
+        assert_eq!(h.presence(bob.clone(), 0, false), Some(false));
+        assert!(!h.is_online("bob"));
+    }
 
     #[test]
     fn users_first_and_last() {
