@@ -323,7 +323,7 @@ impl Server {
             let m = store_metrics.clone();
             Some(match (cfg.store, &broker) {
                 (StoreKind::Redis, Some(b)) => {
-                    crate::store::redis_streams::start(b.client(), node_id.clone(), scfg, sink, m)?
+                    crate::store::redis_streams::start(b, node_id.clone(), scfg, sink, m)?
                 }
                 (StoreKind::Redis, None) => unreachable!("validated: redis needs --broker"),
                 (StoreKind::Redb, _) => {

@@ -5,19 +5,25 @@
 //! Storing a message is one Lua script, atomic in Redis: the dedup check, the next offset
 //! (`INCR sb:o:<stream>`), `XADD sb:x:<stream>` with the offset as entry id and count
 //! retention (`MAXLEN`), age retention of the oldest entries, the dedup entry, and the
-//! `PUBLISH` of the finished event to the stream's Redis channel (`sb:u:<user>`,
-//! `sb:c:<channel>`). Every node subscribed there — this one included — delivers it from the
-//! subscriber thread, so deliveries of one stream leave Redis in offset order on one path.
-//! The store thread pipelines a batch's scripts in one round trip and acknowledges each
-//! sender once Redis answered; Redis unreachable → `unavailable`, never an ack.
+//! publish of the finished event to the stream's Redis channel (`sb:u:{<user>}`,
+//! `sb:c:{<channel>}`). Every node subscribed there — this one included — delivers it from
+//! the subscriber threads, so deliveries of one stream leave Redis in offset order on one
+//! path. The store thread pipelines a batch's scripts in one round trip per master and
+//! acknowledges each sender once Redis answered; Redis unreachable → `unavailable`, never an
+//! ack.
 //!
-//! The epoch lives in `sb:epoch` (set once): a Redis that lost its data gets a new one, so
-//! clients learn their positions no longer hold. What Redis keeps across its own restarts is
-//! up to its persistence settings (AOF with `appendfsync always` for the durability of the
-//! embedded store).
+//! Every key of a stream carries its name as hash tag (`sb:x:inbox:{bob}`), like its Redis
+//! channel, so one script touches one slot of a Redis Cluster. A DM goes to two inboxes
+//! (the recipient's and the sender's copy): one script on one Redis, one script per inbox in
+//! a cluster, each atomic and deduplicated on its own, the sender acked once both are stored.
+//!
+//! Each stream has its epoch (`sb:e:<stream>`, set once): a Redis (or a cluster master) that
+//! lost the stream gives it a new one, so clients learn their positions no longer hold. What
+//! Redis keeps across its own restarts is up to its persistence settings (AOF with
+//! `appendfsync always` for the durability of the embedded store).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
@@ -33,30 +39,36 @@ use super::{
 };
 use crate::metrics::StoreMetrics;
 
-/// Stores one message in one or two streams and publishes it (the envelope is the broker's:
-/// [`crate::broker::open_stored`]). KEYS: dedup key or "". ARGV:
-/// body, ts, max count, ttl ms, dedup window ms, epoch candidate, node, then per stream
-/// (stream, wire name, Redis channel, excluded connection or "-"). Answers
-/// `{"ok", offset of the last stream, epoch, receivers of the first publish}` or
-/// `{"dup", first offset, epoch}`.
+/// Stores one message in one or more streams and publishes it (the envelope is the
+/// broker's: [`crate::broker::open_stored`]). KEYS: per stream (epoch, offset counter, log),
+/// then the dedup key if any. ARGV: body, ts, max count, ttl ms, dedup window ms, epoch
+/// candidate, node, publish command (`PUBLISH` or `SPUBLISH`), then per stream (wire name,
+/// Redis channel, excluded connection or "-"). Answers `{"ok", offset in the last stream,
+/// its epoch, receivers of the first publish}` or `{"dup", the first answer's offset, epoch,
+/// 0}`.
 const STORE_SCRIPT: &str = r#"
-local epoch = redis.call('GET', 'sb:epoch')
-if not epoch then
-  redis.call('SET', 'sb:epoch', ARGV[6], 'NX')
-  epoch = redis.call('GET', 'sb:epoch')
+local n = (#ARGV - 8) / 3
+local function epoch_of(k)
+  local e = redis.call('GET', k)
+  if not e then
+    redis.call('SET', k, ARGV[6])
+    e = ARGV[6]
+  end
+  return e
 end
-if KEYS[1] ~= '' then
-  local d = redis.call('GET', KEYS[1])
-  if d then return {'dup', tonumber(d), epoch, 0} end
+local dedup = KEYS[3 * n + 1]
+if dedup then
+  local d = redis.call('GET', dedup)
+  if d then return {'dup', tonumber(d), epoch_of(KEYS[3 * n - 2]), 0} end
 end
 local ts = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[4])
-local last, first_n = 0, 0
-local i = 8
-while ARGV[i] do
-  local stream, wire, chan, exclude = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local key = 'sb:x:' .. stream
-  local o = redis.call('INCR', 'sb:o:' .. stream)
+local last, first_n, epoch = 0, 0, ''
+for s = 1, n do
+  local key = KEYS[3 * s]
+  local a = 8 + 3 * (s - 1)
+  epoch = epoch_of(KEYS[3 * s - 2])
+  local o = redis.call('INCR', KEYS[3 * s - 1])
   redis.call('XADD', key, 'MAXLEN', ARGV[3], o .. '-0', 'p', ARGV[1], 't', ARGV[2])
   if ttl > 0 then
     for _ = 1, 8 do
@@ -65,57 +77,78 @@ while ARGV[i] do
       redis.call('XDEL', key, h[1][1])
     end
   end
-  local ev = ARGV[1] .. ',"stream":"' .. wire .. '","offset":' .. o .. ',"epoch":"' .. epoch .. '"}'
-  local n = redis.call('PUBLISH', chan, '*' .. o .. ' ' .. exclude .. ' ' .. ARGV[7] .. '\n' .. ev)
-  if i == 8 then first_n = n end
+  local ev = ARGV[1] .. ',"stream":"' .. ARGV[a + 1] .. '","offset":' .. o .. ',"epoch":"' .. epoch .. '"}'
+  local r = redis.call(ARGV[8], ARGV[a + 2], '*' .. o .. ' ' .. ARGV[a + 3] .. ' ' .. ARGV[7] .. '\n' .. ev)
+  if s == 1 then first_n = r end
   last = o
-  i = i + 4
 end
-if KEYS[1] ~= '' then redis.call('SET', KEYS[1], last, 'PX', ARGV[5]) end
+if dedup then redis.call('SET', dedup, last, 'PX', ARGV[5]) end
 return {'ok', last, epoch, first_n}
 "#;
 
 /// Moves a user's confirmed position forward (never back, never past the top). KEYS:
-/// confirmed hash, the inbox's offset counter. ARGV: user, offset.
+/// the confirmed position, the inbox's offset counter. ARGV: offset.
 const CONFIRM_SCRIPT: &str = r#"
 local top = tonumber(redis.call('GET', KEYS[2]) or '0')
-local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-local o = math.min(tonumber(ARGV[2]), top)
-if o > cur then redis.call('HSET', KEYS[1], ARGV[1], o) end
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local o = math.min(tonumber(ARGV[1]), top)
+if o > cur then redis.call('SET', KEYS[1], o) end
 return 0
 "#;
 
-/// Confirmed inbox positions, by user.
-const CONFIRMED: &str = "sb:confirmed";
-/// How long a Redis command may take before the connection counts as lost.
-const TIMEOUT: Duration = Duration::from_secs(5);
-/// How long to wait before connecting again after a failure.
-const RETRY: Duration = Duration::from_millis(500);
+/// A stream's name with its hash tag: `inbox:{bob}`, `channel:{room}`.
+fn tagged(stream: &str) -> String {
+    match stream.split_once(':') {
+        Some((kind, name)) => format!("{kind}:{{{name}}}"),
+        None => format!("{{{stream}}}"),
+    }
+}
 
-/// Starts the store thread on `client`'s Redis (which must answer now).
+/// The keys of a stream: its epoch, its offset counter, its log.
+fn stream_keys(stream: &str) -> [String; 3] {
+    let t = tagged(stream);
+    [
+        format!("sb:e:{t}"),
+        format!("sb:o:{t}"),
+        format!("sb:x:{t}"),
+    ]
+}
+
+/// A user's confirmed inbox position.
+fn confirmed_key(user: &str) -> String {
+    format!("sb:k:{}", tagged(&inbox_stream(user)))
+}
+
+/// The cluster slot of a stream's keys.
+fn stream_slot(stream: &str) -> u16 {
+    crate::broker::cluster::slot(tagged(stream).as_bytes())
+}
+
+/// Starts the store thread on the broker's Redis (every master must answer now).
 pub fn start(
-    client: redis::Client,
+    broker: &crate::broker::Broker,
     node: Arc<str>,
     cfg: StoreConfig,
     sink: Sink,
     metrics: Arc<StoreMetrics>,
 ) -> Result<Store, StoreError> {
+    let store = redis::Script::new(STORE_SCRIPT);
+    let confirm = redis::Script::new(CONFIRM_SCRIPT);
+    let mut conns = broker.conns(vec![store.clone(), confirm.clone()], "store");
+    if !conns.connect_all(&mut 0) {
+        return Err(StoreError::Redis("cannot reach Redis".into()));
+    }
+    info!(cluster = conns.cluster(), "store open: streams in Redis");
     let mut w = Worker {
-        client,
-        con: None,
-        retry_at: None,
+        conns,
         node,
         cfg,
         sink,
         metrics,
         out: Vec::new(),
-        store: redis::Script::new(STORE_SCRIPT),
-        confirm: redis::Script::new(CONFIRM_SCRIPT),
+        store,
+        confirm,
     };
-    w.connect()
-        .map_err(|e| StoreError::Redis(format!("cannot reach Redis: {e}")))?;
-    let epoch = w.epoch().map_err(|e| StoreError::Redis(e.to_string()))?;
-    info!(epoch = %epoch, "store open: streams in Redis");
     let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
     let thread = std::thread::Builder::new()
         .name("store".into())
@@ -129,8 +162,10 @@ pub fn start(
 
 /// What an answer of a pipelined script is for.
 enum Pending {
+    /// A DM: one script, or (in a cluster) two, the recipient's and the sender's copy.
     Send {
         reply: Option<crate::ids::ReplyTo>,
+        scripts: usize,
     },
     Publish {
         reply: Option<crate::ids::ReplyTo>,
@@ -145,10 +180,11 @@ struct Head {
     meta: StreamMeta,
 }
 
+/// A stream a script stores into: (name, wire name, Redis channel, excluded connection).
+type Target<'a> = (&'a str, &'a str, String, String);
+
 struct Worker {
-    client: redis::Client,
-    con: Option<redis::Connection>,
-    retry_at: Option<Instant>,
+    conns: crate::broker::cluster::Conns,
     node: Arc<str>,
     cfg: StoreConfig,
     sink: Sink,
@@ -156,6 +192,25 @@ struct Worker {
     out: Vec<(u16, StoreMsg)>,
     store: redis::Script,
     confirm: redis::Script,
+}
+
+/// A DM stored as one script per inbox, as one answer: the recipient's as to `dup` and
+/// receivers, the sender's copy's as to offset and epoch (the sender's own inbox), an error
+/// if either failed (a retry with the same id then stores only what is missing).
+fn joined(
+    rcpt: redis::RedisResult<Value>,
+    copy: redis::RedisResult<Value>,
+) -> redis::RedisResult<Value> {
+    let bad = || redis::RedisError::from((redis::ErrorKind::Parse, "bad store answer"));
+    let (Value::Array(r), Value::Array(mut c)) = (rcpt?, copy?) else {
+        return Err(bad());
+    };
+    if r.len() != 4 || c.len() != 4 {
+        return Err(bad());
+    }
+    c[0] = r[0].clone();
+    c[3] = r[3].clone();
+    Ok(Value::Array(c))
 }
 
 impl Worker {
@@ -176,78 +231,51 @@ impl Worker {
         }
     }
 
-    /// Connects (scripts loaded) unless connected; fails fast while backing off.
-    fn connect(&mut self) -> redis::RedisResult<&mut redis::Connection> {
-        if self.con.is_none() {
-            if self.retry_at.is_some_and(|t| Instant::now() < t) {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::Io,
-                    "Redis unreachable; retrying",
-                )));
-            }
-            let attempt = (|| {
-                let mut c = self.client.get_connection_with_timeout(TIMEOUT)?;
-                c.set_read_timeout(Some(TIMEOUT))?;
-                c.set_write_timeout(Some(TIMEOUT))?;
-                self.store.load(&mut c)?;
-                self.confirm.load(&mut c)?;
-                Ok::<_, redis::RedisError>(c)
-            })();
-            match attempt {
-                Ok(c) => {
-                    if self.retry_at.take().is_some() {
-                        info!("store: Redis reachable again");
-                    }
-                    self.con = Some(c);
-                }
-                Err(e) => {
-                    if self.retry_at.is_none() {
-                        warn!(error = %e, "store: Redis unreachable; qos-1 sends answer unavailable");
-                    }
-                    self.retry_at = Some(Instant::now() + RETRY);
-                    return Err(e);
-                }
+    /// `EVALSHA` of [`STORE_SCRIPT`] for `streams`, routed by the first one's slot.
+    fn store_cmd(
+        &self,
+        streams: &[Target<'_>],
+        dedup: Option<String>,
+        body: &[u8],
+        (now, retention): (u64, Retention),
+        epoch_candidate: &str,
+    ) -> (u16, redis::Cmd) {
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(self.store.get_hash())
+            .arg(streams.len() * 3 + usize::from(dedup.is_some()));
+        for (stream, ..) in streams {
+            for k in stream_keys(stream) {
+                c.arg(k);
             }
         }
-        Ok(self.con.as_mut().expect("connected"))
-    }
-
-    /// A command failed on the connection: drop it (the next request reconnects).
-    fn lost(&mut self, e: &redis::RedisError) {
-        if self.con.take().is_some() {
-            warn!(error = %e, "store: Redis connection lost");
-            // Not moved while already waiting: requests keep coming, the retry must too.
-            self.retry_at = Some(Instant::now() + RETRY);
+        if let Some(d) = dedup {
+            c.arg(d);
         }
+        c.arg(body)
+            .arg(now)
+            .arg(retention.max_count.max(1))
+            .arg(retention.ttl_ms)
+            .arg(self.cfg.dedup_window_ms.max(1))
+            .arg(epoch_candidate)
+            .arg(&*self.node)
+            .arg(self.conns.publish_cmd());
+        for (_, wire, chan, exclude) in streams {
+            c.arg(*wire).arg(chan).arg(exclude);
+        }
+        (stream_slot(streams[0].0), c)
     }
 
-    /// The cluster's epoch (set now if Redis has none).
-    fn epoch(&mut self) -> redis::RedisResult<Epoch> {
-        let candidate = new_epoch().to_string();
-        let c = self.connect()?;
-        let (e,): (String,) = redis::pipe()
-            .cmd("SET")
-            .arg("sb:epoch")
-            .arg(candidate)
-            .arg("NX")
-            .ignore()
-            .cmd("GET")
-            .arg("sb:epoch")
-            .query(c)?;
-        e.parse()
-            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Parse, "sb:epoch is not hex")))
-    }
-
-    /// Writes first (one pipeline), then reads, then every answer; true on shutdown.
+    /// Writes first (one pipeline per master), then reads, then every answer; true on
+    /// shutdown.
     fn apply(&mut self, reqs: &mut Vec<StoreReq>) -> bool {
         let now = unix_ms();
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+        let mut cmds = Vec::new();
         let mut pending = Vec::new();
         let mut reads = Vec::new();
         let mut stop = false;
         let n = reqs.len();
         let epoch_candidate = new_epoch().to_string();
+        let split = self.conns.cluster();
         for r in reqs.drain(..) {
             match r {
                 StoreReq::SendDm {
@@ -259,25 +287,63 @@ impl Worker {
                     sender,
                     sender_copy,
                 } => {
-                    let dedup = id.map(|i| format!("sb:d:{from}:{i}"));
-                    let mut inv = self.store_cmd(dedup.as_deref(), &prefix, now, self.cfg.inbox);
-                    inv.arg(&epoch_candidate).arg(&*self.node);
-                    inv.arg(inbox_stream(&to))
-                        .arg("inbox")
-                        .arg(crate::broker::user_channel(&to))
-                        .arg(if from == to {
-                            sender.map_or_else(|| "-".to_owned(), |c| c.to_string())
-                        } else {
-                            "-".to_owned()
-                        });
-                    if from != to && sender_copy {
-                        inv.arg(inbox_stream(&from))
-                            .arg("inbox")
-                            .arg(crate::broker::user_channel(&from))
-                            .arg(sender.map_or_else(|| "-".to_owned(), |c| c.to_string()));
-                    }
-                    pipe.add_command(inv);
-                    pending.push(Pending::Send { reply });
+                    let sender = sender.map_or_else(|| "-".to_owned(), |c| c.to_string());
+                    let (to_inbox, from_inbox) = (inbox_stream(&to), inbox_stream(&from));
+                    let excluded = if from == to {
+                        sender.clone()
+                    } else {
+                        "-".to_owned()
+                    };
+                    let rcpt = (
+                        to_inbox.as_str(),
+                        "inbox",
+                        crate::broker::user_channel(&to),
+                        excluded,
+                    );
+                    let copy = (from != to && sender_copy).then(|| {
+                        (
+                            from_inbox.as_str(),
+                            "inbox",
+                            crate::broker::user_channel(&from),
+                            sender,
+                        )
+                    });
+                    // Keyed in the inbox's slot: (inbox, sender, id).
+                    let dedup = |inbox: &str| {
+                        id.as_ref()
+                            .map(|i| format!("sb:d:{}:{from}:{i}", tagged(inbox)))
+                    };
+                    let when = (now, self.cfg.inbox);
+                    let ec = epoch_candidate.as_str();
+                    let scripts = match copy {
+                        Some(copy) if split => {
+                            cmds.push(self.store_cmd(&[rcpt], dedup(&to_inbox), &prefix, when, ec));
+                            cmds.push(self.store_cmd(
+                                &[copy],
+                                dedup(&from_inbox),
+                                &prefix,
+                                when,
+                                ec,
+                            ));
+                            2
+                        }
+                        Some(copy) => {
+                            let streams = [rcpt, copy];
+                            cmds.push(self.store_cmd(
+                                &streams,
+                                dedup(&to_inbox),
+                                &prefix,
+                                when,
+                                ec,
+                            ));
+                            1
+                        }
+                        None => {
+                            cmds.push(self.store_cmd(&[rcpt], dedup(&to_inbox), &prefix, when, ec));
+                            1
+                        }
+                    };
+                    pending.push(Pending::Send { reply, scripts });
                 }
                 StoreReq::Publish {
                     channel,
@@ -288,25 +354,26 @@ impl Worker {
                     reply,
                 } => {
                     let stream = channel_stream(&channel);
-                    let dedup = id.map(|i| format!("sb:d:{publisher}:{stream}/{i}"));
-                    let mut inv = self.store_cmd(dedup.as_deref(), &prefix, now, retention);
-                    inv.arg(&epoch_candidate).arg(&*self.node);
-                    inv.arg(&stream)
-                        .arg(wire_name(&stream))
-                        .arg(crate::broker::channel_channel(&channel))
-                        .arg("-");
-                    pipe.add_command(inv);
+                    let dedup = id.map(|i| format!("sb:d:{}:{publisher}/{i}", tagged(&stream)));
+                    let streams = [(
+                        stream.as_str(),
+                        wire_name(&stream),
+                        crate::broker::channel_channel(&channel),
+                        "-".to_owned(),
+                    )];
+                    let when = (now, retention);
+                    cmds.push(self.store_cmd(&streams, dedup, &prefix, when, &epoch_candidate));
                     pending.push(Pending::Publish { reply, channel });
                 }
                 StoreReq::Confirm { user, offset } => {
+                    let stream = inbox_stream(&user);
                     let mut inv = redis::cmd("EVALSHA");
                     inv.arg(self.confirm.get_hash())
                         .arg(2)
-                        .arg(CONFIRMED)
-                        .arg(format!("sb:o:{}", inbox_stream(&user)))
-                        .arg(&*user)
+                        .arg(confirmed_key(&user))
+                        .arg(&stream_keys(&stream)[1])
                         .arg(offset);
-                    pipe.add_command(inv);
+                    cmds.push((stream_slot(&stream), inv));
                     pending.push(Pending::Confirm);
                 }
                 StoreReq::Shutdown => stop = true,
@@ -315,24 +382,24 @@ impl Worker {
         }
         if !pending.is_empty() {
             let t = Instant::now();
-            let answers = match self.connect() {
-                Ok(c) => pipe.query::<Vec<redis::RedisResult<Value>>>(c),
-                Err(e) => Err(e),
+            let answers = self.conns.run(&cmds);
+            let us = t.elapsed().as_micros() as u64;
+            self.metrics.commit(us, pending.len() as u64, n as u64);
+            let mut answers = answers.into_iter();
+            let mut next = || {
+                answers.next().unwrap_or_else(|| {
+                    Err(redis::RedisError::from((redis::ErrorKind::Io, "no answer")))
+                })
             };
-            match answers {
-                Ok(answers) => {
-                    let us = t.elapsed().as_micros() as u64;
-                    self.metrics.commit(us, pending.len() as u64, n as u64);
-                    for (p, a) in pending.into_iter().zip(answers) {
-                        self.answer(p, a);
+            for p in pending {
+                let a = match p {
+                    Pending::Send { scripts: 2, .. } => {
+                        let rcpt = next();
+                        joined(rcpt, next())
                     }
-                }
-                Err(e) => {
-                    self.lost(&e);
-                    for p in pending {
-                        self.answer(p, Err(e.clone()));
-                    }
-                }
+                    _ => next(),
+                };
+                self.answer(p, a);
             }
         }
         for r in reads {
@@ -342,31 +409,10 @@ impl Worker {
         stop
     }
 
-    /// `EVALSHA` of [`STORE_SCRIPT`] up to its per-stream arguments (the epoch candidate
-    /// and the node come next).
-    fn store_cmd(
-        &self,
-        dedup: Option<&str>,
-        body: &[u8],
-        now: u64,
-        retention: Retention,
-    ) -> redis::Cmd {
-        let mut c = redis::cmd("EVALSHA");
-        c.arg(self.store.get_hash())
-            .arg(1)
-            .arg(dedup.unwrap_or(""))
-            .arg(body)
-            .arg(now)
-            .arg(retention.max_count.max(1))
-            .arg(retention.ttl_ms)
-            .arg(self.cfg.dedup_window_ms.max(1));
-        c
-    }
-
     /// Answers the sender of a stored (or refused) message.
     fn answer(&mut self, p: Pending, a: redis::RedisResult<Value>) {
         let (reply, channel) = match p {
-            Pending::Send { reply } => (reply, None),
+            Pending::Send { reply, .. } => (reply, None),
             Pending::Publish { reply, channel } => (reply, Some(channel)),
             Pending::Confirm => {
                 if let Err(e) = a {
@@ -412,9 +458,7 @@ impl Worker {
                 let why = if e.to_string().contains("OOM") {
                     Refusal::Full
                 } else {
-                    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
-                        self.lost(&e);
-                    } else {
+                    if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped()) {
                         error!(error = %e, "store: Redis refused a message");
                     }
                     Refusal::Unavailable
@@ -429,21 +473,28 @@ impl Worker {
         self.out.push((shard, msg));
     }
 
-    /// Where `stream` stands in Redis.
+    /// Where `stream` stands in Redis (its epoch set now if it has none: the first message
+    /// stored will carry the same).
     fn head(&mut self, stream: &str) -> redis::RedisResult<Head> {
-        let c = self.connect()?;
-        let (epoch, top, first): (Option<String>, Option<u64>, Value) = redis::pipe()
-            .cmd("GET")
-            .arg("sb:epoch")
-            .cmd("GET")
-            .arg(format!("sb:o:{stream}"))
-            .cmd("XRANGE")
-            .arg(format!("sb:x:{stream}"))
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1)
-            .query(c)?;
+        let [ek, ok, xk] = stream_keys(stream);
+        let slot = stream_slot(stream);
+        let mut set = redis::cmd("SET");
+        set.arg(&ek).arg(new_epoch().to_string()).arg("NX");
+        let mut get = redis::cmd("GET");
+        get.arg(&ek);
+        let mut top = redis::cmd("GET");
+        top.arg(&ok);
+        let mut first = redis::cmd("XRANGE");
+        first.arg(&xk).arg("-").arg("+").arg("COUNT").arg(1);
+        let mut a = self
+            .conns
+            .run(&[(slot, set), (slot, get), (slot, top), (slot, first)])
+            .into_iter();
+        let mut next = || a.next().unwrap_or(Ok(Value::Nil));
+        next()?;
+        let epoch: Option<String> = redis::from_redis_value(next()?)?;
+        let top: Option<u64> = redis::from_redis_value(next()?)?;
+        let first = next()?;
         let top = top.unwrap_or(0);
         let first = entries(first).first().map_or(top + 1, |e| e.0);
         Ok(Head {
@@ -464,14 +515,13 @@ impl Worker {
         from: u64,
         limit: usize,
     ) -> redis::RedisResult<Vec<(u64, Bytes)>> {
-        let c = self.connect()?;
-        let v: Value = redis::cmd("XRANGE")
-            .arg(format!("sb:x:{stream}"))
+        let mut c = redis::cmd("XRANGE");
+        c.arg(&stream_keys(stream)[2])
             .arg(format!("{from}-0"))
             .arg("+")
             .arg("COUNT")
-            .arg(limit)
-            .query(c)?;
+            .arg(limit);
+        let v = self.conns.run_one(stream_slot(stream), c)?;
         let wire = wire_name(stream);
         Ok(entries(v)
             .into_iter()
@@ -505,9 +555,10 @@ impl Worker {
     }
 
     fn confirmed(&mut self, user: &str) -> redis::RedisResult<u64> {
-        let c = self.connect()?;
-        let v: Option<u64> = redis::cmd("HGET").arg(CONFIRMED).arg(user).query(c)?;
-        Ok(v.unwrap_or(0))
+        let mut c = redis::cmd("GET");
+        c.arg(confirmed_key(user));
+        let v = self.conns.run_one(stream_slot(&inbox_stream(user)), c)?;
+        Ok(redis::from_redis_value::<Option<u64>>(v)?.unwrap_or(0))
     }
 
     /// Answers a read; Redis unreachable → an answer that says so (never a silent drop).
@@ -516,7 +567,7 @@ impl Worker {
             Ok(Some(answer)) => self.out.push(answer),
             Ok(None) => {}
             Err(e) => {
-                self.lost(&e);
+                warn!(error = %e, "store: a read failed; answered unavailable");
                 self.unavailable(r);
             }
         }
