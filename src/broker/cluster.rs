@@ -47,6 +47,17 @@ pub fn slot(key: &[u8]) -> u16 {
     crc16(tagged.unwrap_or(key)) % SLOTS as u16
 }
 
+/// The slot of `prefix{name}` (a key or channel tagged with a name) without building it.
+pub fn tagged_slot(prefix: &str, name: &str) -> u16 {
+    match name.find('}') {
+        // `{}…`: an empty tag, the whole key counts.
+        Some(0) => slot(format!("{prefix}{{{name}}}").as_bytes()),
+        None if name.is_empty() => slot(format!("{prefix}{{}}").as_bytes()),
+        Some(end) => crc16(&name.as_bytes()[..end]) % SLOTS as u16,
+        None => crc16(name.as_bytes()) % SLOTS as u16,
+    }
+}
+
 /// Which master holds each slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotMap {
@@ -233,6 +244,12 @@ impl Conns {
         } else {
             "PUBLISH"
         }
+    }
+
+    /// Whether the connection to the master at `addr` is open (`None`: not a master now).
+    pub fn up_at(&self, addr: &(String, u16)) -> Option<bool> {
+        let i = self.map.masters.iter().position(|a| a == addr)?;
+        Some(self.links[i].con.is_some())
     }
 
     /// Whether every master's connection is open.
@@ -447,6 +464,13 @@ mod tests {
         assert_eq!(slot(b"sb:u:{bob}"), 8955, "the hash tag decides");
         assert_eq!(slot(b"sb:{}x"), 15106, "an empty tag does not count");
         assert_eq!(slot(b"sb:x:inbox:{bob}"), slot(b"sb:u:{bob}"));
+        for name in ["bob", "a}b", "}x", "", "{y}"] {
+            assert_eq!(
+                tagged_slot("sb:u:", name),
+                slot(format!("sb:u:{{{name}}}").as_bytes()),
+                "{name}"
+            );
+        }
     }
 
     #[test]

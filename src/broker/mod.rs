@@ -22,7 +22,7 @@ mod resp;
 mod subscriber;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -306,34 +306,46 @@ pub struct BrokerHandle {
     up: Arc<Up>,
 }
 
-/// Whether each Redis connection is up.
-#[derive(Debug, Default)]
+/// Whether each Redis connection is up, per master of the slot map at start.
+#[derive(Debug)]
 struct Up {
-    publisher: AtomicBool,
-    /// Subscriber threads whose connection is down.
-    subscribers_down: AtomicUsize,
+    /// The publisher's connection to each master.
+    publisher: Vec<AtomicBool>,
+    /// Each master's subscriber.
+    subscriber: Vec<AtomicBool>,
     /// Bumped at every reconnect of the publisher.
     generation: std::sync::atomic::AtomicU64,
 }
 
 impl Up {
-    fn both(&self) -> bool {
-        self.publisher.load(Ordering::Relaxed) && self.subscribers_down.load(Ordering::Relaxed) == 0
-    }
-
-    fn set(&self, which: &AtomicBool, v: bool, m: &BrokerMetrics) {
-        which.store(v, Ordering::Relaxed);
-        m.connected.store(u64::from(self.both()), Ordering::Relaxed);
-    }
-
-    /// A subscriber's connection went down (`true`) or came back.
-    fn subscriber_down(&self, down: bool, m: &BrokerMetrics) {
-        if down {
-            self.subscribers_down.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.subscribers_down.fetch_sub(1, Ordering::Relaxed);
+    fn new(masters: usize) -> Up {
+        let up = || (0..masters).map(|_| AtomicBool::new(true)).collect();
+        Up {
+            publisher: up(),
+            subscriber: up(),
+            generation: Default::default(),
         }
-        m.connected.store(u64::from(self.both()), Ordering::Relaxed);
+    }
+
+    /// Whether every connection is up.
+    fn all(&self) -> bool {
+        (0..self.publisher.len()).all(|i| self.master(i))
+    }
+
+    /// Whether master `i` can be published to and heard from.
+    fn master(&self, i: usize) -> bool {
+        self.publisher[i].load(Ordering::Relaxed) && self.subscriber[i].load(Ordering::Relaxed)
+    }
+
+    /// Sets the publisher's (`publisher`) or the subscriber's state for master `i`.
+    fn set(&self, publisher: bool, i: usize, v: bool, m: &BrokerMetrics) {
+        let which = if publisher {
+            &self.publisher
+        } else {
+            &self.subscriber
+        };
+        which[i].store(v, Ordering::Relaxed);
+        m.connected.store(u64::from(self.all()), Ordering::Relaxed);
     }
 }
 
@@ -352,9 +364,35 @@ impl BrokerHandle {
         let _ = self.interest[self.map.owner_of(&c.name)].send(c);
     }
 
-    /// Whether Redis is reachable right now.
+    /// Whether Redis (every master of a cluster) is reachable right now.
     pub fn is_up(&self) -> bool {
-        self.up.both()
+        self.up.all()
+    }
+
+    /// Whether the master that carries `user`'s DMs is reachable (in a cluster the others
+    /// may be down).
+    pub fn reachable_user(&self, user: &str) -> bool {
+        self.reachable_at(cluster::tagged_slot("sb:u:", user))
+    }
+
+    /// Whether the master that carries `req` is reachable.
+    pub fn reachable(&self, req: &BrokerReq) -> bool {
+        let slot = match req {
+            BrokerReq::User { user, .. } | BrokerReq::Disconnect { user, .. } => {
+                cluster::tagged_slot("sb:u:", user)
+            }
+            BrokerReq::Channel { channel, .. } => cluster::tagged_slot("sb:c:", channel),
+            BrokerReq::Broadcast { .. } => cluster::slot(ALL.as_bytes()),
+            BrokerReq::Presence { .. } | BrokerReq::Resync { .. } => {
+                cluster::tagged_slot("sb:n:", &self.node)
+            }
+            BrokerReq::Count { .. } | BrokerReq::Members { .. } => return self.is_up(),
+        };
+        self.reachable_at(slot)
+    }
+
+    fn reachable_at(&self, slot: u16) -> bool {
+        self.up.master(self.map.owner(slot))
     }
 
     /// Changes at every reconnect to Redis: shards then rewrite their counts
@@ -549,8 +587,8 @@ impl Broker {
         let map = Arc::new(map);
         let stop = Arc::new(AtomicBool::new(false));
         let metrics = Arc::new(BrokerMetrics::default());
-        let up = Arc::new(Up::default());
-        up.set(&up.publisher, true, &metrics);
+        let up = Arc::new(Up::new(map.masters.len()));
+        metrics.connected.store(1, Ordering::Relaxed);
         let sink = Arc::new(sink);
         let mut publisher = publisher::Publisher {
             conns,
@@ -560,6 +598,7 @@ impl Broker {
             metrics: metrics.clone(),
             up: up.clone(),
             was_up: true,
+            masters: map.masters.clone(),
         };
         let (ptx, prx) = crossbeam_channel::bounded(BROKER_QUEUE);
         let mut threads = vec![std::thread::Builder::new()

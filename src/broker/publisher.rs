@@ -97,6 +97,8 @@ pub(super) struct Publisher {
     pub(super) up: Arc<Up>,
     /// Whether every master was reachable after the last round.
     pub(super) was_up: bool,
+    /// The masters of the slot map at start (the indexes of [`Up`]).
+    pub(super) masters: Vec<(String, u16)>,
 }
 
 impl Publisher {
@@ -114,7 +116,10 @@ impl Publisher {
             self.metrics.disconnects.fetch_add(1, Ordering::Relaxed);
         }
         self.was_up = now;
-        self.up.set(&self.up.publisher, now, &self.metrics);
+        for (i, addr) in self.masters.iter().enumerate() {
+            let v = self.conns.up_at(addr).unwrap_or(now);
+            self.up.set(true, i, v, &self.metrics);
+        }
     }
 
     /// Announces this node alive (and, at start, forgets its old presence counts).

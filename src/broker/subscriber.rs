@@ -190,7 +190,7 @@ impl Subscriber {
     fn set_down(&mut self, down: bool) {
         if down != self.down {
             self.down = down;
-            self.up.subscriber_down(down, &self.metrics);
+            self.up.set(false, self.index, !down, &self.metrics);
         }
     }
 

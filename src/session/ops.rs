@@ -455,7 +455,7 @@ impl<T: Transport> Sessions<T> {
                 member,
                 delta,
             };
-            if b.is_up() && b.publish(req).is_err() {
+            if b.reachable(&req) && b.publish(req).is_err() {
                 ShardMetrics::add(&self.m().dropped, 1);
             }
         }
@@ -694,7 +694,7 @@ impl<T: Transport> Sessions<T> {
     /// it, counted in `dropped` (at most once).
     pub(super) fn send_to_other_nodes(&mut self, req: BrokerReq) {
         if let Some(b) = &self.broker {
-            if !b.is_up() || b.publish(req).is_err() {
+            if !b.reachable(&req) || b.publish(req).is_err() {
                 ShardMetrics::add(&self.m().dropped, 1);
             }
         }
@@ -735,7 +735,8 @@ impl<T: Transport> Sessions<T> {
         let online = self.fanout_home(&to, &f, exclude);
         let mut reply = reply;
         if let Some(b) = &self.broker {
-            if !b.is_up() {
+            // In a cluster only the master that carries `to`'s DMs matters.
+            if !b.reachable_user(&to) {
                 if !online {
                     if let Some(r) = reply.take() {
                         return self.answer_routed(r, Answer::Unavailable);
