@@ -7,7 +7,8 @@
 #
 # Environment: SB_CLUSTER_DIR (state, logs; default /tmp/switchboard-cluster),
 # SB_BIN (default target/release/switchboard), SB_BASE_PORT (default 8081),
-# SB_REDIS_PORT (default 6399).
+# SB_REDIS_PORT (default 6399), SB_REDIS_MASTERS (default 1: one plain Redis; M > 1: a Redis
+# Cluster of M masters on ports SB_REDIS_PORT.., slots split evenly, no replicas).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${SB_CLUSTER_DIR:-/tmp/switchboard-cluster}
@@ -51,10 +52,34 @@ case "${1:-}" in
       exit 1
     fi
     mkdir -p "$DIR"
-    redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$DIR" \
-      >"$DIR/redis.log" 2>&1 &
-    echo $! >"$DIR/redis.pid"
-    wait_for "redis-server on $RPORT" redis-cli -p "$RPORT" ping
+    MASTERS=${SB_REDIS_MASTERS:-1}
+    if [ "$MASTERS" -le 1 ]; then
+      redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$DIR" \
+        >"$DIR/redis.log" 2>&1 &
+      echo $! >"$DIR/redis.pid"
+      wait_for "redis-server on $RPORT" redis-cli -p "$RPORT" ping
+    else
+      per=$((16384 / MASTERS))
+      for m in $(seq 0 $((MASTERS - 1))); do
+        p=$((RPORT + m))
+        rm -rf "$DIR/redis$m" && mkdir -p "$DIR/redis$m"
+        redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$DIR/redis$m" \
+          --cluster-enabled yes --cluster-config-file nodes.conf \
+          --cluster-require-full-coverage no >"$DIR/redis$m.log" 2>&1 &
+        echo $! >"$DIR/redis$m.pid"
+        wait_for "redis-server on $p" redis-cli -p "$p" ping
+        from=$((m * per)); to=$(( m == MASTERS - 1 ? 16383 : (m + 1) * per - 1 ))
+        redis-cli -p "$p" cluster addslotsrange "$from" "$to" >/dev/null
+        [ "$m" -gt 0 ] && redis-cli -p "$RPORT" cluster meet 127.0.0.1 "$p" >/dev/null
+      done
+      cluster_ok() {
+        for m in $(seq 0 $((MASTERS - 1))); do
+          redis-cli -p $((RPORT + m)) cluster info | grep -q "cluster_size:$MASTERS" || return 1
+          redis-cli -p $((RPORT + m)) cluster info | grep -q 'cluster_state:ok' || return 1
+        done
+      }
+      wait_for "the Redis Cluster" cluster_ok
+    fi
     for i in $(seq 1 "$N"); do
       port=$((BASE + i - 1))
       "$BIN" --listen "127.0.0.1:$port" --broker "redis://127.0.0.1:$RPORT" --node-id "node$i" \
@@ -66,15 +91,15 @@ case "${1:-}" in
       wait_for "node$i on $port" curl -sf "http://127.0.0.1:$port/healthz"
       echo "node$i  ws://127.0.0.1:$port/ws  (log $DIR/node$i.log)"
     done
-    echo "redis  redis://127.0.0.1:$RPORT"
+    echo "redis  redis://127.0.0.1:$RPORT  ($MASTERS master(s))"
     ;;
   down)
     for f in "$DIR"/node*.pid; do [ -e "$f" ] && stop_pid "$f"; done
-    [ -e "$DIR/redis.pid" ] && stop_pid "$DIR/redis.pid"
+    for f in "$DIR"/redis*.pid; do [ -e "$f" ] && stop_pid "$f"; done
     echo "cluster: down"
     ;;
   *)
-    sed -n '2,12p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac

@@ -29,9 +29,10 @@ fn server(extra: &[&str]) -> (Running, String) {
         "2",
         "--shutdown-grace-ms",
         "1000",
-        "--store",
-        "memory",
     ];
+    if !extra.contains(&"--store") {
+        args.extend(["--store", "memory"]);
+    }
     args.extend_from_slice(extra);
     let mut cfg = <Options as clap::Parser>::parse_from(args).load().unwrap();
     cfg.fd_table = FdTableMode::Shared;
@@ -465,13 +466,40 @@ mod redis;
 #[test]
 fn dm_across_three_nodes_loses_nothing() {
     let redis = redis::Redis::start();
-    let broker = redis.url();
+    dm_across_three_nodes(&redis.url(), &[], "dm-cluster");
+}
+
+#[test]
+fn dm_across_three_nodes_on_a_redis_cluster_loses_nothing_at_qos_1() {
+    let cluster = redis::RedisCluster::start(3);
+    let before = cluster.calls("evalsha");
+    dm_across_three_nodes(&cluster.url(), &["--store", "redis"], "dm-rcluster");
+    // Stored in the cluster's streams (two scripts per DM: one per inbox), never published
+    // cluster-wide.
+    assert!(
+        cluster.calls("evalsha") > before + 8000,
+        "{}",
+        cluster.calls("evalsha")
+    );
+    assert_eq!(cluster.calls("publish"), 0);
+}
+
+/// `loadgen dm` over three nodes sharing `broker`: every DM arrives once, in order.
+fn dm_across_three_nodes(broker: &str, extra: &[&str], name: &str) {
+    let qos1 = extra.contains(&"redis");
     let nodes: Vec<(Running, String)> = ["n1", "n2", "n3"]
         .iter()
-        .map(|id| server(&["--broker", &broker, "--node-id", id]))
+        .map(|id| {
+            let mut args = vec!["--broker", broker, "--node-id", id];
+            args.extend_from_slice(extra);
+            server(&args)
+        })
         .collect();
-    let out = out_dir("dm-cluster");
+    let out = out_dir(name);
     let mut args = vec!["dm"];
+    if qos1 {
+        args.extend(["--qos", "1"]);
+    }
     for (_, url) in &nodes {
         args.extend(["--url", url.as_str()]);
     }
