@@ -79,6 +79,15 @@ impl SlotMap {
         }
     }
 
+    /// A Redis Cluster map that puts every slot on one master: wrong until the first `MOVED`
+    /// refreshes it (how a map goes stale when slots move; tests start from it).
+    pub fn stale(host: String, port: u16) -> SlotMap {
+        SlotMap {
+            cluster: true,
+            ..SlotMap::single(host, port)
+        }
+    }
+
     /// The master that holds `slot`.
     pub fn owner(&self, slot: u16) -> usize {
         usize::from(self.owner[usize::from(slot) % SLOTS])

@@ -237,6 +237,16 @@ impl Redis {
             .unwrap_or(0)
     }
 
+    /// Errors of `kind` (e.g. `MOVED`) answered, from `INFO errorstats`.
+    pub fn errors(&self, kind: &str) -> u64 {
+        let info = self.command("INFO errorstats").unwrap_or_default();
+        let key = format!("errorstat_{kind}:count=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Keys in the database.
     pub fn dbsize(&self) -> u64 {
         self.command("DBSIZE")
