@@ -353,38 +353,42 @@ impl Conns {
             for &i in &todo {
                 by_master[self.map.owner(cmds[i].0)].push(i);
             }
-            let mut moved = Vec::new();
+            // Every master's pipeline goes out first, then the answers are read: the round
+            // trips overlap.
+            let mut sent: Vec<(usize, Vec<usize>)> = Vec::with_capacity(by_master.len());
             for (m, idx) in by_master.into_iter().enumerate() {
                 if idx.is_empty() {
                     continue;
                 }
-                let mut pipe = redis::pipe();
-                pipe.ignore_errors();
+                let mut packed = Vec::new();
                 for &i in &idx {
-                    pipe.add_command(cmds[i].1.clone());
+                    packed.extend_from_slice(&cmds[i].1.get_packed_command());
                 }
-                let answers = match self.con(m) {
-                    Ok(c) => pipe.query::<Vec<RedisResult<Value>>>(c),
-                    Err(e) => Err(e),
-                };
-                match answers {
-                    Ok(answers) => {
-                        for (i, a) in idx.into_iter().zip(answers) {
-                            let is_moved = matches!(&a, Err(e) if e.redirect_node().is_some());
-                            if is_moved && attempt == 0 && self.map.cluster {
-                                moved.push(i);
-                            } else {
-                                out[i] = Some(a);
-                            }
+                let written = self.con(m).and_then(|c| c.send_packed_command(&packed));
+                match written {
+                    Ok(()) => sent.push((m, idx)),
+                    Err(e) => self.fail(m, &idx, e, &mut out),
+                }
+            }
+            let mut moved = Vec::new();
+            for (m, idx) in sent {
+                for (k, &i) in idx.iter().enumerate() {
+                    let Some(c) = self.links[m].con.as_mut() else {
+                        break;
+                    };
+                    let a: RedisResult<Value> = match c.recv_response() {
+                        Ok(Value::ServerError(e)) => Err(e.into()),
+                        Ok(v) => Ok(v),
+                        Err(e) => {
+                            self.fail(m, &idx[k..], e, &mut out);
+                            break;
                         }
-                    }
-                    Err(e) => {
-                        if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
-                            self.drop_link(m, &e);
-                        }
-                        for i in idx {
-                            out[i] = Some(Err(e.clone()));
-                        }
+                    };
+                    let is_moved = matches!(&a, Err(e) if e.redirect_node().is_some());
+                    if is_moved && attempt == 0 && self.map.cluster {
+                        moved.push(i);
+                    } else {
+                        out[i] = Some(a);
                     }
                 }
             }
@@ -397,6 +401,21 @@ impl Conns {
         out.into_iter()
             .map(|a| a.unwrap_or_else(|| Err(io_error("not sent"))))
             .collect()
+    }
+
+    /// Answers `idx` with `e` and closes master `m`'s link: the replies on it are out of step
+    /// now (what it had been sent may or may not have run: never sent again).
+    fn fail(
+        &mut self,
+        m: usize,
+        idx: &[usize],
+        e: redis::RedisError,
+        out: &mut [Option<RedisResult<Value>>],
+    ) {
+        self.drop_link(m, &e);
+        for &i in idx {
+            out[i] = Some(Err(e.clone()));
+        }
     }
 
     /// Runs one command where `slot` lives.
