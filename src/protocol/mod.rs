@@ -162,11 +162,11 @@ pub struct RequestError<'a> {
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     op: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     to: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     channel: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
@@ -174,7 +174,7 @@ struct Envelope<'a> {
     id: Option<&'a RawValue>,
     #[serde(default)]
     qos: Option<u64>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     stream: Option<Cow<'a, str>>,
     #[serde(default)]
     offset: Option<u64>,
@@ -184,6 +184,17 @@ struct Envelope<'a> {
     limit: Option<u64>,
     #[serde(default)]
     join_leave: Option<bool>,
+}
+
+/// An optional string that borrows from the message unless it has escapes: serde borrows a
+/// `Cow` only as a field of its own, not inside an `Option` (each would be a heap copy).
+fn borrowed<'de: 'a, 'a, D>(d: D) -> Result<Option<Cow<'a, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    struct Text<'b>(#[serde(borrow)] Cow<'b, str>);
+    Ok(Option::<Text<'a>>::deserialize(d)?.map(|t| t.0))
 }
 
 const NULL_JSON: &str = "null";
@@ -502,6 +513,17 @@ pub fn ack(id: &str) -> Bytes {
     b.finish()
 }
 
+/// [`ack`] written into `out` (a reused buffer: nothing allocated once it is large enough).
+pub fn ack_into(out: &mut BytesMut, id: &str) {
+    let mut b = Builder {
+        buf: std::mem::take(out),
+    };
+    put(&mut b, br#"{"op":"ack","id":"#);
+    put_json(&mut b, id.as_bytes());
+    put(&mut b, b"}");
+    *out = b.buf;
+}
+
 /// `{"op":"error","id":..,"code":..,"message":..}` (`id` omitted when unknown).
 /// `id` is the raw JSON of the request's id.
 pub fn error(id: Option<&str>, code: ErrorCode, message: &str) -> Bytes {
@@ -666,6 +688,22 @@ mod tests {
         assert!(!p.contains(&b'\n') && !p.contains(&b'\r'));
         assert_eq!(payload(&p)["data"], serde_json::json!({"a": [1, 2]}));
         assert!(!pong(&data).contains(&b'\n'));
+    }
+
+    #[test]
+    fn names_borrow_from_the_message_unless_escaped() {
+        let p = parse(r#"{"op":"send","to":"bob","data":1}"#).unwrap();
+        assert!(matches!(
+            p.op,
+            Op::Send {
+                to: Cow::Borrowed("bob"),
+                ..
+            }
+        ));
+        let p = parse(r#"{"op":"send","to":"b\u006fb","data":1}"#).unwrap();
+        assert!(matches!(p.op, Op::Send { to: Cow::Owned(ref t), .. } if t == "bob"));
+        let p = parse(r#"{"op":"s\u0065nd","to":"bob","data":1}"#).unwrap();
+        assert!(matches!(p.op, Op::Send { .. }), "an escaped op still reads");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 
 /// Size of a pooled read buffer: one read syscall fills at most this much.
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -138,10 +138,19 @@ pub struct Chunk {
     pub first: bool,
 }
 
+/// Largest unit copied into an outbox's own buffer ([`Outbox::push_copied`]).
+pub const SMALL_UNIT_MAX: usize = 1024;
+/// An outbox keeps an own buffer up to this capacity when it goes back to the pool.
+const SMALL_KEEP: usize = 64 * 1024;
+
 /// Output waiting for the socket. Payloads are shared (`Bytes`) with the other recipients of
 /// a fan-out; headers are per connection.
 #[derive(Debug, Default)]
 pub struct Outbox {
+    /// The connection's own contiguous buffer: small units for it alone are appended here and
+    /// queued as slices of it. Once every slice is written the space is reused in place, so
+    /// a steady stream of them allocates nothing.
+    pub small: BytesMut,
     /// Pieces in order; the head may be partly written.
     pub queue: VecDeque<Chunk>,
     /// Bytes queued.
@@ -153,6 +162,20 @@ pub struct Outbox {
 impl Outbox {
     /// Appends a whole unit held in one buffer (a response, a control frame).
     pub fn push(&mut self, unit: Bytes) {
+        self.push_piece(Piece::Shared(unit), true);
+    }
+
+    /// Appends a unit of this connection's own (`head` + `payload`, at most
+    /// [`SMALL_UNIT_MAX`]) copied into its buffer.
+    pub fn push_copied(&mut self, head: &[u8], payload: &[u8]) {
+        let n = head.len() + payload.len();
+        if self.small.capacity() - self.small.len() < n {
+            // Reclaims the buffer in place when no queued slice holds it any more.
+            self.small.reserve(n.max(1024));
+        }
+        self.small.extend_from_slice(head);
+        self.small.extend_from_slice(payload);
+        let unit = self.small.split().freeze();
         self.push_piece(Piece::Shared(unit), true);
     }
 
@@ -295,6 +318,9 @@ impl BufPool {
             o.queue.clear();
             o.bytes = 0;
             o.head_partial = false;
+            if o.small.capacity() > SMALL_KEEP {
+                o.small = BytesMut::new();
+            }
             self.outboxes.push(o);
         }
     }

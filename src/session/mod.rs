@@ -156,6 +156,9 @@ pub struct Sessions<T: Transport> {
     half_open: u32,
     /// permessage-deflate: the shard's compressors (no context is kept between messages).
     deflater: crate::ws::deflate::Deflater,
+    /// Where a reply for one connection is written before it is copied into its outbox
+    /// (reused: an `ack` allocates nothing).
+    scratch_reply: bytes::BytesMut,
     /// permessage-deflate: the inflater of clients without context takeover, reset per
     /// message.
     inflater: Option<Box<flate2::Decompress>>,
@@ -243,6 +246,7 @@ impl<T: Transport> Sessions<T> {
             gate: Default::default(),
             half_open: 0,
             deflater: Default::default(),
+            scratch_reply: bytes::BytesMut::new(),
             inflater: None,
             store: shared.store,
             store_metrics: shared.store_metrics,
@@ -751,5 +755,7 @@ fn admit(open_total: &AtomicUsize, max: usize) -> bool {
     open_total.fetch_add(1, Ordering::AcqRel) < max
 }
 
+#[cfg(test)]
+mod allocs;
 #[cfg(test)]
 mod tests;

@@ -180,7 +180,7 @@ impl<T: Transport> Sessions<T> {
         ShardMetrics::add(&self.m().messages_in, 1);
         if self.cfg.echo {
             let opcode = if text { Data::Text } else { Data::Binary };
-            self.deliver_data(key, opcode, Bytes::copy_from_slice(payload));
+            self.deliver_data(key, opcode, super::output::Out::Own(payload));
             return;
         }
         // Validated as UTF-8 by the caller.
@@ -833,7 +833,14 @@ impl<T: Transport> Sessions<T> {
             return;
         }
         let f = match online {
-            Some(true) => protocol::ack(&reply.id),
+            Some(true) => {
+                let mut s = std::mem::take(&mut self.scratch_reply);
+                s.clear();
+                protocol::ack_into(&mut s, &reply.id);
+                self.deliver_data(key, Data::Text, super::output::Out::Own(&s));
+                self.scratch_reply = s;
+                return;
+            }
             Some(false) => protocol::error(
                 Some(&reply.id),
                 ErrorCode::UserOffline,

@@ -7,12 +7,21 @@ use std::io::Write;
 use bytes::Bytes;
 use tracing::debug;
 
-use super::buffers::{Outbox, Piece, INLINE_MAX};
+use super::buffers::{Outbox, Piece, INLINE_MAX, SMALL_UNIT_MAX};
 use super::conn::{flush, ConnState, Flags, Flushed, Transport};
 use super::Sessions;
 use crate::metrics::ShardMetrics;
 use crate::ws::close::{self as code};
 use crate::ws::frame::{self, Data, OpCode};
+
+/// What a delivery carries.
+pub(super) enum Out<'a> {
+    /// A payload shared with the other recipients (a fan-out serializes it once).
+    Shared(Bytes),
+    /// Bytes for this connection alone (an echo): a small unit is copied into its outbox's
+    /// own buffer, no allocation of its own.
+    Own(&'a [u8]),
+}
 
 impl<T: Transport> Sessions<T> {
     /// Queues a reply (ack, error, pong) to the requesting connection.
@@ -24,13 +33,13 @@ impl<T: Transport> Sessions<T> {
     /// connection, framed for its transport, enforcing `--max-outbound-bytes`. True when
     /// queued.
     pub(super) fn deliver(&mut self, key: usize, payload: &Bytes) -> bool {
-        self.deliver_data(key, Data::Text, payload.clone())
+        self.deliver_data(key, Data::Text, Out::Shared(payload.clone()))
     }
 
     /// [`deliver`](Self::deliver) for any data opcode (echo mode answers binary too).
     /// A WebSocket gets a frame header then the payload; an event stream gets
     /// `id: N\ndata: ` + payload + a blank line (event payloads never hold a newline).
-    pub(super) fn deliver_data(&mut self, key: usize, opcode: Data, payload: Bytes) -> bool {
+    pub(super) fn deliver_data(&mut self, key: usize, opcode: Data, payload: Out<'_>) -> bool {
         let Some(c) = self.conns.get_mut(key) else {
             return false;
         };
@@ -43,24 +52,41 @@ impl<T: Transport> Sessions<T> {
             return false;
         }
         // permessage-deflate: compressed once per message, whoever it goes to.
-        let deflate = c.flags.has(Flags::DEFLATE) && payload.len() >= self.cfg.deflate_min_bytes;
-        let zipped = if deflate {
-            let bits = c.extra.as_deref().map_or(15, |e| e.deflate_bits);
-            // --deflate-min-bytes 0: every message, even one that does not get smaller.
-            let always = self.cfg.deflate_min_bytes == 0;
-            self.deflater.compress(&payload, bits, always)
-        } else {
-            None
+        let len = match &payload {
+            Out::Shared(b) => b.len(),
+            Out::Own(s) => s.len(),
+        };
+        let deflate = c.flags.has(Flags::DEFLATE) && len >= self.cfg.deflate_min_bytes;
+        // The compressor takes shared payloads (it remembers the last one for a fan-out).
+        let payload = match payload {
+            Out::Own(s) if deflate => Out::Shared(Bytes::copy_from_slice(s)),
+            p => p,
+        };
+        let zipped = match &payload {
+            Out::Shared(b) if deflate => {
+                let bits = c.extra.as_deref().map_or(15, |e| e.deflate_bits);
+                // --deflate-min-bytes 0: every message, even one that does not get smaller.
+                let always = self.cfg.deflate_min_bytes == 0;
+                self.deflater.compress(b, bits, always)
+            }
+            _ => None,
         };
         let compressed = zipped.is_some();
-        let payload = zipped.unwrap_or(payload);
+        let payload = match zipped {
+            Some(z) => Out::Shared(z),
+            None => payload,
+        };
+        let bytes: &[u8] = match &payload {
+            Out::Shared(b) => b,
+            Out::Own(s) => s,
+        };
         let c = &mut self.conns[key];
         let mut head = [0u8; INLINE_MAX];
-        let (head_len, sse) = Self::frame_head(c, opcode, &payload, &mut head);
+        let (head_len, sse) = Self::frame_head(c, opcode, bytes, &mut head);
         if compressed {
             head[0] |= 0x40; // RSV1
         }
-        let unit = head_len + payload.len() + if sse { 2 } else { 0 };
+        let unit = head_len + bytes.len() + if sse { 2 } else { 0 };
         // One unit larger than the limit still goes to an otherwise empty queue.
         let max = self.cfg.max_outbound_bytes;
         let c = &mut self.conns[key];
@@ -79,7 +105,16 @@ impl<T: Transport> Sessions<T> {
             }
         }
         ShardMetrics::add(&self.m().messages_out, 1);
-        self.queue_framed(key, &head[..head_len], payload, sse);
+        match payload {
+            Out::Own(s) if !sse && unit <= SMALL_UNIT_MAX => {
+                self.outbox(key).push_copied(&head[..head_len], s);
+                self.mark_dirty(key);
+            }
+            Out::Own(s) => {
+                self.queue_framed(key, &head[..head_len], Bytes::copy_from_slice(s), sse)
+            }
+            Out::Shared(b) => self.queue_framed(key, &head[..head_len], b, sse),
+        }
         true
     }
 

@@ -9,13 +9,13 @@ use crate::testkit::{self, ServerFrame};
 const UNIX_BASE_MS: u64 = 1_800_000_000_000;
 
 /// One shard, its clock, and helpers to act as its clients and its event loop.
-struct Harness {
+pub(super) struct Harness {
     s: Sessions<SimSocket>,
     now_ms: u64,
     pipes: Vec<(usize, SimSocket)>,
 }
 
-fn config() -> Config {
+pub(super) fn config() -> Config {
     Config {
         ping_interval_ms: 1_000,
         idle_timeout_ms: 3_000,
@@ -28,7 +28,7 @@ fn config() -> Config {
 }
 
 impl Harness {
-    fn new(cfg: Config) -> Harness {
+    pub(super) fn new(cfg: Config) -> Harness {
         Harness::with_store(cfg, None)
     }
 
@@ -45,7 +45,7 @@ impl Harness {
     }
 
     /// Accepts a connection whose outbound direction holds `capacity` bytes.
-    fn accept(&mut self, capacity: usize) -> (usize, SimSocket) {
+    pub(super) fn accept(&mut self, capacity: usize) -> (usize, SimSocket) {
         let pipe = SimSocket::new(capacity);
         let key = self.s.accept(pipe.clone(), true);
         self.pipes.push((key, pipe.clone()));
@@ -62,7 +62,7 @@ impl Harness {
     }
 
     /// One event-loop turn at the current clock.
-    fn turn(&mut self) {
+    pub(super) fn turn(&mut self) {
         self.s.set_clock(self.now_ms, UNIX_BASE_MS + self.now_ms);
         for (key, pipe) in &self.pipes {
             let (r, w) = {
@@ -92,7 +92,7 @@ impl Harness {
         self.turn();
     }
 
-    fn send(&mut self, pipe: &SimSocket, bytes: &[u8]) {
+    pub(super) fn send(&mut self, pipe: &SimSocket, bytes: &[u8]) {
         pipe.0.borrow_mut().client_write(bytes);
         self.turn();
     }
@@ -102,7 +102,7 @@ impl Harness {
     }
 
     /// An upgraded connection that read its welcome.
-    fn open(&mut self, path: &str, capacity: usize) -> (usize, SimSocket, Vec<u8>) {
+    pub(super) fn open(&mut self, path: &str, capacity: usize) -> (usize, SimSocket, Vec<u8>) {
         let (key, pipe) = self.accept(capacity);
         self.send(&pipe, testkit::upgrade_request("t", path).as_bytes());
         let mut buf = pipe.0.borrow_mut().client_read();

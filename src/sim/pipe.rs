@@ -48,7 +48,9 @@ impl PipeState {
     /// Client side: takes what the server wrote; raises the write edge if the server was
     /// blocked.
     pub fn client_read(&mut self) -> Vec<u8> {
-        let out = std::mem::take(&mut self.to_client);
+        // A copy: the server's side keeps its capacity (its writes allocate nothing).
+        let out = self.to_client.clone();
+        self.to_client.clear();
         if !out.is_empty() && self.write_blocked {
             self.write_blocked = false;
             self.write_edge = true;

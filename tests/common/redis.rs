@@ -59,14 +59,7 @@ impl Redis {
             .spawn()
             .expect("redis-server (apt-get install redis-server; .ci/run installs it)");
         let r = Redis { child, port, dir };
-        let start = Instant::now();
-        while !r.ping() {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "redis-server did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        r.wait_ping();
         r
     }
 
