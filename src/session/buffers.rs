@@ -147,9 +147,10 @@ const SMALL_KEEP: usize = 64 * 1024;
 /// a fan-out; headers are per connection.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    /// The connection's own contiguous buffer: small units for it alone are appended here and
-    /// queued as slices of it. Once every slice is written the space is reused in place, so
-    /// a steady stream of them allocates nothing.
+    /// The connection's own contiguous buffer: small units for it alone are appended here.
+    /// While they are the last thing queued they stay unsealed and go out as one slice, many
+    /// units to one iovec; a shared piece queued after them seals them into a `Bytes` first.
+    /// Once written the space is reused in place, so a steady stream allocates nothing.
     pub small: BytesMut,
     /// Pieces in order; the head may be partly written.
     pub queue: VecDeque<Chunk>,
@@ -166,17 +167,38 @@ impl Outbox {
     }
 
     /// Appends a unit of this connection's own (`head` + `payload`, at most
-    /// [`SMALL_UNIT_MAX`]) copied into its buffer.
+    /// [`SMALL_UNIT_MAX`]) copied into its buffer, after the queue.
     pub fn push_copied(&mut self, head: &[u8], payload: &[u8]) {
         let n = head.len() + payload.len();
+        if n == 0 {
+            return;
+        }
         if self.small.capacity() - self.small.len() < n {
-            // Reclaims the buffer in place when no queued slice holds it any more.
+            // Reclaims the buffer in place when no sealed slice holds it any more.
             self.small.reserve(n.max(1024));
         }
         self.small.extend_from_slice(head);
         self.small.extend_from_slice(payload);
-        let unit = self.small.split().freeze();
-        self.push_piece(Piece::Shared(unit), true);
+        self.bytes += n;
+    }
+
+    /// The unsealed units (written after every queued piece).
+    pub fn tail(&self) -> &[u8] {
+        &self.small
+    }
+
+    /// Seals the unsealed units into one queued piece (something else goes after them).
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            let units = self.small.split().freeze();
+            // A partly written tail is the head of the stream (the queue is empty): it then
+            // starts mid-unit.
+            let first = !(self.queue.is_empty() && self.head_partial);
+            self.queue.push_back(Chunk {
+                piece: Piece::Shared(units),
+                first,
+            });
+        }
     }
 
     /// Appends one piece; `first` when it starts a new unit. Empty pieces (the payload of
@@ -185,6 +207,7 @@ impl Outbox {
         if piece.is_empty() {
             return;
         }
+        self.seal();
         self.bytes += piece.len();
         self.queue.push_back(Chunk { piece, first });
     }
@@ -193,7 +216,12 @@ impl Outbox {
     pub fn consume(&mut self, mut n: usize) {
         self.bytes -= n;
         while n > 0 {
-            let head = self.queue.front_mut().expect("consumed more than queued");
+            let Some(head) = self.queue.front_mut() else {
+                assert!(n <= self.small.len(), "consumed more than queued");
+                self.small.advance(n);
+                self.head_partial = !self.small.is_empty();
+                return;
+            };
             let len = head.piece.len();
             if n >= len {
                 n -= len;
@@ -208,8 +236,16 @@ impl Outbox {
     }
 
     /// Drops every unit not yet started (slow-consumer policy); the unit being written is
-    /// kept whole so the stream stays well framed.
+    /// kept whole so the stream stays well framed. Unsealed units count as one: kept whole
+    /// when writing has begun in them, else dropped.
     pub fn truncate_unstarted(&mut self) {
+        if !self.small.is_empty() {
+            if self.queue.is_empty() && self.head_partial {
+                return;
+            }
+            self.bytes -= self.small.len();
+            self.small.clear();
+        }
         let started = self.head_partial || self.queue.front().is_some_and(|c| !c.first);
         let mut keep = 0;
         if started {
@@ -227,7 +263,7 @@ impl Outbox {
 
     /// Checks the byte count against the queue (debug builds and tests).
     pub fn check_invariants(&self) {
-        let sum: usize = self.queue.iter().map(|c| c.piece.len()).sum();
+        let sum: usize = self.queue.iter().map(|c| c.piece.len()).sum::<usize>() + self.small.len();
         assert_eq!(sum, self.bytes, "outbox byte count");
         assert!(
             self.queue.iter().all(|c| !c.piece.is_empty()),
@@ -321,6 +357,7 @@ impl BufPool {
             if o.small.capacity() > SMALL_KEEP {
                 o.small = BytesMut::new();
             }
+            o.small.clear();
             self.outboxes.push(o);
         }
     }
@@ -329,6 +366,37 @@ impl BufPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_units_go_out_as_one_slice_and_seal_before_a_shared_piece() {
+        let mut o = Outbox::default();
+        o.push_copied(b"\x81\x02", b"ab");
+        o.push_copied(b"\x81\x01", b"c");
+        assert_eq!(
+            (o.queue.len(), o.tail(), o.bytes),
+            (0, &b"\x81\x02ab\x81\x01c"[..], 7)
+        );
+        o.consume(3);
+        assert!(o.head_partial);
+        // Writing began in the unsealed units: the slow-consumer cut keeps them whole.
+        o.truncate_unstarted();
+        assert_eq!(o.tail(), b"b\x81\x01c");
+        // A shared piece after them seals them first, in order.
+        o.push(Bytes::from_static(b"zz"));
+        assert_eq!(o.queue.len(), 2);
+        assert_eq!(o.queue[0].piece.as_slice(), b"b\x81\x01c");
+        assert!(!o.queue[0].first, "it starts mid-unit");
+        o.check_invariants();
+        o.consume(6);
+        assert_eq!((o.bytes, o.queue.len(), o.tail()), (0, 0, &b""[..]));
+        // Unstarted unsealed units are dropped by the cut.
+        o.push(Bytes::from_static(b"head"));
+        o.consume(1);
+        o.push_copied(b"\x81\x01", b"x");
+        o.truncate_unstarted();
+        assert_eq!((o.bytes, o.tail()), (3, &b""[..]));
+        o.check_invariants();
+    }
 
     #[test]
     fn outbox_consume_and_truncate() {

@@ -274,11 +274,16 @@ pub fn flush<W: Transport + ?Sized>(
     out: &mut Outbox,
 ) -> io::Result<(Flushed, usize)> {
     let mut written = 0usize;
-    while !out.queue.is_empty() {
+    while out.bytes > 0 {
         let mut slices: [IoSlice<'_>; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
         let mut n = 0;
         for c in out.queue.iter().take(MAX_IOVECS) {
             slices[n] = IoSlice::new(c.piece.as_slice());
+            n += 1;
+        }
+        // The unsealed units, all in one slice, after the queue.
+        if n < MAX_IOVECS && !out.tail().is_empty() {
+            slices[n] = IoSlice::new(out.tail());
             n += 1;
         }
         match stream.write_vectored(&slices[..n]) {

@@ -678,6 +678,8 @@ impl<T: Transport> Sessions<T> {
                 // One unit may pass the limit when the queue was empty; the rest never does.
                 let max = self.cfg.max_outbound_bytes;
                 let biggest = o.queue.iter().map(|c| c.piece.len()).max().unwrap_or(0);
+                // Unsealed units count as one piece here: each was at most SMALL_UNIT_MAX.
+                let biggest = biggest.max(buffers::SMALL_UNIT_MAX);
                 assert!(
                     o.bytes <= max + biggest + buffers::INLINE_MAX + 2 * 1024,
                     "connection {key}'s outbox holds {} bytes (limit {max})",
