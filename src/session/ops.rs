@@ -177,7 +177,7 @@ impl<T: Transport> Sessions<T> {
     }
 
     pub(super) fn on_message(&mut self, key: usize, text: bool, payload: &[u8]) {
-        ShardMetrics::add(&self.m().messages_in, 1);
+        self.turn_in += 1;
         if self.cfg.echo {
             let opcode = if text { Data::Text } else { Data::Binary };
             self.deliver_data(key, opcode, super::output::Out::Own(payload));

@@ -104,7 +104,7 @@ impl<T: Transport> Sessions<T> {
                 return false;
             }
         }
-        ShardMetrics::add(&self.m().messages_out, 1);
+        self.turn_out += 1;
         match payload {
             Out::Own(s) if !sse && unit <= SMALL_UNIT_MAX => {
                 self.outbox(key).push_copied(&head[..head_len], s);
