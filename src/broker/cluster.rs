@@ -17,6 +17,8 @@ use tracing::{info, warn};
 pub const SLOTS: usize = 16_384;
 /// First wait before a master is tried again, doubled up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// How long opening a connection to a master may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest wait between attempts to reach a master.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -274,7 +276,10 @@ impl Conns {
                 return Err(io_error("Redis unreachable; retrying"));
             }
             let info = master_info(&self.seed, &self.map, i);
-            let attempt = connect(&info, self.timeout).and_then(|mut c| {
+            // Connecting fails fast (a dead host must not hold the thread for the I/O timeout).
+            let attempt = connect(&info, CONNECT_TIMEOUT).and_then(|mut c| {
+                c.set_read_timeout(Some(self.timeout))?;
+                c.set_write_timeout(Some(self.timeout))?;
                 for s in &self.scripts {
                     s.load(&mut c)?;
                 }
