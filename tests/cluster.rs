@@ -255,12 +255,7 @@ fn sigterm_on_a_node_tells_its_clients_to_reconnect_elsewhere() {
 }
 
 fn user_on(server: &Server, user: &str) -> Value {
-    let (status, body) = http(
-        server.addr,
-        &format!("GET /api/users/{user} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
-    );
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
+    get_json(server, &format!("/api/users/{user}"))
 }
 
 #[test]

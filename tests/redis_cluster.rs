@@ -40,15 +40,6 @@ fn user_on_master(prefix: &str, m: usize, n: usize) -> String {
         .unwrap()
 }
 
-fn get(server: &Server, path: &str) -> Value {
-    let (status, body) = http(
-        server.addr,
-        &format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
-    );
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 #[test]
 fn dms_and_publications_cross_nodes_on_sharded_pubsub_only() {
     let cluster = RedisCluster::start(3);
@@ -115,10 +106,10 @@ fn dms_and_publications_cross_nodes_on_sharded_pubsub_only() {
     assert_eq!(recv_json(&mut u0_a)["data"], "from the api");
     // Counts across nodes, from the per-node hashes in the cluster.
     b.wait_for("u0's two connections", |s| {
-        get(s, &format!("/api/users/{}", users[0]))["connections"] == 2
+        get_json(s, &format!("/api/users/{}", users[0]))["connections"] == 2
     });
     a.wait_for("two subscribers of room", |s| {
-        get(s, "/api/channels/room")["subscribers"] == 2
+        get_json(s, "/api/channels/room")["subscribers"] == 2
     });
     // Only sharded pub/sub went through Redis.
     assert!(

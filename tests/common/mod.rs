@@ -238,6 +238,16 @@ pub fn expect_silence(ws: &mut Ws, wait: Duration) {
     ws.get_mut().set_read_timeout(Some(DEADLINE)).unwrap();
 }
 
+/// `GET path` answered 200 with JSON: the JSON.
+pub fn get_json(server: &Server, path: &str) -> Value {
+    let (status, body) = http(
+        server.addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
 /// One HTTP request over a fresh connection, read to EOF: (status, body).
 pub fn http(addr: SocketAddr, raw: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
