@@ -10,6 +10,7 @@ use tracing::debug;
 
 use super::buffers::{Fragment, Inbound};
 use super::conn::{ConnState, Flags, Transport};
+use super::ops::Incoming;
 use super::Sessions;
 use crate::metrics::ShardMetrics;
 use crate::ws::close::{self as code};
@@ -321,18 +322,12 @@ impl<T: Transport> Sessions<T> {
                 let text = d == Data::Text;
                 let compressed = h.rsv != 0;
                 if h.fin && compressed {
-                    if let Some(data) = self.inflate_message(key, text, &inb.buf[s..e]) {
-                        self.on_message(key, text, &data);
+                    if let Some(data) = self.inflate_message(key, &inb.buf[s..e]) {
+                        self.on_complete(key, text, &data);
                     }
                 } else if h.fin {
-                    if text && std::str::from_utf8(&inb.buf[s..e]).is_err() {
-                        return self.fail(
-                            key,
-                            code::INVALID_PAYLOAD,
-                            "text message is not valid UTF-8",
-                        );
-                    }
-                    self.on_message(key, text, &inb.buf[s..e]);
+                    // The one UTF-8 check of an unfragmented message.
+                    self.on_complete(key, text, &inb.buf[s..e]);
                 } else {
                     let mut f = Fragment {
                         text,
@@ -365,8 +360,8 @@ impl<T: Transport> Sessions<T> {
                 if h.fin {
                     let f = inb.frag.take().expect("checked above");
                     if f.compressed {
-                        if let Some(data) = self.inflate_message(key, f.text, &f.data) {
-                            self.on_message(key, f.text, &data);
+                        if let Some(data) = self.inflate_message(key, &f.data) {
+                            self.on_complete(key, f.text, &data);
                         }
                         return;
                     }
@@ -377,15 +372,30 @@ impl<T: Transport> Sessions<T> {
                             "text message ends inside a UTF-8 character",
                         );
                     }
-                    self.on_message(key, f.text, &f.data);
+                    self.on_complete(key, f.text, &f.data);
                 }
             }
         }
     }
 
+    /// A whole message: text is checked for UTF-8 here (once; SIMD), then handled.
+    fn on_complete(&mut self, key: usize, text: bool, data: &[u8]) {
+        if !text {
+            return self.on_message(key, Incoming::Binary(data));
+        }
+        match simdutf8::basic::from_utf8(data) {
+            Ok(t) => self.on_message(key, Incoming::Text(t)),
+            Err(_) => self.fail(
+                key,
+                code::INVALID_PAYLOAD,
+                "text message is not valid UTF-8",
+            ),
+        }
+    }
+
     /// A compressed message inflated (bounded by `--max-message-bytes`: a deflate bomb
-    /// gets 1009) and, if text, checked for UTF-8; `None` when the connection fails.
-    fn inflate_message(&mut self, key: usize, text: bool, data: &[u8]) -> Option<Vec<u8>> {
+    /// gets 1009); `None` when the connection fails.
+    fn inflate_message(&mut self, key: usize, data: &[u8]) -> Option<Vec<u8>> {
         use crate::ws::deflate::{self, InflateError};
         let max = self.cfg.max_message_bytes;
         let c = &mut self.conns[key];
@@ -398,14 +408,7 @@ impl<T: Transport> Sessions<T> {
             deflate::inflate(d, data, max)
         };
         match inflated {
-            Ok(m) if text && std::str::from_utf8(&m).is_err() => {
-                self.fail(
-                    key,
-                    code::INVALID_PAYLOAD,
-                    "text message is not valid UTF-8",
-                );
-                None
-            }
+            // Checked for UTF-8 by `on_complete`.
             Ok(m) => Some(m),
             Err(InflateError::TooBig) => {
                 self.fail(

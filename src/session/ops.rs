@@ -18,6 +18,14 @@ use crate::protocol::{self, ErrorCode, Op, Target};
 use crate::ws::close::{self as code};
 use crate::ws::frame::Data;
 
+/// A whole message from a client.
+pub(super) enum Incoming<'a> {
+    /// A text message, checked for UTF-8 once (`on_complete`).
+    Text(&'a str),
+    /// A binary message.
+    Binary(&'a [u8]),
+}
+
 impl<T: Transport> Sessions<T> {
     /// Adds the connection to the hub: its user (and the home shard's directory) when named;
     /// anonymous connections only ever join channels.
@@ -176,20 +184,29 @@ impl<T: Transport> Sessions<T> {
         self.deliver_reply(key, f);
     }
 
-    pub(super) fn on_message(&mut self, key: usize, text: bool, payload: &[u8]) {
+    pub(super) fn on_message(&mut self, key: usize, message: Incoming<'_>) {
         self.turn_in += 1;
         if self.cfg.echo {
-            let opcode = if text { Data::Text } else { Data::Binary };
+            let (opcode, payload) = match message {
+                Incoming::Text(t) => (Data::Text, t.as_bytes()),
+                Incoming::Binary(b) => (Data::Binary, b),
+            };
             self.deliver_data(key, opcode, super::output::Out::Own(payload));
             return;
         }
-        // Validated as UTF-8 by the caller.
-        let Ok(text) = std::str::from_utf8(payload) else {
-            return self.fail(
-                key,
-                code::INVALID_PAYLOAD,
-                "text message is not valid UTF-8",
-            );
+        // A binary message is read as JSON text too, if it is UTF-8.
+        let text = match message {
+            Incoming::Text(t) => t,
+            Incoming::Binary(b) => match simdutf8::basic::from_utf8(b) {
+                Ok(t) => t,
+                Err(_) => {
+                    return self.fail(
+                        key,
+                        code::INVALID_PAYLOAD,
+                        "text message is not valid UTF-8",
+                    )
+                }
+            },
         };
         let parsed = match protocol::parse(text) {
             Ok(p) => p,
