@@ -73,23 +73,11 @@ fn dms_cross_nodes_both_ways_and_reach_every_device() {
     }
     // The push API on node c reaches bob on node b and a channel's subscribers elsewhere.
     let body = r#"{"to":"bob","data":"from the backend"}"#;
-    let (status, _) = http(
-        c.addr,
-        &format!(
-            "POST /api/send HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    );
+    let (status, _) = post(c.addr, "/api/send", body);
     assert_eq!(status, 200);
     assert_eq!(recv_json(&mut bob)["data"], "from the backend");
     let body = r#"{"data":"to everyone"}"#;
-    let (status, _) = http(
-        a.addr,
-        &format!(
-            "POST /api/broadcast HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    );
+    let (status, _) = post(a.addr, "/api/broadcast", body);
     assert_eq!(status, 200);
     for ws in [&mut bob, &mut alice_a, &mut alice_c] {
         assert_eq!(recv_json(ws)["data"], "to everyone");
@@ -314,13 +302,7 @@ fn api_disconnect_on_one_node_closes_the_user_on_every_node() {
     let (mut on_c, _) = connect(&c, "mallory");
     let (mut bystander, _) = connect(&b, "bob");
     let body = r#"{"user":"mallory","code":4002,"reason":"kicked"}"#;
-    let (status, answer) = http(
-        a.addr,
-        &format!(
-            "POST /api/disconnect HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    );
+    let (status, answer) = post(a.addr, "/api/disconnect", body);
     // The count is this node's (none here); the other nodes close theirs.
     assert_eq!(status, 200, "{answer}");
     for ws in [&mut on_b, &mut on_c] {

@@ -133,13 +133,7 @@ fn a_fan_out_shares_one_compression_and_bytes_on_the_wire_shrink() {
     let out_before = server.metric("switchboard_bytes_out_total");
     let data = "{\"headline\":\"compressible news\",\"body\":\"lorem ipsum \"}".repeat(100);
     let body = json!({"channel":"news","data":data}).to_string();
-    let (status, answer) = http(
-        server.addr,
-        &format!(
-            "POST /api/publish HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    );
+    let (status, answer) = post(server.addr, "/api/publish", &body);
     assert_eq!(status, 200, "{answer}");
     for s in subs.iter_mut() {
         let (m, compressed) = read_message(s);

@@ -95,13 +95,7 @@ fn dms_and_publications_cross_nodes_on_sharded_pubsub_only() {
     expect_silence(&mut dan, Duration::from_millis(300));
     // The push API on c reaches a user on a.
     let body = format!(r#"{{"to":"{}","data":"from the api"}}"#, users[0]);
-    let (status, answer) = http(
-        c.addr,
-        &format!(
-            "POST /api/send HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    );
+    let (status, answer) = post(c.addr, "/api/send", &body);
     assert_eq!(status, 200, "{answer}");
     assert_eq!(recv_json(&mut u0_a)["data"], "from the api");
     // Counts across nodes, from the per-node hashes in the cluster.

@@ -273,13 +273,7 @@ fn resume_seam_has_no_gap_and_no_duplicate_while_messages_keep_coming() {
 }
 
 fn api_post(server: &Server, path: &str, body: &str) -> (u16, Value) {
-    let (status, text) = http(
-        server.addr,
-        &format!(
-            "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    );
+    let (status, text) = post(server.addr, path, body);
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 

@@ -248,6 +248,17 @@ pub fn get_json(server: &Server, path: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// `POST path` with a body, over a fresh connection: (status, body).
+pub fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    http(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
 /// One HTTP request over a fresh connection, read to EOF: (status, body).
 pub fn http(addr: SocketAddr, raw: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
