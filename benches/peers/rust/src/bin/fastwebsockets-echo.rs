@@ -7,7 +7,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 
 async fn echo(fut: upgrade::UpgradeFut) -> Result<(), WebSocketError> {
     let mut ws = FragmentCollector::new(fut.await?);
@@ -31,26 +30,11 @@ async fn upgrade(mut req: Request<Incoming>) -> Result<Response<Empty<Bytes>>, W
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let addr = args.next().unwrap_or_else(|| "127.0.0.1:9003".into());
-    let threads: usize = args.next().map_or(Ok(2), |t| t.parse())?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let listener = TcpListener::bind(&addr).await?;
-        eprintln!("fastwebsockets echo on {addr} ({threads} threads)");
-        loop {
-            let (stream, _) = listener.accept().await?;
-            tokio::spawn(async move {
-                let _ = stream.set_nodelay(true);
-                let io = TokioIo::new(stream);
-                let _ = http1::Builder::new()
-                    .serve_connection(io, service_fn(upgrade))
-                    .with_upgrades()
-                    .await;
-            });
-        }
+    peers::run("fastwebsockets", "127.0.0.1:9003", |stream| async move {
+        let io = TokioIo::new(stream);
+        let _ = http1::Builder::new()
+            .serve_connection(io, service_fn(upgrade))
+            .with_upgrades()
+            .await;
     })
 }
