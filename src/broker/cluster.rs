@@ -193,9 +193,14 @@ pub fn master_info(seed: &ConnectionInfo, map: &SlotMap, i: usize) -> Connection
 
 /// Connects to `info` within `timeout`, with read and write timeouts set.
 pub fn connect(info: &ConnectionInfo, timeout: Duration) -> RedisResult<Connection> {
-    let c = redis::Client::open(info.clone())?.get_connection_with_timeout(timeout)?;
-    c.set_read_timeout(Some(timeout))?;
-    c.set_write_timeout(Some(timeout))?;
+    connect_with(info, timeout, timeout)
+}
+
+/// Connects within `open`; reads and writes then time out after `io`.
+fn connect_with(info: &ConnectionInfo, open: Duration, io: Duration) -> RedisResult<Connection> {
+    let c = redis::Client::open(info.clone())?.get_connection_with_timeout(open)?;
+    c.set_read_timeout(Some(io))?;
+    c.set_write_timeout(Some(io))?;
     Ok(c)
 }
 
@@ -277,9 +282,7 @@ impl Conns {
             }
             let info = master_info(&self.seed, &self.map, i);
             // Connecting fails fast (a dead host must not hold the thread for the I/O timeout).
-            let attempt = connect(&info, CONNECT_TIMEOUT).and_then(|mut c| {
-                c.set_read_timeout(Some(self.timeout))?;
-                c.set_write_timeout(Some(self.timeout))?;
+            let attempt = connect_with(&info, CONNECT_TIMEOUT, self.timeout).and_then(|mut c| {
                 for s in &self.scripts {
                     s.load(&mut c)?;
                 }
@@ -307,16 +310,11 @@ impl Conns {
     }
 
     /// Opens every master's connection that is closed (respecting backoff); true when all are
-    /// open. Each one that opened counts in `reopened`.
-    pub fn connect_all(&mut self, reopened: &mut usize) -> bool {
+    /// open.
+    pub fn connect_all(&mut self) -> bool {
         let mut all = true;
         for i in 0..self.links.len() {
-            let was = self.links[i].con.is_some();
-            match self.con(i) {
-                Ok(_) if !was => *reopened += 1,
-                Ok(_) => {}
-                Err(_) => all = false,
-            }
+            all &= self.con(i).is_ok();
         }
         all
     }

@@ -372,11 +372,15 @@ impl BrokerHandle {
     /// Whether the master that carries `user`'s DMs is reachable (in a cluster the others
     /// may be down).
     pub fn reachable_user(&self, user: &str) -> bool {
-        self.reachable_at(cluster::tagged_slot("sb:u:", user))
+        self.single()
+            .unwrap_or_else(|| self.reachable_at(cluster::tagged_slot("sb:u:", user)))
     }
 
     /// Whether the master that carries `req` is reachable.
     pub fn reachable(&self, req: &BrokerReq) -> bool {
+        if let Some(up) = self.single() {
+            return up;
+        }
         let slot = match req {
             BrokerReq::User { user, .. } | BrokerReq::Disconnect { user, .. } => {
                 cluster::tagged_slot("sb:u:", user)
@@ -393,6 +397,11 @@ impl BrokerHandle {
 
     fn reachable_at(&self, slot: u16) -> bool {
         self.up.master(self.map.owner(slot))
+    }
+
+    /// One Redis: the only master (no slot to compute per message).
+    fn single(&self) -> Option<bool> {
+        (!self.map.cluster).then(|| self.up.master(0))
     }
 
     /// Changes at every reconnect to Redis: shards then rewrite their counts
@@ -580,7 +589,7 @@ impl Broker {
             Vec::new(),
             "broker",
         );
-        if !conns.connect_all(&mut 0) {
+        if !conns.connect_all() {
             let e = redis::RedisError::from((redis::ErrorKind::Io, "a master did not answer"));
             return Err(unreachable(e));
         }

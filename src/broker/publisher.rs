@@ -308,7 +308,7 @@ impl Publisher {
                     if self.conns.all_up() {
                         self.conns.ping_all();
                     } else {
-                        self.conns.connect_all(&mut 0);
+                        self.conns.connect_all();
                     }
                     self.settle();
                     continue;

@@ -135,7 +135,7 @@ pub fn start(
     let store = redis::Script::new(STORE_SCRIPT);
     let confirm = redis::Script::new(CONFIRM_SCRIPT);
     let mut conns = broker.conns(vec![store.clone(), confirm.clone()], "store");
-    if !conns.connect_all(&mut 0) {
+    if !conns.connect_all() {
         return Err(StoreError::Redis("cannot reach Redis".into()));
     }
     info!(cluster = conns.cluster(), "store open: streams in Redis");
