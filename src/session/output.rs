@@ -23,6 +23,15 @@ pub(super) enum Out<'a> {
     Own(&'a [u8]),
 }
 
+impl Out<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Out::Shared(b) => b,
+            Out::Own(s) => s,
+        }
+    }
+}
+
 impl<T: Transport> Sessions<T> {
     /// Queues a reply (ack, error, pong) to the requesting connection.
     pub(super) fn deliver_reply(&mut self, key: usize, payload: Bytes) {
@@ -52,11 +61,8 @@ impl<T: Transport> Sessions<T> {
             return false;
         }
         // permessage-deflate: compressed once per message, whoever it goes to.
-        let len = match &payload {
-            Out::Shared(b) => b.len(),
-            Out::Own(s) => s.len(),
-        };
-        let deflate = c.flags.has(Flags::DEFLATE) && len >= self.cfg.deflate_min_bytes;
+        let deflate =
+            c.flags.has(Flags::DEFLATE) && payload.bytes().len() >= self.cfg.deflate_min_bytes;
         // The compressor takes shared payloads (it remembers the last one for a fan-out).
         let payload = match payload {
             Out::Own(s) if deflate => Out::Shared(Bytes::copy_from_slice(s)),
@@ -76,10 +82,7 @@ impl<T: Transport> Sessions<T> {
             Some(z) => Out::Shared(z),
             None => payload,
         };
-        let bytes: &[u8] = match &payload {
-            Out::Shared(b) => b,
-            Out::Own(s) => s,
-        };
+        let bytes = payload.bytes();
         let c = &mut self.conns[key];
         let mut head = [0u8; INLINE_MAX];
         let (head_len, sse) = Self::frame_head(c, opcode, bytes, &mut head);
