@@ -100,6 +100,12 @@ struct Args {
     /// each subscriber's stream offsets for gaps and duplicates. Ack latency is reported.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
+    /// Open-loop sends: stop sleeping this many µs before a send is due and poll without
+    /// blocking until it is (reading replies meanwhile). This host's timer wake-ups land
+    /// 30–200 µs late, and open-loop latency counts that lateness; the spin costs CPU
+    /// (at most this much per send). 0: sleep to the microsecond on a timerfd only.
+    #[arg(long, default_value_t = 50)]
+    spin_us: u64,
     /// Give up on connecting after this long.
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -299,6 +305,7 @@ fn main() -> anyhow::Result<()> {
         sched_batch: args.sched_batch,
         qos: args.qos,
         resume_every_ns: args.resume_every.map_or(0, |d| d.as_nanos() as u64),
+        spin_ns: args.spin_us * 1000,
         window: args.window.max(1),
         tls,
         deflate: args.deflate,
