@@ -344,6 +344,7 @@ impl Server {
             cfg.limit_loopback,
         ));
         let subscribed: Arc<[AtomicUsize]> = (0..cfg.shards).map(|_| AtomicUsize::new(0)).collect();
+        let directory = Arc::new(crate::hub::Directory::new(cfg.homes()));
         let barrier = Arc::new(Barrier::new(cfg.shards));
         let config = Arc::new(cfg);
         let mut threads = Vec::new();
@@ -360,6 +361,7 @@ impl Server {
                 open_total: open_total.clone(),
                 subscribed: subscribed.clone(),
                 ip_table: ip_table.clone(),
+                directory: directory.clone(),
                 steering: steering.clone(),
                 private_fd_table: fd_table == FdTableMode::PerShard,
                 barrier: barrier.clone(),

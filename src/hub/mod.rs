@@ -1,12 +1,13 @@
 //! Who is where: each shard's local registry of users and channel subscriptions, the
-//! directory part it keeps as "home" of the users hashed to it, and the messages shards
+//! process-wide [`Directory`] of which shards hold each named user, and the messages shards
 //! exchange to route a DM or a publication.
 //!
-//! Routing a DM: the sender's shard asks the recipient's *home shard* (hash of the user id),
-//! whose directory lists the shards holding a connection of that user; the home forwards the
-//! shared payload to those shards and tells the sender's shard whether anyone was online.
-//! Channels are fanned out to every shard, each of which knows its local subscribers.
-//! The hub does no I/O: it only answers questions, so it is tested without sockets.
+//! Routing a DM takes one hop: the sender's shard reads the recipient's entry in the
+//! directory (written only by the user's *home shard*, a hash of the user id, as
+//! connections open and close) and posts the shared payload once to each shard that holds
+//! a connection of the user; it answers the sender itself. Channels are fanned out to every
+//! shard with subscribers, each of which knows its local ones. The hub does no I/O: it only
+//! answers questions, so it is tested without sockets.
 
 use std::sync::Arc;
 
@@ -17,6 +18,9 @@ use std::collections::hash_map::Entry;
 use crate::broker::BrokerMsg;
 pub use crate::ids::{home_of, ApiTicket, ConnId, ReplyTo};
 use crate::store::StoreMsg;
+
+mod directory;
+pub use directory::Directory;
 
 /// Messages between shards (bounded mailboxes; see `shard::mailbox`).
 #[derive(Debug)]
@@ -32,14 +36,6 @@ pub enum ShardMsg {
     },
     /// The home shard recorded connection `conn`.
     Registered { conn: ConnId },
-    /// To the home shard of `to`: deliver `payload` to every connection of `to` except
-    /// `exclude`; when `reply` is set, report back whether anyone was online.
-    RouteUser {
-        to: Arc<str>,
-        payload: Bytes,
-        exclude: Option<ConnId>,
-        reply: Option<ReplyTo>,
-    },
     /// To a shard holding connections of `to`: deliver locally.
     DeliverUser {
         to: Arc<str>,
@@ -48,8 +44,6 @@ pub enum ShardMsg {
     },
     /// Deliver to local subscribers of `channel`.
     DeliverChannel { channel: Arc<str>, payload: Bytes },
-    /// The outcome of a routed `send` for the requesting connection.
-    Routed { reply: ReplyTo, online: bool },
     /// Execute an API command on local connections and answer [`ShardMsg::ApiDone`].
     Api { ticket: ApiTicket, cmd: Arc<ApiCmd> },
     /// A shard's count for API request `id` of this shard (and, for
@@ -155,13 +149,12 @@ impl<T: Copy> Few<T> {
     }
 }
 
-/// One shard's view: local users and subscriptions, and the directory of its home users.
+/// One shard's view: local users and subscriptions (the process-wide [`Directory`] says
+/// which shards hold a user).
 #[derive(Debug, Default)]
 pub struct Hub {
     users: FxHashMap<Arc<str>, Few<u32>>,
     channels: FxHashMap<Arc<str>, FxHashSet<u32>>,
-    /// Home users → (shard, connections there).
-    directory: FxHashMap<Arc<str>, Few<(u16, u32)>>,
 }
 
 impl Hub {
@@ -245,82 +238,12 @@ impl Hub {
         self.channels.get(channel).map_or(0, |s| s.len())
     }
 
-    /// Directory update from shard `from` for a user whose home is this shard: one
-    /// connection opened (`online`) or closed there. `Some(true)` when it is the user's first
-    /// connection in the process, `Some(false)` when its last closed (the node's interest).
-    pub fn presence(&mut self, user: Arc<str>, from: u16, online: bool) -> Option<bool> {
-        if online {
-            let shards = match self.directory.entry(user) {
-                Entry::Vacant(e) => {
-                    e.insert(Few::One((from, 1)));
-                    return Some(true);
-                }
-                Entry::Occupied(e) => e.into_mut(),
-            };
-            match shards.as_mut_slice().iter_mut().find(|(s, _)| *s == from) {
-                Some((_, n)) => *n += 1,
-                None => shards.push((from, 1)),
-            }
-            None
-        } else if let Some(shards) = self.directory.get_mut(&user) {
-            if let Some(i) = shards.as_slice().iter().position(|(s, _)| *s == from) {
-                let n = &mut shards.as_mut_slice()[i].1;
-                *n -= 1;
-                if *n == 0 {
-                    shards.swap_remove(i);
-                }
-            }
-            if shards.is_empty() {
-                self.directory.remove(&user);
-                return Some(false);
-            }
-            None
-        } else {
-            None
-        }
-    }
-
-    /// Every home user with its connections in the process (what this shard counts in
-    /// Redis).
-    pub fn home_counts(&self) -> Vec<(Arc<str>, u64)> {
-        self.directory
-            .iter()
-            .map(|(u, shards)| {
-                let n = shards.as_slice().iter().map(|&(_, n)| u64::from(n)).sum();
-                (u.clone(), n)
-            })
-            .collect()
-    }
-
     /// Every channel with its local subscribers.
     pub fn channel_counts(&self) -> Vec<(Arc<str>, u64)> {
         self.channels
             .iter()
             .map(|(c, set)| (c.clone(), set.len() as u64))
             .collect()
-    }
-
-    /// Appends the shards holding connections of a home user to `out`.
-    pub fn locate(&self, user: &str, out: &mut Vec<u16>) {
-        self.locate_except(user, None, out);
-    }
-
-    /// Like [`locate`](Self::locate), leaving out shard `except` when the user's only
-    /// connection there is the excluded one (the sender's copy to its own other devices).
-    pub fn locate_except(&self, user: &str, except: Option<u16>, out: &mut Vec<u16>) {
-        if let Some(v) = self.directory.get(user) {
-            out.extend(
-                v.as_slice()
-                    .iter()
-                    .filter(|&&(s, n)| !(Some(s) == except && n == 1))
-                    .map(|(s, _)| *s),
-            );
-        }
-    }
-
-    /// Whether a home user has any connection.
-    pub fn is_online(&self, user: &str) -> bool {
-        self.directory.contains_key(user)
     }
 
     /// Local users with at least one connection.
@@ -331,11 +254,6 @@ impl Hub {
     /// Channels with local subscribers.
     pub fn local_channels(&self) -> usize {
         self.channels.len()
-    }
-
-    /// Home users in the directory.
-    pub fn directory_len(&self) -> usize {
-        self.directory.len()
     }
 
     /// Every local slot the hub lists (users and channels; repeats possible), for checks.
@@ -365,18 +283,6 @@ mod tests {
         assert_eq!(h.user_slots("bob"), &[9, 8]);
         assert!(!h.remove_user("bob", 9) && h.remove_user("bob", 8));
         assert_eq!(h.local_users(), 0);
-        assert_eq!(h.presence(bob.clone(), 1, true), Some(true));
-        assert!(matches!(h.directory["bob"], Few::One((1, 1))));
-        assert_eq!(h.presence(bob.clone(), 1, true), None);
-        assert_eq!(h.presence(bob.clone(), 0, true), None);
-        let mut at = Vec::new();
-        h.locate("bob", &mut at);
-        assert_eq!(at, [1, 0]);
-        assert_eq!(h.home_counts(), vec![(bob.clone(), 3)]);
-        assert_eq!(h.presence(bob.clone(), 1, false), None);
-        assert_eq!(h.presence(bob.clone(), 1, false), None);
-        assert_eq!(h.presence(bob.clone(), 0, false), Some(false));
-        assert!(!h.is_online("bob"));
     }
 
     #[test]
@@ -407,47 +313,6 @@ mod tests {
         assert!(h.unsubscribe("room", 2));
         assert_eq!(h.local_channels(), 0);
         assert!(h.channel_key("room").is_none());
-    }
-
-    #[test]
-    fn directory() {
-        let mut h = Hub::default();
-        let bob: Arc<str> = "bob".into();
-        let at = |h: &Hub| {
-            let mut v = Vec::new();
-            h.locate("bob", &mut v);
-            v
-        };
-        assert_eq!(
-            h.presence(bob.clone(), 3, true),
-            Some(true),
-            "first in the process"
-        );
-        assert_eq!(h.presence(bob.clone(), 3, true), None);
-        assert_eq!(h.presence(bob.clone(), 1, true), None);
-        assert_eq!(at(&h), vec![3, 1]);
-        h.presence(bob.clone(), 3, false);
-        assert_eq!(at(&h), vec![3, 1], "one of two connections on shard 3 left");
-        h.presence(bob.clone(), 3, false);
-        assert_eq!(at(&h), vec![1]);
-        let mut v = Vec::new();
-        h.locate_except("bob", Some(1), &mut v);
-        assert!(v.is_empty(), "the only connection on shard 1 is excluded");
-        h.presence(bob.clone(), 1, true);
-        h.locate_except("bob", Some(1), &mut v);
-        assert_eq!(
-            v,
-            vec![1],
-            "two on shard 1: the other one still gets the copy"
-        );
-        assert_eq!(h.presence(bob.clone(), 1, false), None);
-        assert_eq!(
-            h.presence(bob.clone(), 1, false),
-            Some(false),
-            "last in the process"
-        );
-        assert_eq!(h.presence(bob, 1, false), None);
-        assert!(at(&h).is_empty());
     }
 
     #[test]

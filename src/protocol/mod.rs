@@ -401,6 +401,18 @@ pub fn msg(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Bytes
     b.finish()
 }
 
+/// [`msg`] written into `out` (cleared first), a buffer the caller reuses: a DM delivered
+/// on this shard is copied from it into each recipient's outbox, with no allocation.
+pub fn msg_into(out: &mut BytesMut, from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) {
+    out.clear();
+    let mut b = Builder {
+        buf: std::mem::take(out),
+    };
+    put_msg(&mut b, from, target, data, ts_ms);
+    put(&mut b, b"}");
+    *out = b.buf;
+}
+
 /// A `msg` event without its closing brace, for the store to complete with `stream`,
 /// `offset` and `epoch`.
 pub fn msg_prefix(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Bytes {
@@ -408,26 +420,31 @@ pub fn msg_prefix(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -
 }
 
 fn msg_builder(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Builder {
+    let mut b = Builder::new(64 + from.len() + data.get().len());
+    put_msg(&mut b, from, target, data, ts_ms);
+    b
+}
+
+/// Everything of a `msg` event but its closing brace.
+fn put_msg(b: &mut Builder, from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) {
     let data = data.get();
-    let mut b = Builder::new(64 + from.len() + data.len());
-    put(&mut b, br#"{"op":"msg","from":"#);
-    put_str(&mut b, from);
+    put(b, br#"{"op":"msg","from":"#);
+    put_str(b, from);
     match target {
         Target::User(to) => {
-            put(&mut b, br#","to":"#);
-            put_str(&mut b, to);
+            put(b, br#","to":"#);
+            put_str(b, to);
         }
         Target::Channel(c) => {
-            put(&mut b, br#","channel":"#);
-            put_str(&mut b, c);
+            put(b, br#","channel":"#);
+            put_str(b, c);
         }
         Target::Broadcast => {}
     }
-    put(&mut b, br#","data":"#);
-    put_json(&mut b, data.as_bytes());
-    put(&mut b, br#","ts":"#);
-    put_u64(&mut b, ts_ms);
-    b
+    put(b, br#","data":"#);
+    put_json(b, data.as_bytes());
+    put(b, br#","ts":"#);
+    put_u64(b, ts_ms);
 }
 
 /// `{"op":"join"|"leave","channel":..,"user":..,"conn":..}`: a connection of `user`

@@ -128,6 +128,10 @@ pub struct Extra {
     pub channel_cursors: Vec<(Arc<str>, super::streams::Cursor)>,
     /// A replaying connection wants its next page once its outbox drained.
     pub page_wanted: bool,
+    /// Its own replies passed half of `--max-outbound-bytes` within a turn: its requests
+    /// wait, unread, until its outbox is written (instead of closing a client that reads,
+    /// only not as fast as it pipelines).
+    pub input_waits: bool,
     /// The HTTP request waiting for the store asked for `Connection: close`.
     pub api_close: bool,
     /// permessage-deflate: the client keeps its compression context between messages (its
@@ -222,6 +226,11 @@ impl<T> Conn<T> {
     /// The rarely used state, created on first use.
     pub fn extra_mut(&mut self) -> &mut Extra {
         self.extra.get_or_insert_with(Default::default)
+    }
+
+    /// Input waits until the outbox is written.
+    pub fn input_waits(&self) -> bool {
+        self.extra.as_deref().is_some_and(|e| e.input_waits)
     }
 
     /// A replay page is wanted once the outbox drains.

@@ -39,6 +39,9 @@ impl<T: Transport> Sessions<T> {
             // backlog, every millisecond while the mail waits.
             return self.defer_read(key);
         }
+        if self.conns[key].input_waits() {
+            return; // resumed once its outbox is written (`flush_conn`)
+        }
         self.uncount_half_open(key);
         let held = self.conns[key].inbound.take();
         let mut inb = self.pool.prepare(held);
@@ -104,7 +107,7 @@ impl<T: Transport> Sessions<T> {
     }
 
     /// Reading `key` continues from the read backlog on a later call (once).
-    fn defer_read(&mut self, key: usize) {
+    pub(super) fn defer_read(&mut self, key: usize) {
         let c = &mut self.conns[key];
         if !c.flags.has(Flags::READ_BACKLOG) {
             c.flags.set(Flags::READ_BACKLOG);
@@ -172,6 +175,16 @@ impl<T: Transport> Sessions<T> {
             };
             if c.flags.has(Flags::DISCARD_INPUT) {
                 inb.start = inb.end;
+                return;
+            }
+            if c.state == ConnState::Open
+                && c.outbox
+                    .as_ref()
+                    .is_some_and(|o| o.bytes > self.cfg.max_outbound_bytes / 2)
+            {
+                // Its replies pile up faster than it reads them: its requests wait (TCP
+                // pushes back) until they are written.
+                self.conns[key].extra_mut().input_waits = true;
                 return;
             }
             if inb.skip > 0 {

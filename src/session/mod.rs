@@ -44,7 +44,7 @@ pub use conn::{flush, Conn, ConnState, Extra, Flags, Flushed, Transport};
 
 use crate::broker::{BrokerHandle, BrokerMetrics, BrokerMsg};
 use crate::config::Config;
-use crate::hub::{ConnId, Hub, ShardMsg};
+use crate::hub::{ConnId, Directory, Hub, ShardMsg};
 use crate::metrics::{HandshakeFailure, ShardMetrics, StoreMetrics};
 use crate::store::StoreHandle;
 use crate::timer::{TimerKey, Wheel};
@@ -73,6 +73,8 @@ pub struct Shared {
     pub subscribed: Arc<[AtomicUsize]>,
     /// Connections per source address, process-wide.
     pub ip_table: Arc<admission::IpTable>,
+    /// Which shards hold each named user (DMs route through it in one hop).
+    pub directory: Arc<Directory>,
     /// Starts the process's staged shutdown (`POST /api/drain`); none without a process.
     pub on_drain: Option<OnDrain>,
     /// The store thread, when streams are on.
@@ -91,6 +93,7 @@ impl Shared {
     /// Everything for `shards` shards without a server around them (the simulation, tests,
     /// benches, fuzzing): fresh counters, no store. Panics on a token key that does not parse.
     pub fn standalone(config: Config, shards: usize) -> Shared {
+        let homes = config.homes().min(shards);
         let auth = crate::auth::Auth::from_config(&config).expect("a valid token configuration");
         let ip_table = Arc::new(admission::IpTable::new(
             config.max_connections_per_ip,
@@ -102,6 +105,7 @@ impl Shared {
             metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
             open_total: Arc::new(AtomicUsize::new(0)),
             subscribed: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
+            directory: Arc::new(Directory::new(homes)),
             ip_table,
             on_drain: None,
             store: None,
@@ -140,6 +144,8 @@ pub struct Sessions<T: Transport> {
     shards: u16,
     /// Shards that are users' homes: `home_of`'s modulus.
     homes: usize,
+    /// The process's directory of named users (this shard writes its home users' entries).
+    directory: Arc<Directory>,
     cfg: Arc<Config>,
     auth: Arc<crate::auth::Auth>,
     metrics: Arc<[ShardMetrics]>,
@@ -159,6 +165,8 @@ pub struct Sessions<T: Transport> {
     /// Where a reply for one connection is written before it is copied into its outbox
     /// (reused: an `ack` allocates nothing).
     scratch_reply: bytes::BytesMut,
+    /// Reused buffer a DM event is written into (copied from it to local recipients).
+    scratch_event: bytes::BytesMut,
     /// Messages in and out this turn, published to the shared counters once per turn (an
     /// atomic add per message costs more than the rest of an echo's work in user space).
     turn_in: u64,
@@ -238,7 +246,8 @@ impl<T: Transport> Sessions<T> {
         Sessions {
             index,
             shards,
-            homes: shared.config.homes().min(shards as usize),
+            homes: shared.directory.homes(),
+            directory: shared.directory,
             cfg: shared.config,
             auth: shared.auth,
             metrics: shared.metrics,
@@ -251,6 +260,7 @@ impl<T: Transport> Sessions<T> {
             half_open: 0,
             deflater: Default::default(),
             scratch_reply: bytes::BytesMut::new(),
+            scratch_event: bytes::BytesMut::new(),
             turn_in: 0,
             turn_out: 0,
             inflater: None,
@@ -423,6 +433,11 @@ impl<T: Transport> Sessions<T> {
         &self.hub
     }
 
+    /// The process's directory of named users.
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
     /// Entries in the timer wheel.
     pub fn wheel_len(&self) -> usize {
         self.wheel.len()
@@ -535,9 +550,8 @@ impl<T: Transport> Sessions<T> {
 
     /// Hands this turn's mail to `post` in order. `post` gives a message back when the
     /// target's mailbox is full: mail that must not be lost (presence, API, copies of
-    /// accepted messages) waits and is retried on the next call, in order; a routed `send`
-    /// that waits for its answer is answered `overloaded`; anything else is dropped and
-    /// counted.
+    /// accepted messages) waits and is retried on the next call, in order; anything else is
+    /// dropped and counted.
     pub fn post_mail(&mut self, mut post: impl FnMut(u16, ShardMsg) -> Result<(), ShardMsg>) {
         for target in 0..self.retry.len() {
             while let Some(msg) = self.retry[target].pop_front() {
@@ -547,32 +561,22 @@ impl<T: Transport> Sessions<T> {
                 }
             }
         }
-        // Answers to failed sends may add mail: loop until none is left (bounded: an
-        // `overloaded` answer to a local connection posts nothing).
-        for _ in 0..4 {
-            if self.outgoing.is_empty() {
-                break;
+        let mut out = std::mem::take(&mut self.outgoing);
+        for (target, msg) in out.drain(..) {
+            let reliable = is_reliable(&msg);
+            if reliable && !self.retry[target as usize].is_empty() {
+                self.retry[target as usize].push_back(msg);
+                continue;
             }
-            let out = std::mem::take(&mut self.outgoing);
-            for (target, msg) in out {
-                let reliable = is_reliable(&msg);
-                if reliable && !self.retry[target as usize].is_empty() {
-                    self.retry[target as usize].push_back(msg);
-                    continue;
-                }
-                match post(target, msg) {
-                    Ok(()) => {}
-                    Err(msg) if reliable => self.retry[target as usize].push_back(msg),
-                    Err(ShardMsg::RouteUser {
-                        reply: Some(reply), ..
-                    }) => {
-                        ShardMetrics::add(&self.m().dropped, 1);
-                        self.reply_local(reply, None);
-                    }
-                    Err(_) => ShardMetrics::add(&self.m().dropped, 1),
-                }
+            match post(target, msg) {
+                Ok(()) => {}
+                Err(msg) if reliable => self.retry[target as usize].push_back(msg),
+                Err(_) => ShardMetrics::add(&self.m().dropped, 1),
             }
         }
+        // Posting queues no mail: the emptied list keeps its capacity for the next turn.
+        debug_assert!(self.outgoing.is_empty());
+        self.outgoing = out;
     }
 
     /// Queues mail for shard `to` (posted by [`post_mail`](Self::post_mail)).
@@ -756,15 +760,12 @@ fn is_reliable(msg: &ShardMsg) -> bool {
         | ShardMsg::Store(_)
         | ShardMsg::StoreBatch(_)
         | ShardMsg::DeliverStream { .. }
-        // The answer to a routed `send`: dropped, its sender would wait for ever.
-        | ShardMsg::Routed { .. }
         // Copies of a message its sender was (or will be) told was accepted: a DM on its
         // way to the shard holding the recipient, a channel publication, the sender's own
         // copy for her other devices. Never acked and then dropped: they wait for room, and
         // the shard reads no client input meanwhile (`on_readable`), which bounds the wait.
         | ShardMsg::DeliverUser { .. }
-        | ShardMsg::DeliverChannel { .. }
-        | ShardMsg::RouteUser { reply: None, .. } => true,
+        | ShardMsg::DeliverChannel { .. } => true,
         ShardMsg::Broker(m) => matches!(
             **m,
             BrokerMsg::Unavailable { .. } | BrokerMsg::Busy { .. }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use super::conn::{ConnState, Flags, Transport};
 use super::frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
+use super::output::Out;
 use super::{Interested, ReadyWait, Sessions};
 use crate::auth;
 use crate::broker::{BrokerMsg, BrokerReq, Counted, Interest};
@@ -45,7 +46,7 @@ impl<T: Transport> Sessions<T> {
         self.hub.add_user(&user, key as u32);
         let home = home_of(&user, self.homes);
         if home == self.index {
-            let change = self.hub.presence(user.clone(), self.index, true);
+            let change = self.directory.presence(user.clone(), self.index, true);
             if self.tell_broker_user(user, true, change, welcome.then_some(me)) {
                 // Welcomed once the node receives the user's DMs from the whole cluster.
                 self.conns[key].flags.set(Flags::HOLD_INPUT);
@@ -107,7 +108,7 @@ impl<T: Transport> Sessions<T> {
     pub(super) fn presence_offline(&mut self, user: Arc<str>) {
         let home = home_of(&user, self.homes);
         if home == self.index {
-            let change = self.hub.presence(user.clone(), self.index, false);
+            let change = self.directory.presence(user.clone(), self.index, false);
             self.tell_broker_user(user, false, change, None);
         } else {
             let from = self.index;
@@ -323,24 +324,22 @@ impl<T: Transport> Sessions<T> {
             } => self.history(key, id, &stream, since, limit),
             Op::Send { to, data, .. } => {
                 let from = self.user_name(key);
-                let f = protocol::msg(&from, Target::User(&to), data, self.now_unix_ms);
-                let to: Arc<str> = Arc::from(to.as_ref());
+                let mut buf = std::mem::take(&mut self.scratch_event);
+                protocol::msg_into(&mut buf, &from, Target::User(&to), data, self.now_unix_ms);
+                let mut ev = Event::new(&buf);
                 let me = self.conn_id(key);
-                let reply = id.map(|id| ReplyTo {
-                    conn: me,
-                    id: id.into(),
-                    to: to.clone(),
-                });
-                if to == from {
-                    self.route_user(to, f, Some(me), reply);
+                let reply = id.map(|id| Reply { conn: me, id });
+                if *to == *from {
+                    self.route_user(&to, &mut ev, Some(me), reply);
                 } else if self.conns[key].user.is_some() {
-                    self.route_user(to, f.clone(), None, reply);
+                    self.route_user(&to, &mut ev, None, reply);
                     // The sender's other devices see the conversation too.
-                    self.route_user(from, f, Some(me), None);
+                    self.route_user(&from, &mut ev, Some(me), None);
                 } else {
                     // Anonymous connections have no other devices.
-                    self.route_user(to, f, None, reply);
+                    self.route_user(&to, &mut ev, None, reply);
                 }
+                self.scratch_event = buf;
             }
         }
     }
@@ -443,12 +442,17 @@ impl<T: Transport> Sessions<T> {
     /// Delivers `f` to the slots `pick` lists (into the reused scratch list: the hub is
     /// borrowed while listing); how many connections took it.
     fn deliver_to(&mut self, f: &Bytes, pick: impl FnOnce(&Self, &mut Vec<u32>)) -> u64 {
+        self.deliver_out(Out::Shared(f.clone()), pick)
+    }
+
+    /// [`deliver_to`](Self::deliver_to) of shared or own bytes.
+    fn deliver_out(&mut self, f: Out<'_>, pick: impl FnOnce(&Self, &mut Vec<u32>)) -> u64 {
         let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
         pick(self, &mut slots);
         let mut n = 0;
         for &slot in &slots {
-            n += u64::from(self.deliver(slot as usize, f));
+            n += u64::from(self.deliver_data(slot as usize, Data::Text, f.share()));
         }
         self.scratch_slots = slots;
         n
@@ -496,7 +500,7 @@ impl<T: Transport> Sessions<T> {
         if g == self.broker_generation || !b.is_up() {
             return;
         }
-        let users = self.hub.home_counts();
+        let users = self.directory.home_counts(self.index);
         let channels = self.hub.channel_counts();
         let members: Vec<_> = channels
             .iter()
@@ -617,7 +621,7 @@ impl<T: Transport> Sessions<T> {
     fn on_broker(&mut self, m: BrokerMsg) {
         match m {
             BrokerMsg::User { user, payload } => {
-                self.fanout_home(&user, &payload, None);
+                self.fanout_user(&user, &payload);
             }
             BrokerMsg::Channel { channel, payload } => {
                 self.deliver_channel_local(&channel, &payload);
@@ -717,46 +721,48 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
+    /// Routes a DM (or the sender's copy for her other devices) in one hop: the directory
+    /// names the shards holding `to`; this shard's connections get a copy of the event, each
+    /// other holding shard one mail with the shared payload, and with a broker one publish
+    /// goes to the other nodes. With `reply`, the sender is answered here: ack,
+    /// `user_offline`, `overloaded` or `unavailable`.
     pub(super) fn route_user(
         &mut self,
-        to: Arc<str>,
-        f: Bytes,
+        to: &str,
+        ev: &mut Event<'_>,
         exclude: Option<ConnId>,
-        reply: Option<ReplyTo>,
+        reply: Option<Reply<'_>>,
     ) {
-        let home = home_of(&to, self.homes);
-        if home == self.index {
-            return self.on_route_user(to, f, exclude, reply);
+        let mut shards = std::mem::take(&mut self.scratch_shards);
+        shards.clear();
+        // Skip a shard whose only connection of the user is the excluded sender: no trip for
+        // nothing when a user without other devices sends.
+        let name = self
+            .directory
+            .locate_except(to, exclude.map(|x| x.shard), &mut shards);
+        for &s in &shards {
+            if s == self.index {
+                self.deliver_user_local_out(to, Out::Own(ev.bytes), exclude);
+            } else if let Some(name) = &name {
+                let payload = ev.shared();
+                let to = name.clone();
+                let msg = ShardMsg::DeliverUser {
+                    to,
+                    payload,
+                    exclude,
+                };
+                self.send_mail(s, msg);
+            }
         }
-        // A full mailbox answers the sender `overloaded` (see `post_mail`).
-        self.send_mail(
-            home,
-            ShardMsg::RouteUser {
-                to,
-                payload: f,
-                exclude,
-                reply,
-            },
-        );
-    }
-
-    /// At the home shard of `to`: forward to the shards that hold it (and with a broker to the
-    /// other nodes), report to the sender.
-    pub(super) fn on_route_user(
-        &mut self,
-        to: Arc<str>,
-        f: Bytes,
-        exclude: Option<ConnId>,
-        reply: Option<ReplyTo>,
-    ) {
-        let online = self.fanout_home(&to, &f, exclude);
+        self.scratch_shards = shards;
+        let online = name.is_some();
         let mut reply = reply;
         if let Some(b) = &self.broker {
             // In a cluster only the master that carries `to`'s DMs matters.
-            if !b.reachable_user(&to) {
+            if !b.reachable_user(to) {
                 if !online {
                     if let Some(r) = reply.take() {
-                        return self.answer_routed(r, Answer::Unavailable);
+                        return self.reply_unavailable(r.owned(to));
                     }
                 }
             } else {
@@ -764,88 +770,58 @@ impl<T: Transport> Sessions<T> {
                 // the number of nodes that did.
                 let ask = if online { None } else { reply.take() };
                 let req = BrokerReq::User {
-                    user: to,
-                    payload: f,
-                    reply: ask,
+                    user: name.unwrap_or_else(|| Arc::from(to)),
+                    payload: ev.shared(),
+                    reply: ask.map(|r| r.owned(to)),
                 };
                 if let Err(BrokerReq::User { reply: back, .. }) = b.publish(req) {
                     ShardMetrics::add(&self.m().dropped, 1);
                     if let Some(r) = back {
-                        return self.answer_routed(r, Answer::Overloaded);
+                        return self.reply_local(r, None);
                     }
                 }
             }
         }
-        if let Some(reply) = reply {
-            self.answer_routed(
-                reply,
-                if online {
-                    Answer::Online
-                } else {
-                    Answer::Offline
-                },
-            );
+        if let Some(r) = reply {
+            self.reply_to(r.conn, r.id, to, Some(online));
         }
     }
 
-    /// Delivers to the user's connections in this process (home shard: the directory);
-    /// whether it has any.
-    fn fanout_home(&mut self, to: &Arc<str>, f: &Bytes, exclude: Option<ConnId>) -> bool {
+    /// Delivers a payload to the user's connections in this process, found in the
+    /// directory (another node's DM, from the broker). Whether the user has any.
+    fn fanout_user(&mut self, to: &str, f: &Bytes) -> bool {
         let mut shards = std::mem::take(&mut self.scratch_shards);
         shards.clear();
-        // Skip a shard whose only connection of the user is the excluded sender: no trip for
-        // nothing when a user without other devices sends.
-        self.hub
-            .locate_except(to, exclude.map(|x| x.shard), &mut shards);
+        let name = self.directory.locate(to, &mut shards);
         for &s in &shards {
             if s == self.index {
-                self.deliver_user_local(to, f, exclude);
-            } else {
-                self.send_mail(
-                    s,
-                    ShardMsg::DeliverUser {
-                        to: to.clone(),
-                        payload: f.clone(),
-                        exclude,
-                    },
-                );
+                self.deliver_user_local(to, f, None);
+            } else if let Some(name) = &name {
+                let msg = ShardMsg::DeliverUser {
+                    to: name.clone(),
+                    payload: f.clone(),
+                    exclude: None,
+                };
+                self.send_mail(s, msg);
             }
         }
         self.scratch_shards = shards;
-        self.hub.is_online(to)
-    }
-
-    /// Answers a routed `send` on the sender's shard (here or by mail).
-    fn answer_routed(&mut self, reply: ReplyTo, a: Answer) {
-        let shard = reply.conn.shard;
-        match a {
-            Answer::Online | Answer::Offline if shard == self.index => {
-                self.reply_local(reply, Some(matches!(a, Answer::Online)))
-            }
-            Answer::Online | Answer::Offline => {
-                let online = matches!(a, Answer::Online);
-                self.send_mail(shard, ShardMsg::Routed { reply, online })
-            }
-            Answer::Overloaded if shard == self.index => self.reply_local(reply, None),
-            Answer::Unavailable if shard == self.index => self.reply_unavailable(reply),
-            Answer::Overloaded => {
-                let m = BrokerMsg::Busy { reply };
-                self.send_mail(shard, ShardMsg::Broker(Box::new(m)))
-            }
-            Answer::Unavailable => {
-                let m = BrokerMsg::Unavailable { reply };
-                self.send_mail(shard, ShardMsg::Broker(Box::new(m)))
-            }
-        }
+        name.is_some()
     }
 
     /// Answers a routed `send`: ack, `user_offline`, or `overloaded` (`online` = None).
     pub(super) fn reply_local(&mut self, reply: ReplyTo, online: Option<bool>) {
-        let key = reply.conn.slot as usize;
+        self.reply_to(reply.conn, &reply.id, &reply.to, online);
+    }
+
+    /// [`reply_local`](Self::reply_local) from borrowed parts: the connection, the raw JSON
+    /// of its request's id, the recipient.
+    fn reply_to(&mut self, conn: ConnId, id: &str, to: &str, online: Option<bool>) {
+        let key = conn.slot as usize;
         let alive = self
             .conns
             .get(key)
-            .is_some_and(|c| c.generation == reply.conn.generation && c.state == ConnState::Open);
+            .is_some_and(|c| c.generation == conn.generation && c.state == ConnState::Open);
         if !alive {
             return;
         }
@@ -853,18 +829,18 @@ impl<T: Transport> Sessions<T> {
             Some(true) => {
                 let mut s = std::mem::take(&mut self.scratch_reply);
                 s.clear();
-                protocol::ack_into(&mut s, &reply.id);
-                self.deliver_data(key, Data::Text, super::output::Out::Own(&s));
+                protocol::ack_into(&mut s, id);
+                self.deliver_data(key, Data::Text, Out::Own(&s));
                 self.scratch_reply = s;
                 return;
             }
             Some(false) => protocol::error(
-                Some(&reply.id),
+                Some(id),
                 ErrorCode::UserOffline,
-                &format!("user {} has no open connection", reply.to),
+                &format!("user {to} has no open connection"),
             ),
             None => protocol::error(
-                Some(&reply.id),
+                Some(id),
                 ErrorCode::Overloaded,
                 "server busy; message not delivered",
             ),
@@ -878,7 +854,12 @@ impl<T: Transport> Sessions<T> {
         f: &Bytes,
         exclude: Option<ConnId>,
     ) -> u64 {
-        self.deliver_to(f, |me, slots| {
+        self.deliver_user_local_out(to, Out::Shared(f.clone()), exclude)
+    }
+
+    /// [`deliver_user_local`](Self::deliver_user_local) of shared or own bytes.
+    fn deliver_user_local_out(&mut self, to: &str, f: Out<'_>, exclude: Option<ConnId>) -> u64 {
+        self.deliver_out(f, |me, slots| {
             slots.extend(me.hub.user_slots(to).iter().filter(|&&slot| {
                 !exclude.is_some_and(|x| {
                     x.shard == me.index
@@ -917,7 +898,7 @@ impl<T: Transport> Sessions<T> {
                 online,
                 ack,
             } => {
-                let change = self.hub.presence(user.clone(), from, online);
+                let change = self.directory.presence(user.clone(), from, online);
                 if self.tell_broker_user(user, online, change, ack) {
                     return;
                 }
@@ -926,12 +907,6 @@ impl<T: Transport> Sessions<T> {
                 }
             }
             ShardMsg::Registered { conn } => self.on_registered(conn),
-            ShardMsg::RouteUser {
-                to,
-                payload,
-                exclude,
-                reply,
-            } => self.on_route_user(to, payload, exclude, reply),
             ShardMsg::DeliverUser {
                 to,
                 payload,
@@ -942,7 +917,6 @@ impl<T: Transport> Sessions<T> {
             ShardMsg::DeliverChannel { channel, payload } => {
                 self.deliver_channel_local(&channel, &payload);
             }
-            ShardMsg::Routed { reply, online } => self.reply_local(reply, Some(online)),
             ShardMsg::Api { ticket, cmd } => self.on_api(ticket, &cmd),
             ShardMsg::ApiDone { id, count, members } => self.on_api_done(id, count, members),
             ShardMsg::Store(m) => self.on_store(*m),
@@ -959,15 +933,44 @@ impl<T: Transport> Sessions<T> {
     }
 }
 
-/// How a routed `send` is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Answer {
-    /// Delivered to someone: `ack`.
-    Online,
-    /// Nobody has the user: `user_offline`.
-    Offline,
-    /// A queue was full: `overloaded`.
-    Overloaded,
-    /// The broker is unreachable: `unavailable`.
-    Unavailable,
+/// A DM event on its way: written once into a reused buffer, copied from it into local
+/// recipients' outboxes; shared (one allocation) only once it must leave the shard.
+pub(super) struct Event<'a> {
+    bytes: &'a [u8],
+    shared: Option<Bytes>,
+}
+
+impl<'a> Event<'a> {
+    pub(super) fn new(bytes: &'a [u8]) -> Event<'a> {
+        Event {
+            bytes,
+            shared: None,
+        }
+    }
+
+    /// The payload as shared bytes (made on first use).
+    fn shared(&mut self) -> Bytes {
+        self.shared
+            .get_or_insert_with(|| Bytes::copy_from_slice(self.bytes))
+            .clone()
+    }
+}
+
+/// Whom to answer about a `send`, borrowed from the request.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Reply<'a> {
+    conn: ConnId,
+    /// Raw JSON of the request's `id`.
+    id: &'a str,
+}
+
+impl Reply<'_> {
+    /// The owned form, for an answer that comes later (from the broker).
+    fn owned(self, to: &str) -> ReplyTo {
+        ReplyTo {
+            conn: self.conn,
+            id: self.id.into(),
+            to: Arc::from(to),
+        }
+    }
 }

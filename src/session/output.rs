@@ -24,6 +24,14 @@ pub(super) enum Out<'a> {
 }
 
 impl Out<'_> {
+    /// Another handle on the same bytes (a shared payload's count goes up by one).
+    pub(super) fn share(&self) -> Out<'_> {
+        match self {
+            Out::Shared(b) => Out::Shared(b.clone()),
+            Out::Own(s) => Out::Own(s),
+        }
+    }
+
     fn bytes(&self) -> &[u8] {
         match self {
             Out::Shared(b) => b,
@@ -240,6 +248,12 @@ impl<T: Transport> Sessions<T> {
                     self.pool.put_outbox(out);
                     if c.page_wanted() {
                         self.request_page(key);
+                    }
+                    let c = &mut self.conns[key];
+                    if c.input_waits() {
+                        // Its replies are out: read and parse its requests again.
+                        c.extra_mut().input_waits = false;
+                        self.defer_read(key);
                     }
                 }
                 Ok((Flushed::Blocked, n)) => {

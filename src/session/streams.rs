@@ -302,7 +302,7 @@ impl<T: Transport> Sessions<T> {
         debug_assert_eq!(home_of(&user, self.homes), self.index);
         let mut shards = std::mem::take(&mut self.scratch_shards);
         shards.clear();
-        self.hub.locate(&user, &mut shards);
+        self.directory.locate(&user, &mut shards);
         for &s in &shards {
             if s == self.index {
                 self.deliver_stream_local(&user, &payload, offset, exclude);
@@ -320,7 +320,7 @@ impl<T: Transport> Sessions<T> {
         }
         self.scratch_shards = shards;
         if let Some((reply, ack_offset, epoch)) = ack {
-            let queued = !self.hub.is_online(&user);
+            let queued = !self.directory.is_online(&user);
             let shard = reply.conn.shard;
             let msg = StoreMsg::Ack {
                 reply,

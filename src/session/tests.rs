@@ -516,9 +516,10 @@ fn answers_to_senders_are_reliable_mail_and_copies_are_not() {
         to: "bob".into(),
     };
     let answers = [
-        ShardMsg::Routed {
-            reply: reply(),
-            online: true,
+        ShardMsg::DeliverUser {
+            to: "bob".into(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            exclude: None,
         },
         ShardMsg::Broker(Box::new(BrokerMsg::Unavailable { reply: reply() })),
         ShardMsg::Broker(Box::new(BrokerMsg::Busy { reply: reply() })),
@@ -745,4 +746,35 @@ fn an_answer_queued_when_shutdown_begins_is_still_written() {
     assert!(head.starts_with("HTTP/1.1 200 "), "{head:?}");
     h.advance(1_000);
     assert!(!h.live(key), "closed once answered");
+}
+
+#[test]
+fn a_pipelined_burst_whose_replies_pass_the_limit_waits_instead_of_closing() {
+    // 400 pings in one write: 400 pongs are ~10 KiB, past the 4 KiB outbound limit within
+    // one turn. A client that reads gets them all, in order, and stays open: its requests
+    // wait unread while its replies are written.
+    let mut h = Harness::new(config());
+    let (key, pipe, mut buf) = h.open("/ws?user=pipeliner", 1024);
+    let mut burst = Vec::new();
+    for i in 0..400 {
+        burst.extend(testkit::text_frame(&format!(
+            r#"{{"op":"ping","data":{i}}}"#
+        )));
+    }
+    h.send(&pipe, &burst);
+    let mut ids = Vec::new();
+    for _ in 0..1000 {
+        for f in frames(&pipe, &mut buf) {
+            assert_ne!(f.opcode, 0x8, "closed: {:?}", close_code(&f));
+            let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+            assert_eq!(v["op"], "pong", "{v}");
+            ids.push(v["data"].as_u64().unwrap_or_else(|| panic!("{v}")));
+        }
+        if ids.len() == 400 {
+            break;
+        }
+        h.turn();
+    }
+    assert_eq!(ids, (0..400).collect::<Vec<u64>>());
+    assert!(h.live(key));
 }

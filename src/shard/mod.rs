@@ -70,6 +70,8 @@ pub struct ShardSetup {
     pub subscribed: Arc<[AtomicUsize]>,
     /// Connections per source address, process-wide.
     pub ip_table: Arc<crate::session::admission::IpTable>,
+    /// Which shards hold each named user.
+    pub directory: Arc<crate::hub::Directory>,
     /// Which shards take new connections, when shards were added for their fd tables.
     pub steering: Option<Arc<steer::Steering>>,
     /// Give this shard its own fd table before it accepts anything.
@@ -156,6 +158,7 @@ impl Shard {
             open_total: setup.open_total,
             subscribed: setup.subscribed,
             ip_table: setup.ip_table,
+            directory: setup.directory,
             on_drain: Some(Arc::new(|| {
                 // The same path as SIGTERM: the main thread's signal loop shuts down.
                 // SAFETY: kill has no memory-safety preconditions.
