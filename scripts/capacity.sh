@@ -9,6 +9,7 @@
 # baseline and then `loadgen connect` (or dm/fanout) with enough loopback source addresses,
 # holds with pings flowing, and prints the report (scripts/capacity_report.py). --tls: wss:// with
 # a self-signed ECDSA P-256 certificate made for the run (openssl), verified by loadgen.
+# LOADGEN_ARGS: extra arguments for the loadgen run (e.g. "--spin-us 0").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=1000000
@@ -101,7 +102,8 @@ scenario=(connect)
 [ -n "$dm" ] && scenario=(dm --rate "$dm")
 [ $broadcast = 1 ] && scenario=(fanout --channels 1 --publishers 1 --rate 0.1)
 echo "== ${scenario[*]}: $n connections from $ips source addresses, hold ${hold}s"
-target/release/loadgen "${scenario[@]}" "${lg_tls[@]}" --url "$url" --connections "$n" --connect-rate 1000000 \
+read -r -a lg_extra <<<"${LOADGEN_ARGS:-}"
+target/release/loadgen "${scenario[@]}" "${lg_tls[@]}" "${lg_extra[@]}" --url "$url" --connections "$n" --connect-rate 1000000 \
   --max-inflight-handshakes "$inflight" --duration "${hold}s" --server-pid "$server" --out "$out/ws" \
   >"$out/ws.txt" 2>"$out/ws.progress" || true
 tail -n 3 "$out/ws.progress" || true
