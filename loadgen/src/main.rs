@@ -101,11 +101,13 @@ struct Args {
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
     /// Open-loop sends: stop sleeping this many µs before a send is due and poll without
-    /// blocking until it is (reading replies meanwhile). This host's timer wake-ups land
-    /// 30–200 µs late, and open-loop latency counts that lateness; the spin costs CPU
-    /// (at most this much per send). 0: sleep to the microsecond on a timerfd only.
-    #[arg(long, default_value_t = 50)]
-    spin_us: u64,
+    /// blocking until it is (reading replies meanwhile, yielding the core when idle). This
+    /// host's timer wake-ups land 30–200 µs late, and open-loop latency counts that lateness;
+    /// the spin costs CPU (at most this much per send). 0: sleep to the microsecond on a
+    /// timerfd only [default: 50 when every worker thread can have a core, else 0: many
+    /// spinning threads take the CPU the server needs].
+    #[arg(long)]
+    spin_us: Option<u64>,
     /// Give up on connecting after this long.
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -305,7 +307,10 @@ fn main() -> anyhow::Result<()> {
         sched_batch: args.sched_batch,
         qos: args.qos,
         resume_every_ns: args.resume_every.map_or(0, |d| d.as_nanos() as u64),
-        spin_ns: args.spin_us * 1000,
+        spin_ns: args
+            .spin_us
+            .unwrap_or(if threads <= cores { 50 } else { 0 })
+            * 1000,
         window: args.window.max(1),
         tls,
         deflate: args.deflate,
@@ -325,7 +330,11 @@ fn main() -> anyhow::Result<()> {
         threads,
         args.connect_rate,
         if matches!(args.scenario, Scenario::Echo | Scenario::Dm | Scenario::Fanout) {
-            format!(", {} msg/s open loop (latency from the scheduled send time)", args.rate)
+            format!(
+                ", {} msg/s open loop (latency from the scheduled send time; spin {} µs)",
+                args.rate,
+                job.spin_ns / 1000
+            )
         } else {
             String::new()
         }
