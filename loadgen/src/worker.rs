@@ -1076,7 +1076,10 @@ impl Worker {
             self.mark_open(key, ready);
         }
         loop {
-            let c = &mut self.conns[key];
+            // Handling a frame may have dropped the connection (a failed write).
+            let Some(c) = self.conns.get_mut(key) else {
+                return;
+            };
             let Ok(Some((h, hl))) = frame::parse_header(&c.rbuf) else {
                 return;
             };
@@ -1108,12 +1111,13 @@ impl Worker {
                         1005
                     };
                     let busy = code == 1013 && self.conns[key].st != St::Closing;
+                    // Taken first: the flush below drops the connection if the peer is gone.
+                    let (id, attempt) = (self.conns[key].id, self.conns[key].attempt);
                     if self.conns[key].st != St::Closing {
                         self.count_unexpected(code);
                         self.queue_frame(key, 0x8, &code.to_be_bytes());
                         self.flush(key);
                     }
-                    let (id, attempt) = (self.conns[key].id, self.conns[key].attempt);
                     if self.conns.contains(key) {
                         self.drop_conn(key);
                     }
