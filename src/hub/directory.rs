@@ -7,13 +7,13 @@
 //! the user's hash, so routers on different cores rarely touch the same lock word, and a
 //! home's own entries (what it counts in Redis) are its stripes alone.
 
-use std::hash::BuildHasher;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::FxHashMap;
 use std::collections::hash_map::Entry;
 
 use super::Few;
+use crate::ids::{home_of_hash, user_hash};
 
 /// Locks per home shard.
 pub const STRIPES_PER_HOME: usize = 4;
@@ -54,15 +54,10 @@ impl Directory {
 
     /// The user's home shard and stripe, from one hash.
     pub fn place(&self, user: &str) -> Place {
-        let v = FxBuildHasher.hash_one(user);
-        // Mix the high bits in: FxHash's low bits are weak for short keys.
-        let mixed = v ^ (v >> 29) ^ (v >> 47);
-        let home = (mixed % self.homes as u64) as usize;
-        let stripe = home * STRIPES_PER_HOME + ((v >> 57) as usize % STRIPES_PER_HOME);
-        Place {
-            home: home as u16,
-            stripe,
-        }
+        let v = user_hash(user);
+        let home = home_of_hash(v, self.homes);
+        let stripe = home as usize * STRIPES_PER_HOME + ((v >> 57) as usize % STRIPES_PER_HOME);
+        Place { home, stripe }
     }
 
     fn read(&self, p: Place) -> RwLockReadGuard<'_, Map> {

@@ -54,8 +54,17 @@ pub struct ReplyTo {
 
 /// Home shard of a user id.
 pub fn home_of(user: &str, shards: usize) -> u16 {
+    home_of_hash(user_hash(user), shards)
+}
+
+/// The hash a user id is placed by (its home shard, its directory stripe).
+pub fn user_hash(user: &str) -> u64 {
+    FxBuildHasher.hash_one(user)
+}
+
+/// Home shard of a user id's [`user_hash`].
+pub fn home_of_hash(v: u64, shards: usize) -> u16 {
     // Mix the high bits in: FxHash's low bits are weak for short keys.
-    let v = FxBuildHasher.hash_one(user);
     ((v ^ (v >> 29) ^ (v >> 47)) % shards as u64) as u16
 }
 

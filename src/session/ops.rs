@@ -621,7 +621,7 @@ impl<T: Transport> Sessions<T> {
     fn on_broker(&mut self, m: BrokerMsg) {
         match m {
             BrokerMsg::User { user, payload } => {
-                self.fanout_user(&user, &payload);
+                self.deliver_located(&user, &mut Event::shared_from(&payload), None);
             }
             BrokerMsg::Channel { channel, payload } => {
                 self.deliver_channel_local(&channel, &payload);
@@ -733,28 +733,7 @@ impl<T: Transport> Sessions<T> {
         exclude: Option<ConnId>,
         reply: Option<Reply<'_>>,
     ) {
-        let mut shards = std::mem::take(&mut self.scratch_shards);
-        shards.clear();
-        // Skip a shard whose only connection of the user is the excluded sender: no trip for
-        // nothing when a user without other devices sends.
-        let name = self
-            .directory
-            .locate_except(to, exclude.map(|x| x.shard), &mut shards);
-        for &s in &shards {
-            if s == self.index {
-                self.deliver_user_local_out(to, Out::Own(ev.bytes), exclude);
-            } else if let Some(name) = &name {
-                let payload = ev.shared();
-                let to = name.clone();
-                let msg = ShardMsg::DeliverUser {
-                    to,
-                    payload,
-                    exclude,
-                };
-                self.send_mail(s, msg);
-            }
-        }
-        self.scratch_shards = shards;
+        let name = self.deliver_located(to, ev, exclude);
         let online = name.is_some();
         let mut reply = reply;
         if let Some(b) = &self.broker {
@@ -787,26 +766,36 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
-    /// Delivers a payload to the user's connections in this process, found in the
-    /// directory (another node's DM, from the broker). Whether the user has any.
-    fn fanout_user(&mut self, to: &str, f: &Bytes) -> bool {
+    /// Delivers to the user's connections in this process, found in the directory: this
+    /// shard's get the event directly, each other holding shard one mail with the shared
+    /// payload. Skips a shard whose only connection of the user is `exclude` (no trip for
+    /// nothing when a user without other devices sends). The user's shared name when it has
+    /// any connection.
+    fn deliver_located(
+        &mut self,
+        to: &str,
+        ev: &mut Event<'_>,
+        exclude: Option<ConnId>,
+    ) -> Option<Arc<str>> {
         let mut shards = std::mem::take(&mut self.scratch_shards);
         shards.clear();
-        let name = self.directory.locate(to, &mut shards);
+        let name = self
+            .directory
+            .locate_except(to, exclude.map(|x| x.shard), &mut shards);
         for &s in &shards {
             if s == self.index {
-                self.deliver_user_local(to, f, None);
+                self.deliver_user_local_out(to, ev.local(), exclude);
             } else if let Some(name) = &name {
                 let msg = ShardMsg::DeliverUser {
                     to: name.clone(),
-                    payload: f.clone(),
-                    exclude: None,
+                    payload: ev.shared(),
+                    exclude,
                 };
                 self.send_mail(s, msg);
             }
         }
         self.scratch_shards = shards;
-        name.is_some()
+        name
     }
 
     /// Answers a routed `send`: ack, `user_offline`, or `overloaded` (`online` = None).
@@ -945,6 +934,23 @@ impl<'a> Event<'a> {
         Event {
             bytes,
             shared: None,
+        }
+    }
+
+    /// An event that arrived already shared (another node's DM).
+    fn shared_from(b: &'a Bytes) -> Event<'a> {
+        Event {
+            bytes: b,
+            shared: Some(b.clone()),
+        }
+    }
+
+    /// What this shard's recipients get: the shared payload once there is one, else a copy
+    /// of the bytes.
+    fn local(&self) -> Out<'_> {
+        match &self.shared {
+            Some(b) => Out::Shared(b.clone()),
+            None => Out::Own(self.bytes),
         }
     }
 
