@@ -1,11 +1,12 @@
-//! Who is where: each shard's local registry of users and channel subscriptions, the
-//! process-wide [`Directory`] of which shards hold each named user, and the messages shards
-//! exchange to route a DM or a publication.
+//! Who is where: the process-wide [`Directory`] of each named user's connections, each
+//! shard's local registry of channel subscriptions, and the messages shards exchange to
+//! route a DM or a publication.
 //!
 //! Routing a DM takes one hop: the sender's shard reads the recipient's entry in the
 //! directory (written only by the user's *home shard*, a hash of the user id, as
 //! connections open and close) and posts the shared payload once to each shard that holds
-//! a connection of the user; it answers the sender itself. Channels are fanned out to every
+//! a connection of the user; it answers the sender itself. The holding shard finds its own
+//! connections of the user in the same entry. Channels are fanned out to every
 //! shard with subscribers, each of which knows its local ones. The hub does no I/O: it only
 //! answers questions, so it is tested without sockets.
 
@@ -13,7 +14,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::collections::hash_map::Entry;
 
 use crate::broker::BrokerMsg;
 pub use crate::ids::{home_of, ApiTicket, ConnId, ReplyTo};
@@ -25,14 +25,14 @@ pub use directory::Directory;
 /// Messages between shards (bounded mailboxes; see `shard::mailbox`).
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// To the home shard of `user`: a connection of it opened (`online`) or closed on shard
-    /// `from`. With `ack`, the home answers [`ShardMsg::Registered`] so the connection can be
+    /// To the home shard of `user`: its connection `conn` opened (`online`) or closed. With
+    /// `welcome`, the home answers [`ShardMsg::Registered`] so the connection can be
     /// welcomed. Never dropped (posted with retry).
     Presence {
         user: Arc<str>,
-        from: u16,
+        conn: ConnId,
         online: bool,
-        ack: Option<ConnId>,
+        welcome: bool,
     },
     /// The home shard recorded connection `conn`.
     Registered { conn: ConnId },
@@ -104,96 +104,14 @@ pub enum ApiCmd {
     Members { channel: Arc<str> },
 }
 
-/// One item inline, or several on the heap: most users have one connection, on one shard,
-/// and a million of them should not cost a million small heap blocks (16–32 B each).
-#[derive(Debug)]
-enum Few<T> {
-    One(T),
-    Many(Vec<T>),
-}
-
-impl<T: Copy> Few<T> {
-    fn as_slice(&self) -> &[T] {
-        match self {
-            Few::One(x) => std::slice::from_ref(x),
-            Few::Many(v) => v,
-        }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [T] {
-        match self {
-            Few::One(x) => std::slice::from_mut(x),
-            Few::Many(v) => v,
-        }
-    }
-
-    fn push(&mut self, x: T) {
-        match self {
-            Few::One(a) => *self = Few::Many(vec![*a, x]),
-            Few::Many(v) => v.push(x),
-        }
-    }
-
-    /// Removes item `i` (the last one takes its place).
-    fn swap_remove(&mut self, i: usize) {
-        match self {
-            Few::One(_) => *self = Few::Many(Vec::new()),
-            Few::Many(v) => {
-                v.swap_remove(i);
-            }
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.as_slice().is_empty()
-    }
-}
-
-/// One shard's view: local users and subscriptions (the process-wide [`Directory`] says
-/// which shards hold a user).
+/// One shard's local channel subscriptions (named users' connections, local ones too, are
+/// in the process-wide [`Directory`]).
 #[derive(Debug, Default)]
 pub struct Hub {
-    users: FxHashMap<Arc<str>, Few<u32>>,
     channels: FxHashMap<Arc<str>, FxHashSet<u32>>,
 }
 
 impl Hub {
-    /// Adds a local connection of `user`; true when it is the user's first on this shard.
-    /// (Every connection is reported to the home shard, which counts them per shard.)
-    pub fn add_user(&mut self, user: &Arc<str>, slot: u32) -> bool {
-        match self.users.entry(user.clone()) {
-            Entry::Vacant(e) => {
-                e.insert(Few::One(slot));
-                true
-            }
-            Entry::Occupied(mut e) => {
-                e.get_mut().push(slot);
-                false
-            }
-        }
-    }
-
-    /// Removes a local connection; true when it was the user's last on this shard.
-    pub fn remove_user(&mut self, user: &str, slot: u32) -> bool {
-        let Some(slots) = self.users.get_mut(user) else {
-            return false;
-        };
-        if let Some(i) = slots.as_slice().iter().position(|&s| s == slot) {
-            slots.swap_remove(i);
-        }
-        if slots.is_empty() {
-            self.users.remove(user);
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Local connections of `user`.
-    pub fn user_slots(&self, user: &str) -> &[u32] {
-        self.users.get(user).map_or(&[], |v| v.as_slice())
-    }
-
     /// The shared key for `name` if the channel has local subscribers (avoids a new
     /// allocation per subscription).
     pub fn channel_key(&self, name: &str) -> Option<Arc<str>> {
@@ -246,57 +164,20 @@ impl Hub {
             .collect()
     }
 
-    /// Local users with at least one connection.
-    pub fn local_users(&self) -> usize {
-        self.users.len()
-    }
-
     /// Channels with local subscribers.
     pub fn local_channels(&self) -> usize {
         self.channels.len()
     }
 
-    /// Every local slot the hub lists (users and channels; repeats possible), for checks.
+    /// Every local slot the hub lists (repeats possible), for checks.
     pub fn all_slots(&self) -> impl Iterator<Item = u32> + '_ {
-        self.users
-            .values()
-            .flat_map(|v| v.as_slice().iter().copied())
-            .chain(self.channels.values().flat_map(|s| s.iter().copied()))
+        self.channels.values().flat_map(|s| s.iter().copied())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn one_connection_lives_inline_and_more_spill_to_the_heap_and_back() {
-        // A map value no bigger than the Vec it replaces.
-        assert!(std::mem::size_of::<Few<(u16, u32)>>() <= std::mem::size_of::<Vec<u32>>());
-        let mut h = Hub::default();
-        let bob: Arc<str> = "bob".into();
-        assert!(h.add_user(&bob, 7));
-        assert!(matches!(h.users["bob"], Few::One(7)));
-        assert!(!h.add_user(&bob, 8) && !h.add_user(&bob, 9));
-        assert_eq!(h.user_slots("bob"), &[7, 8, 9]);
-        assert!(!h.remove_user("bob", 7));
-        assert_eq!(h.user_slots("bob"), &[9, 8]);
-        assert!(!h.remove_user("bob", 9) && h.remove_user("bob", 8));
-        assert_eq!(h.local_users(), 0);
-    }
-
-    #[test]
-    fn users_first_and_last() {
-        let mut h = Hub::default();
-        let alice: Arc<str> = "alice".into();
-        assert!(h.add_user(&alice, 1));
-        assert!(!h.add_user(&alice, 2));
-        assert_eq!(h.user_slots("alice"), &[1, 2]);
-        assert!(!h.remove_user("alice", 1));
-        assert!(h.remove_user("alice", 2));
-        assert!(h.user_slots("alice").is_empty());
-        assert!(!h.remove_user("alice", 2));
-    }
 
     #[test]
     fn channels() {

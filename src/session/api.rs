@@ -138,20 +138,31 @@ impl<T: Transport> Sessions<T> {
         if let (true, Some(since)) = (resume, since) {
             c.extra_mut().cursor = Some(Box::new(super::streams::Cursor::resuming(since)));
         }
+        if c.user.is_some() {
+            // A named stream opens (its headers go out) once the user's home shard recorded
+            // it, like a WebSocket's welcome: whatever is sent to the user after that reaches
+            // it, and a resuming one asks the store only then, so nothing stored in between
+            // is missed.
+            self.register(key, true);
+        } else {
+            self.push_sse_headers(key);
+            self.register(key, false);
+        }
+        for ch in channels {
+            self.subscribe(key, ch);
+        }
+        let deadline = self.next_heartbeat_check(key);
+        self.arm(key, deadline);
+    }
+
+    /// The response head of an event stream.
+    pub(super) fn push_sse_headers(&mut self, key: usize) {
         self.push_raw(
             key,
             Bytes::from_static(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: keep-alive\r\nX-Accel-Buffering: no\r\n\r\nretry: 2000\n\n",
             ),
         );
-        // A resuming stream asks the store once the user's home shard recorded it (like a
-        // WebSocket's welcome), so nothing stored in between is missed.
-        self.register(key, resume);
-        for ch in channels {
-            self.subscribe(key, ch);
-        }
-        let deadline = self.next_heartbeat_check(key);
-        self.arm(key, deadline);
     }
 
     /// Routes `/api/...`: authorization, method, body, then the command on every shard.
@@ -829,10 +840,7 @@ impl<T: Transport> Sessions<T> {
             return self.api_store_answer(key, Route::Channel, 200, &body);
         }
         if self.streams_on() {
-            let close = self.conns[key]
-                .extra
-                .as_deref()
-                .is_some_and(|e| e.api_close);
+            let close = self.conns[key].extra().is_some_and(|e| e.api_close);
             let req = StoreReq::Unread {
                 user,
                 conn,
@@ -902,13 +910,18 @@ impl<T: Transport> Sessions<T> {
                     .sum()
             }
             ApiCmd::Disconnect { user, code, reason } => {
-                let slots: Vec<u32> = self.hub.user_slots(user).to_vec();
+                let mut slots = Vec::new();
+                self.local_conns_of(user, None, &mut slots);
                 for &s in &slots {
                     self.start_close_with(s as usize, *code, reason.to_string().into());
                 }
                 slots.len() as u64
             }
-            ApiCmd::CountUser { user } => self.hub.user_slots(user).len() as u64,
+            ApiCmd::CountUser { user } => {
+                let mut slots = Vec::new();
+                self.local_conns_of(user, None, &mut slots);
+                slots.len() as u64
+            }
             ApiCmd::CountChannel { channel } | ApiCmd::Members { channel } => {
                 self.hub.subscriber_count(channel) as u64
             }

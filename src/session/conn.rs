@@ -108,12 +108,21 @@ impl Flags {
     }
 }
 
-/// What few connections need, boxed so an idle connection pays 8 bytes for it: channel
-/// subscriptions, the token's grant, the SSE event id, the reason of a close in progress.
+/// Beside a connection that subscribed to a channel or needs [`Extra`]: boxed so an idle
+/// connection pays 8 bytes for it, and small (32 bytes) so a subscriber pays little more
+/// than its list of channels.
+#[derive(Debug, Default)]
+pub struct Side {
+    /// Channels subscribed to.
+    channels: Vec<Arc<str>>,
+    /// The rest, rarer still.
+    extra: Option<Box<Extra>>,
+}
+
+/// What few connections need: the token's grant, permessage-deflate, the SSE event id,
+/// stream cursors, the reason of a close in progress.
 #[derive(Debug, Default)]
 pub struct Extra {
-    /// Channels subscribed to.
-    pub channels: Vec<Arc<str>>,
     /// Subscribed channels whose `join`/`leave` events the connection asked for.
     pub join_leave: Vec<Arc<str>>,
     /// What the connection's signed token grants (expiry, private channels).
@@ -174,8 +183,8 @@ pub struct Conn<T> {
     pub inbound: Option<Box<Inbound>>,
     /// Frames waiting for the socket.
     pub outbox: Option<Box<Outbox>>,
-    /// Subscriptions, grant, SSE id, close reason (boxed: most connections have none).
-    pub extra: Option<Box<Extra>>,
+    /// Subscriptions, and the rest in [`Extra`] (boxed: most connections have none).
+    pub side: Option<Box<Side>>,
 }
 
 impl<T> Conn<T> {
@@ -195,7 +204,7 @@ impl<T> Conn<T> {
             rate_strikes: 0,
             inbound: None,
             outbox: None,
-            extra: None,
+            side: None,
         }
     }
 
@@ -220,43 +229,73 @@ impl<T> Conn<T> {
 
     /// Channels subscribed to.
     pub fn channel_list(&self) -> &[Arc<str>] {
-        self.extra.as_deref().map_or(&[], |e| e.channels.as_slice())
+        self.side.as_deref().map_or(&[], |s| s.channels.as_slice())
+    }
+
+    /// Channels subscribed to, to change (the side state is created on first use).
+    pub fn channels_mut(&mut self) -> &mut Vec<Arc<str>> {
+        &mut self.side.get_or_insert_with(Default::default).channels
+    }
+
+    /// Takes the list of channels (the connection leaves them all).
+    pub fn take_channels(&mut self) -> Vec<Arc<str>> {
+        self.side
+            .as_deref_mut()
+            .map(|s| std::mem::take(&mut s.channels))
+            .unwrap_or_default()
+    }
+
+    /// The rarely used state, if the connection has any.
+    pub fn extra(&self) -> Option<&Extra> {
+        self.side.as_deref()?.extra.as_deref()
+    }
+
+    /// [`extra`](Self::extra), to change (creates nothing).
+    pub fn extra_if_mut(&mut self) -> Option<&mut Extra> {
+        self.side.as_deref_mut()?.extra.as_deref_mut()
     }
 
     /// The rarely used state, created on first use.
     pub fn extra_mut(&mut self) -> &mut Extra {
-        self.extra.get_or_insert_with(Default::default)
+        self.side
+            .get_or_insert_with(Default::default)
+            .extra
+            .get_or_insert_with(Default::default)
+    }
+
+    /// Takes the rarely used state out of a connection that is gone (its close reason).
+    pub fn take_extra(&mut self) -> Option<Box<Extra>> {
+        self.side.as_deref_mut()?.extra.take()
     }
 
     /// Input waits until the outbox is written.
     pub fn input_waits(&self) -> bool {
-        self.extra.as_deref().is_some_and(|e| e.input_waits)
+        self.extra().is_some_and(|e| e.input_waits)
     }
 
     /// A replay page is wanted once the outbox drains.
     pub fn page_wanted(&self) -> bool {
-        self.extra.as_deref().is_some_and(|e| e.page_wanted)
+        self.extra().is_some_and(|e| e.page_wanted)
     }
 
     /// Sets or clears [`Extra::page_wanted`] (clearing allocates nothing).
     pub fn set_page_wanted(&mut self, on: bool) {
         if on {
             self.extra_mut().page_wanted = true;
-        } else if let Some(e) = self.extra.as_deref_mut() {
+        } else if let Some(e) = self.extra_if_mut() {
             e.page_wanted = false;
         }
     }
 
     /// Takes [`Extra::api_close`].
     pub fn take_api_close(&mut self) -> bool {
-        self.extra
-            .as_deref_mut()
+        self.extra_if_mut()
             .is_some_and(|e| std::mem::take(&mut e.api_close))
     }
 
     /// The token's grant, if the connection has one.
     pub fn grant(&self) -> Option<&Grant> {
-        self.extra.as_deref().and_then(|e| e.grant.as_deref())
+        self.extra().and_then(|e| e.grant.as_deref())
     }
 
     /// Bytes queued for this connection.
@@ -319,5 +358,12 @@ mod size_tests {
     fn conn_stays_small() {
         let size = std::mem::size_of::<super::Conn<crate::shard::Stream>>();
         assert!(size <= 72, "Conn is {size} bytes");
+    }
+
+    /// A subscriber's side state is its list of channels and one pointer: 32 bytes, the
+    /// allocator's 32-byte class (the rest, [`super::Extra`], is a second box).
+    #[test]
+    fn a_subscriber_side_is_32_bytes() {
+        assert_eq!(std::mem::size_of::<super::Side>(), 32);
     }
 }

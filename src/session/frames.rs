@@ -412,7 +412,7 @@ impl<T: Transport> Sessions<T> {
         use crate::ws::deflate::{self, InflateError};
         let max = self.cfg.max_message_bytes;
         let c = &mut self.conns[key];
-        let inflated = if c.extra.as_deref().is_some_and(|e| e.deflate_takeover) {
+        let inflated = if c.extra().is_some_and(|e| e.deflate_takeover) {
             let d = c.extra_mut().inflater.get_or_insert_with(deflate::inflater);
             deflate::inflate(d, data, max)
         } else {

@@ -106,7 +106,7 @@ impl<T: Transport> Sessions<T> {
         c.io.before_close();
         self.wheel.cancel(c.timer);
         let age_ms = c.age_ms(self.now_ms);
-        let reason = c.extra.map(|e| e.close_reason).unwrap_or_default();
+        let reason = c.take_extra().map(|e| e.close_reason).unwrap_or_default();
         let m = &self.metrics[self.index as usize];
         if c.flags.has(Flags::COUNTED) {
             self.open_total.fetch_sub(1, Ordering::AcqRel);

@@ -243,6 +243,7 @@ const DRAIN_US_PER_CONN: u64 = 20;
 impl<T: Transport> Sessions<T> {
     /// Sessions of shard `index` of `shards`, with the clock at `now_ms` / `now_unix_ms`.
     pub fn new(index: u16, shards: u16, shared: Shared, now_ms: u64, now_unix_ms: u64) -> Self {
+        let room = Self::room(&shared.config, shards);
         Sessions {
             index,
             shards,
@@ -255,7 +256,7 @@ impl<T: Transport> Sessions<T> {
             subscribed: shared.subscribed,
             ip_table: shared.ip_table,
             on_drain: shared.on_drain,
-            ip_buckets: Vec::new(),
+            ip_buckets: Vec::with_capacity(room),
             gate: Default::default(),
             half_open: 0,
             deflater: Default::default(),
@@ -273,8 +274,8 @@ impl<T: Transport> Sessions<T> {
             pending: Default::default(),
             broker_generation: 0,
             next_token: 1,
-            conns: Slab::with_capacity(1024),
-            wheel: Wheel::new(now_ms),
+            conns: Slab::with_capacity(room),
+            wheel: Wheel::with_capacity(now_ms, room),
             hub: Hub::default(),
             pool: BufPool::default(),
             pending_api: Slab::new(),
@@ -291,6 +292,14 @@ impl<T: Transport> Sessions<T> {
             shutdown_deadline_ms: None,
             drain: None,
         }
+    }
+
+    /// Connections a shard makes room for up front: its share of `--max-connections` (what
+    /// its fd table holds), at most 65,536. Reserved address space costs no memory until
+    /// used, while a slab that grows by doubling copies itself, and the old copy stays
+    /// resident for a while: at 15k connections a shard, 40 bytes a connection.
+    fn room(cfg: &Config, shards: u16) -> usize {
+        (cfg.max_connections / shards.max(1) as usize).clamp(1024, 1 << 16)
     }
 
     fn m(&self) -> &ShardMetrics {
@@ -411,6 +420,21 @@ impl<T: Transport> Sessions<T> {
                 .conns
                 .get(id.slot as usize)
                 .is_some_and(|c| c.generation == id.generation)
+    }
+
+    /// Appends the slab keys of this shard's connections of `user` that deliveries reach
+    /// (registered: a closing one is unregistered before the directory, one mail away at the
+    /// home shard, drops it), all but `exclude`.
+    pub(super) fn local_conns_of(&self, user: &str, exclude: Option<ConnId>, out: &mut Vec<u32>) {
+        self.directory.each_on(user, self.index, |id| {
+            let live = self
+                .conns
+                .get(id.slot as usize)
+                .is_some_and(|c| c.generation == id.generation && c.flags.has(Flags::REGISTERED));
+            if live && Some(id) != exclude {
+                out.push(id.slot);
+            }
+        });
     }
 
     /// Connections in the slab.
@@ -711,13 +735,14 @@ impl<T: Transport> Sessions<T> {
                     o.bytes
                 );
             }
-            let registered = c.flags.has(Flags::REGISTERED);
-            if let Some(u) = &c.user {
-                assert_eq!(
-                    registered && self.hub.user_slots(u).contains(&(key as u32)),
-                    registered,
-                    "hub and connection {key} disagree about user {u}"
-                );
+            // Welcomed (registered, no longer held) means the home shard recorded it.
+            let welcomed = c.flags.has(Flags::REGISTERED) && !c.flags.has(Flags::HOLD_INPUT);
+            if let (Some(u), true) = (&c.user, welcomed) {
+                let me = self.conn_id(key);
+                let mut listed = false;
+                self.directory
+                    .each_on(u, self.index, |id| listed |= id == me);
+                assert!(listed, "connection {key} of {u} is not in the directory");
             }
             for ch in c.channel_list() {
                 assert!(

@@ -43,10 +43,9 @@ impl<T: Transport> Sessions<T> {
             }
             return;
         };
-        self.hub.add_user(&user, key as u32);
         let home = home_of(&user, self.homes);
         if home == self.index {
-            let change = self.directory.presence(user.clone(), self.index, true);
+            let change = self.directory.presence(user.clone(), me, true);
             if self.tell_broker_user(user, true, change, welcome.then_some(me)) {
                 // Welcomed once the node receives the user's DMs from the whole cluster.
                 self.conns[key].flags.set(Flags::HOLD_INPUT);
@@ -54,8 +53,6 @@ impl<T: Transport> Sessions<T> {
                 self.open_or_welcome(key);
             }
         } else {
-            let from = self.index;
-            let ack = welcome.then_some(me);
             if welcome {
                 self.conns[key].flags.set(Flags::HOLD_INPUT);
             }
@@ -63,9 +60,9 @@ impl<T: Transport> Sessions<T> {
                 home,
                 ShardMsg::Presence {
                     user,
-                    from,
+                    conn: me,
                     online: true,
-                    ack,
+                    welcome,
                 },
             );
         }
@@ -105,20 +102,20 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
-    pub(super) fn presence_offline(&mut self, user: Arc<str>) {
+    /// Connection `conn` of `user` closed: its home shard drops it from the directory.
+    pub(super) fn presence_offline(&mut self, user: Arc<str>, conn: ConnId) {
         let home = home_of(&user, self.homes);
         if home == self.index {
-            let change = self.directory.presence(user.clone(), self.index, false);
+            let change = self.directory.presence(user.clone(), conn, false);
             self.tell_broker_user(user, false, change, None);
         } else {
-            let from = self.index;
             self.send_mail(
                 home,
                 ShardMsg::Presence {
                     user,
-                    from,
+                    conn,
                     online: false,
-                    ack: None,
+                    welcome: false,
                 },
             );
         }
@@ -131,14 +128,16 @@ impl<T: Transport> Sessions<T> {
             return;
         }
         c.flags.clear(Flags::REGISTERED);
-        let channels = c.extra.as_mut().map(|e| std::mem::take(&mut e.channels));
+        let channels = c.take_channels();
         let user = c.user.clone();
-        for ch in channels.iter().flatten() {
+        for ch in &channels {
             self.unsubscribe_local(ch, key);
         }
         if let Some(user) = user {
-            self.hub.remove_user(&user, key as u32);
-            self.presence_offline(user);
+            // Deliveries stop now (they skip an unregistered connection); the directory
+            // drops it when the home shard reads the mail.
+            let me = self.conn_id(key);
+            self.presence_offline(user, me);
         }
     }
 
@@ -293,8 +292,11 @@ impl<T: Transport> Sessions<T> {
             }
             Op::Unsub { channel } => {
                 self.unsubscribe_local(&channel, key);
-                if let Some(e) = self.conns[key].extra.as_mut() {
-                    e.channels.retain(|x| **x != *channel);
+                let c = &mut self.conns[key];
+                if !c.channel_list().is_empty() {
+                    c.channels_mut().retain(|x| **x != *channel);
+                }
+                if let Some(e) = c.extra_if_mut() {
                     e.channel_cursors.retain(|(c, _)| **c != *channel);
                     e.join_leave.retain(|x| **x != *channel);
                 }
@@ -361,7 +363,7 @@ impl<T: Transport> Sessions<T> {
             self.count_subscriber(key, &name, 1);
             self.tell_join_leave(key, &name, true);
         }
-        self.conns[key].extra_mut().channels.push(name.clone());
+        self.conns[key].channels_mut().push(name.clone());
         let first = added && self.hub.subscriber_count(&name) == 1;
         self.broker.as_ref()?;
         let what = Interested::Channel(name.clone());
@@ -402,8 +404,7 @@ impl<T: Transport> Sessions<T> {
     /// `"join_leave":true`) or off (a `sub` without it).
     fn want_join_leave(&mut self, key: usize, channel: &str, on: bool) {
         let has = self.conns[key]
-            .extra
-            .as_ref()
+            .extra()
             .is_some_and(|e| e.join_leave.iter().any(|c| **c == *channel));
         if on && !has {
             self.conns[key].extra_mut().join_leave.push(channel.into());
@@ -432,8 +433,7 @@ impl<T: Transport> Sessions<T> {
             slots.extend(me.hub.subscribers(channel).filter(|&s| {
                 Some(s as usize) != except
                     && me.conns[s as usize]
-                        .extra
-                        .as_ref()
+                        .extra()
                         .is_some_and(|e| e.join_leave.iter().any(|c| **c == *channel))
             }))
         })
@@ -779,9 +779,7 @@ impl<T: Transport> Sessions<T> {
     ) -> Option<Arc<str>> {
         let mut shards = std::mem::take(&mut self.scratch_shards);
         shards.clear();
-        let name = self
-            .directory
-            .locate_except(to, exclude.map(|x| x.shard), &mut shards);
+        let name = self.directory.locate_except(to, exclude, &mut shards);
         for &s in &shards {
             if s == self.index {
                 self.deliver_user_local_out(to, ev.local(), exclude);
@@ -848,15 +846,7 @@ impl<T: Transport> Sessions<T> {
 
     /// [`deliver_user_local`](Self::deliver_user_local) of shared or own bytes.
     fn deliver_user_local_out(&mut self, to: &str, f: Out<'_>, exclude: Option<ConnId>) -> u64 {
-        self.deliver_out(f, |me, slots| {
-            slots.extend(me.hub.user_slots(to).iter().filter(|&&slot| {
-                !exclude.is_some_and(|x| {
-                    x.shard == me.index
-                        && x.slot == slot
-                        && me.conns[slot as usize].generation == x.generation
-                })
-            }))
-        })
+        self.deliver_out(f, |me, slots| me.local_conns_of(to, exclude, slots))
     }
 
     pub(super) fn deliver_channel_local(&mut self, channel: &str, f: &Bytes) -> u64 {
@@ -883,16 +873,17 @@ impl<T: Transport> Sessions<T> {
         match msg {
             ShardMsg::Presence {
                 user,
-                from,
+                conn,
                 online,
-                ack,
+                welcome,
             } => {
-                let change = self.directory.presence(user.clone(), from, online);
+                let change = self.directory.presence(user.clone(), conn, online);
+                let ack = welcome.then_some(conn);
                 if self.tell_broker_user(user, online, change, ack) {
                     return;
                 }
-                if let Some(conn) = ack {
-                    self.send_mail(from, ShardMsg::Registered { conn });
+                if welcome {
+                    self.send_mail(conn.shard, ShardMsg::Registered { conn });
                 }
             }
             ShardMsg::Registered { conn } => self.on_registered(conn),

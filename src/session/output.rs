@@ -78,7 +78,7 @@ impl<T: Transport> Sessions<T> {
         };
         let zipped = match &payload {
             Out::Shared(b) if deflate => {
-                let bits = c.extra.as_deref().map_or(15, |e| e.deflate_bits);
+                let bits = c.extra().map_or(15, |e| e.deflate_bits);
                 // --deflate-min-bytes 0: every message, even one that does not get smaller.
                 let always = self.cfg.deflate_min_bytes == 0;
                 self.deflater.compress(b, bits, always)

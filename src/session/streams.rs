@@ -79,7 +79,7 @@ impl Cursor {
 
 /// The cursor of `stream` on a connection, if it resumes that stream.
 fn cursor_mut<'a, T>(c: &'a mut super::Conn<T>, stream: &StreamRef) -> Option<&'a mut Cursor> {
-    let e = c.extra.as_mut()?;
+    let e = c.extra_if_mut()?;
     match stream {
         StreamRef::Inbox(_) => e.cursor.as_deref_mut(),
         StreamRef::Channel(ch) => e
@@ -102,8 +102,7 @@ impl<T: Transport> Sessions<T> {
         let c = &self.conns[key];
         let (Some(user), Some(since)) = (
             c.user.clone(),
-            c.extra
-                .as_ref()
+            c.extra()
                 .and_then(|e| e.cursor.as_ref())
                 .and_then(|c| c.since),
         ) else {
@@ -124,7 +123,7 @@ impl<T: Transport> Sessions<T> {
                 shard = self.index,
                 "store queue full: event stream not resumed"
             );
-            if let Some(e) = self.conns[key].extra.as_mut() {
+            if let Some(e) = self.conns[key].extra_if_mut() {
                 e.cursor = None;
             }
         }
@@ -134,6 +133,7 @@ impl<T: Transport> Sessions<T> {
     /// replay page) first; input stays held until it answers.
     pub(super) fn open_or_welcome(&mut self, key: usize) {
         if self.conns[key].flags.has(Flags::SSE) {
+            self.push_sse_headers(key);
             return self.open_sse_stream(key);
         }
         let c = &self.conns[key];
@@ -144,8 +144,7 @@ impl<T: Transport> Sessions<T> {
             return self.welcome(key);
         }
         let since = c
-            .extra
-            .as_ref()
+            .extra()
             .and_then(|e| e.cursor.as_ref())
             .and_then(|c| c.since);
         let conn = self.conn_id(key);
@@ -348,14 +347,11 @@ impl<T: Transport> Sessions<T> {
     ) {
         let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
-        slots.extend_from_slice(self.hub.user_slots(user));
+        self.local_conns_of(user, exclude, &mut slots);
         for &slot in &slots {
             let key = slot as usize;
             let c = &mut self.conns[key];
-            if exclude.is_some_and(|x| x.slot == slot && x.generation == c.generation) {
-                continue;
-            }
-            if let Some(cur) = c.extra.as_mut().and_then(|e| e.cursor.as_mut()) {
+            if let Some(cur) = c.extra_if_mut().and_then(|e| e.cursor.as_mut()) {
                 if !cur.take_live(offset) {
                     continue;
                 }
@@ -386,7 +382,7 @@ impl<T: Transport> Sessions<T> {
         let c = &mut self.conns[key];
         let sse = c.flags.has(Flags::SSE);
         c.flags.clear(Flags::HOLD_INPUT);
-        if let Some(cur) = c.extra.as_mut().and_then(|e| e.cursor.as_mut()) {
+        if let Some(cur) = c.extra_if_mut().and_then(|e| e.cursor.as_mut()) {
             cur.since = None;
             cur.replaying = true;
             cur.epoch = Some(o.epoch);
@@ -448,7 +444,7 @@ impl<T: Transport> Sessions<T> {
         let c = &mut self.conns[key];
         c.set_page_wanted(false);
         let user = c.user.clone();
-        let Some(e) = c.extra.as_mut() else {
+        let Some(e) = c.extra_if_mut() else {
             return;
         };
         let mut wanted: Vec<(StreamRef, u64)> = Vec::new();
@@ -581,7 +577,7 @@ impl<T: Transport> Sessions<T> {
         for &slot in &slots {
             let key = slot as usize;
             let c = &mut self.conns[key];
-            if let Some(e) = c.extra.as_mut() {
+            if let Some(e) = c.extra_if_mut() {
                 if let Some((_, cur)) = e.channel_cursors.iter_mut().find(|(c, _)| &**c == channel)
                 {
                     if !cur.take_live(offset) {

@@ -629,7 +629,6 @@ impl World {
             if empty {
                 for (i, sh) in self.shards.iter().enumerate() {
                     let hub = sh.hub();
-                    assert_eq!(hub.local_users(), 0, "shard {i}: users left in the hub");
                     assert_eq!(hub.local_channels(), 0, "shard {i}: channels left");
                     let home = sh.directory().home_len(i as u16);
                     assert_eq!(home, 0, "shard {i}: directory not empty");
