@@ -2,12 +2,13 @@
 # One-command capacity run: N concurrent WebSocket connections (default 1,000,000) held with
 # heartbeats, server and loadgen on this host, then one report.
 #
-#   scripts/capacity.sh [N] [--hold SECONDS] [--dm RATE] [--broadcast] [--tls] [--out DIR] [--no-baseline]
+#   scripts/capacity.sh [N] [--hold SECONDS] [--dm RATE] [--broadcast] [--subscribe] [--tls] [--out DIR] [--no-baseline]
 #
 # Checks the host (scripts/tune-host.sh), raises what the run needs and restores it afterwards
 # (also on Ctrl-C), starts the server with enough shards for the fd limit, runs a plain-TCP
 # baseline and then `loadgen connect` (or dm/fanout) with enough loopback source addresses,
-# holds with pings flowing, and prints the report (scripts/capacity_report.py). --tls: wss:// with
+# holds with pings flowing, and prints the report (scripts/capacity_report.py). --subscribe: named
+# users each subscribed to one channel, nothing published (their memory). --tls: wss:// with
 # a self-signed ECDSA P-256 certificate made for the run (openssl), verified by loadgen.
 # LOADGEN_ARGS: extra arguments for the loadgen run (e.g. "--spin-us 0").
 set -euo pipefail
@@ -16,6 +17,7 @@ n=1000000
 hold=300
 dm=""
 broadcast=0
+subscribe=0
 baseline=1
 tls=0
 out=""
@@ -24,6 +26,7 @@ while [ $# -gt 0 ]; do
     --hold) hold=$2; shift 2 ;;
     --dm) dm=$2; shift 2 ;;
     --broadcast) broadcast=1; shift ;;
+    --subscribe) subscribe=1; shift ;;
     --out) out=$2; shift 2 ;;
     --no-baseline) baseline=0; shift ;;
     --tls) tls=1; shift ;;
@@ -101,6 +104,7 @@ ips=$(( (n + 13999) / 14000 ))
 scenario=(connect)
 [ -n "$dm" ] && scenario=(dm --rate "$dm")
 [ $broadcast = 1 ] && scenario=(fanout --channels 1 --publishers 1 --rate 0.1)
+[ $subscribe = 1 ] && scenario=(fanout --channels 1 --publishers 0 --rate 0.1)
 echo "== ${scenario[*]}: $n connections from $ips source addresses, hold ${hold}s"
 read -r -a lg_extra <<<"${LOADGEN_ARGS:-}"
 target/release/loadgen "${scenario[@]}" "${lg_tls[@]}" "${lg_extra[@]}" --url "$url" --connections "$n" --connect-rate 1000000 \

@@ -344,7 +344,10 @@ impl Server {
             cfg.limit_loopback,
         ));
         let subscribed: Arc<[AtomicUsize]> = (0..cfg.shards).map(|_| AtomicUsize::new(0)).collect();
-        let directory = Arc::new(crate::hub::Directory::new(cfg.homes()));
+        let directory = Arc::new(crate::hub::Directory::with_room(
+            cfg.homes(),
+            cfg.max_connections,
+        ));
         let barrier = Arc::new(Barrier::new(cfg.shards));
         let config = Arc::new(cfg);
         let mut threads = Vec::new();

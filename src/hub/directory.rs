@@ -122,11 +122,26 @@ pub struct Place {
 impl Directory {
     /// An empty directory for `homes` home shards.
     pub fn new(homes: usize) -> Directory {
+        Self::with_room(homes, 0)
+    }
+
+    /// An empty directory for `homes` home shards with room for `users` before any stripe
+    /// grows. Address space costs nothing until used, while a table that grows by doubling
+    /// copies itself, and the old copies stay resident a while: the server makes room for
+    /// `--max-connections`.
+    pub fn with_room(homes: usize, users: usize) -> Directory {
         let homes = homes.max(1);
+        let stripes = homes * STRIPES_PER_HOME;
+        let each = users.div_ceil(stripes);
         Directory {
             homes,
-            stripes: (0..homes * STRIPES_PER_HOME)
-                .map(|_| RwLock::new(Stripe::default()))
+            stripes: (0..stripes)
+                .map(|_| {
+                    RwLock::new(Stripe {
+                        index: HashTable::with_capacity(each),
+                        entries: Slab::with_capacity(each),
+                    })
+                })
                 .collect(),
         }
     }
