@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift 2 ;;
     --no-baseline) baseline=0; shift ;;
     --tls) tls=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     [0-9]*) n=$1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
