@@ -294,12 +294,13 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
-    /// Connections a shard makes room for up front: its share of `--max-connections` (what
-    /// its fd table holds), at most 65,536. Reserved address space costs no memory until
-    /// used, while a slab that grows by doubling copies itself, and the old copy stays
-    /// resident for a while: at 15k connections a shard, 40 bytes a connection.
+    /// Connections a shard makes room for up front: half again its share of
+    /// `--max-connections` (connections do not spread evenly), at most 65,536. Reserved
+    /// address space costs no memory until used, while a slab that grows by doubling copies
+    /// itself, and the old copy stays resident a while: at 15k connections a shard, 40 bytes
+    /// a connection.
     fn room(cfg: &Config, shards: u16) -> usize {
-        (cfg.max_connections / shards.max(1) as usize).clamp(1024, 1 << 16)
+        (cfg.max_connections / shards.max(1) as usize * 3 / 2).clamp(1024, 1 << 16)
     }
 
     fn m(&self) -> &ShardMetrics {
