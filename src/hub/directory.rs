@@ -126,13 +126,13 @@ impl Directory {
     }
 
     /// An empty directory for `homes` home shards with room for `users` before any stripe
-    /// grows. Address space costs nothing until used, while a table that grows by doubling
-    /// copies itself, and the old copies stay resident a while: the server makes room for
-    /// `--max-connections`.
+    /// grows (half again each stripe's share: users do not spread evenly). Address space
+    /// costs nothing until used, while a table that grows by doubling copies itself, and the
+    /// old copies stay resident a while: the server makes room for `--max-connections`.
     pub fn with_room(homes: usize, users: usize) -> Directory {
         let homes = homes.max(1);
         let stripes = homes * STRIPES_PER_HOME;
-        let each = users.div_ceil(stripes);
+        let each = users.div_ceil(stripes) * 3 / 2;
         Directory {
             homes,
             stripes: (0..stripes)
