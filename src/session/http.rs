@@ -310,6 +310,10 @@ impl<T: Transport> Sessions<T> {
         }
         let deadline = self.next_heartbeat_check(key);
         self.arm(key, deadline);
+        // The 101 (and an anonymous connection's welcome) go out now rather than at the end
+        // of the turn: in a connect storm one turn upgrades thousands, and each would hold
+        // an outbox until then (at 1M connections, 20 bytes a connection at the peak).
+        self.write_early(key);
     }
 }
 

@@ -237,6 +237,18 @@ impl<T: Transport> Sessions<T> {
         }
     }
 
+    /// Writes queued output now and gives a drained outbox back to the pool; errors and the
+    /// transitions that wait for a flush are left to the end-of-turn flush (the connection
+    /// stays in the dirty list).
+    pub(super) fn write_early(&mut self, key: usize) {
+        self.write_now(key);
+        let c = &mut self.conns[key];
+        if c.outbox.as_ref().is_some_and(|o| o.bytes == 0) {
+            let out = c.outbox.take().expect("checked above");
+            self.pool.put_outbox(out);
+        }
+    }
+
     /// End-of-turn flush of one connection, and the transitions that wait for a flush.
     pub(super) fn flush_conn(&mut self, key: usize) {
         let c = &mut self.conns[key];
