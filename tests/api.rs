@@ -184,6 +184,26 @@ fn api_send_reaches_every_connection_and_broadcast_reaches_all() {
     assert_eq!(sse.event().1["data"]["maintenance"], true);
 }
 
+/// A named event stream answers its response head only once the user's home shard
+/// recorded it (like a WebSocket's welcome), so a push sent right after the head reaches it,
+/// on whichever shard it landed.
+#[test]
+fn a_named_event_stream_is_reachable_as_soon_as_its_head_arrives() {
+    let server = Server::start(&["--shards", "4"]);
+    for i in 0..24 {
+        let user = format!("streamer{i}");
+        let mut sse = Sse::open(&server, &format!("user={user}"), "").unwrap();
+        let (status, body) = api(
+            &server,
+            "POST",
+            "/api/send",
+            &format!(r#"{{"to":"{user}","data":{i}}}"#),
+        );
+        assert_eq!((status, body), (200, json!({"delivered": 1})), "{user}");
+        assert_eq!(sse.event().1["data"], i, "{user}");
+    }
+}
+
 #[test]
 fn api_disconnect_closes_with_the_given_code() {
     let server = Server::start(&["--shards", "2"]);

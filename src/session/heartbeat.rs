@@ -11,7 +11,9 @@ use super::conn::{ConnState, Flags, Transport};
 use super::Sessions;
 use crate::metrics::HandshakeFailure;
 use crate::ws::close::{self as code};
-use crate::ws::frame::{self, Control, OpCode};
+
+/// An empty ping frame (FIN, opcode 0x9, no payload).
+const PING: [u8; 2] = [0x89, 0x00];
 
 impl<T: Transport> Sessions<T> {
     /// When an open connection should next be looked at: its ping time or its idle deadline.
@@ -90,7 +92,11 @@ impl<T: Transport> Sessions<T> {
                 let c = &mut self.conns[key];
                 if !c.flags.has(Flags::PING_OUTSTANDING) && silent >= ping_after {
                     c.flags.set(Flags::PING_OUTSTANDING);
-                    self.push_raw(key, frame::encode(OpCode::Control(Control::Ping), b""));
+                    // An empty ping is two fixed bytes (no allocation), written now: a
+                    // million connections ping 40k a second, and a turn that held an outbox
+                    // for each of its pings until its end left them resident.
+                    self.push_raw(key, Bytes::from_static(&PING));
+                    self.write_early(key);
                 }
                 let next = self.next_heartbeat_check(key);
                 self.arm(key, next.max(now + 1));
@@ -155,5 +161,16 @@ impl<T: Transport> Sessions<T> {
             self.pool.put_inbound(i);
         }
         // Dropping the stream closes the fd, which also removes it from epoll.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ws::frame::{self, Control, OpCode};
+
+    #[test]
+    fn the_ping_is_an_empty_ping_frame() {
+        let encoded = frame::encode(OpCode::Control(Control::Ping), b"");
+        assert_eq!(&super::PING[..], &encoded[..]);
     }
 }
