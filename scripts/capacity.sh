@@ -10,7 +10,8 @@
 # holds with pings flowing, and prints the report (scripts/capacity_report.py). --subscribe: named
 # users each subscribed to one channel, nothing published (their memory). --tls: wss:// with
 # a self-signed ECDSA P-256 certificate made for the run (openssl), verified by loadgen.
-# LOADGEN_ARGS: extra arguments for the loadgen run (e.g. "--spin-us 0").
+# LOADGEN_ARGS: extra arguments for the loadgen run (e.g. "--spin-us 0"). SWITCHBOARD_BIN: the
+# server binary to run (default target/release/switchboard; another build, side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=1000000
@@ -38,6 +39,7 @@ done
 out=${out:-target/capacity-$n}
 rm -rf "$out" && mkdir -p "$out"
 [ -x target/release/switchboard ] && [ -x target/release/loadgen ] || cargo build --release --workspace --bins
+server_bin=${SWITCHBOARD_BIN:-target/release/switchboard}
 
 pids=()
 tuned=0
@@ -82,7 +84,7 @@ if [ $tls = 1 ]; then
     2>/dev/null
   tls_args=(--tls-cert "$out/cert.pem" --tls-key "$out/key.pem")
 fi
-RUST_LOG=warn target/release/switchboard "${tls_args[@]}" --listen 127.0.0.1:0 --shards "$shards" --fd-table per-shard --store memory \
+RUST_LOG=warn "$server_bin" "${tls_args[@]}" --listen 127.0.0.1:0 --shards "$shards" --fd-table per-shard --store memory \
   --max-connections $((n + 1000)) --ping-interval-ms "$ping_ms" --idle-timeout-ms "$idle_ms" \
   --handshake-timeout-ms 600000 --shutdown-grace-ms 60000 >"$out/server.out" 2>"$out/server.log" &
 server=$!
