@@ -312,7 +312,7 @@ impl<T: Transport> Sessions<T> {
         self.arm(key, deadline);
         // The 101 (and an anonymous connection's welcome) go out now rather than at the end
         // of the turn: in a connect storm one turn upgrades thousands, and each would hold
-        // an outbox until then (at 1M connections, 20 bytes a connection at the peak).
+        // an outbox until then.
         self.write_early(key);
     }
 }
