@@ -230,11 +230,30 @@ impl Directory {
         except: Option<ConnId>,
         out: &mut Vec<u16>,
     ) -> Option<Arc<str>> {
+        self.route(user, except, None, out, |_| {})
+    }
+
+    /// [`locate_except`](Self::locate_except) for a shard that delivers to its own
+    /// connections itself: those on shard `here` go to `local` (not `here` to `out`), in the
+    /// same read of the entry.
+    pub fn route(
+        &self,
+        user: &str,
+        except: Option<ConnId>,
+        here: Option<u16>,
+        out: &mut Vec<u16>,
+        mut local: impl FnMut(ConnId),
+    ) -> Option<Arc<str>> {
         let p = self.place(user);
         let stripe = self.read(p.stripe);
         let e = stripe.find(p.hash, user)?;
-        for c in e.conns.as_slice() {
-            if Some(*c) != except && !out.contains(&c.shard) {
+        for &c in e.conns.as_slice() {
+            if Some(c) == except {
+                continue;
+            }
+            if Some(c.shard) == here {
+                local(c);
+            } else if !out.contains(&c.shard) {
                 out.push(c.shard);
             }
         }

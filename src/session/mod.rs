@@ -142,8 +142,6 @@ enum ReadyWait {
 pub struct Sessions<T: Transport> {
     index: u16,
     shards: u16,
-    /// Shards that are users' homes: `home_of`'s modulus.
-    homes: usize,
     /// The process's directory of named users (this shard writes its home users' entries).
     directory: Arc<Directory>,
     cfg: Arc<Config>,
@@ -247,7 +245,6 @@ impl<T: Transport> Sessions<T> {
         Sessions {
             index,
             shards,
-            homes: shared.directory.homes(),
             directory: shared.directory,
             cfg: shared.config,
             auth: shared.auth,
@@ -423,19 +420,23 @@ impl<T: Transport> Sessions<T> {
                 .is_some_and(|c| c.generation == id.generation)
     }
 
-    /// Appends the slab keys of this shard's connections of `user` that deliveries reach
-    /// (registered: a closing one is unregistered before the directory, one mail away at the
-    /// home shard, drops it), all but `exclude`.
+    /// Appends the slab keys of this shard's connections of `user` that deliveries reach,
+    /// all but `exclude`.
     pub(super) fn local_conns_of(&self, user: &str, exclude: Option<ConnId>, out: &mut Vec<u32>) {
         self.directory.each_on(user, self.index, |id| {
-            let live = self
-                .conns
-                .get(id.slot as usize)
-                .is_some_and(|c| c.generation == id.generation && c.flags.has(Flags::REGISTERED));
-            if live && Some(id) != exclude {
+            if self.delivers_to(id) && Some(id) != exclude {
                 out.push(id.slot);
             }
         });
+    }
+
+    /// Whether deliveries reach connection `id` of this shard, found in the directory: it is
+    /// the same generation and still registered (a closing one is unregistered before the
+    /// directory, one mail away at the home shard, drops it).
+    fn delivers_to(&self, id: ConnId) -> bool {
+        self.conns
+            .get(id.slot as usize)
+            .is_some_and(|c| c.generation == id.generation && c.flags.has(Flags::REGISTERED))
     }
 
     /// Connections in the slab.

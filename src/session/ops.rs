@@ -13,7 +13,7 @@ use super::output::Out;
 use super::{Interested, ReadyWait, Sessions};
 use crate::auth;
 use crate::broker::{BrokerMsg, BrokerReq, Counted, Interest};
-use crate::hub::{home_of, ConnId, ReplyTo, ShardMsg};
+use crate::hub::{ConnId, ReplyTo, ShardMsg};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, Op, Target};
 use crate::ws::close::{self as code};
@@ -43,7 +43,7 @@ impl<T: Transport> Sessions<T> {
             }
             return;
         };
-        let home = home_of(&user, self.homes);
+        let home = self.directory.place(&user).home;
         if home == self.index {
             let change = self.directory.presence(user.clone(), me, true);
             if self.tell_broker_user(user, true, change, welcome.then_some(me)) {
@@ -104,7 +104,7 @@ impl<T: Transport> Sessions<T> {
 
     /// Connection `conn` of `user` closed: its home shard drops it from the directory.
     pub(super) fn presence_offline(&mut self, user: Arc<str>, conn: ConnId) {
-        let home = home_of(&user, self.homes);
+        let home = self.directory.place(&user).home;
         if home == self.index {
             let change = self.directory.presence(user.clone(), conn, false);
             self.tell_broker_user(user, false, change, None);
@@ -769,8 +769,8 @@ impl<T: Transport> Sessions<T> {
     /// Delivers to the user's connections in this process, found in the directory: this
     /// shard's get the event directly, each other holding shard one mail with the shared
     /// payload. Skips a shard whose only connection of the user is `exclude` (no trip for
-    /// nothing when a user without other devices sends). The user's shared name when it has
-    /// any connection.
+    /// nothing when a user without other devices sends). One read of the user's entry does
+    /// both. The user's shared name when it has any connection.
     fn deliver_located(
         &mut self,
         to: &str,
@@ -779,11 +779,18 @@ impl<T: Transport> Sessions<T> {
     ) -> Option<Arc<str>> {
         let mut shards = std::mem::take(&mut self.scratch_shards);
         shards.clear();
-        let name = self.directory.locate_except(to, exclude, &mut shards);
-        for &s in &shards {
-            if s == self.index {
-                self.deliver_user_local_out(to, ev.local(), exclude);
-            } else if let Some(name) = &name {
+        let mut name = None;
+        self.deliver_out(ev.local(), |me, slots| {
+            name = me
+                .directory
+                .route(to, exclude, Some(me.index), &mut shards, |id| {
+                    if me.delivers_to(id) {
+                        slots.push(id.slot);
+                    }
+                });
+        });
+        if let Some(name) = &name {
+            for &s in &shards {
                 let msg = ShardMsg::DeliverUser {
                     to: name.clone(),
                     payload: ev.shared(),

@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::conn::{ConnState, Flags, Transport};
 use super::Sessions;
-use crate::hub::{home_of, ConnId, ReplyTo, ShardMsg};
+use crate::hub::{ConnId, ReplyTo, ShardMsg};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, InboxInfo, Target};
 use crate::store::{
@@ -298,7 +298,7 @@ impl<T: Transport> Sessions<T> {
         exclude: Option<ConnId>,
         ack: Option<(ReplyTo, u64, crate::store::Epoch)>,
     ) {
-        debug_assert_eq!(home_of(&user, self.homes), self.index);
+        debug_assert_eq!(self.directory.place(&user).home, self.index);
         let mut shards = std::mem::take(&mut self.scratch_shards);
         shards.clear();
         self.directory.locate(&user, &mut shards);
