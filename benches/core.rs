@@ -21,9 +21,9 @@ fn wheel(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("insert_1m", |b| {
         b.iter(|| {
-            let mut w: Wheel<u32> = Wheel::new(0);
+            let mut w = Wheel::new(0);
             for i in 0..1_000_000u32 {
-                w.insert(25_000 + (i as u64 * 37) % 35_000, i);
+                w.arm(i, 25_000 + (i as u64 * 37) % 35_000);
             }
             black_box(w.len())
         })
@@ -31,9 +31,9 @@ fn wheel(c: &mut Criterion) {
     g.bench_function("insert_and_expire_1m", |b| {
         b.iter_batched(
             || {
-                let mut w: Wheel<u32> = Wheel::new(0);
+                let mut w = Wheel::new(0);
                 for i in 0..1_000_000u32 {
-                    w.insert(25_000 + (i as u64 * 37) % 35_000, i);
+                    w.arm(i, 25_000 + (i as u64 * 37) % 35_000);
                 }
                 w
             },

@@ -113,16 +113,14 @@ proptest! {
     }
 
     /// The wheel fires exactly the entries whose deadline has passed, none early, none lost,
-    /// none twice, whatever the mix of inserts, cancels and polls.
+    /// none twice, whatever the mix of arms (new and replaced deadlines), cancels and polls.
     #[test]
     fn wheel_matches_a_reference_model(
         ops in prop::collection::vec((0u8..10, 0u64..200_000, any::<u16>()), 1..400),
     ) {
-        let mut wheel: Wheel<u32> = Wheel::new(0);
+        let mut wheel = Wheel::new(0);
         let mut model: BTreeMap<u32, u64> = BTreeMap::new();
-        let mut keys = BTreeMap::new();
         let mut now = 0u64;
-        let mut next_id = 0u32;
         for (op, x, pick) in ops {
             match op {
                 0..=4 => {
@@ -133,16 +131,15 @@ proptest! {
                         2 => now + x % 5_000,
                         _ => now + x,
                     };
-                    let k = wheel.insert(deadline, next_id);
-                    model.insert(next_id, deadline);
-                    keys.insert(next_id, k);
-                    next_id += 1;
+                    // Keys are slots: a small range, so arming an armed key (a new
+                    // deadline) and re-arming a fired or cancelled one both happen.
+                    let key = u32::from(pick % 64);
+                    wheel.arm(key, deadline);
+                    model.insert(key, deadline);
                 }
-                5 | 6 if !keys.is_empty() => {
-                    let id = *keys.keys().nth(pick as usize % keys.len()).unwrap();
-                    let k = keys.remove(&id).unwrap();
-                    prop_assert_eq!(wheel.cancel(k), Some(id));
-                    model.remove(&id);
+                5 | 6 => {
+                    let key = u32::from(pick % 64);
+                    prop_assert_eq!(wheel.cancel(key), model.remove(&key).is_some());
                 }
                 _ => {
                     now += match x % 3 { 0 => x % 3, 1 => x % 700, _ => x % 90_000 };
@@ -155,7 +152,7 @@ proptest! {
                     prop_assert_eq!(&fired, &due, "at {}", now);
                     for id in fired {
                         model.remove(&id);
-                        keys.remove(&id);
+                        prop_assert!(!wheel.is_armed(id));
                     }
                     if let Some(next) = wheel.next_expiration() {
                         let earliest = model.values().min().copied().unwrap();
@@ -164,6 +161,9 @@ proptest! {
                 }
             }
             prop_assert_eq!(wheel.len(), model.len());
+            for (&key, &deadline) in &model {
+                prop_assert_eq!(wheel.deadline(key), Some(deadline));
+            }
             wheel.check_invariants();
         }
     }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use super::buffers::{Inbound, Outbox};
 use crate::auth::Grant;
-use crate::timer::TimerKey;
 
 /// The byte pipe of one connection, as the session layer sees it. The shard implements it on
 /// `mio::net::TcpStream`; the simulation and the fuzzer on in-memory pipes. Calls never block:
@@ -131,6 +130,10 @@ pub struct Extra {
     pub sse_id: u64,
     /// Why the connection closes, for the close log line.
     pub close_reason: Cow<'static, str>,
+    /// Close code sent or received, for the close log line (0: none yet).
+    pub close_code: u16,
+    /// Messages refused in a row by the rate limit.
+    pub rate_strikes: u16,
     /// Place in the inbox stream of a resuming connection.
     pub cursor: Option<Box<super::streams::Cursor>>,
     /// Places in the streams of channels subscribed with `since`.
@@ -163,10 +166,6 @@ pub struct Conn<T> {
     pub state: ConnState,
     /// Flags.
     pub flags: Flags,
-    /// Close code sent or received, for the close log line (the reason is in [`Extra`]).
-    pub close_code: u16,
-    /// The one wheel entry this connection holds ([`TimerKey::NONE`] when none).
-    pub timer: TimerKey,
     /// Shard clock (ms, wrapping u32) of the last inbound frame: a liveness reset is this
     /// field write. Compare with `wrapping_sub`; silences never approach 49 days.
     pub last_seen_ms: u32,
@@ -177,8 +176,6 @@ pub struct Conn<T> {
     /// The message rate limit (GCRA): how far (µs) the connection is ahead of its allowed
     /// rate. Each message adds one interval; it drains as time passes ([`Conn::touch`]).
     pub rate_debt_us: u32,
-    /// Messages refused in a row by the rate limit.
-    pub rate_strikes: u16,
     /// Read state while bytes of an unfinished frame or request are held.
     pub inbound: Option<Box<Inbound>>,
     /// Frames waiting for the socket.
@@ -195,13 +192,10 @@ impl<T> Conn<T> {
             generation,
             state: ConnState::Http,
             flags: Flags::default(),
-            close_code: 0,
-            timer: TimerKey::NONE,
             last_seen_ms: now_ms as u32,
             user: None,
             opened_ms: now_ms as u32,
             rate_debt_us: 0,
-            rate_strikes: 0,
             inbound: None,
             outbox: None,
             side: None,
@@ -266,6 +260,18 @@ impl<T> Conn<T> {
     /// Takes the rarely used state out of a connection that is gone (its close reason).
     pub fn take_extra(&mut self) -> Option<Box<Extra>> {
         self.side.as_deref_mut()?.extra.take()
+    }
+
+    /// Close code sent or received (0: none yet).
+    pub fn close_code(&self) -> u16 {
+        self.extra().map_or(0, |e| e.close_code)
+    }
+
+    /// Records why the connection closes, for the close log line.
+    pub fn set_close(&mut self, code: u16, reason: Cow<'static, str>) {
+        let e = self.extra_mut();
+        e.close_code = code;
+        e.close_reason = reason;
     }
 
     /// Input waits until the outbox is written.
@@ -357,7 +363,7 @@ mod size_tests {
     #[test]
     fn conn_stays_small() {
         let size = std::mem::size_of::<super::Conn<crate::shard::Stream>>();
-        assert!(size <= 72, "Conn is {size} bytes");
+        assert!(size <= 64, "Conn is {size} bytes");
     }
 
     /// A subscriber's side state is its list of channels and one pointer: 32 bytes, the

@@ -120,14 +120,16 @@ impl<T: Transport> Sessions<T> {
         match c.state {
             // The peer went away without a close frame: 1006 in the log.
             ConnState::Open => {
-                c.close_code = code::ABNORMAL;
-                c.extra_mut().close_reason = "connection dropped without a close frame".into();
+                c.set_close(
+                    code::ABNORMAL,
+                    "connection dropped without a close frame".into(),
+                );
                 self.finish(key);
             }
             ConnState::Http | ConnState::Draining => self.finish(key),
             ConnState::Closing => {
-                if !c.flags.has(Flags::CLOSE_RECEIVED) && c.close_code == 0 {
-                    c.close_code = code::ABNORMAL;
+                if !c.flags.has(Flags::CLOSE_RECEIVED) && c.close_code() == 0 {
+                    c.extra_mut().close_code = code::ABNORMAL;
                 }
                 // Let queued output (our close frame) go out first if the socket takes it.
                 self.flush_conn(key);
@@ -479,8 +481,7 @@ impl<T: Transport> Sessions<T> {
             self.mark_dirty(key);
             return;
         }
-        c.close_code = close_code;
-        c.extra_mut().close_reason = "closed by peer".into();
+        c.set_close(close_code, "closed by peer".into());
         self.begin_closing(key, reply);
     }
 
@@ -522,16 +523,15 @@ impl<T: Transport> Sessions<T> {
         if c.flags.has(Flags::CLOSE_SENT) {
             return;
         }
-        c.close_code = close_code;
         if c.flags.has(Flags::SSE) {
             // An event stream has no close frame: end it after what is queued.
             c.flags.set(Flags::CLOSE_SENT);
-            c.extra_mut().close_reason = reason;
+            c.set_close(close_code, reason);
             self.unregister(key);
             return self.drain_after_response(key);
         }
         let f = frame::encode_close(close_code, &reason);
-        c.extra_mut().close_reason = reason;
+        c.set_close(close_code, reason);
         self.begin_closing(key, f);
     }
 

@@ -110,9 +110,12 @@ impl<T: Transport> Sessions<T> {
         self.release_ip(key);
         let mut c = self.conns.remove(key);
         c.io.before_close();
-        self.wheel.cancel(c.timer);
+        self.wheel.cancel(key as u32);
         let age_ms = c.age_ms(self.now_ms);
-        let reason = c.take_extra().map(|e| e.close_reason).unwrap_or_default();
+        let (close_code, reason) = c
+            .take_extra()
+            .map(|e| (e.close_code, e.close_reason))
+            .unwrap_or_default();
         let m = &self.metrics[self.index as usize];
         if c.flags.has(Flags::COUNTED) {
             self.open_total.fetch_sub(1, Ordering::AcqRel);
@@ -132,10 +135,10 @@ impl<T: Transport> Sessions<T> {
             );
         } else if was_ws {
             m.open_ws.fetch_sub(1, Ordering::Relaxed);
-            let close_code = if c.close_code == 0 {
+            let close_code = if close_code == 0 {
                 code::ABNORMAL
             } else {
-                c.close_code
+                close_code
             };
             m.count_close(close_code);
             info!(

@@ -47,7 +47,7 @@ use crate::config::Config;
 use crate::hub::{ConnId, Directory, Hub, ShardMsg};
 use crate::metrics::{HandshakeFailure, ShardMetrics, StoreMetrics};
 use crate::store::StoreHandle;
-use crate::timer::{TimerKey, Wheel};
+use crate::timer::Wheel;
 
 pub use api::PendingApi;
 pub use frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
@@ -188,7 +188,7 @@ pub struct Sessions<T: Transport> {
     broker_generation: u64,
     next_token: u64,
     conns: Slab<Conn<T>>,
-    wheel: Wheel<u32>,
+    wheel: Wheel,
     hub: Hub,
     pool: BufPool,
     /// API requests waiting for other shards.
@@ -402,6 +402,11 @@ impl<T: Transport> Sessions<T> {
         self.conns.get(key)
     }
 
+    /// Whether connection `key` has its deadline armed (every live connection has one).
+    pub fn has_deadline(&self, key: usize) -> bool {
+        self.conns.contains(key) && self.wheel.is_armed(key as u32)
+    }
+
     /// The id of a live connection.
     pub fn conn_id(&self, key: usize) -> ConnId {
         ConnId {
@@ -532,8 +537,7 @@ impl<T: Transport> Sessions<T> {
         self.wheel.poll(self.now_ms, &mut expired, TIMERS_PER_TURN);
         for &key in &expired {
             let key = key as usize;
-            if let Some(c) = self.conns.get_mut(key) {
-                c.timer = TimerKey::NONE;
+            if self.conns.contains(key) {
                 self.on_timer(key);
             }
         }
@@ -613,9 +617,8 @@ impl<T: Transport> Sessions<T> {
 
     /// (Re)arms the connection's single wheel entry.
     fn arm(&mut self, key: usize, deadline_ms: u64) {
-        let c = &mut self.conns[key];
-        self.wheel.cancel(c.timer);
-        c.timer = self.wheel.insert(deadline_ms, key as u32);
+        debug_assert!(self.conns.contains(key));
+        self.wheel.arm(key as u32, deadline_ms);
     }
 
     /// Stops the shard: every open connection gets 1001, connections still in HTTP are
@@ -714,14 +717,9 @@ impl<T: Transport> Sessions<T> {
         let mut timers = 0;
         for (key, c) in &self.conns {
             assert!(
-                c.timer.is_some(),
+                self.wheel.is_armed(key as u32),
                 "connection {key} ({:?}) has no deadline",
                 c.state
-            );
-            assert_eq!(
-                self.wheel.get(c.timer),
-                Some(&(key as u32)),
-                "connection {key}'s wheel entry points elsewhere"
             );
             timers += 1;
             if let Some(o) = &c.outbox {

@@ -158,10 +158,13 @@ impl<T: Transport> Sessions<T> {
         let debt = c.rate_debt_us as u64 + interval_us;
         if debt <= tolerance_us {
             c.rate_debt_us = debt as u32;
-            c.rate_strikes = 0;
+            if let Some(e) = c.extra_if_mut() {
+                e.rate_strikes = 0;
+            }
             false
         } else {
-            c.rate_strikes = c.rate_strikes.saturating_add(1);
+            let e = c.extra_mut();
+            e.rate_strikes = e.rate_strikes.saturating_add(1);
             true
         }
     }
@@ -171,7 +174,8 @@ impl<T: Transport> Sessions<T> {
     fn refuse_rate(&mut self, key: usize, id: Option<&str>) {
         ShardMetrics::add(&self.m().rate_limited, 1);
         let c = &self.conns[key];
-        if c.rate_strikes as u32 >= self.cfg.message_burst.min(u16::MAX as u32) {
+        let strikes = c.extra().map_or(0, |e| e.rate_strikes);
+        if strikes as u32 >= self.cfg.message_burst.min(u16::MAX as u32) {
             return self.fail(key, code::POLICY, "message rate limit exceeded");
         }
         let (interval_us, tolerance_us) = self.message_rate().expect("over the rate: limited");

@@ -275,12 +275,11 @@ impl<T: Transport> Sessions<T> {
                 }
                 Err(e) => {
                     debug!(shard = self.index, conn = key, error = %e, "write failed");
-                    if c.close_code == 0
+                    if c.close_code() == 0
                         && c.state != ConnState::Http
                         && c.state != ConnState::Draining
                     {
-                        c.close_code = code::ABNORMAL;
-                        c.extra_mut().close_reason = "write failed".into();
+                        c.set_close(code::ABNORMAL, "write failed".into());
                     }
                     return self.finish(key);
                 }

@@ -2,4 +2,4 @@
 
 pub mod wheel;
 
-pub use wheel::{TimerKey, Wheel};
+pub use wheel::Wheel;
