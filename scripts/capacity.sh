@@ -2,12 +2,16 @@
 # One-command capacity run: N concurrent WebSocket connections (default 1,000,000) held with
 # heartbeats, server and loadgen on this host, then one report.
 #
-#   scripts/capacity.sh [N] [--hold SECONDS] [--dm RATE] [--broadcast] [--subscribe] [--tls] [--out DIR] [--no-baseline]
+#   scripts/capacity.sh [N] [--hold SECONDS] [--dm RATE] [--broadcast] [--publish-every SECONDS]
+#                       [--subscribe] [--tls] [--out DIR] [--no-baseline]
 #
 # Checks the host (scripts/tune-host.sh), raises what the run needs and restores it afterwards
 # (also on Ctrl-C), starts the server with enough shards for the fd limit, runs a plain-TCP
 # baseline and then `loadgen connect` (or dm/fanout) with enough loopback source addresses,
-# holds with pings flowing, and prints the report (scripts/capacity_report.py). --subscribe: named
+# holds with pings flowing, and prints the report (scripts/capacity_report.py). --broadcast:
+# every connection subscribes to one channel, one publisher publishes to it every 10 s
+# (--publish-every: another interval; at 1M a publication takes about as long as 10 s here,
+# so a longer one keeps publications from queueing behind each other). --subscribe: named
 # users each subscribed to one channel, nothing published (their memory). --tls: wss:// with
 # a self-signed ECDSA P-256 certificate made for the run (openssl), verified by loadgen.
 # LOADGEN_ARGS: extra arguments for the loadgen run (e.g. "--spin-us 0"). SWITCHBOARD_BIN: the
@@ -18,6 +22,7 @@ n=1000000
 hold=300
 dm=""
 broadcast=0
+publish_every=10
 subscribe=0
 baseline=1
 tls=0
@@ -31,7 +36,8 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift 2 ;;
     --no-baseline) baseline=0; shift ;;
     --tls) tls=1; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --publish-every) publish_every=$2; shift 2 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     [0-9]*) n=$1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -105,7 +111,7 @@ sleep 1
 ips=$(( (n + 13999) / 14000 ))
 scenario=(connect)
 [ -n "$dm" ] && scenario=(dm --rate "$dm")
-[ $broadcast = 1 ] && scenario=(fanout --channels 1 --publishers 1 --rate 0.1)
+[ $broadcast = 1 ] && scenario=(fanout --channels 1 --publishers 1 --rate "$(awk -v s="$publish_every" 'BEGIN { print 1 / s }')")
 [ $subscribe = 1 ] && scenario=(fanout --channels 1 --publishers 0 --rate 0.1)
 echo "== ${scenario[*]}: $n connections from $ips source addresses, hold ${hold}s"
 read -r -a lg_extra <<<"${LOADGEN_ARGS:-}"
