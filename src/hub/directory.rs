@@ -221,21 +221,10 @@ impl Directory {
 
     /// Appends the shards holding connections of `user` to `out` (each once), leaving out
     /// connection `except` (a sender's copy to its own other devices: a shard whose only
-    /// connection of the user is the sender gets no mail). When the user has any connection
-    /// in the process: its name, shared (mail to other shards carries it without a new
-    /// allocation).
-    pub fn locate_except(
-        &self,
-        user: &str,
-        except: Option<ConnId>,
-        out: &mut Vec<u16>,
-    ) -> Option<Arc<str>> {
-        self.route(user, except, None, out, |_| {})
-    }
-
-    /// [`locate_except`](Self::locate_except) for a shard that delivers to its own
-    /// connections itself: those on shard `here` go to `local` (not `here` to `out`), in the
-    /// same read of the entry.
+    /// connection of the user is the sender gets no mail). A shard that delivers to its own
+    /// connections itself passes itself as `here`: those go to `local` instead, in the same
+    /// read of the entry. When the user has any connection in the process: its name, shared
+    /// (mail to other shards carries it without a new allocation).
     pub fn route(
         &self,
         user: &str,
@@ -263,7 +252,7 @@ impl Directory {
     /// Appends the shards holding connections of `user` to `out`; its shared name when there
     /// are any.
     pub fn locate(&self, user: &str, out: &mut Vec<u16>) -> Option<Arc<str>> {
-        self.locate_except(user, None, out)
+        self.route(user, None, None, out, |_| {})
     }
 
     /// Calls `f` with each connection of `user` on `shard` (the holding shard checks each
@@ -364,10 +353,12 @@ mod tests {
         d.presence(bob.clone(), id(3, 8), false);
         assert_eq!(at(&d), vec![1]);
         let mut v = Vec::new();
-        assert!(d.locate_except("bob", Some(id(1, 7)), &mut v).is_some());
+        assert!(d
+            .route("bob", Some(id(1, 7)), None, &mut v, |_| {})
+            .is_some());
         assert!(v.is_empty(), "the only connection on shard 1 is excluded");
         d.presence(bob.clone(), id(1, 9), true);
-        d.locate_except("bob", Some(id(1, 7)), &mut v);
+        d.route("bob", Some(id(1, 7)), None, &mut v, |_| {});
         assert_eq!(
             v,
             vec![1],

@@ -139,8 +139,8 @@ impl Wheel {
         } else {
             self.len += 1;
         }
-        // Level 1 for now: `file` sets the real place.
-        self.entries[idx].meta = deadline.min(DEADLINE_MAX) | 1 << LEVEL_SHIFT;
+        // `file` records the level and slot.
+        self.entries[idx].meta = deadline.min(DEADLINE_MAX);
         self.file(key);
     }
 
@@ -149,9 +149,7 @@ impl Wheel {
         if !self.is_armed(key) {
             return false;
         }
-        self.unlink(key);
-        self.entries[key as usize].meta = 0;
-        self.len -= 1;
+        self.disarm(key);
         true
     }
 
@@ -188,9 +186,7 @@ impl Wheel {
                     return out.len() - start;
                 }
                 let idx = self.due_head;
-                self.unlink(idx);
-                self.entries[idx as usize].meta = 0;
-                self.len -= 1;
+                self.disarm(idx);
                 out.push(idx);
             }
             let Some((level, slot, deadline)) = self.next_slot() else {
@@ -291,6 +287,13 @@ impl Wheel {
         }
         self.levels[level].heads[slot] = idx;
         self.levels[level].occupied |= 1u64 << slot;
+    }
+
+    /// Unlinks armed entry `idx` and marks it unarmed.
+    fn disarm(&mut self, idx: u32) {
+        self.unlink(idx);
+        self.entries[idx as usize].meta = 0;
+        self.len -= 1;
     }
 
     fn unlink(&mut self, idx: u32) {
