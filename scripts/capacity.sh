@@ -3,7 +3,7 @@
 # heartbeats, server and loadgen on this host, then one report.
 #
 #   scripts/capacity.sh [N] [--hold SECONDS] [--dm RATE] [--broadcast] [--publish-every SECONDS]
-#                       [--subscribe] [--tls] [--out DIR] [--no-baseline]
+#                       [--subscribe] [--tls] [--ping-ms MS] [--out DIR] [--no-baseline]
 #
 # Checks the host (scripts/tune-host.sh), raises what the run needs and restores it afterwards
 # (also on Ctrl-C), starts the server with enough shards for the fd limit, runs a plain-TCP
@@ -14,6 +14,8 @@
 # so a longer one keeps publications from queueing behind each other). --subscribe: named
 # users each subscribed to one channel, nothing published (their memory). --tls: wss:// with
 # a self-signed ECDSA P-256 certificate made for the run (openssl), verified by loadgen.
+# --ping-ms: the server's ping interval (default N/40 ms, at least 2 s: about 40k pings a
+# second, what the machine sustains when it does nothing else).
 # LOADGEN_ARGS: extra arguments for the loadgen run (e.g. "--spin-us 0"). SWITCHBOARD_BIN: the
 # server binary to run (default target/release/switchboard; another build, side by side).
 set -euo pipefail
@@ -26,6 +28,7 @@ publish_every=10
 subscribe=0
 baseline=1
 tls=0
+ping_ms=""
 out=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,7 +40,8 @@ while [ $# -gt 0 ]; do
     --no-baseline) baseline=0; shift ;;
     --tls) tls=1; shift ;;
     --publish-every) publish_every=$2; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --ping-ms) ping_ms=$2; shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     [0-9]*) n=$1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -79,7 +83,9 @@ cores=$(nproc)
 # Round up to a power of two for an even SO_REUSEPORT spread.
 p=1; while [ $p -lt "$shards" ]; do p=$((p * 2)); done; shards=$p
 # Heartbeats the machine can sustain: about 40k ping/pong exchanges per second at most.
-ping_ms=$(( n / 40 )); [ $ping_ms -lt 2000 ] && ping_ms=2000
+if [ -z "$ping_ms" ]; then
+  ping_ms=$(( n / 40 )); [ $ping_ms -lt 2000 ] && ping_ms=2000
+fi
 idle_ms=$(( ping_ms * 2 + 10000 ))
 echo "== server: $shards shards (RLIMIT_NOFILE $nofile per private fd table), ping every ${ping_ms} ms, idle timeout ${idle_ms} ms"
 tls_args=()

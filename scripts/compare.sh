@@ -1,13 +1,16 @@
 #!/bin/bash
 # switchboard's echo mode side by side with the servers a user would pick instead that the
-# registries carry: tokio-tungstenite, fastwebsockets (Rust, 2 runtime threads each) and node
-# `ws` (one thread); their echo servers live in benches/peers/. switchboard runs 2 shards.
+# registries carry: tokio-tungstenite, fastwebsockets (Rust, 2 runtime threads each), node `ws`
+# (one thread) and uWebSockets (one thread; PyPI's socketify ships it as a C library); their
+# echo servers live in benches/peers/. switchboard runs 2 shards, and 1 shard as
+# `switchboard-1` (the one-thread comparison with uWebSockets and node `ws`).
 #   scripts/compare.sh [runs=3]
 # Per run, in an order that rotates from run to run, each server is started fresh for each
 # measure (loadgen beside it on this host, loopback):
 #   - idle memory per connection and time to open 15,000 (`loadgen connect`);
 #   - flood: echoed msg/s and the server's CPU per message (`loadgen flood`, 200
-#     connections, 64 in flight each, 32 B);
+#     connections, 64 in flight each, 32 B), and again with 1024 in flight each (`flood-deep`:
+#     more frames per read and per write, so the kernel's per-call cost weighs less);
 #   - latency at a fixed 20,000 msg/s (`loadgen echo`, 200 connections): p50/p99/p99.9.
 # Writes target/compare/results.jsonl, then docs/benchmarks.md and docs/benchmarks/*.svg
 # (medians of the runs). A benchmark, not a test: CI does not run it.
@@ -22,6 +25,11 @@ mkdir -p "$OUT"
 cargo build --release --workspace --bins
 (cd benches/peers/rust && cargo build --release)
 [ -d benches/peers/node/node_modules/ws ] || (cd benches/peers/node && npm ci --no-audit --no-fund)
+SERVERS=(switchboard switchboard-1 tokio-tungstenite fastwebsockets node-ws uwebsockets)
+if ! benches/peers/uws/build.sh; then
+  echo "uWebSockets left out: benches/peers/uws/build.sh failed (see above)" >&2
+  SERVERS=("${SERVERS[@]/uwebsockets/}")
+fi
 PEERS=benches/peers/rust/target/release
 LG=target/release/loadgen
 
@@ -33,9 +41,14 @@ start() {
       target/release/switchboard --echo --listen 127.0.0.1:$port --shards 2 \
         --fd-table per-shard --max-connections $((CONNS + 5000)) >"$OUT/$name.log" 2>&1 &
       ;;
+    switchboard-1)
+      target/release/switchboard --echo --listen 127.0.0.1:$port --shards 1 \
+        --fd-table per-shard --max-connections $((CONNS + 5000)) >"$OUT/$name.log" 2>&1 &
+      ;;
     tokio-tungstenite) "$PEERS/tokio-tungstenite-echo" 127.0.0.1:$port 2 >"$OUT/$name.log" 2>&1 & ;;
     fastwebsockets) "$PEERS/fastwebsockets-echo" 127.0.0.1:$port 2 >"$OUT/$name.log" 2>&1 & ;;
     node-ws) node benches/peers/node/echo.js $port >"$OUT/$name.log" 2>&1 & ;;
+    uwebsockets) benches/peers/uws/target/uws-echo $port >"$OUT/$name.log" 2>&1 & ;;
   esac
   PID=$!
   for _ in $(seq 200); do
@@ -62,6 +75,8 @@ measure() {
       --duration 10s --server-pid "$PID" --out "$dir" >"$dir.log" 2>&1 || true ;;
     flood) "$LG" flood --url "$url" --connections 200 --window 64 --duration 15s \
       --server-pid "$PID" --out "$dir" >"$dir.log" 2>&1 || true ;;
+    flood-deep) "$LG" flood --url "$url" --connections 200 --window 1024 --duration 15s \
+      --server-pid "$PID" --out "$dir" >"$dir.log" 2>&1 || true ;;
     latency) "$LG" echo --url "$url" --connections 200 --rate 20000 --duration 15s \
       --server-pid "$PID" --out "$dir" >"$dir.log" 2>&1 || true ;;
   esac
@@ -80,7 +95,7 @@ if s:
         row.update(established=c["established"], target=c["target"],
                    connect_seconds=c["connect_seconds"],
                    bytes_per_connection=s["server"]["bytes_per_connection"])
-    elif what == "flood":
+    elif what in ("flood", "flood-deep"):
         row.update(echoed_per_s=s["flood"]["echoed_per_s"],
                    cpu_ns_per_message=s["flood"]["server_cpu_ns_per_message"])
     else:
@@ -93,13 +108,13 @@ EOF
   tail -1 "$OUT/results.jsonl"
 }
 
-SERVERS=(switchboard tokio-tungstenite fastwebsockets node-ws)
+SERVERS=(${SERVERS[@]})
 for run in $(seq "$RUNS"); do
   n=${#SERVERS[@]}
   for i in $(seq 0 $((n - 1))); do
     name=${SERVERS[$(((i + run - 1) % n))]}
     port=$((9101 + (i + run - 1) % n))
-    for what in connect flood latency; do
+    for what in connect flood flood-deep latency; do
       measure "$run" "$name" "$port" "$what"
     done
   done

@@ -11,18 +11,26 @@ import sys
 import time
 from html import escape
 
-SERVERS = ["switchboard", "tokio-tungstenite", "fastwebsockets", "node-ws"]
-THREADS = {"switchboard": "2 shards", "tokio-tungstenite": "2", "fastwebsockets": "2",
-           "node-ws": "1"}
-# (measure, field, title, unit, lower is better)
+SERVERS = ["switchboard", "switchboard-1", "tokio-tungstenite", "fastwebsockets", "node-ws",
+           "uwebsockets"]
+THREADS = {"switchboard": "2 shards", "switchboard-1": "1 shard", "tokio-tungstenite": "2",
+           "fastwebsockets": "2", "node-ws": "1", "uwebsockets": "1"}
+# (measure, field, plot file, title, unit, lower is better)
 METRICS = [
-    ("connect", "bytes_per_connection", "Idle memory per connection (15k)", "B", True),
-    ("connect", "connect_seconds", "Time to open 15k connections", "s", True),
-    ("flood", "echoed_per_s", "Flood: echoed messages per second", "msg/s", False),
-    ("flood", "cpu_ns_per_message", "Flood: server CPU per message", "ns", True),
-    ("latency", "p50_us", "Echo latency p50 at 20k msg/s", "µs", True),
-    ("latency", "p99_us", "Echo latency p99 at 20k msg/s", "µs", True),
-    ("latency", "p999_us", "Echo latency p99.9 at 20k msg/s", "µs", True),
+    ("connect", "bytes_per_connection", "bytes_per_connection",
+     "Idle memory per connection (15k)", "B", True),
+    ("connect", "connect_seconds", "connect_seconds", "Time to open 15k connections", "s", True),
+    ("flood", "echoed_per_s", "echoed_per_s", "Flood: echoed messages per second", "msg/s",
+     False),
+    ("flood", "cpu_ns_per_message", "cpu_ns_per_message", "Flood: server CPU per message", "ns",
+     True),
+    ("flood-deep", "echoed_per_s", "deep_echoed_per_s",
+     "Flood, 1024 in flight: echoed messages per second", "msg/s", False),
+    ("flood-deep", "cpu_ns_per_message", "deep_cpu_ns_per_message",
+     "Flood, 1024 in flight: server CPU per message", "ns", True),
+    ("latency", "p50_us", "p50_us", "Echo latency p50 at 20k msg/s", "µs", True),
+    ("latency", "p99_us", "p99_us", "Echo latency p99 at 20k msg/s", "µs", True),
+    ("latency", "p999_us", "p999_us", "Echo latency p99.9 at 20k msg/s", "µs", True),
 ]
 
 
@@ -36,7 +44,7 @@ def load(path):
             continue  # a run that did not open every connection measures nothing comparable
         for m, field, *_ in METRICS:
             if r["measure"] == m and field in r:
-                by.setdefault((r["server"], field), []).append(r[field])
+                by.setdefault((r["server"], m, field), []).append(r[field])
     return rows, by
 
 
@@ -60,7 +68,7 @@ def svg_bars(title, unit, values, lower_better):
     for i, (name, v) in enumerate(values):
         y = top + i * (bar + gap)
         bw = max(1, (w - left - 90) * v / top_v)
-        color = "#2b6cb0" if name == "switchboard" else "#a0aec0"
+        color = "#2b6cb0" if name.startswith("switchboard") else "#a0aec0"
         out.append(f'<text x="10" y="{y + bar * 0.7:.0f}">{escape(name)}</text>')
         out.append(f'<rect x="{left}" y="{y}" width="{bw:.1f}" height="{bar}" fill="{color}"/>')
         out.append(f'<text x="{left + bw + 6:.1f}" y="{y + bar * 0.7:.0f}">'
@@ -81,24 +89,35 @@ def main():
         f"Written by `scripts/compare.sh {runs}` on {time.strftime('%Y-%m-%d')}: this 2-core "
         "machine, loadgen beside each server on loopback, every server started fresh for each "
         "measure, the order rotating from run to run. Each figure is the median of the runs "
-        "(every run is in `target/compare/results.jsonl` and listed below). uWebSockets is "
-        "not here: the package registries do not carry it.",
+        "(every run is in `target/compare/results.jsonl` and listed below). uWebSockets "
+        "is the build that PyPI's `socketify` 0.0.31 ships (uWebSockets and uSockets in one "
+        "shared library, libuv as the event loop), driven from C (`benches/peers/uws/`).",
         "",
-        "| server | threads | " + " | ".join(f"{t} ({u})" for _, _, t, u, _ in METRICS) + " |",
+        "| server | threads | " + " | ".join(f"{t} ({u})" for _, _, _, t, u, _ in METRICS)
+        + " |",
         "|---|---|" + "---|" * len(METRICS),
     ]
     for s in present:
         cells = []
-        for m, field, _, unit, _ in METRICS:
-            v = by.get((s, field))
+        for m, field, _, _, unit, _ in METRICS:
+            v = by.get((s, m, field))
             cells.append(fmt(statistics.median(v), unit) if v else "–")
         lines.append(f"| {s} | {THREADS[s]} | " + " | ".join(cells) + " |")
+    short = {}
+    for r in rows:
+        if r.get("ok") and r["measure"] == "connect" and r.get("established") != r.get("target"):
+            short.setdefault(r["server"], []).append(r["established"])
+    for s, opened in short.items():
+        lines += ["", f"{s}: {len(opened)} connect run(s) did not open all connections "
+                  f"(opened {', '.join(f'{n:,}' for n in opened)}); a run that did not is "
+                  "left out of its memory and time figures (\u2013: no run did)."]
     lines += ["", "Plots (medians):", ""]
-    for m, field, title, unit, lower in METRICS:
-        values = [(s, statistics.median(by[(s, field)])) for s in present if (s, field) in by]
+    for m, field, plot, title, unit, lower in METRICS:
+        values = [(s, statistics.median(by[(s, m, field)])) for s in present
+                  if (s, m, field) in by]
         if not values:
             continue
-        name = f"{field}.svg"
+        name = f"{plot}.svg"
         with open(os.path.join(svg_dir, name), "w") as f:
             f.write(svg_bars(title, unit, values, lower))
         lines.append(f"![{title}](benchmarks/{name})")
@@ -110,7 +129,9 @@ def main():
               "- **Time to open**: loadgen's connect time for all 15,000 (50,000/s offered).",
               "- **Flood**: `loadgen flood --connections 200 --window 64 --duration 15s` (32 B "
               "messages, each echo answered by the next message, many frames per write); the "
-              "server's CPU from /proc over the run, divided by the echoed messages.",
+              "server's CPU from /proc over the run, divided by the echoed messages. **Flood, 1024 "
+              "in flight** is the same with `--window 1024`: more frames per read and per "
+              "write, so the kernel's cost per call is spread over more messages.",
               "- **Latency**: `loadgen echo --connections 200 --rate 20000 --duration 15s`, open "
               "loop, from each message's scheduled send time; loadgen's own send lateness is in "
               "each run's row (`lateness_p99_us`).",
@@ -118,7 +139,9 @@ def main():
               "Every peer runs with its defaults, as a user would start it (the sources are in "
               "`benches/peers/`). tokio-tungstenite's `WebSocketConfig` gives each connection a "
               "128 KiB read buffer by default (`read_buffer_size`): that is most of its idle "
-              "memory here. switchboard runs `--echo --shards 2 --fd-table per-shard`.",
+              "memory here. switchboard runs `--echo --shards 2 --fd-table per-shard` "
+              "(`switchboard-1`: `--shards 1`). uWebSockets runs one thread with compression "
+              "off, as its EchoServer example does.",
               ""]
     with open(md_path, "w") as f:
         f.write("\n".join(lines))
