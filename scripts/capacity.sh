@@ -3,7 +3,7 @@
 # heartbeats, server and loadgen on this host, then one report.
 #
 #   scripts/capacity.sh [N] [--hold SECONDS] [--dm RATE] [--broadcast] [--publish-every SECONDS]
-#                       [--subscribe] [--tls] [--ping-ms MS] [--out DIR] [--no-baseline]
+#                       [--subscribe] [--tls] [--ping-ms MS] [--netns] [--out DIR] [--no-baseline]
 #
 # Checks the host (scripts/tune-host.sh), raises what the run needs and restores it afterwards
 # (also on Ctrl-C), starts the server with enough shards for the fd limit, runs a plain-TCP
@@ -16,6 +16,11 @@
 # a self-signed ECDSA P-256 certificate made for the run (openssl), verified by loadgen.
 # --ping-ms: the server's ping interval (default N/40 ms, at least 2 s: about 40k pings a
 # second, what the machine sustains when it does nothing else).
+# --netns: server and loadgen run in a network namespace made for the run, whose TCP
+# established-connection hash table is sized for the run (net.ipv4.tcp_child_ehash_entries,
+# Linux 6.1+; set for the namespace's creation, then restored). The host's table is sized at
+# boot (262,144 buckets here): 2M sockets make chains of ~8 that every segment walks. On a
+# host, the boot parameter thash_entries does the same (tuning/README.md).
 # LOADGEN_ARGS: extra arguments for the loadgen run (e.g. "--spin-us 0"). SWITCHBOARD_BIN: the
 # server binary to run (default target/release/switchboard; another build, side by side).
 set -euo pipefail
@@ -29,7 +34,9 @@ subscribe=0
 baseline=1
 tls=0
 ping_ms=""
+netns=0
 out=""
+all_args=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
     --hold) hold=$2; shift 2 ;;
@@ -41,12 +48,31 @@ while [ $# -gt 0 ]; do
     --tls) tls=1; shift ;;
     --publish-every) publish_every=$2; shift 2 ;;
     --ping-ms) ping_ms=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --netns) netns=1; shift ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     [0-9]*) n=$1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 out=${out:-target/capacity-$n}
+if [ $netns = 1 ] && [ -z "${CAPACITY_IN_NETNS:-}" ]; then
+  # Power of two, about two buckets per socket (server and loadgen: 2 sockets a connection).
+  buckets=1024; while [ $buckets -lt $((n * 4)) ] && [ $buckets -lt 16777216 ]; do
+    buckets=$((buckets * 2)); done
+  knob=/proc/sys/net/ipv4/tcp_child_ehash_entries
+  [ -w $knob ] || { echo "--netns needs root and Linux 6.1+ ($knob)" >&2; exit 1; }
+  old=$(cat $knob)
+  echo "== network namespace for the run: $buckets established-hash buckets ($knob, was $old)"
+  echo "$buckets" >$knob
+  rc=0
+  CAPACITY_IN_NETNS=1 unshare --net -- "$0" "${all_args[@]}" || rc=$?
+  echo "$old" >$knob && echo "restored $knob = $old"
+  exit $rc
+fi
+if [ -n "${CAPACITY_IN_NETNS:-}" ]; then
+  ip link set lo up
+  echo "== in a network namespace: $(cat /proc/sys/net/ipv4/tcp_ehash_entries) established-hash buckets"
+fi
 rm -rf "$out" && mkdir -p "$out"
 [ -x target/release/switchboard ] && [ -x target/release/loadgen ] || cargo build --release --workspace --bins
 server_bin=${SWITCHBOARD_BIN:-target/release/switchboard}

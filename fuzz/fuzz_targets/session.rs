@@ -19,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let cfg = Config {
         ping_interval_ms: 1_000,
         idle_timeout_ms: 3_000,
+        timer_slack_ms: 0,
         handshake_timeout_ms: 2_000,
         close_timeout_ms: 500,
         max_message_bytes: 4_096,

@@ -18,6 +18,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1_000_000;
 pub const DEFAULT_PING_INTERVAL_MS: u64 = 25_000;
 /// Default silence before the server closes with 4000.
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Default timer slack: deadlines are handled on a grid this coarse (see `timer::slack`).
+pub const DEFAULT_TIMER_SLACK_MS: u64 = 64;
 /// Default time to complete the HTTP upgrade.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Default time to wait for the peer's close frame or EOF after ours.
@@ -219,6 +221,10 @@ pub struct Options {
     /// Silence (ms) after which the connection is closed with 4000 [default: 60000].
     #[arg(long)]
     pub idle_timeout_ms: Option<u64>,
+    /// A shard handles its deadlines (pings, timeouts) on a grid this coarse (ms), waking once
+    /// for all that fall due within a step; 0: to the millisecond [default: 64].
+    #[arg(long)]
+    pub timer_slack_ms: Option<u64>,
     /// Time (ms) to complete the HTTP upgrade before the socket is dropped [default: 10000].
     #[arg(long)]
     pub handshake_timeout_ms: Option<u64>,
@@ -393,6 +399,8 @@ pub struct Config {
     pub ping_interval_ms: u64,
     /// Close with 4000 after this much silence.
     pub idle_timeout_ms: u64,
+    /// Grid (ms) on which a shard wakes for its deadlines; 0: none.
+    pub timer_slack_ms: u64,
     /// Upgrade deadline.
     pub handshake_timeout_ms: u64,
     /// Close handshake deadline.
@@ -570,6 +578,10 @@ impl Options {
                 .idle_timeout_ms
                 .or(f.idle_timeout_ms)
                 .unwrap_or(DEFAULT_IDLE_TIMEOUT_MS),
+            timer_slack_ms: self
+                .timer_slack_ms
+                .or(f.timer_slack_ms)
+                .unwrap_or(DEFAULT_TIMER_SLACK_MS),
             handshake_timeout_ms: self
                 .handshake_timeout_ms
                 .or(f.handshake_timeout_ms)
@@ -724,6 +736,9 @@ impl Config {
         }
         if self.ping_interval_ms == 0 {
             return bad("ping-interval-ms", "must be > 0");
+        }
+        if self.timer_slack_ms > 1000 {
+            return bad("timer-slack-ms", "must be at most 1000");
         }
         if self.idle_timeout_ms <= self.ping_interval_ms {
             return bad("idle-timeout-ms", "must be greater than ping-interval-ms");
@@ -896,5 +911,26 @@ mod tests {
         ));
         let o = Options::parse_from(["switchboard", "--shards", "0"]);
         assert!(o.resolve(None).is_err());
+        let o = Options::parse_from(["switchboard", "--timer-slack-ms", "1001"]);
+        assert!(matches!(
+            o.resolve(None),
+            Err(ConfigError::Invalid {
+                key: "timer-slack-ms",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn timer_slack_defaults_to_64_ms_and_0_turns_it_off() {
+        assert_eq!(Config::default().timer_slack_ms, 64);
+        let file: Options = toml::from_str("timer-slack-ms = 0").unwrap();
+        assert_eq!(
+            Options::default()
+                .resolve(Some(file))
+                .unwrap()
+                .timer_slack_ms,
+            0
+        );
     }
 }

@@ -28,6 +28,8 @@ use crate::session::{Sessions, Shared, MAILBOX_PER_TURN};
 pub use mailbox::{mailbox, Inbox, Mailbox};
 pub use stream::Stream;
 
+use crate::timer::slack;
+
 /// Token of the shard's waker (mailbox posts).
 pub const WAKER: Token = Token(usize::MAX - 1);
 /// Tokens of listeners count down from here.
@@ -116,6 +118,10 @@ pub struct Shard {
     /// A descriptor held in reserve: closed to accept (and refuse) one connection when the
     /// table is full.
     spare_fd: Option<std::fs::File>,
+    /// `--timer-slack-ms`: the grid on which this shard wakes for deadlines, and its offset
+    /// on it (shards spread over the step so they do not all wake together).
+    slack_step: u64,
+    slack_phase: u64,
 }
 
 impl Shard {
@@ -151,6 +157,8 @@ impl Shard {
         };
         let shards = setup.peers.len() as u16;
         let backlog = setup.config.backlog as usize;
+        let slack_step = setup.config.timer_slack_ms;
+        let slack_phase = slack_step * setup.index as u64 / u64::from(shards.max(1));
         let shared = Shared {
             config: setup.config,
             auth: setup.auth,
@@ -189,6 +197,8 @@ impl Shard {
             listener_fds,
             backlog,
             spare_fd: std::fs::File::open("/dev/null").ok(),
+            slack_step,
+            slack_phase,
         })
     }
 
@@ -209,6 +219,7 @@ impl Shard {
         }
         let mut until = self.now_ms + MAX_POLL_MS;
         if let Some(t) = self.sessions.next_deadline() {
+            let t = slack::wake_at(t, self.now_ms, self.slack_step, self.slack_phase);
             until = until.min(t);
         }
         if self.accept_pending {

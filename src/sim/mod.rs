@@ -69,6 +69,7 @@ pub fn sim_config(shards: usize) -> Config {
         shards,
         ping_interval_ms: 1_000,
         idle_timeout_ms: 3_000,
+        timer_slack_ms: 0,
         handshake_timeout_ms: 2_000,
         close_timeout_ms: 500,
         max_outbound_bytes: 4_096,
