@@ -64,9 +64,10 @@ if [ $netns = 1 ] && [ -z "${CAPACITY_IN_NETNS:-}" ]; then
   old=$(cat $knob)
   echo "== network namespace for the run: $buckets established-hash buckets ($knob, was $old)"
   echo "$buckets" >$knob
+  trap 'echo "$old" >$knob && echo "restored $knob = $old"' EXIT
+  trap 'exit 130' INT TERM
   rc=0
   CAPACITY_IN_NETNS=1 unshare --net -- "$0" "${all_args[@]}" || rc=$?
-  echo "$old" >$knob && echo "restored $knob = $old"
   exit $rc
 fi
 if [ -n "${CAPACITY_IN_NETNS:-}" ]; then
