@@ -515,7 +515,7 @@ fn main() -> anyhow::Result<()> {
     let mut errors = serde_json::Map::new();
     let mut closes = std::collections::BTreeMap::new();
     let (mut gaps, mut dups, mut op_errors, mut dropped, mut acked) = (0, 0, 0, 0, 0);
-    let mut redelivered = 0;
+    let (mut redelivered, mut resent) = (0, 0);
     let mut first_error = None;
     let mut by_code = [0u64; worker::OP_ERROR_CODES.len() + 1];
     for s in &shared.stats {
@@ -540,6 +540,7 @@ fn main() -> anyhow::Result<()> {
         dropped += s.dropped.load(Relaxed);
         acked += s.acked.load(Relaxed);
         redelivered += s.redelivered.load(Relaxed);
+        resent += s.resent.load(Relaxed);
         if first_error.is_none() {
             first_error = s.first_error.lock().unwrap().clone();
         }
@@ -646,6 +647,7 @@ fn main() -> anyhow::Result<()> {
             "qos": args.qos,
             "acked": acked,
             "redelivered": redelivered,
+            "resent": resent,
             "resume_every_s": args.resume_every.map(|d| d.as_secs_f64()),
             "received_per_s": t.received as f64 / run_secs,
         },

@@ -174,6 +174,8 @@ pub struct WorkerStats {
     pub acked: AtomicU64,
     /// Stored messages received again after a resume (dropped by offset, not counted).
     pub redelivered: AtomicU64,
+    /// qos-1 sends sent again after a drop because they were not acknowledged.
+    pub resent: AtomicU64,
     /// `error` ops received.
     pub op_errors: AtomicU64,
     /// `error` ops received, by code ([`OP_ERROR_CODES`]; the last slot: any other code).
@@ -377,6 +379,9 @@ impl Stream {
     }
 }
 
+/// A connection id's qos-1 sends awaiting their ack: (id, frame payload), oldest first.
+type Unacked = VecDeque<(u64, Box<[u8]>)>;
+
 struct Conn {
     stream: Stream,
     id: u32,
@@ -455,6 +460,11 @@ pub struct Worker {
     /// Next expected and next sent sequence per connection id, kept across reconnects
     /// (dm with `--resume-every`).
     recv_next_by_id: std::collections::HashMap<u32, (u32, u32)>,
+    /// qos-1 sends not acknowledged yet, per connection id, with their frames (dm with
+    /// `--resume-every`): a drop can discard a send the server never read, so, like any
+    /// at-least-once client, the sender sends these again (same `id`: the server's dedup
+    /// window stores a retry of a stored one only once) when it is back.
+    unacked: std::collections::HashMap<u32, Unacked>,
     /// When the next periodic drop is due (dm with `--resume-every`).
     next_drop_ns: u64,
     /// Sends due, by scheduled time: (time, slab key).
@@ -527,6 +537,7 @@ impl Worker {
             reconnects: BinaryHeap::new(),
             positions: Default::default(),
             recv_next_by_id: Default::default(),
+            unacked: Default::default(),
             next_drop_ns: 0,
             sends: BinaryHeap::new(),
             schedules: Vec::new(),
@@ -915,6 +926,19 @@ impl Worker {
             c.recv_next = recv;
             c.send_seq = sent;
         }
+        // Unacknowledged sends go again first, before anything new and in their order.
+        let retry: Vec<Box<[u8]>> = self
+            .unacked
+            .get(&cid)
+            .map(|q| q.iter().map(|(_, f)| f.clone()).collect())
+            .unwrap_or_default();
+        if !retry.is_empty() {
+            for frame in &retry {
+                self.queue_frame(key, 0x1, frame);
+            }
+            self.stats().resent.fetch_add(retry.len() as u64, Relaxed);
+            self.flush(key);
+        }
         if !self.sending_started {
             return;
         }
@@ -1194,6 +1218,16 @@ impl Worker {
                     }
                     "ack" => {
                         if let Some(t) = m.id {
+                            if self.tracks_acks() {
+                                let cid = self.conns[key].id;
+                                let Some(q) = self.unacked.get_mut(&cid) else {
+                                    return;
+                                };
+                                let Some(i) = q.iter().position(|(id, _)| *id == t) else {
+                                    return; // the ack of a retry of an acked send
+                                };
+                                q.remove(i);
+                            }
                             self.ack_hist.saturating_record(latency_us(t, now));
                             self.stats().acked.fetch_add(1, Relaxed);
                         }
@@ -1335,6 +1369,11 @@ impl Worker {
         st.expected.fetch_add(1, Relaxed);
     }
 
+    /// Whether qos-1 sends are kept until acknowledged (and sent again after a drop).
+    fn tracks_acks(&self) -> bool {
+        self.job.scenario == Scenario::Dm && self.job.qos == 1 && self.job.resume_every_ns > 0
+    }
+
     fn send_due(&mut self, now: u64) {
         for _ in 0..SENDS_PER_TURN {
             let Some(&Reverse((t, key))) = self.sends.peek() else {
@@ -1415,6 +1454,14 @@ impl Worker {
         };
         if job.scenario != Scenario::Fanout {
             self.stats().expected.fetch_add(1, Relaxed);
+        }
+        if self.tracks_acks() {
+            let cid = self.conns[key].id;
+            let frame: Box<[u8]> = msg.as_bytes().into();
+            self.unacked
+                .entry(cid)
+                .or_default()
+                .push_back((scheduled, frame));
         }
         self.stats().sent.fetch_add(1, Relaxed);
         self.queue_frame(key, 0x1, msg.as_bytes());
