@@ -81,8 +81,9 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     publishers: usize,
     /// dm with `--qos 1`: every this long (e.g. 3s) drop `--drop-percent` % of the connections
-    /// abruptly; they reconnect with `since=<epoch>:<offset>` and resume. Reports gaps,
-    /// redelivered duplicates (dropped by offset) and the drops.
+    /// abruptly; they reconnect with `since=<epoch>:<offset>` and resume, and send again
+    /// (same id) what was not acknowledged. Reports gaps, redelivered duplicates (dropped by
+    /// offset), the sends sent again (`resent`) and the drops.
     #[arg(long, value_parser = parse_duration)]
     resume_every: Option<Duration>,
     /// Share of connections to drop at once (storm, dm --resume-every), percent.
