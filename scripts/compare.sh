@@ -25,10 +25,11 @@ mkdir -p "$OUT"
 cargo build --release --workspace --bins
 (cd benches/peers/rust && cargo build --release)
 [ -d benches/peers/node/node_modules/ws ] || (cd benches/peers/node && npm ci --no-audit --no-fund)
-SERVERS=(switchboard switchboard-1 tokio-tungstenite fastwebsockets node-ws uwebsockets)
-if ! benches/peers/uws/build.sh; then
+SERVERS=(switchboard switchboard-1 tokio-tungstenite fastwebsockets node-ws)
+if benches/peers/uws/build.sh; then
+  SERVERS+=(uwebsockets)
+else
   echo "uWebSockets left out: benches/peers/uws/build.sh failed (see above)" >&2
-  SERVERS=("${SERVERS[@]/uwebsockets/}")
 fi
 PEERS=benches/peers/rust/target/release
 LG=target/release/loadgen
@@ -37,12 +38,9 @@ LG=target/release/loadgen
 start() {
   local name=$1 port=$2
   case $name in
-    switchboard)
-      target/release/switchboard --echo --listen 127.0.0.1:$port --shards 2 \
-        --fd-table per-shard --max-connections $((CONNS + 5000)) >"$OUT/$name.log" 2>&1 &
-      ;;
-    switchboard-1)
-      target/release/switchboard --echo --listen 127.0.0.1:$port --shards 1 \
+    switchboard | switchboard-1)
+      local shards=2; [ "$name" = switchboard-1 ] && shards=1
+      target/release/switchboard --echo --listen 127.0.0.1:$port --shards $shards \
         --fd-table per-shard --max-connections $((CONNS + 5000)) >"$OUT/$name.log" 2>&1 &
       ;;
     tokio-tungstenite) "$PEERS/tokio-tungstenite-echo" 127.0.0.1:$port 2 >"$OUT/$name.log" 2>&1 & ;;
@@ -108,7 +106,6 @@ EOF
   tail -1 "$OUT/results.jsonl"
 }
 
-SERVERS=(${SERVERS[@]})
 for run in $(seq "$RUNS"); do
   n=${#SERVERS[@]}
   for i in $(seq 0 $((n - 1))); do

@@ -926,18 +926,17 @@ impl Worker {
             c.recv_next = recv;
             c.send_seq = sent;
         }
-        // Unacknowledged sends go again first, before anything new and in their order.
-        let retry: Vec<Box<[u8]>> = self
-            .unacked
-            .get(&cid)
-            .map(|q| q.iter().map(|(_, f)| f.clone()).collect())
-            .unwrap_or_default();
-        if !retry.is_empty() {
-            for frame in &retry {
+        // Unacknowledged sends go again first, before anything new and in their order; they
+        // stay listed until acked.
+        if let Some(retry) = self.unacked.remove(&cid) {
+            for (_, frame) in &retry {
                 self.queue_frame(key, 0x1, frame);
             }
-            self.stats().resent.fetch_add(retry.len() as u64, Relaxed);
-            self.flush(key);
+            if !retry.is_empty() {
+                self.stats().resent.fetch_add(retry.len() as u64, Relaxed);
+                self.flush(key);
+            }
+            self.unacked.insert(cid, retry);
         }
         if !self.sending_started {
             return;
