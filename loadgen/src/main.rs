@@ -57,7 +57,9 @@ struct Args {
     /// Output folder for histograms, interval log, plot and summary.json.
     #[arg(long, default_value = "loadgen-out")]
     out: PathBuf,
-    /// Worker threads, each with its own fd table [default: cores, at least enough for the fd limit].
+    /// Worker threads, each with its own fd table [default: cores; for echo and dm only what
+    /// the rate needs (one per 100k socket events a second, at most cores): spare threads spin
+    /// beside the server; at least enough for the fd limit].
     #[arg(long)]
     threads: Option<usize>,
     /// Sample this server process's RSS and CPU from /proc.
@@ -288,7 +290,11 @@ fn main() -> anyhow::Result<()> {
         };
     // Each thread's private fd table holds `soft` descriptors; leave room for epoll and stdio.
     let min_threads = total.div_ceil((soft as usize).saturating_sub(64).max(64));
-    let threads = args.threads.unwrap_or(cores).max(min_threads).max(1);
+    let threads = args
+        .threads
+        .unwrap_or_else(|| plan::threads_for(args.scenario, args.rate, cores))
+        .max(min_threads)
+        .max(1);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let job = Arc::new(Job {

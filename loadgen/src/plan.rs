@@ -1,7 +1,10 @@
 //! The connection plan: which target and which source address each connection uses, spread so
-//! no (source IP, destination) pair holds more than [`PAIR_LIMIT`] connections.
+//! no (source IP, destination) pair holds more than [`PAIR_LIMIT`] connections, and how many
+//! worker threads a run wants.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+
+use crate::worker::Scenario;
 
 /// Above this many connections per (source IP, destination) pair `connect()` slows from
 /// ~45k/s to ~260/s on the machines we measured (port search in the kernel).
@@ -132,9 +135,58 @@ pub fn assign(i: usize, targets: usize, sources: usize) -> (usize, usize) {
     (t, s)
 }
 
+/// Socket events (a send, a reply, an ack: one unbatched syscall each) one worker thread
+/// handles a second in an open-loop run, with room to spare.
+pub const OPEN_LOOP_EVENTS_PER_THREAD: f64 = 100_000.0;
+
+/// Worker threads a scenario wants when `--threads` is not given (the fd limit may ask for
+/// more). Open-loop echo and DM runs get the threads their rate needs, at most one per core:
+/// each worker spins before its sends are due, and a thread beyond the load only spins beside
+/// the server. At 20k echoes a second on 200 connections here (2 cores, switchboard on 2
+/// shards) two workers put loadgen's send lateness p99 at 60–156 µs, one at 25–30 µs. The
+/// other scenarios (connect storms, flood, fan-out's many deliveries) use every core.
+pub fn threads_for(scenario: Scenario, rate: f64, cores: usize) -> usize {
+    let cores = cores.max(1);
+    let events_per_message = match scenario {
+        // The send and its echo.
+        Scenario::Echo => 2.0,
+        // The send, its delivery and its ack.
+        Scenario::Dm => 3.0,
+        _ => return cores,
+    };
+    let wanted = (rate.max(0.0) * events_per_message / OPEN_LOOP_EVENTS_PER_THREAD).ceil();
+    (wanted as usize).clamp(1, cores)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_loop_runs_get_the_threads_their_rate_needs() {
+        assert_eq!(threads_for(Scenario::Echo, 20_000.0, 2), 1);
+        assert_eq!(threads_for(Scenario::Echo, 50_000.0, 2), 1);
+        assert_eq!(threads_for(Scenario::Echo, 50_001.0, 2), 2);
+        assert_eq!(threads_for(Scenario::Dm, 20_000.0, 8), 1);
+        assert_eq!(threads_for(Scenario::Dm, 50_000.0, 8), 2);
+        // Never more than the cores, never none.
+        assert_eq!(threads_for(Scenario::Echo, 1e9, 4), 4);
+        assert_eq!(threads_for(Scenario::Echo, 0.0, 4), 1);
+        assert_eq!(threads_for(Scenario::Dm, 1000.0, 0), 1);
+    }
+
+    #[test]
+    fn other_scenarios_use_every_core() {
+        for s in [
+            Scenario::Connect,
+            Scenario::Flood,
+            Scenario::Fanout,
+            Scenario::Storm,
+            Scenario::Tcp,
+        ] {
+            assert_eq!(threads_for(s, 20_000.0, 2), 2, "{s:?}");
+        }
+    }
 
     #[test]
     fn urls() {
