@@ -133,8 +133,9 @@ def main():
               "in flight** is the same with `--window 1024`: more frames per read and per "
               "write, so the kernel's cost per call is spread over more messages.",
               "- **Latency**: `loadgen echo --connections 200 --rate 20000 --duration 15s`, open "
-              "loop, from each message's scheduled send time; loadgen's own send lateness is in "
-              "each run's row (`lateness_p99_us`).",
+              "loop, from each message's scheduled send time, one loadgen worker (the default at "
+              "this rate; it spins the last 50 µs before each send); loadgen's own send lateness "
+              "is in each run's row (`lateness_p99_us`).",
               "",
               "Every peer runs with its defaults, as a user would start it (the sources are in "
               "`benches/peers/`). tokio-tungstenite's `WebSocketConfig` gives each connection a "
