@@ -143,7 +143,7 @@ pub const OPEN_LOOP_EVENTS_PER_THREAD: f64 = 100_000.0;
 /// more). Open-loop echo and DM runs get the threads their rate needs, at most one per core:
 /// each worker spins before its sends are due, and a thread beyond the load only spins beside
 /// the server. At 20k echoes a second on 200 connections here (2 cores, switchboard on 2
-/// shards) two workers put loadgen's send lateness p99 at 60–156 µs, one at 25–30 µs. The
+/// shards) two workers put loadgen's send lateness p99 at 60–157 µs, one at 16–32 µs. The
 /// other scenarios (connect storms, flood, fan-out's many deliveries) use every core.
 pub fn threads_for(scenario: Scenario, rate: f64, cores: usize) -> usize {
     let cores = cores.max(1);
