@@ -14,11 +14,8 @@ pub fn wake_at(deadline: u64, now: u64, step: u64, phase: u64) -> u64 {
         return deadline;
     }
     let phase = phase % step;
-    if deadline <= phase {
-        return phase;
-    }
-    let from = deadline - phase;
-    phase + from.div_ceil(step) * step
+    // A deadline before the first grid point wakes at that point.
+    phase + deadline.saturating_sub(phase).div_ceil(step) * step
 }
 
 #[cfg(test)]
