@@ -42,11 +42,12 @@ fn silent_client_is_pinged_then_closed_with_4000() {
 
 #[test]
 fn client_that_answers_pings_stays_open() {
-    let server = Server::start(&["--ping-interval-ms", "100", "--idle-timeout-ms", "350"]);
+    let server = Server::start(&["--ping-interval-ms", "150", "--idle-timeout-ms", "1000"]);
     let mut raw = Raw::upgrade(server.addr, "/ws?user=lively");
     raw.read_json();
-    // Answer three pings: that spans well over the idle timeout.
-    for _ in 0..3 {
+    // Answer eight pings: that spans over the idle timeout, and a busy machine has a
+    // second to get each answer in.
+    for _ in 0..8 {
         let (op, p) = raw.read_frame().expect("ping");
         assert_eq!(op, 0x9);
         raw.send_frame(0x8A, &p, true);
@@ -55,28 +56,21 @@ fn client_that_answers_pings_stays_open() {
     assert_eq!(raw.read_json()["data"], "still here");
 }
 
-#[test]
-fn client_that_never_reads_gets_4001_while_others_keep_receiving() {
-    // One shard: once the fast subscriber has every message, the slow one's fate is decided.
-    let server = Server::start(&[
-        "--shards",
-        "1",
-        "--max-outbound-bytes",
-        "65536",
-        "--max-message-bytes",
-        "65536",
-    ]);
+/// A slow subscriber beside a fast one on one shard: publishes 50 kB messages to `firehose`
+/// until the server gives up on `slow` (at most 400, 20 MB: far beyond kernel buffers plus
+/// the 64 KiB queue limit), checking the fast one keeps receiving in order. Returns `slow`,
+/// which has read nothing since its subscription.
+fn overrun_a_slow_subscriber(server: &Server) -> Raw {
     let mut slow = Raw::upgrade(server.addr, "/ws?user=slow");
     slow.read_json();
     slow.send_text(r#"{"op":"sub","channel":"firehose","id":1}"#);
     assert_eq!(slow.read_json()["op"], "ack");
-    let (mut fast, _) = connect(&server, "fast");
+    let (mut fast, _) = connect(server, "fast");
     send_json(&mut fast, json!({"op":"sub","channel":"firehose","id":1}));
     assert_eq!(recv_json(&mut fast)["op"], "ack");
-    let (mut publisher, _) = connect(&server, "pub");
+    let (mut publisher, _) = connect(server, "pub");
     let blob = "x".repeat(50_000);
-    let n = 400; // 20 MB in all: far beyond kernel buffers plus the 64 KiB queue limit
-    for i in 0..n {
+    for i in 0..400 {
         send_json(
             &mut publisher,
             json!({"op":"pub","channel":"firehose","data":{"i":i,"blob":blob}}),
@@ -86,10 +80,38 @@ fn client_that_never_reads_gets_4001_while_others_keep_receiving() {
             m["data"]["i"], i,
             "fast subscriber keeps receiving in order"
         );
+        // Once the fast subscriber has message i, the slow one's copy was queued or refused.
+        if i % 20 == 19 && server.metric("switchboard_slow_consumer_closes_total") == 1 {
+            return slow;
+        }
     }
     server.wait_for("a slow-consumer close", |s| {
         s.metric("switchboard_slow_consumer_closes_total") == 1
     });
+    slow
+}
+
+// What a client that stops reading is promised: when its queue passes
+// --max-outbound-bytes the server stops sending it messages and queues a 4001 close frame
+// behind the frame in flight. If the client reads within --close-timeout-ms, it gets that
+// frame (the next test); if it has not made room by then, the TCP connection is reset
+// (the one after), counted in switchboard_close_resets_total. Either way the close is
+// counted as 4001. Each test sets the close timeout far from the other case, so neither
+// depends on how fast this machine runs.
+
+#[test]
+fn slow_reader_that_reads_within_the_close_timeout_gets_4001() {
+    let server = Server::start(&[
+        "--shards",
+        "1",
+        "--max-outbound-bytes",
+        "65536",
+        "--max-message-bytes",
+        "65536",
+        "--close-timeout-ms",
+        "120000",
+    ]);
+    let mut slow = overrun_a_slow_subscriber(&server);
     // The slow client finally reads: after whatever the kernel held, the close says 4001.
     let (code, reason) = slow.read_close();
     assert_eq!(code, 4001, "{reason}");
@@ -98,6 +120,31 @@ fn client_that_never_reads_gets_4001_while_others_keep_receiving() {
     server.wait_for("the close to be counted", |s| {
         s.metric("switchboard_closes_total{code=\"4001\"}") == 1
     });
+    assert_eq!(server.metric("switchboard_close_resets_total"), 0);
+}
+
+#[test]
+fn client_that_never_reads_is_reset_at_the_close_deadline() {
+    let server = Server::start(&[
+        "--shards",
+        "1",
+        "--max-outbound-bytes",
+        "65536",
+        "--max-message-bytes",
+        "65536",
+        "--close-timeout-ms",
+        "200",
+    ]);
+    let mut slow = overrun_a_slow_subscriber(&server);
+    // It has read nothing, so its close frame cannot have been written: a reset, counted.
+    server.wait_for("the reset", |s| {
+        s.metric("switchboard_close_resets_total") == 1
+    });
+    assert_eq!(server.metric("switchboard_closes_total{code=\"4001\"}"), 1);
+    // The client reads what the kernel still held, then the reset; never a close frame.
+    let (opcodes, reset) = slow.read_until_cut();
+    assert!(reset, "a TCP reset, not a clean end");
+    assert!(!opcodes.contains(&0x8), "no close frame: {opcodes:?}");
 }
 
 #[test]

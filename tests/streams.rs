@@ -480,6 +480,19 @@ fn channels_with_history_store_publications_and_resume_subscribers() {
     assert_eq!(ack["offset"], 3);
     assert_eq!(recv_json(&mut dave)["offset"], 2);
     assert_eq!(recv_json(&mut dave)["offset"], 3);
+    // An empty epoch is no epoch, as the inbox's `since=:2`: the offset in the current one.
+    let (mut frank, _) = connect(&server, "frank");
+    send_json(
+        &mut frank,
+        json!({"op":"sub","channel":"room1","since":{"epoch":"","offset":2},"id":"f"}),
+    );
+    let ack = recv_json(&mut frank);
+    assert_eq!(
+        (ack["id"].as_str(), ack["op"].as_str()),
+        (Some("f"), Some("ack")),
+        "{ack}"
+    );
+    assert_eq!(recv_json(&mut frank)["offset"], 3);
     send_json(
         &mut alice,
         json!({"op":"pub","channel":"room1","data":4,"id":"p4"}),

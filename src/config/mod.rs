@@ -159,6 +159,9 @@ pub enum ListenEntry {
     Addr(SocketAddr),
     /// `{ addr = "…", cert = "…", key = "…" }`: TLS when `cert` and `key` are given.
     Table(ListenTable),
+    /// `"localhost:8080"`: a host name, bound on every address it resolves to (as nginx
+    /// does), resolved when the configuration is read.
+    Name(String),
 }
 
 /// A `[[listen]]` table.
@@ -174,9 +177,31 @@ pub struct ListenTable {
 }
 
 fn parse_listen(s: &str) -> Result<ListenEntry, String> {
-    s.parse()
-        .map(ListenEntry::Addr)
-        .map_err(|e| format!("{e} (expected host:port)"))
+    if let Ok(a) = s.parse() {
+        return Ok(ListenEntry::Addr(a));
+    }
+    resolve_listen(s).map(|_| ListenEntry::Name(s.to_owned()))
+}
+
+/// Every distinct address `host:port` resolves to, IPv4 first.
+fn resolve_listen(s: &str) -> Result<Vec<SocketAddr>, String> {
+    use std::net::ToSocketAddrs;
+    let expected = "expected host:port, e.g. 127.0.0.1:8080, [::1]:8080 or localhost:8080";
+    if s.rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(format!("{s:?}: {expected}"));
+    }
+    let mut addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?}: cannot resolve the host name ({e}); {expected}"))?
+        .collect();
+    addrs.sort_by_key(|a| (a.is_ipv6(), *a));
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(format!("{s:?}: the host name resolves to no address"));
+    }
+    Ok(addrs)
 }
 
 /// Command-line flags; every one (but `--config`) can also be a key of the TOML file.
@@ -203,7 +228,10 @@ pub struct Options {
     /// Private key (PEM) of `--tls-cert`.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Event-loop shards [default: number of cores].
+    /// Event-loop shards [default: one per core, plus enough to hold --max-connections when
+    /// RLIMIT_NOFILE cannot: each added shard has a private fd table (51 shards for the
+    /// default 1,000,000 under a 20,000 limit); only one per core takes new connections, the
+    /// others only as those fill, and an idle one costs about 0.1 MiB and no wake-ups].
     #[arg(long)]
     pub shards: Option<usize>,
     /// Accept backlog of each shard's listener [default: 4096].
@@ -372,6 +400,12 @@ pub enum ConfigError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A listen address that does not resolve.
+    #[error("invalid value for listen: {reason}")]
+    Listen {
+        /// What is wrong, with the expected form.
+        reason: String,
+    },
 }
 
 /// Validated configuration.
@@ -536,6 +570,12 @@ impl Options {
                 ListenEntry::Addr(a) => {
                     listen.push(a);
                     tls.push(flag_tls.clone());
+                }
+                ListenEntry::Name(n) => {
+                    for a in resolve_listen(&n).map_err(|reason| ConfigError::Listen { reason })? {
+                        listen.push(a);
+                        tls.push(flag_tls.clone());
+                    }
                 }
                 ListenEntry::Table(t) => {
                     listen.push(t.addr);
@@ -813,6 +853,33 @@ mod tests {
         assert_eq!(c.max_message_bytes, 65_536);
         assert_eq!(c.fd_table, FdTableMode::Auto);
         assert!(!c.echo);
+    }
+
+    #[test]
+    fn listen_takes_host_names_and_says_what_it_expects() {
+        let o = Options::try_parse_from(["switchboard", "--listen", "localhost:8095"]).unwrap();
+        let c = o.resolve(None).unwrap();
+        assert!(!c.listen.is_empty());
+        assert!(c
+            .listen
+            .iter()
+            .all(|a| a.port() == 8095 && a.ip().is_loopback()));
+        assert!(c.listen[0].is_ipv4(), "IPv4 first: {:?}", c.listen);
+        assert_eq!(c.listen.len(), c.tls.len());
+        let f: Options = toml::from_str("listen = [\"localhost:9001\"]").unwrap();
+        let c = Options::default().resolve(Some(f)).unwrap();
+        assert_eq!(c.listen[0].port(), 9001);
+        for bad in [
+            "localhost",
+            "localhost:http",
+            ":8080",
+            "no-such-host.invalid:80",
+        ] {
+            let e = Options::try_parse_from(["switchboard", "--listen", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("host:port"), "{bad}: {e}");
+        }
     }
 
     #[test]

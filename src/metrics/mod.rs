@@ -116,6 +116,9 @@ pub struct ShardMetrics {
     pub dropped: AtomicU64,
     /// Connections closed with 4001.
     pub slow_consumers: AtomicU64,
+    /// Connections cut with a TCP reset: their close frame was still unwritten at the close
+    /// deadline (a peer that stopped reading).
+    pub closes_reset: AtomicU64,
     /// Ops refused `rate_limited` (over `--max-messages-per-sec`).
     pub rate_limited: AtomicU64,
     /// Entries in the shard's timer wheel (gauge).
@@ -488,6 +491,12 @@ pub fn render(shards: &[ShardMetrics]) -> String {
         "switchboard_slow_consumer_closes_total",
         "Connections closed with 4001.",
         sum(shards, |s| &s.slow_consumers),
+    );
+    counter(
+        &mut o,
+        "switchboard_close_resets_total",
+        "Connections cut with a TCP reset: their close frame was not written by --close-timeout-ms.",
+        sum(shards, |s| &s.closes_reset),
     );
     counter(
         &mut o,

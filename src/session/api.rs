@@ -391,6 +391,7 @@ impl<T: Transport> Sessions<T> {
             "bytes_out": sum(&|m| m.bytes_out.load(r)),
             "dropped": sum(&|m| m.dropped.load(r)),
             "slow_consumer_closes": sum(&|m| m.slow_consumers.load(r)),
+            "close_resets": sum(&|m| m.closes_reset.load(r)),
             "timer_wheel_entries": sum(&|m| m.wheel_entries.load(r)),
         }))
     }

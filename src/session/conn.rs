@@ -25,6 +25,10 @@ pub trait Transport {
     /// The connection is about to be dropped: a last word below the session (TLS
     /// close_notify), best effort.
     fn before_close(&mut self) {}
+    /// The connection is about to be dropped with output it could not write (a peer that
+    /// stopped reading): cut it with a TCP reset, which tells the peer at once and frees the
+    /// kernel's send buffer, instead of a FIN queued behind data nobody will read.
+    fn reset(&mut self) {}
     /// Bytes the pipe holds that the session has not seen yet (part of a TLS record, or a
     /// TLS handshake in progress): they count as a half-open request.
     fn holds_input(&self) -> bool {

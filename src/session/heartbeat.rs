@@ -9,7 +9,7 @@ use tracing::{debug, info};
 
 use super::conn::{ConnState, Flags, Transport};
 use super::Sessions;
-use crate::metrics::HandshakeFailure;
+use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::ws::close::{self as code};
 
 /// An empty ping frame (FIN, opcode 0x9, no payload).
@@ -72,6 +72,18 @@ impl<T: Transport> Sessions<T> {
                     "handshake timeout; dropping"
                 );
                 self.finish(key);
+            }
+            ConnState::Closing if c.queued_bytes() > 0 => {
+                // Our close frame is still queued behind what the peer never read: no
+                // room for it came within the close deadline. Cut with a reset.
+                ShardMetrics::add(&self.m().closes_reset, 1);
+                debug!(
+                    shard = self.index,
+                    conn = key,
+                    "close frame unwritten at the close deadline; connection reset"
+                );
+                self.conns[key].io.reset();
+                self.finish(key)
             }
             ConnState::Draining | ConnState::Closing => self.finish(key),
             ConnState::Open => {

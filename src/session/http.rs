@@ -39,23 +39,20 @@ impl<T: Transport> Sessions<T> {
                 return false;
             }
         };
+        // The push API answers JSON, even before its route is looked at.
+        let api = req.path.starts_with("/api/");
         if req.transfer_encoding {
-            self.http_fail(
+            self.body_fail(
                 key,
+                api,
                 411,
                 "chunked bodies are not supported; send Content-Length",
-                HandshakeFailure::Body,
             );
             return false;
         }
         let body_len = req.content_length.unwrap_or(0);
         if body_len > self.cfg.max_message_bytes {
-            self.http_fail(
-                key,
-                413,
-                "request body over --max-message-bytes",
-                HandshakeFailure::Body,
-            );
+            self.body_fail(key, api, 413, "request body over --max-message-bytes");
             return false;
         }
         let total = req.head_len + body_len;
@@ -185,6 +182,23 @@ impl<T: Transport> Sessions<T> {
         why: HandshakeFailure,
     ) {
         self.refuse(key, status, message, why, response::error(status, message));
+    }
+
+    /// Refuses a request for its body (411, 413): JSON like every API answer on `/api/`,
+    /// plain text elsewhere; the connection closes once the answer is read.
+    fn body_fail(&mut self, key: usize, api: bool, status: u16, message: &str) {
+        let resp = if api {
+            response::simple(
+                status,
+                "application/json",
+                &http::api::error_body(message),
+                "",
+                true,
+            )
+        } else {
+            response::error(status, message)
+        };
+        self.refuse(key, status, message, HandshakeFailure::Body, resp);
     }
 
     /// Refuses for now: `status` with `Retry-After` (seconds, rounded up from `wait_ms`),

@@ -244,7 +244,13 @@ impl<T: Transport> Sessions<T> {
                     let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
                     return self.deliver_reply(key, f);
                 }
-                let epoch = match pos.epoch.as_deref().map(str::parse) {
+                // An empty epoch is no epoch, as in `?since=:7`.
+                let epoch = match pos
+                    .epoch
+                    .as_deref()
+                    .filter(|e| !e.is_empty())
+                    .map(str::parse)
+                {
                     None => None,
                     Some(Ok(e)) => Some(e),
                     Some(Err(_)) => {

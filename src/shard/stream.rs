@@ -9,6 +9,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::session::Transport;
 use crate::tls::TlsStream;
@@ -132,6 +133,11 @@ impl Transport for Stream {
 
     fn before_close(&mut self) {
         self.with_tls(|t| t.close_notify());
+    }
+
+    fn reset(&mut self) {
+        // SO_LINGER 0: close() sends RST and drops the unsent bytes.
+        let _ = socket2::SockRef::from(&*sock(self.fd())).set_linger(Some(Duration::ZERO));
     }
 
     fn can_answer(&self) -> bool {

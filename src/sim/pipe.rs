@@ -30,6 +30,8 @@ pub struct PipeState {
     pub write_blocked: bool,
     /// Total bytes the server wrote.
     pub written_total: u64,
+    /// The server cut the connection with a reset: what the client had not read is gone.
+    pub reset: bool,
 }
 
 impl PipeState {
@@ -88,6 +90,12 @@ impl Transport for SimSocket {
             buf[i] = b;
         }
         Ok(n)
+    }
+
+    fn reset(&mut self) {
+        let mut p = self.0.borrow_mut();
+        p.reset = true;
+        p.to_client.clear();
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {

@@ -82,12 +82,22 @@ pub struct Loaded {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The data directory could not be created.
-    #[error("cannot create the data directory {path}: {source}")]
+    #[error("store: cannot create the data directory {path}: {source}; create it writable by this user, or choose another --data-dir")]
     DataDir {
         /// Directory.
         path: String,
         /// Cause.
         source: std::io::Error,
+    },
+    /// The store file could not be opened: which file, why, and what to do.
+    #[error("store: cannot open {path}: {reason}; {hint}")]
+    Open {
+        /// The redb file.
+        path: String,
+        /// What redb or the OS said.
+        reason: String,
+        /// The fix.
+        hint: &'static str,
     },
     /// redb refused.
     #[error("store: {0}")]

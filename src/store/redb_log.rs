@@ -359,6 +359,34 @@ pub struct Redb {
     keep_open: usize,
 }
 
+/// Why the store file cannot be opened, with the path and the fix.
+fn open_err(file: &Path, e: redb::DatabaseError) -> StoreError {
+    let (reason, hint) = match &e {
+        redb::DatabaseError::DatabaseAlreadyOpen => (
+            "another process holds it open".to_owned(),
+            "stop the other switchboard that uses this --data-dir, or give this one its own \
+             (--data-dir DIR), or run it with --store memory",
+        ),
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            (
+                io.to_string(),
+                "make the directory and file writable by this user, or choose another --data-dir",
+            )
+        }
+        _ => (
+            e.to_string(),
+            "check the disk and the file, or choose another --data-dir",
+        ),
+    };
+    StoreError::Open {
+        path: file.display().to_string(),
+        reason,
+        hint,
+    }
+}
+
 impl Redb {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Redb, StoreError> {
@@ -366,10 +394,11 @@ impl Redb {
             path: dir.display().to_string(),
             source,
         })?;
+        let file = dir.join("streams.redb");
         let db = redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
-            .create(dir.join("streams.redb"))
-            .map_err(redb_err)?;
+            .create(&file)
+            .map_err(|e| open_err(&file, e))?;
         Ok(Redb {
             db,
             ids: FxHashMap::default(),

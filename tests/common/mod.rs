@@ -400,6 +400,26 @@ impl Raw {
         }
     }
 
+    /// Reads until the connection ends: the opcodes of the whole frames read, and whether
+    /// it ended with a reset (ECONNRESET) rather than a clean EOF.
+    pub fn read_until_cut(&mut self) -> (Vec<u8>, bool) {
+        let mut opcodes = Vec::new();
+        let mut tmp = [0u8; 65536];
+        loop {
+            while let Ok(Some(f)) = testkit::take_frame(&mut self.buf) {
+                opcodes.push(f.opcode);
+            }
+            match self.s.read(&mut tmp) {
+                Ok(0) => return (opcodes, false),
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return (opcodes, true)
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
     /// Everything until EOF, including what is buffered.
     pub fn read_rest(&mut self) -> String {
         while self.fill() {}
