@@ -276,3 +276,55 @@ fn acked_messages_survive_a_redis_crash_when_redis_fsyncs_its_log() {
         "{m}"
     );
 }
+
+#[test]
+fn receipts_cross_nodes_and_wait_in_the_inbox_of_a_sender_who_is_away() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut alice, welcome) = connect(&a, "alice");
+    let epoch = welcome["inbox"]["epoch"].as_str().unwrap().to_owned();
+    let (mut bob, _) = connect_since(&b, "bob", "confirmed");
+    for id in ["x1", "x2"] {
+        let ack = send_qos1(&mut alice, "bob", json!(id), id);
+        assert_eq!(ack["op"], "ack", "{ack}");
+    }
+    let _ = recv_json(&mut bob);
+    let m2 = recv_json(&mut bob);
+    assert_eq!(m2["id"], "x2", "{m2}");
+    // bob (node b) confirms; alice (node a) gets the receipt through Redis.
+    send_json(
+        &mut bob,
+        json!({"op":"ack","stream":"inbox","offset":m2["offset"],"id":"c1"}),
+    );
+    assert_eq!(recv_json(&mut bob)["id"], "c1");
+    let r = recv_json(&mut alice);
+    assert_eq!(
+        (r["op"].as_str(), r["from"].as_str(), r["ids"].clone()),
+        (Some("receipt"), Some("bob"), json!(["x1", "x2"])),
+        "{r}"
+    );
+    let seen = r["offset"].as_u64().unwrap();
+    // alice goes away; bob confirms her next message; she comes back on node b.
+    let ack = send_qos1(&mut alice, "bob", json!("x3"), "x3");
+    assert_eq!(ack["op"], "ack", "{ack}");
+    drop(alice);
+    let m3 = recv_json(&mut bob);
+    send_json(
+        &mut bob,
+        json!({"op":"ack","stream":"inbox","offset":m3["offset"],"id":"c2"}),
+    );
+    assert_eq!(recv_json(&mut bob)["id"], "c2");
+    b.wait_for("the receipt stored", |s| {
+        s.metric("switchboard_store_receipts_total") == 2
+    });
+    let (mut alice, welcome) = connect_since(&b, "alice", &format!("{epoch}:{seen}"));
+    assert_eq!(welcome["inbox"]["recovered"], true, "{welcome}");
+    let r = loop {
+        let v = recv_json(&mut alice);
+        if v["op"] == "receipt" {
+            break v;
+        }
+        assert_eq!(v["id"], "x3", "only her own copy comes first: {v}");
+    };
+    assert_eq!(r["ids"], json!(["x3"]), "{r}");
+}

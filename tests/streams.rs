@@ -588,17 +588,19 @@ fn over_the_size_budget_sends_and_publications_are_refused_store_full() {
     for i in 1..=stored {
         assert_eq!(recv_json(&mut bob)["offset"], i);
     }
+    // Bigger than what the last refused DM needed (two copies), so it cannot fit either.
+    let big = "y".repeat(400);
     let (status, e) = api_post(
         &server,
         "/api/send",
-        r#"{"to":"bob","data":"y","from":"ops","qos":1,"id":"a1"}"#,
+        &format!(r#"{{"to":"bob","data":"{big}","from":"ops","qos":1,"id":"a1"}}"#),
     );
     assert_eq!(status, 503, "{e}");
     assert!(e.to_string().contains("store_full"), "{e}");
     let (status, e) = api_post(
         &server,
         "/api/publish",
-        r#"{"channel":"room1","data":"z","qos":1,"id":"p1"}"#,
+        &format!(r#"{{"channel":"room1","data":"{big}","qos":1,"id":"p1"}}"#),
     );
     assert_eq!(status, 503, "{e}");
     assert!(e.to_string().contains("store_full"), "{e}");
@@ -611,4 +613,74 @@ fn over_the_size_budget_sends_and_publications_are_refused_store_full() {
         assert!(metrics.contains(&line), "{line} missing");
     }
     let _ = std::fs::remove_file(&cfg);
+}
+
+#[test]
+fn a_confirmation_sends_receipts_to_the_senders_also_when_they_were_away() {
+    let server = Server::start(&["--shards", "2"]);
+    let (mut alice, welcome) = connect(&server, "alice");
+    let epoch = welcome["inbox"]["epoch"].as_str().unwrap().to_owned();
+    let (mut bob, _) = connect_since(&server, "bob", "confirmed");
+    send_qos1(&mut alice, "bob", json!(1), "r1");
+    send_qos1(&mut alice, "bob", json!(2), "r2");
+    // The stored DM carries the sender's id, so a receipt can name it.
+    let m1 = recv_json(&mut bob);
+    let m2 = recv_json(&mut bob);
+    assert_eq!(
+        (m1["id"].as_str(), m2["id"].as_str()),
+        (Some("r1"), Some("r2"))
+    );
+    send_json(
+        &mut bob,
+        json!({"op":"ack","stream":"inbox","offset":m2["offset"],"id":"c1"}),
+    );
+    assert_eq!(recv_json(&mut bob)["id"], "c1");
+    let r = recv_json(&mut alice);
+    assert_eq!(
+        (r["op"].as_str(), r["from"].as_str(), r["to"].as_str()),
+        (Some("receipt"), Some("bob"), Some("alice")),
+        "{r}"
+    );
+    assert_eq!(r["ids"], json!(["r1", "r2"]));
+    assert_eq!(r["upto"], m2["offset"]);
+    assert_eq!(
+        (r["stream"].as_str(), r["epoch"].as_str()),
+        (Some("inbox"), Some(epoch.as_str()))
+    );
+    let seen = r["offset"].as_u64().unwrap();
+    // Confirming the same offset again moves nothing and sends nothing.
+    send_json(
+        &mut bob,
+        json!({"op":"ack","stream":"inbox","offset":m2["offset"],"id":"c2"}),
+    );
+    assert_eq!(recv_json(&mut bob)["id"], "c2");
+    // alice leaves; bob confirms her next message while she is away.
+    send_qos1(&mut alice, "bob", json!(3), "r3");
+    drop(alice);
+    let m3 = recv_json(&mut bob);
+    assert_eq!(m3["id"], "r3");
+    send_json(
+        &mut bob,
+        json!({"op":"ack","stream":"inbox","offset":m3["offset"],"id":"c3"}),
+    );
+    assert_eq!(recv_json(&mut bob)["id"], "c3");
+    server.wait_for("the second receipt", |s| {
+        s.metric("switchboard_store_receipts_total") == 2
+    });
+    // Back with her position: her own copy of r3, then the receipt for it.
+    let (mut alice, welcome) = connect_since(&server, "alice", &format!("{epoch}:{seen}"));
+    assert_eq!(welcome["inbox"]["recovered"], true, "{welcome}");
+    let own = recv_json(&mut alice);
+    assert_eq!(
+        (own["op"].as_str(), own["id"].as_str()),
+        (Some("msg"), Some("r3")),
+        "{own}"
+    );
+    let r = recv_json(&mut alice);
+    assert_eq!(
+        (r["op"].as_str(), r["ids"].clone()),
+        (Some("receipt"), json!(["r3"])),
+        "{r}"
+    );
+    assert_eq!(server.metric("switchboard_store_receipts_total"), 2);
 }

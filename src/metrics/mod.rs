@@ -205,6 +205,8 @@ pub struct StoreMetrics {
     pub dedup_hits: AtomicU64,
     /// qos-1 sends refused (store over `--store-max-bytes`).
     pub refused: AtomicU64,
+    /// Delivery receipts stored for senders (a recipient confirmed their messages).
+    pub receipts: AtomicU64,
 }
 
 impl StoreMetrics {
@@ -379,6 +381,12 @@ pub fn render_store(o: &mut String, m: &StoreMetrics) {
         o,
         "switchboard_store_recoveries_total{{result=\"failed\"}} {}",
         m.recoveries_failed.load(Relaxed)
+    );
+    counter(
+        o,
+        "switchboard_store_receipts_total",
+        "Delivery receipts stored for senders (a recipient confirmed their messages).",
+        m.receipts.load(Relaxed),
     );
     counter(
         o,

@@ -419,6 +419,48 @@ pub fn msg_prefix(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -
     msg_builder(from, target, data, ts_ms).finish()
 }
 
+/// A stored DM (qos 1): a `msg` event that also carries the sender's `id` (raw JSON), so the
+/// sender's other connections can match it and the recipient's confirmation can name it in
+/// a [`receipt_prefix`]. Everything but the closing brace.
+pub fn stored_dm_prefix(
+    from: &str,
+    to: &str,
+    data: &RawValue,
+    ts_ms: u64,
+    id: Option<&str>,
+) -> Bytes {
+    let mut b = msg_builder(from, Target::User(to), data, ts_ms);
+    if let Some(id) = id {
+        put(&mut b, br#","id":"#);
+        put_json(&mut b, id.as_bytes());
+    }
+    b.finish()
+}
+
+/// A delivery receipt for the sender `to` of messages `ids` (raw JSON ids) that `from`
+/// confirmed up to `upto` in `from`'s inbox: `{"op":"receipt","from":..,"to":..,
+/// "ids":[..],"upto":N,"ts":N` (stored in the sender's inbox, which adds its position and
+/// the closing brace).
+pub fn receipt_prefix(from: &str, to: &str, ids: &[&RawValue], upto: u64, ts_ms: u64) -> Bytes {
+    let mut b = Builder::new(64 + from.len() + to.len() + ids.len() * 16);
+    put(&mut b, br#"{"op":"receipt","from":"#);
+    put_str(&mut b, from);
+    put(&mut b, br#","to":"#);
+    put_str(&mut b, to);
+    put(&mut b, br#","ids":["#);
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            put(&mut b, b",");
+        }
+        put_json(&mut b, id.get().as_bytes());
+    }
+    put(&mut b, br#"],"upto":"#);
+    put_u64(&mut b, upto);
+    put(&mut b, br#","ts":"#);
+    put_u64(&mut b, ts_ms);
+    b.finish()
+}
+
 fn msg_builder(from: &str, target: Target<'_>, data: &RawValue, ts_ms: u64) -> Builder {
     let mut b = Builder::new(64 + from.len() + data.get().len());
     put_msg(&mut b, from, target, data, ts_ms);

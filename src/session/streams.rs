@@ -644,7 +644,7 @@ impl<T: Transport> Sessions<T> {
             let f = protocol::error(id, ErrorCode::BadRequest, "qos 1 needs a store");
             return self.deliver_reply(key, f);
         }
-        let prefix = protocol::msg_prefix(&from, Target::User(to), data, self.now_unix_ms);
+        let prefix = protocol::stored_dm_prefix(&from, to, data, self.now_unix_ms, id);
         let to: Arc<str> = Arc::from(to);
         let me = self.conn_id(key);
         let reply = id.map(|id| ReplyTo {

@@ -9,6 +9,7 @@
 //! connections: one path per stream, so offsets arrive in order.
 
 pub mod backend;
+pub mod receipts;
 pub mod redb_log;
 pub mod redis_streams;
 pub mod streams;
@@ -586,8 +587,11 @@ impl Worker {
                     reply,
                 ),
                 StoreReq::Confirm { user, offset } => {
-                    if self.streams.confirm(&user, &inbox_stream(&user), offset) {
+                    let stream = inbox_stream(&user);
+                    let before = self.streams.confirmed(&user);
+                    if self.streams.confirm(&user, &stream, offset) {
                         let o = self.streams.confirmed(&user);
+                        self.receipts(&mut batch, now, &user, &stream, (before, o));
                         batch.confirms.push((user, o));
                     }
                 }
@@ -658,6 +662,46 @@ impl Worker {
                 // Answers about earlier commits (dedup hits) and refusals stand.
                 other => self.out.push((shard, other)),
             }
+        }
+    }
+
+    /// `user` confirmed its inbox from `confirmed.0` (exclusive) to `confirmed.1`: the senders
+    /// of the messages in between get receipts, stored in their inboxes in this batch.
+    fn receipts(
+        &mut self,
+        batch: &mut Batch,
+        now: u64,
+        user: &Arc<str>,
+        stream: &str,
+        (before, upto): (u64, u64),
+    ) {
+        let from = (before + 1).max(self.streams.meta(stream).first);
+        if from > upto {
+            return;
+        }
+        let n = ((upto - from + 1) as usize).min(receipts::MAX_SCAN);
+        let entries = match self.backend.read(stream, from, n, usize::MAX) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, user = %user, "store: no receipts for a confirmation");
+                return;
+            }
+        };
+        let payloads = entries
+            .iter()
+            .filter(|e| e.offset <= upto)
+            .map(|e| &e.payload[..]);
+        for (sender, prefix) in receipts::receipts(user, payloads, upto, now) {
+            StoreMetrics::add(&self.metrics.receipts, 1);
+            self.send_dm(
+                batch,
+                now,
+                (user.clone(), sender, false),
+                prefix,
+                None,
+                None,
+                None,
+            );
         }
     }
 

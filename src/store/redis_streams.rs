@@ -87,13 +87,17 @@ return {'ok', last, epoch, first_n}
 "#;
 
 /// Moves a user's confirmed position forward (never back, never past the top). KEYS:
-/// the confirmed position, the inbox's offset counter. ARGV: offset.
+/// the confirmed position, the inbox's offset counter. ARGV: offset. Answers `{before,
+/// after}` (equal when it did not move): the range the senders get receipts for.
 const CONFIRM_SCRIPT: &str = r#"
 local top = tonumber(redis.call('GET', KEYS[2]) or '0')
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local o = math.min(tonumber(ARGV[1]), top)
-if o > cur then redis.call('SET', KEYS[1], o) end
-return 0
+if o > cur then
+  redis.call('SET', KEYS[1], o)
+  return {cur, o}
+end
+return {cur, cur}
 "#;
 
 /// A stream's name with its hash tag: `inbox:{bob}`, `channel:{room}`.
@@ -171,7 +175,7 @@ enum Pending {
         reply: Option<crate::ids::ReplyTo>,
         channel: Arc<str>,
     },
-    Confirm,
+    Confirm(Arc<str>),
 }
 
 /// A stream as Redis holds it.
@@ -374,7 +378,7 @@ impl Worker {
                         .arg(&stream_keys(&stream)[1])
                         .arg(offset);
                     cmds.push((stream_slot(&stream), inv));
-                    pending.push(Pending::Confirm);
+                    pending.push(Pending::Confirm(user));
                 }
                 StoreReq::Shutdown => stop = true,
                 read => reads.push(read),
@@ -391,6 +395,7 @@ impl Worker {
                     Err(redis::RedisError::from((redis::ErrorKind::Io, "no answer")))
                 })
             };
+            let mut confirmed = Vec::new();
             for p in pending {
                 let a = match p {
                     Pending::Send { scripts: 2, .. } => {
@@ -399,8 +404,11 @@ impl Worker {
                     }
                     _ => next(),
                 };
-                self.answer(p, a);
+                if let Some(c) = self.answer(p, a) {
+                    confirmed.push(c);
+                }
             }
+            self.receipts(confirmed, now, &epoch_candidate);
         }
         for r in reads {
             self.read(r);
@@ -409,16 +417,56 @@ impl Worker {
         stop
     }
 
-    /// Answers the sender of a stored (or refused) message.
-    fn answer(&mut self, p: Pending, a: redis::RedisResult<Value>) {
+    /// Receipts for the confirmations that moved (user, before, after): read each newly
+    /// confirmed range, store a receipt in each sender's inbox (published like a DM).
+    fn receipts(&mut self, confirmed: Vec<(Arc<str>, u64, u64)>, now: u64, ec: &str) {
+        let mut cmds = Vec::new();
+        for (user, before, upto) in confirmed {
+            let stream = inbox_stream(&user);
+            let n = ((upto - before) as usize).min(super::receipts::MAX_SCAN);
+            let entries = match self.range(&stream, Epoch(0), before + 1, n) {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(error = %e, user = %user, "store: no receipts for a confirmation");
+                    continue;
+                }
+            };
+            let payloads = entries.iter().filter(|e| e.0 <= upto).map(|e| &e.1[..]);
+            for (sender, prefix) in super::receipts::receipts(&user, payloads, upto, now) {
+                let inbox = inbox_stream(&sender);
+                let streams = [(
+                    inbox.as_str(),
+                    "inbox",
+                    crate::broker::user_channel(&sender),
+                    "-".to_owned(),
+                )];
+                cmds.push(self.store_cmd(&streams, None, &prefix, (now, self.cfg.inbox), ec));
+            }
+        }
+        if cmds.is_empty() {
+            return;
+        }
+        for a in self.conns.run(&cmds) {
+            match a {
+                Ok(_) => StoreMetrics::add(&self.metrics.receipts, 1),
+                Err(e) => warn!(error = %e, "store: a receipt was not stored"),
+            }
+        }
+    }
+
+    /// Answers the sender of a stored (or refused) message; a confirmation that moved
+    /// comes back as (user, before, after) for its receipts.
+    fn answer(&mut self, p: Pending, a: redis::RedisResult<Value>) -> Option<(Arc<str>, u64, u64)> {
         let (reply, channel) = match p {
             Pending::Send { reply, .. } => (reply, None),
             Pending::Publish { reply, channel } => (reply, Some(channel)),
-            Pending::Confirm => {
-                if let Err(e) = a {
-                    warn!(error = %e, "store: a confirmed position was not stored");
+            Pending::Confirm(user) => {
+                match a.and_then(|v| redis::from_redis_value::<(u64, u64)>(v).map_err(Into::into)) {
+                    Ok((before, after)) if after > before => return Some((user, before, after)),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "store: a confirmed position was not stored"),
                 }
-                return;
+                return None;
             }
         };
         let parsed = a.and_then(|v| {
@@ -428,7 +476,7 @@ impl Worker {
             if let Err(e) = parsed {
                 warn!(error = %e, "store: a message without a reply was not stored");
             }
-            return;
+            return None;
         };
         let shard = reply.conn.shard;
         let publish = channel.is_some();
@@ -471,6 +519,7 @@ impl Worker {
             }
         };
         self.out.push((shard, msg));
+        None
     }
 
     /// Where `stream` stands in Redis (its epoch set now if it has none: the first message
