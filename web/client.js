@@ -207,6 +207,11 @@ export class Switchboard {
     this.durableNext = 1;
     this.durablePrefix = Math.random().toString(36).slice(2, 10);
     this.confirmDelayMs = opts.confirmDelayMs ?? 300;
+    // Requests made before the connection is open wait here (bounded, each with a timeout)
+    // and go out once it opens, as Socket.IO's buffer does.
+    this.queued = [];
+    this.maxQueued = opts.maxQueued ?? 1000;
+    this.queueTimeoutMs = opts.queueTimeoutMs ?? 10000;
     if (typeof window !== 'undefined' && window.addEventListener) {
       const leave = () => this.close(1000, 'page closed');
       window.addEventListener('pagehide', leave);
@@ -215,7 +220,11 @@ export class Switchboard {
     if (opts.autoConnect !== false) this.connect();
   }
 
-  /** Subscribes `fn` to 'message' | 'open' | 'close' | 'reconnecting' | 'error' | 'state'. */
+  /**
+   * Subscribes `fn` to 'message' | 'receipt' | 'open' | 'close' | 'reconnecting' | 'error' |
+   * 'state' | 'resume' | 'join' | 'leave'. A 'receipt' (`{from, ids, upto}`) says `from`'s
+   * client confirmed our qos-1 messages `ids` (the ids `send` promises carry as `.id`).
+   */
   on(event, fn) {
     (this.handlers[event] ||= []).push(fn);
     return this;
@@ -295,10 +304,22 @@ export class Switchboard {
         }
         this.setState('open');
         this.startHeartbeat();
-        // Restore subscriptions after a reconnect.
-        for (const [c, o] of this.channels) this.request(subBody(c, o)).catch(() => {});
+        // Restore subscriptions after a reconnect (settling `subscribe` calls made before).
+        for (const [c, o] of this.channels) {
+          const waiting = o.waiting ?? [];
+          o.waiting = [];
+          this.request(subBody(c, o)).then(
+            (v) => waiting.forEach((w) => w.resolve(v)),
+            (e) => waiting.forEach((w) => w.reject(e)),
+          );
+        }
         // qos-1 sends not yet acknowledged go again with the same id (stored once).
         for (const [, d] of this.durable) this.ws.send(JSON.stringify(d.body));
+        // Requests made while not connected, in the order they were made.
+        for (const q of this.queued.splice(0)) {
+          clearTimeout(q.timer);
+          this.request(q.body).then(q.resolve, q.reject);
+        }
         this.emit('open', msg);
         break;
       case 'ack':
@@ -327,7 +348,7 @@ export class Switchboard {
           }
           this.scheduleConfirm();
         }
-        this.emit('message', msg);
+        this.emit(msg.op === 'receipt' ? 'receipt' : 'message', msg);
     }
   }
 
@@ -443,11 +464,33 @@ export class Switchboard {
     this.onClosed(4000, 'no pong from the server in time', false);
   }
 
+  /** Whether requests can go out now. */
+  get isOpen() {
+    return Boolean(this.ws && this.ws.readyState === 1 && this.state === 'open');
+  }
+
+  /**
+   * Sends `body` with a fresh id; resolves on its ack. Before the connection is open (or
+   * while it reconnects) the request waits in a bounded queue and goes out once open; it
+   * rejects with `queue_full` over `maxQueued`, `timeout` after `queueTimeoutMs`, `closed` on
+   * `close()`, and `not_connected` on a receive-only SSE fallback.
+   */
   request(body) {
-    if (!this.ws || this.ws.readyState !== 1 || this.state !== 'open') {
-      const err = new Error(this.es ? 'receive-only (SSE fallback)' : 'not connected');
-      err.code = 'not_connected';
-      return Promise.reject(err);
+    if (!this.isOpen) {
+      const fail = (code, message) => Object.assign(new Error(message), { code });
+      if (this.es) return Promise.reject(fail('not_connected', 'receive-only (SSE fallback)'));
+      if (this.closedByApp) return Promise.reject(fail('closed', 'closed by the app'));
+      if (this.queued.length >= this.maxQueued) {
+        return Promise.reject(fail('queue_full', `${this.maxQueued} requests already wait for the connection`));
+      }
+      return new Promise((resolve, reject) => {
+        const q = { body, resolve, reject };
+        q.timer = setTimeout(() => {
+          this.queued = this.queued.filter((x) => x !== q);
+          reject(fail('timeout', `not connected within ${this.queueTimeoutMs} ms`));
+        }, this.queueTimeoutMs);
+        this.queued.push(q);
+      });
     }
     const [id, promise] = this.pending.add();
     this.ws.send(JSON.stringify({ ...body, id }));
@@ -465,7 +508,9 @@ export class Switchboard {
     const id = `d-${this.durablePrefix}-${this.durableNext++}`;
     const body = { op: 'send', to, data, qos: 1, id };
     const promise = new Promise((resolve, reject) => this.durable.set(id, { body, resolve, reject }));
-    if (this.ws && this.ws.readyState === 1 && this.state === 'open') this.ws.send(JSON.stringify(body));
+    if (this.isOpen) this.ws.send(JSON.stringify(body));
+    // The id a later 'receipt' names.
+    promise.id = id;
     return promise;
   }
 
@@ -480,10 +525,20 @@ export class Switchboard {
    * (channels whose server rule has `join_leave = true`).
    */
   subscribe(channel, opts = {}) {
-    const o = { joinLeave: opts.joinLeave === true };
+    const o = { joinLeave: opts.joinLeave === true, waiting: [] };
     this.channels.set(channel, o);
-    if (this.state !== 'open') return Promise.resolve({ queued: true });
-    return this.request(subBody(channel, o));
+    if (this.isOpen) return this.request(subBody(channel, o));
+    // Sent (once) with the other subscriptions when the connection opens; settles then.
+    return new Promise((resolve, reject) => {
+      const w = { resolve, reject };
+      const timer = setTimeout(() => {
+        o.waiting = o.waiting.filter((x) => x !== w);
+        reject(Object.assign(new Error(`not connected within ${this.queueTimeoutMs} ms`), { code: 'timeout' }));
+      }, this.queueTimeoutMs);
+      w.resolve = (v) => { clearTimeout(timer); resolve(v); };
+      w.reject = (e) => { clearTimeout(timer); reject(e); };
+      o.waiting.push(w);
+    });
   }
 
   /** Who is subscribed to `channel` (every node): resolves `{subscribers, anonymous, members: [{user, connections}], complete}`. */
@@ -501,6 +556,10 @@ export class Switchboard {
   /** Closes for good (no reconnect). */
   close(code = 1000, reason = 'closed by the app') {
     this.closedByApp = true;
+    for (const q of this.queued.splice(0)) {
+      clearTimeout(q.timer);
+      q.reject(Object.assign(new Error('closed by the app'), { code: 'closed' }));
+    }
     clearTimeout(this.reconnectTimer);
     this.stopHeartbeat();
     if (this.es) {

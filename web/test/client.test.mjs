@@ -358,3 +358,59 @@ test('no EventSource fallback once WebSocket has worked on the page: a restart i
   assert.equal(FakeWS.all.length, 6, 'still trying WebSocket');
   sb.close();
 });
+
+test('calls made before the connection opens wait in a bounded queue and go out once open (README snippet)', async () => {
+  FakeWS.all = [];
+  const sb = new Switchboard('ws://x/ws', {
+    user: 'alice', WebSocket: FakeWS, storage: null, backoffBaseMs: 1, backoffCapMs: 2,
+    heartbeatMs: 60000, logger: quiet, maxQueued: 2, queueTimeoutMs: 50,
+  });
+  const ws = FakeWS.all[0];
+  // As the README has it: subscribe, send and publish right after `new Switchboard`.
+  const sub = sb.subscribe('room1');
+  const sent = sb.send('bob', { text: 'hi' });
+  const pub = sb.publish('room1', 'hello room');
+  await assert.rejects(sb.presence('room1'), (e) => e.code === 'queue_full', 'over maxQueued: refused at once');
+  assert.equal(ws.sent.length, 0, 'nothing goes out before the welcome');
+  ws.open();
+  ws.recv({ op: 'welcome', user: 'alice' });
+  assert.deepEqual(ws.sent.map((m) => m.op), ['sub', 'send', 'pub'], 'once, in the order made');
+  for (const m of ws.sent) ws.recv({ op: 'ack', id: m.id });
+  await sub;
+  await sent;
+  await pub;
+  // A call that waits longer than queueTimeoutMs rejects with `timeout`.
+  ws.drop(1006);
+  const late = sb.send('bob', 2);
+  await assert.rejects(late, (e) => e.code === 'timeout');
+  // close() rejects whatever still waits.
+  const waiting = sb.publish('room1', 3);
+  sb.close();
+  await assert.rejects(waiting, (e) => e.code === 'closed');
+});
+
+test('a receipt names our qos-1 ids, comes as a receipt event and is confirmed like any inbox event', async () => {
+  FakeWS.all = [];
+  const sb = new Switchboard('ws://x/ws', {
+    user: 'alice', WebSocket: FakeWS, storage: null, backoffBaseMs: 1, backoffCapMs: 2,
+    heartbeatMs: 60000, logger: quiet, confirmDelayMs: 1,
+  });
+  const ws = FakeWS.all[0];
+  ws.open();
+  ws.recv({ op: 'welcome', user: 'alice', inbox: { epoch: 'e', offset: 0 } });
+  const sending = sb.send('bob', { text: 'hi' }, { qos: 1 });
+  assert.equal(sending.id, ws.sent.at(-1).id, 'the promise carries the id a receipt names');
+  ws.recv({ op: 'ack', id: sending.id, stream: 'inbox', offset: 1, epoch: 'e', queued: false });
+  await sending;
+  const receipts = [];
+  const messages = [];
+  sb.on('receipt', (r) => receipts.push(r));
+  sb.on('message', (m) => messages.push(m));
+  ws.recv({ op: 'receipt', from: 'bob', to: 'alice', ids: [sending.id], upto: 4, stream: 'inbox', offset: 2, epoch: 'e' });
+  ws.recv({ op: 'receipt', from: 'bob', to: 'alice', ids: [sending.id], upto: 4, stream: 'inbox', offset: 2, epoch: 'e' });
+  assert.deepEqual(receipts.map((r) => r.ids), [[sending.id]], 'a redelivered receipt is dropped by offset');
+  assert.equal(messages.length, 0, 'not a message');
+  await new Promise((r) => setTimeout(r, 20));
+  assert.deepEqual(ws.sent.at(-1), { op: 'ack', stream: 'inbox', offset: 2 });
+  sb.close();
+});
