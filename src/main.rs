@@ -67,6 +67,7 @@ fn run() -> anyhow::Result<()> {
         }
         out.flush()?;
     }
+    let mut stop_signal = 0;
     for sig in signals.forever() {
         if sig == SIGHUP {
             // Certificates: new handshakes use the new ones, open connections stay.
@@ -75,9 +76,20 @@ fn run() -> anyhow::Result<()> {
             }
             continue;
         }
-        info!(signal = sig, "shutting down: closing connections with 1001");
+        stop_signal = sig;
         break;
     }
+    // One line when it is over (each shard's part is at debug level).
+    let open: u64 = server
+        .metrics
+        .iter()
+        .map(|m| {
+            m.open_ws.load(std::sync::atomic::Ordering::Relaxed)
+                + m.open_sse.load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
+    let shards = server.shards;
+    let started = std::time::Instant::now();
     server.shutdown();
     // The shards finish within the grace period; a watchdog makes sure the process does too.
     std::thread::spawn(move || {
@@ -86,6 +98,21 @@ fn run() -> anyhow::Result<()> {
         std::process::exit(0);
     });
     let failed = server.join();
-    info!(failed, "stopped");
+    let signal = match stop_signal {
+        SIGINT => "SIGINT",
+        SIGTERM => "SIGTERM",
+        _ => "a signal",
+    };
+    if failed == 0 {
+        info!(
+            "stopped on {signal}: {open} connections closed with 1001 in {} ms ({shards} shards)",
+            started.elapsed().as_millis()
+        );
+    } else {
+        warn!(
+            "stopped on {signal} in {} ms: {failed} of {shards} shards ended with an error",
+            started.elapsed().as_millis()
+        );
+    }
     std::process::exit(0);
 }

@@ -139,6 +139,48 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v * mult))
 }
 
+/// A process's peak RSS so far (VmHWM, bytes).
+fn proc_peak_rss(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Connections a switchboard server accepted so far (`switchboard_accepted_total` of its
+/// `/metrics`), or `None` when `t` is not a plain switchboard server that answers.
+fn server_accepted(t: &plan::Target) -> Option<u64> {
+    use std::io::{Read, Write};
+    if t.tls {
+        return None;
+    }
+    let timeout = Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&t.addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    let req = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        t.host
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("switchboard_accepted_total "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether a server's memory at the start of a run is a fair baseline: not when it held
+/// much more before (an earlier run's connections), as its allocator then reuses what it
+/// kept and the run's growth says nothing per connection. 8 MiB of slack for start-up.
+fn baseline_reused(rss_start: u64, peak_before: u64) -> bool {
+    peak_before > rss_start + (8 << 20)
+}
+
 /// A process's RSS (bytes) and CPU time (s) from /proc.
 fn proc_sample(pid: &str) -> Option<(u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -222,6 +264,10 @@ fn flood_figures(a: RunMark, b: RunMark) -> (f64, Option<f64>) {
 
 struct Sampler {
     server_pid: Option<String>,
+    /// Connections the server had accepted before this run (a switchboard server).
+    server_accepted_before: Option<u64>,
+    /// The server's peak RSS before this run (VmHWM at the first sample).
+    server_peak_before: Option<u64>,
     server_first: Option<(u64, f64)>,
     server_last: Option<(u64, f64)>,
     server_peak_rss: u64,
@@ -233,6 +279,9 @@ impl Sampler {
     fn sample(&mut self) {
         if let Some(pid) = &self.server_pid {
             if let Some(s) = proc_sample(pid) {
+                if self.server_first.is_none() {
+                    self.server_peak_before = proc_peak_rss(pid);
+                }
                 self.server_first.get_or_insert(s);
                 self.server_last = Some(s);
                 self.server_peak_rss = self.server_peak_rss.max(s.0);
@@ -256,6 +305,8 @@ fn main() -> anyhow::Result<()> {
     if args.connections == 0 {
         bail!("--connections must be > 0");
     }
+    // Before any connection of ours: did the server run before? (Its memory baseline.)
+    let accepted_before = args.server_pid.and_then(|_| server_accepted(&targets[0]));
     let tls = if targets.iter().any(|t| t.tls) {
         Some(loadgen::tls::client_config(
             args.ca_file.as_deref(),
@@ -361,7 +412,9 @@ fn main() -> anyhow::Result<()> {
     drop(itx);
 
     let mut sampler = Sampler {
+        server_accepted_before: accepted_before,
         server_pid: args.server_pid.map(|p| p.to_string()),
+        server_peak_before: None,
         server_first: None,
         server_last: None,
         server_peak_rss: 0,
@@ -593,12 +646,30 @@ fn main() -> anyhow::Result<()> {
     let mut server = per_conn(sampler.server_first, sampler.server_last);
     if let serde_json::Value::Object(m) = &mut server {
         m.insert("rss_peak_bytes".into(), json!(sampler.server_peak_rss));
-        let growth = sampler
-            .server_peak_rss
-            .saturating_sub(sampler.server_first.map_or(0, |f| f.0));
+        let start = sampler.server_first.map_or(0, |f| f.0);
+        let growth = sampler.server_peak_rss.saturating_sub(start);
+        // Our own scrape above is one accepted connection.
+        let reused = sampler.server_accepted_before.is_some_and(|n| n > 1)
+            || sampler
+                .server_peak_before
+                .is_some_and(|p| baseline_reused(start, p));
+        m.insert(
+            "accepted_before_run".into(),
+            json!(sampler.server_accepted_before),
+        );
+        m.insert(
+            "rss_peak_before_run_bytes".into(),
+            json!(sampler.server_peak_before),
+        );
+        m.insert("baseline_reused".into(), json!(reused));
+        // A server that held more before this run gives no per-connection figure.
         m.insert(
             "bytes_per_connection".into(),
-            json!(growth as f64 / peak_open.max(1) as f64),
+            if reused {
+                serde_json::Value::Null
+            } else {
+                json!(growth as f64 / peak_open.max(1) as f64)
+            },
         );
     }
     let mut me = per_conn(sampler.self_first, sampler.self_last);
@@ -731,12 +802,26 @@ fn main() -> anyhow::Result<()> {
         println!("first error: {e}");
     }
     if !server.is_null() {
-        println!(
-            "server: RSS peak {} MiB, {:.0} B per connection, CPU {:.1} s",
-            sampler.server_peak_rss / (1 << 20),
-            server["bytes_per_connection"].as_f64().unwrap_or(0.0),
-            server["cpu_seconds"].as_f64().unwrap_or(0.0)
-        );
+        match server["bytes_per_connection"].as_f64() {
+            Some(b) => println!(
+                "server: RSS peak {} MiB, {b:.0} B per connection, CPU {:.1} s",
+                sampler.server_peak_rss / (1 << 20),
+                server["cpu_seconds"].as_f64().unwrap_or(0.0)
+            ),
+            None => println!(
+                "server: RSS peak {} MiB, CPU {:.1} s; B per connection not measured: the server \
+                 ran before this run ({} connections accepted, peak RSS {} MiB, {} MiB at this \
+                 run's start) and reuses the memory it kept: restart it for a per-connection \
+                 figure",
+                sampler.server_peak_rss / (1 << 20),
+                server["cpu_seconds"].as_f64().unwrap_or(0.0),
+                sampler
+                    .server_accepted_before
+                    .map_or("?".to_owned(), |n| n.saturating_sub(1).to_string()),
+                sampler.server_peak_before.unwrap_or(0) / (1 << 20),
+                sampler.server_first.map_or(0, |f| f.0) / (1 << 20),
+            ),
+        }
     }
     if !me.is_null() {
         println!(
@@ -810,5 +895,15 @@ mod tests {
     fn proc_sampling_reads_self() {
         let (rss, cpu) = proc_sample("self").unwrap();
         assert!(rss > 1 << 20 && cpu >= 0.0);
+        assert!(proc_peak_rss("self").unwrap() >= rss / 2);
+    }
+
+    #[test]
+    fn a_server_that_held_more_before_the_run_gives_no_per_connection_figure() {
+        const MIB: u64 = 1 << 20;
+        // Fresh: its peak is about where it stands.
+        assert!(!baseline_reused(20 * MIB, 22 * MIB));
+        // Reused after a 100k run: it peaked at 60 MiB and holds 35 of it.
+        assert!(baseline_reused(35 * MIB, 60 * MIB));
     }
 }

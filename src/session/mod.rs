@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use slab::Slab;
-use tracing::info;
+use tracing::debug;
 
 pub use buffers::{BufPool, Chunk, Fragment, Inbound, Outbox, Piece};
 pub use conn::{flush, Conn, ConnState, Extra, Flags, Flushed, Transport};
@@ -646,7 +646,7 @@ impl<T: Transport> Sessions<T> {
                 _ => self.shutdown_conn(key),
             }
         }
-        info!(
+        debug!(
             shard = self.index,
             connections = queue.len(),
             drain_ms = len_ms,

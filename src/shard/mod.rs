@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
@@ -279,7 +279,7 @@ impl Shard {
             if self.sessions.shutting_down() {
                 self.stop_listening();
                 if self.sessions.shutdown_done() {
-                    info!(shard = self.index, "shard stopped");
+                    debug!(shard = self.index, "shard stopped");
                     return Ok(());
                 }
             }

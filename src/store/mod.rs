@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use backend::{Backend, Batch, Entry, Memory, StoreError};
 pub use redb_log::Redb;
@@ -535,7 +535,7 @@ impl Worker {
                 Waited::Idle => self.housekeeping(),
                 Waited::Batch => {
                     if self.apply(&mut reqs) {
-                        info!("store stopped");
+                        debug!("store stopped");
                         return;
                     }
                 }

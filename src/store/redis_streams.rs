@@ -28,7 +28,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use redis::Value;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::backend::new_epoch;
 use super::streams::{Epoch, Retention, StreamMeta, Unrecoverable};
@@ -227,7 +227,7 @@ impl Worker {
                 Waited::Idle => {}
                 Waited::Batch => {
                     if self.apply(&mut reqs) {
-                        info!("store stopped");
+                        debug!("store stopped");
                         return;
                     }
                 }
