@@ -328,3 +328,54 @@ fn receipts_cross_nodes_and_wait_in_the_inbox_of_a_sender_who_is_away() {
     };
     assert_eq!(r["ids"], json!(["x3"]), "{r}");
 }
+
+#[test]
+fn a_dropped_pubsub_connection_loses_no_acked_message_a_catch_up_fills_the_gap() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    // bob follows his inbox live on node a (no resume); alice sends from node b.
+    let (mut bob, _) = connect(&a, "bob");
+    let (mut alice, _) = connect(&b, "alice");
+    let mut send = |i: u64| {
+        let ack = send_qos1(&mut alice, "bob", json!(i), &format!("m{i}"));
+        assert_eq!(ack["op"], "ack", "{ack}");
+    };
+    for i in 1..=5 {
+        send(i);
+    }
+    for i in 1..=5u64 {
+        assert_eq!(recv_json(&mut bob)["offset"], i);
+    }
+    // Every pub/sub connection is cut; alice goes on at once, so some of her messages are
+    // published before node a has subscribed again (how many depends on timing; all of
+    // them must arrive either way, once, in order).
+    let killed = redis.command("CLIENT KILL TYPE pubsub").unwrap_or_default();
+    assert_ne!(
+        killed.trim(),
+        "0",
+        "the nodes' subscribers were connected: {killed}"
+    );
+    for i in 6..=40 {
+        send(i);
+    }
+    for i in 6..=40u64 {
+        let m = recv_json(&mut bob);
+        assert_eq!(
+            (m["offset"].as_u64(), m["data"].as_u64()),
+            (Some(i), Some(i)),
+            "{m}"
+        );
+    }
+    // Node a heard its subscription was restored and caught up on bob's inbox.
+    a.wait_for("a catch-up", |s| {
+        s.metric("switchboard_inbox_catch_ups_total") >= 1
+    });
+    assert_eq!(a.metric("switchboard_inbox_catch_ups_failed_total"), 0);
+    eprintln!(
+        "messages node a delivered by catch-ups: {}",
+        a.metric("switchboard_inbox_caught_up_messages_total")
+    );
+    // Nothing more (no duplicate): the next message is the next offset.
+    send(41);
+    assert_eq!(recv_json(&mut bob)["offset"], 41);
+}

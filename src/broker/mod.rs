@@ -288,6 +288,10 @@ pub enum BrokerMsg {
         /// The token of the [`Interest`].
         token: u64,
     },
+    /// To every shard: a subscriber connection was lost and its subscriptions are active
+    /// again; what was published meanwhile never came. Shards catch up on the inboxes
+    /// their connections follow.
+    Resubscribed,
 }
 
 /// Hands a message to shard `i`; gives it back when the mailbox is full.

@@ -274,8 +274,13 @@ impl Subscriber {
         if !feed.set_read_timeout(POLL) {
             return true;
         }
+        let was_down = self.down;
         self.set_down(false);
         self.count_subscriptions();
+        if was_down {
+            // Stored messages published while the subscription was down never came.
+            self.to_every_shard(|| BrokerMsg::Resubscribed);
+        }
         // Those who waited through the outage are subscribed now.
         for (shard, token) in std::mem::take(&mut self.late_ready) {
             post(&self.sink, shard, BrokerMsg::Ready { token });

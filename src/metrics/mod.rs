@@ -121,6 +121,12 @@ pub struct ShardMetrics {
     pub closes_reset: AtomicU64,
     /// Ops refused `rate_limited` (over `--max-messages-per-sec`).
     pub rate_limited: AtomicU64,
+    /// Inbox catch-ups started: a gap in the offsets, or a broker subscription restored.
+    pub catch_ups: AtomicU64,
+    /// Stored messages delivered by catch-ups (missed on pub/sub).
+    pub caught_up_messages: AtomicU64,
+    /// Catch-ups that could not read the stream (the gap is left to a resume).
+    pub catch_ups_failed: AtomicU64,
     /// Entries in the shard's timer wheel (gauge).
     pub wheel_entries: AtomicU64,
 }
@@ -505,6 +511,24 @@ pub fn render(shards: &[ShardMetrics]) -> String {
         "switchboard_close_resets_total",
         "Connections cut with a TCP reset: their close frame was not written by --close-timeout-ms.",
         sum(shards, |s| &s.closes_reset),
+    );
+    counter(
+        &mut o,
+        "switchboard_inbox_catch_ups_total",
+        "Inbox catch-ups: a gap in the offsets, or a broker subscription restored.",
+        sum(shards, |s| &s.catch_ups),
+    );
+    counter(
+        &mut o,
+        "switchboard_inbox_caught_up_messages_total",
+        "Stored messages delivered by catch-ups (missed on pub/sub).",
+        sum(shards, |s| &s.caught_up_messages),
+    );
+    counter(
+        &mut o,
+        "switchboard_inbox_catch_ups_failed_total",
+        "Catch-ups that could not read the stream (the gap is left to a resume).",
+        sum(shards, |s| &s.catch_ups_failed),
     );
     counter(
         &mut o,

@@ -24,6 +24,7 @@
 pub mod admission;
 mod api;
 pub mod buffers;
+mod catchup;
 pub mod conn;
 mod frames;
 mod heartbeat;
@@ -209,6 +210,8 @@ pub struct Sessions<T: Transport> {
     /// Wall clock (unix ms) for message timestamps and token expiry; set with `now_ms`.
     now_unix_ms: u64,
     next_generation: u32,
+    /// Per user with connections here, where this shard stands in the inbox (cluster only).
+    heads: rustc_hash::FxHashMap<Arc<str>, catchup::InboxHead>,
     shutdown_deadline_ms: Option<u64>,
     /// The staged close of open connections at shutdown.
     drain: Option<Drain>,
@@ -286,6 +289,7 @@ impl<T: Transport> Sessions<T> {
             now_ms,
             now_unix_ms,
             next_generation: 0,
+            heads: Default::default(),
             shutdown_deadline_ms: None,
             drain: None,
         }

@@ -137,6 +137,7 @@ impl<T: Transport> Sessions<T> {
             // Deliveries stop now (they skip an unregistered connection); the directory
             // drops it when the home shard reads the mail.
             let me = self.conn_id(key);
+            self.forget_head(&user);
             self.presence_offline(user, me);
         }
     }
@@ -657,6 +658,7 @@ impl<T: Transport> Sessions<T> {
             BrokerMsg::Unavailable { reply } => self.reply_unavailable(reply),
             BrokerMsg::Busy { reply } => self.reply_local(reply, None),
             BrokerMsg::Ready { token } => self.on_ready(token),
+            BrokerMsg::Resubscribed => self.on_resubscribed(),
             BrokerMsg::Counted {
                 kind,
                 conn,

@@ -252,6 +252,12 @@ impl<T: Transport> Sessions<T> {
                     self.push_event(key, f);
                 }
             }
+            StoreMsg::CaughtUp {
+                user,
+                epoch,
+                page,
+                excludes,
+            } => self.on_caught_up(user, epoch, page, &excludes),
             StoreMsg::Page { conn, stream, page } => {
                 if let Some(key) = self.live_open(conn) {
                     self.replay(key, &stream, page);
@@ -345,6 +351,23 @@ impl<T: Transport> Sessions<T> {
         offset: u64,
         exclude: Option<ConnId>,
     ) {
+        if self.tracks_heads() {
+            if let super::catchup::Verdict::Skip = self.check_head(user, payload, offset, exclude) {
+                return;
+            }
+        }
+        self.deliver_stream_conns(user, payload, offset, exclude);
+    }
+
+    /// Delivers a stored inbox message to the local connections of `user` (each resuming
+    /// one takes it only if it is new to it).
+    pub(super) fn deliver_stream_conns(
+        &mut self,
+        user: &str,
+        payload: &Bytes,
+        offset: u64,
+        exclude: Option<ConnId>,
+    ) {
         let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
         self.local_conns_of(user, exclude, &mut slots);
@@ -379,6 +402,9 @@ impl<T: Transport> Sessions<T> {
             offset: o.top,
             resume: reason,
         };
+        if let Some(user) = self.conns[key].user.clone() {
+            self.note_head(&user, o.epoch, o.top);
+        }
         let c = &mut self.conns[key];
         let sse = c.flags.has(Flags::SSE);
         c.flags.clear(Flags::HOLD_INPUT);

@@ -199,6 +199,19 @@ pub enum StoreReq {
         /// Confirmed offset.
         offset: u64,
     },
+    /// A shard missed part of `user`'s inbox (an offset skipped, or the broker subscription
+    /// was restored): the entries from `from` in `epoch`, or from the first of the current
+    /// epoch when the stream moved to another (a Redis that lost it).
+    CatchUp {
+        /// The user.
+        user: Arc<str>,
+        /// The shard that asks.
+        shard: u16,
+        /// The epoch the shard knows.
+        epoch: Epoch,
+        /// First offset wanted in that epoch.
+        from: u64,
+    },
     /// Stop after committing what is queued.
     Shutdown,
 }
@@ -256,6 +269,18 @@ pub enum StoreMsg {
         connections: u64,
         /// Messages after the confirmed position.
         unread: u64,
+    },
+    /// To a shard that asked to catch up on `user`'s inbox: a page of it, in `epoch` (the
+    /// stream's current one; `next` 0: the store could not read).
+    CaughtUp {
+        /// The user.
+        user: Arc<str>,
+        /// The stream's epoch.
+        epoch: Epoch,
+        /// Entries from where the shard asked (or from the epoch's first).
+        page: Page,
+        /// Entries sent by a connection of this node: not delivered to it (as live).
+        excludes: Vec<(u64, ConnId)>,
     },
     /// To a connection's shard: the next replay page.
     Page {
@@ -1093,6 +1118,23 @@ impl Worker {
                 let page = self.page(&stream.name(), from);
                 self.out
                     .push((conn.shard, StoreMsg::Page { conn, stream, page }));
+            }
+            StoreReq::CatchUp {
+                user,
+                shard,
+                epoch,
+                from,
+            } => {
+                let now = self.streams.epoch;
+                let from = if epoch == now { from } else { 1 };
+                let page = self.page(&inbox_stream(&user), from);
+                let msg = StoreMsg::CaughtUp {
+                    user,
+                    epoch: now,
+                    page,
+                    excludes: Vec::new(),
+                };
+                self.out.push((shard, msg));
             }
             StoreReq::OpenChannel {
                 channel,

@@ -37,6 +37,7 @@ use super::{
     wire_name, ChannelOpened, History, Opened, Page, Refusal, Since, Sink, Store, StoreConfig,
     StoreError, StoreHandle, StoreMsg, StoreReq, Waited, BATCH_MAX, PAGE_ITEMS, STORE_QUEUE,
 };
+use crate::ids::ConnId;
 use crate::metrics::StoreMetrics;
 
 /// Stores one message in one or more streams and publishes it (the envelope is the
@@ -45,7 +46,8 @@ use crate::metrics::StoreMetrics;
 /// candidate, node, publish command (`PUBLISH` or `SPUBLISH`), then per stream (wire name,
 /// Redis channel, excluded connection or "-"). Answers `{"ok", offset in the last stream,
 /// its epoch, receivers of the first publish}` or `{"dup", the first answer's offset, epoch,
-/// 0}`.
+/// 0}`. An entry's `x` field names its sending connection (`<node> <conn>`), which a
+/// catch-up does not deliver it to, as the live path does not.
 const STORE_SCRIPT: &str = r#"
 local n = (#ARGV - 8) / 3
 local function epoch_of(k)
@@ -69,7 +71,11 @@ for s = 1, n do
   local a = 8 + 3 * (s - 1)
   epoch = epoch_of(KEYS[3 * s - 2])
   local o = redis.call('INCR', KEYS[3 * s - 1])
-  redis.call('XADD', key, 'MAXLEN', ARGV[3], o .. '-0', 'p', ARGV[1], 't', ARGV[2])
+  if ARGV[a + 3] == '-' then
+    redis.call('XADD', key, 'MAXLEN', ARGV[3], o .. '-0', 'p', ARGV[1], 't', ARGV[2])
+  else
+    redis.call('XADD', key, 'MAXLEN', ARGV[3], o .. '-0', 'p', ARGV[1], 't', ARGV[2], 'x', ARGV[7] .. ' ' .. ARGV[a + 3])
+  end
   if ttl > 0 then
     for _ = 1, 8 do
       local h = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)
@@ -582,6 +588,46 @@ impl Worker {
             .collect())
     }
 
+    /// A page of `stream` from `from` for a catch-up: also the sending connections on this
+    /// node, which the live path skipped.
+    fn catch_up_page(
+        &mut self,
+        stream: &str,
+        head: &Head,
+        from: u64,
+    ) -> redis::RedisResult<(Page, Vec<(u64, ConnId)>)> {
+        let metrics = self.metrics.clone();
+        let mut excludes = Vec::new();
+        let node = self.node.clone();
+        let page = read_page(&head.meta, from, &metrics, |from| {
+            let mut c = redis::cmd("XRANGE");
+            c.arg(&stream_keys(stream)[2])
+                .arg(format!("{from}-0"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(PAGE_ITEMS);
+            let v = self.conns.run_one(stream_slot(stream), c)?;
+            let wire = wire_name(stream);
+            Ok::<_, redis::RedisError>(
+                entries_with_sender(v)
+                    .into_iter()
+                    .map(|(o, body, sender)| {
+                        let here = sender.as_deref().and_then(|x| x.split_once(' '));
+                        if let Some((_, conn)) = here.filter(|(n, _)| *n == &*node) {
+                            if let Ok(c) = conn.parse() {
+                                excludes.push((o, c));
+                            }
+                        }
+                        let mut p = body;
+                        put_trailer(&mut p, wire, o, head.epoch);
+                        (o, Bytes::from(p))
+                    })
+                    .collect(),
+            )
+        })?;
+        Ok((page, excludes))
+    }
+
     /// A page of `stream` from `from`, read against `head`.
     fn page(&mut self, stream: &str, head: &Head, from: u64) -> redis::RedisResult<Page> {
         let metrics = self.metrics.clone();
@@ -647,6 +693,24 @@ impl Worker {
                     page,
                 };
                 (conn.shard, StoreMsg::Opened(Box::new(o)))
+            }
+            StoreReq::CatchUp {
+                user,
+                shard,
+                epoch,
+                from,
+            } => {
+                let stream = inbox_stream(user);
+                let head = self.head(&stream)?;
+                let from = if head.epoch == *epoch { *from } else { 1 };
+                let (page, excludes) = self.catch_up_page(&stream, &head, from)?;
+                let msg = StoreMsg::CaughtUp {
+                    user: user.clone(),
+                    epoch: head.epoch,
+                    page,
+                    excludes,
+                };
+                (*shard, msg)
             }
             StoreReq::Page { stream, conn, from } => {
                 let name = stream.name();
@@ -755,6 +819,17 @@ impl Worker {
                     page: done,
                 },
             ),
+            StoreReq::CatchUp {
+                user, shard, epoch, ..
+            } => (
+                shard,
+                StoreMsg::CaughtUp {
+                    user,
+                    epoch,
+                    page: done,
+                    excludes: Vec::new(),
+                },
+            ),
             StoreReq::History { user, conn, id, .. } => (
                 conn.shard,
                 StoreMsg::History(Box::new(History {
@@ -804,6 +879,14 @@ impl Worker {
 
 /// `(offset, body)` of each entry of an `XRANGE` answer (ids `<offset>-0`, field `p`).
 fn entries(v: Value) -> Vec<(u64, Vec<u8>)> {
+    entries_with_sender(v)
+        .into_iter()
+        .map(|(o, body, _)| (o, body))
+        .collect()
+}
+
+/// Entries of an XRANGE answer: offset, body and the sending connection (`x`), if stored.
+fn entries_with_sender(v: Value) -> Vec<(u64, Vec<u8>, Option<String>)> {
     let Value::Array(items) = v else {
         return Vec::new();
     };
@@ -833,8 +916,14 @@ fn entries(v: Value) -> Vec<(u64, Vec<u8>)> {
             [Value::BulkString(k), Value::BulkString(v)] if k == b"p" => Some(v.clone()),
             _ => None,
         });
+        let sender = fields.chunks(2).find_map(|kv| match kv {
+            [Value::BulkString(k), Value::BulkString(v)] if k == b"x" => {
+                String::from_utf8(v.clone()).ok()
+            }
+            _ => None,
+        });
         if let Some(body) = body {
-            out.push((offset, body));
+            out.push((offset, body, sender));
         }
     }
     out

@@ -1,0 +1,252 @@
+//! Catching up on inboxes in a cluster. Stored messages reach a node through Redis pub/sub,
+//! which drops what is published while a subscription is down (a dropped connection, a
+//! Redis restart, a partition). So each shard keeps, per user with connections on it, the
+//! inbox position it delivered up to (`InboxHead`). A live message that is not the next one,
+//! or a subscription restored after a loss, makes the shard read the missed range from the
+//! stream and deliver it in order; live messages that come meanwhile wait behind it, and
+//! offsets already delivered are not delivered again, so the seam has no gap and no
+//! duplicate. A stream that moved to another epoch (a Redis that lost it) is caught up from
+//! the new epoch's first offset.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tracing::warn;
+
+use super::conn::Transport;
+use super::Sessions;
+use crate::ids::ConnId;
+use crate::metrics::ShardMetrics;
+use crate::store::{Epoch, Page, StoreReq};
+
+/// Where a shard stands in one user's inbox.
+#[derive(Debug)]
+pub(super) struct InboxHead {
+    epoch: Epoch,
+    /// The newest offset delivered to the user's connections here.
+    last: u64,
+    /// Catching up: the live messages that came meanwhile, delivered after.
+    held: Option<Vec<Held>>,
+}
+
+/// A live message held during a catch-up.
+#[derive(Debug)]
+struct Held {
+    payload: Bytes,
+    offset: u64,
+    exclude: Option<ConnId>,
+}
+
+/// The epoch a stored event ends with (`…,"epoch":"<hex>"}`).
+pub(super) fn event_epoch(payload: &[u8]) -> Option<Epoch> {
+    let tail = payload.strip_suffix(b"\"}")?;
+    let start = tail.iter().rposition(|&b| b == b'"')? + 1;
+    if !tail[..start - 1].ends_with(b"\"epoch\":") {
+        return None;
+    }
+    std::str::from_utf8(&tail[start..]).ok()?.parse().ok()
+}
+
+/// What to do with a live inbox message.
+pub(super) enum Verdict {
+    /// The next one: deliver it.
+    Deliver,
+    /// Already delivered, or held until a catch-up ends.
+    Skip,
+}
+
+impl<T: Transport> Sessions<T> {
+    /// Whether this shard keeps inbox positions: with a broker (pub/sub can drop messages)
+    /// and a store to catch up from.
+    pub(super) fn tracks_heads(&self) -> bool {
+        self.broker.is_some() && self.streams_on()
+    }
+
+    /// A connection of `user` opened at inbox position (`epoch`, `top`): where this shard
+    /// stands, unless it already follows the inbox.
+    pub(super) fn note_head(&mut self, user: &Arc<str>, epoch: Epoch, top: u64) {
+        if !self.tracks_heads() || epoch == Epoch(0) {
+            return; // the store could not tell (Redis unreachable): the next message will
+        }
+        self.heads.entry(user.clone()).or_insert(InboxHead {
+            epoch,
+            last: top,
+            held: None,
+        });
+    }
+
+    /// The last connection of `user` here is gone: the shard stops following the inbox.
+    pub(super) fn forget_head(&mut self, user: &str) {
+        if self.heads.is_empty() {
+            return;
+        }
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        slots.clear();
+        self.local_conns_of(user, None, &mut slots);
+        if slots.is_empty() {
+            self.heads.remove(user);
+        }
+        self.scratch_slots = slots;
+    }
+
+    /// A live inbox message for `user`: deliver it, skip it, or hold it and catch up first.
+    pub(super) fn check_head(
+        &mut self,
+        user: &str,
+        payload: &Bytes,
+        offset: u64,
+        exclude: Option<ConnId>,
+    ) -> Verdict {
+        let Some(h) = self.heads.get_mut(user) else {
+            return Verdict::Deliver;
+        };
+        let held = Held {
+            payload: payload.clone(),
+            offset,
+            exclude,
+        };
+        if let Some(waiting) = h.held.as_mut() {
+            waiting.push(held);
+            return Verdict::Skip;
+        }
+        let Some(epoch) = event_epoch(payload) else {
+            return Verdict::Deliver;
+        };
+        if epoch == h.epoch {
+            if offset <= h.last {
+                return Verdict::Skip;
+            }
+            if offset == h.last + 1 {
+                h.last = offset;
+                return Verdict::Deliver;
+            }
+        } else if offset == 1 {
+            // The stream's first message in a new epoch.
+            h.epoch = epoch;
+            h.last = 1;
+            return Verdict::Deliver;
+        }
+        // A gap: what came between was published while this node could not hear it.
+        h.held = Some(vec![held]);
+        let (epoch, from) = (h.epoch, h.last + 1);
+        let name = self.heads.get_key_value(user).expect("followed").0.clone();
+        ShardMetrics::add(&self.m().catch_ups, 1);
+        self.catch_up(name, epoch, from);
+        Verdict::Skip
+    }
+
+    /// Asks the store for `user`'s inbox from `from` in `epoch`.
+    fn catch_up(&mut self, user: Arc<str>, epoch: Epoch, from: u64) {
+        let req = StoreReq::CatchUp {
+            user: user.clone(),
+            shard: self.index,
+            epoch,
+            from,
+        };
+        let sent = self.store.as_ref().is_some_and(|s| s.request(req).is_ok());
+        if !sent {
+            self.give_up_catch_up(&user, "the store's queue is full");
+        }
+    }
+
+    /// The missed range cannot be read now: what was held goes out, the gap is counted and
+    /// logged (clients that resume with `since` still get it from the stream).
+    fn give_up_catch_up(&mut self, user: &str, why: &str) {
+        ShardMetrics::add(&self.m().catch_ups_failed, 1);
+        warn!(
+            shard = self.index,
+            user, why, "inbox catch-up failed; a resume will fill the gap"
+        );
+        let Some(h) = self.heads.get_mut(user) else {
+            return;
+        };
+        let held = h.held.take().unwrap_or_default();
+        for x in held {
+            let h = self.heads.get_mut(user).expect("still followed");
+            if x.offset > h.last {
+                h.last = x.offset;
+                if let Some(e) = event_epoch(&x.payload) {
+                    h.epoch = e;
+                }
+            }
+            self.deliver_stream_conns(user, &x.payload, x.offset, x.exclude);
+        }
+    }
+
+    /// The store's answer to a catch-up: deliver what was missed, ask for more, or deliver
+    /// what was held meanwhile.
+    pub(super) fn on_caught_up(
+        &mut self,
+        user: Arc<str>,
+        epoch: Epoch,
+        page: Page,
+        excludes: &[(u64, ConnId)],
+    ) {
+        let Some(h) = self.heads.get_mut(&user) else {
+            return;
+        };
+        if page.next == 0 {
+            return self.give_up_catch_up(&user, "the store could not read");
+        }
+        if epoch != h.epoch {
+            h.epoch = epoch;
+            h.last = 0;
+        }
+        let mut filled = 0;
+        for (offset, payload) in &page.entries {
+            let h = self.heads.get_mut(&user).expect("still followed");
+            if *offset <= h.last {
+                continue;
+            }
+            h.last = *offset;
+            filled += 1;
+            // The sending connection does not get its own message (as on the live path).
+            let exclude = excludes.iter().find(|e| e.0 == *offset).map(|e| e.1);
+            self.deliver_stream_conns(&user, payload, *offset, exclude);
+        }
+        ShardMetrics::add(&self.m().caught_up_messages, filled);
+        if !page.done {
+            return self.catch_up(user, epoch, page.next);
+        }
+        let held = self
+            .heads
+            .get_mut(&user)
+            .and_then(|h| h.held.take())
+            .unwrap_or_default();
+        for x in held {
+            self.deliver_stream_local(&user, &x.payload, x.offset, x.exclude);
+        }
+    }
+
+    /// A broker subscription was restored after a loss: every inbox followed here catches
+    /// up from where it stood.
+    pub(super) fn on_resubscribed(&mut self) {
+        let idle: Vec<(Arc<str>, Epoch, u64)> = self
+            .heads
+            .iter_mut()
+            .filter(|(_, h)| h.held.is_none())
+            .map(|(u, h)| {
+                h.held = Some(Vec::new());
+                (u.clone(), h.epoch, h.last + 1)
+            })
+            .collect();
+        ShardMetrics::add(&self.m().catch_ups, idle.len() as u64);
+        for (user, epoch, from) in idle {
+            self.catch_up(user, epoch, from);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_epoch_is_read_from_the_end_of_a_stored_event() {
+        let e: Epoch = "1c9f0a2b3d4e".parse().unwrap();
+        let ev = br#"{"op":"msg","from":"a","to":"b","data":{"epoch":"x"},"ts":1,"stream":"inbox","offset":7,"epoch":"1c9f0a2b3d4e"}"#;
+        assert_eq!(event_epoch(ev), Some(e));
+        assert_eq!(event_epoch(br#"{"op":"msg","data":"1c9f"}"#), None);
+        assert_eq!(event_epoch(b""), None);
+    }
+}
