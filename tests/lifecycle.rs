@@ -381,6 +381,48 @@ fn a_second_server_on_a_served_address_refuses_to_start_and_the_first_keeps_serv
 }
 
 #[test]
+fn a_second_server_on_the_same_data_dir_says_which_file_and_what_to_do() {
+    let dir = std::env::temp_dir().join(format!("sb-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let _first = Server::start(&["--shards", "1", "--data-dir", d]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--listen", "127.0.0.1:0", "--shards", "1", "--data-dir", d])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let file = dir.join("streams.redb");
+    assert!(
+        err.contains(&*file.to_string_lossy()),
+        "names the file: {err}"
+    );
+    assert!(err.contains("another process holds it open"), "{err}");
+    assert!(
+        err.contains("--data-dir") && err.contains("--store memory"),
+        "the fix: {err}"
+    );
+    // A data dir that cannot be created (a file is in the way) names it too.
+    let blocked = dir.join("a-file");
+    std::fs::write(&blocked, "x").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--listen", "127.0.0.1:0", "--shards", "1"])
+        .args(["--data-dir", blocked.join("data").to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot create the data directory"), "{err}");
+    assert!(
+        err.contains("a-file/data") && err.contains("--data-dir"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_bad_config_file_is_one_clear_error_said_once_and_exit_1() {
     let cfg = std::env::temp_dir().join(format!("sb-bad-{}.toml", std::process::id()));
     std::fs::write(&cfg, "bogus = 1\n").unwrap();
