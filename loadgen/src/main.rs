@@ -139,17 +139,22 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v * mult))
 }
 
-/// A process's peak RSS so far (VmHWM, bytes).
-fn proc_peak_rss(pid: &str) -> Option<u64> {
+/// A size field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in bytes.
+fn proc_status_bytes(pid: &str, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
         .split_whitespace()
-        .nth(1)?
+        .next()?
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// A process's peak RSS so far (VmHWM, bytes).
+fn proc_peak_rss(pid: &str) -> Option<u64> {
+    proc_status_bytes(pid, "VmHWM")
 }
 
 /// Connections a switchboard server accepted so far (`switchboard_accepted_total` of its
@@ -183,21 +188,14 @@ fn baseline_reused(rss_start: u64, peak_before: u64) -> bool {
 
 /// A process's RSS (bytes) and CPU time (s) from /proc.
 fn proc_sample(pid: &str) -> Option<(u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
+    let rss = proc_status_bytes(pid, "VmRSS")?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((rss_kb * 1024, ticks / hz))
+    Some((rss, ticks / hz))
 }
 
 #[derive(Default)]
