@@ -100,13 +100,13 @@ impl<T: Transport> Sessions<T> {
         let Some(h) = self.heads.get_mut(user) else {
             return Verdict::Deliver;
         };
-        let held = Held {
+        let held = || Held {
             payload: payload.clone(),
             offset,
             exclude,
         };
         if let Some(waiting) = h.held.as_mut() {
-            waiting.push(held);
+            waiting.push(held());
             return Verdict::Skip;
         }
         let Some(epoch) = event_epoch(payload) else {
@@ -127,7 +127,7 @@ impl<T: Transport> Sessions<T> {
             return Verdict::Deliver;
         }
         // A gap: what came between was published while this node could not hear it.
-        h.held = Some(vec![held]);
+        h.held = Some(vec![held()]);
         let (epoch, from) = (h.epoch, h.last + 1);
         let name = self.heads.get_key_value(user).expect("followed").0.clone();
         ShardMetrics::add(&self.m().catch_ups, 1);

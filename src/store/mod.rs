@@ -105,6 +105,16 @@ impl Since {
     }
 }
 
+/// Where a catch-up (`StoreReq::CatchUp`) reads from: `from` when the stream is still in the
+/// epoch the shard knows, else the first offset of the stream's current epoch.
+pub(crate) fn catch_up_from(known: Epoch, current: Epoch, from: u64) -> u64 {
+    if known == current {
+        from
+    } else {
+        1
+    }
+}
+
 /// Work for the store thread.
 #[derive(Debug)]
 pub enum StoreReq {
@@ -1126,8 +1136,7 @@ impl Worker {
                 from,
             } => {
                 let now = self.streams.epoch;
-                let from = if epoch == now { from } else { 1 };
-                let page = self.page(&inbox_stream(&user), from);
+                let page = self.page(&inbox_stream(&user), catch_up_from(epoch, now, from));
                 let msg = StoreMsg::CaughtUp {
                     user,
                     epoch: now,

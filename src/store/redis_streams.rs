@@ -570,6 +570,21 @@ impl Worker {
         from: u64,
         limit: usize,
     ) -> redis::RedisResult<Vec<(u64, Bytes)>> {
+        Ok(self
+            .range_with_senders(stream, epoch, from, limit)?
+            .into_iter()
+            .map(|(o, p, _)| (o, p))
+            .collect())
+    }
+
+    /// [`range`](Self::range), with each entry's sending connection (`x`), if stored.
+    fn range_with_senders(
+        &mut self,
+        stream: &str,
+        epoch: Epoch,
+        from: u64,
+        limit: usize,
+    ) -> redis::RedisResult<Vec<(u64, Bytes, Option<String>)>> {
         let mut c = redis::cmd("XRANGE");
         c.arg(&stream_keys(stream)[2])
             .arg(format!("{from}-0"))
@@ -580,10 +595,10 @@ impl Worker {
         let wire = wire_name(stream);
         Ok(entries(v)
             .into_iter()
-            .map(|(o, body)| {
+            .map(|(o, body, sender)| {
                 let mut p = body;
                 put_trailer(&mut p, wire, o, epoch);
-                (o, Bytes::from(p))
+                (o, Bytes::from(p), sender)
             })
             .collect())
     }
@@ -600,27 +615,18 @@ impl Worker {
         let mut excludes = Vec::new();
         let node = self.node.clone();
         let page = read_page(&head.meta, from, &metrics, |from| {
-            let mut c = redis::cmd("XRANGE");
-            c.arg(&stream_keys(stream)[2])
-                .arg(format!("{from}-0"))
-                .arg("+")
-                .arg("COUNT")
-                .arg(PAGE_ITEMS);
-            let v = self.conns.run_one(stream_slot(stream), c)?;
-            let wire = wire_name(stream);
+            let entries = self.range_with_senders(stream, head.epoch, from, PAGE_ITEMS)?;
             Ok::<_, redis::RedisError>(
-                entries_with_sender(v)
+                entries
                     .into_iter()
-                    .map(|(o, body, sender)| {
+                    .map(|(o, p, sender)| {
                         let here = sender.as_deref().and_then(|x| x.split_once(' '));
                         if let Some((_, conn)) = here.filter(|(n, _)| *n == &*node) {
                             if let Ok(c) = conn.parse() {
                                 excludes.push((o, c));
                             }
                         }
-                        let mut p = body;
-                        put_trailer(&mut p, wire, o, head.epoch);
-                        (o, Bytes::from(p))
+                        (o, p)
                     })
                     .collect(),
             )
@@ -702,7 +708,7 @@ impl Worker {
             } => {
                 let stream = inbox_stream(user);
                 let head = self.head(&stream)?;
-                let from = if head.epoch == *epoch { *from } else { 1 };
+                let from = super::catch_up_from(*epoch, head.epoch, *from);
                 let (page, excludes) = self.catch_up_page(&stream, &head, from)?;
                 let msg = StoreMsg::CaughtUp {
                     user: user.clone(),
@@ -877,16 +883,9 @@ impl Worker {
     }
 }
 
-/// `(offset, body)` of each entry of an `XRANGE` answer (ids `<offset>-0`, field `p`).
-fn entries(v: Value) -> Vec<(u64, Vec<u8>)> {
-    entries_with_sender(v)
-        .into_iter()
-        .map(|(o, body, _)| (o, body))
-        .collect()
-}
-
-/// Entries of an XRANGE answer: offset, body and the sending connection (`x`), if stored.
-fn entries_with_sender(v: Value) -> Vec<(u64, Vec<u8>, Option<String>)> {
+/// `(offset, body, sender)` of each entry of an `XRANGE` answer (ids `<offset>-0`, field `p`;
+/// the sending connection from field `x`, if stored).
+fn entries(v: Value) -> Vec<(u64, Vec<u8>, Option<String>)> {
     let Value::Array(items) = v else {
         return Vec::new();
     };
@@ -947,13 +946,23 @@ mod tests {
             Value::Array(vec![bulk("8-0"), Value::Array(vec![bulk("t"), bulk("6")])]),
             Value::Array(vec![
                 bulk("9-0"),
-                Value::Array(vec![bulk("t"), bulk("6"), bulk("p"), bulk("x")]),
+                Value::Array(vec![
+                    bulk("t"),
+                    bulk("6"),
+                    bulk("p"),
+                    bulk("x"),
+                    bulk("x"),
+                    bulk("node-a 0.3.1"),
+                ]),
             ]),
         ]);
         assert_eq!(
             entries(v),
-            vec![(7, b"{\"a\":1".to_vec()), (9, b"x".to_vec())],
-            "an entry without a body is skipped"
+            vec![
+                (7, b"{\"a\":1".to_vec(), None),
+                (9, b"x".to_vec(), Some("node-a 0.3.1".to_owned()))
+            ],
+            "an entry without a body is skipped; the sender comes from field x"
         );
         assert!(entries(Value::Nil).is_empty());
     }
