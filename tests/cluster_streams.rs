@@ -292,11 +292,7 @@ fn receipts_cross_nodes_and_wait_in_the_inbox_of_a_sender_who_is_away() {
     let m2 = recv_json(&mut bob);
     assert_eq!(m2["id"], "x2", "{m2}");
     // bob (node b) confirms; alice (node a) gets the receipt through Redis.
-    send_json(
-        &mut bob,
-        json!({"op":"ack","stream":"inbox","offset":m2["offset"],"id":"c1"}),
-    );
-    assert_eq!(recv_json(&mut bob)["id"], "c1");
+    confirm_inbox(&mut bob, &m2["offset"], "c1");
     let r = recv_json(&mut alice);
     assert_eq!(
         (r["op"].as_str(), r["from"].as_str(), r["ids"].clone()),
@@ -309,11 +305,7 @@ fn receipts_cross_nodes_and_wait_in_the_inbox_of_a_sender_who_is_away() {
     assert_eq!(ack["op"], "ack", "{ack}");
     drop(alice);
     let m3 = recv_json(&mut bob);
-    send_json(
-        &mut bob,
-        json!({"op":"ack","stream":"inbox","offset":m3["offset"],"id":"c2"}),
-    );
-    assert_eq!(recv_json(&mut bob)["id"], "c2");
+    confirm_inbox(&mut bob, &m3["offset"], "c2");
     b.wait_for("the receipt stored", |s| {
         s.metric("switchboard_store_receipts_total") == 2
     });

@@ -91,6 +91,20 @@ fn overrun_a_slow_subscriber(server: &Server) -> Raw {
     slow
 }
 
+/// One shard with a 64 KiB outbound queue limit and the close timeout given.
+fn slow_consumer_server(close_timeout_ms: &str) -> Server {
+    Server::start(&[
+        "--shards",
+        "1",
+        "--max-outbound-bytes",
+        "65536",
+        "--max-message-bytes",
+        "65536",
+        "--close-timeout-ms",
+        close_timeout_ms,
+    ])
+}
+
 // What a client that stops reading is promised: when its queue passes
 // --max-outbound-bytes the server stops sending it messages and queues a 4001 close frame
 // behind the frame in flight. If the client reads within --close-timeout-ms, it gets that
@@ -101,16 +115,7 @@ fn overrun_a_slow_subscriber(server: &Server) -> Raw {
 
 #[test]
 fn slow_reader_that_reads_within_the_close_timeout_gets_4001() {
-    let server = Server::start(&[
-        "--shards",
-        "1",
-        "--max-outbound-bytes",
-        "65536",
-        "--max-message-bytes",
-        "65536",
-        "--close-timeout-ms",
-        "120000",
-    ]);
+    let server = slow_consumer_server("120000");
     let mut slow = overrun_a_slow_subscriber(&server);
     // The slow client finally reads: after whatever the kernel held, the close says 4001.
     let (code, reason) = slow.read_close();
@@ -125,16 +130,7 @@ fn slow_reader_that_reads_within_the_close_timeout_gets_4001() {
 
 #[test]
 fn client_that_never_reads_is_reset_at_the_close_deadline() {
-    let server = Server::start(&[
-        "--shards",
-        "1",
-        "--max-outbound-bytes",
-        "65536",
-        "--max-message-bytes",
-        "65536",
-        "--close-timeout-ms",
-        "200",
-    ]);
+    let server = slow_consumer_server("200");
     let mut slow = overrun_a_slow_subscriber(&server);
     // It has read nothing, so its close frame cannot have been written: a reset, counted.
     server.wait_for("the reset", |s| {

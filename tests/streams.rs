@@ -630,11 +630,7 @@ fn a_confirmation_sends_receipts_to_the_senders_also_when_they_were_away() {
         (m1["id"].as_str(), m2["id"].as_str()),
         (Some("r1"), Some("r2"))
     );
-    send_json(
-        &mut bob,
-        json!({"op":"ack","stream":"inbox","offset":m2["offset"],"id":"c1"}),
-    );
-    assert_eq!(recv_json(&mut bob)["id"], "c1");
+    confirm_inbox(&mut bob, &m2["offset"], "c1");
     let r = recv_json(&mut alice);
     assert_eq!(
         (r["op"].as_str(), r["from"].as_str(), r["to"].as_str()),
@@ -649,21 +645,13 @@ fn a_confirmation_sends_receipts_to_the_senders_also_when_they_were_away() {
     );
     let seen = r["offset"].as_u64().unwrap();
     // Confirming the same offset again moves nothing and sends nothing.
-    send_json(
-        &mut bob,
-        json!({"op":"ack","stream":"inbox","offset":m2["offset"],"id":"c2"}),
-    );
-    assert_eq!(recv_json(&mut bob)["id"], "c2");
+    confirm_inbox(&mut bob, &m2["offset"], "c2");
     // alice leaves; bob confirms her next message while she is away.
     send_qos1(&mut alice, "bob", json!(3), "r3");
     drop(alice);
     let m3 = recv_json(&mut bob);
     assert_eq!(m3["id"], "r3");
-    send_json(
-        &mut bob,
-        json!({"op":"ack","stream":"inbox","offset":m3["offset"],"id":"c3"}),
-    );
-    assert_eq!(recv_json(&mut bob)["id"], "c3");
+    confirm_inbox(&mut bob, &m3["offset"], "c3");
     server.wait_for("the second receipt", |s| {
         s.metric("switchboard_store_receipts_total") == 2
     });

@@ -182,6 +182,21 @@ pub fn send_json(ws: &mut Ws, v: Value) {
     ws.send(Message::text(v.to_string())).unwrap();
 }
 
+/// Confirms `ws`'s inbox up to `offset` (`{"op":"ack","stream":"inbox",..}` with `id`) and
+/// checks the answer is the `ack` for it.
+pub fn confirm_inbox(ws: &mut Ws, offset: &Value, id: &str) {
+    send_json(
+        ws,
+        serde_json::json!({"op":"ack","stream":"inbox","offset":offset,"id":id}),
+    );
+    let a = recv_json(ws);
+    assert_eq!(
+        (a["op"].as_str(), a["id"].as_str()),
+        (Some("ack"), Some(id)),
+        "{a}"
+    );
+}
+
 /// Next text message as JSON (pings are answered by tungstenite itself).
 pub fn recv_json(ws: &mut Ws) -> Value {
     loop {
