@@ -187,17 +187,11 @@ impl<T: Transport> Sessions<T> {
     /// Refuses a request for its body (411, 413): JSON like every API answer on `/api/`,
     /// plain text elsewhere; the connection closes once the answer is read.
     fn body_fail(&mut self, key: usize, api: bool, status: u16, message: &str) {
-        let resp = if api {
-            response::simple(
-                status,
-                "application/json",
-                &http::api::error_body(message),
-                "",
-                true,
-            )
-        } else {
-            response::error(status, message)
-        };
+        if !api {
+            return self.http_fail(key, status, message, HandshakeFailure::Body);
+        }
+        let body = http::api::error_body(message);
+        let resp = response::simple(status, "application/json", &body, "", true);
         self.refuse(key, status, message, HandshakeFailure::Body, resp);
     }
 
