@@ -319,6 +319,8 @@ impl Server {
                 dedup_window_ms: cfg.dedup_window_ms,
                 max_bytes: cfg.store_max_bytes,
                 homes: cfg.homes(),
+                min_replicas: cfg.broker_min_replicas,
+                min_replicas_timeout_ms: cfg.broker_min_replicas_timeout_ms,
             };
             let m = store_metrics.clone();
             Some(match (cfg.store, &broker) {

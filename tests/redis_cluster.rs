@@ -10,6 +10,7 @@ use common::redis::RedisCluster;
 use common::*;
 use serde_json::{json, Value};
 use switchboard::broker::cluster::{slot, Conns, SlotMap};
+use switchboard::broker::sentinel::Seed;
 
 fn node(cluster: &RedisCluster, id: &str, more: &[&str]) -> Server {
     let url = cluster.url();
@@ -247,7 +248,7 @@ fn a_lost_master_fails_only_its_slots_and_recovers_when_back() {
 #[test]
 fn commands_follow_moved_to_the_master_of_their_slot() {
     let cluster = RedisCluster::start(3);
-    let seed = ::redis::IntoConnectionInfo::into_connection_info(cluster.url()).unwrap();
+    let seed = Seed::parse(&cluster.url()).unwrap();
     // A map gone stale: every slot on the first master.
     let map = SlotMap::stale("127.0.0.1".into(), cluster.masters[0].port);
     let mut conns = Conns::new(seed, map, Duration::from_secs(2), Vec::new(), "test");

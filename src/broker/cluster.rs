@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use redis::{Cmd, Connection, ConnectionAddr, ConnectionInfo, RedisResult, Value};
 use tracing::{info, warn};
 
+use super::sentinel::{is_master, Seed};
+
 /// Hash slots of a Redis Cluster.
 pub const SLOTS: usize = 16_384;
 /// First wait before a master is tried again, doubled up to [`BACKOFF_MAX`].
@@ -21,6 +23,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest wait between attempts to reach a master.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often a cluster's slot map is asked for again while a master is unreachable (its
+/// replica may have taken its slots over).
+const REFRESH_EVERY: Duration = Duration::from_millis(250);
 
 /// CRC16/XMODEM, the cluster's key hash.
 fn crc16(data: &[u8]) -> u16 {
@@ -178,17 +183,19 @@ fn tcp_addr(info: &ConnectionInfo) -> (String, u16) {
     }
 }
 
-/// How to reach master `i` of `map`: the seed's settings (password…) at its address; a
-/// cluster has only database 0.
-pub fn master_info(seed: &ConnectionInfo, map: &SlotMap, i: usize) -> ConnectionInfo {
+/// How to reach master `i` of `map`: the seed's settings (password…) at its address (a
+/// cluster has only database 0); one Redis where the URL or the sentinels say.
+pub fn master_info(seed: &Seed, map: &SlotMap, i: usize) -> RedisResult<ConnectionInfo> {
     if !map.cluster {
-        return seed.clone();
+        return seed.master();
     }
     let (host, port) = map.masters[i].clone();
-    let settings = seed.redis_settings().clone().set_db(0);
-    seed.clone()
+    let info = seed.settings();
+    let settings = info.redis_settings().clone().set_db(0);
+    Ok(info
+        .clone()
         .set_addr(ConnectionAddr::Tcp(host, port))
-        .set_redis_settings(settings)
+        .set_redis_settings(settings))
 }
 
 /// Connects to `info` within `timeout`, with read and write timeouts set.
@@ -213,7 +220,7 @@ struct Link {
 
 /// One connection per master, opened on demand, each with its own backoff.
 pub struct Conns {
-    seed: ConnectionInfo,
+    seed: Seed,
     map: SlotMap,
     links: Vec<Link>,
     timeout: Duration,
@@ -221,6 +228,20 @@ pub struct Conns {
     scripts: Vec<redis::Script>,
     /// Who logs (the thread's role).
     role: &'static str,
+    /// In a cluster, since a master's connection failed: when the slot map was last asked
+    /// for (it is asked again every [`REFRESH_EVERY`] until the map changes or the master
+    /// answers again).
+    stale: Option<Option<Instant>>,
+    /// `WAIT` after the writes of [`run_durable`](Self::run_durable): replicas, timeout.
+    wait: Option<(u32, Duration)>,
+}
+
+/// The answer of a write that too few replicas acknowledged in time.
+pub fn too_few_replicas() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "fewer replicas than --broker-min-replicas acknowledged the write in time",
+    ))
 }
 
 /// An error without a server answer.
@@ -231,7 +252,7 @@ fn io_error(what: &'static str) -> redis::RedisError {
 impl Conns {
     /// For `map`'s masters, reached with `seed`'s settings. Nothing connects yet.
     pub fn new(
-        seed: ConnectionInfo,
+        seed: Seed,
         map: SlotMap,
         timeout: Duration,
         scripts: Vec<redis::Script>,
@@ -245,7 +266,15 @@ impl Conns {
             timeout,
             scripts,
             role,
+            stale: None,
+            wait: None,
         }
+    }
+
+    /// Makes [`run_durable`](Self::run_durable) wait until `replicas` replicas have the
+    /// writes (at most `timeout`); 0: no wait.
+    pub fn set_min_replicas(&mut self, replicas: u32, timeout: Duration) {
+        self.wait = (replicas > 0).then_some((replicas, timeout));
     }
 
     /// Whether this is a Redis Cluster (sharded pub/sub).
@@ -280,16 +309,25 @@ impl Conns {
             if link.retry_at.is_some_and(|t| Instant::now() < t) {
                 return Err(io_error("Redis unreachable; retrying"));
             }
-            let info = master_info(&self.seed, &self.map, i);
+            let sentinel = self.seed.is_sentinel();
             // Connecting fails fast (a dead host must not hold the thread for the I/O timeout).
-            let attempt = connect_with(&info, CONNECT_TIMEOUT, self.timeout).and_then(|mut c| {
+            let attempt = master_info(&self.seed, &self.map, i).and_then(|info| {
+                let mut c = connect_with(&info, CONNECT_TIMEOUT, self.timeout)?;
+                if sentinel && !is_master(&mut c)? {
+                    let e = (
+                        redis::ErrorKind::Io,
+                        "not a master (yet)",
+                        info.addr().to_string(),
+                    );
+                    return Err(redis::RedisError::from(e));
+                }
                 for s in &self.scripts {
                     s.load(&mut c)?;
                 }
-                Ok(c)
+                Ok((c, info))
             });
             match attempt {
-                Ok(c) => {
+                Ok((c, info)) => {
                     if link.retry_at.take().is_some() {
                         info!(role = self.role, master = %info.addr(), "Redis reachable again");
                     }
@@ -298,7 +336,11 @@ impl Conns {
                 }
                 Err(e) => {
                     if link.retry_at.is_none() {
-                        warn!(role = self.role, master = %info.addr(), error = %e, "Redis unreachable");
+                        let master = format!("{:?}", self.map.masters.get(i));
+                        warn!(role = self.role, %master, error = %e, "Redis unreachable");
+                    }
+                    if self.map.cluster && self.stale.is_none() {
+                        self.stale = Some(None);
                     }
                     link.retry_at = Some(Instant::now() + link.backoff);
                     link.backoff = (link.backoff * 2).min(BACKOFF_MAX);
@@ -326,6 +368,22 @@ impl Conns {
             warn!(role = self.role, error = %e, "Redis connection lost");
             link.retry_at = Some(Instant::now() + link.backoff);
         }
+        if self.map.cluster && self.stale.is_none() {
+            self.stale = Some(None);
+        }
+    }
+
+    /// In a cluster with a master unreachable: asks for the slot map again, at most every
+    /// [`REFRESH_EVERY`] (a failover moves the dead master's slots to its replica).
+    fn refresh_if_stale(&mut self) {
+        let Some(last) = self.stale else { return };
+        if last.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+            return;
+        }
+        self.stale = Some(Some(Instant::now()));
+        if self.refresh() || self.all_up() {
+            self.stale = None;
+        }
     }
 
     /// Pings every open connection; a failed one is closed. True when all answered.
@@ -349,6 +407,29 @@ impl Conns {
     /// commands with the error and is closed; a `MOVED` command runs again once where the
     /// refreshed slot map puts it.
     pub fn run(&mut self, cmds: &[(u16, Cmd)]) -> Vec<RedisResult<Value>> {
+        self.run_with(cmds, None).0
+    }
+
+    /// [`run`](Self::run) for writes that must reach `--broker-min-replicas` replicas: each
+    /// master's pipeline ends with `WAIT`; the second vector says which commands fewer
+    /// replicas than asked acknowledged in time (they ran on the master, and their answers
+    /// are kept: a retry must be idempotent, as the store's deduplicated scripts are).
+    pub fn run_durable(&mut self, cmds: &[(u16, Cmd)]) -> (Vec<RedisResult<Value>>, Vec<bool>) {
+        self.run_with(cmds, self.wait)
+    }
+
+    fn run_with(
+        &mut self,
+        cmds: &[(u16, Cmd)],
+        wait: Option<(u32, Duration)>,
+    ) -> (Vec<RedisResult<Value>>, Vec<bool>) {
+        let mut short = vec![false; cmds.len()];
+        self.refresh_if_stale();
+        let wait_cmd = wait.map(|(n, t)| {
+            let mut w = redis::cmd("WAIT");
+            w.arg(n).arg(t.as_millis() as u64);
+            w.get_packed_command()
+        });
         let mut out: Vec<Option<RedisResult<Value>>> = vec![None; cmds.len()];
         let mut todo: Vec<usize> = (0..cmds.len()).collect();
         for attempt in 0..2 {
@@ -367,6 +448,9 @@ impl Conns {
                 for &i in &idx {
                     packed.extend_from_slice(&cmds[i].1.get_packed_command());
                 }
+                if let Some(w) = &wait_cmd {
+                    packed.extend_from_slice(w);
+                }
                 let written = self.con(m).and_then(|c| c.send_packed_command(&packed));
                 match written {
                     Ok(()) => sent.push((m, idx)),
@@ -375,8 +459,10 @@ impl Conns {
             }
             let mut moved = Vec::new();
             for (m, idx) in sent {
+                let mut read_all = true;
                 for (k, &i) in idx.iter().enumerate() {
                     let Some(c) = self.links[m].con.as_mut() else {
+                        read_all = false;
                         break;
                     };
                     let a: RedisResult<Value> = match c.recv_response() {
@@ -384,6 +470,7 @@ impl Conns {
                         Ok(v) => Ok(v),
                         Err(e) => {
                             self.fail(m, &idx[k..], e, &mut out);
+                            read_all = false;
                             break;
                         }
                     };
@@ -394,6 +481,9 @@ impl Conns {
                         out[i] = Some(a);
                     }
                 }
+                if let (Some((n, _)), true) = (wait, read_all) {
+                    self.check_wait(m, n, &idx, &mut short);
+                }
             }
             if moved.is_empty() {
                 break;
@@ -401,9 +491,33 @@ impl Conns {
             self.refresh();
             todo = moved;
         }
-        out.into_iter()
+        let out = out
+            .into_iter()
             .map(|a| a.unwrap_or_else(|| Err(io_error("not sent"))))
-            .collect()
+            .collect();
+        (out, short)
+    }
+
+    /// Reads master `m`'s `WAIT` answer: fewer than `n` replicas (or no answer) marks its
+    /// commands in `idx` short.
+    fn check_wait(&mut self, m: usize, n: u32, idx: &[usize], short: &mut [bool]) {
+        let Some(c) = self.links[m].con.as_mut() else {
+            return;
+        };
+        let acked = match c.recv_response() {
+            Ok(Value::Int(k)) => k,
+            Ok(_) => 0,
+            Err(e) => {
+                self.drop_link(m, &e);
+                0
+            }
+        };
+        if acked >= i64::from(n) {
+            return;
+        }
+        for &i in idx {
+            short[i] = true;
+        }
     }
 
     /// Answers `idx` with `e` and closes master `m`'s link: the replies on it are out of step
@@ -426,10 +540,13 @@ impl Conns {
         self.run(&[(slot, cmd)]).pop().expect("one answer")
     }
 
-    /// Asks any reachable master for the slot map; keeps the connections whose address stays.
-    pub fn refresh(&mut self) {
+    /// Asks any reachable master for the slot map (those connected first); keeps the
+    /// connections whose address stays. True when the map changed.
+    pub fn refresh(&mut self) -> bool {
         let mut fresh = None;
-        for i in 0..self.links.len() {
+        let mut order: Vec<usize> = (0..self.links.len()).collect();
+        order.sort_by_key(|&i| self.links[i].con.is_none());
+        for i in order {
             let Ok(c) = self.con(i) else { continue };
             match redis::cmd("CLUSTER").arg("SLOTS").query::<Value>(c) {
                 Ok(v) => {
@@ -445,9 +562,9 @@ impl Conns {
                 Err(e) => warn!(error = %e, "Redis Cluster: CLUSTER SLOTS failed"),
             }
         }
-        let Some(map) = fresh else { return };
+        let Some(map) = fresh else { return false };
         if map == self.map {
-            return;
+            return false;
         }
         info!(
             role = self.role,
@@ -469,6 +586,7 @@ impl Conns {
             })
             .collect();
         self.map = map;
+        true
     }
 }
 

@@ -19,6 +19,7 @@
 pub mod cluster;
 mod publisher;
 mod resp;
+pub mod sentinel;
 mod subscriber;
 
 use std::collections::HashMap;
@@ -34,6 +35,7 @@ use tracing::{info, warn};
 use crate::ids::{ApiTicket, ConnId, ReplyTo};
 pub use crate::metrics::BrokerMetrics;
 use cluster::{Conns, SlotMap};
+use sentinel::Seed;
 
 /// Publish requests waiting for the publisher thread, at most.
 pub const BROKER_QUEUE: usize = 65_536;
@@ -532,7 +534,7 @@ fn redacted(url: &str) -> String {
 /// A running broker: its threads and how to stop them.
 pub struct Broker {
     /// How to reach the broker's Redis (the Redis store connects with it too).
-    seed: redis::ConnectionInfo,
+    seed: Seed,
     /// Its masters at start.
     map: Arc<SlotMap>,
     handle: BrokerHandle,
@@ -554,16 +556,12 @@ impl Broker {
         sink: Sink,
     ) -> Result<Broker, BrokerError> {
         let shown = redacted(url);
-        let mut seed: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(url)
-            .map_err(|source| BrokerError::Url {
-                url: shown.clone(),
-                source,
-            })?;
+        let mut seed = Seed::parse(url).map_err(|source| BrokerError::Url {
+            url: shown.clone(),
+            source,
+        })?;
         if let Some(p) = password {
-            if seed.redis_settings().password().is_none() {
-                let settings = seed.redis_settings().clone().set_password(p);
-                seed = seed.set_redis_settings(settings);
-            }
+            seed = seed.with_password(p);
         }
         let unreachable = |source| BrokerError::Connect {
             url: shown.clone(),
@@ -571,12 +569,13 @@ impl Broker {
         };
         let timeout = Duration::from_secs(2);
         let map = {
-            let mut c = cluster::connect(&seed, timeout).map_err(unreachable)?;
-            cluster::discover(&mut c, &seed).map_err(unreachable)?
+            let first = seed.master().map_err(unreachable)?;
+            let mut c = cluster::connect(&first, timeout).map_err(unreachable)?;
+            cluster::discover(&mut c, &first).map_err(unreachable)?
         };
         let mut sub_cons = Vec::with_capacity(map.masters.len());
         for i in 0..map.masters.len() {
-            let info = cluster::master_info(&seed, &map, i);
+            let info = cluster::master_info(&seed, &map, i).map_err(unreachable)?;
             let c = resp::Resp::connect(&info, timeout).map_err(|e| {
                 unreachable(redis::RedisError::from((
                     redis::ErrorKind::Io,

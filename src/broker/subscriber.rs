@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::cluster::{connect, discover, master_info, SlotMap};
 use super::resp::{Resp, RespError};
+use super::sentinel::Seed;
 use super::{
     channel_of, open_disconnect, open_envelope, open_stored, post, user_of, BrokerMetrics,
     BrokerMsg, Change, Sink, Up, ALL,
@@ -140,7 +141,7 @@ enum Lost {
 
 pub(super) struct Subscriber {
     /// How to reach Redis (any master's settings).
-    pub(super) seed: ConnectionInfo,
+    pub(super) seed: Seed,
     /// The slot map at start; this thread serves master `index`'s slots.
     pub(super) map: Arc<SlotMap>,
     pub(super) index: usize,
@@ -163,9 +164,10 @@ pub(super) struct Subscriber {
 }
 
 impl Subscriber {
-    /// Where this thread's slots live now: the master of the map at start, or after a
-    /// failover whichever master a reachable node says holds them.
-    fn locate(&self) -> ConnectionInfo {
+    /// Where this thread's slots live now: the master of the map at start (one Redis: where
+    /// the URL or the sentinels say), or after a failover whichever master a reachable node
+    /// says holds them.
+    fn locate(&self) -> redis::RedisResult<ConnectionInfo> {
         let at_start = master_info(&self.seed, &self.map, self.index);
         if !self.map.cluster {
             return at_start;
@@ -176,7 +178,9 @@ impl Subscriber {
             return at_start;
         };
         for i in 0..self.map.masters.len() {
-            let info = master_info(&self.seed, &self.map, i);
+            let Ok(info) = master_info(&self.seed, &self.map, i) else {
+                continue;
+            };
             let Ok(mut c) = connect(&info, Duration::from_secs(1)) else {
                 continue;
             };
@@ -236,7 +240,10 @@ impl Subscriber {
                         Err(RecvTimeoutError::Disconnected) => return,
                     }
                 }
-                match Resp::connect(&self.locate(), Duration::from_secs(1)) {
+                let located = self
+                    .locate()
+                    .map_err(|e| RespError::Io(std::io::Error::other(e.to_string())));
+                match located.and_then(|info| Resp::connect(&info, Duration::from_secs(1))) {
                     Ok(c) => {
                         con = c;
                         backoff = Duration::from_millis(50);

@@ -51,6 +51,11 @@ pub const DEFAULT_DATA_DIR: &str = "./data";
 pub const DEFAULT_STORE_MAX_BYTES: u64 = 1 << 30;
 /// Default dedup window of client request ids.
 pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 5 * 60 * 1000;
+/// Replicas that must have a stored message before its sender is acked (0: the master's
+/// answer is enough).
+pub const DEFAULT_BROKER_MIN_REPLICAS: u32 = 0;
+/// How long a store waits for `--broker-min-replicas` replicas before answering `unavailable`.
+pub const DEFAULT_BROKER_MIN_REPLICAS_TIMEOUT_MS: u64 = 1_000;
 /// Default messages kept per inbox.
 pub const DEFAULT_INBOX_HISTORY: u64 = 10_000;
 /// Default age of the oldest message kept in an inbox (7 days).
@@ -352,14 +357,23 @@ pub struct Options {
     /// Channels with history (config file only: `[[channels]]` tables).
     #[arg(skip)]
     pub channels: Vec<ChannelRuleOpt>,
-    /// Join the cluster of nodes sharing this Redis: `redis://host:port[/db]` (password in
-    /// the URL or `SWITCHBOARD_BROKER_PASSWORD`) [default: none, one node].
+    /// Join the cluster of nodes sharing this Redis: `redis://host:port[/db]`, a Redis
+    /// Cluster node's URL, or Sentinel: `redis+sentinel://host:port[,host:port…]/<master>[/db]`
+    /// (password in the URL or `SWITCHBOARD_BROKER_PASSWORD`) [default: none, one node].
     #[arg(long = "broker", value_name = "URL")]
     #[serde(skip)]
     pub broker_url: Option<String>,
     /// The `[broker]` table of the config file.
     #[arg(skip)]
     pub broker: Option<BrokerOpt>,
+    /// With streams in Redis: replicas that must have a message (Redis `WAIT`) before its
+    /// sender gets the ack, else `unavailable` (a retry with the same id stores it once)
+    /// [default: 0, the master's answer].
+    #[arg(long)]
+    pub broker_min_replicas: Option<u32>,
+    /// How long (ms) an ack waits for `--broker-min-replicas` replicas [default: 1000].
+    #[arg(long)]
+    pub broker_min_replicas_timeout_ms: Option<u64>,
     /// This node's id in the cluster [default: hostname:port of the first listener].
     #[arg(long)]
     pub node_id: Option<String>,
@@ -369,8 +383,12 @@ pub struct Options {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerOpt {
-    /// `redis://host:port[/db]`.
+    /// `redis://host:port[/db]` or `redis+sentinel://host:port[,host:port…]/<master>`.
     pub url: Option<String>,
+    /// `--broker-min-replicas`.
+    pub min_replicas: Option<u32>,
+    /// `--broker-min-replicas-timeout-ms`.
+    pub min_replicas_timeout_ms: Option<u64>,
 }
 
 /// Why the configuration was refused.
@@ -495,6 +513,10 @@ pub struct Config {
     pub channels: Vec<ChannelRule>,
     /// Redis URL of the cluster (none: a single node).
     pub broker_url: Option<String>,
+    /// Replicas a stored message must reach before its ack.
+    pub broker_min_replicas: u32,
+    /// How long an ack waits for them (ms).
+    pub broker_min_replicas_timeout_ms: u64,
     /// This node's id (none: hostname:port, known once bound).
     pub node_id: Option<String>,
 }
@@ -718,6 +740,14 @@ impl Options {
                 .inbox_ttl_ms
                 .or(f.inbox_ttl_ms)
                 .unwrap_or(DEFAULT_INBOX_TTL_MS),
+            broker_min_replicas: self
+                .broker_min_replicas
+                .or(f.broker.as_ref().and_then(|b| b.min_replicas))
+                .unwrap_or(DEFAULT_BROKER_MIN_REPLICAS),
+            broker_min_replicas_timeout_ms: self
+                .broker_min_replicas_timeout_ms
+                .or(f.broker.as_ref().and_then(|b| b.min_replicas_timeout_ms))
+                .unwrap_or(DEFAULT_BROKER_MIN_REPLICAS_TIMEOUT_MS),
             broker_url: self
                 .broker_url
                 .or(f.broker.and_then(|b| b.url))
@@ -824,6 +854,15 @@ impl Config {
                 "store",
                 "redis keeps streams in the --broker's Redis: give --broker",
             );
+        }
+        if self.broker_min_replicas > 0 && self.store != StoreKind::Redis {
+            return bad(
+                "broker-min-replicas",
+                "applies to streams in Redis: give --broker (and --store redis)",
+            );
+        }
+        if self.broker_min_replicas_timeout_ms == 0 {
+            return bad("broker-min-replicas-timeout-ms", "must be > 0");
         }
         if self.inbox_history == 0 || self.inbox_ttl_ms == 0 {
             return bad("inbox-history/inbox-ttl-ms", "must be > 0");

@@ -213,6 +213,12 @@ pub struct StoreMetrics {
     pub refused: AtomicU64,
     /// Delivery receipts stored for senders (a recipient confirmed their messages).
     pub receipts: AtomicU64,
+    /// Writes answered `unavailable`: fewer replicas than `--broker-min-replicas` had them
+    /// in time.
+    pub replicas_short: AtomicU64,
+    /// Streams this node knew that it found in a new epoch (Redis lost their history; or
+    /// held less than was handed out, and this node moved them on).
+    pub epoch_changes: AtomicU64,
 }
 
 impl StoreMetrics {
@@ -393,6 +399,18 @@ pub fn render_store(o: &mut String, m: &StoreMetrics) {
         "switchboard_store_receipts_total",
         "Delivery receipts stored for senders (a recipient confirmed their messages).",
         m.receipts.load(Relaxed),
+    );
+    counter(
+        o,
+        "switchboard_store_replicas_short_total",
+        "Stored messages answered unavailable: fewer replicas than --broker-min-replicas had them in time.",
+        m.replicas_short.load(Relaxed),
+    );
+    counter(
+        o,
+        "switchboard_store_epoch_changes_total",
+        "Streams this node knew that it found in a new epoch: Redis lost their history, or held less than was handed out.",
+        m.epoch_changes.load(Relaxed),
     );
     counter(
         o,

@@ -19,6 +19,16 @@ use crate::ids::ConnId;
 use crate::metrics::ShardMetrics;
 use crate::store::{Epoch, Page, StoreReq};
 
+/// First wait before a catch-up the store could not serve is asked again (doubled each
+/// time up to [`RETRY_MAX_MS`]): Redis may be failing over.
+const RETRY_FIRST_MS: u64 = 100;
+/// Longest wait between two tries of a catch-up.
+const RETRY_MAX_MS: u64 = 2_000;
+/// Tries of one catch-up before it gives up (about a minute of waits).
+const RETRIES_MAX: u8 = 34;
+/// Live messages held behind one catch-up, at most (then it gives up: they go out).
+const HELD_MAX: usize = 10_000;
+
 /// Where a shard stands in one user's inbox.
 #[derive(Debug)]
 pub(super) struct InboxHead {
@@ -27,7 +37,12 @@ pub(super) struct InboxHead {
     last: u64,
     /// Catching up: the live messages that came meanwhile, delivered after.
     held: Option<Vec<Held>>,
+    /// Tries of the current catch-up that the store could not serve.
+    failures: u8,
 }
+
+/// Catch-ups waiting to be asked again: (due, user), in the order they failed.
+pub(super) type Retries = std::collections::VecDeque<(u64, Arc<str>)>;
 
 /// A live message held during a catch-up.
 #[derive(Debug)]
@@ -72,6 +87,7 @@ impl<T: Transport> Sessions<T> {
             epoch,
             last: top,
             held: None,
+            failures: 0,
         });
     }
 
@@ -107,6 +123,9 @@ impl<T: Transport> Sessions<T> {
         };
         if let Some(waiting) = h.held.as_mut() {
             waiting.push(held());
+            if waiting.len() > HELD_MAX {
+                self.give_up_catch_up(user, "too many live messages held behind it");
+            }
             return Verdict::Skip;
         }
         let Some(epoch) = event_epoch(payload) else {
@@ -120,10 +139,12 @@ impl<T: Transport> Sessions<T> {
                 h.last = offset;
                 return Verdict::Deliver;
             }
-        } else if offset == 1 {
-            // The stream's first message in a new epoch.
+        } else if offset == 1 || offset == h.last + 1 {
+            // The stream's first message in a new epoch, or the next one after what this
+            // connection had in a stream that moved to a new epoch when Redis lost history
+            // (its counter then continues past what was handed out).
             h.epoch = epoch;
-            h.last = 1;
+            h.last = offset;
             return Verdict::Deliver;
         }
         // A gap: what came between was published while this node could not hear it.
@@ -186,8 +207,10 @@ impl<T: Transport> Sessions<T> {
             return;
         };
         if page.next == 0 {
-            return self.give_up_catch_up(&user, "the store could not read");
+            return self.retry_catch_up(user);
         }
+        h.failures = 0;
+        let h = self.heads.get_mut(&user).expect("followed");
         if epoch != h.epoch {
             h.epoch = epoch;
             h.last = 0;
@@ -215,6 +238,49 @@ impl<T: Transport> Sessions<T> {
             .unwrap_or_default();
         for x in held {
             self.deliver_stream_local(&user, &x.payload, x.offset, x.exclude);
+        }
+    }
+
+    /// The store could not read the missed range (Redis unreachable, failing over): ask
+    /// again later, holding live messages meanwhile, up to [`RETRIES_MAX`] tries.
+    fn retry_catch_up(&mut self, user: Arc<str>) {
+        let Some(h) = self.heads.get_mut(&user) else {
+            return;
+        };
+        h.failures += 1;
+        if h.failures > RETRIES_MAX {
+            h.failures = 0;
+            return self.give_up_catch_up(&user, "the store could not read");
+        }
+        let wait = (RETRY_FIRST_MS << (h.failures - 1).min(5)).min(RETRY_MAX_MS);
+        self.catch_up_retries.push_back((self.now_ms + wait, user));
+    }
+
+    /// When the first catch-up waiting to be asked again is due.
+    pub(super) fn next_catch_up_retry(&self) -> Option<u64> {
+        self.catch_up_retries.iter().map(|r| r.0).min()
+    }
+
+    /// Asks again every catch-up that is due.
+    pub(super) fn retry_due_catch_ups(&mut self) {
+        if self.catch_up_retries.is_empty() {
+            return;
+        }
+        let now = self.now_ms;
+        let mut due = Vec::new();
+        self.catch_up_retries.retain(|(t, u)| {
+            let ripe = *t <= now;
+            if ripe {
+                due.push(u.clone());
+            }
+            !ripe
+        });
+        for user in due {
+            let Some(h) = self.heads.get(&user) else {
+                continue; // the user's last connection here is gone
+            };
+            let (epoch, from) = (h.epoch, h.last + 1);
+            self.catch_up(user, epoch, from);
         }
     }
 

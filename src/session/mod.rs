@@ -212,6 +212,8 @@ pub struct Sessions<T: Transport> {
     next_generation: u32,
     /// Per user with connections here, where this shard stands in the inbox (cluster only).
     heads: rustc_hash::FxHashMap<Arc<str>, catchup::InboxHead>,
+    /// Catch-ups the store could not serve, asked again when due.
+    catch_up_retries: catchup::Retries,
     shutdown_deadline_ms: Option<u64>,
     /// The staged close of open connections at shutdown.
     drain: Option<Drain>,
@@ -290,6 +292,7 @@ impl<T: Transport> Sessions<T> {
             now_unix_ms,
             next_generation: 0,
             heads: Default::default(),
+            catch_up_retries: Default::default(),
             shutdown_deadline_ms: None,
             drain: None,
         }
@@ -510,10 +513,15 @@ impl<T: Transport> Sessions<T> {
             .as_ref()
             .filter(|d| d.closed < d.queue.len())
             .map(|d| d.due_ms(d.closed + 1));
-        [w, self.shutdown_deadline_ms, drain]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            w,
+            self.shutdown_deadline_ms,
+            drain,
+            self.next_catch_up_retry(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Reads capped in an earlier call continue.
@@ -536,6 +544,7 @@ impl<T: Transport> Sessions<T> {
     pub fn on_timers(&mut self) {
         self.resync_counts();
         self.drain_step();
+        self.retry_due_catch_ups();
         let mut expired = std::mem::take(&mut self.expired);
         expired.clear();
         self.wheel.poll(self.now_ms, &mut expired, TIMERS_PER_TURN);

@@ -9,6 +9,7 @@
 //! connections: one path per stream, so offsets arrive in order.
 
 pub mod backend;
+pub mod lineage;
 pub mod receipts;
 pub mod redb_log;
 pub mod redis_streams;
@@ -106,9 +107,16 @@ impl Since {
 }
 
 /// Where a catch-up (`StoreReq::CatchUp`) reads from: `from` when the stream is still in the
-/// epoch the shard knows, else the first offset of the stream's current epoch.
-pub(crate) fn catch_up_from(known: Epoch, current: Epoch, from: u64) -> u64 {
-    if known == current {
+/// epoch the shard knows, or in one that continues it (`continues`: Redis went back in time
+/// and the stream moved on with offsets past every one handed out), else the first offset of
+/// the stream's current epoch.
+pub(crate) fn catch_up_from(
+    known: Epoch,
+    current: Epoch,
+    from: u64,
+    continues: Option<Epoch>,
+) -> u64 {
+    if known == current || continues == Some(known) {
         from
     } else {
         1
@@ -431,6 +439,10 @@ pub struct StoreConfig {
     pub max_bytes: u64,
     /// Shards that are users' homes ([`crate::config::Config::homes`]).
     pub homes: usize,
+    /// Streams in Redis: replicas a stored message must reach before its ack (0: none).
+    pub min_replicas: u32,
+    /// How long an ack waits for them (ms).
+    pub min_replicas_timeout_ms: u64,
 }
 
 /// A running store thread.
@@ -1136,7 +1148,7 @@ impl Worker {
                 from,
             } => {
                 let now = self.streams.epoch;
-                let page = self.page(&inbox_stream(&user), catch_up_from(epoch, now, from));
+                let page = self.page(&inbox_stream(&user), catch_up_from(epoch, now, from, None));
                 let msg = StoreMsg::CaughtUp {
                     user,
                     epoch: now,
@@ -1467,6 +1479,8 @@ mod tests {
             dedup_window_ms: 60_000,
             max_bytes: 1 << 30,
             homes: 1,
+            min_replicas: 0,
+            min_replicas_timeout_ms: 1_000,
         };
         let backend = Flaky {
             fail: fail.clone(),

@@ -31,6 +31,7 @@ use redis::Value;
 use tracing::{debug, error, info, warn};
 
 use super::backend::new_epoch;
+use super::lineage::Lineage;
 use super::streams::{Epoch, Retention, StreamMeta, Unrecoverable};
 use super::{
     channel_stream, inbox_stream, next_batch, plan_resume, put_trailer, read_page, unix_ms,
@@ -44,12 +45,21 @@ use crate::metrics::StoreMetrics;
 /// broker's: [`crate::broker::open_stored`]). KEYS: per stream (epoch, offset counter, log),
 /// then the dedup key if any. ARGV: body, ts, max count, ttl ms, dedup window ms, epoch
 /// candidate, node, publish command (`PUBLISH` or `SPUBLISH`), then per stream (wire name,
-/// Redis channel, excluded connection or "-"). Answers `{"ok", offset in the last stream,
-/// its epoch, receivers of the first publish}` or `{"dup", the first answer's offset, epoch,
-/// 0}`. An entry's `x` field names its sending connection (`<node> <conn>`), which a
-/// catch-up does not deliver it to, as the live path does not.
+/// Redis channel, excluded connection or "-", the epoch and highest offset this node knows
+/// of it, see [`super::lineage`]). Answers `{"ok", offset in the last stream, its epoch,
+/// receivers of the first publish, then offset and epoch of each stream}` or `{"dup", the
+/// first answer's offset, epoch, 0}`. An entry's `x` field names its sending connection
+/// (`<node> <conn>`), which a catch-up does not deliver it to, as the live path does not.
+///
+/// A counter at or below an offset this node knows was handed out under the same epoch
+/// means Redis went back in time: the stream takes the candidate as its new epoch before
+/// the offset is reused, and its counter moves past every offset this node saw (offsets
+/// stay unique across the two epochs; a connection that had the old top takes the new
+/// epoch's next message with no gap). `sb:p:<stream>` then names the epoch it continues,
+/// so a live connection's catch-up goes on from where it stood instead of replaying. A duplicate refreshes its dedup entry, a write that replicates:
+/// a `WAIT` after it then covers the write it repeats.
 const STORE_SCRIPT: &str = r#"
-local n = (#ARGV - 8) / 3
+local n = (#ARGV - 8) / 5
 local function epoch_of(k)
   local e = redis.call('GET', k)
   if not e then
@@ -61,16 +71,27 @@ end
 local dedup = KEYS[3 * n + 1]
 if dedup then
   local d = redis.call('GET', dedup)
-  if d then return {'dup', tonumber(d), epoch_of(KEYS[3 * n - 2]), 0} end
+  if d then
+    redis.call('PEXPIRE', dedup, ARGV[5])
+    return {'dup', tonumber(d), epoch_of(KEYS[3 * n - 2]), 0}
+  end
 end
 local ts = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[4])
 local last, first_n, epoch = 0, 0, ''
+local seen = {}
 for s = 1, n do
   local key = KEYS[3 * s]
-  local a = 8 + 3 * (s - 1)
+  local a = 8 + 5 * (s - 1)
   epoch = epoch_of(KEYS[3 * s - 2])
   local o = redis.call('INCR', KEYS[3 * s - 1])
+  if epoch == ARGV[a + 4] and o <= tonumber(ARGV[a + 5]) then
+    epoch = ARGV[6]
+    redis.call('SET', KEYS[3 * s - 2], epoch)
+    o = tonumber(ARGV[a + 5]) + 1
+    redis.call('SET', KEYS[3 * s - 1], o)
+    redis.call('SET', (string.gsub(KEYS[3 * s - 2], '^sb:e:', 'sb:p:', 1)), ARGV[a + 4])
+  end
   if ARGV[a + 3] == '-' then
     redis.call('XADD', key, 'MAXLEN', ARGV[3], o .. '-0', 'p', ARGV[1], 't', ARGV[2])
   else
@@ -87,9 +108,29 @@ for s = 1, n do
   local r = redis.call(ARGV[8], ARGV[a + 2], '*' .. o .. ' ' .. ARGV[a + 3] .. ' ' .. ARGV[7] .. '\n' .. ev)
   if s == 1 then first_n = r end
   last = o
+  seen[#seen + 1] = o
+  seen[#seen + 1] = epoch
 end
 if dedup then redis.call('SET', dedup, last, 'PX', ARGV[5]) end
-return {'ok', last, epoch, first_n}
+local answer = {'ok', last, epoch, first_n}
+for _, v in ipairs(seen) do answer[#answer + 1] = v end
+return answer
+"#;
+
+/// Moves a stream whose history went back under its epoch to a new one (a resume must not
+/// be told its position holds), its counter past what this node saw (as [`STORE_SCRIPT`]
+/// does). KEYS: epoch, offset counter. ARGV: the epoch and highest offset this node knows,
+/// the new epoch. Answers the epoch now.
+const BUMP_SCRIPT: &str = r#"
+local e = redis.call('GET', KEYS[1])
+local top = tonumber(redis.call('GET', KEYS[2]) or '0')
+if e == ARGV[1] and top < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[3])
+  redis.call('SET', KEYS[2], ARGV[2])
+  redis.call('SET', (string.gsub(KEYS[1], '^sb:e:', 'sb:p:', 1)), ARGV[1])
+  return ARGV[3]
+end
+return e
 "#;
 
 /// Moves a user's confirmed position forward (never back, never past the top). KEYS:
@@ -144,7 +185,13 @@ pub fn start(
 ) -> Result<Store, StoreError> {
     let store = redis::Script::new(STORE_SCRIPT);
     let confirm = redis::Script::new(CONFIRM_SCRIPT);
-    let mut conns = broker.conns(vec![store.clone(), confirm.clone()], "store");
+    let bump = redis::Script::new(BUMP_SCRIPT);
+    let scripts = vec![store.clone(), confirm.clone(), bump.clone()];
+    let mut conns = broker.conns(scripts, "store");
+    conns.set_min_replicas(
+        cfg.min_replicas,
+        std::time::Duration::from_millis(cfg.min_replicas_timeout_ms),
+    );
     if !conns.connect_all() {
         return Err(StoreError::Redis("cannot reach Redis".into()));
     }
@@ -158,6 +205,8 @@ pub fn start(
         out: Vec::new(),
         store,
         confirm,
+        bump,
+        lineage: Lineage::default(),
     };
     let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
     let thread = std::thread::Builder::new()
@@ -172,14 +221,17 @@ pub fn start(
 
 /// What an answer of a pipelined script is for.
 enum Pending {
-    /// A DM: one script, or (in a cluster) two, the recipient's and the sender's copy.
+    /// A DM: one script, or (in a cluster) two, the recipient's and the sender's copy,
+    /// into `streams` (in the order of the answers' offsets).
     Send {
         reply: Option<crate::ids::ReplyTo>,
         scripts: usize,
+        streams: Vec<String>,
     },
     Publish {
         reply: Option<crate::ids::ReplyTo>,
         channel: Arc<str>,
+        stream: String,
     },
     Confirm(Arc<str>),
 }
@@ -202,25 +254,68 @@ struct Worker {
     out: Vec<(u16, StoreMsg)>,
     store: redis::Script,
     confirm: redis::Script,
+    bump: redis::Script,
+    /// The highest offset seen of each stream, under its epoch.
+    lineage: Lineage,
+}
+
+/// A store script's answer.
+struct Stored {
+    dup: bool,
+    /// Offset and epoch in the last stream (a duplicate: the first answer's offset).
+    offset: u64,
+    epoch: String,
+    /// Receivers of the first publish.
+    receivers: Option<u64>,
+    /// Offset and epoch in each stream stored (none for a duplicate).
+    seen: Vec<(u64, String)>,
+}
+
+/// Parses a store script's answer.
+fn stored(v: Value) -> redis::RedisResult<Stored> {
+    let bad = || redis::RedisError::from((redis::ErrorKind::Parse, "bad store answer"));
+    let Value::Array(items) = v else {
+        return Err(bad());
+    };
+    if items.len() < 4 || items.len() % 2 != 0 {
+        return Err(bad());
+    }
+    let mut it = items.into_iter();
+    let mut next = || it.next().ok_or_else(bad);
+    let kind: String = redis::from_redis_value(next()?)?;
+    let offset: u64 = redis::from_redis_value(next()?)?;
+    let epoch: String = redis::from_redis_value(next()?)?;
+    let receivers: Option<u64> = redis::from_redis_value(next()?)?;
+    let mut seen = Vec::new();
+    while let Ok(o) = next() {
+        seen.push((
+            redis::from_redis_value(o)?,
+            redis::from_redis_value(next()?)?,
+        ));
+    }
+    Ok(Stored {
+        dup: kind == "dup",
+        offset,
+        epoch,
+        receivers,
+        seen,
+    })
 }
 
 /// A DM stored as one script per inbox, as one answer: the recipient's as to `dup` and
 /// receivers, the sender's copy's as to offset and epoch (the sender's own inbox), an error
 /// if either failed (a retry with the same id then stores only what is missing).
 fn joined(
-    rcpt: redis::RedisResult<Value>,
-    copy: redis::RedisResult<Value>,
-) -> redis::RedisResult<Value> {
-    let bad = || redis::RedisError::from((redis::ErrorKind::Parse, "bad store answer"));
-    let (Value::Array(r), Value::Array(mut c)) = (rcpt?, copy?) else {
-        return Err(bad());
-    };
-    if r.len() != 4 || c.len() != 4 {
-        return Err(bad());
-    }
-    c[0] = r[0].clone();
-    c[3] = r[3].clone();
-    Ok(Value::Array(c))
+    rcpt: redis::RedisResult<Stored>,
+    copy: redis::RedisResult<Stored>,
+) -> redis::RedisResult<Stored> {
+    let (r, mut c) = (rcpt?, copy?);
+    c.dup = r.dup;
+    c.receivers = r.receivers;
+    let mut seen = r.seen;
+    seen.append(&mut c.seen);
+    c.seen = seen;
+    Ok(c)
 }
 
 impl Worker {
@@ -269,8 +364,9 @@ impl Worker {
             .arg(epoch_candidate)
             .arg(&*self.node)
             .arg(self.conns.publish_cmd());
-        for (_, wire, chan, exclude) in streams {
-            c.arg(*wire).arg(chan).arg(exclude);
+        for (stream, wire, chan, exclude) in streams {
+            let (epoch, top) = self.lineage.known(stream);
+            c.arg(*wire).arg(chan).arg(exclude).arg(epoch).arg(top);
         }
         (stream_slot(streams[0].0), c)
     }
@@ -325,6 +421,10 @@ impl Worker {
                     };
                     let when = (now, self.cfg.inbox);
                     let ec = epoch_candidate.as_str();
+                    let mut streams = vec![to_inbox.clone()];
+                    if copy.is_some() {
+                        streams.push(from_inbox.clone());
+                    }
                     let scripts = match copy {
                         Some(copy) if split => {
                             cmds.push(self.store_cmd(&[rcpt], dedup(&to_inbox), &prefix, when, ec));
@@ -353,7 +453,11 @@ impl Worker {
                             1
                         }
                     };
-                    pending.push(Pending::Send { reply, scripts });
+                    pending.push(Pending::Send {
+                        reply,
+                        scripts,
+                        streams,
+                    });
                 }
                 StoreReq::Publish {
                     channel,
@@ -373,7 +477,12 @@ impl Worker {
                     )];
                     let when = (now, retention);
                     cmds.push(self.store_cmd(&streams, dedup, &prefix, when, &epoch_candidate));
-                    pending.push(Pending::Publish { reply, channel });
+                    let stream = stream.clone();
+                    pending.push(Pending::Publish {
+                        reply,
+                        channel,
+                        stream,
+                    });
                 }
                 StoreReq::Confirm { user, offset } => {
                     let stream = inbox_stream(&user);
@@ -392,28 +501,49 @@ impl Worker {
         }
         if !pending.is_empty() {
             let t = Instant::now();
-            let answers = self.conns.run(&cmds);
+            let (answers, short) = self.conns.run_durable(&cmds);
             let us = t.elapsed().as_micros() as u64;
             self.metrics.commit(us, pending.len() as u64, n as u64);
-            let mut answers = answers.into_iter();
-            let mut next = || {
-                answers.next().unwrap_or_else(|| {
-                    Err(redis::RedisError::from((redis::ErrorKind::Io, "no answer")))
-                })
+            let mut answers = answers.into_iter().zip(short);
+            let mut short_writes = 0;
+            // An answer; one that too few replicas acknowledged comes with its value (the
+            // offsets it handed out count) and its sender is told `unavailable`.
+            let mut next = || match answers.next() {
+                Some((a, false)) => (a, false),
+                Some((a, true)) => {
+                    short_writes += 1;
+                    (a, true)
+                }
+                None => (
+                    Err(redis::RedisError::from((redis::ErrorKind::Io, "no answer"))),
+                    false,
+                ),
             };
             let mut confirmed = Vec::new();
             for p in pending {
-                let a = match p {
+                let (a, short) = match p {
                     Pending::Send { scripts: 2, .. } => {
-                        let rcpt = next();
-                        joined(rcpt, next())
+                        let (rcpt, s1) = next();
+                        let (copy, s2) = next();
+                        (
+                            joined(rcpt.and_then(stored), copy.and_then(stored)),
+                            s1 || s2,
+                        )
                     }
-                    _ => next(),
+                    Pending::Confirm(_) => {
+                        if let Some(c) = self.confirmed_range(p, next().0) {
+                            confirmed.push(c);
+                        }
+                        continue;
+                    }
+                    _ => {
+                        let (a, short) = next();
+                        (a.and_then(stored), short)
+                    }
                 };
-                if let Some(c) = self.answer(p, a) {
-                    confirmed.push(c);
-                }
+                self.answer(p, a, short);
             }
+            StoreMetrics::add(&self.metrics.replicas_short, short_writes);
             self.receipts(confirmed, now, &epoch_candidate);
         }
         for r in reads {
@@ -427,6 +557,7 @@ impl Worker {
     /// confirmed range, store a receipt in each sender's inbox (published like a DM).
     fn receipts(&mut self, confirmed: Vec<(Arc<str>, u64, u64)>, now: u64, ec: &str) {
         let mut cmds = Vec::new();
+        let mut receipt_streams = Vec::new();
         for (user, before, upto) in confirmed {
             let stream = inbox_stream(&user);
             let n = ((upto - before) as usize).min(super::receipts::MAX_SCAN);
@@ -447,62 +578,102 @@ impl Worker {
                     "-".to_owned(),
                 )];
                 cmds.push(self.store_cmd(&streams, None, &prefix, (now, self.cfg.inbox), ec));
+                receipt_streams.push(inbox.clone());
             }
         }
         if cmds.is_empty() {
             return;
         }
-        for a in self.conns.run(&cmds) {
-            match a {
-                Ok(_) => StoreMetrics::add(&self.metrics.receipts, 1),
+        for (a, stream) in self.conns.run(&cmds).into_iter().zip(receipt_streams) {
+            match a.and_then(stored) {
+                Ok(s) => {
+                    self.saw_stored(&[stream], &s);
+                    StoreMetrics::add(&self.metrics.receipts, 1);
+                }
                 Err(e) => warn!(error = %e, "store: a receipt was not stored"),
             }
         }
     }
 
-    /// Answers the sender of a stored (or refused) message; a confirmation that moved
-    /// comes back as (user, before, after) for its receipts.
-    fn answer(&mut self, p: Pending, a: redis::RedisResult<Value>) -> Option<(Arc<str>, u64, u64)> {
-        let (reply, channel) = match p {
-            Pending::Send { reply, .. } => (reply, None),
-            Pending::Publish { reply, channel } => (reply, Some(channel)),
-            Pending::Confirm(user) => {
-                match a.and_then(|v| redis::from_redis_value::<(u64, u64)>(v).map_err(Into::into)) {
-                    Ok((before, after)) if after > before => return Some((user, before, after)),
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "store: a confirmed position was not stored"),
-                }
-                return None;
-            }
+    /// The range a confirmation moved (user, before, after), for its receipts.
+    fn confirmed_range(
+        &mut self,
+        p: Pending,
+        a: redis::RedisResult<Value>,
+    ) -> Option<(Arc<str>, u64, u64)> {
+        let Pending::Confirm(user) = p else {
+            return None;
         };
-        let parsed = a.and_then(|v| {
-            redis::from_redis_value::<(String, u64, String, Option<u64>)>(v).map_err(Into::into)
-        });
+        match a.and_then(|v| redis::from_redis_value::<(u64, u64)>(v).map_err(Into::into)) {
+            Ok((before, after)) if after > before => Some((user, before, after)),
+            Ok(_) => None,
+            Err(e) => {
+                warn!(error = %e, "store: a confirmed position was not stored");
+                None
+            }
+        }
+    }
+
+    /// Notes the offsets a store script handed out in `streams`.
+    fn saw_stored(&mut self, streams: &[String], s: &Stored) {
+        for (stream, (o, e)) in streams.iter().zip(&s.seen) {
+            if self.lineage.saw(stream, e, *o) {
+                warn!(%stream, epoch = %e, "store: a stream this node knew is in a new epoch (Redis lost its history)");
+                StoreMetrics::add(&self.metrics.epoch_changes, 1);
+            }
+        }
+    }
+
+    /// Answers the sender of a stored (or refused) message; `short`: too few replicas had
+    /// it in time (stored on the master, answered `unavailable`).
+    fn answer(&mut self, p: Pending, a: redis::RedisResult<Stored>, short: bool) {
+        let (reply, channel) = match p {
+            Pending::Send { reply, streams, .. } => {
+                if let Ok(s) = &a {
+                    self.saw_stored(&streams, s);
+                }
+                (reply, None)
+            }
+            Pending::Publish {
+                reply,
+                channel,
+                stream,
+            } => {
+                if let Ok(s) = &a {
+                    self.saw_stored(&[stream], s);
+                }
+                (reply, Some(channel))
+            }
+            Pending::Confirm(_) => return,
+        };
+        let a = match a {
+            Ok(_) if short => Err(crate::broker::cluster::too_few_replicas()),
+            a => a,
+        };
         let Some(reply) = reply else {
-            if let Err(e) = parsed {
+            if let Err(e) = a {
                 warn!(error = %e, "store: a message without a reply was not stored");
             }
-            return None;
+            return;
         };
         let shard = reply.conn.shard;
         let publish = channel.is_some();
-        let msg = match parsed {
-            Ok((kind, offset, epoch, receivers)) => {
-                let epoch = epoch.parse().unwrap_or(Epoch(0));
-                let dup = kind == "dup";
-                if dup {
+        let msg = match a {
+            Ok(s) => {
+                let epoch = s.epoch.parse().unwrap_or(Epoch(0));
+                if s.dup {
                     StoreMetrics::add(&self.metrics.dedup_hits, 1);
                 } else {
                     StoreMetrics::add(&self.metrics.appends, 1);
                 }
                 StoreMsg::Ack {
                     reply,
-                    offset,
+                    offset: s.offset,
                     epoch,
-                    queued: match (dup, &channel) {
+                    queued: match (s.dup, &channel) {
                         (true, _) => None,
                         (false, Some(_)) => Some(false),
-                        (false, None) => Some(receivers == Some(0)),
+                        (false, None) => Some(s.receivers == Some(0)),
                     },
                     channel,
                 }
@@ -525,7 +696,6 @@ impl Worker {
             }
         };
         self.out.push((shard, msg));
-        None
     }
 
     /// Where `stream` stands in Redis (its epoch set now if it has none: the first message
@@ -552,14 +722,61 @@ impl Worker {
         let first = next()?;
         let top = top.unwrap_or(0);
         let first = entries(first).first().map_or(top + 1, |e| e.0);
+        let mut epoch = epoch.unwrap_or_default();
+        let mut top = top;
+        if let Some(known) = self.lineage.behind(stream, &epoch, top) {
+            let (now, bumped) = self.bump(stream, &epoch, known)?;
+            epoch = now;
+            if bumped {
+                top = known;
+            }
+        }
+        if top > 0 && self.lineage.saw(stream, &epoch, top) {
+            StoreMetrics::add(&self.metrics.epoch_changes, 1);
+        }
         Ok(Head {
-            epoch: epoch.and_then(|e| e.parse().ok()).unwrap_or(Epoch(0)),
+            epoch: epoch.parse().unwrap_or(Epoch(0)),
             meta: StreamMeta {
                 first: first.max(1),
                 next: top + 1,
                 bytes: 0,
             },
         })
+    }
+
+    /// The epoch `stream`'s current one continues, if it moved on when Redis went back.
+    fn continues(&mut self, stream: &str) -> redis::RedisResult<Option<Epoch>> {
+        let mut c = redis::cmd("GET");
+        c.arg(format!("sb:p:{}", tagged(stream)));
+        let v: Option<String> =
+            redis::from_redis_value(self.conns.run_one(stream_slot(stream), c)?)?;
+        Ok(v.and_then(|e| e.parse().ok()))
+    }
+
+    /// Moves `stream` to a new epoch: Redis holds less of it than this node saw handed out
+    /// under `epoch` (up to `known`). The epoch now.
+    fn bump(
+        &mut self,
+        stream: &str,
+        epoch: &str,
+        known: u64,
+    ) -> redis::RedisResult<(String, bool)> {
+        let [ek, ok, _] = stream_keys(stream);
+        let fresh = new_epoch().to_string();
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(self.bump.get_hash())
+            .arg(2)
+            .arg(ek)
+            .arg(ok)
+            .arg(epoch)
+            .arg(known)
+            .arg(&fresh);
+        let now: String = redis::from_redis_value(self.conns.run_one(stream_slot(stream), c)?)?;
+        let bumped = now == fresh;
+        if bumped {
+            warn!(%stream, old = %epoch, new = %now, known, "store: the stream's history went back in Redis (writes lost); it moves to a new epoch");
+        }
+        Ok((now, bumped))
     }
 
     /// Up to `limit` events of `stream` from offset `from` on.
@@ -679,6 +896,15 @@ impl Worker {
         Ok(Some(match r {
             StoreReq::Open { user, conn, since } => {
                 let stream = inbox_stream(user);
+                if let Some(Since::Position {
+                    epoch: Some(e),
+                    offset,
+                }) = since
+                {
+                    // The owner was handed `offset` under `e`: if Redis holds less now, its
+                    // history went back.
+                    self.lineage.saw(&stream, &e.to_string(), *offset);
+                }
                 let head = self.head(&stream)?;
                 let (resume, page) = match *since {
                     None => (None, Page::default()),
@@ -707,8 +933,18 @@ impl Worker {
                 from,
             } => {
                 let stream = inbox_stream(user);
+                if *epoch != Epoch(0) && *from > 1 {
+                    // The shard delivered up to `from - 1`: if Redis holds less now, its
+                    // history went back.
+                    self.lineage.saw(&stream, &epoch.to_string(), from - 1);
+                }
                 let head = self.head(&stream)?;
-                let from = super::catch_up_from(*epoch, head.epoch, *from);
+                let continues = if head.epoch == *epoch {
+                    None
+                } else {
+                    self.continues(&stream)?
+                };
+                let from = super::catch_up_from(*epoch, head.epoch, *from, continues);
                 let (page, excludes) = self.catch_up_page(&stream, &head, from)?;
                 let msg = StoreMsg::CaughtUp {
                     user: user.clone(),

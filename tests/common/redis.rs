@@ -40,18 +40,56 @@ impl Redis {
         Self::start_in(port, true)
     }
 
+    /// Starts on `port` as a replica of the Redis on `master` (no persistence), and waits
+    /// until its link to the master is up.
+    pub fn start_replica_of(port: u16, master: u16) -> Redis {
+        let r = Self::start_args(
+            port,
+            &[
+                "--appendonly",
+                "no",
+                "--replicaof",
+                "127.0.0.1",
+                &master.to_string(),
+            ],
+        );
+        r.wait_linked();
+        r
+    }
+
+    /// Waits until this replica's link to its master is up (the first sync is done).
+    pub fn wait_linked(&self) {
+        let start = Instant::now();
+        while !self
+            .command("INFO replication")
+            .is_some_and(|i| i.contains("master_link_status:up"))
+        {
+            assert!(start.elapsed() < DEADLINE, "the replica never synced");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether this Redis says it is a master (`ROLE`).
+    pub fn is_master(&self) -> bool {
+        self.command("ROLE").is_some_and(|r| r.contains("master"))
+    }
+
     fn start_in(port: u16, durable: bool) -> Redis {
-        let dir = std::env::temp_dir().join(format!("sb-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
         let aof: &[&str] = if durable {
             &["--appendonly", "yes", "--appendfsync", "always"]
         } else {
             &["--appendonly", "no"]
         };
+        Self::start_args(port, aof)
+    }
+
+    fn start_args(port: u16, more: &[&str]) -> Redis {
+        let dir = std::env::temp_dir().join(format!("sb-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", ""])
-            .args(aof)
+            .args(more)
             .arg("--dir")
             .arg(&dir)
             .stdout(Stdio::null())
@@ -95,10 +133,89 @@ impl Drop for Redis {
     }
 }
 
-/// A Redis Cluster of `n` masters (no replicas) on free loopback ports, slots split evenly,
-/// each master in its own temp dir; stopped by pid when dropped.
+/// A Redis Sentinel (`redis-server --sentinel`) watching one master as `name`, quorum 1,
+/// the master down after 1 s without answers; stopped by pid when dropped.
+pub struct Sentinel {
+    pub redis: Redis,
+    pub name: String,
+}
+
+impl Sentinel {
+    pub fn start(master: u16, name: &str) -> Sentinel {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("sb-sentinel-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {name} 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 4000\n\
+                 sentinel parallel-syncs {name} 4\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server; .ci/run installs it)");
+        let redis = Redis { child, port, dir };
+        redis.wait_ping();
+        Sentinel {
+            redis,
+            name: name.to_owned(),
+        }
+    }
+
+    /// The `--broker` URL that finds the master through this sentinel.
+    pub fn url(&self) -> String {
+        format!(
+            "redis+sentinel://127.0.0.1:{}/{}",
+            self.redis.port, self.name
+        )
+    }
+
+    /// Waits until the sentinel knows `n` replicas of its master, all linked.
+    pub fn wait_replicas(&self, n: usize) {
+        let start = Instant::now();
+        loop {
+            let r = self
+                .redis
+                .command(&format!("SENTINEL replicas {}", self.name))
+                .unwrap_or_default();
+            // Healthy ones only: `flags` is exactly `slave` (not `slave,disconnected`).
+            let ok = r.matches("flags\r\n$5\r\nslave\r\n").count();
+            if ok >= n {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the sentinel never saw {n} replicas: {r}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The master's port as the sentinel says now.
+    pub fn master_port(&self) -> Option<u16> {
+        let r = self
+            .redis
+            .command(&format!("SENTINEL get-master-addr-by-name {}", self.name))?;
+        r.lines().nth(4)?.trim().parse().ok()
+    }
+}
+
+/// A Redis Cluster of `n` masters on free loopback ports, slots split evenly, each node in
+/// its own temp dir, optionally one replica per master; stopped by pid when dropped.
 pub struct RedisCluster {
     pub masters: Vec<Redis>,
+    pub replicas: Vec<Redis>,
 }
 
 /// A free port whose cluster bus port (+10000) is free too.
@@ -131,7 +248,44 @@ impl RedisCluster {
             let r = masters[0].command(&format!("CLUSTER MEET 127.0.0.1 {}", m.port));
             assert!(r.as_deref().is_some_and(|r| r.starts_with("+OK")), "{r:?}");
         }
-        let c = RedisCluster { masters };
+        let c = RedisCluster {
+            masters,
+            replicas: Vec::new(),
+        };
+        c.wait_ok();
+        c
+    }
+
+    /// `n` masters, each with one replica that takes its slots over when it dies
+    /// (automatic failover after the 2 s node timeout).
+    pub fn start_with_replicas(n: usize) -> RedisCluster {
+        let mut c = RedisCluster::start(n);
+        for i in 0..n {
+            let r = Redis::start_cluster_node(free_cluster_port());
+            let met = c.masters[0].command(&format!("CLUSTER MEET 127.0.0.1 {}", r.port));
+            assert!(
+                met.as_deref().is_some_and(|m| m.starts_with("+OK")),
+                "{met:?}"
+            );
+            let id = c.masters[i].command("CLUSTER MYID").unwrap();
+            let id = id.lines().nth(1).unwrap().trim().to_owned();
+            let start = Instant::now();
+            // The replica must know the master first (gossip spreads the MEET).
+            loop {
+                let a = r
+                    .command(&format!("CLUSTER REPLICATE {id}"))
+                    .unwrap_or_default();
+                if a.starts_with("+OK") {
+                    break;
+                }
+                assert!(start.elapsed() < DEADLINE, "CLUSTER REPLICATE: {a}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            c.replicas.push(r);
+        }
+        for r in &c.replicas {
+            r.wait_linked();
+        }
         c.wait_ok();
         c
     }
