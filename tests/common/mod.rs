@@ -12,6 +12,7 @@ use serde_json::Value;
 use switchboard::testkit;
 use tungstenite::{Message, WebSocket};
 
+pub mod proxy;
 pub mod redis;
 
 /// How long any single wait in a test may take before the test fails.
