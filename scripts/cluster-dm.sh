@@ -7,6 +7,8 @@
 #   QOS=1 scripts/cluster-dm.sh 10000 40000
 # On a Redis Cluster of M masters (sharded pub/sub; CPU and calls summed over the masters):
 #   SB_REDIS_MASTERS=3 scripts/cluster-dm.sh 10000
+# qos 1 acked only once a replica has it (one replica, --broker-min-replicas 1):
+#   QOS=1 MIN_REPLICAS=1 scripts/cluster-dm.sh 10000
 cd "$(dirname "$0")/.."
 MASTERS=${SB_REDIS_MASTERS:-1}
 ports() { for m in $(seq 0 $((MASTERS - 1))); do echo $((6399 + m)); done; }
@@ -19,7 +21,10 @@ calls() {
 for r in "$@"; do
   QOS=${QOS:-0}
   if [ "$QOS" = 1 ]; then STORE=redis; else STORE=memory; fi
-  SB_REDIS_MASTERS=$MASTERS bash scripts/cluster.sh up 3 -- --shards 1 --store $STORE >/dev/null
+  MIN=${MIN_REPLICAS:-0}
+  extra=()
+  [ "$MIN" -gt 0 ] && extra=(--broker-min-replicas "$MIN")
+  SB_REDIS_MASTERS=$MASTERS SB_REDIS_REPLICAS=$MIN bash scripts/cluster.sh up 3 -- --shards 1 --store $STORE "${extra[@]}" >/dev/null
   for p in $(ports); do redis-cli -p "$p" config resetstat >/dev/null; done
   c0=$(cpu)
   out=$(target/release/loadgen dm --url ws://127.0.0.1:8081/ws --url ws://127.0.0.1:8082/ws --url ws://127.0.0.1:8083/ws --connections 3000 --rate $r --duration 10s --qos $QOS --out /tmp/lgc 2>&1)

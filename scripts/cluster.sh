@@ -8,7 +8,9 @@
 # Environment: SB_CLUSTER_DIR (state, logs; default /tmp/switchboard-cluster),
 # SB_BIN (default target/release/switchboard), SB_BASE_PORT (default 8081),
 # SB_REDIS_PORT (default 6399), SB_REDIS_MASTERS (default 1: one plain Redis; M > 1: a Redis
-# Cluster of M masters on ports SB_REDIS_PORT.., slots split evenly, no replicas).
+# Cluster of M masters on ports SB_REDIS_PORT.., slots split evenly, no replicas),
+# SB_REDIS_REPLICAS (default 0; with one plain Redis, that many replicas on ports
+# SB_REDIS_PORT+100.., for --broker-min-replicas).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${SB_CLUSTER_DIR:-/tmp/switchboard-cluster}
@@ -58,6 +60,15 @@ case "${1:-}" in
         >"$DIR/redis.log" 2>&1 &
       echo $! >"$DIR/redis.pid"
       wait_for "redis-server on $RPORT" redis-cli -p "$RPORT" ping
+      for r in $(seq 1 "${SB_REDIS_REPLICAS:-0}"); do
+        p=$((RPORT + 99 + r))
+        rm -rf "$DIR/replica$r" && mkdir -p "$DIR/replica$r"
+        redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --dir "$DIR/replica$r" \
+          --replicaof 127.0.0.1 "$RPORT" >"$DIR/replica$r.log" 2>&1 &
+        echo $! >"$DIR/redis-replica$r.pid"
+        linked() { redis-cli -p "$1" info replication | grep -q 'master_link_status:up'; }
+        wait_for "replica on $p" linked "$p"
+      done
     else
       per=$((16384 / MASTERS))
       for m in $(seq 0 $((MASTERS - 1))); do
