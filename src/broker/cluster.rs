@@ -228,10 +228,9 @@ pub struct Conns {
     scripts: Vec<redis::Script>,
     /// Who logs (the thread's role).
     role: &'static str,
-    /// In a cluster, since a master's connection failed: when the slot map was last asked
-    /// for (it is asked again every [`REFRESH_EVERY`] until the map changes or the master
-    /// answers again).
-    stale: Option<Option<Instant>>,
+    /// In a cluster, since a master's connection failed: when the slot map is to be asked
+    /// for next (every [`REFRESH_EVERY`] until the map changes or every master answers).
+    refresh_due: Option<Instant>,
     /// `WAIT` after the writes of [`run_durable`](Self::run_durable): replicas, timeout.
     wait: Option<(u32, Duration)>,
 }
@@ -266,7 +265,7 @@ impl Conns {
             timeout,
             scripts,
             role,
-            stale: None,
+            refresh_due: None,
             wait: None,
         }
     }
@@ -339,11 +338,9 @@ impl Conns {
                         let master = format!("{:?}", self.map.masters.get(i));
                         warn!(role = self.role, %master, error = %e, "Redis unreachable");
                     }
-                    if self.map.cluster && self.stale.is_none() {
-                        self.stale = Some(None);
-                    }
                     link.retry_at = Some(Instant::now() + link.backoff);
                     link.backoff = (link.backoff * 2).min(BACKOFF_MAX);
+                    self.mark_stale();
                     return Err(e);
                 }
             }
@@ -368,21 +365,27 @@ impl Conns {
             warn!(role = self.role, error = %e, "Redis connection lost");
             link.retry_at = Some(Instant::now() + link.backoff);
         }
-        if self.map.cluster && self.stale.is_none() {
-            self.stale = Some(None);
+        self.mark_stale();
+    }
+
+    /// A master is unreachable: in a cluster its replica may take its slots over, so the
+    /// slot map is asked for again (now, unless a refresh is already due).
+    fn mark_stale(&mut self) {
+        if self.map.cluster && self.refresh_due.is_none() {
+            self.refresh_due = Some(Instant::now());
         }
     }
 
-    /// In a cluster with a master unreachable: asks for the slot map again, at most every
-    /// [`REFRESH_EVERY`] (a failover moves the dead master's slots to its replica).
+    /// Asks for the slot map again when a refresh is due, then every [`REFRESH_EVERY`]
+    /// until the map changed or every master answers.
     fn refresh_if_stale(&mut self) {
-        let Some(last) = self.stale else { return };
-        if last.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+        let Some(due) = self.refresh_due else { return };
+        if Instant::now() < due {
             return;
         }
-        self.stale = Some(Some(Instant::now()));
+        self.refresh_due = Some(Instant::now() + REFRESH_EVERY);
         if self.refresh() || self.all_up() {
-            self.stale = None;
+            self.refresh_due = None;
         }
     }
 

@@ -210,7 +210,6 @@ impl<T: Transport> Sessions<T> {
             return self.retry_catch_up(user);
         }
         h.failures = 0;
-        let h = self.heads.get_mut(&user).expect("followed");
         if epoch != h.epoch {
             h.epoch = epoch;
             h.last = 0;

@@ -165,6 +165,12 @@ fn stream_keys(stream: &str) -> [String; 3] {
     ]
 }
 
+/// The epoch a stream's current one continues, set when Redis went back in time (the
+/// scripts derive it from the epoch key: `sb:e:` → `sb:p:`).
+fn continues_key(stream: &str) -> String {
+    format!("sb:p:{}", tagged(stream))
+}
+
 /// A user's confirmed inbox position.
 fn confirmed_key(user: &str) -> String {
     format!("sb:k:{}", tagged(&inbox_stream(user)))
@@ -504,20 +510,16 @@ impl Worker {
             let (answers, short) = self.conns.run_durable(&cmds);
             let us = t.elapsed().as_micros() as u64;
             self.metrics.commit(us, pending.len() as u64, n as u64);
+            let short_writes = short.iter().filter(|&&s| s).count() as u64;
+            StoreMetrics::add(&self.metrics.replicas_short, short_writes);
+            // An answer, and whether too few replicas acknowledged it: it comes with its
+            // value (the offsets it handed out count) and its sender is told `unavailable`.
             let mut answers = answers.into_iter().zip(short);
-            let mut short_writes = 0;
-            // An answer; one that too few replicas acknowledged comes with its value (the
-            // offsets it handed out count) and its sender is told `unavailable`.
-            let mut next = || match answers.next() {
-                Some((a, false)) => (a, false),
-                Some((a, true)) => {
-                    short_writes += 1;
-                    (a, true)
-                }
-                None => (
-                    Err(redis::RedisError::from((redis::ErrorKind::Io, "no answer"))),
-                    false,
-                ),
+            let mut next = || {
+                answers.next().unwrap_or_else(|| {
+                    let e = redis::RedisError::from((redis::ErrorKind::Io, "no answer"));
+                    (Err(e), false)
+                })
             };
             let mut confirmed = Vec::new();
             for p in pending {
@@ -543,7 +545,6 @@ impl Worker {
                 };
                 self.answer(p, a, short);
             }
-            StoreMetrics::add(&self.metrics.replicas_short, short_writes);
             self.receipts(confirmed, now, &epoch_candidate);
         }
         for r in reads {
@@ -747,7 +748,7 @@ impl Worker {
     /// The epoch `stream`'s current one continues, if it moved on when Redis went back.
     fn continues(&mut self, stream: &str) -> redis::RedisResult<Option<Epoch>> {
         let mut c = redis::cmd("GET");
-        c.arg(format!("sb:p:{}", tagged(stream)));
+        c.arg(continues_key(stream));
         let v: Option<String> =
             redis::from_redis_value(self.conns.run_one(stream_slot(stream), c)?)?;
         Ok(v.and_then(|e| e.parse().ok()))
