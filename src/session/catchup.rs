@@ -5,8 +5,10 @@
 //! or a subscription restored after a loss, makes the shard read the missed range from the
 //! stream and deliver it in order; live messages that come meanwhile wait behind it, and
 //! offsets already delivered are not delivered again, so the seam has no gap and no
-//! duplicate. A stream that moved to another epoch (a Redis that lost it) is caught up from
-//! the new epoch's first offset.
+//! duplicate. A stream that moved to another epoch is caught up from the new epoch's first
+//! offset (a Redis that lost it), or from where the shard stood when the new epoch continues
+//! the old one (a Redis that went back in time: see `store::lineage`). A catch-up the store
+//! cannot serve (Redis failing over) is asked again for about a minute.
 
 use std::sync::Arc;
 
