@@ -111,6 +111,16 @@ struct Args {
     /// spinning threads take the CPU the server needs].
     #[arg(long)]
     spin_us: Option<u64>,
+    /// dm with `--qos 1`: the fault-campaign client (`loadgen::audit`): a blocking client per
+    /// user (at most 2000) that retries with the same id, reconnects through the `--url`
+    /// list resuming with `since`, then checks every acknowledged message arrived and reads
+    /// every inbox through `GET /api/history` to find it stored once. Prints one `audit:`
+    /// line, writes summary.json; exit status 1 if anything acknowledged was lost or doubled.
+    #[arg(long)]
+    audit: bool,
+    /// With `--audit`: longest wait after sending stops for acknowledged messages to arrive.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    drain: Duration,
     /// Give up on connecting after this long.
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -160,21 +170,8 @@ fn proc_peak_rss(pid: &str) -> Option<u64> {
 /// Connections a switchboard server accepted so far (`switchboard_accepted_total` of its
 /// `/metrics`), or `None` when `t` is not a plain switchboard server that answers.
 fn server_accepted(t: &plan::Target) -> Option<u64> {
-    use std::io::{Read, Write};
-    if t.tls {
-        return None;
-    }
-    let timeout = Duration::from_secs(2);
-    let mut s = std::net::TcpStream::connect_timeout(&t.addr, timeout).ok()?;
-    s.set_read_timeout(Some(timeout)).ok()?;
-    let req = format!(
-        "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        t.host
-    );
-    s.write_all(req.as_bytes()).ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines()
+    loadgen::http::get(t, "/metrics", Duration::from_secs(2))?
+        .lines()
         .find_map(|l| l.strip_prefix("switchboard_accepted_total "))
         .and_then(|v| v.trim().parse().ok())
 }
@@ -292,6 +289,48 @@ impl Sampler {
     }
 }
 
+/// `dm --qos 1 --audit`: runs the fault-campaign client, prints one line, writes
+/// summary.json, exits 1 when anything acknowledged was lost or doubled.
+fn run_audit(args: &Args, targets: Vec<plan::Target>) -> anyhow::Result<()> {
+    if args.scenario != Scenario::Dm || args.qos != 1 {
+        bail!("--audit needs dm with --qos 1");
+    }
+    if targets.iter().any(|t| t.tls) {
+        bail!("--audit speaks plain ws:// only");
+    }
+    let users = args.connections & !1;
+    if !(2..=loadgen::audit::MAX_USERS).contains(&users) {
+        bail!(
+            "--audit needs 2..={} connections (one thread each)",
+            loadgen::audit::MAX_USERS
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let r = loadgen::audit::run(loadgen::audit::Audit {
+        targets,
+        users,
+        rate: args.rate,
+        duration: args.duration,
+        drain: args.drain,
+        prefix: args.user_prefix.clone(),
+    });
+    println!(
+        "audit: sent {} acked {} refused {} unavailable {} retries {} acked_lost {} duplicates {} redelivered {} reconnects {} epoch_changes {} longest_unavailable_ms {} audit_missing {} audit_duplicates {} audit_complete {}",
+        r.sent, r.acked, r.refused, r.unavailable, r.retries, r.acked_lost, r.duplicates,
+        r.redelivered, r.reconnects, r.epoch_changes, r.longest_unavailable_ms,
+        r.audit_missing, r.audit_duplicates, r.audit_complete
+    );
+    let path = args.out.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json!({ "audit": r }))?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    if !r.clean() {
+        println!("FAILED: acknowledged messages lost or doubled (see above)");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let targets: Vec<plan::Target> = args
@@ -318,6 +357,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.resume_every.is_some() && (args.scenario != Scenario::Dm || args.qos != 1) {
         bail!("--resume-every needs dm with --qos 1 (stored messages to resume)");
+    }
+    if args.audit {
+        return run_audit(&args, targets);
     }
     let explicit = args
         .source_ips

@@ -44,22 +44,32 @@ use crate::metrics::StoreMetrics;
 /// Stores one message in one or more streams and publishes it (the envelope is the
 /// broker's: [`crate::broker::open_stored`]). KEYS: per stream (epoch, offset counter, log),
 /// then the dedup key if any. ARGV: body, ts, max count, ttl ms, dedup window ms, epoch
-/// candidate, node, publish command (`PUBLISH` or `SPUBLISH`), then per stream (wire name,
-/// Redis channel, excluded connection or "-", the epoch and highest offset this node knows
-/// of it, see [`super::lineage`]). Answers `{"ok", offset in the last stream, its epoch,
-/// receivers of the first publish, then offset and epoch of each stream}` or `{"dup", the
-/// first answer's offset, epoch, 0}`. An entry's `x` field names its sending connection
-/// (`<node> <conn>`), which a catch-up does not deliver it to, as the live path does not.
+/// candidate, node, publish command (`PUBLISH` or `SPUBLISH`), defer (`1`: return the
+/// publishes instead of making them), then per stream (wire name, Redis channel, excluded
+/// connection or "-", the epoch and highest offset this node knows of it, see
+/// [`super::lineage`]). Answers `{"ok", offset in the last stream, its epoch, receivers of
+/// the first publish, {offset, epoch per stream}, {channel, message per publish deferred}}`
+/// or `{"dup", the first answer's offset in the last stream, epoch, 0, {}, {the first
+/// answer's publishes, rebuilt from the log, when deferred}}`. An entry's `x` field names its
+/// sending connection (`<node> <conn>`), which a catch-up does not deliver it to, as the
+/// live path does not.
 ///
 /// A counter at or below an offset this node knows was handed out under the same epoch
 /// means Redis went back in time: the stream takes the candidate as its new epoch before
 /// the offset is reused, and its counter moves past every offset this node saw (offsets
 /// stay unique across the two epochs; a connection that had the old top takes the new
 /// epoch's next message with no gap). `sb:p:<stream>` then names the epoch it continues,
-/// so a live connection's catch-up goes on from where it stood instead of replaying. A duplicate refreshes its dedup entry, a write that replicates:
-/// a `WAIT` after it then covers the write it repeats.
+/// so a live connection's catch-up goes on from where it stood instead of replaying.
+///
+/// A duplicate refreshes its dedup entry, a write that replicates: a `WAIT` after it then
+/// covers the write it repeats. Publishes are deferred with `--broker-min-replicas`, so that
+/// nobody receives a message before replicas have it (its sender may still be told
+/// `unavailable`); a retry's duplicate then publishes what the first attempt did not (a
+/// recipient that had it takes the same offset again, which offset dedup drops).
 const STORE_SCRIPT: &str = r#"
-local n = (#ARGV - 8) / 5
+local n = (#ARGV - 9) / 5
+local defer = ARGV[9] == '1'
+local pubs = {}
 local function epoch_of(k)
   local e = redis.call('GET', k)
   if not e then
@@ -68,21 +78,43 @@ local function epoch_of(k)
   end
   return e
 end
+local function envelope(o, a, body, epoch)
+  local ev = body .. ',"stream":"' .. ARGV[a + 1] .. '","offset":' .. o .. ',"epoch":"' .. epoch .. '"}'
+  return '*' .. o .. ' ' .. ARGV[a + 3] .. ' ' .. ARGV[7] .. '\n' .. ev
+end
 local dedup = KEYS[3 * n + 1]
 if dedup then
   local d = redis.call('GET', dedup)
   if d then
     redis.call('PEXPIRE', dedup, ARGV[5])
-    return {'dup', tonumber(d), epoch_of(KEYS[3 * n - 2]), 0}
+    local s, last = 0, 0
+    for o in string.gmatch(d, '%d+') do
+      s = s + 1
+      last = tonumber(o)
+      if defer and s <= n then
+        local a = 9 + 5 * (s - 1)
+        local e = redis.call('XRANGE', KEYS[3 * s], o .. '-0', o .. '-0')
+        if #e == 1 then
+          local f = e[1][2]
+          for i = 1, #f, 2 do
+            if f[i] == 'p' then
+              pubs[#pubs + 1] = ARGV[a + 2]
+              pubs[#pubs + 1] = envelope(o, a, f[i + 1], epoch_of(KEYS[3 * s - 2]))
+            end
+          end
+        end
+      end
+    end
+    return {'dup', last, epoch_of(KEYS[3 * n - 2]), 0, {}, pubs}
   end
 end
 local ts = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[4])
 local last, first_n, epoch = 0, 0, ''
-local seen = {}
+local seen, offsets = {}, {}
 for s = 1, n do
   local key = KEYS[3 * s]
-  local a = 8 + 5 * (s - 1)
+  local a = 9 + 5 * (s - 1)
   epoch = epoch_of(KEYS[3 * s - 2])
   local o = redis.call('INCR', KEYS[3 * s - 1])
   if epoch == ARGV[a + 4] and o <= tonumber(ARGV[a + 5]) then
@@ -104,17 +136,21 @@ for s = 1, n do
       redis.call('XDEL', key, h[1][1])
     end
   end
-  local ev = ARGV[1] .. ',"stream":"' .. ARGV[a + 1] .. '","offset":' .. o .. ',"epoch":"' .. epoch .. '"}'
-  local r = redis.call(ARGV[8], ARGV[a + 2], '*' .. o .. ' ' .. ARGV[a + 3] .. ' ' .. ARGV[7] .. '\n' .. ev)
-  if s == 1 then first_n = r end
+  local m = envelope(o, a, ARGV[1], epoch)
+  if defer then
+    pubs[#pubs + 1] = ARGV[a + 2]
+    pubs[#pubs + 1] = m
+  else
+    local r = redis.call(ARGV[8], ARGV[a + 2], m)
+    if s == 1 then first_n = r end
+  end
   last = o
   seen[#seen + 1] = o
   seen[#seen + 1] = epoch
+  offsets[#offsets + 1] = o
 end
-if dedup then redis.call('SET', dedup, last, 'PX', ARGV[5]) end
-local answer = {'ok', last, epoch, first_n}
-for _, v in ipairs(seen) do answer[#answer + 1] = v end
-return answer
+if dedup then redis.call('SET', dedup, table.concat(offsets, ' '), 'PX', ARGV[5]) end
+return {'ok', last, epoch, first_n, seen, pubs}
 "#;
 
 /// Moves a stream whose history went back under its epoch to a new one (a resume must not
@@ -271,10 +307,12 @@ struct Stored {
     /// Offset and epoch in the last stream (a duplicate: the first answer's offset).
     offset: u64,
     epoch: String,
-    /// Receivers of the first publish.
+    /// Receivers of the first publish (of the deferred one, once made).
     receivers: Option<u64>,
     /// Offset and epoch in each stream stored (none for a duplicate).
     seen: Vec<(u64, String)>,
+    /// Publishes deferred until replicas have the write: (Redis channel, message).
+    pubs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Parses a store script's answer.
@@ -283,28 +321,28 @@ fn stored(v: Value) -> redis::RedisResult<Stored> {
     let Value::Array(items) = v else {
         return Err(bad());
     };
-    if items.len() < 4 || items.len() % 2 != 0 {
+    let [kind, offset, epoch, receivers, seen, pubs] =
+        <[Value; 6]>::try_from(items).map_err(|_| bad())?;
+    let kind: String = redis::from_redis_value(kind)?;
+    let seen: Vec<Value> = redis::from_redis_value(seen)?;
+    let pubs: Vec<Vec<u8>> = redis::from_redis_value(pubs)?;
+    if !seen.len().is_multiple_of(2) || !pubs.len().is_multiple_of(2) {
         return Err(bad());
     }
-    let mut it = items.into_iter();
-    let mut next = || it.next().ok_or_else(bad);
-    let kind: String = redis::from_redis_value(next()?)?;
-    let offset: u64 = redis::from_redis_value(next()?)?;
-    let epoch: String = redis::from_redis_value(next()?)?;
-    let receivers: Option<u64> = redis::from_redis_value(next()?)?;
-    let mut seen = Vec::new();
-    while let Ok(o) = next() {
-        seen.push((
-            redis::from_redis_value(o)?,
-            redis::from_redis_value(next()?)?,
-        ));
+    let mut pairs = Vec::with_capacity(seen.len() / 2);
+    let mut it = seen.into_iter();
+    while let (Some(o), Some(e)) = (it.next(), it.next()) {
+        pairs.push((redis::from_redis_value(o)?, redis::from_redis_value(e)?));
     }
+    let mut pubs = pubs.into_iter();
+    let pubs = std::iter::from_fn(|| Some((pubs.next()?, pubs.next()?))).collect();
     Ok(Stored {
         dup: kind == "dup",
-        offset,
-        epoch,
-        receivers,
-        seen,
+        offset: redis::from_redis_value(offset)?,
+        epoch: redis::from_redis_value(epoch)?,
+        receivers: redis::from_redis_value(receivers)?,
+        seen: pairs,
+        pubs,
     })
 }
 
@@ -315,12 +353,14 @@ fn joined(
     rcpt: redis::RedisResult<Stored>,
     copy: redis::RedisResult<Stored>,
 ) -> redis::RedisResult<Stored> {
-    let (r, mut c) = (rcpt?, copy?);
+    let (mut r, mut c) = (rcpt?, copy?);
     c.dup = r.dup;
     c.receivers = r.receivers;
-    let mut seen = r.seen;
-    seen.append(&mut c.seen);
-    c.seen = seen;
+    r.seen.append(&mut c.seen);
+    c.seen = r.seen;
+    // The recipient's publish first: its receivers say whether the DM is `queued`.
+    r.pubs.append(&mut c.pubs);
+    c.pubs = r.pubs;
     Ok(c)
 }
 
@@ -369,7 +409,8 @@ impl Worker {
             .arg(self.cfg.dedup_window_ms.max(1))
             .arg(epoch_candidate)
             .arg(&*self.node)
-            .arg(self.conns.publish_cmd());
+            .arg(self.conns.publish_cmd())
+            .arg(if self.cfg.min_replicas > 0 { "1" } else { "0" });
         for (stream, wire, chan, exclude) in streams {
             let (epoch, top) = self.lineage.known(stream);
             c.arg(*wire).arg(chan).arg(exclude).arg(epoch).arg(top);
@@ -522,6 +563,7 @@ impl Worker {
                 })
             };
             let mut confirmed = Vec::new();
+            let mut answered = Vec::with_capacity(pending.len());
             for p in pending {
                 let (a, short) = match p {
                     Pending::Send { scripts: 2, .. } => {
@@ -543,6 +585,15 @@ impl Worker {
                         (a.and_then(stored), short)
                     }
                 };
+                answered.push((p, a, short));
+            }
+            // Deferred publishes go out once replicas have the writes (none of a short one).
+            let replicated = answered
+                .iter_mut()
+                .filter(|(_, _, short)| !short)
+                .filter_map(|(_, a, _)| a.as_mut().ok());
+            self.publish_deferred(replicated);
+            for (p, a, short) in answered {
                 self.answer(p, a, short);
             }
             self.receipts(confirmed, now, &epoch_candidate);
@@ -585,14 +636,49 @@ impl Worker {
         if cmds.is_empty() {
             return;
         }
+        let mut done = Vec::with_capacity(cmds.len());
         for (a, stream) in self.conns.run(&cmds).into_iter().zip(receipt_streams) {
             match a.and_then(stored) {
                 Ok(s) => {
-                    self.saw_stored(&[stream], &s);
+                    self.saw_stored(std::slice::from_ref(&stream), &s);
                     StoreMetrics::add(&self.metrics.receipts, 1);
+                    done.push(s);
                 }
                 Err(e) => warn!(error = %e, "store: a receipt was not stored"),
             }
+        }
+        self.publish_deferred(done.iter_mut());
+    }
+
+    /// Makes the publishes the scripts deferred (`--broker-min-replicas`), one pipeline per
+    /// master; each message's receivers come from its first publish. A publish that fails
+    /// is logged: the message is stored, and connected recipients catch up on it at the next
+    /// message of its stream (a gap), resuming ones on resume.
+    fn publish_deferred<'a>(&mut self, stored: impl Iterator<Item = &'a mut Stored>) {
+        let mut cmds = Vec::new();
+        let mut firsts = Vec::new();
+        for s in stored {
+            if s.pubs.is_empty() {
+                continue;
+            }
+            firsts.push((cmds.len(), &mut s.receivers));
+            for (chan, msg) in &s.pubs {
+                let mut c = redis::cmd(self.conns.publish_cmd());
+                c.arg(chan).arg(msg);
+                cmds.push((crate::broker::cluster::slot(chan), c));
+            }
+        }
+        if cmds.is_empty() {
+            return;
+        }
+        let answers = self.conns.run(&cmds);
+        for (i, receivers) in firsts {
+            if let Ok(Value::Int(n)) = answers[i] {
+                *receivers = Some(n as u64);
+            }
+        }
+        for e in answers.iter().filter_map(|a| a.as_ref().err()) {
+            warn!(error = %e, "store: a stored message was not published (recipients catch up)");
         }
     }
 

@@ -1,7 +1,8 @@
 //! A pausable TCP proxy on loopback, for partitions without iptables: `partition()` cuts
 //! every connection through it and swallows new ones (accepted, then silent: the caller's
 //! timeouts run, as across a real partition); `heal()` drops the swallowed ones and forwards
-//! again. Threads per connection; every loop ends when the proxy is dropped.
+//! again. Threads per connection; every loop ends when the proxy is dropped. The tests use
+//! it, and `scripts/chaos.sh` through loadgen's `faultproxy` binary, which includes this file.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -32,9 +33,14 @@ impl Shared {
 }
 
 impl Proxy {
-    /// Forwards `127.0.0.1:<port>` to `127.0.0.1:<upstream>`.
+    /// Forwards a free `127.0.0.1:<port>` to `127.0.0.1:<upstream>`.
     pub fn start(upstream: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(0, upstream)
+    }
+
+    /// Forwards `127.0.0.1:<port>` (0: a free one) to `127.0.0.1:<upstream>`.
+    pub fn start_on(port: u16, upstream: u16) -> Proxy {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
         let shared = Arc::new(Shared::default());
