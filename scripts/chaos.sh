@@ -11,7 +11,8 @@
 # cluster-failover (all by default). --short: 12 s of sends each (CI), else 30 s.
 # Environment: CHAOS_RATE (DMs/s, default 1000), CHAOS_USERS (default 200),
 # CHAOS_MIN_REPLICAS (lagging-failover's --broker-min-replicas, default 1; 0 shows what it
-# promises without). Everything on loopback, in a temp dir, stopped by pid.
+# promises without), SB_BIN (the server binary, default target/release/switchboard).
+# Everything on loopback, in a temp dir, stopped by pid. Needs redis-server and redis-cli.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,7 @@ RATE=${CHAOS_RATE:-1000}
 USERS=${CHAOS_USERS:-200}
 MIN=${CHAOS_MIN_REPLICAS:-1}
 FAULT_AT=$((RUN_S / 3))
-BIN=target/release/switchboard
+BIN=${SB_BIN:-target/release/switchboard}
 LG=target/release/loadgen
 FP=target/release/faultproxy
 # Ports of the campaign (away from scripts/cluster.sh's).
@@ -63,13 +64,14 @@ redis() { # name port [args...]
   wait_for "redis $name on $port" redis-cli -p "$port" ping
 }
 linked() { redis-cli -p "$1" info replication | grep -q master_link_status:up; }
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 node() { # name port broker-url [flags...]
   local name=$1 port=$2 url=$3; shift 3
   "$BIN" --listen "127.0.0.1:$port" --broker "$url" --node-id "$name" --store redis --shards 2 \
     --data-dir "$DIR/$name" "$@" >>"$DIR/$name.log" 2>&1 &
   echo $! >"$DIR/$name.pid"
   disown
-  wait_for "node $name on $port" curl -sf "http://127.0.0.1:$port/healthz"
+  wait_for "node $name on $port" listening "$port"
 }
 kill9() { kill -9 "$(cat "$DIR/$1.pid")" 2>/dev/null; rm -f "$DIR/$1.pid"; }
 proxy_say() { exec 3<>"/dev/tcp/127.0.0.1/$PXC"; echo "$1" >&3; read -r _ <&3; exec 3>&-; }
@@ -164,7 +166,9 @@ scenario_lagging_failover() {
   known() { redis-cli -p $S sentinel replicas chaos | grep -qx slave; }
   wait_for "the sentinel's view of the replica" known
   local url="redis+sentinel://127.0.0.1:$S/chaos"
-  node a $NA "$url" --broker-min-replicas "$MIN"; node b $NB "$url" --broker-min-replicas "$MIN"
+  local more=()
+  [ "$MIN" -gt 0 ] && more=(--broker-min-replicas "$MIN")
+  node a $NA "$url" "${more[@]}"; node b $NB "$url" "${more[@]}"
   campaign lagging-failover fault_lagging_failover
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, simulation, property and end-to-end tests of every crate, the
-# fuzz targets briefly, Autobahn conformance, a small capacity run, the browser client's unit
-# tests and the two-person chat in real headless Chromium.
+# fuzz targets briefly, Autobahn conformance, a short pass of the fault campaign, a small
+# capacity run, the browser client's unit tests and the two-person chat in real headless
+# Chromium.
 #
 # Every step runs even when an earlier one failed (a failure in one test file must not hide
 # the rest); the failures are listed at the end and the exit code is 1 if there was any.
@@ -52,6 +53,9 @@ else
   echo "WARNING: fuzz targets NOT run: needs the nightly toolchain and cargo-fuzz" >&2
 fi
 step "Autobahn conformance" bash scripts/autobahn.sh target/autobahn
+# The fault campaign, one short pass of every scenario (docs/chaos.md): fails if any
+# acknowledged message is lost or doubled.
+step "chaos campaign (short)" bash scripts/chaos.sh --short
 # A small capacity run keeps the one-command C1M script from rotting; it fails unless every
 # connection is established and none closes unexpectedly.
 step "capacity run (20k)" bash scripts/capacity.sh 20000 --hold 10 --out target/capacity-ci

@@ -205,7 +205,7 @@ fn a_sentinel_failover_with_min_replicas_loses_no_acknowledged_message() {
 }
 
 #[test]
-fn min_replicas_unreached_answers_unavailable_and_a_retry_stores_once() {
+fn min_replicas_unreached_answers_unavailable_delivers_nothing_and_a_retry_stores_once() {
     let master = Redis::start();
     let replica = Redis::start_replica_of(free_port(), master.port);
     let more = [
@@ -216,7 +216,9 @@ fn min_replicas_unreached_answers_unavailable_and_a_retry_stores_once() {
     ];
     let n = node(&master.url(), "a", &more);
     let (mut alice, _) = connect(&n, "alice");
+    let (mut bob_live, _) = connect(&n, "bob");
     assert_eq!(send_qos1(&mut alice, "bob", json!(1), "m1")["op"], "ack");
+    assert_eq!(next_msg(&mut bob_live)["offset"], 1);
     // The replica stops following: the master's writes reach no replica.
     assert!(replica
         .command("REPLICAOF NO ONE")
@@ -228,12 +230,21 @@ fn min_replicas_unreached_answers_unavailable_and_a_retry_stores_once() {
         "{a}"
     );
     assert!(n.metric("switchboard_store_replicas_short_total") >= 1);
+    // Nobody received it: the publish waits for the replicas (it would have gone out before
+    // the WAIT began, so it would be here by now).
+    expect_silence(&mut bob_live, Duration::from_millis(300));
     // It follows again; the retry with the same id is acked with the offset it got.
     let r = replica.command(&format!("REPLICAOF 127.0.0.1 {}", master.port));
     assert!(r.is_some_and(|r| r.starts_with("+OK")));
     replica.wait_linked();
     let (ack, _) = send_until_acked(&mut alice, "bob", json!(2), "m2");
     assert_eq!(ack["offset"], 2, "{ack}");
+    let m = next_msg(&mut bob_live);
+    assert_eq!(
+        (m["offset"].as_u64(), m["data"].as_u64()),
+        (Some(2), Some(2)),
+        "{m}"
+    );
     let mut bob = connect_raw_ws(&n, "/ws?user=bob&since=:0");
     assert_eq!(recv_json(&mut bob)["inbox"]["offset"], 2, "stored once");
     let data: Vec<Value> = (0..2).map(|_| next_msg(&mut bob)["data"].clone()).collect();
