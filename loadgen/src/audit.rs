@@ -17,7 +17,7 @@
 //! `GET /api/history/inbox:<user>` and counts acknowledged messages not stored
 //! (`audit_missing`) and messages stored twice (`audit_duplicates`). `longest_unavailable_ms`
 //! is the longest time any user went from a failure (an `unavailable` answer or a lost
-//! connection) to its next acknowledgement. Every loop ends by itself: the run's deadline and
+//! connection) to its next acknowledgement (or to the end, if none came). Every loop ends by itself: the run's deadline and
 //! the drain bound them.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -319,12 +319,18 @@ impl User {
                 }
             }
             if s.stop.load(Relaxed) {
-                return;
+                break;
             }
             // Any close or failed connect: note the failure, try the next server.
             self.failing_since.get_or_insert_with(Instant::now);
             s.counters.reconnects.fetch_add(1, Relaxed);
             self.target = (self.target + 1) % s.audit.targets.len();
+        }
+        // A failure never followed by an acknowledgement lasts until the end.
+        if let Some(t) = self.failing_since {
+            s.counters
+                .longest_unavailable_ms
+                .fetch_max(t.elapsed().as_millis() as u64, Relaxed);
         }
     }
 
