@@ -533,7 +533,7 @@ pub fn render(shards: &[ShardMetrics]) -> String {
     counter(
         &mut o,
         "switchboard_inbox_catch_ups_total",
-        "Inbox catch-ups: a gap in the offsets, or a broker subscription restored.",
+        "Stream catch-ups (inboxes and channels with history): a gap in the offsets, or a broker subscription restored.",
         sum(shards, |s| &s.catch_ups),
     );
     counter(

@@ -1,25 +1,27 @@
-//! Catching up on inboxes in a cluster. Stored messages reach a node through Redis pub/sub,
+//! Catching up on streams in a cluster. Stored messages reach a node through Redis pub/sub,
 //! which drops what is published while a subscription is down (a dropped connection, a
-//! Redis restart, a partition). So each shard keeps, per user with connections on it, the
-//! inbox position it delivered up to (`InboxHead`). A live message that is not the next one,
-//! or a subscription restored after a loss, makes the shard read the missed range from the
-//! stream and deliver it in order; live messages that come meanwhile wait behind it, and
-//! offsets already delivered are not delivered again, so the seam has no gap and no
-//! duplicate. A stream that moved to another epoch is caught up from the new epoch's first
-//! offset (a Redis that lost it), or from where the shard stood when the new epoch continues
-//! the old one (a Redis that went back in time: see `store::lineage`). A catch-up the store
-//! cannot serve (Redis failing over) is asked again for about a minute.
+//! Redis restart, a partition). So each shard keeps, per stream its connections follow (a
+//! user's inbox while the user has a connection here, a channel with history while it has
+//! a subscriber here), the position it delivered up to (`StreamHead`). A live message that
+//! is not the next one, or a subscription restored after a loss, makes the shard read the
+//! missed range from the stream and deliver it in order; live messages that come meanwhile
+//! wait behind it, and offsets already delivered are not delivered again, so the seam has no
+//! gap and no duplicate. A stream that moved to another epoch is caught up from the new
+//! epoch's first offset (a Redis that lost it), or from where the shard stood when the new
+//! epoch continues the old one (a Redis that went back in time: see `store::lineage`). A
+//! catch-up the store cannot serve (Redis failing over) is asked again for about a minute.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+use rustc_hash::FxHashMap;
 use tracing::warn;
 
 use super::conn::Transport;
 use super::Sessions;
 use crate::ids::ConnId;
 use crate::metrics::ShardMetrics;
-use crate::store::{Epoch, Page, StoreReq};
+use crate::store::{Epoch, Page, StoreReq, StreamRef};
 
 /// First wait before a catch-up the store could not serve is asked again (doubled each
 /// time up to [`RETRY_MAX_MS`]): Redis may be failing over.
@@ -31,11 +33,11 @@ const RETRIES_MAX: u8 = 34;
 /// Live messages held behind one catch-up, at most (then it gives up: they go out).
 const HELD_MAX: usize = 10_000;
 
-/// Where a shard stands in one user's inbox.
+/// Where a shard stands in one stream.
 #[derive(Debug)]
-pub(super) struct InboxHead {
+pub(super) struct StreamHead {
     epoch: Epoch,
-    /// The newest offset delivered to the user's connections here.
+    /// The newest offset delivered to the stream's connections here.
     last: u64,
     /// Catching up: the live messages that came meanwhile, delivered after.
     held: Option<Vec<Held>>,
@@ -43,8 +45,65 @@ pub(super) struct InboxHead {
     failures: u8,
 }
 
-/// Catch-ups waiting to be asked again: (due, user), in the order they failed.
-pub(super) type Retries = std::collections::VecDeque<(u64, Arc<str>)>;
+impl StreamHead {
+    fn at(epoch: Epoch, last: u64) -> StreamHead {
+        StreamHead {
+            epoch,
+            last,
+            held: None,
+            failures: 0,
+        }
+    }
+}
+
+/// Which kind of stream a head follows (each kind has its own map, keyed by name, so that a
+/// live message finds its head without building a key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// A user's inbox, followed while the user has a connection on this shard.
+    Inbox,
+    /// A channel with history, followed while it has a subscriber on this shard.
+    Channel,
+}
+
+impl Kind {
+    fn stream(self, name: Arc<str>) -> StreamRef {
+        match self {
+            Kind::Inbox => StreamRef::Inbox(name),
+            Kind::Channel => StreamRef::Channel(name),
+        }
+    }
+
+    fn of(stream: StreamRef) -> (Kind, Arc<str>) {
+        match stream {
+            StreamRef::Inbox(n) => (Kind::Inbox, n),
+            StreamRef::Channel(n) => (Kind::Channel, n),
+        }
+    }
+}
+
+/// The heads of a shard: inboxes and channels.
+#[derive(Debug, Default)]
+pub(super) struct Heads {
+    inboxes: FxHashMap<Arc<str>, StreamHead>,
+    channels: FxHashMap<Arc<str>, StreamHead>,
+    /// Catch-ups waiting to be asked again: (due, stream), in the order they failed.
+    retries: Vec<(u64, Kind, Arc<str>)>,
+}
+
+impl Heads {
+    fn map(&mut self, kind: Kind) -> &mut FxHashMap<Arc<str>, StreamHead> {
+        match kind {
+            Kind::Inbox => &mut self.inboxes,
+            Kind::Channel => &mut self.channels,
+        }
+    }
+
+    /// When the first catch-up waiting to be asked again is due.
+    pub(super) fn next_retry(&self) -> Option<u64> {
+        self.retries.iter().map(|r| r.0).min()
+    }
+}
 
 /// A live message held during a catch-up.
 #[derive(Debug)]
@@ -64,7 +123,7 @@ pub(super) fn event_epoch(payload: &[u8]) -> Option<Epoch> {
     std::str::from_utf8(&tail[start..]).ok()?.parse().ok()
 }
 
-/// What to do with a live inbox message.
+/// What to do with a live stream message.
 pub(super) enum Verdict {
     /// The next one: deliver it.
     Deliver,
@@ -73,7 +132,7 @@ pub(super) enum Verdict {
 }
 
 impl<T: Transport> Sessions<T> {
-    /// Whether this shard keeps inbox positions: with a broker (pub/sub can drop messages)
+    /// Whether this shard keeps stream positions: with a broker (pub/sub can drop messages)
     /// and a store to catch up from.
     pub(super) fn tracks_heads(&self) -> bool {
         self.broker.is_some() && self.streams_on()
@@ -85,37 +144,50 @@ impl<T: Transport> Sessions<T> {
         if !self.tracks_heads() || epoch == Epoch(0) {
             return; // the store could not tell (Redis unreachable): the next message will
         }
-        self.heads.entry(user.clone()).or_insert(InboxHead {
-            epoch,
-            last: top,
-            held: None,
-            failures: 0,
-        });
+        self.heads
+            .inboxes
+            .entry(user.clone())
+            .or_insert(StreamHead::at(epoch, top));
     }
 
     /// The last connection of `user` here is gone: the shard stops following the inbox.
     pub(super) fn forget_head(&mut self, user: &str) {
-        if self.heads.is_empty() {
+        if self.heads.inboxes.is_empty() {
             return;
         }
         let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
         self.local_conns_of(user, None, &mut slots);
         if slots.is_empty() {
-            self.heads.remove(user);
+            self.heads.inboxes.remove(user);
         }
         self.scratch_slots = slots;
     }
 
-    /// A live inbox message for `user`: deliver it, skip it, or hold it and catch up first.
+    /// The last subscriber of `channel` here left: the shard stops following its stream.
+    pub(super) fn forget_channel_head(&mut self, channel: &str) {
+        self.heads.channels.remove(channel);
+    }
+
+    /// A live message of a followed stream: deliver it, skip it, or hold it and catch up
+    /// first. A channel's head starts at the first message the shard receives with a
+    /// subscriber here (its subscribers take live messages from their `sub` on, or resume
+    /// with `since` through their own cursor).
     pub(super) fn check_head(
         &mut self,
-        user: &str,
+        kind: Kind,
+        name: &str,
         payload: &Bytes,
         offset: u64,
         exclude: Option<ConnId>,
     ) -> Verdict {
-        let Some(h) = self.heads.get_mut(user) else {
+        let map = self.heads.map(kind);
+        let Some(h) = map.get_mut(name) else {
+            if kind == Kind::Channel {
+                if let Some(epoch) = event_epoch(payload) {
+                    map.insert(name.into(), StreamHead::at(epoch, offset));
+                }
+            }
             return Verdict::Deliver;
         };
         let held = || Held {
@@ -126,7 +198,7 @@ impl<T: Transport> Sessions<T> {
         if let Some(waiting) = h.held.as_mut() {
             waiting.push(held());
             if waiting.len() > HELD_MAX {
-                self.give_up_catch_up(user, "too many live messages held behind it");
+                self.give_up_catch_up(kind, name, "too many live messages held behind it");
             }
             return Verdict::Skip;
         }
@@ -143,8 +215,8 @@ impl<T: Transport> Sessions<T> {
             }
         } else if offset == 1 || offset == h.last + 1 {
             // The stream's first message in a new epoch, or the next one after what this
-            // connection had in a stream that moved to a new epoch when Redis lost history
-            // (its counter then continues past what was handed out).
+            // shard had in a stream that moved to a new epoch when Redis lost history (its
+            // counter then continues past what was handed out).
             h.epoch = epoch;
             h.last = offset;
             return Verdict::Deliver;
@@ -152,47 +224,65 @@ impl<T: Transport> Sessions<T> {
         // A gap: what came between was published while this node could not hear it.
         h.held = Some(vec![held()]);
         let (epoch, from) = (h.epoch, h.last + 1);
-        let name = self.heads.get_key_value(user).expect("followed").0.clone();
+        let name = map.get_key_value(name).expect("followed").0.clone();
         ShardMetrics::add(&self.m().catch_ups, 1);
-        self.catch_up(name, epoch, from);
+        self.catch_up(kind, name, epoch, from);
         Verdict::Skip
     }
 
-    /// Asks the store for `user`'s inbox from `from` in `epoch`.
-    fn catch_up(&mut self, user: Arc<str>, epoch: Epoch, from: u64) {
+    /// Delivers a stream message to the connections that follow it here.
+    fn deliver_followed(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        payload: &Bytes,
+        offset: u64,
+        exclude: Option<ConnId>,
+    ) {
+        match kind {
+            Kind::Inbox => self.deliver_stream_conns(name, payload, offset, exclude),
+            Kind::Channel => self.deliver_channel_conns(name, payload, offset),
+        }
+    }
+
+    /// Asks the store for a stream from `from` in `epoch`.
+    fn catch_up(&mut self, kind: Kind, name: Arc<str>, epoch: Epoch, from: u64) {
         let req = StoreReq::CatchUp {
-            user: user.clone(),
+            stream: kind.stream(name.clone()),
             shard: self.index,
             epoch,
             from,
         };
         let sent = self.store.as_ref().is_some_and(|s| s.request(req).is_ok());
         if !sent {
-            self.give_up_catch_up(&user, "the store's queue is full");
+            self.give_up_catch_up(kind, &name, "the store's queue is full");
         }
     }
 
     /// The missed range cannot be read now: what was held goes out, the gap is counted and
     /// logged (clients that resume with `since` still get it from the stream).
-    fn give_up_catch_up(&mut self, user: &str, why: &str) {
+    fn give_up_catch_up(&mut self, kind: Kind, name: &str, why: &str) {
         ShardMetrics::add(&self.m().catch_ups_failed, 1);
         warn!(
             shard = self.index,
-            user, why, "inbox catch-up failed; a resume will fill the gap"
+            stream = name,
+            ?kind,
+            why,
+            "catch-up failed; a resume will fill the gap"
         );
-        let Some(h) = self.heads.get_mut(user) else {
+        let Some(h) = self.heads.map(kind).get_mut(name) else {
             return;
         };
         let held = h.held.take().unwrap_or_default();
         for x in held {
-            let h = self.heads.get_mut(user).expect("still followed");
+            let h = self.heads.map(kind).get_mut(name).expect("still followed");
             if x.offset > h.last {
                 h.last = x.offset;
                 if let Some(e) = event_epoch(&x.payload) {
                     h.epoch = e;
                 }
             }
-            self.deliver_stream_conns(user, &x.payload, x.offset, x.exclude);
+            self.deliver_followed(kind, name, &x.payload, x.offset, x.exclude);
         }
     }
 
@@ -200,16 +290,17 @@ impl<T: Transport> Sessions<T> {
     /// what was held meanwhile.
     pub(super) fn on_caught_up(
         &mut self,
-        user: Arc<str>,
+        stream: StreamRef,
         epoch: Epoch,
         page: Page,
         excludes: &[(u64, ConnId)],
     ) {
-        let Some(h) = self.heads.get_mut(&user) else {
+        let (kind, name) = Kind::of(stream);
+        let Some(h) = self.heads.map(kind).get_mut(&name) else {
             return;
         };
         if page.next == 0 {
-            return self.retry_catch_up(user);
+            return self.retry_catch_up(kind, name);
         }
         h.failures = 0;
         if epoch != h.epoch {
@@ -218,7 +309,7 @@ impl<T: Transport> Sessions<T> {
         }
         let mut filled = 0;
         for (offset, payload) in &page.entries {
-            let h = self.heads.get_mut(&user).expect("still followed");
+            let h = self.heads.map(kind).get_mut(&name).expect("still followed");
             if *offset <= h.last {
                 continue;
             }
@@ -226,80 +317,83 @@ impl<T: Transport> Sessions<T> {
             filled += 1;
             // The sending connection does not get its own message (as on the live path).
             let exclude = excludes.iter().find(|e| e.0 == *offset).map(|e| e.1);
-            self.deliver_stream_conns(&user, payload, *offset, exclude);
+            self.deliver_followed(kind, &name, payload, *offset, exclude);
         }
         ShardMetrics::add(&self.m().caught_up_messages, filled);
         if !page.done {
-            return self.catch_up(user, epoch, page.next);
+            return self.catch_up(kind, name, epoch, page.next);
         }
         let held = self
             .heads
-            .get_mut(&user)
+            .map(kind)
+            .get_mut(&name)
             .and_then(|h| h.held.take())
             .unwrap_or_default();
         for x in held {
-            self.deliver_stream_local(&user, &x.payload, x.offset, x.exclude);
+            if let Verdict::Deliver = self.check_head(kind, &name, &x.payload, x.offset, x.exclude)
+            {
+                self.deliver_followed(kind, &name, &x.payload, x.offset, x.exclude);
+            }
         }
     }
 
     /// The store could not read the missed range (Redis unreachable, failing over): ask
     /// again later, holding live messages meanwhile, up to [`RETRIES_MAX`] tries.
-    fn retry_catch_up(&mut self, user: Arc<str>) {
-        let Some(h) = self.heads.get_mut(&user) else {
+    fn retry_catch_up(&mut self, kind: Kind, name: Arc<str>) {
+        let Some(h) = self.heads.map(kind).get_mut(&name) else {
             return;
         };
         h.failures += 1;
         if h.failures > RETRIES_MAX {
             h.failures = 0;
-            return self.give_up_catch_up(&user, "the store could not read");
+            return self.give_up_catch_up(kind, &name, "the store could not read");
         }
         let wait = (RETRY_FIRST_MS << (h.failures - 1).min(5)).min(RETRY_MAX_MS);
-        self.catch_up_retries.push_back((self.now_ms + wait, user));
-    }
-
-    /// When the first catch-up waiting to be asked again is due.
-    pub(super) fn next_catch_up_retry(&self) -> Option<u64> {
-        self.catch_up_retries.iter().map(|r| r.0).min()
+        self.heads.retries.push((self.now_ms + wait, kind, name));
     }
 
     /// Asks again every catch-up that is due.
     pub(super) fn retry_due_catch_ups(&mut self) {
-        if self.catch_up_retries.is_empty() {
+        if self.heads.retries.is_empty() {
             return;
         }
         let now = self.now_ms;
         let mut due = Vec::new();
-        self.catch_up_retries.retain(|(t, u)| {
+        self.heads.retries.retain(|(t, kind, name)| {
             let ripe = *t <= now;
             if ripe {
-                due.push(u.clone());
+                due.push((*kind, name.clone()));
             }
             !ripe
         });
-        for user in due {
-            let Some(h) = self.heads.get(&user) else {
-                continue; // the user's last connection here is gone
+        for (kind, name) in due {
+            let Some(h) = self.heads.map(kind).get(&name) else {
+                continue; // nobody here follows it any more
             };
             let (epoch, from) = (h.epoch, h.last + 1);
-            self.catch_up(user, epoch, from);
+            self.catch_up(kind, name, epoch, from);
         }
     }
 
-    /// A broker subscription was restored after a loss: every inbox followed here catches
+    /// A broker subscription was restored after a loss: every stream followed here catches
     /// up from where it stood.
     pub(super) fn on_resubscribed(&mut self) {
-        let idle: Vec<(Arc<str>, Epoch, u64)> = self
-            .heads
-            .iter_mut()
-            .filter(|(_, h)| h.held.is_none())
-            .map(|(u, h)| {
-                h.held = Some(Vec::new());
-                (u.clone(), h.epoch, h.last + 1)
-            })
-            .collect();
+        let mut idle: Vec<(Kind, Arc<str>, Epoch, u64)> = Vec::new();
+        for kind in [Kind::Inbox, Kind::Channel] {
+            idle.extend(
+                self.heads
+                    .map(kind)
+                    .iter_mut()
+                    .filter(|(_, h)| h.held.is_none())
+                    .map(|(n, h)| {
+                        h.held = Some(Vec::new());
+                        (kind, n.clone(), h.epoch, h.last + 1)
+                    }),
+            );
+        }
         ShardMetrics::add(&self.m().catch_ups, idle.len() as u64);
-        for (user, epoch, from) in idle {
-            self.catch_up(user, epoch, from);
+        for (kind, name, epoch, from) in idle {
+            self.catch_up(kind, name, epoch, from);
         }
     }
 }

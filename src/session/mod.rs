@@ -210,10 +210,8 @@ pub struct Sessions<T: Transport> {
     /// Wall clock (unix ms) for message timestamps and token expiry; set with `now_ms`.
     now_unix_ms: u64,
     next_generation: u32,
-    /// Per user with connections here, where this shard stands in the inbox (cluster only).
-    heads: rustc_hash::FxHashMap<Arc<str>, catchup::InboxHead>,
-    /// Catch-ups the store could not serve, asked again when due.
-    catch_up_retries: catchup::Retries,
+    /// Per stream followed here (cluster only), where this shard stands in it.
+    heads: catchup::Heads,
     shutdown_deadline_ms: Option<u64>,
     /// The staged close of open connections at shutdown.
     drain: Option<Drain>,
@@ -292,7 +290,6 @@ impl<T: Transport> Sessions<T> {
             now_unix_ms,
             next_generation: 0,
             heads: Default::default(),
-            catch_up_retries: Default::default(),
             shutdown_deadline_ms: None,
             drain: None,
         }
@@ -513,15 +510,10 @@ impl<T: Transport> Sessions<T> {
             .as_ref()
             .filter(|d| d.closed < d.queue.len())
             .map(|d| d.due_ms(d.closed + 1));
-        [
-            w,
-            self.shutdown_deadline_ms,
-            drain,
-            self.next_catch_up_retry(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        [w, self.shutdown_deadline_ms, drain, self.heads.next_retry()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Reads capped in an earlier call continue.

@@ -408,6 +408,7 @@ impl<T: Transport> Sessions<T> {
                 on: false,
                 ready: None,
             });
+            self.forget_channel_head(channel);
         }
     }
 

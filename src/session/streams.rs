@@ -253,11 +253,11 @@ impl<T: Transport> Sessions<T> {
                 }
             }
             StoreMsg::CaughtUp {
-                user,
+                stream,
                 epoch,
                 page,
                 excludes,
-            } => self.on_caught_up(user, epoch, page, &excludes),
+            } => self.on_caught_up(stream, epoch, page, &excludes),
             StoreMsg::Page { conn, stream, page } => {
                 if let Some(key) = self.live_open(conn) {
                     self.replay(key, &stream, page);
@@ -352,7 +352,10 @@ impl<T: Transport> Sessions<T> {
         exclude: Option<ConnId>,
     ) {
         if self.tracks_heads() {
-            if let super::catchup::Verdict::Skip = self.check_head(user, payload, offset, exclude) {
+            let kind = super::catchup::Kind::Inbox;
+            if let super::catchup::Verdict::Skip =
+                self.check_head(kind, user, payload, offset, exclude)
+            {
                 return;
             }
         }
@@ -597,6 +600,20 @@ impl<T: Transport> Sessions<T> {
     /// A stored publication for the local subscribers of `channel`, in offset order for
     /// those resuming it.
     pub(super) fn deliver_channel_stored(&mut self, channel: &str, payload: &Bytes, offset: u64) {
+        if self.tracks_heads() && self.hub.subscriber_count(channel) > 0 {
+            let kind = super::catchup::Kind::Channel;
+            if let super::catchup::Verdict::Skip =
+                self.check_head(kind, channel, payload, offset, None)
+            {
+                return;
+            }
+        }
+        self.deliver_channel_conns(channel, payload, offset);
+    }
+
+    /// Delivers a stored publication to the local subscribers of `channel` (each resuming
+    /// one takes it only if it is new to it).
+    pub(super) fn deliver_channel_conns(&mut self, channel: &str, payload: &Bytes, offset: u64) {
         let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
         slots.extend(self.hub.subscribers(channel));

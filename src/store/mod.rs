@@ -217,12 +217,12 @@ pub enum StoreReq {
         /// Confirmed offset.
         offset: u64,
     },
-    /// A shard missed part of `user`'s inbox (an offset skipped, or the broker subscription
-    /// was restored): the entries from `from` in `epoch`, or from the first of the current
-    /// epoch when the stream moved to another (a Redis that lost it).
+    /// A shard missed part of a stream (an offset skipped, or the broker subscription was
+    /// restored): the entries from `from` in `epoch`, or from the first of the current epoch
+    /// when the stream moved to another (a Redis that lost it).
     CatchUp {
-        /// The user.
-        user: Arc<str>,
+        /// The inbox or channel.
+        stream: StreamRef,
         /// The shard that asks.
         shard: u16,
         /// The epoch the shard knows.
@@ -288,11 +288,11 @@ pub enum StoreMsg {
         /// Messages after the confirmed position.
         unread: u64,
     },
-    /// To a shard that asked to catch up on `user`'s inbox: a page of it, in `epoch` (the
-    /// stream's current one; `next` 0: the store could not read).
+    /// To a shard that asked to catch up on a stream: a page of it, in `epoch` (the stream's
+    /// current one; `next` 0: the store could not read).
     CaughtUp {
-        /// The user.
-        user: Arc<str>,
+        /// The inbox or channel.
+        stream: StreamRef,
         /// The stream's epoch.
         epoch: Epoch,
         /// Entries from where the shard asked (or from the epoch's first).
@@ -1142,15 +1142,15 @@ impl Worker {
                     .push((conn.shard, StoreMsg::Page { conn, stream, page }));
             }
             StoreReq::CatchUp {
-                user,
+                stream,
                 shard,
                 epoch,
                 from,
             } => {
                 let now = self.streams.epoch;
-                let page = self.page(&inbox_stream(&user), catch_up_from(epoch, now, from, None));
+                let page = self.page(&stream.name(), catch_up_from(epoch, now, from, None));
                 let msg = StoreMsg::CaughtUp {
-                    user,
+                    stream,
                     epoch: now,
                     page,
                     excludes: Vec::new(),

@@ -1014,12 +1014,12 @@ impl Worker {
                 (conn.shard, StoreMsg::Opened(Box::new(o)))
             }
             StoreReq::CatchUp {
-                user,
+                stream: which,
                 shard,
                 epoch,
                 from,
             } => {
-                let stream = inbox_stream(user);
+                let stream = which.name();
                 if *epoch != Epoch(0) && *from > 1 {
                     // The shard delivered up to `from - 1`: if Redis holds less now, its
                     // history went back.
@@ -1034,7 +1034,7 @@ impl Worker {
                 let from = super::catch_up_from(*epoch, head.epoch, *from, continues);
                 let (page, excludes) = self.catch_up_page(&stream, &head, from)?;
                 let msg = StoreMsg::CaughtUp {
-                    user: user.clone(),
+                    stream: which.clone(),
                     epoch: head.epoch,
                     page,
                     excludes,
@@ -1149,11 +1149,14 @@ impl Worker {
                 },
             ),
             StoreReq::CatchUp {
-                user, shard, epoch, ..
+                stream,
+                shard,
+                epoch,
+                ..
             } => (
                 shard,
                 StoreMsg::CaughtUp {
-                    user,
+                    stream,
                     epoch,
                     page: done,
                     excludes: Vec::new(),
