@@ -233,6 +233,16 @@ fn min_replicas_unreached_answers_unavailable_delivers_nothing_and_a_retry_store
     // Nobody received it: the publish waits for the replicas (it would have gone out before
     // the WAIT began, so it would be here by now).
     expect_silence(&mut bob_live, Duration::from_millis(300));
+    // Nor does a catch-up read it: reads stop where replicas have the stream (bob's node
+    // loses its subscription and catches up on his inbox).
+    let killed = master
+        .command("CLIENT KILL TYPE pubsub")
+        .unwrap_or_default();
+    assert_ne!(killed.trim(), ":0", "{killed}");
+    n.wait_for("a catch-up", |s| {
+        s.metric("switchboard_inbox_catch_ups_total") >= 1
+    });
+    expect_silence(&mut bob_live, Duration::from_millis(500));
     // It follows again; the retry with the same id is acked with the offset it got.
     let r = replica.command(&format!("REPLICAOF 127.0.0.1 {}", master.port));
     assert!(r.is_some_and(|r| r.starts_with("+OK")));

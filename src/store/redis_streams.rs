@@ -49,8 +49,8 @@ use crate::metrics::StoreMetrics;
 /// connection or "-", the epoch and highest offset this node knows of it, see
 /// [`super::lineage`]). Answers `{"ok", offset in the last stream, its epoch, receivers of
 /// the first publish, {offset, epoch per stream}, {channel, message per publish deferred}}`
-/// or `{"dup", the first answer's offset in the last stream, epoch, 0, {}, {the first
-/// answer's publishes, rebuilt from the log, when deferred}}`. An entry's `x` field names its
+/// or `{"dup", the first answer's offset in the last stream, epoch, 0, {the first answer's
+/// offset and epoch per stream}, {its publishes, rebuilt from the log, when deferred}}`. An entry's `x` field names its
 /// sending connection (`<node> <conn>`), which a catch-up does not deliver it to, as the
 /// live path does not.
 ///
@@ -87,10 +87,14 @@ if dedup then
   local d = redis.call('GET', dedup)
   if d then
     redis.call('PEXPIRE', dedup, ARGV[5])
-    local s, last = 0, 0
+    local s, last, seen = 0, 0, {}
     for o in string.gmatch(d, '%d+') do
       s = s + 1
       last = tonumber(o)
+      if s <= n then
+        seen[#seen + 1] = last
+        seen[#seen + 1] = epoch_of(KEYS[3 * s - 2])
+      end
       if defer and s <= n then
         local a = 9 + 5 * (s - 1)
         local e = redis.call('XRANGE', KEYS[3 * s], o .. '-0', o .. '-0')
@@ -105,7 +109,7 @@ if dedup then
         end
       end
     end
-    return {'dup', last, epoch_of(KEYS[3 * n - 2]), 0, {}, pubs}
+    return {'dup', last, epoch_of(KEYS[3 * n - 2]), 0, seen, pubs}
   end
 end
 local ts = tonumber(ARGV[2])
@@ -151,6 +155,16 @@ for s = 1, n do
 end
 if dedup then redis.call('SET', dedup, table.concat(offsets, ' '), 'PX', ARGV[5]) end
 return {'ok', last, epoch, first_n, seen, pubs}
+"#;
+
+/// Raises a stream's replicated position (`sb:w:<stream>`, KEYS[1]) to ARGV[1] if higher:
+/// with `--broker-min-replicas`, reads stop there, so nobody reads a write that a failover
+/// can erase (the replication stream is ordered: an offset replicas acknowledged implies
+/// every earlier write of the stream).
+const REPLICATED_SCRIPT: &str = r#"
+local c = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > c then redis.call('SET', KEYS[1], ARGV[1]) end
+return 0
 "#;
 
 /// Moves a stream whose history went back under its epoch to a new one (a resume must not
@@ -207,6 +221,11 @@ fn continues_key(stream: &str) -> String {
     format!("sb:p:{}", tagged(stream))
 }
 
+/// How far a stream's writes are known to be on `--broker-min-replicas` replicas.
+fn replicated_key(stream: &str) -> String {
+    format!("sb:w:{}", tagged(stream))
+}
+
 /// A user's confirmed inbox position.
 fn confirmed_key(user: &str) -> String {
     format!("sb:k:{}", tagged(&inbox_stream(user)))
@@ -228,7 +247,13 @@ pub fn start(
     let store = redis::Script::new(STORE_SCRIPT);
     let confirm = redis::Script::new(CONFIRM_SCRIPT);
     let bump = redis::Script::new(BUMP_SCRIPT);
-    let scripts = vec![store.clone(), confirm.clone(), bump.clone()];
+    let replicated = redis::Script::new(REPLICATED_SCRIPT);
+    let scripts = vec![
+        store.clone(),
+        confirm.clone(),
+        bump.clone(),
+        replicated.clone(),
+    ];
     let mut conns = broker.conns(scripts, "store");
     conns.set_min_replicas(
         cfg.min_replicas,
@@ -248,6 +273,7 @@ pub fn start(
         store,
         confirm,
         bump,
+        replicated,
         lineage: Lineage::default(),
     };
     let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
@@ -278,6 +304,17 @@ enum Pending {
     Confirm(Arc<str>),
 }
 
+impl Pending {
+    /// The streams a store request writes, in the order of its answer's offsets.
+    fn streams(&self) -> &[String] {
+        match self {
+            Pending::Send { streams, .. } => streams,
+            Pending::Publish { stream, .. } => std::slice::from_ref(stream),
+            Pending::Confirm(_) => &[],
+        }
+    }
+}
+
 /// A stream as Redis holds it.
 struct Head {
     epoch: Epoch,
@@ -297,6 +334,7 @@ struct Worker {
     store: redis::Script,
     confirm: redis::Script,
     bump: redis::Script,
+    replicated: redis::Script,
     /// The highest offset seen of each stream, under its epoch.
     lineage: Lineage,
 }
@@ -309,7 +347,7 @@ struct Stored {
     epoch: String,
     /// Receivers of the first publish (of the deferred one, once made).
     receivers: Option<u64>,
-    /// Offset and epoch in each stream stored (none for a duplicate).
+    /// Offset and epoch in each stream stored (for a duplicate, of the first answer).
     seen: Vec<(u64, String)>,
     /// Publishes deferred until replicas have the write: (Redis channel, message).
     pubs: Vec<(Vec<u8>, Vec<u8>)>,
@@ -591,7 +629,7 @@ impl Worker {
             let replicated = answered
                 .iter_mut()
                 .filter(|(_, _, short)| !short)
-                .filter_map(|(_, a, _)| a.as_mut().ok());
+                .filter_map(|(p, a, _)| Some((p.streams(), a.as_mut().ok()?)));
             self.publish_deferred(replicated);
             for (p, a, short) in answered {
                 self.answer(p, a, short);
@@ -642,22 +680,40 @@ impl Worker {
                 Ok(s) => {
                     self.saw_stored(std::slice::from_ref(&stream), &s);
                     StoreMetrics::add(&self.metrics.receipts, 1);
-                    done.push(s);
+                    done.push((stream, s));
                 }
                 Err(e) => warn!(error = %e, "store: a receipt was not stored"),
             }
         }
-        self.publish_deferred(done.iter_mut());
+        self.publish_deferred(
+            done.iter_mut()
+                .map(|(stream, s)| (std::slice::from_ref(&*stream), s)),
+        );
     }
 
-    /// Makes the publishes the scripts deferred (`--broker-min-replicas`), one pipeline per
+    /// With `--broker-min-replicas`, once replicas have the writes: raises each stream's
+    /// replicated position, then makes the publishes the scripts deferred, one pipeline per
     /// master; each message's receivers come from its first publish. A publish that fails
     /// is logged: the message is stored, and connected recipients catch up on it at the next
     /// message of its stream (a gap), resuming ones on resume.
-    fn publish_deferred<'a>(&mut self, stored: impl Iterator<Item = &'a mut Stored>) {
+    fn publish_deferred<'a, 'b>(
+        &mut self,
+        stored: impl Iterator<Item = (&'b [String], &'a mut Stored)>,
+    ) {
+        if self.cfg.min_replicas == 0 {
+            return;
+        }
         let mut cmds = Vec::new();
         let mut firsts = Vec::new();
-        for s in stored {
+        for (streams, s) in stored {
+            for (stream, (o, _)) in streams.iter().zip(&s.seen) {
+                let mut c = redis::cmd("EVALSHA");
+                c.arg(self.replicated.get_hash())
+                    .arg(1)
+                    .arg(replicated_key(stream))
+                    .arg(*o);
+                cmds.push((stream_slot(stream), c));
+            }
             if s.pubs.is_empty() {
                 continue;
             }
@@ -678,7 +734,7 @@ impl Worker {
             }
         }
         for e in answers.iter().filter_map(|a| a.as_ref().err()) {
-            warn!(error = %e, "store: a stored message was not published (recipients catch up)");
+            warn!(error = %e, "store: a stored message's replicated position or publish failed (recipients catch up)");
         }
     }
 
@@ -798,15 +854,20 @@ impl Worker {
         top.arg(&ok);
         let mut first = redis::cmd("XRANGE");
         first.arg(&xk).arg("-").arg("+").arg("COUNT").arg(1);
-        let mut a = self
-            .conns
-            .run(&[(slot, set), (slot, get), (slot, top), (slot, first)])
-            .into_iter();
+        let mut cmds = vec![(slot, set), (slot, get), (slot, top), (slot, first)];
+        if self.cfg.min_replicas > 0 {
+            let mut w = redis::cmd("GET");
+            w.arg(replicated_key(stream));
+            cmds.push((slot, w));
+        }
+        let mut a = self.conns.run(&cmds).into_iter();
         let mut next = || a.next().unwrap_or(Ok(Value::Nil));
         next()?;
         let epoch: Option<String> = redis::from_redis_value(next()?)?;
         let top: Option<u64> = redis::from_redis_value(next()?)?;
         let first = next()?;
+        // With --broker-min-replicas, what readers may see ends where replicas have it.
+        let replicated: Option<u64> = redis::from_redis_value(next()?)?;
         let top = top.unwrap_or(0);
         let first = entries(first).first().map_or(top + 1, |e| e.0);
         let mut epoch = epoch.unwrap_or_default();
@@ -820,6 +881,9 @@ impl Worker {
         }
         if top > 0 && self.lineage.saw(stream, &epoch, top) {
             StoreMetrics::add(&self.metrics.epoch_changes, 1);
+        }
+        if self.cfg.min_replicas > 0 {
+            top = top.min(replicated.unwrap_or(0));
         }
         Ok(Head {
             epoch: epoch.parse().unwrap_or(Epoch(0)),
