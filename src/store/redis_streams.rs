@@ -50,9 +50,9 @@ use crate::metrics::StoreMetrics;
 /// [`super::lineage`]). Answers `{"ok", offset in the last stream, its epoch, receivers of
 /// the first publish, {offset, epoch per stream}, {channel, message per publish deferred}}`
 /// or `{"dup", the first answer's offset in the last stream, epoch, 0, {the first answer's
-/// offset and epoch per stream}, {its publishes, rebuilt from the log, when deferred}}`. An entry's `x` field names its
-/// sending connection (`<node> <conn>`), which a catch-up does not deliver it to, as the
-/// live path does not.
+/// offset and epoch per stream}, {its publishes, rebuilt from the log, when deferred}}`. An
+/// entry's `x` field names its sending connection (`<node> <conn>`), which a catch-up does
+/// not deliver it to, as the live path does not.
 ///
 /// A counter at or below an offset this node knows was handed out under the same epoch
 /// means Redis went back in time: the stream takes the candidate as its new epoch before
@@ -92,18 +92,16 @@ if dedup then
       s = s + 1
       last = tonumber(o)
       if s <= n then
+        local epoch = epoch_of(KEYS[3 * s - 2])
         seen[#seen + 1] = last
-        seen[#seen + 1] = epoch_of(KEYS[3 * s - 2])
-      end
-      if defer and s <= n then
-        local a = 9 + 5 * (s - 1)
-        local e = redis.call('XRANGE', KEYS[3 * s], o .. '-0', o .. '-0')
+        seen[#seen + 1] = epoch
+        local e = defer and redis.call('XRANGE', KEYS[3 * s], o .. '-0', o .. '-0') or {}
         if #e == 1 then
-          local f = e[1][2]
+          local f, a = e[1][2], 9 + 5 * (s - 1)
           for i = 1, #f, 2 do
             if f[i] == 'p' then
               pubs[#pubs + 1] = ARGV[a + 2]
-              pubs[#pubs + 1] = envelope(o, a, f[i + 1], epoch_of(KEYS[3 * s - 2]))
+              pubs[#pubs + 1] = envelope(o, a, f[i + 1], epoch)
             end
           end
         end
