@@ -350,3 +350,42 @@ fn a_node_partitioned_from_redis_catches_its_recipients_up_once_healed() {
         "nothing twice at the seam"
     );
 }
+
+#[test]
+fn qos0_copies_a_partitioned_node_never_received_are_counted_on_that_node() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port);
+    let a = node(&proxy.url(), "a", &[]);
+    let b = node(&redis.url(), "b", &[]);
+    let (mut sub, _) = connect(&a, "sam");
+    send_json(&mut sub, json!({"op":"sub","channel":"news","id":"s"}));
+    assert_eq!(recv_json(&mut sub)["op"], "ack");
+    let (mut pubr, _) = connect(&b, "pat");
+    let publish = |ws: &mut Ws, i: u64| {
+        send_json(
+            ws,
+            json!({"op":"pub","channel":"news","data":i,"id":format!("p{i}")}),
+        );
+        assert_eq!(recv_json(ws)["op"], "ack");
+    };
+    publish(&mut pubr, 0);
+    assert_eq!(recv_json(&mut sub)["data"], 0);
+    assert_eq!(a.metric("switchboard_broker_missed_total"), 0);
+    // Node a loses Redis; node b publishes 5 qos-0 copies that cannot reach it.
+    proxy.partition();
+    a.wait_for("node a to see Redis gone", |s| {
+        s.metric("switchboard_broker_connected") == 0
+    });
+    for i in 1..=5 {
+        publish(&mut pubr, i);
+    }
+    proxy.heal();
+    a.wait_for("node a's subscriptions to be restored", |s| {
+        s.metric("switchboard_broker_connected") == 1
+    });
+    publish(&mut pubr, 6);
+    // The copies published meanwhile are gone (qos 0), and node a says how many.
+    assert_eq!(recv_json(&mut sub)["data"], 6);
+    assert_eq!(a.metric("switchboard_broker_missed_total"), 5);
+    assert_eq!(b.metric("switchboard_broker_missed_total"), 0);
+}

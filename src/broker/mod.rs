@@ -20,6 +20,7 @@ pub mod cluster;
 mod publisher;
 mod resp;
 pub mod sentinel;
+mod sequence;
 mod subscriber;
 
 use std::collections::HashMap;
@@ -482,11 +483,13 @@ impl Change {
     }
 }
 
-/// `<node>\n<payload>`: who published, then the event as delivered.
-fn envelope(node: &str, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(node.len() + 1 + payload.len());
-    v.extend_from_slice(node.as_bytes());
-    v.push(b'\n');
+/// `#<run>:<number> <node>\n<payload>`: the copy's number on its Redis channel
+/// ([`sequence`]: receivers count the numbers they never saw), who published, then the
+/// event as delivered.
+fn envelope(node: &str, (run, n): (u64, u64), payload: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut v = Vec::with_capacity(node.len() + 44 + payload.len());
+    let _ = writeln!(v, "#{run}:{n} {node}");
     v.extend_from_slice(payload);
     v
 }
@@ -521,6 +524,26 @@ pub fn open_stored(b: &[u8]) -> Option<(u64, &str, &str, &[u8])> {
 fn open_envelope(b: &[u8]) -> Option<(&[u8], &[u8])> {
     let i = b.iter().position(|&c| c == b'\n')?;
     Some((&b[..i], &b[i + 1..]))
+}
+
+/// A copy as it arrived: (node, (run, number) if numbered, payload).
+type Numbered<'a> = (&'a [u8], Option<(u64, u64)>, &'a [u8]);
+
+/// Splits a numbered envelope into (node, (run, number), payload); an envelope of a node
+/// that does not number its copies (an older version) has no number.
+fn open_numbered(b: &[u8]) -> Option<Numbered<'_>> {
+    let (head, payload) = open_envelope(b)?;
+    let Some(rest) = head.strip_prefix(b"#") else {
+        return Some((head, None, payload));
+    };
+    let sp = rest.iter().position(|&c| c == b' ')?;
+    let number = std::str::from_utf8(&rest[..sp]).ok()?;
+    let (run, n) = number.split_once(':')?;
+    Some((
+        &rest[sp + 1..],
+        Some((run.parse().ok()?, n.parse().ok()?)),
+        payload,
+    ))
 }
 
 /// The URL as logged: without a password.
@@ -611,6 +634,7 @@ impl Broker {
             up: up.clone(),
             was_up: true,
             masters: map.masters.clone(),
+            numbering: sequence::Numbering::new(),
         };
         let (ptx, prx) = crossbeam_channel::bounded(BROKER_QUEUE);
         let mut threads = vec![std::thread::Builder::new()
@@ -642,6 +666,7 @@ impl Broker {
                 late_ready: Vec::new(),
                 counted: 0,
                 down: false,
+                gaps: sequence::Gaps::default(),
             };
             threads.push(
                 std::thread::Builder::new()
@@ -721,12 +746,22 @@ mod tests {
 
     #[test]
     fn envelopes_round_trip_and_urls_hide_passwords() {
-        let e = envelope("n1:8080", br#"{"op":"msg"}"#);
+        let e = envelope("n1:8080 x", (u64::MAX, 3), br#"{"op":"msg"}"#);
         assert_eq!(
-            open_envelope(&e),
-            Some((&b"n1:8080"[..], &br#"{"op":"msg"}"#[..]))
+            open_numbered(&e),
+            Some((
+                &b"n1:8080 x"[..],
+                Some((u64::MAX, 3)),
+                &br#"{"op":"msg"}"#[..]
+            ))
         );
-        assert_eq!(open_envelope(b"no separator"), None);
+        assert_eq!(
+            open_numbered(b"old-node\n{}"),
+            Some((&b"old-node"[..], None, &b"{}"[..])),
+            "an older node's envelope"
+        );
+        assert_eq!(open_numbered(b"#1:x n\n{}"), None);
+        assert_eq!(open_numbered(b"no separator"), None);
         let b = b"*42 0.7.3 node-a:8080\n{\"op\":\"msg\"}";
         assert_eq!(
             open_stored(b),

@@ -13,6 +13,7 @@ use redis::{Cmd, Value};
 use tracing::{info, warn};
 
 use super::cluster::{slot, Conns};
+use super::sequence::Numbering;
 use super::{
     channel_channel, disconnect_envelope, envelope, members_key, node_key, post, user_channel,
     BrokerMetrics, BrokerMsg, BrokerReq, Counted, Members, Sink, Up, ALL, HEARTBEAT, MAX_SHARDS,
@@ -99,6 +100,8 @@ pub(super) struct Publisher {
     pub(super) was_up: bool,
     /// The masters of the slot map at start (the indexes of [`Up`]).
     pub(super) masters: Vec<(String, u16)>,
+    /// The numbers of this node's qos-0 copies per Redis channel.
+    pub(super) numbering: Numbering,
 }
 
 impl Publisher {
@@ -219,7 +222,7 @@ impl Publisher {
     }
 
     /// The commands of one request; the index of the one whose answer the sender waits for.
-    fn commands(&self, r: &BrokerReq, b: &mut Batch) -> Option<usize> {
+    fn commands(&mut self, r: &BrokerReq, b: &mut Batch) -> Option<usize> {
         let publish = self.conns.publish_cmd();
         let (channel, payload) = match r {
             BrokerReq::User { user, payload, .. } => (user_channel(user), payload),
@@ -286,7 +289,8 @@ impl Publisher {
             BrokerReq::Count { .. } | BrokerReq::Members { .. } => return None,
         };
         let mut c = redis::cmd(publish);
-        c.arg(&channel).arg(envelope(&self.node, payload));
+        let number = self.numbering.next(&channel);
+        c.arg(&channel).arg(envelope(&self.node, number, payload));
         Some(add(b, &channel, c))
     }
 

@@ -15,8 +15,9 @@ use tracing::{info, warn};
 use super::cluster::{connect, discover, master_info, SlotMap};
 use super::resp::{Resp, RespError};
 use super::sentinel::Seed;
+use super::sequence::Gaps;
 use super::{
-    channel_of, open_disconnect, open_envelope, open_stored, post, user_of, BrokerMetrics,
+    channel_of, open_disconnect, open_numbered, open_stored, post, user_of, BrokerMetrics,
     BrokerMsg, Change, Sink, Up, ALL,
 };
 use crate::ids::home_of;
@@ -161,6 +162,8 @@ pub(super) struct Subscriber {
     pub(super) counted: u64,
     /// Whether this thread's connection is down (counted in `Up`).
     pub(super) down: bool,
+    /// The last number seen per followed channel and publishing node.
+    pub(super) gaps: Gaps,
 }
 
 impl Subscriber {
@@ -371,6 +374,7 @@ impl Subscriber {
                 }
                 Some(_) => {
                     self.interest.remove(&name);
+                    self.gaps.forget(&name);
                     true
                 }
                 None => false,
@@ -385,7 +389,7 @@ impl Subscriber {
         }
     }
 
-    fn on_message(&self, channel: &str, payload: &[u8]) {
+    fn on_message(&mut self, channel: &str, payload: &[u8]) {
         if let Some((offset, exclude, node, event)) = open_stored(payload) {
             // Stored messages come this way from every node, this one included: one path per
             // stream keeps its offsets in order.
@@ -429,7 +433,7 @@ impl Subscriber {
             }
             return;
         }
-        let Some((node, event)) = open_envelope(payload) else {
+        let Some((node, number, event)) = open_numbered(payload) else {
             return;
         };
         if node == self.node.as_bytes() {
@@ -437,6 +441,12 @@ impl Subscriber {
             return;
         }
         self.metrics.received.fetch_add(1, Ordering::Relaxed);
+        if let Some((run, n)) = number {
+            let missed = self.gaps.arrived(channel, node, run, n);
+            if missed > 0 {
+                self.metrics.missed.fetch_add(missed, Ordering::Relaxed);
+            }
+        }
         let event = Bytes::copy_from_slice(event);
         if let Some(user) = user_of(channel) {
             let user: Arc<str> = user.into();

@@ -174,6 +174,8 @@ pub struct BrokerMetrics {
     pub received: AtomicU64,
     /// Messages of this node that came back and were dropped.
     pub own_dropped: AtomicU64,
+    /// Qos-0 copies of other nodes that never arrived (gaps in their numbers).
+    pub missed: AtomicU64,
     /// Active Redis subscriptions.
     pub subscriptions: AtomicU64,
     /// Connections to Redis lost.
@@ -277,7 +279,7 @@ pub fn render_node(o: &mut String, node: &str, b: Option<&BrokerMetrics>) {
         "# HELP switchboard_node_info This node's id in the cluster.\n# TYPE switchboard_node_info gauge\nswitchboard_node_info{{node=\"{node}\"}} 1"
     );
     let Some(b) = b else { return };
-    let rows: [(&str, &str, &str, u64); 6] = [
+    let rows: [(&str, &str, &str, u64); 7] = [
         (
             "switchboard_broker_published_total",
             "counter",
@@ -295,6 +297,12 @@ pub fn render_node(o: &mut String, node: &str, b: Option<&BrokerMetrics>) {
             "counter",
             "This node's own messages that came back from Redis (dropped).",
             b.own_dropped.load(Relaxed),
+        ),
+        (
+            "switchboard_broker_missed_total",
+            "counter",
+            "Qos-0 copies from other nodes that never arrived here (a dropped subscription, a partition): gaps in each publisher's numbers per channel, seen when a later copy arrives.",
+            b.missed.load(Relaxed),
         ),
         (
             "switchboard_broker_subscriptions",
