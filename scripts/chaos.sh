@@ -31,7 +31,7 @@ FP=target/release/faultproxy
 NA=8181 NB=8182 R=6480 R2=6481 PX=6490 PXC=6491 S=26480 C0=6500
 
 command -v redis-server >/dev/null || { echo "chaos: redis-server is missing (apt-get install redis-server)" >&2; exit 1; }
-[ -x "$BIN" ] && [ -x "$LG" ] && [ -x "$FP" ] || cargo build --release --bin switchboard --bin loadgen --bin faultproxy || exit 1
+[ -x "$BIN" ] && [ -x "$LG" ] && [ -x "$FP" ] || cargo build --release --workspace --bins || exit 1
 
 DIR=$(mktemp -d /tmp/sb-chaos.XXXXXX)
 stop_all() {

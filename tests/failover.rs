@@ -389,3 +389,84 @@ fn qos0_copies_a_partitioned_node_never_received_are_counted_on_that_node() {
     assert_eq!(a.metric("switchboard_broker_missed_total"), 5);
     assert_eq!(b.metric("switchboard_broker_missed_total"), 0);
 }
+
+/// Without `--broker-min-replicas`, a node that never saw the lost offsets (here: one started
+/// after the failover, its memory of the streams empty) must not reuse them: streams are
+/// fenced by the master that wrote them, so the promoted replica's first write moves the
+/// stream to a new epoch; a resume up to the offsets both epochs share goes on, one past
+/// them is told its history went.
+#[test]
+fn after_a_failover_a_node_that_saw_nothing_lost_reuses_no_offset_either() {
+    let mut a = Redis::start();
+    let pa = a.port;
+    let copy = Redis::start_replica_of(free_port(), pa);
+    let n = node(&a.url(), "a", &[]);
+    let (mut alice, _) = connect(&n, "alice");
+    let (mut bob, _) = connect(&n, "bob");
+    let mut seen = BTreeMap::new();
+    let send = |alice: &mut Ws, bob: &mut Ws, seen: &mut BTreeMap<_, _>, i: u64| {
+        let ack = send_qos1(alice, "bob", json!(i), &format!("m{i}"));
+        assert_eq!(ack["op"], "ack", "{ack}");
+        let m = next_msg(bob);
+        assert_eq!(m["offset"], i, "{m}");
+        seen.insert((m["epoch"].to_string(), i), m["data"].clone());
+    };
+    for i in 1..=3u64 {
+        send(&mut alice, &mut bob, &mut seen, i);
+    }
+    let epoch = next_epoch(&seen);
+    assert!(a
+        .command("WAIT 1 5000")
+        .is_some_and(|r| r.starts_with(":1")));
+    // The copy stops following at offset 3; 4..6 exist only on the master.
+    assert!(copy
+        .command("REPLICAOF NO ONE")
+        .is_some_and(|r| r.starts_with("+OK")));
+    for i in 4..=6u64 {
+        send(&mut alice, &mut bob, &mut seen, i);
+    }
+    // The master dies; the copy takes over on its port. Node a is gone too, and node b,
+    // which never saw any of it, is the first to write.
+    drop(alice);
+    drop(bob);
+    drop(n);
+    a.stop();
+    let back = Redis::start_replica_of(pa, copy.port);
+    assert!(back
+        .command("REPLICAOF NO ONE")
+        .is_some_and(|r| r.starts_with("+OK")));
+    let b = node(&a.url(), "b", &[]);
+    let (mut carol, _) = connect(&b, "carol");
+    let (ack, _) = send_until_acked(&mut carol, "bob", json!(7), "c7");
+    assert_eq!(ack["op"], "ack", "{ack}");
+    // bob resumes from offset 3 (held by both epochs): recovered, and the new message is
+    // the one after it, in the new epoch.
+    let since3 = format!("{}:3", epoch.trim_matches('"'));
+    let mut bob = connect_raw_ws(&b, &format!("/ws?user=bob&since={since3}"));
+    let w = recv_json(&mut bob);
+    assert_eq!(w["inbox"]["recovered"], true, "{w}");
+    let m = next_msg(&mut bob);
+    assert_eq!(m["data"], 7, "{m}");
+    assert_ne!(m["epoch"].to_string(), epoch, "a new epoch: {m}");
+    assert!(
+        seen.insert(
+            (m["epoch"].to_string(), m["offset"].as_u64().unwrap()),
+            json!(7)
+        )
+        .is_none(),
+        "an (epoch, offset) reused: {m}"
+    );
+    // From offset 6 (lost): told so.
+    let since6 = format!("{}:6", epoch.trim_matches('"'));
+    let mut bob6 = connect_raw_ws(&b, &format!("/ws?user=bob&since={since6}"));
+    let w = recv_json(&mut bob6);
+    assert_eq!(
+        (
+            w["inbox"]["recovered"].as_bool(),
+            w["inbox"]["reason"].as_str()
+        ),
+        (Some(false), Some("epoch_changed")),
+        "{w}"
+    );
+    drop(a);
+}

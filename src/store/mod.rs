@@ -107,19 +107,21 @@ impl Since {
 }
 
 /// Where a catch-up (`StoreReq::CatchUp`) reads from: `from` when the stream is still in the
-/// epoch the shard knows, or in one that continues it (`continues`: Redis went back in time
-/// and the stream moved on with offsets past every one handed out), else the first offset of
-/// the stream's current epoch.
+/// epoch the shard knows; in an epoch that continues it (`continues`: Redis went back in time
+/// and the stream moved on, sharing offsets up to `shared` with the old epoch), `from` or the
+/// first offset past the shared ones, whichever is lower (what the shard had past them was
+/// lost, and the new epoch's offsets there are new messages); else the first offset of the
+/// stream's current epoch.
 pub(crate) fn catch_up_from(
     known: Epoch,
     current: Epoch,
     from: u64,
-    continues: Option<Epoch>,
+    continues: Option<(Epoch, u64)>,
 ) -> u64 {
-    if known == current || continues == Some(known) {
-        from
-    } else {
-        1
+    match continues {
+        _ if known == current => from,
+        Some((e, shared)) if e == known => from.min(shared.saturating_add(1)),
+        _ => 1,
     }
 }
 
@@ -1339,6 +1341,23 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
+
+    #[test]
+    fn a_catch_up_goes_on_in_a_continuing_epoch_only_up_to_the_offsets_both_share() {
+        let (old, new, other) = (Epoch(1), Epoch(2), Epoch(3));
+        assert_eq!(catch_up_from(old, old, 7, None), 7, "same epoch");
+        assert_eq!(
+            catch_up_from(old, new, 7, None),
+            1,
+            "unrelated: from the start"
+        );
+        assert_eq!(catch_up_from(old, new, 7, Some((other, 9))), 1);
+        // The new epoch holds the old one's 1..=9: the shard had 1..=6, goes on at 7.
+        assert_eq!(catch_up_from(old, new, 7, Some((old, 9))), 7);
+        // The shard had 1..=11 but only 1..=4 survived: 5.. of the new epoch are new.
+        assert_eq!(catch_up_from(old, new, 12, Some((old, 4))), 5);
+        assert_eq!(catch_up_from(old, new, 12, Some((old, u64::MAX))), 12);
+    }
 
     #[test]
     fn the_trailer_matches_the_formatted_event() {

@@ -17,8 +17,11 @@
 //! (the recipient's and the sender's copy): one script on one Redis, one script per inbox in
 //! a cluster, each atomic and deduplicated on its own, the sender acked once both are stored.
 //!
-//! Each stream has its epoch (`sb:e:<stream>`, set once): a Redis (or a cluster master) that
-//! lost the stream gives it a new one, so clients learn their positions no longer hold. What
+//! Each stream has its epoch (`sb:e:<stream>`): a Redis (or a cluster master) that lost the
+//! stream gives it a new one, so clients learn their positions no longer hold; one that may
+//! have lost its last writes (another master than the one that wrote it, without
+//! `--broker-min-replicas`: [`FENCE_SCRIPT`]) moves it to a new epoch that continues the old
+//! one up to what it holds. What
 //! Redis keeps across its own restarts is up to its persistence settings (AOF with
 //! `appendfsync always` for the durability of the embedded store).
 
@@ -45,7 +48,8 @@ use crate::metrics::StoreMetrics;
 /// broker's: [`crate::broker::open_stored`]). KEYS: per stream (epoch, offset counter, log),
 /// then the dedup key if any. ARGV: body, ts, max count, ttl ms, dedup window ms, epoch
 /// candidate, node, publish command (`PUBLISH` or `SPUBLISH`), defer (`1`: return the
-/// publishes instead of making them), then per stream (wire name, Redis channel, excluded
+/// publishes instead of making them), fence (`1`: fence streams by the master that wrote
+/// them, as [`FENCE_SCRIPT`] does), then per stream (wire name, Redis channel, excluded
 /// connection or "-", the epoch and highest offset this node knows of it, see
 /// [`super::lineage`]). Answers `{"ok", offset in the last stream, its epoch, receivers of
 /// the first publish, {offset, epoch per stream}, {channel, message per publish deferred}}`
@@ -58,8 +62,9 @@ use crate::metrics::StoreMetrics;
 /// means Redis went back in time: the stream takes the candidate as its new epoch before
 /// the offset is reused, and its counter moves past every offset this node saw (offsets
 /// stay unique across the two epochs; a connection that had the old top takes the new
-/// epoch's next message with no gap). `sb:p:<stream>` then names the epoch it continues,
-/// so a live connection's catch-up goes on from where it stood instead of replaying.
+/// epoch's next message with no gap). `sb:p:<stream>` then names the epoch it continues
+/// and the last offset both hold (`<epoch> <offset>`), so a live connection's catch-up, and
+/// a resume, go on from where they stood instead of replaying.
 ///
 /// A duplicate refreshes its dedup entry, a write that replicates: a `WAIT` after it then
 /// covers the write it repeats. Publishes are deferred with `--broker-min-replicas`, so that
@@ -67,16 +72,38 @@ use crate::metrics::StoreMetrics;
 /// `unavailable`); a retry's duplicate then publishes what the first attempt did not (a
 /// recipient that had it takes the same offset again, which offset dedup drops).
 const STORE_SCRIPT: &str = r#"
-local n = (#ARGV - 9) / 5
+local n = (#ARGV - 10) / 5
 local defer = ARGV[9] == '1'
 local pubs = {}
+local rid = nil
+if ARGV[10] == '1' then
+  rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+end
+local function aside(k, prefix)
+  return (string.gsub(k, '^sb:e:', prefix, 1))
+end
 local function epoch_of(k)
   local e = redis.call('GET', k)
   if not e then
     redis.call('SET', k, ARGV[6])
-    e = ARGV[6]
+    if rid then redis.call('SET', aside(k, 'sb:h:'), rid) end
+    return ARGV[6]
   end
-  return e
+  local prev = nil
+  if rid then
+    local hk = aside(k, 'sb:h:')
+    local h = redis.call('GET', hk)
+    if h ~= rid then
+      if h then
+        local top = redis.call('GET', aside(k, 'sb:o:')) or '0'
+        redis.call('SET', aside(k, 'sb:p:'), e .. ' ' .. top)
+        redis.call('SET', k, ARGV[6])
+        prev, e = e, ARGV[6]
+      end
+      redis.call('SET', hk, rid)
+    end
+  end
+  return e, prev
 end
 local function envelope(o, a, body, epoch)
   local ev = body .. ',"stream":"' .. ARGV[a + 1] .. '","offset":' .. o .. ',"epoch":"' .. epoch .. '"}'
@@ -97,7 +124,7 @@ if dedup then
         seen[#seen + 1] = epoch
         local e = defer and redis.call('XRANGE', KEYS[3 * s], o .. '-0', o .. '-0') or {}
         if #e == 1 then
-          local f, a = e[1][2], 9 + 5 * (s - 1)
+          local f, a = e[1][2], 10 + 5 * (s - 1)
           for i = 1, #f, 2 do
             if f[i] == 'p' then
               pubs[#pubs + 1] = ARGV[a + 2]
@@ -116,15 +143,19 @@ local last, first_n, epoch = 0, 0, ''
 local seen, offsets = {}, {}
 for s = 1, n do
   local key = KEYS[3 * s]
-  local a = 9 + 5 * (s - 1)
-  epoch = epoch_of(KEYS[3 * s - 2])
+  local a = 10 + 5 * (s - 1)
+  local prev
+  epoch, prev = epoch_of(KEYS[3 * s - 2])
   local o = redis.call('INCR', KEYS[3 * s - 1])
-  if epoch == ARGV[a + 4] and o <= tonumber(ARGV[a + 5]) then
-    epoch = ARGV[6]
-    redis.call('SET', KEYS[3 * s - 2], epoch)
-    o = tonumber(ARGV[a + 5]) + 1
+  local known = tonumber(ARGV[a + 5])
+  if o <= known and (epoch == ARGV[a + 4] or prev == ARGV[a + 4]) then
+    if epoch == ARGV[a + 4] then
+      epoch = ARGV[6]
+      redis.call('SET', KEYS[3 * s - 2], epoch)
+      redis.call('SET', aside(KEYS[3 * s - 2], 'sb:p:'), ARGV[a + 4] .. ' ' .. (o - 1))
+    end
+    o = known + 1
     redis.call('SET', KEYS[3 * s - 1], o)
-    redis.call('SET', (string.gsub(KEYS[3 * s - 2], '^sb:e:', 'sb:p:', 1)), ARGV[a + 4])
   end
   if ARGV[a + 3] == '-' then
     redis.call('XADD', key, 'MAXLEN', ARGV[3], o .. '-0', 'p', ARGV[1], 't', ARGV[2])
@@ -175,8 +206,43 @@ local top = tonumber(redis.call('GET', KEYS[2]) or '0')
 if e == ARGV[1] and top < tonumber(ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[3])
   redis.call('SET', KEYS[2], ARGV[2])
-  redis.call('SET', (string.gsub(KEYS[1], '^sb:e:', 'sb:p:', 1)), ARGV[1])
+  redis.call('SET', (string.gsub(KEYS[1], '^sb:e:', 'sb:p:', 1)), ARGV[1] .. ' ' .. top)
   return ARGV[3]
+end
+return e
+"#;
+
+/// A stream's epoch as a read finds it, fenced (without `--broker-min-replicas`): the
+/// master that last wrote the stream is named in `sb:h:<stream>` (its replication id). Any
+/// other master now (a promoted replica, a restart) may lack the last writes, and no node
+/// may know it: the stream moves to a new epoch whose `sb:p:<stream>` says which offsets it
+/// shares with the old one (`<old epoch> <top>`), so resumes and catch-ups up to there go
+/// on, and a position past it is told its history went. [`STORE_SCRIPT`] fences the same
+/// way before it writes. Like a [`BUMP_SCRIPT`], the counter moves past what this node saw
+/// of the old epoch. KEYS: epoch, offset counter. ARGV: the new epoch (also a new stream's),
+/// the epoch and highest offset this node knows. Answers the epoch.
+const FENCE_SCRIPT: &str = r#"
+local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+local k = KEYS[1]
+local hk = (string.gsub(k, '^sb:e:', 'sb:h:', 1))
+local e = redis.call('GET', k)
+if not e then
+  redis.call('SET', k, ARGV[1])
+  redis.call('SET', hk, rid)
+  return ARGV[1]
+end
+local h = redis.call('GET', hk)
+if h ~= rid then
+  if h then
+    local top = redis.call('GET', KEYS[2]) or '0'
+    redis.call('SET', (string.gsub(k, '^sb:e:', 'sb:p:', 1)), e .. ' ' .. top)
+    redis.call('SET', k, ARGV[1])
+    if e == ARGV[2] and tonumber(top) < tonumber(ARGV[3]) then
+      redis.call('SET', KEYS[2], ARGV[3])
+    end
+    e = ARGV[1]
+  end
+  redis.call('SET', hk, rid)
 end
 return e
 "#;
@@ -246,11 +312,13 @@ pub fn start(
     let confirm = redis::Script::new(CONFIRM_SCRIPT);
     let bump = redis::Script::new(BUMP_SCRIPT);
     let replicated = redis::Script::new(REPLICATED_SCRIPT);
+    let fence = redis::Script::new(FENCE_SCRIPT);
     let scripts = vec![
         store.clone(),
         confirm.clone(),
         bump.clone(),
         replicated.clone(),
+        fence.clone(),
     ];
     let mut conns = broker.conns(scripts, "store");
     conns.set_min_replicas(
@@ -272,6 +340,7 @@ pub fn start(
         confirm,
         bump,
         replicated,
+        fence,
         lineage: Lineage::default(),
     };
     let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
@@ -333,6 +402,7 @@ struct Worker {
     confirm: redis::Script,
     bump: redis::Script,
     replicated: redis::Script,
+    fence: redis::Script,
     /// The highest offset seen of each stream, under its epoch.
     lineage: Lineage,
 }
@@ -446,7 +516,8 @@ impl Worker {
             .arg(epoch_candidate)
             .arg(&*self.node)
             .arg(self.conns.publish_cmd())
-            .arg(if self.cfg.min_replicas > 0 { "1" } else { "0" });
+            .arg(if self.cfg.min_replicas > 0 { "1" } else { "0" })
+            .arg(if self.fenced() { "1" } else { "0" });
         for (stream, wire, chan, exclude) in streams {
             let (epoch, top) = self.lineage.known(stream);
             c.arg(*wire).arg(chan).arg(exclude).arg(epoch).arg(top);
@@ -844,8 +915,22 @@ impl Worker {
     fn head(&mut self, stream: &str) -> redis::RedisResult<Head> {
         let [ek, ok, xk] = stream_keys(stream);
         let slot = stream_slot(stream);
-        let mut set = redis::cmd("SET");
-        set.arg(&ek).arg(new_epoch().to_string()).arg("NX");
+        let set = if self.fenced() {
+            let mut c = redis::cmd("EVALSHA");
+            let (known, top) = self.lineage.known(stream);
+            c.arg(self.fence.get_hash())
+                .arg(2)
+                .arg(&ek)
+                .arg(&ok)
+                .arg(new_epoch().to_string())
+                .arg(known)
+                .arg(top);
+            c
+        } else {
+            let mut c = redis::cmd("SET");
+            c.arg(&ek).arg(new_epoch().to_string()).arg("NX");
+            c
+        };
         let mut get = redis::cmd("GET");
         get.arg(&ek);
         let mut top = redis::cmd("GET");
@@ -893,13 +978,24 @@ impl Worker {
         })
     }
 
-    /// The epoch `stream`'s current one continues, if it moved on when Redis went back.
-    fn continues(&mut self, stream: &str) -> redis::RedisResult<Option<Epoch>> {
+    /// The epoch `stream`'s current one continues when Redis went back, and the last offset
+    /// they share (`u64::MAX` for a value written before it was kept: the counter then
+    /// moved past everything handed out).
+    fn continues(&mut self, stream: &str) -> redis::RedisResult<Option<(Epoch, u64)>> {
         let mut c = redis::cmd("GET");
         c.arg(continues_key(stream));
         let v: Option<String> =
             redis::from_redis_value(self.conns.run_one(stream_slot(stream), c)?)?;
-        Ok(v.and_then(|e| e.parse().ok()))
+        Ok(v.and_then(|v| {
+            let (e, shared) = v.split_once(' ').unwrap_or((&v, ""));
+            Some((e.parse().ok()?, shared.parse().unwrap_or(u64::MAX)))
+        }))
+    }
+
+    /// Whether streams are fenced by the master that wrote them ([`FENCE_SCRIPT`]): without
+    /// `--broker-min-replicas`, any failover or restart may have lost writes.
+    fn fenced(&self) -> bool {
+        self.cfg.min_replicas == 0
     }
 
     /// Moves `stream` to a new epoch: Redis holds less of it than this node saw handed out
@@ -1016,9 +1112,32 @@ impl Worker {
         since: Since,
         confirmed: u64,
     ) -> redis::RedisResult<(Result<(), Unrecoverable>, Page)> {
+        let since = self.carried(stream, head, since)?;
         let plan = plan_resume(&head.meta, head.epoch, since, confirmed, &self.metrics);
         let page = self.page(stream, head, plan.from)?;
         Ok((plan.lost.map_or(Ok(()), Err), page))
+    }
+
+    /// A resume position in the epoch the stream's current one continues, carried over when
+    /// the two share it (up to the shared offset both hold the same messages).
+    fn carried(&mut self, stream: &str, head: &Head, since: Since) -> redis::RedisResult<Since> {
+        let Since::Position {
+            epoch: Some(e),
+            offset,
+        } = since
+        else {
+            return Ok(since);
+        };
+        if e == head.epoch {
+            return Ok(since);
+        }
+        Ok(match self.continues(stream)? {
+            Some((old, shared)) if old == e && offset <= shared => Since::Position {
+                epoch: Some(head.epoch),
+                offset,
+            },
+            _ => since,
+        })
     }
 
     fn confirmed(&mut self, user: &str) -> redis::RedisResult<u64> {
