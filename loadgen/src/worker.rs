@@ -826,7 +826,9 @@ impl Worker {
 
     fn drop_conn(&mut self, key: usize) {
         let c = self.conns.remove(key);
-        if self.job.resume_every_ns > 0 {
+        // Only a connection that opened took over the id's sequences (`resume_sending`): a
+        // refused or failed attempt must not overwrite them with its fresh zeros.
+        if self.job.resume_every_ns > 0 && matches!(c.st, St::Open | St::Closing) {
             self.recv_next_by_id.insert(c.id, (c.recv_next, c.send_seq));
         }
         let st = &self.shared.stats[self.index];
