@@ -451,6 +451,60 @@ fn event_streams_resume_from_last_event_id() {
     assert_eq!(b[0].1, format!("{epoch}:5"));
 }
 
+/// Reads raw lines up to the first blank line (one SSE block, even one without data).
+fn sse_raw_block(r: &mut std::io::BufReader<std::net::TcpStream>) -> Vec<String> {
+    use std::io::BufRead;
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert!(r.read_line(&mut line).unwrap() > 0, "stream ended");
+        let line = line.trim_end_matches('\n');
+        if line.is_empty() {
+            if !lines.is_empty() {
+                return lines;
+            }
+            continue;
+        }
+        lines.push(line.to_owned());
+    }
+}
+
+#[test]
+fn a_plain_event_stream_carries_positions_from_the_start_and_resumes_from_them() {
+    let server = Server::start(&["--shards", "2"]);
+    let (mut alice, w) = connect(&server, "alice");
+    let epoch = w["inbox"]["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=2 {
+        send_qos1(&mut alice, "kim", json!(i), &format!("k{i}"));
+    }
+    // No `since`, no Last-Event-ID: live from the top, but the position is its id at once.
+    let mut r = sse_open(&server, "user=kim", None);
+    assert_eq!(sse_raw_block(&mut r), vec!["retry: 2000".to_owned()]);
+    assert_eq!(sse_raw_block(&mut r), vec![format!("id: {epoch}:2")]);
+    send_qos1(&mut alice, "kim", json!(3), "k3");
+    let b = sse_blocks(&mut r, 1);
+    assert_eq!(b[0].1, format!("{epoch}:3"), "{b:?}");
+    drop(r);
+    for i in 4..=5 {
+        send_qos1(&mut alice, "kim", json!(i), &format!("k{i}"));
+    }
+    // The browser comes back with the last id it saw: nothing missed, nothing twice.
+    let mut r = sse_open(&server, "user=kim", Some(&b[0].1));
+    let blocks = sse_blocks(&mut r, 3);
+    assert_eq!(blocks[0].0, "resume");
+    let got: Vec<(String, u64)> = blocks[1..]
+        .iter()
+        .map(|b| {
+            let v: Value = serde_json::from_str(&b.2).unwrap();
+            (b.1.clone(), v["data"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![(format!("{epoch}:4"), 4), (format!("{epoch}:5"), 5)]
+    );
+}
+
 #[test]
 fn channels_with_history_store_publications_and_resume_subscribers() {
     let cfg = std::env::temp_dir().join(format!("sb-channels-{}.toml", std::process::id()));

@@ -709,6 +709,13 @@ pub fn resume_event(inbox: InboxInfo<'_>) -> Bytes {
     b.finish()
 }
 
+/// An SSE block with only an `id:` (the inbox position `<epoch>:<offset>`): the browser's
+/// `EventSource` takes it as its last event id without firing an event, so a stream that
+/// has not had a message yet still resumes from where it opened.
+pub fn sse_position(epoch: &str, offset: u64) -> Bytes {
+    Bytes::from(format!("id: {epoch}:{offset}\n\n"))
+}
+
 /// The answer to `sub` with `since`: `{"op":"ack","id":..,"stream":"channel:<c>","epoch":..,
 /// "offset":TOP,"recovered":bool[,"reason":..]}`.
 pub fn sub_ack(id: &str, stream: &str, epoch: &str, top: u64, resume: Result<(), &str>) -> Bytes {

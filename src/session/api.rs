@@ -134,9 +134,13 @@ impl<T: Transport> Sessions<T> {
         if let Some(g) = grant {
             c.extra_mut().grant = Some(g);
         }
-        let resume = since.is_some() && c.user.is_some() && streams_on;
-        if let (true, Some(since)) = (resume, since) {
-            c.extra_mut().cursor = Some(Box::new(super::streams::Cursor::resuming(since)));
+        if c.user.is_some() && streams_on {
+            // Event ids are inbox positions from the first event, with or without `since`.
+            let cursor = since.map_or_else(
+                super::streams::Cursor::at_top,
+                super::streams::Cursor::resuming,
+            );
+            c.extra_mut().cursor = Some(Box::new(cursor));
         }
         if c.user.is_some() {
             // A named stream opens (its headers go out) once the user's home shard recorded

@@ -64,6 +64,21 @@ impl Cursor {
         true
     }
 
+    /// A cursor for a named event stream opened without a position: it starts at the
+    /// inbox's top once the store says where that is (live inbox messages meanwhile are held
+    /// back, as for a resume), so its event ids are positions from the first event on and a
+    /// plain `EventSource` resumes by itself.
+    pub fn at_top() -> Cursor {
+        Cursor {
+            since: None,
+            next: 0,
+            replaying: true,
+            epoch: None,
+            wants_page: false,
+            skipped: 0,
+        }
+    }
+
     /// A cursor waiting for the store's answer to a resume from `since`.
     pub fn resuming(since: Since) -> Cursor {
         Cursor {
@@ -96,28 +111,19 @@ impl<T: Transport> Sessions<T> {
         self.store.is_some() && !self.cfg.echo
     }
 
-    /// An event stream that resumes (`Last-Event-ID` or `since`): ask the store for the
-    /// first replay page.
+    /// A named event stream: ask the store for its inbox position (and, resuming from
+    /// `Last-Event-ID` or `since`, the first replay page).
     pub(super) fn open_sse_stream(&mut self, key: usize) {
         let c = &self.conns[key];
-        let (Some(user), Some(since)) = (
-            c.user.clone(),
-            c.extra()
-                .and_then(|e| e.cursor.as_ref())
-                .and_then(|c| c.since),
-        ) else {
+        let (Some(user), Some(cursor)) =
+            (c.user.clone(), c.extra().and_then(|e| e.cursor.as_ref()))
+        else {
             return;
         };
+        let since = cursor.since;
         let conn = self.conn_id(key);
         let store = self.store.as_ref().expect("streams on");
-        if store
-            .request(StoreReq::Open {
-                user,
-                conn,
-                since: Some(since),
-            })
-            .is_err()
-        {
+        if store.request(StoreReq::Open { user, conn, since }).is_err() {
             // Not resumed: live messages from now on.
             warn!(
                 shard = self.index,
@@ -417,7 +423,12 @@ impl<T: Transport> Sessions<T> {
             cur.epoch = Some(o.epoch);
             cur.next = o.page.entries.first().map_or(o.page.next, |e| e.0);
         }
-        if sse {
+        if sse && o.resume.is_none() {
+            // Opened at the top: the position becomes the browser's last event id at once.
+            if o.epoch != crate::store::Epoch(0) {
+                self.push_raw(key, protocol::sse_position(&epoch, o.top));
+            }
+        } else if sse {
             // An event stream has no welcome: a named `resume` event says how it went.
             let f = protocol::resume_event(info);
             self.push_raw(key, f);
@@ -425,9 +436,25 @@ impl<T: Transport> Sessions<T> {
             let welcome = protocol::welcome_inbox(&name, &id, self.cfg.ping_interval_ms, info);
             self.push_event(key, welcome);
         }
-        if o.resume.is_some() {
+        let at_top = sse && o.resume.is_none();
+        if at_top && o.epoch == crate::store::Epoch(0) {
+            // The store could not say where the inbox stands: live from now on, counted ids.
+            if let Some(e) = self.conns[key].extra_if_mut() {
+                e.cursor = None;
+            }
+        } else if o.resume.is_some() || at_top {
             let stream = StreamRef::Inbox(name.clone());
-            self.replay(key, &stream, o.page);
+            let page = if at_top {
+                // From the top: nothing to replay, unless live messages came meanwhile.
+                Page {
+                    entries: Vec::new(),
+                    next: o.top + 1,
+                    done: true,
+                }
+            } else {
+                o.page
+            };
+            self.replay(key, &stream, page);
         }
         if !sse {
             // Requests that arrived meanwhile are processed now, after the welcome.

@@ -229,6 +229,45 @@ test('messages sent while a tab was closed arrive in order through a kill -9, an
   rmSync(dataDir, { recursive: true, force: true });
 });
 
+test('a plain EventSource resumes by itself: messages stored while it was away arrive once, in order', async () => {
+  const es = await startServer('127.0.0.1:0');
+  try {
+    const base = `http://${es.addr}`;
+    browser ||= await launch();
+    const page = await (await browser.newContext()).newPage();
+    await page.goto(`${base}/`);
+    // No `since`, no client library: what an old browser or a dashboard does.
+    await page.evaluate(() => {
+      window.got = [];
+      window.opens = 0;
+      const s = new EventSource('/events?user=dave');
+      s.onopen = () => { window.opens += 1; };
+      s.onmessage = (e) => window.got.push(JSON.parse(e.data).data);
+    });
+    const send = async (data) => {
+      const r = await fetch(`${base}/api/send`, { method: 'POST', body: JSON.stringify({ to: 'dave', data, qos: 1 }) });
+      assert.equal(r.status, 200, await r.text());
+    };
+    await page.waitForFunction(() => window.opens === 1, null, WAIT);
+    await until('dave online', async () => (await (await fetch(`${base}/api/users/dave`)).json()).online);
+    await send(1);
+    await page.waitForFunction(() => window.got.length === 1, null, WAIT);
+    // The server ends the stream; while the browser waits to reconnect (retry: 2000), two
+    // more are stored for dave. The browser comes back with Last-Event-ID on its own.
+    const r = await fetch(`${base}/api/disconnect`, { method: 'POST', body: JSON.stringify({ user: 'dave', code: 4000, reason: 'test' }) });
+    assert.equal(r.status, 200);
+    await until('dave offline', async () => !(await (await fetch(`${base}/api/users/dave`)).json()).online);
+    await send(2);
+    await send(3);
+    await page.waitForFunction(() => window.opens === 2 && window.got.length >= 3, null, WAIT);
+    await send(4);
+    await page.waitForFunction(() => window.got.length >= 4, null, WAIT);
+    assert.deepEqual(await page.evaluate(() => window.got), [1, 2, 3, 4]);
+  } finally {
+    es.child.kill('SIGKILL');
+  }
+});
+
 // A free loopback port (closed again before use).
 async function freePort() {
   const net = await import('node:net');
