@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod mail;
 pub mod metrics;
 pub mod protocol;
 pub mod server;

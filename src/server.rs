@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::broker::Broker;
 use crate::config::{Config, FdTableMode, StoreKind};
-use crate::hub::ShardMsg;
+use crate::mail::ShardMsg;
 use crate::metrics::{ShardMetrics, StoreMetrics};
 use crate::shard::{self, fdtable, listener, Mailbox, Shard, ShardSetup};
 use crate::store::{Retention, Store, StoreConfig};

@@ -16,7 +16,10 @@ const NEVER: &[(&str, &[&str])] = &[
     ("protocol", &["ws", "http", "session", "shard"]),
     ("ws", &["http", "session", "shard"]),
     ("http", &["session", "shard"]),
-    ("hub", &["session", "shard"]),
+    // The hub answers who is where; the mail it routes (and the store and broker answers
+    // that ride in it) live in `mail/`.
+    ("hub", &["session", "shard", "mail", "store", "broker"]),
+    ("mail", &["session", "shard", "server", "hub"]),
     ("timer", &["session", "shard", "hub"]),
     ("session", &["shard", "server"]),
     ("sim", &["shard", "server"]),
@@ -256,6 +259,122 @@ fn layers_keep_their_nevers() {
         metric_files.is_empty(),
         "metric names spelled outside src/metrics: {metric_files:?}"
     );
+}
+
+/// The imports between the files of one folder (`mod.rs` left out: it declares the others,
+/// which use its types): file → (sibling it imports → an example line). `prefix` is how the
+/// folder is named from the crate root (`crate::session::`, or `crate::` for the root
+/// folder), so that both `super::x` and `crate::<folder>::x` count.
+fn file_graph(dir: &Path, prefix: &str) -> Graph {
+    let mut g: Graph = BTreeMap::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .collect();
+    files.sort();
+    let stem = |p: &Path| p.file_stem().unwrap().to_string_lossy().into_owned();
+    let siblings: BTreeSet<String> = files
+        .iter()
+        .map(|f| stem(f))
+        .chain(
+            std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.is_dir())
+                .map(|p| stem(&p)),
+        )
+        .filter(|n| !matches!(n.as_str(), "mod" | "lib" | "main" | "tests"))
+        .collect();
+    let root = prefix == "crate::";
+    for f in &files {
+        let me = stem(f);
+        if !siblings.contains(&me) {
+            continue;
+        }
+        let Some(text) = production_text(f) else {
+            continue;
+        };
+        // A child module's own `super::` is this file, not the folder: only files count.
+        let entry = g.entry(me.clone()).or_default();
+        for line in text.lines() {
+            let code = line.split("//").next().unwrap_or("");
+            let mut pre: Vec<&str> = vec![prefix];
+            if !root {
+                pre.push("super::");
+            }
+            for p in pre {
+                let mut rest = code;
+                while let Some(i) = rest.find(p) {
+                    rest = &rest[i + p.len()..];
+                    let mut names = Vec::new();
+                    if let Some(group) = rest.strip_prefix('{') {
+                        let group = group.split('}').next().unwrap_or("");
+                        for part in group.split(',') {
+                            names.push(part.trim().split("::").next().unwrap_or("").trim());
+                        }
+                    } else {
+                        let n = rest
+                            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                            .next()
+                            .unwrap_or("");
+                        names.push(n);
+                    }
+                    for n in names {
+                        if n != me && siblings.contains(n) {
+                            entry
+                                .entry(n.to_owned())
+                                .or_insert_with(|| format!("{}: {}", f.display(), line.trim()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    g
+}
+
+/// Every folder under `dir` (itself included) with the prefix that names it from the root.
+fn folders(dir: &Path, prefix: &str, out: &mut Vec<(PathBuf, String)>) {
+    out.push((dir.to_owned(), prefix.to_owned()));
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            folders(&p, &format!("{prefix}{name}::"), out);
+        }
+    }
+}
+
+#[test]
+fn no_import_circle_between_the_files_of_a_folder() {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut all = Vec::new();
+    for crate_src in [base.join("src"), base.join("loadgen/src")] {
+        folders(&crate_src, "crate::", &mut all);
+    }
+    let mut found = Vec::new();
+    for (dir, prefix) in &all {
+        let g = file_graph(dir, prefix);
+        let g = &g;
+        for c in circles(g) {
+            let lines: Vec<String> = c
+                .iter()
+                .flat_map(|a| {
+                    c.iter().filter_map(move |b| {
+                        g.get(a).and_then(|e| e.get(b)).map(|l| format!("  {l}"))
+                    })
+                })
+                .collect();
+            found.push(format!(
+                "import circle in {} between {}:\n{}",
+                dir.display(),
+                c.join(", "),
+                lines.join("\n")
+            ));
+        }
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
 }
 
 #[test]

@@ -12,7 +12,8 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
-use loadgen::worker::{self, now_ns, phase, ErrKind, Job, Scenario, Shared, WorkerStats};
+use loadgen::plan::Scenario;
+use loadgen::worker::{self, now_ns, phase, ErrKind, Job, Shared, WorkerStats};
 use loadgen::{plan, report};
 
 #[global_allocator]

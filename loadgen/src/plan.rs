@@ -4,7 +4,27 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 
-use crate::worker::Scenario;
+/// Which load to generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Open and hold connections.
+    Connect,
+    /// Timestamped messages to any echo server; RTT.
+    Echo,
+    /// Pairs of users sending each other `send` ops.
+    Dm,
+    /// Subscribers over channels, publishers at a rate.
+    Fanout,
+    /// Drop a share of connections at once and reconnect with jittered backoff.
+    Storm,
+    /// Plain TCP connects, no upgrade: the baseline the `connect` rate is compared with.
+    Tcp,
+    /// Closed loop against any echo server: `--window` messages in flight per connection,
+    /// each echo answered by the next message, many frames per write (write-combining);
+    /// echoed msg/s and the server's CPU per message.
+    Flood,
+}
 
 /// Above this many connections per (source IP, destination) pair `connect()` slows from
 /// ~45k/s to ~260/s on the machines we measured (port search in the kernel).

@@ -19,7 +19,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use switchboard::testkit;
 use switchboard::ws::frame::{self, Control, Data, OpCode};
 
-use crate::plan::Target;
+use crate::plan::{Scenario, Target};
 use crate::report::new_histogram;
 use crate::schedule::{latency_us, Schedule};
 
@@ -37,28 +37,6 @@ static EPOCH: OnceLock<Instant> = OnceLock::new();
 /// Nanoseconds on the process-wide monotonic clock (comparable across threads).
 pub fn now_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
-}
-
-/// Which load to generate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scenario {
-    /// Open and hold connections.
-    Connect,
-    /// Timestamped messages to any echo server; RTT.
-    Echo,
-    /// Pairs of users sending each other `send` ops.
-    Dm,
-    /// Subscribers over channels, publishers at a rate.
-    Fanout,
-    /// Drop a share of connections at once and reconnect with jittered backoff.
-    Storm,
-    /// Plain TCP connects, no upgrade: the baseline the `connect` rate is compared with.
-    Tcp,
-    /// Closed loop against any echo server: `--window` messages in flight per connection,
-    /// each echo answered by the next message, many frames per write (write-combining);
-    /// echoed msg/s and the server's CPU per message.
-    Flood,
 }
 
 /// Phases, set by the main thread.

@@ -9,14 +9,15 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::conn::{ConnState, Flags, Transport};
-use super::frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
+use super::ops::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
 use super::Sessions;
 use crate::auth::{self, Identity};
 use crate::broker::Counted;
 use crate::http::api::{self, ApiError, Route};
 use crate::http::request::query_params;
 use crate::http::{response, Method, Request};
-use crate::hub::{ApiCmd, ApiTicket, ReplyTo, ShardMsg};
+use crate::hub::{ApiTicket, ReplyTo};
+use crate::mail::{ApiCmd, ShardMsg};
 use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::protocol::{self, ErrorCode, Target};
 use crate::store::{Since, StoreReq};
@@ -137,8 +138,8 @@ impl<T: Transport> Sessions<T> {
         if c.user.is_some() && streams_on {
             // Event ids are inbox positions from the first event, with or without `since`.
             let cursor = since.map_or_else(
-                super::streams::Cursor::at_top,
-                super::streams::Cursor::resuming,
+                super::cursor::Cursor::at_top,
+                super::cursor::Cursor::resuming,
             );
             c.extra_mut().cursor = Some(Box::new(cursor));
         }

@@ -139,9 +139,9 @@ pub struct Extra {
     /// Messages refused in a row by the rate limit.
     pub rate_strikes: u16,
     /// Place in the inbox stream of a resuming connection.
-    pub cursor: Option<Box<super::streams::Cursor>>,
+    pub cursor: Option<Box<super::cursor::Cursor>>,
     /// Places in the streams of channels subscribed with `since`.
-    pub channel_cursors: Vec<(Arc<str>, super::streams::Cursor)>,
+    pub channel_cursors: Vec<(Arc<str>, super::cursor::Cursor)>,
     /// A replaying connection wants its next page once its outbox drained.
     pub page_wanted: bool,
     /// Its own replies passed half of `--max-outbound-bytes` within a turn: its requests

@@ -19,10 +19,6 @@ use crate::ws::utf8;
 
 /// Reads per connection per turn before other connections get a turn.
 const READS_PER_TURN: usize = 16;
-/// Most channels one connection may join.
-pub const MAX_CHANNELS_PER_CONN: usize = 1024;
-/// Why a `private:` channel was refused (WebSocket `forbidden` error, SSE 403).
-pub const FORBIDDEN_CHANNEL: &str = "this channel needs a token that grants it";
 
 impl<T: Transport> Sessions<T> {
     /// The pipe of `key` has bytes or an EOF: read until `WouldBlock` (or the per-turn cap)

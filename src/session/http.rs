@@ -10,7 +10,7 @@ use tracing::debug;
 use super::admission;
 use super::buffers::Inbound;
 use super::conn::{ConnState, Flags, Transport};
-use super::streams::Cursor;
+use super::cursor::Cursor;
 use super::{admit, Sessions};
 use crate::auth::Identity;
 use crate::http::{self, response, HttpError, Method, Request};

@@ -26,6 +26,7 @@ mod api;
 pub mod buffers;
 mod catchup;
 pub mod conn;
+mod cursor;
 mod frames;
 mod heartbeat;
 mod http;
@@ -45,13 +46,14 @@ pub use conn::{flush, Conn, ConnState, Extra, Flags, Flushed, Transport};
 
 use crate::broker::{BrokerHandle, BrokerMetrics, BrokerMsg};
 use crate::config::Config;
-use crate::hub::{ConnId, Directory, Hub, ShardMsg};
+use crate::hub::{ConnId, Directory, Hub};
+use crate::mail::ShardMsg;
 use crate::metrics::{HandshakeFailure, ShardMetrics, StoreMetrics};
 use crate::store::StoreHandle;
 use crate::timer::Wheel;
 
 pub use api::PendingApi;
-pub use frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
+pub use ops::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
 
 /// Mailbox messages handled per turn.
 pub const MAILBOX_PER_TURN: usize = 8192;

@@ -8,16 +8,21 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::conn::{ConnState, Flags, Transport};
-use super::frames::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
 use super::output::Out;
 use super::{Interested, ReadyWait, Sessions};
 use crate::auth;
 use crate::broker::{BrokerMsg, BrokerReq, Counted, Interest};
-use crate::hub::{ConnId, ReplyTo, ShardMsg};
+use crate::hub::{ConnId, ReplyTo};
+use crate::mail::ShardMsg;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, Op, Target};
 use crate::ws::close::{self as code};
 use crate::ws::frame::Data;
+
+/// Most channels one connection may join.
+pub const MAX_CHANNELS_PER_CONN: usize = 1024;
+/// Why a `private:` channel was refused (WebSocket `forbidden` error, SSE 403).
+pub const FORBIDDEN_CHANNEL: &str = "this channel needs a token that grants it";
 
 /// A whole message from a client.
 pub(super) enum Incoming<'a> {
@@ -639,7 +644,7 @@ impl<T: Transport> Sessions<T> {
                 self.deliver_channel_local(&channel, &payload);
             }
             BrokerMsg::Broadcast { payload } => {
-                self.exec_api(&crate::hub::ApiCmd::Broadcast { payload });
+                self.exec_api(&crate::mail::ApiCmd::Broadcast { payload });
             }
             BrokerMsg::Stored {
                 user,
@@ -653,7 +658,7 @@ impl<T: Transport> Sessions<T> {
                 offset,
             } => self.deliver_channel_stored(&channel, &payload, offset),
             BrokerMsg::Disconnect { user, code, reason } => {
-                self.exec_api(&crate::hub::ApiCmd::Disconnect { user, code, reason });
+                self.exec_api(&crate::mail::ApiCmd::Disconnect { user, code, reason });
             }
             BrokerMsg::Routed { reply, online } => self.reply_local(reply, Some(online)),
             BrokerMsg::Unavailable { reply } => self.reply_unavailable(reply),

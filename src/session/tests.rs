@@ -412,7 +412,7 @@ fn empty_messages_are_echoed_and_the_close_is_answered() {
 
 #[test]
 fn resume_seam_replays_then_joins_live_without_gap_or_duplicate() {
-    use crate::hub::ShardMsg;
+    use crate::mail::ShardMsg;
     use crate::store::{Epoch, Opened, Page, Since, StoreHandle, StoreMsg, StoreReq};
     use bytes::Bytes;
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -506,7 +506,8 @@ fn resume_seam_replays_then_joins_live_without_gap_or_duplicate() {
 #[test]
 fn answers_to_senders_are_reliable_mail_and_copies_are_not() {
     use crate::broker::BrokerMsg;
-    use crate::hub::{ConnId, ReplyTo, ShardMsg};
+    use crate::hub::{ConnId, ReplyTo};
+    use crate::mail::ShardMsg;
     let reply = || ReplyTo {
         conn: ConnId {
             shard: 1,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::Waker;
 
-use crate::hub::ShardMsg;
+use crate::mail::ShardMsg;
 
 /// The sending side, cloned into every shard.
 #[derive(Debug, Clone)]

@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::hub::{ConnId, ShardMsg};
+use crate::hub::ConnId;
+use crate::mail::ShardMsg;
 use crate::session::{Sessions, Shared};
 use crate::testkit;
 pub use pipe::{PipeState, SimSocket};
