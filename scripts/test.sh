@@ -39,7 +39,7 @@ step "unit tests (lib, bins, loadgen)" cargo test --workspace --lib --bins
 step "doc tests" cargo test --workspace --doc
 for f in tests/*.rs; do
   t=$(basename "$f" .rs)
-  # The simulation's seeds (tests/simulation.rs) run here too: 200 seeds by default.
+  # The simulation's seeds (tests/simulation.rs) run here too: 500 seeds by default.
   step "tests/$t.rs" cargo test -p switchboard --test "$t"
 done
 for f in loadgen/tests/*.rs; do

@@ -321,6 +321,7 @@ impl Server {
                 homes: cfg.homes(),
                 min_replicas: cfg.broker_min_replicas,
                 min_replicas_timeout_ms: cfg.broker_min_replicas_timeout_ms,
+                page_items: crate::store::PAGE_ITEMS,
             };
             let m = store_metrics.clone();
             Some(match (cfg.store, &broker) {

@@ -6,12 +6,23 @@
 //! random. After every step the invariants are checked (see [`World::check`]); at the end
 //! every client leaves and every slab, hub table, wheel and mailbox must be empty.
 //!
+//! Worlds with a store ([`World::with_store`]) run the real store worker inline on simulated
+//! files ([`SimDisk`]): clients also send qos-1 DMs, commits come late and in random batches,
+//! answers wait for room in the mailboxes, devices that left come back resuming with `since`,
+//! and the process crashes now and then and restarts on its files — or, rarely, without them.
+//! Checked on top: every inbox message a connection gets is past the last one (per epoch); a
+//! resume the welcome called recovered replays every offset up to its top once, in order,
+//! before anything newer; a resume from a store whose files were lost says `epoch_changed`;
+//! and at the end every acknowledged qos-1 send is in its recipient's inbox exactly once.
+//!
 //! [`run`] plays one seed; a failure names the seed and the step, and replaying the seed
 //! replays the run exactly.
 
+pub mod disk;
 pub mod pipe;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
@@ -19,7 +30,9 @@ use crate::config::Config;
 use crate::hub::ConnId;
 use crate::mail::ShardMsg;
 use crate::session::{Sessions, Shared};
+use crate::store::{InlineStore, Retention, StoreConfig, StoreHandle, StoreMsg, StoreReq};
 use crate::testkit;
+pub use disk::SimDisk;
 pub use pipe::{PipeState, SimSocket};
 
 /// A small, fast, seedable generator (SplitMix64): the whole run follows from the seed.
@@ -62,6 +75,18 @@ const MAX_CLIENTS: usize = 24;
 const MAILBOX_CAPACITY: usize = 48;
 /// Wall clock at virtual time 0 (unix ms).
 const UNIX_BASE_MS: u64 = 1_800_000_000_000;
+/// Requests the simulated store queue holds (small, so a full queue happens).
+const STORE_QUEUE: usize = 64;
+
+/// The id of client `client`'s request `n` (unique in the run).
+fn request_id(client: usize, n: u64) -> u64 {
+    client as u64 * 1_000_000 + n
+}
+
+/// The request number of `id` if it is one of `client`'s.
+fn request_seq(client: usize, id: u64) -> Option<u64> {
+    (id / 1_000_000 == client as u64).then_some(id % 1_000_000)
+}
 
 /// The configuration the simulation runs: short deadlines and small limits so heartbeats,
 /// timeouts and slow consumers happen within a few thousand steps.
@@ -106,14 +131,24 @@ struct Client {
     /// A slow reader reads only rarely.
     slow: bool,
     next_seq: u64,
-    /// Highest DM sequence seen per sending client.
-    dm_seen: BTreeMap<usize, u64>,
+    /// Highest DM sequence seen per sending client, qos 0 and qos 1 apart (a qos-1 copy
+    /// waits for its commit, so it may come after a later qos-0 one).
+    dm_seen: BTreeMap<(usize, bool), u64>,
     /// Highest channel sequence seen per (sending client, channel).
     pub_seen: BTreeMap<(usize, &'static str), u64>,
     ever_subscribed: BTreeSet<&'static str>,
     pending_ids: BTreeSet<u64>,
     /// Request ids answered `ack`.
     acked: BTreeSet<u64>,
+    /// qos-1 sends not answered yet: request id → recipient.
+    qos1: BTreeMap<u64, &'static str>,
+    /// The last inbox offset this connection was given, with its epoch.
+    inbox_at: Option<(String, u64)>,
+    /// The inbox position it resumes from (`since`), if it does.
+    since: Option<(String, u64)>,
+    /// A replay the welcome promised: (epoch, next offset due, the welcome's top). Every
+    /// offset up to the top must come once, in order, before anything after it.
+    replay: Option<(String, u64, u64)>,
     /// DMs received, as (sending client, sequence).
     dms: BTreeSet<(usize, u64)>,
     welcomed: bool,
@@ -137,6 +172,16 @@ pub struct Stats {
     pub slow_consumer_closes: u64,
     /// Mail posts refused by a full mailbox.
     pub mailbox_full: u64,
+    /// qos-1 sends acknowledged (with a store).
+    pub qos1_acked: u64,
+    /// Store batches committed.
+    pub store_batches: u64,
+    /// Resumes the welcome said recovered.
+    pub resumed: u64,
+    /// Messages replayed to resumed connections (each checked in order, once).
+    pub replayed: u64,
+    /// Process crashes (with a store: restarts on the same files, or on none).
+    pub crashes: u64,
 }
 
 /// The simulated process: shards, mailboxes, clients, clock.
@@ -147,27 +192,145 @@ pub struct World {
     mailboxes: Vec<VecDeque<ShardMsg>>,
     clients: BTreeMap<usize, Client>,
     next_client: usize,
+    /// The store, in worlds that have one.
+    store: Option<SimStore>,
+    /// Every acknowledged qos-1 send: (sending client, request id, recipient).
+    acked_qos1: Vec<(usize, u64, &'static str)>,
+    /// Inbox positions of devices that left, per user (a few each): where they resume.
+    left_at: BTreeMap<&'static str, Vec<(String, u64)>>,
+    /// Epochs of stores whose files were lost: a resume from one must not recover.
+    wiped: BTreeSet<String>,
     /// Counts.
     pub stats: Stats,
     step: u64,
 }
 
+/// What the store posted, by shard, in order, until the mailboxes take it.
+type Answers = Arc<Mutex<VecDeque<(u16, Vec<StoreMsg>)>>>;
+
+/// The simulated store: the real store worker driven inline on simulated files, its request
+/// queue, and its answers until the mailboxes take them.
+struct SimStore {
+    disk: SimDisk,
+    store: InlineStore,
+    rx: crossbeam_channel::Receiver<StoreReq>,
+    /// What the store posted, in order, not yet in a mailbox.
+    answers: Answers,
+}
+
+/// The store settings of the simulation (small retention, so trimming happens).
+fn sim_store_config(shards: usize) -> StoreConfig {
+    StoreConfig {
+        inbox: Retention {
+            max_count: 1_000,
+            ttl_ms: u64::MAX / 4,
+        },
+        dedup_window_ms: 60_000,
+        max_bytes: 64 << 20,
+        homes: shards,
+        min_replicas: 0,
+        min_replicas_timeout_ms: 0,
+        page_items: 3,
+    }
+}
+
 impl World {
-    /// A world of `shards` shards seeded with `seed`.
+    /// A world of `shards` shards seeded with `seed`, without a store.
     pub fn new(seed: u64, shards: usize) -> World {
-        let shared = Shared::standalone(sim_config(shards), shards);
-        World {
-            rng: Rng::new(seed),
+        Self::build(seed, shards, false)
+    }
+
+    /// A world of `shards` shards with a store (qos-1 sends, inboxes, resumes).
+    pub fn with_store(seed: u64, shards: usize) -> World {
+        Self::build(seed, shards, true)
+    }
+
+    fn build(seed: u64, shards: usize, with_store: bool) -> World {
+        let mut rng = Rng::new(seed);
+        let disk = with_store.then(|| SimDisk::new(rng.next_u64()));
+        let mut w = World {
+            rng,
             now_ms: 0,
-            shards: (0..shards)
-                .map(|i| Sessions::new(i as u16, shards as u16, shared.clone(), 0, UNIX_BASE_MS))
-                .collect(),
-            mailboxes: (0..shards).map(|_| VecDeque::new()).collect(),
+            shards: Vec::new(),
+            mailboxes: Vec::new(),
             clients: BTreeMap::new(),
             next_client: 0,
+            store: None,
+            acked_qos1: Vec::new(),
+            left_at: BTreeMap::new(),
+            wiped: BTreeSet::new(),
             stats: Stats::default(),
             step: 0,
+        };
+        w.boot(shards, disk);
+        w
+    }
+
+    /// Starts the process: `shards` fresh shards and mailboxes and, on `disk`, the store
+    /// (which loads what the files hold).
+    fn boot(&mut self, shards: usize, disk: Option<SimDisk>) {
+        let mut shared = Shared::standalone(sim_config(shards), shards);
+        let now_unix = UNIX_BASE_MS + self.now_ms;
+        self.store = disk.map(|disk| {
+            let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
+            shared.store = Some(StoreHandle::new(tx));
+            let answers = Answers::default();
+            let sink_answers = answers.clone();
+            let sink: crate::store::Sink = Box::new(move |shard, msgs| {
+                sink_answers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back((shard, msgs));
+                Ok(())
+            });
+            let cfg = sim_store_config(shards);
+            let store = InlineStore::open(disk.backend(), cfg, shards, sink, now_unix)
+                .expect("the simulated store opens");
+            SimStore {
+                disk,
+                store,
+                rx,
+                answers,
+            }
+        });
+        self.shards = (0..shards)
+            .map(|i| {
+                Sessions::new(
+                    i as u16,
+                    shards as u16,
+                    shared.clone(),
+                    self.now_ms,
+                    now_unix,
+                )
+            })
+            .collect();
+        self.mailboxes = (0..shards).map(|_| VecDeque::new()).collect();
+    }
+
+    /// The process is killed and started again: every connection and all mail is gone, and
+    /// so is every store request not yet committed; the store then opens its files again —
+    /// or, with `keep_files` false, finds none (a new epoch: what it had acknowledged is
+    /// lost, and resumes from the old epoch must say so). Clients remember where they were.
+    pub fn crash(&mut self, keep_files: bool) {
+        let shards = self.shards.len();
+        for c in self.clients.values_mut() {
+            c.phase = Phase::Aborted;
+            c.pipe.0.borrow_mut().client_shutdown();
         }
+        self.shards.clear();
+        self.reap();
+        self.clients.clear();
+        let disk = self.store.take().map(|st| {
+            if !keep_files {
+                self.wiped.insert(st.store.epoch().to_string());
+                st.disk.wipe(self.rng.next_u64());
+                // Acknowledged, then lost with the files: announced by the new epoch.
+                self.acked_qos1.clear();
+            }
+            st.disk
+        });
+        self.stats.crashes += 1;
+        self.boot(shards, disk);
     }
 
     fn fail(&self, what: String) -> ! {
@@ -193,6 +356,15 @@ impl World {
             }
             80..=84 => self.advance(),
             85..=87 => self.leave(),
+            88..=93 if self.store.is_some() => {
+                // Rarely, the process dies (and, more rarely, its files with it).
+                if self.rng.chance(1) && self.rng.chance(20) {
+                    let keep = !self.rng.chance(30);
+                    self.crash(keep);
+                } else {
+                    self.store_turn();
+                }
+            }
             _ => {
                 for s in 0..self.shards.len() {
                     self.turn(s);
@@ -215,10 +387,20 @@ impl World {
         let capacity = if self.rng.chance(20) { 512 } else { 64 * 1024 };
         let answers_pings = !self.rng.chance(10);
         let slow = self.rng.chance(15);
-        self.connect_on(s, user, capacity, answers_pings, slow);
+        // A device of the user that left comes back and resumes where it was.
+        let resume = self.rng.chance(60);
+        let since = match user {
+            Some(u) if resume => self
+                .left_at
+                .get_mut(u)
+                .and_then(|v| (!v.is_empty()).then(|| v.remove(0))),
+            _ => None,
+        };
+        self.connect_since(s, user, since, capacity, (answers_pings, slow));
     }
 
     /// A client of `user` connects to shard `s` (its upgrade request queued to send).
+    #[cfg(test)]
     fn connect_on(
         &mut self,
         s: usize,
@@ -227,14 +409,27 @@ impl World {
         answers_pings: bool,
         slow: bool,
     ) -> usize {
+        self.connect_since(s, user, None, capacity, (answers_pings, slow))
+    }
+
+    /// [`Self::connect_on`], resuming the user's inbox from `since` if given.
+    fn connect_since(
+        &mut self,
+        s: usize,
+        user: Option<&'static str>,
+        since: Option<(String, u64)>,
+        capacity: usize,
+        (answers_pings, slow): (bool, bool),
+    ) -> usize {
         let pipe = SimSocket::new(capacity);
         let sh = &mut self.shards[s];
         sh.set_clock(self.now_ms, UNIX_BASE_MS + self.now_ms);
         let key = sh.accept(pipe.clone(), true);
         let conn = sh.conn_id(key);
-        let path = match user {
-            Some(u) => format!("/ws?user={u}"),
-            None => "/ws".to_owned(),
+        let path = match (user, &since) {
+            (Some(u), Some((e, o))) => format!("/ws?user={u}&since={e}:{o}"),
+            (Some(u), None) => format!("/ws?user={u}"),
+            (None, _) => "/ws".to_owned(),
         };
         let id = self.next_client;
         self.next_client += 1;
@@ -258,6 +453,10 @@ impl World {
                 ever_subscribed: BTreeSet::new(),
                 pending_ids: BTreeSet::new(),
                 acked: BTreeSet::new(),
+                qos1: BTreeMap::new(),
+                inbox_at: since.clone(),
+                since,
+                replay: None,
                 dms: BTreeSet::new(),
                 welcomed: false,
                 close_code: None,
@@ -283,28 +482,37 @@ impl World {
         let target = NAMES[self.rng.below(NAMES.len() as u64) as usize];
         let channel = CHANNELS[self.rng.below(CHANNELS.len() as u64) as usize];
         let pad_len = self.rng.below(600) as usize;
+        let qos1 = self.store.is_some() && self.rng.chance(50);
         let c = self.clients.get_mut(&id).expect("picked");
         if c.phase != Phase::Open || !c.welcomed {
             return;
         }
         c.next_seq += 1;
         let n = c.next_seq;
+        // Request ids are unique in the run (a qos-1 id is its sender's idempotency key, per
+        // user: two devices of one user reusing an id would be one message twice).
+        let rid = request_id(id, n);
         let msg = match r {
+            0..=44 if qos1 => {
+                c.pending_ids.insert(n);
+                c.qos1.insert(n, target);
+                serde_json::json!({"op":"send","to":target,"data":{"c":id,"n":n},"id":rid,"qos":1})
+            }
             0..=44 => {
                 c.pending_ids.insert(n);
-                serde_json::json!({"op":"send","to":target,"data":{"c":id,"n":n},"id":n})
+                serde_json::json!({"op":"send","to":target,"data":{"c":id,"n":n},"id":rid})
             }
             45..=59 => {
                 c.ever_subscribed.insert(channel);
-                serde_json::json!({"op":"sub","channel":channel,"id":n})
+                serde_json::json!({"op":"sub","channel":channel,"id":rid})
             }
-            60..=69 => serde_json::json!({"op":"unsub","channel":channel,"id":n}),
+            60..=69 => serde_json::json!({"op":"unsub","channel":channel,"id":rid}),
             70..=89 => {
                 let pad = "x".repeat(pad_len);
                 serde_json::json!({"op":"pub","channel":channel,"data":{"c":id,"n":n,"pad":pad}})
             }
             90..=94 => serde_json::json!({"op":"ping","data":n}),
-            _ => serde_json::json!({"op":"nonsense","id":n}),
+            _ => serde_json::json!({"op":"nonsense","id":rid}),
         };
         c.unsent
             .extend(testkit::text_frame(&msg.to_string()).iter().copied());
@@ -395,6 +603,7 @@ impl World {
                         c.unsent.extend(testkit::close_frame(code, ""));
                     }
                     c.pending_ids.clear();
+                    c.qos1.clear();
                 }
                 0x1 => {
                     let v: Value = match serde_json::from_slice(&f.payload) {
@@ -427,6 +636,27 @@ impl World {
                         fail(format!("welcomed as {}", v["user"]));
                     }
                 }
+                let inbox = &v["inbox"];
+                if let (Some((_, from)), Some(e), Some(top)) = (
+                    c.since.as_ref(),
+                    inbox["epoch"].as_str(),
+                    inbox["offset"].as_u64(),
+                ) {
+                    let since_epoch = c.since.as_ref().map(|(e, _)| e.as_str());
+                    let gone = since_epoch.is_some_and(|e| self.wiped.contains(e));
+                    if gone && inbox["reason"] != "epoch_changed" {
+                        fail(format!("resumed from a store whose files were lost: {v}"));
+                    }
+                    match inbox["recovered"].as_bool() {
+                        Some(true) => {
+                            self.stats.resumed += 1;
+                            c.replay = (top > *from).then(|| (e.to_owned(), from + 1, top));
+                            c.inbox_at = Some((e.to_owned(), *from));
+                        }
+                        Some(false) if inbox["reason"].is_string() => c.inbox_at = None,
+                        _ => fail(format!("a resume without its outcome: {v}")),
+                    }
+                }
             }
             "msg" => {
                 let sender = v["data"]["c"].as_u64().unwrap_or(u64::MAX) as usize;
@@ -440,7 +670,32 @@ impl World {
                             c.user
                         ));
                     }
-                    let last = c.dm_seen.entry(sender).or_insert(0);
+                    let stored = v["offset"].as_u64();
+                    if let (Some(o), Some(e)) = (stored, v["epoch"].as_str()) {
+                        // A promised replay: every offset up to the top, once, in order.
+                        if let Some((re, next, top)) = c.replay.as_mut() {
+                            if re == e && o <= *top {
+                                if o != *next {
+                                    fail(format!("replay gave offset {o}, {next} was due"));
+                                }
+                                *next += 1;
+                                self.stats.replayed += 1;
+                            } else {
+                                fail(format!("offset {o} before the replay reached {next}"));
+                            }
+                            if *next > *top {
+                                c.replay = None;
+                            }
+                        }
+                        // The user's inbox, in offset order, each offset once.
+                        if let Some((pe, po)) = &c.inbox_at {
+                            if pe == e && o <= *po {
+                                fail(format!("inbox offset {o} after {po}"));
+                            }
+                        }
+                        c.inbox_at = Some((e.to_owned(), o));
+                    }
+                    let last = c.dm_seen.entry((sender, stored.is_some())).or_insert(0);
                     if n <= *last {
                         fail(format!(
                             "DM {n} from client {sender} after {last}: order broken"
@@ -467,11 +722,19 @@ impl World {
                 }
             }
             "ack" | "error" => {
-                if let Some(n) = v["id"].as_u64() {
+                if let Some(n) = v["id"].as_u64().and_then(|r| request_seq(id, r)) {
                     // Errors and acks answer requests; a `send` gets exactly one.
                     c.pending_ids.remove(&n);
+                    let qos1 = c.qos1.remove(&n);
                     if op == "ack" {
                         c.acked.insert(n);
+                        if let Some(to) = qos1 {
+                            if v["offset"].as_u64().is_none() {
+                                fail(format!("a qos-1 ack without its offset: {v}"));
+                            }
+                            self.acked_qos1.push((id, n, to));
+                            self.stats.qos1_acked += 1;
+                        }
                     }
                 }
             }
@@ -526,6 +789,86 @@ impl World {
         sh.flush();
     }
 
+    /// The store takes some of its queued requests as one batch (commits come late, in
+    /// random sizes), then hands its answers on.
+    fn store_turn(&mut self) {
+        let n = 1 + self.rng.below(16) as usize;
+        let now = UNIX_BASE_MS + self.now_ms;
+        let Some(st) = self.store.as_mut() else {
+            return;
+        };
+        let mut reqs: Vec<StoreReq> = st.rx.try_iter().take(n).collect();
+        if !reqs.is_empty() {
+            st.store.apply(&mut reqs, now);
+            self.stats.store_batches += 1;
+        }
+        self.post_store_answers();
+    }
+
+    /// The store's answers go to the shard mailboxes in order; a full mailbox holds up the
+    /// rest until it has room (the store thread waits for it too: nothing is dropped).
+    fn post_store_answers(&mut self) {
+        let Some(st) = self.store.as_ref() else {
+            return;
+        };
+        let mut q = st.answers.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((shard, _)) = q.front() {
+            let mailbox = &mut self.mailboxes[*shard as usize];
+            if mailbox.len() >= MAILBOX_CAPACITY {
+                self.stats.mailbox_full += 1;
+                return;
+            }
+            let (_, msgs) = q.pop_front().expect("looked at");
+            mailbox.push_back(ShardMsg::StoreBatch(msgs));
+        }
+    }
+
+    /// Whether the store has nothing queued and nothing to hand on.
+    fn store_idle(&self) -> bool {
+        self.store.as_ref().is_none_or(|st| {
+            st.rx.is_empty()
+                && st
+                    .answers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_empty()
+        })
+    }
+
+    /// Every acknowledged qos-1 send is in its recipient's inbox, exactly once.
+    fn audit_store(&mut self) {
+        let Some(st) = self.store.as_mut() else {
+            return;
+        };
+        let mut inboxes: BTreeMap<&'static str, BTreeMap<(usize, u64), usize>> = BTreeMap::new();
+        for &(client, n, to) in &self.acked_qos1 {
+            let found = inboxes.entry(to).or_insert_with(|| {
+                let mut m = BTreeMap::new();
+                for (_, p) in st.store.entries(&crate::store::inbox_stream(to)) {
+                    let v: Value = serde_json::from_slice(&p).unwrap_or_default();
+                    let (Some(c), Some(n)) = (v["data"]["c"].as_u64(), v["data"]["n"].as_u64())
+                    else {
+                        continue;
+                    };
+                    if v["to"] == to {
+                        *m.entry((c as usize, n)).or_insert(0) += 1;
+                    }
+                }
+                m
+            });
+            let copies = found.get(&(client, n)).copied().unwrap_or(0);
+            if copies != 1 {
+                for (o, p) in st.store.entries(&crate::store::inbox_stream(to)) {
+                    eprintln!("{to} {o}: {}", String::from_utf8_lossy(&p));
+                }
+            }
+            assert_eq!(
+                copies, 1,
+                "qos-1 send {n} of client {client} to {to} was acked and is stored {copies} times"
+            );
+        }
+    }
+
     /// The clock moves by a random amount (mostly short, sometimes past every heartbeat).
     fn advance(&mut self) {
         let d = match self.rng.below(10) {
@@ -560,9 +903,20 @@ impl World {
     /// Forgets clients whose server side is finished and whose bytes are all read.
     fn reap(&mut self) {
         let shards = &self.shards;
+        let left_at = &mut self.left_at;
         self.clients.retain(|_, c| {
-            let live = shards[c.shard].is_live(c.conn);
-            live || !c.pipe.0.borrow().to_client.is_empty() && c.phase != Phase::Aborted
+            let live = shards.get(c.shard).is_some_and(|s| s.is_live(c.conn));
+            let keep = live || !c.pipe.0.borrow().to_client.is_empty() && c.phase != Phase::Aborted;
+            if !keep {
+                if let (Some(u), Some(at)) = (c.user, c.inbox_at.take()) {
+                    let v = left_at.entry(u).or_default();
+                    v.push(at);
+                    if v.len() > 4 {
+                        v.remove(0);
+                    }
+                }
+            }
+            keep
         });
     }
 
@@ -613,6 +967,9 @@ impl World {
             for s in 0..self.shards.len() {
                 self.turn(s);
             }
+            if self.store.is_some() {
+                self.store_turn();
+            }
             self.check();
             if round > 10 && round % 10 == 0 {
                 // Whoever is still open drops (heartbeats would close them anyway).
@@ -626,8 +983,10 @@ impl World {
             self.now_ms += 50;
             let empty = self.shards.iter().all(|s| s.is_empty())
                 && self.mailboxes.iter().all(|q| q.is_empty())
-                && self.shards.iter().all(|s| !s.has_retries());
+                && self.shards.iter().all(|s| !s.has_retries())
+                && self.store_idle();
             if empty {
+                self.audit_store();
                 for (i, sh) in self.shards.iter().enumerate() {
                     let hub = sh.hub();
                     assert_eq!(hub.local_channels(), 0, "shard {i}: channels left");
@@ -649,7 +1008,12 @@ impl World {
 /// Plays seed `seed` for `steps` steps on `shards` shards, then drains. Panics (naming the
 /// step) when an invariant breaks.
 pub fn run(seed: u64, shards: usize, steps: u64) -> Stats {
-    let mut w = World::new(seed, shards);
+    // Every other seed has a store: qos-1 sends, inboxes and their audit.
+    let mut w = if seed % 2 == 1 {
+        World::with_store(seed, shards)
+    } else {
+        World::new(seed, shards)
+    };
     for _ in 0..steps {
         w.step();
     }
@@ -678,6 +1042,73 @@ mod tests {
         w.check();
     }
 
+    /// [`pump`] with the store taking every request too.
+    fn pump_all(w: &mut World) {
+        pump(w);
+        while w.store.as_ref().is_some_and(|st| !st.rx.is_empty()) {
+            w.store_turn();
+        }
+        w.post_store_answers();
+    }
+
+    /// ann sends bob `n` qos-1 DMs (bob is away); every one is acked.
+    fn send_to_away_bob(w: &mut World, from: u64, to: u64) -> usize {
+        let ann = w.connect_since(0, Some("ann"), None, 1 << 20, (true, false));
+        for _ in 0..20 {
+            pump_all(w);
+        }
+        assert!(w.clients[&ann].welcomed);
+        for n in from..=to {
+            let c = w.clients.get_mut(&ann).expect("ann");
+            let m = serde_json::json!({"op":"send","to":"bob","data":{"c":ann,"n":n},"id":request_id(ann, n),"qos":1});
+            c.unsent
+                .extend(testkit::text_frame(&m.to_string()).iter().copied());
+            c.pending_ids.insert(n);
+            c.qos1.insert(n, "bob");
+        }
+        for _ in 0..40 {
+            pump_all(w);
+        }
+        let acked = &w.clients[&ann].acked;
+        assert!((from..=to).all(|n| acked.contains(&n)), "{acked:?}");
+        ann
+    }
+
+    /// bob connects resuming from `since`; his welcome.
+    fn bob_resumes(w: &mut World, since: (String, u64)) -> usize {
+        let bob = w.connect_since(1, Some("bob"), Some(since), 1 << 20, (true, false));
+        for _ in 0..40 {
+            pump_all(w);
+        }
+        assert!(w.clients[&bob].welcomed);
+        bob
+    }
+
+    #[test]
+    fn a_crash_keeps_what_was_acked_and_lost_files_are_announced() {
+        let mut w = World::with_store(11, 2);
+        send_to_away_bob(&mut w, 1, 3);
+        let epoch = w.store.as_ref().expect("store").store.epoch().to_string();
+        // Killed and started again on the same files: bob gets all three, in order.
+        w.crash(true);
+        let bob = bob_resumes(&mut w, (epoch.clone(), 0));
+        let got: Vec<u64> = w.clients[&bob].dms.iter().map(|&(_, n)| n).collect();
+        assert_eq!(got, vec![1, 2, 3]);
+        assert_eq!(w.clients[&bob].inbox_at, Some((epoch.clone(), 3)));
+        w.audit_store();
+        // Killed again, the files lost: a resume from the old epoch is told, not replayed.
+        send_to_away_bob(&mut w, 4, 5);
+        w.crash(false);
+        assert_ne!(
+            w.store.as_ref().expect("store").store.epoch().to_string(),
+            epoch
+        );
+        let bob = bob_resumes(&mut w, (epoch, 3));
+        assert!(w.clients[&bob].dms.is_empty());
+        assert_eq!(w.stats.resumed, 1, "only the first resume recovered");
+        w.drain();
+    }
+
     #[test]
     fn a_full_mailbox_never_loses_an_acked_dm() {
         let mut w = World::new(7, 2);
@@ -698,7 +1129,7 @@ mod tests {
         for b in 0..bursts {
             let c = w.clients.get_mut(&alice).expect("alice");
             for n in b * per_burst + 1..=(b + 1) * per_burst {
-                let m = serde_json::json!({"op":"send","to":"bob","data":{"c":alice,"n":n},"id":n});
+                let m = serde_json::json!({"op":"send","to":"bob","data":{"c":alice,"n":n},"id":request_id(alice, n)});
                 c.unsent
                     .extend(testkit::text_frame(&m.to_string()).iter().copied());
                 c.pending_ids.insert(n);

@@ -36,8 +36,8 @@ const BATCH_MAX: usize = 4_096;
 /// How long the store keeps retrying a full mailbox.
 const POST_PATIENCE: Duration = Duration::from_secs(10);
 /// Messages and bytes of one replay page.
-const PAGE_ITEMS: usize = 256;
-const PAGE_BYTES: usize = 256 * 1024;
+pub const PAGE_ITEMS: usize = 256;
+pub const PAGE_BYTES: usize = 256 * 1024;
 
 /// The inbox stream of `user`.
 pub fn inbox_stream(user: &str) -> String {
@@ -445,6 +445,9 @@ pub struct StoreConfig {
     pub min_replicas: u32,
     /// How long an ack waits for them (ms).
     pub min_replicas_timeout_ms: u64,
+    /// Messages of one replay page, at most ([`PAGE_ITEMS`]; the simulation takes fewer,
+    /// so replays span pages).
+    pub page_items: usize,
 }
 
 /// A running store thread.
@@ -457,36 +460,14 @@ impl Store {
     /// Opens `backend` and starts the store thread, which answers `shards` shards through
     /// `sink`.
     pub fn start(
-        mut backend: Box<dyn Backend>,
+        backend: Box<dyn Backend>,
         cfg: StoreConfig,
         shards: usize,
         sink: Sink,
         metrics: Arc<StoreMetrics>,
     ) -> Result<Store, StoreError> {
-        let streams = streams_from(backend.load()?, unix_ms());
-        let epoch = streams.epoch;
-        info!(
-            epoch = %epoch,
-            durable = backend.durable(),
-            streams = streams.streams().count(),
-            bytes = streams.total_bytes,
-            "store open"
-        );
-        StoreMetrics::set(&metrics.bytes, streams.total_bytes);
-        StoreMetrics::set(&metrics.streams, streams.streams().count() as u64);
+        let mut worker = Worker::open(backend, cfg, shards, sink, metrics, unix_ms())?;
         let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
-        let mut worker = Worker {
-            backend,
-            streams,
-            cfg,
-            shards,
-            sink,
-            metrics,
-            out: Vec::new(),
-            meta_index: Default::default(),
-            name_buf: String::new(),
-            retention: Default::default(),
-        };
         let thread = std::thread::Builder::new()
             .name("store".into())
             .spawn(move || worker.run(rx))
@@ -575,7 +556,82 @@ struct Worker {
     retention: foldhash::HashMap<String, Retention>,
 }
 
+/// A store driven in the caller's thread: the store thread's worker, handed each batch by
+/// the caller at the time it says (the simulation, which delays commits and crashes the
+/// store at will).
+pub struct InlineStore {
+    worker: Worker,
+}
+
+impl InlineStore {
+    /// Opens `backend` (what it holds is loaded, as at start-up); answers go to `sink`.
+    pub fn open(
+        backend: Box<dyn Backend>,
+        cfg: StoreConfig,
+        shards: usize,
+        sink: Sink,
+        now_ms: u64,
+    ) -> Result<InlineStore, StoreError> {
+        let metrics = Arc::new(StoreMetrics::default());
+        let worker = Worker::open(backend, cfg, shards, sink, metrics, now_ms)?;
+        Ok(InlineStore { worker })
+    }
+
+    /// Applies `reqs` as one batch at `now_ms`: one commit, then the answers.
+    pub fn apply(&mut self, reqs: &mut Vec<StoreReq>, now_ms: u64) {
+        self.worker.apply_at(reqs, now_ms);
+    }
+
+    /// The store's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.worker.streams.epoch
+    }
+
+    /// Every retained entry of `stream` (offset, payload), for audits.
+    pub fn entries(&mut self, stream: &str) -> Vec<(u64, Bytes)> {
+        let m = self.worker.streams.meta(stream);
+        let n = m.next.saturating_sub(m.first) as usize;
+        match self.worker.backend.read(stream, m.first, n, usize::MAX) {
+            Ok(v) => v.into_iter().map(|e| (e.offset, e.payload)).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
 impl Worker {
+    /// Loads `backend` into a worker.
+    fn open(
+        mut backend: Box<dyn Backend>,
+        cfg: StoreConfig,
+        shards: usize,
+        sink: Sink,
+        metrics: Arc<StoreMetrics>,
+        now_ms: u64,
+    ) -> Result<Worker, StoreError> {
+        let streams = streams_from(backend.load()?, now_ms);
+        info!(
+            epoch = %streams.epoch,
+            durable = backend.durable(),
+            streams = streams.streams().count(),
+            bytes = streams.total_bytes,
+            "store open"
+        );
+        StoreMetrics::set(&metrics.bytes, streams.total_bytes);
+        StoreMetrics::set(&metrics.streams, streams.streams().count() as u64);
+        Ok(Worker {
+            backend,
+            streams,
+            cfg,
+            shards,
+            sink,
+            metrics,
+            out: Vec::new(),
+            meta_index: Default::default(),
+            name_buf: String::new(),
+            retention: Default::default(),
+        })
+    }
+
     fn run(&mut self, rx: Receiver<StoreReq>) {
         let mut reqs = Vec::with_capacity(BATCH_MAX);
         loop {
@@ -583,7 +639,7 @@ impl Worker {
                 Waited::Closed => return,
                 Waited::Idle => self.housekeeping(),
                 Waited::Batch => {
-                    if self.apply(&mut reqs) {
+                    if self.apply_at(&mut reqs, unix_ms()) {
                         debug!("store stopped");
                         return;
                     }
@@ -592,9 +648,8 @@ impl Worker {
         }
     }
 
-    /// Applies a batch: writes first (one commit), then reads, then every answer.
-    fn apply(&mut self, reqs: &mut Vec<StoreReq>) -> bool {
-        let now = unix_ms();
+    /// Applies a batch at `now`: writes first (one commit), then reads, then every answer.
+    fn apply_at(&mut self, reqs: &mut Vec<StoreReq>, now: u64) -> bool {
         self.meta_index.clear();
         let mut batch = Batch::default();
         let mut reads = Vec::new();
@@ -652,7 +707,7 @@ impl Worker {
             let t = Instant::now();
             if let Err(e) = self.backend.commit(&batch) {
                 error!(error = %e, "store commit failed; the batch is refused");
-                self.refuse_batch();
+                self.refuse_batch(now);
                 self.post_all();
                 return stop;
             }
@@ -672,10 +727,10 @@ impl Worker {
     /// A commit failed: nothing of the batch was stored. The bookkeeping goes back to what the
     /// file holds, nothing is delivered, and every sender of the batch is told (so a retry
     /// with the same id is stored, not answered from a dedup entry that was never written).
-    fn refuse_batch(&mut self) {
+    fn refuse_batch(&mut self, now: u64) {
         if self.backend.durable() {
             match self.backend.load() {
-                Ok(loaded) => self.streams = streams_from(loaded, unix_ms()),
+                Ok(loaded) => self.streams = streams_from(loaded, now),
                 Err(e) => error!(error = %e, "store: cannot reload after a failed commit"),
             }
         }
@@ -1201,9 +1256,10 @@ impl Worker {
 
     fn page(&mut self, stream: &str, from: u64) -> Page {
         let meta = self.streams.meta(stream);
+        let page_items = self.cfg.page_items.max(1);
         let backend = &mut self.backend;
         let page = read_page(&meta, from, &self.metrics, |from| {
-            let entries = match backend.read(stream, from, PAGE_ITEMS, PAGE_BYTES) {
+            let entries = match backend.read(stream, from, page_items, PAGE_BYTES) {
                 Ok(e) => e,
                 Err(e) => {
                     error!(error = %e, stream, "store read failed");
@@ -1500,6 +1556,7 @@ mod tests {
             homes: 1,
             min_replicas: 0,
             min_replicas_timeout_ms: 1_000,
+            page_items: PAGE_ITEMS,
         };
         let backend = Flaky {
             fail: fail.clone(),

@@ -39,7 +39,7 @@ use super::streams::{Epoch, Retention, StreamMeta, Unrecoverable};
 use super::{
     channel_stream, inbox_stream, next_batch, plan_resume, put_trailer, read_page, unix_ms,
     wire_name, ChannelOpened, History, Opened, Page, Refusal, Since, Sink, Store, StoreConfig,
-    StoreError, StoreHandle, StoreMsg, StoreReq, Waited, BATCH_MAX, PAGE_ITEMS, STORE_QUEUE,
+    StoreError, StoreHandle, StoreMsg, StoreReq, Waited, BATCH_MAX, STORE_QUEUE,
 };
 use crate::ids::ConnId;
 use crate::metrics::StoreMetrics;
@@ -1077,7 +1077,7 @@ impl Worker {
         let mut excludes = Vec::new();
         let node = self.node.clone();
         let page = read_page(&head.meta, from, &metrics, |from| {
-            let entries = self.range_with_senders(stream, head.epoch, from, PAGE_ITEMS)?;
+            let entries = self.range_with_senders(stream, head.epoch, from, self.cfg.page_items)?;
             Ok::<_, redis::RedisError>(
                 entries
                     .into_iter()
@@ -1100,7 +1100,7 @@ impl Worker {
     fn page(&mut self, stream: &str, head: &Head, from: u64) -> redis::RedisResult<Page> {
         let metrics = self.metrics.clone();
         read_page(&head.meta, from, &metrics, |from| {
-            self.range(stream, head.epoch, from, PAGE_ITEMS)
+            self.range(stream, head.epoch, from, self.cfg.page_items)
         })
     }
 
