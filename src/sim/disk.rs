@@ -7,14 +7,15 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::store::backend::{Backend, Batch, Entry, Loaded, StoreError};
+use crate::store::backend::{Backend, Batch, Entry, Loaded, Memory, StoreError};
 use crate::store::streams::Dedup;
 use crate::store::{Epoch, StreamMeta};
 
 #[derive(Debug, Default)]
 struct Files {
     epoch: Option<Epoch>,
-    entries: BTreeMap<(String, u64), (u64, bytes::Bytes)>,
+    /// The entries (kept as the memory backend keeps them).
+    entries: Memory,
     metas: BTreeMap<String, StreamMeta>,
     confirmed: BTreeMap<Arc<str>, u64>,
     dedups: BTreeMap<(Arc<str>, Arc<str>), Dedup>,
@@ -86,15 +87,7 @@ impl Backend for DiskBackend {
 
     fn commit(&mut self, b: &Batch) -> Result<(), StoreError> {
         let mut f = self.0.files();
-        for (s, e) in &b.appends {
-            f.entries
-                .insert((s.to_string(), e.offset), (e.ts_ms, e.payload.clone()));
-        }
-        for (s, from, to) in &b.trims {
-            for o in *from..*to {
-                f.entries.remove(&(s.clone(), o));
-            }
-        }
+        f.entries.commit(b)?;
         for (s, m) in &b.metas {
             f.metas.insert(s.to_string(), *m);
         }
@@ -115,22 +108,10 @@ impl Backend for DiskBackend {
         max_items: usize,
         max_bytes: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        let f = self.0.files();
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for ((s, o), (ts, p)) in f.entries.range((stream.to_owned(), from)..) {
-            if s != stream || out.len() >= max_items || (bytes > 0 && bytes + p.len() > max_bytes) {
-                break;
-            }
-            bytes += p.len();
-            out.push(Entry {
-                offset: *o,
-                ts_ms: *ts,
-                payload: p.clone(),
-                body: p.len() as u32,
-            });
-        }
-        Ok(out)
+        self.0
+            .files()
+            .entries
+            .read(stream, from, max_items, max_bytes)
     }
 
     fn durable(&self) -> bool {
