@@ -38,6 +38,7 @@ fn seeded_simulation_keeps_every_invariant() {
                 total.resumed += s.resumed;
                 total.replayed += s.replayed;
                 total.crashes += s.crashes;
+                total.sse_events += s.sse_events;
             }
             Err(e) => {
                 let msg = e
@@ -81,5 +82,9 @@ fn seeded_simulation_keeps_every_invariant() {
             "no resume ever replayed anything: {total:?}"
         );
         assert!(total.crashes > 0, "the process never crashed: {total:?}");
+        assert!(
+            total.sse_events > 0,
+            "no event stream got an event: {total:?}"
+        );
     }
 }

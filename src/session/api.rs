@@ -147,14 +147,15 @@ impl<T: Transport> Sessions<T> {
             // A named stream opens (its headers go out) once the user's home shard recorded
             // it, like a WebSocket's welcome: whatever is sent to the user after that reaches
             // it, and a resuming one asks the store only then, so nothing stored in between
-            // is missed.
+            // is missed. Its channels are joined then too: no event may precede the head.
+            c.extra_mut().sse_channels = channels;
             self.register(key, true);
         } else {
             self.push_sse_headers(key);
             self.register(key, false);
-        }
-        for ch in channels {
-            self.subscribe(key, ch);
+            for ch in channels {
+                self.subscribe(key, ch);
+            }
         }
         let deadline = self.next_heartbeat_check(key);
         self.arm(key, deadline);

@@ -132,6 +132,9 @@ pub struct Extra {
     pub grant: Option<Box<Grant>>,
     /// Last SSE event id sent.
     pub sse_id: u64,
+    /// Channels a named event stream joins once its response head goes out (after its
+    /// registration): nothing may reach its socket before that head.
+    pub sse_channels: Vec<Arc<str>>,
     /// Why the connection closes, for the close log line.
     pub close_reason: Cow<'static, str>,
     /// Close code sent or received, for the close log line (0: none yet).

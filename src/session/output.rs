@@ -9,8 +9,10 @@ use tracing::debug;
 
 use super::buffers::{Outbox, Piece, INLINE_MAX, SMALL_UNIT_MAX};
 use super::conn::{flush, ConnState, Flags, Flushed, Transport};
+use super::cursor::Cursor;
 use super::Sessions;
 use crate::metrics::ShardMetrics;
+use crate::store::Since;
 use crate::ws::close::{self as code};
 use crate::ws::frame::{self, Data, OpCode};
 
@@ -63,9 +65,10 @@ impl<T: Transport> Sessions<T> {
         if c.state != ConnState::Open {
             return false;
         }
-        if c.flags.has(Flags::WEBSOCKET) && c.flags.has(Flags::HOLD_INPUT) {
-            // Not welcomed yet: the client must see `welcome` first, and a connection is
-            // reachable from its welcome on (a DM for another device of the user may pass by).
+        if c.flags.has(Flags::HOLD_INPUT) && c.flags.has(Flags::WEBSOCKET | Flags::SSE) {
+            // Not welcomed yet: the client must see `welcome` (an event stream, its response
+            // head) first, and a connection is reachable from then on (a DM for another
+            // device of the user may pass by).
             return false;
         }
         // permessage-deflate: compressed once per message, whoever it goes to.
@@ -183,13 +186,29 @@ impl<T: Transport> Sessions<T> {
         let e = c.extra_mut();
         e.sse_id += 1;
         let mut w = &mut head[..];
-        match e
-            .cursor
-            .as_ref()
-            .and_then(|cur| cur.epoch.map(|ep| (ep, cur.next)))
-        {
-            Some((epoch, next)) => {
+        match e.cursor.as_deref() {
+            Some(&Cursor {
+                epoch: Some(epoch),
+                next,
+                ..
+            }) => {
                 let _ = write!(w, "id: {epoch}:{}\ndata: ", next.saturating_sub(1));
+            }
+            // The store has not said where the inbox stands yet: a resuming stream's id is
+            // the position it resumes from; one opened at the top has none to give, and an
+            // event without an id leaves the browser's last one as it was.
+            Some(&Cursor {
+                since:
+                    Some(Since::Position {
+                        epoch: Some(epoch),
+                        offset,
+                    }),
+                ..
+            }) => {
+                let _ = write!(w, "id: {epoch}:{offset}\ndata: ");
+            }
+            Some(_) => {
+                let _ = write!(w, "data: ");
             }
             None => {
                 let _ = write!(w, "id: {}\ndata: ", e.sse_id);

@@ -73,6 +73,13 @@ impl<T: Transport> Sessions<T> {
     pub(super) fn open_or_welcome(&mut self, key: usize) {
         if self.conns[key].flags.has(Flags::SSE) {
             self.push_sse_headers(key);
+            let channels = self.conns[key]
+                .extra_if_mut()
+                .map(|e| std::mem::take(&mut e.sse_channels))
+                .unwrap_or_default();
+            for ch in channels {
+                self.subscribe(key, ch);
+            }
             return self.open_sse_stream(key);
         }
         let c = &self.conns[key];

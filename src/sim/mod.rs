@@ -6,6 +6,10 @@
 //! random. After every step the invariants are checked (see [`World::check`]); at the end
 //! every client leaves and every slab, hub table, wheel and mailbox must be empty.
 //!
+//! A fifth of the clients are event streams (`GET /events`, named or anonymous, on two
+//! channels): they only read, end by dropping the connection, and come back with
+//! `Last-Event-ID`; a named stream's event ids must be its inbox position.
+//!
 //! Worlds with a store ([`World::with_store`]) run the real store worker inline on simulated
 //! files ([`SimDisk`]): clients also send qos-1 DMs, commits come late and in random batches,
 //! answers wait for room in the mailboxes, devices that left come back resuming with `since`,
@@ -123,6 +127,10 @@ struct Client {
     conn: ConnId,
     pipe: SimSocket,
     user: Option<&'static str>,
+    /// An event stream (`GET /events`): it only reads; it resumes with `Last-Event-ID`.
+    sse: bool,
+    /// The id of the last SSE block (what a browser sends back as `Last-Event-ID`).
+    last_event_id: Option<String>,
     phase: Phase,
     /// Bytes written but not yet handed to the pipe (handed over in random pieces).
     unsent: VecDeque<u8>,
@@ -182,6 +190,8 @@ pub struct Stats {
     pub replayed: u64,
     /// Process crashes (with a store: restarts on the same files, or on none).
     pub crashes: u64,
+    /// Events received by event streams (SSE).
+    pub sse_events: u64,
 }
 
 /// The simulated process: shards, mailboxes, clients, clock.
@@ -396,7 +406,8 @@ impl World {
                 .and_then(|v| (!v.is_empty()).then(|| v.remove(0))),
             _ => None,
         };
-        self.connect_since(s, user, since, capacity, (answers_pings, slow));
+        let sse = self.rng.chance(20);
+        self.connect_as(s, user, since, capacity, (answers_pings, slow), sse);
     }
 
     /// A client of `user` connects to shard `s` (its upgrade request queued to send).
@@ -413,6 +424,7 @@ impl World {
     }
 
     /// [`Self::connect_on`], resuming the user's inbox from `since` if given.
+    #[cfg(test)]
     fn connect_since(
         &mut self,
         s: usize,
@@ -420,6 +432,19 @@ impl World {
         since: Option<(String, u64)>,
         capacity: usize,
         (answers_pings, slow): (bool, bool),
+    ) -> usize {
+        self.connect_as(s, user, since, capacity, (answers_pings, slow), false)
+    }
+
+    /// [`Self::connect_since`] as a WebSocket or (`sse`) an event stream.
+    fn connect_as(
+        &mut self,
+        s: usize,
+        user: Option<&'static str>,
+        since: Option<(String, u64)>,
+        capacity: usize,
+        (answers_pings, slow): (bool, bool),
+        sse: bool,
     ) -> usize {
         let pipe = SimSocket::new(capacity);
         let sh = &mut self.shards[s];
@@ -434,7 +459,20 @@ impl World {
         let id = self.next_client;
         self.next_client += 1;
         self.stats.connections += 1;
-        let req = testkit::upgrade_request("sim", &path);
+        let req = if sse {
+            // A browser's EventSource: the channels in the query, the position in
+            // `Last-Event-ID`.
+            let who = user.map_or(String::new(), |u| format!("user={u}&"));
+            let resume = since.as_ref().map_or(String::new(), |(e, o)| {
+                format!("Last-Event-ID: {e}:{o}\r\n")
+            });
+            format!(
+                "GET /events?{who}channel={}&channel={} HTTP/1.1\r\nHost: sim\r\n{resume}\r\n",
+                CHANNELS[0], CHANNELS[2]
+            )
+        } else {
+            testkit::upgrade_request("sim", &path)
+        };
         self.clients.insert(
             id,
             Client {
@@ -442,6 +480,8 @@ impl World {
                 conn,
                 pipe,
                 user,
+                sse,
+                last_event_id: None,
                 phase: Phase::Handshake,
                 unsent: req.into_bytes().into(),
                 rbuf: Vec::new(),
@@ -450,7 +490,11 @@ impl World {
                 next_seq: 0,
                 dm_seen: BTreeMap::new(),
                 pub_seen: BTreeMap::new(),
-                ever_subscribed: BTreeSet::new(),
+                ever_subscribed: if sse {
+                    [CHANNELS[0], CHANNELS[2]].into_iter().collect()
+                } else {
+                    BTreeSet::new()
+                },
                 pending_ids: BTreeSet::new(),
                 acked: BTreeSet::new(),
                 qos1: BTreeMap::new(),
@@ -484,7 +528,7 @@ impl World {
         let pad_len = self.rng.below(600) as usize;
         let qos1 = self.store.is_some() && self.rng.chance(50);
         let c = self.clients.get_mut(&id).expect("picked");
-        if c.phase != Phase::Open || !c.welcomed {
+        if c.phase != Phase::Open || !c.welcomed || c.sse {
             return;
         }
         c.next_seq += 1;
@@ -558,6 +602,9 @@ impl World {
     }
 
     fn parse_client(&mut self, id: usize) {
+        if self.clients[&id].sse {
+            return self.parse_sse(id);
+        }
         loop {
             let c = self.clients.get_mut(&id).expect("listed");
             if c.phase == Phase::Handshake {
@@ -617,6 +664,129 @@ impl World {
         }
     }
 
+    /// An event stream's bytes: its response head, then blocks (`id:`, `event:`, `data:`,
+    /// comments) each ended by a blank line.
+    fn parse_sse(&mut self, id: usize) {
+        loop {
+            let c = self.clients.get_mut(&id).expect("listed");
+            if c.phase == Phase::Handshake {
+                match testkit::parse_response_head(&c.rbuf) {
+                    Ok(None) => return,
+                    Ok(Some(h)) => {
+                        if h.status != 200 {
+                            // Refused (e.g. over a limit): the server closes it.
+                            c.rbuf.clear();
+                            c.phase = Phase::Aborted;
+                            c.pipe.0.borrow_mut().client_shutdown();
+                            return;
+                        }
+                        c.rbuf.drain(..h.head_len);
+                        c.phase = Phase::Open;
+                        // An event stream has no welcome: the head is its start.
+                        c.welcomed = true;
+                        continue;
+                    }
+                    Err(e) => {
+                        let head =
+                            String::from_utf8_lossy(&c.rbuf[..c.rbuf.len().min(200)]).into_owned();
+                        self.fail(format!("client {id}: {e}: {head:?}"))
+                    }
+                }
+            }
+            let Some(end) = c.rbuf.windows(2).position(|w| w == b"\n\n") else {
+                return;
+            };
+            let block: Vec<u8> = c.rbuf.drain(..end + 2).collect();
+            let text = match std::str::from_utf8(&block) {
+                Ok(t) => t.to_owned(),
+                Err(e) => self.fail(format!("client {id}: SSE block not UTF-8: {e}")),
+            };
+            let (mut event, mut data, mut block_id) = (None, None, None);
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix("id: ") {
+                    block_id = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("event: ") {
+                    event = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = Some(v.to_owned());
+                } else if !(line.is_empty() || line.starts_with(':') || line.starts_with("retry: "))
+                {
+                    self.fail(format!("client {id}: unknown SSE line {line:?}"));
+                }
+            }
+            let c = self.clients.get_mut(&id).expect("listed");
+            if let Some(b) = &block_id {
+                c.last_event_id = Some(b.clone());
+            }
+            let json = |d: &str| -> Value {
+                serde_json::from_str(d)
+                    .unwrap_or_else(|e| panic!("client {id}: SSE data is not JSON: {e}"))
+            };
+            match (event.as_deref(), data) {
+                (Some("resume"), Some(d)) => self.on_inbox_opened(id, &json(&d)),
+                (Some(other), _) => self.fail(format!("client {id}: unknown SSE event {other}")),
+                (None, Some(d)) => {
+                    self.stats.sse_events += 1;
+                    self.on_event(id, json(&d));
+                    self.check_sse_id(id);
+                }
+                (None, None) => {
+                    // An id-only block: where a stream opened at the top stands.
+                    let c = self.clients.get_mut(&id).expect("listed");
+                    if let Some((e, o)) = block_id.as_deref().and_then(|b| b.split_once(':')) {
+                        if c.inbox_at.is_none() {
+                            c.inbox_at = Some((e.to_owned(), o.parse().unwrap_or(0)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A named event stream's ids are its inbox position once it is known.
+    fn check_sse_id(&mut self, id: usize) {
+        let c = &self.clients[&id];
+        if self.store.is_none() || c.user.is_none() {
+            return;
+        }
+        if let (Some((e, o)), Some(last)) = (&c.inbox_at, &c.last_event_id) {
+            if *last != format!("{e}:{o}") {
+                self.fail(format!("client {id}: event id {last}, position {e}:{o}"));
+            }
+        }
+    }
+
+    /// What a resuming connection is told about its inbox (the welcome's `inbox`, or an
+    /// event stream's `resume` event): a recovered resume promises a replay up to its top.
+    fn on_inbox_opened(&mut self, id: usize, inbox: &Value) {
+        let step = self.step;
+        let c = self.clients.get_mut(&id).expect("listed");
+        let fail = |what: String| -> ! { panic!("step {step}: client {id}: {what}") };
+        let (Some((_, from)), Some(e), Some(top)) = (
+            c.since.as_ref(),
+            inbox["epoch"].as_str(),
+            inbox["offset"].as_u64(),
+        ) else {
+            return;
+        };
+        let since_epoch = c.since.as_ref().map(|(e, _)| e.as_str());
+        let gone = since_epoch.is_some_and(|e| self.wiped.contains(e));
+        if gone && inbox["reason"] != "epoch_changed" {
+            fail(format!(
+                "resumed from a store whose files were lost: {inbox}"
+            ));
+        }
+        match inbox["recovered"].as_bool() {
+            Some(true) => {
+                self.stats.resumed += 1;
+                c.replay = (top > *from).then(|| (e.to_owned(), from + 1, top));
+                c.inbox_at = Some((e.to_owned(), *from));
+            }
+            Some(false) if inbox["reason"].is_string() => c.inbox_at = None,
+            _ => fail(format!("a resume without its outcome: {inbox}")),
+        }
+    }
+
     fn on_event(&mut self, id: usize, v: Value) {
         let step = self.step;
         let c = self.clients.get_mut(&id).expect("listed");
@@ -636,27 +806,7 @@ impl World {
                         fail(format!("welcomed as {}", v["user"]));
                     }
                 }
-                let inbox = &v["inbox"];
-                if let (Some((_, from)), Some(e), Some(top)) = (
-                    c.since.as_ref(),
-                    inbox["epoch"].as_str(),
-                    inbox["offset"].as_u64(),
-                ) {
-                    let since_epoch = c.since.as_ref().map(|(e, _)| e.as_str());
-                    let gone = since_epoch.is_some_and(|e| self.wiped.contains(e));
-                    if gone && inbox["reason"] != "epoch_changed" {
-                        fail(format!("resumed from a store whose files were lost: {v}"));
-                    }
-                    match inbox["recovered"].as_bool() {
-                        Some(true) => {
-                            self.stats.resumed += 1;
-                            c.replay = (top > *from).then(|| (e.to_owned(), from + 1, top));
-                            c.inbox_at = Some((e.to_owned(), *from));
-                        }
-                        Some(false) if inbox["reason"].is_string() => c.inbox_at = None,
-                        _ => fail(format!("a resume without its outcome: {v}")),
-                    }
-                }
+                self.on_inbox_opened(id, &v["inbox"]);
             }
             "msg" => {
                 let sender = v["data"]["c"].as_u64().unwrap_or(u64::MAX) as usize;
@@ -753,17 +903,19 @@ impl World {
             if c.shard != s || !sh.is_live(c.conn) {
                 continue;
             }
-            let (readable, writable) = {
+            let (readable, writable, closed) = {
                 let mut p = c.pipe.0.borrow_mut();
                 let r = std::mem::take(&mut p.read_edge);
                 let w = std::mem::take(&mut p.write_edge);
-                (r, w)
+                (r, w, p.client_fin)
             };
             if writable {
                 sh.on_writable(c.conn.slot as usize);
             }
             if readable {
-                sh.on_readable(c.conn.slot as usize, false);
+                // As the shard does with epoll's read-closed: after the peer's FIN, read on
+                // past a short read, to the end.
+                sh.on_readable(c.conn.slot as usize, closed);
             }
         }
         for _ in 0..mail_n {
@@ -886,6 +1038,8 @@ impl World {
         };
         let abort = self.rng.chance(40);
         let c = self.clients.get_mut(&id).expect("picked");
+        // An event stream ends the only way a browser ends one: the TCP connection goes.
+        let abort = abort || c.sse;
         match c.phase {
             Phase::Open if !abort => {
                 c.phase = Phase::Closing;
@@ -946,7 +1100,7 @@ impl World {
         let ids: Vec<usize> = self.clients.keys().copied().collect();
         for id in ids {
             let c = self.clients.get_mut(&id).expect("listed");
-            if c.phase == Phase::Open && self.rng.chance(50) {
+            if c.phase == Phase::Open && !c.sse && self.rng.chance(50) {
                 c.phase = Phase::Closing;
                 c.unsent.extend(testkit::close_frame(1000, "bye"));
             }
@@ -995,6 +1149,37 @@ impl World {
                     assert_eq!(sh.wheel_len(), 0, "shard {i}: wheel not empty");
                 }
                 return;
+            }
+        }
+        for sh in &self.shards {
+            for k in sh.keys() {
+                let c = sh.conn(k).expect("listed");
+                let id = sh.conn_id(k);
+                let client = self
+                    .clients
+                    .iter()
+                    .find(|(_, cl)| cl.conn == id)
+                    .map(|(i, cl)| {
+                        let p = cl.pipe.0.borrow();
+                        (
+                            *i,
+                            cl.phase,
+                            cl.sse,
+                            cl.shard,
+                            p.read_edge,
+                            p.client_fin,
+                            p.to_server.len(),
+                        )
+                    });
+                eprintln!(
+                    "left: key {k} state {:?} flags {:?} user {:?} outbox {:?} deadline {} waits {} client {client:?}",
+                    c.state,
+                    c.flags,
+                    c.user,
+                    c.outbox.as_ref().map(|o| o.bytes),
+                    sh.has_deadline(k),
+                    c.input_waits()
+                );
             }
         }
         let left: Vec<usize> = self.shards.iter().map(|s| s.len()).collect();
