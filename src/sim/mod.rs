@@ -410,33 +410,8 @@ impl World {
         self.connect_as(s, user, since, capacity, (answers_pings, slow), sse);
     }
 
-    /// A client of `user` connects to shard `s` (its upgrade request queued to send).
-    #[cfg(test)]
-    fn connect_on(
-        &mut self,
-        s: usize,
-        user: Option<&'static str>,
-        capacity: usize,
-        answers_pings: bool,
-        slow: bool,
-    ) -> usize {
-        self.connect_since(s, user, None, capacity, (answers_pings, slow))
-    }
-
-    /// [`Self::connect_on`], resuming the user's inbox from `since` if given.
-    #[cfg(test)]
-    fn connect_since(
-        &mut self,
-        s: usize,
-        user: Option<&'static str>,
-        since: Option<(String, u64)>,
-        capacity: usize,
-        (answers_pings, slow): (bool, bool),
-    ) -> usize {
-        self.connect_as(s, user, since, capacity, (answers_pings, slow), false)
-    }
-
-    /// [`Self::connect_since`] as a WebSocket or (`sse`) an event stream.
+    /// A client of `user` connects to shard `s` as a WebSocket or (`sse`) an event stream,
+    /// resuming the user's inbox from `since` if given (its request queued to send).
     fn connect_as(
         &mut self,
         s: usize,
@@ -1238,7 +1213,7 @@ mod tests {
 
     /// ann sends bob `n` qos-1 DMs (bob is away); every one is acked.
     fn send_to_away_bob(w: &mut World, from: u64, to: u64) -> usize {
-        let ann = w.connect_since(0, Some("ann"), None, 1 << 20, (true, false));
+        let ann = w.connect_as(0, Some("ann"), None, 1 << 20, (true, false), false);
         for _ in 0..20 {
             pump_all(w);
         }
@@ -1261,7 +1236,7 @@ mod tests {
 
     /// bob connects resuming from `since`; his welcome.
     fn bob_resumes(w: &mut World, since: (String, u64)) -> usize {
-        let bob = w.connect_since(1, Some("bob"), Some(since), 1 << 20, (true, false));
+        let bob = w.connect_as(1, Some("bob"), Some(since), 1 << 20, (true, false), false);
         for _ in 0..40 {
             pump_all(w);
         }
@@ -1300,8 +1275,8 @@ mod tests {
         // ann and bob on different shards: a DM goes from ann's shard straight to bob's, and
         // those copies meet a full mailbox while bob's shard does not turn.
         let (from, to) = (0, 1);
-        let alice = w.connect_on(from, Some("ann"), 1 << 20, true, false);
-        let bob = w.connect_on(to, Some("bob"), 1 << 20, true, false);
+        let alice = w.connect_as(from, Some("ann"), None, 1 << 20, (true, false), false);
+        let bob = w.connect_as(to, Some("bob"), None, 1 << 20, (true, false), false);
         for _ in 0..50 {
             pump(&mut w);
         }
