@@ -15,8 +15,10 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod shard;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod store;
+#[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod timer;
 pub mod tls;
