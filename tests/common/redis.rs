@@ -16,12 +16,23 @@ pub struct Redis {
     dir: std::path::PathBuf,
 }
 
+/// A free loopback port never handed out before in this process: tests run in parallel, and
+/// one that stops a Redis to start another on the same port must not find a Redis of
+/// another test there.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let p = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&p) {
+            given.push(p);
+            return p;
+        }
+    }
 }
 
 impl Redis {
@@ -96,7 +107,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (apt-get install redis-server; .ci/run installs it)");
-        let r = Redis { child, port, dir };
+        let mut r = Redis { child, port, dir };
         r.wait_ping();
         r
     }
@@ -165,7 +176,7 @@ impl Sentinel {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (apt-get install redis-server; .ci/run installs it)");
-        let redis = Redis { child, port, dir };
+        let mut redis = Redis { child, port, dir };
         redis.wait_ping();
         Sentinel {
             redis,
@@ -324,7 +335,7 @@ impl Redis {
         let dir = std::env::temp_dir().join(format!("sb-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let child = Self::spawn_cluster_node(port, &dir);
-        let r = Redis { child, port, dir };
+        let mut r = Redis { child, port, dir };
         r.wait_ping();
         r
     }
@@ -337,14 +348,22 @@ impl Redis {
         self.wait_ping();
     }
 
-    fn wait_ping(&self) {
+    /// Waits for this process's PING answer (one that exited, e.g. because its port was
+    /// taken, fails here instead of leaving a stranger's Redis on that port to the test).
+    fn wait_ping(&mut self) {
         let start = Instant::now();
         while !self.ping() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("redis-server on port {} exited: {status}", self.port);
+            }
             assert!(
                 start.elapsed() < DEADLINE,
                 "redis-server did not answer PING"
             );
             std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("redis-server on port {} exited: {status}", self.port);
         }
     }
 
