@@ -39,6 +39,7 @@ fn seeded_simulation_keeps_every_invariant() {
                 total.replayed += s.replayed;
                 total.crashes += s.crashes;
                 total.sse_events += s.sse_events;
+                total.api_calls += s.api_calls;
             }
             Err(e) => {
                 let msg = e

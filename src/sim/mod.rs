@@ -8,7 +8,10 @@
 //!
 //! A fifth of the clients are event streams (`GET /events`, named or anonymous, on two
 //! channels): they only read, end by dropping the connection, and come back with
-//! `Last-Event-ID`; a named stream's event ids must be its inbox position.
+//! `Last-Event-ID`; a named stream's event ids must be its inbox position. Some connections
+//! are backends calling the push API once (`POST /api/send`, qos 1 with a store, and
+//! `/api/publish`): answered 200 (or 503 when the store's queue is full), their DMs and
+//! publications checked like any other, their qos-1 sends audited like a client's.
 //!
 //! Worlds with a store ([`World::with_store`]) run the real store worker inline on simulated
 //! files ([`SimDisk`]): clients also send qos-1 DMs, commits come late and in random batches,
@@ -131,6 +134,8 @@ struct Client {
     sse: bool,
     /// The id of the last SSE block (what a browser sends back as `Last-Event-ID`).
     last_event_id: Option<String>,
+    /// A push-API call (one request, `Connection: close`): for a qos-1 send, its recipient.
+    api: Option<Option<&'static str>>,
     phase: Phase,
     /// Bytes written but not yet handed to the pipe (handed over in random pieces).
     unsent: VecDeque<u8>,
@@ -192,6 +197,8 @@ pub struct Stats {
     pub crashes: u64,
     /// Events received by event streams (SSE).
     pub sse_events: u64,
+    /// Push-API calls answered 200.
+    pub api_calls: u64,
 }
 
 /// The simulated process: shards, mailboxes, clients, clock.
@@ -389,6 +396,9 @@ impl World {
             return;
         }
         let s = self.rng.below(self.shards.len() as u64) as usize;
+        if self.rng.chance(15) {
+            return self.api_call(s);
+        }
         let user = if self.rng.chance(75) {
             Some(NAMES[self.rng.below(NAMES.len() as u64) as usize])
         } else {
@@ -408,6 +418,82 @@ impl World {
         };
         let sse = self.rng.chance(20);
         self.connect_as(s, user, since, capacity, (answers_pings, slow), sse);
+    }
+
+    /// A backend calls the push API on shard `s`: a DM (qos 1 with a store, sometimes) or a
+    /// publication, one request with `Connection: close`.
+    fn api_call(&mut self, s: usize) {
+        let to = NAMES[self.rng.below(NAMES.len() as u64) as usize];
+        let channel = CHANNELS[self.rng.below(CHANNELS.len() as u64) as usize];
+        let kind = self.rng.below(3);
+        let qos1 = self.store.is_some() && self.rng.chance(60);
+        let id = self.connect_as(s, None, None, 64 * 1024, (true, false), false);
+        let data = serde_json::json!({"c": id, "n": 1});
+        let (path, body, recipient) = match kind {
+            0 if qos1 => {
+                let rid = request_id(id, 1);
+                let b =
+                    serde_json::json!({"to": to, "data": data, "qos": 1, "id": rid.to_string()});
+                ("/api/send", b, Some(to))
+            }
+            0 | 1 => (
+                "/api/send",
+                serde_json::json!({"to": to, "data": data}),
+                None,
+            ),
+            _ => (
+                "/api/publish",
+                serde_json::json!({"channel": channel, "data": data}),
+                None,
+            ),
+        };
+        let body = body.to_string();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: sim\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let c = self.clients.get_mut(&id).expect("just connected");
+        c.api = Some(recipient);
+        c.unsent = req.into_bytes().into();
+    }
+
+    /// A push-API call's answer: 200 (a qos-1 send's says where it was stored), or 503 when
+    /// the store's queue is full; nothing else.
+    fn parse_api(&mut self, id: usize) {
+        let c = self.clients.get_mut(&id).expect("listed");
+        if c.phase != Phase::Handshake {
+            return;
+        }
+        let h = match testkit::parse_response_head(&c.rbuf) {
+            Ok(None) => return,
+            Ok(Some(h)) => h,
+            Err(e) => self.fail(format!("client {id}: API answer: {e}")),
+        };
+        let len: usize = h
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if c.rbuf.len() < h.head_len + len {
+            return;
+        }
+        let body: Value =
+            serde_json::from_slice(&c.rbuf[h.head_len..h.head_len + len]).unwrap_or_default();
+        c.rbuf.drain(..h.head_len + len);
+        c.phase = Phase::Closing;
+        match h.status {
+            200 => {
+                self.stats.api_calls += 1;
+                if let Some(Some(to)) = c.api {
+                    if body["stored"] != true || body["offset"].as_u64().is_none() {
+                        self.fail(format!("client {id}: a qos-1 API send answered {body}"));
+                    }
+                    self.acked_qos1.push((id, 1, to));
+                    self.stats.qos1_acked += 1;
+                }
+            }
+            503 if body["error"].is_string() => {}
+            st => self.fail(format!("client {id}: API answered {st}: {body}")),
+        }
     }
 
     /// A client of `user` connects to shard `s` as a WebSocket or (`sse`) an event stream,
@@ -457,6 +543,7 @@ impl World {
                 user,
                 sse,
                 last_event_id: None,
+                api: None,
                 phase: Phase::Handshake,
                 unsent: req.into_bytes().into(),
                 rbuf: Vec::new(),
@@ -503,7 +590,7 @@ impl World {
         let pad_len = self.rng.below(600) as usize;
         let qos1 = self.store.is_some() && self.rng.chance(50);
         let c = self.clients.get_mut(&id).expect("picked");
-        if c.phase != Phase::Open || !c.welcomed || c.sse {
+        if c.phase != Phase::Open || !c.welcomed || c.sse || c.api.is_some() {
             return;
         }
         c.next_seq += 1;
@@ -579,6 +666,9 @@ impl World {
     fn parse_client(&mut self, id: usize) {
         if self.clients[&id].sse {
             return self.parse_sse(id);
+        }
+        if self.clients[&id].api.is_some() {
+            return self.parse_api(id);
         }
         loop {
             let c = self.clients.get_mut(&id).expect("listed");
@@ -1014,7 +1104,7 @@ impl World {
         let abort = self.rng.chance(40);
         let c = self.clients.get_mut(&id).expect("picked");
         // An event stream ends the only way a browser ends one: the TCP connection goes.
-        let abort = abort || c.sse;
+        let abort = abort || c.sse || c.api.is_some();
         match c.phase {
             Phase::Open if !abort => {
                 c.phase = Phase::Closing;
@@ -1075,7 +1165,7 @@ impl World {
         let ids: Vec<usize> = self.clients.keys().copied().collect();
         for id in ids {
             let c = self.clients.get_mut(&id).expect("listed");
-            if c.phase == Phase::Open && !c.sse && self.rng.chance(50) {
+            if c.phase == Phase::Open && !c.sse && c.api.is_none() && self.rng.chance(50) {
                 c.phase = Phase::Closing;
                 c.unsent.extend(testkit::close_frame(1000, "bye"));
             }
