@@ -44,6 +44,42 @@ use super::{
 use crate::ids::ConnId;
 use crate::metrics::StoreMetrics;
 
+/// Lua the stream scripts share (put in front of each with `concat!`): the keys beside a
+/// stream's epoch key, the master's replication id, and a stream's epoch, fenced by the
+/// master that last wrote it when `rid` is given ([`FENCE_SCRIPT`] says why): another master
+/// moves the stream to `candidate`, recording in `sb:p:` the epoch it continues and the last
+/// offset both hold. Answers the epoch and, when it moved, the one it left.
+macro_rules! epoch_lua {
+    () => {
+        r#"
+local function aside(k, prefix)
+  return (string.gsub(k, '^sb:e:', prefix, 1))
+end
+local function master_replid()
+  return string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+end
+local function fenced_epoch(k, rid, candidate)
+  local e = redis.call('GET', k)
+  if not e then
+    redis.call('SET', k, candidate)
+    if rid then redis.call('SET', aside(k, 'sb:h:'), rid) end
+    return candidate, nil
+  end
+  if not rid then return e, nil end
+  local hk = aside(k, 'sb:h:')
+  local h = redis.call('GET', hk)
+  if h == rid then return e, nil end
+  redis.call('SET', hk, rid)
+  if not h then return e, nil end
+  local top = redis.call('GET', aside(k, 'sb:o:')) or '0'
+  redis.call('SET', aside(k, 'sb:p:'), e .. ' ' .. top)
+  redis.call('SET', k, candidate)
+  return candidate, e
+end
+"#
+    };
+}
+
 /// Stores one message in one or more streams and publishes it (the envelope is the
 /// broker's: [`crate::broker::open_stored`]). KEYS: per stream (epoch, offset counter, log),
 /// then the dedup key if any. ARGV: body, ts, max count, ttl ms, dedup window ms, epoch
@@ -71,39 +107,15 @@ use crate::metrics::StoreMetrics;
 /// nobody receives a message before replicas have it (its sender may still be told
 /// `unavailable`); a retry's duplicate then publishes what the first attempt did not (a
 /// recipient that had it takes the same offset again, which offset dedup drops).
-const STORE_SCRIPT: &str = r#"
+const STORE_SCRIPT: &str = concat!(
+    epoch_lua!(),
+    r#"
 local n = (#ARGV - 10) / 5
 local defer = ARGV[9] == '1'
 local pubs = {}
-local rid = nil
-if ARGV[10] == '1' then
-  rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
-end
-local function aside(k, prefix)
-  return (string.gsub(k, '^sb:e:', prefix, 1))
-end
+local rid = ARGV[10] == '1' and master_replid() or nil
 local function epoch_of(k)
-  local e = redis.call('GET', k)
-  if not e then
-    redis.call('SET', k, ARGV[6])
-    if rid then redis.call('SET', aside(k, 'sb:h:'), rid) end
-    return ARGV[6]
-  end
-  local prev = nil
-  if rid then
-    local hk = aside(k, 'sb:h:')
-    local h = redis.call('GET', hk)
-    if h ~= rid then
-      if h then
-        local top = redis.call('GET', aside(k, 'sb:o:')) or '0'
-        redis.call('SET', aside(k, 'sb:p:'), e .. ' ' .. top)
-        redis.call('SET', k, ARGV[6])
-        prev, e = e, ARGV[6]
-      end
-      redis.call('SET', hk, rid)
-    end
-  end
-  return e, prev
+  return fenced_epoch(k, rid, ARGV[6])
 end
 local function envelope(o, a, body, epoch)
   local ev = body .. ',"stream":"' .. ARGV[a + 1] .. '","offset":' .. o .. ',"epoch":"' .. epoch .. '"}'
@@ -184,7 +196,8 @@ for s = 1, n do
 end
 if dedup then redis.call('SET', dedup, table.concat(offsets, ' '), 'PX', ARGV[5]) end
 return {'ok', last, epoch, first_n, seen, pubs}
-"#;
+"#
+);
 
 /// Raises a stream's replicated position (`sb:w:<stream>`, KEYS[1]) to ARGV[1] if higher:
 /// with `--broker-min-replicas`, reads stop there, so nobody reads a write that a failover
@@ -200,17 +213,20 @@ return 0
 /// be told its position holds), its counter past what this node saw (as [`STORE_SCRIPT`]
 /// does). KEYS: epoch, offset counter. ARGV: the epoch and highest offset this node knows,
 /// the new epoch. Answers the epoch now.
-const BUMP_SCRIPT: &str = r#"
+const BUMP_SCRIPT: &str = concat!(
+    epoch_lua!(),
+    r#"
 local e = redis.call('GET', KEYS[1])
 local top = tonumber(redis.call('GET', KEYS[2]) or '0')
 if e == ARGV[1] and top < tonumber(ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[3])
   redis.call('SET', KEYS[2], ARGV[2])
-  redis.call('SET', (string.gsub(KEYS[1], '^sb:e:', 'sb:p:', 1)), ARGV[1] .. ' ' .. top)
+  redis.call('SET', aside(KEYS[1], 'sb:p:'), ARGV[1] .. ' ' .. top)
   return ARGV[3]
 end
 return e
-"#;
+"#
+);
 
 /// A stream's epoch as a read finds it, fenced (without `--broker-min-replicas`): the
 /// master that last wrote the stream is named in `sb:h:<stream>` (its replication id). Any
@@ -221,31 +237,17 @@ return e
 /// way before it writes. Like a [`BUMP_SCRIPT`], the counter moves past what this node saw
 /// of the old epoch. KEYS: epoch, offset counter. ARGV: the new epoch (also a new stream's),
 /// the epoch and highest offset this node knows. Answers the epoch.
-const FENCE_SCRIPT: &str = r#"
-local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
-local k = KEYS[1]
-local hk = (string.gsub(k, '^sb:e:', 'sb:h:', 1))
-local e = redis.call('GET', k)
-if not e then
-  redis.call('SET', k, ARGV[1])
-  redis.call('SET', hk, rid)
-  return ARGV[1]
-end
-local h = redis.call('GET', hk)
-if h ~= rid then
-  if h then
-    local top = redis.call('GET', KEYS[2]) or '0'
-    redis.call('SET', (string.gsub(k, '^sb:e:', 'sb:p:', 1)), e .. ' ' .. top)
-    redis.call('SET', k, ARGV[1])
-    if e == ARGV[2] and tonumber(top) < tonumber(ARGV[3]) then
-      redis.call('SET', KEYS[2], ARGV[3])
-    end
-    e = ARGV[1]
-  end
-  redis.call('SET', hk, rid)
+const FENCE_SCRIPT: &str = concat!(
+    epoch_lua!(),
+    r#"
+local e, prev = fenced_epoch(KEYS[1], master_replid(), ARGV[1])
+local top = tonumber(redis.call('GET', KEYS[2]) or '0')
+if prev == ARGV[2] and top < tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[2], ARGV[3])
 end
 return e
-"#;
+"#
+);
 
 /// Moves a user's confirmed position forward (never back, never past the top). KEYS:
 /// the confirmed position, the inbox's offset counter. ARGV: offset. Answers `{before,
