@@ -357,44 +357,45 @@ impl<T: Transport> Sessions<T> {
         let c = &mut self.conns[key];
         let sse = c.flags.has(Flags::SSE);
         c.flags.clear(Flags::HOLD_INPUT);
-        if let Some(cur) = c.extra_if_mut().and_then(|e| e.cursor.as_mut()) {
-            cur.since = None;
-            cur.replaying = true;
-            cur.epoch = Some(o.epoch);
-            cur.next = o.page.entries.first().map_or(o.page.next, |e| e.0);
-        }
-        if sse && o.resume.is_none() {
-            // Opened at the top: the position becomes the browser's last event id at once.
-            if o.epoch != crate::store::Epoch(0) {
-                self.push_raw(key, protocol::sse_position(&epoch, o.top));
-            }
-        } else if sse {
-            // An event stream has no welcome: a named `resume` event says how it went.
-            let f = protocol::resume_event(info);
-            self.push_raw(key, f);
-        } else {
-            let welcome = protocol::welcome_inbox(&name, &id, self.cfg.ping_interval_ms, info);
-            self.push_event(key, welcome);
-        }
+        // A named event stream opened without a position starts at the inbox's top, if the
+        // store could say where that is (else: live from now on, counted ids).
         let at_top = sse && o.resume.is_none();
-        if at_top && o.epoch == crate::store::Epoch(0) {
-            // The store could not say where the inbox stands: live from now on, counted ids.
-            if let Some(e) = self.conns[key].extra_if_mut() {
+        let placed = o.epoch != crate::store::Epoch(0);
+        if let Some(e) = c.extra_if_mut() {
+            if at_top && !placed {
                 e.cursor = None;
             }
-        } else if o.resume.is_some() || at_top {
-            let stream = StreamRef::Inbox(name.clone());
-            let page = if at_top {
-                // From the top: nothing to replay, unless live messages came meanwhile.
-                Page {
+            if let Some(cur) = e.cursor.as_mut() {
+                cur.since = None;
+                cur.replaying = true;
+                cur.epoch = Some(o.epoch);
+                cur.next = o.page.entries.first().map_or(o.page.next, |e| e.0);
+            }
+        }
+        let stream = StreamRef::Inbox(name.clone());
+        if at_top {
+            if placed {
+                // The position becomes the browser's last event id at once; nothing to
+                // replay, unless live messages came meanwhile.
+                self.push_raw(key, protocol::sse_position(&epoch, o.top));
+                let top = Page {
                     entries: Vec::new(),
                     next: o.top + 1,
                     done: true,
-                }
+                };
+                self.replay(key, &stream, top);
+            }
+        } else {
+            if sse {
+                // An event stream has no welcome: a named `resume` event says how it went.
+                self.push_raw(key, protocol::resume_event(info));
             } else {
-                o.page
-            };
-            self.replay(key, &stream, page);
+                let welcome = protocol::welcome_inbox(&name, &id, self.cfg.ping_interval_ms, info);
+                self.push_event(key, welcome);
+            }
+            if o.resume.is_some() {
+                self.replay(key, &stream, o.page);
+            }
         }
         if !sse {
             // Requests that arrived meanwhile are processed now, after the welcome.
