@@ -25,22 +25,7 @@ fn seeded_simulation_keeps_every_invariant() {
         let shards = 1 + (seed % 4) as usize;
         let run = std::panic::catch_unwind(|| switchboard::sim::run(seed, shards, steps));
         match run {
-            Ok(s) => {
-                total.steps += s.steps;
-                total.connections += s.connections;
-                total.dms_received += s.dms_received;
-                total.pubs_received += s.pubs_received;
-                total.heartbeat_closes += s.heartbeat_closes;
-                total.slow_consumer_closes += s.slow_consumer_closes;
-                total.mailbox_full += s.mailbox_full;
-                total.qos1_acked += s.qos1_acked;
-                total.store_batches += s.store_batches;
-                total.resumed += s.resumed;
-                total.replayed += s.replayed;
-                total.crashes += s.crashes;
-                total.sse_events += s.sse_events;
-                total.api_calls += s.api_calls;
-            }
+            Ok(s) => total += s,
             Err(e) => {
                 let msg = e
                     .downcast_ref::<String>()

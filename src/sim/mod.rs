@@ -201,6 +201,26 @@ pub struct Stats {
     pub api_calls: u64,
 }
 
+impl std::ops::AddAssign for Stats {
+    /// Sums the counts of several runs.
+    fn add_assign(&mut self, o: Stats) {
+        self.steps += o.steps;
+        self.connections += o.connections;
+        self.dms_received += o.dms_received;
+        self.pubs_received += o.pubs_received;
+        self.heartbeat_closes += o.heartbeat_closes;
+        self.slow_consumer_closes += o.slow_consumer_closes;
+        self.mailbox_full += o.mailbox_full;
+        self.qos1_acked += o.qos1_acked;
+        self.store_batches += o.store_batches;
+        self.resumed += o.resumed;
+        self.replayed += o.replayed;
+        self.crashes += o.crashes;
+        self.sse_events += o.sse_events;
+        self.api_calls += o.api_calls;
+    }
+}
+
 /// The simulated process: shards, mailboxes, clients, clock.
 pub struct World {
     rng: Rng,
@@ -673,19 +693,14 @@ impl World {
         loop {
             let c = self.clients.get_mut(&id).expect("listed");
             if c.phase == Phase::Handshake {
-                match testkit::parse_response_head(&c.rbuf) {
-                    Ok(None) => return,
-                    Ok(Some(h)) => {
-                        if h.status != 101 {
-                            let step = self.step;
-                            panic!("step {step}: client {id} upgrade refused: {}", h.status);
-                        }
-                        c.rbuf.drain(..h.head_len);
-                        c.phase = Phase::Open;
-                        continue;
-                    }
-                    Err(e) => self.fail(format!("client {id}: {e}")),
+                let Some(h) = self.response_head(id) else {
+                    return;
+                };
+                if h.status != 101 {
+                    self.fail(format!("client {id} upgrade refused: {}", h.status));
                 }
+                self.clients.get_mut(&id).expect("listed").phase = Phase::Open;
+                continue;
             }
             let f = match testkit::take_frame(&mut c.rbuf) {
                 Ok(Some(f)) => f,
@@ -729,34 +744,44 @@ impl World {
         }
     }
 
+    /// The HTTP response head client `id` has read, taken off its buffer (`None`: not whole
+    /// yet); a malformed one fails the run, showing what came instead.
+    fn response_head(&mut self, id: usize) -> Option<testkit::ResponseHead> {
+        let c = self.clients.get_mut(&id).expect("listed");
+        match testkit::parse_response_head(&c.rbuf) {
+            Ok(None) => None,
+            Ok(Some(h)) => {
+                c.rbuf.drain(..h.head_len);
+                Some(h)
+            }
+            Err(e) => {
+                let head = String::from_utf8_lossy(&c.rbuf[..c.rbuf.len().min(200)]).into_owned();
+                self.fail(format!("client {id}: {e}: {head:?}"))
+            }
+        }
+    }
+
     /// An event stream's bytes: its response head, then blocks (`id:`, `event:`, `data:`,
     /// comments) each ended by a blank line.
     fn parse_sse(&mut self, id: usize) {
         loop {
             let c = self.clients.get_mut(&id).expect("listed");
             if c.phase == Phase::Handshake {
-                match testkit::parse_response_head(&c.rbuf) {
-                    Ok(None) => return,
-                    Ok(Some(h)) => {
-                        if h.status != 200 {
-                            // Refused (e.g. over a limit): the server closes it.
-                            c.rbuf.clear();
-                            c.phase = Phase::Aborted;
-                            c.pipe.0.borrow_mut().client_shutdown();
-                            return;
-                        }
-                        c.rbuf.drain(..h.head_len);
-                        c.phase = Phase::Open;
-                        // An event stream has no welcome: the head is its start.
-                        c.welcomed = true;
-                        continue;
-                    }
-                    Err(e) => {
-                        let head =
-                            String::from_utf8_lossy(&c.rbuf[..c.rbuf.len().min(200)]).into_owned();
-                        self.fail(format!("client {id}: {e}: {head:?}"))
-                    }
+                let Some(h) = self.response_head(id) else {
+                    return;
+                };
+                let c = self.clients.get_mut(&id).expect("listed");
+                if h.status != 200 {
+                    // Refused (e.g. over a limit): the server closes it.
+                    c.rbuf.clear();
+                    c.phase = Phase::Aborted;
+                    c.pipe.0.borrow_mut().client_shutdown();
+                    return;
                 }
+                c.phase = Phase::Open;
+                // An event stream has no welcome: the head is its start.
+                c.welcomed = true;
+                continue;
             }
             let Some(end) = c.rbuf.windows(2).position(|w| w == b"\n\n") else {
                 return;
