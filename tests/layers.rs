@@ -81,13 +81,17 @@ fn production_text(file: &Path) -> Option<String> {
     })
 }
 
-/// Top-level modules named by `crate::x` paths (and `switchboard::x` in the binary), with
-/// the lines that name them. Comments are skipped.
-fn imports(text: &str, known: &BTreeSet<String>) -> BTreeMap<String, String> {
+/// How the production code names a top-level module: `crate::x`, or `switchboard::x` in the
+/// binary.
+const ROOTS: &[&str] = &["crate::", "switchboard::"];
+
+/// The modules in `known` named right after one of `prefixes` (`crate::x`, `super::x`,
+/// `crate::{x, y}`), with the lines that name them. Comments are skipped.
+fn imports(text: &str, prefixes: &[&str], known: &BTreeSet<String>) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for line in text.lines() {
         let code = line.split("//").next().unwrap_or("");
-        for prefix in ["crate::", "switchboard::"] {
+        for &prefix in prefixes {
             let mut rest = code;
             while let Some(i) = rest.find(prefix) {
                 rest = &rest[i + prefix.len()..];
@@ -140,7 +144,7 @@ fn graph(src: &Path) -> (Graph, Vec<String>) {
             continue;
         }
         let entry = g.entry(m.clone()).or_default();
-        for (to, line) in imports(&text, &known) {
+        for (to, line) in imports(&text, ROOTS, &known) {
             if to != m {
                 entry
                     .entry(to)
@@ -296,38 +300,17 @@ fn file_graph(dir: &Path, prefix: &str) -> Graph {
             continue;
         };
         // A child module's own `super::` is this file, not the folder: only files count.
+        let prefixes: &[&str] = if root {
+            &[prefix]
+        } else {
+            &[prefix, "super::"]
+        };
         let entry = g.entry(me.clone()).or_default();
-        for line in text.lines() {
-            let code = line.split("//").next().unwrap_or("");
-            let mut pre: Vec<&str> = vec![prefix];
-            if !root {
-                pre.push("super::");
-            }
-            for p in pre {
-                let mut rest = code;
-                while let Some(i) = rest.find(p) {
-                    rest = &rest[i + p.len()..];
-                    let mut names = Vec::new();
-                    if let Some(group) = rest.strip_prefix('{') {
-                        let group = group.split('}').next().unwrap_or("");
-                        for part in group.split(',') {
-                            names.push(part.trim().split("::").next().unwrap_or("").trim());
-                        }
-                    } else {
-                        let n = rest
-                            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                            .next()
-                            .unwrap_or("");
-                        names.push(n);
-                    }
-                    for n in names {
-                        if n != me && siblings.contains(n) {
-                            entry
-                                .entry(n.to_owned())
-                                .or_insert_with(|| format!("{}: {}", f.display(), line.trim()));
-                        }
-                    }
-                }
+        for (to, line) in imports(&text, prefixes, &siblings) {
+            if to != me {
+                entry
+                    .entry(to)
+                    .or_insert_with(|| format!("{}: {line}", f.display()));
             }
         }
     }
@@ -406,6 +389,7 @@ fn the_check_finds_a_circle_and_a_forbidden_import() {
         .collect();
     let found = imports(
         "use crate::{ws::frame, http};\n// use crate::hub;\n",
+        ROOTS,
         &known,
     );
     assert_eq!(found.keys().collect::<Vec<_>>(), vec!["http", "ws"]);
