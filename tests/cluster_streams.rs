@@ -350,23 +350,11 @@ fn a_dropped_pubsub_connection_loses_no_acked_message_a_catch_up_fills_the_gap()
     // Every pub/sub connection is cut; alice goes on at once, so some of her messages are
     // published before node a has subscribed again (how many depends on timing; all of
     // them must arrive either way, once, in order).
-    let killed = redis.command("CLIENT KILL TYPE pubsub").unwrap_or_default();
-    assert_ne!(
-        killed.trim(),
-        ":0",
-        "the nodes' subscribers were connected: {killed}"
-    );
+    redis.kill_subscribers();
     for i in 6..=40 {
         send(i);
     }
-    for i in 6..=40u64 {
-        let m = recv_json(&mut bob);
-        assert_eq!(
-            (m["offset"].as_u64(), m["data"].as_u64()),
-            (Some(i), Some(i)),
-            "{m}"
-        );
-    }
+    expect_in_order(&mut bob, 6..=40, recv_json);
     // Node a heard its subscription was restored and caught up on bob's inbox.
     a.wait_for("a catch-up", |s| {
         s.metric("switchboard_inbox_catch_ups_total") >= 1
@@ -415,23 +403,11 @@ fn a_dropped_pubsub_connection_loses_no_stored_publication_a_catch_up_fills_the_
     }
     // Every subscriber connection is cut while alice goes on: some publications are made
     // before node a has subscribed again; all must reach carol, once, in order.
-    let killed = redis.command("CLIENT KILL TYPE pubsub").unwrap_or_default();
-    assert_ne!(
-        killed.trim(),
-        ":0",
-        "the nodes' subscribers were connected: {killed}"
-    );
+    redis.kill_subscribers();
     for i in 4..=40 {
         publish(i);
     }
-    for i in 4..=40u64 {
-        let m = recv_json(&mut carol);
-        assert_eq!(
-            (m["offset"].as_u64(), m["data"].as_u64()),
-            (Some(i), Some(i)),
-            "{m}"
-        );
-    }
+    expect_in_order(&mut carol, 4..=40, recv_json);
     a.wait_for("a catch-up", |s| {
         s.metric("switchboard_inbox_catch_ups_total") >= 1
     });

@@ -85,9 +85,7 @@ fn a_redis_that_went_back_in_time_moves_streams_to_a_new_epoch_and_reuses_no_off
     assert!(a
         .command("WAIT 1 5000")
         .is_some_and(|r| r.starts_with(":1")));
-    assert!(copy
-        .command("REPLICAOF NO ONE")
-        .is_some_and(|r| r.starts_with("+OK")));
+    copy.promote();
     for i in 4..=6u64 {
         assert_eq!(
             send_qos1(&mut alice, "bob", json!(i), &format!("m{i}"))["op"],
@@ -104,9 +102,7 @@ fn a_redis_that_went_back_in_time_moves_streams_to_a_new_epoch_and_reuses_no_off
     // epoch): what a failover to a lagging replica, or a restart from an old file, does.
     a.stop();
     let back = Redis::start_replica_of(pa, copy.port);
-    assert!(back
-        .command("REPLICAOF NO ONE")
-        .is_some_and(|r| r.starts_with("+OK")));
+    back.promote();
     // The next message must not take offset 4 of the old epoch again.
     let (ack, _) = send_until_acked(&mut alice, "bob", json!(7), "m7");
     assert_ne!(
@@ -126,7 +122,13 @@ fn a_redis_that_went_back_in_time_moves_streams_to_a_new_epoch_and_reuses_no_off
     // A client that resumes from the lost range is told its history is gone.
     let since = format!("{}:6", epoch.trim_matches('"'));
     let mut bob2 = connect_raw_ws(&n, &format!("/ws?user=bob&since={since}"));
-    let w = recv_json(&mut bob2);
+    assert_history_gone(&recv_json(&mut bob2));
+    assert!(n.metric("switchboard_store_epoch_changes_total") >= 1);
+    drop(a);
+}
+
+/// A welcome that says the resumed position's history is gone (`epoch_changed`).
+fn assert_history_gone(w: &Value) {
     assert_eq!(
         (
             w["inbox"]["recovered"].as_bool(),
@@ -135,8 +137,6 @@ fn a_redis_that_went_back_in_time_moves_streams_to_a_new_epoch_and_reuses_no_off
         (Some(false), Some("epoch_changed")),
         "{w}"
     );
-    assert!(n.metric("switchboard_store_epoch_changes_total") >= 1);
-    drop(a);
 }
 
 /// The one epoch of what was seen.
@@ -220,9 +220,7 @@ fn min_replicas_unreached_answers_unavailable_delivers_nothing_and_a_retry_store
     assert_eq!(send_qos1(&mut alice, "bob", json!(1), "m1")["op"], "ack");
     assert_eq!(next_msg(&mut bob_live)["offset"], 1);
     // The replica stops following: the master's writes reach no replica.
-    assert!(replica
-        .command("REPLICAOF NO ONE")
-        .is_some_and(|r| r.starts_with("+OK")));
+    replica.promote();
     let a = send_qos1(&mut alice, "bob", json!(2), "m2");
     assert_eq!(
         (a["op"].as_str(), a["code"].as_str()),
@@ -235,10 +233,7 @@ fn min_replicas_unreached_answers_unavailable_delivers_nothing_and_a_retry_store
     expect_silence(&mut bob_live, Duration::from_millis(300));
     // Nor does a catch-up read it: reads stop where replicas have the stream (bob's node
     // loses its subscription and catches up on his inbox).
-    let killed = master
-        .command("CLIENT KILL TYPE pubsub")
-        .unwrap_or_default();
-    assert_ne!(killed.trim(), ":0", "{killed}");
+    master.kill_subscribers();
     n.wait_for("a catch-up", |s| {
         s.metric("switchboard_inbox_catch_ups_total") >= 1
     });
@@ -332,14 +327,7 @@ fn a_node_partitioned_from_redis_catches_its_recipients_up_once_healed() {
     std::thread::sleep(Duration::from_secs(2));
     proxy.heal();
     // bob, connected to node a all along, gets every acked message once, in order.
-    for i in 6..=30u64 {
-        let m = next_msg(&mut bob);
-        assert_eq!(
-            (m["offset"].as_u64(), m["data"].as_u64()),
-            (Some(i), Some(i)),
-            "{m}"
-        );
-    }
+    expect_in_order(&mut bob, 6..=30, next_msg);
     a.wait_for("a catch-up", |s| {
         s.metric("switchboard_inbox_caught_up_messages_total") >= 25
     });
@@ -419,9 +407,7 @@ fn after_a_failover_a_node_that_saw_nothing_lost_reuses_no_offset_either() {
         .command("WAIT 1 5000")
         .is_some_and(|r| r.starts_with(":1")));
     // The copy stops following at offset 3; 4..6 exist only on the master.
-    assert!(copy
-        .command("REPLICAOF NO ONE")
-        .is_some_and(|r| r.starts_with("+OK")));
+    copy.promote();
     for i in 4..=6u64 {
         send(&mut alice, &mut bob, &mut seen, i);
     }
@@ -432,9 +418,7 @@ fn after_a_failover_a_node_that_saw_nothing_lost_reuses_no_offset_either() {
     drop(n);
     a.stop();
     let back = Redis::start_replica_of(pa, copy.port);
-    assert!(back
-        .command("REPLICAOF NO ONE")
-        .is_some_and(|r| r.starts_with("+OK")));
+    back.promote();
     let b = node(&a.url(), "b", &[]);
     let (mut carol, _) = connect(&b, "carol");
     let (ack, _) = send_until_acked(&mut carol, "bob", json!(7), "c7");
@@ -459,14 +443,6 @@ fn after_a_failover_a_node_that_saw_nothing_lost_reuses_no_offset_either() {
     // From offset 6 (lost): told so.
     let since6 = format!("{}:6", epoch.trim_matches('"'));
     let mut bob6 = connect_raw_ws(&b, &format!("/ws?user=bob&since={since6}"));
-    let w = recv_json(&mut bob6);
-    assert_eq!(
-        (
-            w["inbox"]["recovered"].as_bool(),
-            w["inbox"]["reason"].as_str()
-        ),
-        (Some(false), Some("epoch_changed")),
-        "{w}"
-    );
+    assert_history_gone(&recv_json(&mut bob6));
     drop(a);
 }

@@ -209,14 +209,7 @@ fn acknowledged_messages_survive_kill_9_and_a_wiped_store_changes_the_epoch() {
         "same store, same epoch"
     );
     assert_eq!(w["inbox"]["recovered"], true);
-    for i in 1..=20 {
-        let m = recv_json(&mut erin);
-        assert_eq!(
-            (m["data"].as_u64(), m["offset"].as_u64()),
-            (Some(i), Some(i)),
-            "{m}"
-        );
-    }
+    expect_in_order(&mut erin, 1..=20, recv_json);
     // The dedup window survives too: a retry after the restart stores nothing.
     let (mut alice, _) = connect(&server, "alice");
     let again = send_qos1(&mut alice, "erin", json!(20), "e20");

@@ -209,6 +209,23 @@ pub fn recv_json(ws: &mut Ws) -> Value {
     }
 }
 
+/// Reads the messages at offsets `range` (each carrying its offset as `data`) once and in
+/// order; `next` reads the next message.
+pub fn expect_in_order(
+    ws: &mut Ws,
+    range: std::ops::RangeInclusive<u64>,
+    next: impl Fn(&mut Ws) -> Value,
+) {
+    for i in range {
+        let m = next(ws);
+        assert_eq!(
+            (m["offset"].as_u64(), m["data"].as_u64()),
+            (Some(i), Some(i)),
+            "{m}"
+        );
+    }
+}
+
 /// `publisher` publishes data 1..=n to `channel` (a channel with history, fresh) with ids
 /// p1..pn: each is acked with offsets 1..=n in stream `channel:<channel>` and reaches
 /// `subscriber` with the same offset, in order. Returns the stream's epoch.

@@ -112,6 +112,22 @@ impl Redis {
         r
     }
 
+    /// `REPLICAOF NO ONE`: this replica becomes a master (under a new replication id).
+    pub fn promote(&self) {
+        let r = self.command("REPLICAOF NO ONE");
+        assert!(r.as_deref().is_some_and(|r| r.starts_with("+OK")), "{r:?}");
+    }
+
+    /// Cuts every pub/sub connection (`CLIENT KILL TYPE pubsub`); there must have been one.
+    pub fn kill_subscribers(&self) {
+        let killed = self.command("CLIENT KILL TYPE pubsub").unwrap_or_default();
+        assert_ne!(
+            killed.trim(),
+            ":0",
+            "the nodes' subscribers were connected: {killed}"
+        );
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
