@@ -78,7 +78,8 @@ proxy_say() { exec 3<>"/dev/tcp/127.0.0.1/$PXC"; echo "$1" >&3; read -r _ <&3; e
 
 failed=()
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
-# Set by a failover's fault: ms from the master's death to its replica answering as master.
+# Set by a failover's fault: ms from the master's death until the nodes would find the
+# promoted replica (Sentinel names it; in a Redis Cluster, it answers as master).
 FAILOVER_MS=
 # Starts the audit, waits FAULT_AT, runs the fault (a function), waits for the audit.
 campaign() { # name fault-function

@@ -17,8 +17,8 @@
 //! `GET /api/history/inbox:<user>` and counts acknowledged messages not stored
 //! (`audit_missing`) and messages stored twice (`audit_duplicates`). `longest_unavailable_ms`
 //! is the longest time any user went from a failure (an `unavailable` answer or a lost
-//! connection) to its next acknowledgement (or to the end, if none came). Every loop ends by itself: the run's deadline and
-//! the drain bound them.
+//! connection) to its next acknowledgement (or to the end, if none came). Every loop ends by
+//! itself: the run's deadline and the drain bound them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpStream;

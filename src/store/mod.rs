@@ -35,8 +35,9 @@ pub const STORE_QUEUE: usize = 65_536;
 const BATCH_MAX: usize = 4_096;
 /// How long the store keeps retrying a full mailbox.
 const POST_PATIENCE: Duration = Duration::from_secs(10);
-/// Messages and bytes of one replay page.
+/// Messages of one replay page (the default of [`StoreConfig::page_items`]).
 pub const PAGE_ITEMS: usize = 256;
+/// Bytes of one replay page, about (a page holds at least one message).
 pub const PAGE_BYTES: usize = 256 * 1024;
 
 /// The inbox stream of `user`.

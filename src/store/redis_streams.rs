@@ -21,9 +21,9 @@
 //! stream gives it a new one, so clients learn their positions no longer hold; one that may
 //! have lost its last writes (another master than the one that wrote it, without
 //! `--broker-min-replicas`: [`FENCE_SCRIPT`]) moves it to a new epoch that continues the old
-//! one up to what it holds. What
-//! Redis keeps across its own restarts is up to its persistence settings (AOF with
-//! `appendfsync always` for the durability of the embedded store).
+//! one up to what it holds. What Redis keeps across its own restarts is up to its
+//! persistence settings (AOF with `appendfsync always` for the durability of the embedded
+//! store).
 
 use std::sync::Arc;
 use std::time::Instant;
