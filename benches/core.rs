@@ -1,5 +1,5 @@
 //! Hot-path benches: timer wheel, HTTP upgrade parsing, frame decode/encode, a flush over a
-//! mock socket that returns `WouldBlock`, and the real session code (`Sessions` over an
+//! mock socket that returns `WouldBlock`, and the real session code (`Router` over an
 //! in-memory pipe): echo, protocol ops, DMs and a channel fan-out to 10k subscribers, flush
 //! included.
 
@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use switchboard::config::Config;
 use switchboard::http::request;
 use switchboard::protocol;
-use switchboard::session::{flush, Outbox, Sessions, Shared, Transport};
+use switchboard::router::{flush, Outbox, Router, Shared, Transport};
 use switchboard::testkit;
 use switchboard::timer::Wheel;
 use switchboard::ws::frame;
@@ -186,18 +186,18 @@ impl Transport for BenchPipe {
     fn shutdown_write(&mut self) {}
 }
 
-fn sessions(echo: bool) -> Sessions<BenchPipe> {
+fn sessions(echo: bool) -> Router<BenchPipe> {
     let cfg = Config {
         echo,
         max_outbound_bytes: 64 << 20,
         ..Config::default()
     };
     let shared = Shared::standalone(cfg, 1);
-    Sessions::new(0, 1, shared, 0, 1_800_000_000_000)
+    Router::new(0, 1, shared, 0, 1_800_000_000_000)
 }
 
 /// Feeds `bytes` to connection `key` and runs the rest of a turn (timers, flush).
-fn feed(s: &mut Sessions<BenchPipe>, key: usize, bytes: &[u8]) {
+fn feed(s: &mut Router<BenchPipe>, key: usize, bytes: &[u8]) {
     let p = s.io_mut(key).unwrap();
     p.input.clear();
     p.input.extend_from_slice(bytes);
@@ -208,7 +208,7 @@ fn feed(s: &mut Sessions<BenchPipe>, key: usize, bytes: &[u8]) {
 }
 
 /// An upgraded connection of `user` (or anonymous), welcome flushed.
-fn open(s: &mut Sessions<BenchPipe>, user: Option<&str>) -> usize {
+fn open(s: &mut Router<BenchPipe>, user: Option<&str>) -> usize {
     let key = s.accept(BenchPipe::default(), true);
     let path = user.map_or("/ws".to_owned(), |u| format!("/ws?user={u}"));
     feed(s, key, testkit::upgrade_request("b", &path).as_bytes());

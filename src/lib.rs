@@ -6,14 +6,15 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod conn;
 pub mod http;
 pub mod hub;
 pub mod ids;
 pub mod mail;
 pub mod metrics;
 pub mod protocol;
+pub mod router;
 pub mod server;
-pub mod session;
 pub mod shard;
 #[cfg(feature = "sim")]
 pub mod sim;

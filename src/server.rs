@@ -342,7 +342,7 @@ impl Server {
         let metrics: Arc<[ShardMetrics]> =
             (0..cfg.shards).map(|_| ShardMetrics::default()).collect();
         let open_total = Arc::new(AtomicUsize::new(0));
-        let ip_table = Arc::new(crate::session::admission::IpTable::new(
+        let ip_table = Arc::new(crate::router::admission::IpTable::new(
             cfg.max_connections_per_ip,
             cfg.limit_loopback,
         ));

@@ -2,9 +2,10 @@
 //! `crate::` paths) of the production code under `src/` (test modules are left out):
 //!
 //! - `protocol/` imports neither `ws/` nor `http/`; `ws/` does not import `http/`;
-//! - the session layer does not import `shard/`; `hub/` does not import the session layer;
-//! - the store answers through a sink: it imports neither `hub/` nor `session/` nor `shard/`;
-//! - `tls/` is a byte pipe: it imports nothing of HTTP, WebSocket or the session layer;
+//! - the router does not import `shard/`; `hub/` does not import the router;
+//! - a connection (`conn/`) imports neither the router nor the hub, mail or broker;
+//! - the store answers through a sink: it imports neither `hub/` nor `router/` nor `shard/`;
+//! - `tls/` is a byte pipe: it imports nothing of HTTP, WebSocket or the router;
 //! - metric names (`"switchboard_…"`) are spelled only in `metrics/`;
 //! - no import circles between top-level modules.
 
@@ -13,31 +14,37 @@ use std::path::{Path, PathBuf};
 
 /// Layer rules: (module, modules it must never import).
 const NEVER: &[(&str, &[&str])] = &[
-    ("protocol", &["ws", "http", "session", "shard"]),
-    ("ws", &["http", "session", "shard"]),
-    ("http", &["session", "shard"]),
+    ("protocol", &["ws", "http", "router", "shard"]),
+    ("ws", &["http", "router", "shard"]),
+    ("http", &["router", "shard"]),
     // The hub answers who is where; the mail it routes (and the store and broker answers
     // that ride in it) live in `mail/`.
-    ("hub", &["session", "shard", "mail", "store", "broker"]),
-    ("mail", &["session", "shard", "server", "hub"]),
-    ("timer", &["session", "shard", "hub"]),
-    ("session", &["shard", "server"]),
+    ("hub", &["router", "shard", "mail", "store", "broker"]),
+    ("mail", &["router", "shard", "server", "hub"]),
+    ("timer", &["router", "shard", "hub"]),
+    ("router", &["shard", "server"]),
+    // A connection is its own state: it knows bytes, frames and its cursors, never who
+    // else is connected or where mail goes.
+    (
+        "conn",
+        &["router", "shard", "server", "hub", "mail", "broker", "sim"],
+    ),
     ("sim", &["shard", "server"]),
-    ("testkit", &["session", "shard", "server", "sim"]),
+    ("testkit", &["router", "shard", "server", "sim"]),
     // TLS is a byte pipe: it knows sockets and rustls, nothing of HTTP or sessions.
     (
         "tls",
-        &["session", "shard", "server", "http", "ws", "hub", "store"],
+        &["router", "shard", "server", "http", "ws", "hub", "store"],
     ),
-    ("store", &["session", "shard", "server", "hub", "sim"]),
+    ("store", &["router", "shard", "server", "hub", "sim"]),
     (
         "broker",
-        &["session", "shard", "server", "hub", "store", "sim"],
+        &["router", "shard", "server", "hub", "store", "sim"],
     ),
     (
         "ids",
         &[
-            "session", "shard", "server", "hub", "store", "protocol", "ws", "http",
+            "router", "shard", "server", "hub", "store", "protocol", "ws", "http",
         ],
     ),
 ];
@@ -254,7 +261,7 @@ fn layers_keep_their_nevers() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let (g, metric_files) = graph(&src);
     assert!(
-        g.contains_key("session") && g["session"].contains_key("hub"),
+        g.contains_key("router") && g["router"].contains_key("hub"),
         "{g:?}"
     );
     let v = violations(&g);
@@ -267,7 +274,7 @@ fn layers_keep_their_nevers() {
 
 /// The imports between the files of one folder (`mod.rs` left out: it declares the others,
 /// which use its types): file → (sibling it imports → an example line). `prefix` is how the
-/// folder is named from the crate root (`crate::session::`, or `crate::` for the root
+/// folder is named from the crate root (`crate::router::`, or `crate::` for the root
 /// folder), so that both `super::x` and `crate::<folder>::x` count.
 fn file_graph(dir: &Path, prefix: &str) -> Graph {
     let mut g: Graph = BTreeMap::new();
@@ -368,19 +375,19 @@ fn the_check_finds_a_circle_and_a_forbidden_import() {
             .insert(b.into(), format!("{a} → {b}"));
     };
     let mut g = Graph::new();
-    edge("session", "hub", &mut g);
+    edge("router", "hub", &mut g);
     edge("hub", "timer", &mut g);
     assert!(violations(&g).is_empty());
-    edge("timer", "session", &mut g);
+    edge("timer", "router", &mut g);
     let v = violations(&g);
     assert!(
         v.iter()
-            .any(|x| x.contains("import circle between hub, session, timer")),
+            .any(|x| x.contains("import circle between hub, router, timer")),
         "{v:?}"
     );
     assert!(
         v.iter()
-            .any(|x| x.contains("timer/ must not import session/")),
+            .any(|x| x.contains("timer/ must not import router/")),
         "{v:?}"
     );
     let known: BTreeSet<String> = ["ws", "http", "hub"]

@@ -213,10 +213,10 @@ proptest! {
 fn run_session(input: &[u8], cuts: &[usize]) -> Vec<u8> {
     use switchboard::config::Config;
 
-    use switchboard::session::{Sessions, Shared};
+    use switchboard::router::{Router, Shared};
     use switchboard::sim::SimSocket;
     let shared = Shared::standalone(Config::default(), 1);
-    let mut s: Sessions<SimSocket> = Sessions::new(0, 1, shared, 0, 1_800_000_000_000);
+    let mut s: Router<SimSocket> = Router::new(0, 1, shared, 0, 1_800_000_000_000);
     let pipe = SimSocket::new(1 << 20);
     let key = s.accept(pipe.clone(), true);
     let mut pieces = Vec::new();

@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use switchboard::config::Config;
-use switchboard::session::{Sessions, Shared};
+use switchboard::router::{Router, Shared};
 use switchboard::sim::SimSocket;
 use switchboard::testkit;
 
@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
         ..Config::default()
     };
     let shared = Shared::standalone(cfg, 1);
-    let mut s: Sessions<SimSocket> = Sessions::new(0, 1, shared, 0, 1_800_000_000_000);
+    let mut s: Router<SimSocket> = Router::new(0, 1, shared, 0, 1_800_000_000_000);
     let pipe = SimSocket::new(if mode & 0x40 != 0 { 256 } else { 1 << 20 });
     let key = s.accept(pipe.clone(), true);
     let preamble = match mode & 3 {
@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
     };
     pipe.0.borrow_mut().client_write(preamble.as_bytes());
     let mut now = 0u64;
-    let turn = |s: &mut Sessions<SimSocket>, now: u64| {
+    let turn = |s: &mut Router<SimSocket>, now: u64| {
         s.set_clock(now, 1_800_000_000_000 + now);
         let (r, w) = {
             let mut p = pipe.0.borrow_mut();

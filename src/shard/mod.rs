@@ -1,7 +1,7 @@
 //! The per-core event loop, the thin driver of the session layer: one `mio::Poll`, its
 //! listeners, the sockets, the clock and the mailbox. Only this loop touches sockets or reads
 //! the clock (once per turn); what to do with bytes, mail and deadlines is decided by
-//! [`Sessions`].
+//! [`Router`].
 //!
 //! One turn: poll (timeout from the wheel) → accept, read and feed the sessions → drain the
 //! mailbox → expire timers → post this turn's mail → flush every connection that has output,
@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
-use crate::session::{Sessions, Shared, MAILBOX_PER_TURN};
+use crate::router::{Router, Shared, MAILBOX_PER_TURN};
 pub use mailbox::{mailbox, Inbox, Mailbox};
 pub use stream::Stream;
 
@@ -71,7 +71,7 @@ pub struct ShardSetup {
     /// Channels with local subscribers, by shard.
     pub subscribed: Arc<[AtomicUsize]>,
     /// Connections per source address, process-wide.
-    pub ip_table: Arc<crate::session::admission::IpTable>,
+    pub ip_table: Arc<crate::router::admission::IpTable>,
     /// Which shards hold each named user.
     pub directory: Arc<crate::hub::Directory>,
     /// Which shards take new connections, when shards were added for their fd tables.
@@ -103,7 +103,7 @@ pub struct Shard {
     listeners: Vec<TcpListener>,
     /// TLS of each listener, by index.
     tls: Vec<Option<Arc<crate::tls::Acceptor>>>,
-    sessions: Sessions<Stream>,
+    sessions: Router<Stream>,
     epoch: Instant,
     now_ms: u64,
     accept_pending: bool,
@@ -186,7 +186,7 @@ impl Shard {
             peers: setup.peers,
             listeners,
             tls: setup.tls,
-            sessions: Sessions::new(index, shards, shared, 0, unix_ms()),
+            sessions: Router::new(index, shards, shared, 0, unix_ms()),
             epoch: Instant::now(),
             now_ms: 0,
             accept_pending: false,

@@ -11,7 +11,7 @@ use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::session::Transport;
+use crate::router::Transport;
 use crate::tls::TlsStream;
 
 /// A TLS connection's socket as rustls's reader and writer: the fd, not owned (the

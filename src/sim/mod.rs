@@ -1,4 +1,4 @@
-//! Deterministic simulation: several shards' [`Sessions`], their hubs, wheels and bounded
+//! Deterministic simulation: several shards' [`Router`], their hubs, wheels and bounded
 //! mailboxes, and the clients, all in one thread with a seeded scheduler and a virtual clock —
 //! no sockets, no threads, no sleeping. Clients connect (named or anonymous), send DMs, join,
 //! leave and publish to channels, write their bytes split at random points, read slowly or not
@@ -36,7 +36,7 @@ use serde_json::Value;
 use crate::config::Config;
 use crate::hub::ConnId;
 use crate::mail::ShardMsg;
-use crate::session::{Sessions, Shared};
+use crate::router::{Router, Shared};
 use crate::store::{InlineStore, Retention, StoreConfig, StoreHandle, StoreMsg, StoreReq};
 use crate::testkit;
 pub use disk::SimDisk;
@@ -225,7 +225,7 @@ impl std::ops::AddAssign for Stats {
 pub struct World {
     rng: Rng,
     now_ms: u64,
-    shards: Vec<Sessions<SimSocket>>,
+    shards: Vec<Router<SimSocket>>,
     mailboxes: Vec<VecDeque<ShardMsg>>,
     clients: BTreeMap<usize, Client>,
     next_client: usize,
@@ -332,7 +332,7 @@ impl World {
         });
         self.shards = (0..shards)
             .map(|i| {
-                Sessions::new(
+                Router::new(
                     i as u16,
                     shards as u16,
                     shared.clone(),

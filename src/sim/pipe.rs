@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::rc::Rc;
 
-use crate::session::Transport;
+use crate::router::Transport;
 
 /// Both directions of one connection.
 #[derive(Debug, Default)]

@@ -7,10 +7,10 @@ use std::io::Write;
 use bytes::Bytes;
 use tracing::debug;
 
-use super::buffers::{Outbox, Piece, INLINE_MAX, SMALL_UNIT_MAX};
-use super::conn::{flush, ConnState, Flags, Flushed, Transport};
-use super::cursor::Cursor;
-use super::Sessions;
+use super::Router;
+use crate::conn::buffers::{Outbox, Piece, INLINE_MAX, SMALL_UNIT_MAX};
+use crate::conn::cursor::Cursor;
+use crate::conn::{flush, ConnState, Flags, Flushed, Transport};
 use crate::metrics::ShardMetrics;
 use crate::store::Since;
 use crate::ws::close::{self as code};
@@ -42,7 +42,7 @@ impl Out<'_> {
     }
 }
 
-impl<T: Transport> Sessions<T> {
+impl<T: Transport> Router<T> {
     /// Queues a reply (ack, error, pong) to the requesting connection.
     pub(super) fn deliver_reply(&mut self, key: usize, payload: Bytes) {
         self.deliver(key, &payload);
@@ -62,13 +62,10 @@ impl<T: Transport> Sessions<T> {
         let Some(c) = self.conns.get_mut(key) else {
             return false;
         };
-        if c.state != ConnState::Open {
-            return false;
-        }
-        if c.flags.has(Flags::HOLD_INPUT) && c.flags.has(Flags::WEBSOCKET | Flags::SSE) {
-            // Not welcomed yet: the client must see `welcome` (an event stream, its response
-            // head) first, and a connection is reachable from then on (a DM for another
-            // device of the user may pass by).
+        if !c.state.is_welcomed() {
+            // Not open, or not welcomed yet: the client must see `welcome` (an event stream,
+            // its response head) first, and a connection is reachable from then on (a DM for
+            // another device of the user may pass by).
             return false;
         }
         // permessage-deflate: compressed once per message, whoever it goes to.
@@ -110,7 +107,7 @@ impl<T: Transport> Sessions<T> {
                 self.write_now(key);
             }
             let c = &mut self.conns[key];
-            if c.state != ConnState::Open {
+            if !c.state.is_open() {
                 return false;
             }
             if c.queued_bytes() > 0 && c.queued_bytes() + unit > max {
@@ -136,7 +133,7 @@ impl<T: Transport> Sessions<T> {
     /// header, or an SSE `id: ..\ndata: ` prefix. Returns its length and whether it is SSE
     /// (then a blank line follows the payload).
     fn frame_head(
-        c: &mut super::Conn<T>,
+        c: &mut crate::conn::Conn<T>,
         opcode: Data,
         payload: &[u8],
         head: &mut [u8; INLINE_MAX],
@@ -181,7 +178,11 @@ impl<T: Transport> Sessions<T> {
     /// Writes the `id: ..\ndata: ` prefix of an SSE event into `head`; returns its length.
     /// A resuming stream's ids are its inbox position (`<epoch>:<offset>`, what
     /// `Last-Event-ID` brings back); others count events.
-    fn sse_head(c: &mut super::Conn<T>, payload: &[u8], head: &mut [u8; INLINE_MAX]) -> usize {
+    fn sse_head(
+        c: &mut crate::conn::Conn<T>,
+        payload: &[u8],
+        head: &mut [u8; INLINE_MAX],
+    ) -> usize {
         debug_assert!(!payload.contains(&b'\n'), "event payloads hold no newline");
         let e = c.extra_mut();
         e.sse_id += 1;
@@ -294,10 +295,7 @@ impl<T: Transport> Sessions<T> {
                 }
                 Err(e) => {
                     debug!(shard = self.index, conn = key, error = %e, "write failed");
-                    if c.close_code() == 0
-                        && c.state != ConnState::Http
-                        && c.state != ConnState::Draining
-                    {
+                    if c.close_code() == 0 && !c.state.is_http() && c.state != ConnState::Draining {
                         c.set_close(code::ABNORMAL, "write failed".into());
                     }
                     return self.finish(key);

@@ -8,18 +8,18 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::admission;
-use super::buffers::Inbound;
-use super::conn::{ConnState, Flags, Transport};
-use super::cursor::Cursor;
-use super::{admit, Sessions};
+use super::{admit, Router};
 use crate::auth::Identity;
+use crate::conn::buffers::Inbound;
+use crate::conn::cursor::Cursor;
+use crate::conn::{ConnState, Flags, Transport};
 use crate::http::{self, response, HttpError, Method, Request};
 use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::store::Since;
 use crate::ws::close::{self as code};
 use crate::ws::handshake;
 
-impl<T: Transport> Sessions<T> {
+impl<T: Transport> Router<T> {
     /// Handles one HTTP request if complete; true when another round of processing is due.
     pub(super) fn process_http(&mut self, key: usize, inb: &mut Inbound) -> bool {
         let req = match http::request::parse(inb.pending()) {
@@ -74,7 +74,7 @@ impl<T: Transport> Sessions<T> {
     pub(super) fn count_half_open(&mut self, key: usize) {
         let c = &mut self.conns[key];
         // The state first: an open connection's reads never ask its pipe.
-        if c.state != ConnState::Http || c.flags.has(Flags::SSE) {
+        if !c.state.is_http() || c.flags.has(Flags::SSE) {
             return;
         }
         if c.inbound.is_none() && !c.io.holds_input() {
@@ -300,7 +300,7 @@ impl<T: Transport> Sessions<T> {
         };
         let now = self.now_ms;
         let c = &mut self.conns[key];
-        c.state = ConnState::Open;
+        c.state = ConnState::UPGRADED;
         c.last_seen_ms = now as u32;
         c.flags.set(Flags::COUNTED | Flags::WEBSOCKET);
         c.user = user;
@@ -332,7 +332,7 @@ pub(super) struct Busy {
     pub wait_ms: u64,
 }
 
-impl<T: Transport> Sessions<T> {
+impl<T: Transport> Router<T> {
     /// Admits connection `key` (already flagged `COUNTED`) as a WebSocket or SSE stream:
     /// under `--max-connections` and the shard's `--max-handshakes-per-sec`.
     pub(super) fn admit_handshake(&mut self, key: usize) -> Result<(), Busy> {

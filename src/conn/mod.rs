@@ -6,8 +6,11 @@ use std::borrow::Cow;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 
-use super::buffers::{Inbound, Outbox};
+pub mod buffers;
+pub mod cursor;
+
 use crate::auth::Grant;
+use buffers::{Inbound, Outbox};
 
 /// The byte pipe of one connection, as the session layer sees it. The shard implements it on
 /// `mio::net::TcpStream`; the simulation and the fuzzer on in-memory pipes. Calls never block:
@@ -40,19 +43,75 @@ pub trait Transport {
     }
 }
 
-/// Lifecycle of a connection. Transitions are made by the session layer only.
+/// Lifecycle of a connection, with what it waits for when it waits (`docs/lifecycle.md`).
+/// Transitions are made by the router only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnState {
     /// Reading HTTP/1.1 requests; the handshake deadline is armed.
-    Http,
-    /// WebSocket open; heartbeat deadlines are armed.
-    Open,
+    Http(HttpWait),
+    /// WebSocket or event stream open; heartbeat deadlines are armed.
+    Open(Welcome),
     /// A close frame was sent or received; waiting for the other side's close frame, the
     /// flush of ours, or the close deadline.
     Closing,
     /// An HTTP response that ends the connection was sent; after the flush the write side is
     /// shut and input is discarded until EOF or the close deadline, so the peer reads it.
     Draining,
+}
+
+/// What an HTTP connection waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpWait {
+    /// Nothing: requests are read as they come.
+    Reading,
+    /// An API request waits for its answer from other shards, other nodes or the store;
+    /// requests pipelined behind it stay unread (responses go out in order).
+    Answer,
+}
+
+/// Where an open connection stands with its welcome (an event stream's: its response head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Welcome {
+    /// Sent: the connection receives deliveries and its input is read.
+    Sent,
+    /// The user's home shard (in a cluster, the broker too) records the connection first,
+    /// so a client that has its welcome is reachable by every DM sent after it.
+    Registration,
+    /// The store places the inbox first (the position the welcome carries, the first replay
+    /// page).
+    Inbox,
+}
+
+impl ConnState {
+    /// A connection that has just been accepted.
+    pub const NEW: ConnState = ConnState::Http(HttpWait::Reading);
+    /// A connection that has just upgraded (its registration decides whether it waits).
+    pub const UPGRADED: ConnState = ConnState::Open(Welcome::Sent);
+
+    /// Reading or answering HTTP requests.
+    pub fn is_http(self) -> bool {
+        matches!(self, ConnState::Http(_))
+    }
+
+    /// WebSocket or event stream open, welcomed or not.
+    pub fn is_open(self) -> bool {
+        matches!(self, ConnState::Open(_))
+    }
+
+    /// Open and welcomed: deliveries reach it.
+    pub fn is_welcomed(self) -> bool {
+        self == ConnState::Open(Welcome::Sent)
+    }
+
+    /// Input stays unparsed until an answer comes (a registration, the store, other
+    /// shards): bytes that arrive meanwhile are held in the inbound buffer.
+    pub fn holds_input(self) -> bool {
+        matches!(
+            self,
+            ConnState::Http(HttpWait::Answer)
+                | ConnState::Open(Welcome::Registration | Welcome::Inbox)
+        )
+    }
 }
 
 /// Per-connection flags, packed in two bytes (rarer marks live in [`Extra`]).
@@ -76,9 +135,6 @@ impl Flags {
     pub const COUNTED: u16 = 1 << 6;
     /// Upgraded to WebSocket (counted and logged as such when it ends).
     pub const WEBSOCKET: u16 = 1 << 10;
-    /// Input stays unparsed: waiting for the home shard to record the user (welcome), or for
-    /// the shards to answer an API request.
-    pub const HOLD_INPUT: u16 = 1 << 11;
     /// A Server-Sent Events stream (open, receives events, sends nothing).
     pub const SSE: u16 = 1 << 12;
     /// Registered in the hub (user and channels).
@@ -142,9 +198,9 @@ pub struct Extra {
     /// Messages refused in a row by the rate limit.
     pub rate_strikes: u16,
     /// Place in the inbox stream of a resuming connection.
-    pub cursor: Option<Box<super::cursor::Cursor>>,
+    pub cursor: Option<Box<cursor::Cursor>>,
     /// Places in the streams of channels subscribed with `since`.
-    pub channel_cursors: Vec<(Arc<str>, super::cursor::Cursor)>,
+    pub channel_cursors: Vec<(Arc<str>, cursor::Cursor)>,
     /// A replaying connection wants its next page once its outbox drained.
     pub page_wanted: bool,
     /// Its own replies passed half of `--max-outbound-bytes` within a turn: its requests
@@ -197,7 +253,7 @@ impl<T> Conn<T> {
         Conn {
             io,
             generation,
-            state: ConnState::Http,
+            state: ConnState::NEW,
             flags: Flags::default(),
             last_seen_ms: now_ms as u32,
             user: None,

@@ -1,32 +1,29 @@
 //! The sans-I/O session layer: every connection of one shard as plain data, driven by events.
 //!
-//! [`Sessions`] owns a shard's connections (a slab of [`Conn`]), its timer wheel, its part of
+//! [`Router`] owns a shard's connections (a slab of [`Conn`]), its timer wheel, its part of
 //! the hub, its buffer pool and the API requests in flight. The driver (`shard/` in the
 //! server, `sim/` in the simulation, the fuzz targets) feeds it events and carries out what it
 //! asks for:
 //!
 //! | input | call |
 //! |---|---|
-//! | the clock moved (once per turn) | [`Sessions::set_clock`] |
-//! | a connection was accepted | [`Sessions::accept`] |
-//! | its pipe has bytes (or EOF) | [`Sessions::on_readable`] |
-//! | its pipe has room | [`Sessions::on_writable`] |
-//! | mail from another shard | [`Sessions::on_mail`] |
-//! | deadlines are due | [`Sessions::on_timers`] |
-//! | shut down | [`Sessions::begin_shutdown`] |
+//! | the clock moved (once per turn) | [`Router::set_clock`] |
+//! | a connection was accepted | [`Router::accept`] |
+//! | its pipe has bytes (or EOF) | [`Router::on_readable`] |
+//! | its pipe has room | [`Router::on_writable`] |
+//! | mail from another shard | [`Router::on_mail`] |
+//! | deadlines are due | [`Router::on_timers`] |
+//! | shut down | [`Router::begin_shutdown`] |
 //!
-//! and it answers with: output flushed once per connection per turn ([`Sessions::flush`],
-//! one `writev` each), mail for other shards ([`Sessions::post_mail`]), the next deadline
-//! ([`Sessions::next_deadline`]) and connections finished (dropped from the slab, which drops
+//! and it answers with: output flushed once per connection per turn ([`Router::flush`],
+//! one `writev` each), mail for other shards ([`Router::post_mail`]), the next deadline
+//! ([`Router::next_deadline`]) and connections finished (dropped from the slab, which drops
 //! their pipe). It never reads a clock, never blocks, and touches a connection's bytes only
 //! through [`Transport`].
 
 pub mod admission;
 mod api;
-pub mod buffers;
 mod catchup;
-pub mod conn;
-mod cursor;
 mod frames;
 mod heartbeat;
 mod http;
@@ -41,8 +38,10 @@ use std::sync::Arc;
 use slab::Slab;
 use tracing::debug;
 
-pub use buffers::{BufPool, Chunk, Fragment, Inbound, Outbox, Piece};
-pub use conn::{flush, Conn, ConnState, Extra, Flags, Flushed, Transport};
+pub use crate::conn::buffers::{BufPool, Chunk, Fragment, Inbound, Outbox, Piece};
+pub use crate::conn::{
+    flush, Conn, ConnState, Extra, Flags, Flushed, HttpWait, Transport, Welcome,
+};
 
 use crate::broker::{BrokerHandle, BrokerMetrics, BrokerMsg};
 use crate::config::Config;
@@ -142,7 +141,7 @@ enum ReadyWait {
 }
 
 /// One shard's connections and everything that routes between them (see the module docs).
-pub struct Sessions<T: Transport> {
+pub struct Router<T: Transport> {
     index: u16,
     shards: u16,
     /// The process's directory of named users (this shard writes its home users' entries).
@@ -243,11 +242,11 @@ pub type OnDrain = Arc<dyn Fn() + Send + Sync>;
 /// Drain time per open connection when `--drain-ms` is not given: 2 s per 100,000.
 const DRAIN_US_PER_CONN: u64 = 20;
 
-impl<T: Transport> Sessions<T> {
-    /// Sessions of shard `index` of `shards`, with the clock at `now_ms` / `now_unix_ms`.
+impl<T: Transport> Router<T> {
+    /// Router of shard `index` of `shards`, with the clock at `now_ms` / `now_unix_ms`.
     pub fn new(index: u16, shards: u16, shared: Shared, now_ms: u64, now_unix_ms: u64) -> Self {
         let room = Self::room(&shared.config, shards);
-        Sessions {
+        Router {
             index,
             shards,
             directory: shared.directory,
@@ -352,7 +351,7 @@ impl<T: Transport> Sessions<T> {
     /// `--max-connections-per-ip` (over it: 429 at once).
     pub fn accept_ip(&mut self, io: T, ip: std::net::IpAddr) -> usize {
         let key = self.accept(io, ip.is_loopback());
-        if self.conns[key].state != ConnState::Http {
+        if !self.conns[key].state.is_http() {
             return key; // refused already
         }
         match self.ip_table.admit(ip) {
@@ -649,7 +648,7 @@ impl<T: Transport> Sessions<T> {
         let mut queue = Vec::new();
         for key in self.keys() {
             match self.conns[key].state {
-                ConnState::Open => queue.push((key, self.conns[key].generation)),
+                ConnState::Open(_) => queue.push((key, self.conns[key].generation)),
                 _ => self.shutdown_conn(key),
             }
         }
@@ -735,7 +734,7 @@ impl<T: Transport> Sessions<T> {
                 let max = self.cfg.max_outbound_bytes;
                 let biggest = o.queue.iter().map(|c| c.piece.len()).max().unwrap_or(0);
                 // Unsealed units count as one piece here: each was at most SMALL_UNIT_MAX.
-                let biggest = biggest.max(buffers::SMALL_UNIT_MAX);
+                let biggest = biggest.max(crate::conn::buffers::SMALL_UNIT_MAX);
                 // A replay page per resumed stream bypasses the limit (the next page is
                 // asked for once it is written).
                 let streams = c.extra().map_or(0, |e| {
@@ -743,13 +742,13 @@ impl<T: Transport> Sessions<T> {
                 });
                 let pages = streams * (crate::store::PAGE_BYTES + biggest);
                 assert!(
-                    o.bytes <= max + biggest + buffers::INLINE_MAX + 2 * 1024 + pages,
+                    o.bytes <= max + biggest + crate::conn::buffers::INLINE_MAX + 2 * 1024 + pages,
                     "connection {key}'s outbox holds {} bytes (limit {max})",
                     o.bytes
                 );
             }
             // Welcomed (registered, no longer held) means the home shard recorded it.
-            let welcomed = c.flags.has(Flags::REGISTERED) && !c.flags.has(Flags::HOLD_INPUT);
+            let welcomed = c.flags.has(Flags::REGISTERED) && !c.state.holds_input();
             if let (Some(u), true) = (&c.user, welcomed) {
                 let me = self.conn_id(key);
                 let mut listed = false;

@@ -13,8 +13,8 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use tracing::warn;
 
-use super::conn::{ConnState, Flags, Transport};
-use super::Sessions;
+use super::Router;
+use crate::conn::{ConnState, Flags, HttpWait, Transport, Welcome};
 use crate::hub::{ConnId, ReplyTo};
 use crate::mail::ShardMsg;
 use crate::metrics::ShardMetrics;
@@ -23,10 +23,13 @@ use crate::store::{
     ChannelOpened, Opened, Page, Refusal, Retention, Since, StoreMsg, StoreReq, StreamRef,
 };
 
-use super::cursor::Cursor;
+use crate::conn::cursor::Cursor;
 
 /// The cursor of `stream` on a connection, if it resumes that stream.
-fn cursor_mut<'a, T>(c: &'a mut super::Conn<T>, stream: &StreamRef) -> Option<&'a mut Cursor> {
+fn cursor_mut<'a, T>(
+    c: &'a mut crate::conn::Conn<T>,
+    stream: &StreamRef,
+) -> Option<&'a mut Cursor> {
     let e = c.extra_if_mut()?;
     match stream {
         StreamRef::Inbox(_) => e.cursor.as_deref_mut(),
@@ -38,7 +41,7 @@ fn cursor_mut<'a, T>(c: &'a mut super::Conn<T>, stream: &StreamRef) -> Option<&'
     }
 }
 
-impl<T: Transport> Sessions<T> {
+impl<T: Transport> Router<T> {
     /// Whether named connections get inbox streams (a store is configured, not echo mode).
     pub(super) fn streams_on(&self) -> bool {
         self.store.is_some() && !self.cfg.echo
@@ -96,7 +99,7 @@ impl<T: Transport> Sessions<T> {
         let conn = self.conn_id(key);
         let store = self.store.as_ref().expect("streams on");
         match store.request(StoreReq::Open { user, conn, since }) {
-            Ok(()) => self.conns[key].flags.set(Flags::HOLD_INPUT),
+            Ok(()) => self.conns[key].state = ConnState::Open(Welcome::Inbox),
             Err(_) => {
                 warn!(
                     shard = self.index,
@@ -223,7 +226,7 @@ impl<T: Transport> Sessions<T> {
         let key = conn.slot as usize;
         self.conns
             .get(key)
-            .is_some_and(|c| c.generation == conn.generation && c.state == ConnState::Open)
+            .is_some_and(|c| c.generation == conn.generation && c.state.is_open())
             .then_some(key)
     }
 
@@ -233,9 +236,7 @@ impl<T: Transport> Sessions<T> {
         self.conns
             .get(key)
             .is_some_and(|c| {
-                c.generation == conn.generation
-                    && c.state == ConnState::Http
-                    && c.flags.has(Flags::HOLD_INPUT)
+                c.generation == conn.generation && c.state == ConnState::Http(HttpWait::Answer)
             })
             .then_some(key)
     }
@@ -356,7 +357,7 @@ impl<T: Transport> Sessions<T> {
         }
         let c = &mut self.conns[key];
         let sse = c.flags.has(Flags::SSE);
-        c.flags.clear(Flags::HOLD_INPUT);
+        c.state = ConnState::Open(Welcome::Sent);
         // A named event stream opened without a position starts at the inbox's top, if the
         // store could say where that is (else: live from now on, counted ids).
         let at_top = sse && o.resume.is_none();

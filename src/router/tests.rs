@@ -1,7 +1,7 @@
 //! The connection lifecycle in virtual time: bytes in through an in-memory pipe, the clock
 //! moved by hand, no sockets and no sleeping.
 
-use super::{Sessions, Shared};
+use super::{Router, Shared};
 use crate::config::Config;
 use crate::sim::SimSocket;
 use crate::testkit::{self, ServerFrame};
@@ -10,7 +10,7 @@ const UNIX_BASE_MS: u64 = 1_800_000_000_000;
 
 /// One shard, its clock, and helpers to act as its clients and its event loop.
 pub(super) struct Harness {
-    s: Sessions<SimSocket>,
+    s: Router<SimSocket>,
     now_ms: u64,
     pipes: Vec<(usize, SimSocket)>,
 }
@@ -39,7 +39,7 @@ impl Harness {
             ..Shared::standalone(cfg, 1)
         };
         Harness {
-            s: Sessions::new(0, 1, shared, 0, UNIX_BASE_MS),
+            s: Router::new(0, 1, shared, 0, UNIX_BASE_MS),
             now_ms: 0,
             pipes: Vec::new(),
         }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::conn::{ConnState, Flags, Transport};
 use super::output::Out;
-use super::{Interested, ReadyWait, Sessions};
+use super::{Interested, ReadyWait, Router};
 use crate::auth;
 use crate::broker::{BrokerMsg, BrokerReq, Counted, Interest};
+use crate::conn::{ConnState, Flags, Transport, Welcome};
 use crate::hub::{ConnId, ReplyTo};
 use crate::mail::ShardMsg;
 use crate::metrics::ShardMetrics;
@@ -32,7 +32,7 @@ pub(super) enum Incoming<'a> {
     Binary(&'a [u8]),
 }
 
-impl<T: Transport> Sessions<T> {
+impl<T: Transport> Router<T> {
     /// Adds the connection to the hub: its user (and the home shard's directory) when named;
     /// anonymous connections only ever join channels.
     ///
@@ -53,13 +53,13 @@ impl<T: Transport> Sessions<T> {
             let change = self.directory.presence(user.clone(), me, true);
             if self.tell_broker_user(user, true, change, welcome.then_some(me)) {
                 // Welcomed once the node receives the user's DMs from the whole cluster.
-                self.conns[key].flags.set(Flags::HOLD_INPUT);
+                self.conns[key].state = ConnState::Open(Welcome::Registration);
             } else if welcome {
                 self.open_or_welcome(key);
             }
         } else {
             if welcome {
-                self.conns[key].flags.set(Flags::HOLD_INPUT);
+                self.conns[key].state = ConnState::Open(Welcome::Registration);
             }
             self.send_mail(
                 home,
@@ -84,14 +84,13 @@ impl<T: Transport> Sessions<T> {
     /// The home shard recorded a connection: it may now be welcomed.
     pub(super) fn on_registered(&mut self, conn: ConnId) {
         let key = conn.slot as usize;
-        let alive = self
-            .conns
-            .get(key)
-            .is_some_and(|c| c.generation == conn.generation && c.state == ConnState::Open);
+        let alive = self.conns.get(key).is_some_and(|c| {
+            c.generation == conn.generation && c.state == ConnState::Open(Welcome::Registration)
+        });
         if alive {
-            self.conns[key].flags.clear(Flags::HOLD_INPUT);
+            self.conns[key].state = ConnState::Open(Welcome::Sent);
             self.open_or_welcome(key);
-            if !self.conns[key].flags.has(Flags::HOLD_INPUT) {
+            if !self.conns[key].state.holds_input() {
                 // Requests that arrived meanwhile are processed now, after the welcome.
                 self.on_readable(key, true);
             }
@@ -833,7 +832,7 @@ impl<T: Transport> Sessions<T> {
         let alive = self
             .conns
             .get(key)
-            .is_some_and(|c| c.generation == conn.generation && c.state == ConnState::Open);
+            .is_some_and(|c| c.generation == conn.generation && c.state.is_open());
         if !alive {
             return;
         }

@@ -8,10 +8,10 @@ use std::io;
 use bytes::Bytes;
 use tracing::debug;
 
-use super::buffers::{Fragment, Inbound};
-use super::conn::{ConnState, Flags, Transport};
 use super::ops::Incoming;
-use super::Sessions;
+use super::Router;
+use crate::conn::buffers::{Fragment, Inbound};
+use crate::conn::{ConnState, Flags, Transport};
 use crate::metrics::ShardMetrics;
 use crate::ws::close::{self as code};
 use crate::ws::frame::{self, Control, Data, FrameHeader, OpCode};
@@ -20,7 +20,7 @@ use crate::ws::utf8;
 /// Reads per connection per turn before other connections get a turn.
 const READS_PER_TURN: usize = 16;
 
-impl<T: Transport> Sessions<T> {
+impl<T: Transport> Router<T> {
     /// The pipe of `key` has bytes or an EOF: read until `WouldBlock` (or the per-turn cap)
     /// and act on what arrived. `drain`: insist on `WouldBlock` or EOF even after a short
     /// read (with edge-triggered readiness a short read means the socket is empty, unless the
@@ -54,7 +54,7 @@ impl<T: Transport> Sessions<T> {
                 break;
             }
             if inb.end == inb.buf.len() {
-                if self.conns[key].flags.has(Flags::HOLD_INPUT) {
+                if self.conns[key].state.holds_input() {
                     break; // resumed by on_registered
                 }
                 // process() leaves room unless a partial frame fills the buffer exactly.
@@ -115,14 +115,14 @@ impl<T: Transport> Sessions<T> {
         let c = &mut self.conns[key];
         match c.state {
             // The peer went away without a close frame: 1006 in the log.
-            ConnState::Open => {
+            ConnState::Open(_) => {
                 c.set_close(
                     code::ABNORMAL,
                     "connection dropped without a close frame".into(),
                 );
                 self.finish(key);
             }
-            ConnState::Http | ConnState::Draining => self.finish(key),
+            ConnState::Http(_) | ConnState::Draining => self.finish(key),
             ConnState::Closing => {
                 if !c.flags.has(Flags::CLOSE_RECEIVED) && c.close_code() == 0 {
                     c.extra_mut().close_code = code::ABNORMAL;
@@ -146,7 +146,7 @@ impl<T: Transport> Sessions<T> {
                 inb.start = inb.end;
                 return;
             }
-            if c.flags.has(Flags::HOLD_INPUT) {
+            if c.state.holds_input() {
                 return;
             }
             if c.flags.has(Flags::SSE) {
@@ -154,12 +154,12 @@ impl<T: Transport> Sessions<T> {
                 return;
             }
             match c.state {
-                ConnState::Http => {
+                ConnState::Http(_) => {
                     if !self.process_http(key, inb) {
                         return;
                     }
                 }
-                ConnState::Open | ConnState::Closing => return self.process_frames(key, inb),
+                ConnState::Open(_) | ConnState::Closing => return self.process_frames(key, inb),
                 ConnState::Draining => unreachable!("handled above"),
             }
         }
@@ -175,7 +175,7 @@ impl<T: Transport> Sessions<T> {
                 inb.start = inb.end;
                 return;
             }
-            if c.state == ConnState::Open
+            if c.state.is_open()
                 && c.outbox
                     .as_ref()
                     .is_some_and(|o| o.bytes > self.cfg.max_outbound_bytes / 2)
@@ -318,7 +318,7 @@ impl<T: Transport> Sessions<T> {
         let state = self.conns[key].state;
         match h.opcode {
             OpCode::Control(Control::Ping) => {
-                if state == ConnState::Open {
+                if state.is_open() {
                     let pong = frame::encode(OpCode::Control(Control::Pong), &inb.buf[s..e]);
                     self.push_raw(key, pong);
                 }
@@ -328,7 +328,7 @@ impl<T: Transport> Sessions<T> {
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
                 unreachable!("rejected by check_header")
             }
-            OpCode::Data(_) if state != ConnState::Open => {} // closing: data is discarded
+            OpCode::Data(_) if !state.is_open() => {} // closing: data is discarded
             OpCode::Data(d @ (Data::Text | Data::Binary)) => {
                 let text = d == Data::Text;
                 let compressed = h.rsv != 0;
@@ -548,7 +548,7 @@ impl<T: Transport> Sessions<T> {
     /// clients go to another node at once (spread over a second); a lone server's come back
     /// after the drain (`left_ms`), spread over its length, when the next process is up.
     pub(super) fn drain_conn(&mut self, key: usize, left_ms: u64, len_ms: u64) {
-        if self.conns[key].state != ConnState::Open {
+        if !self.conns[key].state.is_open() {
             return self.shutdown_conn(key);
         }
         let (what, wait) = if self.broker.is_some() {
@@ -571,18 +571,20 @@ impl<T: Transport> Sessions<T> {
     /// rest are dropped.
     pub(super) fn shutdown_conn(&mut self, key: usize) {
         match self.conns[key].state {
-            ConnState::Open if self.broker.is_some() => self.start_close(
+            ConnState::Open(_) if self.broker.is_some() => self.start_close(
                 key,
                 code::GOING_AWAY,
                 "node shutting down; reconnect to another node",
             ),
-            ConnState::Open => self.start_close(key, code::GOING_AWAY, "server shutting down"),
+            ConnState::Open(_) => self.start_close(key, code::GOING_AWAY, "server shutting down"),
             ConnState::Closing => {}
             // An answer already queued (`POST /api/drain`'s own, say) is still written, then
             // the connection closes as any answered one does.
-            ConnState::Http if self.conns[key].queued_bytes() > 0 => self.drain_after_response(key),
+            ConnState::Http(_) if self.conns[key].queued_bytes() > 0 => {
+                self.drain_after_response(key)
+            }
             ConnState::Draining if self.conns[key].queued_bytes() > 0 => {}
-            ConnState::Http | ConnState::Draining => self.finish(key),
+            ConnState::Http(_) | ConnState::Draining => self.finish(key),
         }
     }
 }

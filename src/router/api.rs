@@ -8,11 +8,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::debug;
 
-use super::conn::{ConnState, Flags, Transport};
 use super::ops::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
-use super::Sessions;
+use super::Router;
 use crate::auth::{self, Identity};
 use crate::broker::Counted;
+use crate::conn::{ConnState, Flags, HttpWait, Transport};
 use crate::http::api::{self, ApiError, Route};
 use crate::http::request::query_params;
 use crate::http::{response, Method, Request};
@@ -68,7 +68,7 @@ fn json(v: serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(&v).unwrap_or_default()
 }
 
-impl<T: Transport> Sessions<T> {
+impl<T: Transport> Router<T> {
     /// Browser requests (those with `Origin`) must come from an allowed origin, if any are set.
     pub(super) fn origin_allowed(&self, req: &Request) -> bool {
         match (&req.origin, self.cfg.allowed_origins.is_empty()) {
@@ -129,7 +129,7 @@ impl<T: Transport> Sessions<T> {
         let c = &mut self.conns[key];
         m.open_http.fetch_sub(1, Ordering::Relaxed);
         ShardMetrics::add(&m.open_sse, 1);
-        c.state = ConnState::Open;
+        c.state = ConnState::UPGRADED;
         c.flags.set(Flags::SSE);
         c.user = user;
         if let Some(g) = grant {
@@ -138,8 +138,8 @@ impl<T: Transport> Sessions<T> {
         if c.user.is_some() && streams_on {
             // Event ids are inbox positions from the first event, with or without `since`.
             let cursor = since.map_or_else(
-                super::cursor::Cursor::at_top,
-                super::cursor::Cursor::resuming,
+                crate::conn::cursor::Cursor::at_top,
+                crate::conn::cursor::Cursor::resuming,
             );
             c.extra_mut().cursor = Some(Box::new(cursor));
         }
@@ -469,7 +469,7 @@ impl<T: Transport> Sessions<T> {
             self.complete_api(id, false);
         } else if http {
             // Later requests on this connection wait for this answer (responses stay in order).
-            self.conns[key].flags.set(Flags::HOLD_INPUT);
+            self.wait_answer(key);
         }
     }
 
@@ -585,7 +585,7 @@ impl<T: Transport> Sessions<T> {
                         // The same connection (not a reuse of its slot): an HTTP one holds
                         // its later requests until the answer.
                         if http && c.generation == generation {
-                            c.flags.set(Flags::HOLD_INPUT);
+                            c.state = ConnState::Http(HttpWait::Answer);
                         }
                     }
                     return;
@@ -613,7 +613,7 @@ impl<T: Transport> Sessions<T> {
                 let body =
                     serde_json::to_vec(&protocol::presence_json(channel, &members, pr.complete))
                         .unwrap_or_default();
-                if self.conns[p.key].flags.has(Flags::HOLD_INPUT) {
+                if self.conns[p.key].state == ConnState::Http(HttpWait::Answer) {
                     if p.close {
                         self.conns[p.key].extra_mut().api_close = true;
                     }
@@ -661,10 +661,9 @@ impl<T: Transport> Sessions<T> {
                     local: p.count,
                 };
                 if b.publish(req).is_ok() {
-                    let c = &mut self.conns[p.key];
-                    c.flags.set(Flags::HOLD_INPUT);
+                    self.wait_answer(p.key);
                     if p.close {
-                        c.extra_mut().api_close = true;
+                        self.conns[p.key].extra_mut().api_close = true;
                     }
                     return;
                 }
@@ -696,7 +695,7 @@ impl<T: Transport> Sessions<T> {
         };
         self.api_answer(p.key, p.route, 200, &body, p.close);
         if resume {
-            self.conns[p.key].flags.clear(Flags::HOLD_INPUT);
+            self.conns[p.key].state = ConnState::Http(HttpWait::Reading);
             // Pipelined requests that arrived meanwhile.
             self.on_readable(p.key, true);
         }
@@ -761,6 +760,14 @@ impl<T: Transport> Sessions<T> {
 
     /// Hands an API request to the store; the HTTP answer waits for the store's (later
     /// pipelined requests wait too).
+    /// Later requests of HTTP connection `key` wait unread until its API request is answered
+    /// (responses stay in order).
+    fn wait_answer(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        debug_assert!(c.state.is_http(), "only HTTP requests wait for an answer");
+        c.state = ConnState::Http(HttpWait::Answer);
+    }
+
     fn api_ask_store(&mut self, key: usize, close: bool, sreq: StoreReq) -> Result<(), ApiError> {
         let store = self.store.as_ref().expect("streams on");
         if store.request(sreq).is_err() {
@@ -769,10 +776,9 @@ impl<T: Transport> Sessions<T> {
                 message: "server busy; try again".into(),
             });
         }
-        let c = &mut self.conns[key];
-        c.flags.set(Flags::HOLD_INPUT);
+        self.wait_answer(key);
         if close {
-            c.extra_mut().api_close = true;
+            self.conns[key].extra_mut().api_close = true;
         }
         Ok(())
     }
@@ -780,7 +786,7 @@ impl<T: Transport> Sessions<T> {
     /// Answers an API request that waited for the store, then reads what was pipelined.
     fn api_store_answer(&mut self, key: usize, route: Route, status: u16, body: &[u8]) {
         let c = &mut self.conns[key];
-        c.flags.clear(Flags::HOLD_INPUT);
+        c.state = ConnState::Http(HttpWait::Reading);
         let close = c.take_api_close();
         self.api_answer(key, route, status, body, close);
         if self.conns.contains(key) && !close {
@@ -907,7 +913,7 @@ impl<T: Transport> Sessions<T> {
                     .conns
                     .iter()
                     .filter(|(_, c)| {
-                        c.state == ConnState::Open
+                        c.state.is_open()
                             && (c.flags.has(Flags::SSE) || c.flags.has(Flags::WEBSOCKET))
                     })
                     .map(|(k, _)| k)

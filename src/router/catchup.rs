@@ -17,8 +17,8 @@ use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use tracing::warn;
 
-use super::conn::Transport;
-use super::Sessions;
+use super::Router;
+use crate::conn::Transport;
 use crate::ids::ConnId;
 use crate::metrics::ShardMetrics;
 use crate::store::{Epoch, Page, StoreReq, StreamRef};
@@ -131,7 +131,7 @@ pub(super) enum Verdict {
     Skip,
 }
 
-impl<T: Transport> Sessions<T> {
+impl<T: Transport> Router<T> {
     /// Whether this shard keeps stream positions: with a broker (pub/sub can drop messages)
     /// and a store to catch up from.
     pub(super) fn tracks_heads(&self) -> bool {

@@ -7,15 +7,15 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use tracing::{debug, info};
 
-use super::conn::{ConnState, Flags, Transport};
-use super::Sessions;
+use super::Router;
+use crate::conn::{ConnState, Flags, Transport};
 use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::ws::close::{self as code};
 
 /// An empty ping frame (FIN, opcode 0x9, no payload).
 const PING: [u8; 2] = [0x89, 0x00];
 
-impl<T: Transport> Sessions<T> {
+impl<T: Transport> Router<T> {
     /// When an open connection should next be looked at: its ping time or its idle deadline.
     pub(super) fn next_heartbeat_check(&self, key: usize) -> u64 {
         let exp = self.token_deadline_ms(key).unwrap_or(u64::MAX);
@@ -64,7 +64,7 @@ impl<T: Transport> Sessions<T> {
         let now = self.now_ms;
         let c = &mut self.conns[key];
         match c.state {
-            ConnState::Http => {
+            ConnState::Http(_) => {
                 self.m().count_handshake_failure(HandshakeFailure::Timeout);
                 debug!(
                     shard = self.index,
@@ -86,7 +86,7 @@ impl<T: Transport> Sessions<T> {
                 self.finish(key)
             }
             ConnState::Draining | ConnState::Closing => self.finish(key),
-            ConnState::Open => {
+            ConnState::Open(_) => {
                 if self.token_expired(key) {
                     return self.start_close(key, code::TOKEN_EXPIRED, "token expired");
                 }
