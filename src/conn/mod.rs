@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 pub mod buffers;
 pub mod cursor;
+pub mod ws;
 
 use crate::auth::Grant;
 use buffers::{Inbound, Outbox};

@@ -8,12 +8,9 @@ use bytes::Bytes;
 use tracing::{debug, info};
 
 use super::Router;
-use crate::conn::{ConnState, Flags, Transport};
+use crate::conn::{ws, ConnState, Flags, Transport};
 use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::ws::close::{self as code};
-
-/// An empty ping frame (FIN, opcode 0x9, no payload).
-const PING: [u8; 2] = [0x89, 0x00];
 
 impl<T: Transport> Router<T> {
     /// When an open connection should next be looked at: its ping time or its idle deadline.
@@ -40,24 +37,19 @@ impl<T: Transport> Router<T> {
     }
 
     pub(super) fn ws_heartbeat_check(&self, key: usize) -> u64 {
-        let c = &self.conns[key];
-        let last_seen = self.now_ms - c.silent_ms(self.now_ms);
-        let idle_at = last_seen + self.cfg.idle_timeout_ms;
-        if c.flags.has(Flags::PING_OUTSTANDING) {
-            idle_at.min(self.now_ms + self.cfg.ping_interval_ms)
-        } else {
-            idle_at.min(last_seen + self.cfg.ping_interval_ms + self.jitter_ms(key))
-        }
+        let (ping, idle) = (self.cfg.ping_interval_ms, self.cfg.idle_timeout_ms);
+        ws::heartbeat_check_ms(
+            &self.conns[key],
+            self.now_ms,
+            ping,
+            idle,
+            self.jitter_ms(key),
+        )
     }
 
-    /// A fixed per-connection offset in [0, interval/4) so pings of a burst spread out.
+    /// A fixed per-connection offset so pings of a burst spread out.
     pub(super) fn jitter_ms(&self, key: usize) -> u64 {
-        let c = &self.conns[key];
-        let mut x = (key as u64) << 32 | c.generation as u64;
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        x ^= x >> 33;
-        x % (self.cfg.ping_interval_ms / 4 + 1)
+        ws::jitter_ms(key, self.conns[key].generation, self.cfg.ping_interval_ms)
     }
 
     pub(super) fn on_timer(&mut self, key: usize) {
@@ -107,7 +99,7 @@ impl<T: Transport> Router<T> {
                     // An empty ping is two fixed bytes (no allocation), written now: a
                     // million connections ping 40k a second, and a turn that held an outbox
                     // for each of its pings until its end left them resident.
-                    self.push_raw(key, Bytes::from_static(&PING));
+                    self.push_raw(key, Bytes::from_static(&ws::PING));
                     self.write_early(key);
                 }
                 let next = self.next_heartbeat_check(key);
@@ -176,16 +168,5 @@ impl<T: Transport> Router<T> {
             self.pool.put_inbound(i);
         }
         // Dropping the stream closes the fd, which also removes it from epoll.
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::ws::frame::{self, Control, OpCode};
-
-    #[test]
-    fn the_ping_is_an_empty_ping_frame() {
-        let encoded = frame::encode(OpCode::Control(Control::Ping), b"");
-        assert_eq!(&super::PING[..], &encoded[..]);
     }
 }
