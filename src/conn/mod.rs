@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 pub mod buffers;
 pub mod cursor;
+pub mod sse;
 pub mod ws;
 
 use crate::auth::Grant;
@@ -112,6 +113,36 @@ impl ConnState {
             ConnState::Http(HttpWait::Answer)
                 | ConnState::Open(Welcome::Registration | Welcome::Inbox)
         )
+    }
+}
+
+/// Which machine reads a connection's bytes and frames what it is sent: the seam a third
+/// transport (MQTT) plugs into, with a module of its own beside [`ws`] and [`sse`], without
+/// the router learning its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 requests (the push API, metrics, an upgrade or an event stream to come).
+    Http,
+    /// The WebSocket JSON session ([`ws`]).
+    WebSocket,
+    /// A Server-Sent Events stream ([`sse`]).
+    Sse,
+}
+
+impl Protocol {
+    /// Writes the head of an event of `payload` into `head` (a WebSocket text or binary
+    /// frame header; an SSE `id: ..\ndata: ` prefix); returns its length and the bytes that
+    /// follow the payload.
+    pub fn event_head<T>(
+        c: &mut Conn<T>,
+        opcode: crate::ws::frame::Data,
+        payload: &[u8],
+        head: &mut [u8; buffers::INLINE_MAX],
+    ) -> (usize, &'static [u8]) {
+        match c.protocol() {
+            Protocol::Sse => (sse::event_head(c, payload, head), sse::TRAILER),
+            Protocol::WebSocket | Protocol::Http => (ws::frame_head(opcode, payload, head), b""),
+        }
     }
 }
 
@@ -366,6 +397,17 @@ impl<T> Conn<T> {
     /// The token's grant, if the connection has one.
     pub fn grant(&self) -> Option<&Grant> {
         self.extra().and_then(|e| e.grant.as_deref())
+    }
+
+    /// Which machine reads and frames its bytes.
+    pub fn protocol(&self) -> Protocol {
+        if self.flags.has(Flags::SSE) {
+            Protocol::Sse
+        } else if self.flags.has(Flags::WEBSOCKET) {
+            Protocol::WebSocket
+        } else {
+            Protocol::Http
+        }
     }
 
     /// Bytes queued for this connection.

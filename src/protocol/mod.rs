@@ -47,6 +47,14 @@ pub fn valid_user(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
 }
 
+/// Most channels one connection may join.
+pub const MAX_CHANNELS_PER_CONN: usize = 1024;
+/// Why a `private:` channel was refused (WebSocket `forbidden` error, SSE 403).
+pub const FORBIDDEN_CHANNEL: &str = "this channel needs a token that grants it";
+
+/// Why a `since` (a query parameter) was refused.
+pub const SINCE_FORMAT: &str = "since must be <epoch>:<offset> or confirmed";
+
 /// A channel name is 1–128 characters of `[A-Za-z0-9_.:@/-]`.
 pub fn valid_channel(name: &str) -> bool {
     !name.is_empty()

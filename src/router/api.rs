@@ -8,19 +8,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::debug;
 
-use super::ops::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
 use super::Router;
-use crate::auth::{self, Identity};
+use crate::auth::Identity;
 use crate::broker::Counted;
-use crate::conn::{ConnState, Flags, HttpWait, Transport};
+use crate::conn::{sse, ConnState, Flags, HttpWait, Transport};
 use crate::http::api::{self, ApiError, Route};
-use crate::http::request::query_params;
 use crate::http::{response, Method, Request};
 use crate::hub::{ApiTicket, ReplyTo};
 use crate::mail::{ApiCmd, ShardMsg};
 use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::protocol::{self, ErrorCode, Target};
-use crate::store::{Since, StoreReq};
+use crate::store::StoreReq;
 
 /// An API request waiting for the other shards' counts.
 #[derive(Debug)]
@@ -85,14 +83,6 @@ impl<T: Transport> Router<T> {
         if !self.origin_allowed(req) {
             return self.http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
         }
-        // Resume: `Last-Event-ID` (what the browser brings back on its own) wins over `since`.
-        let since = match req.last_event_id.as_deref().and_then(Since::parse) {
-            Some(s @ Since::Position { .. }) => Some(s),
-            _ => match self.since_param(key, req) {
-                Ok(s) => s,
-                Err(()) => return, // answered 400
-            },
-        };
         let (user, grant) = match self.auth.resolve(req, self.now_unix_ms / 1000) {
             Ok(Identity::User(u, g)) => (Some(Arc::<str>::from(u)), g),
             Ok(Identity::Anonymous) => (None, None),
@@ -100,26 +90,18 @@ impl<T: Transport> Router<T> {
                 return self.http_fail(key, e.status(), &e.to_string(), HandshakeFailure::BadUser)
             }
         };
-        let mut channels: Vec<Arc<str>> = Vec::new();
-        for c in query_params(req.query.as_deref(), "channel") {
-            if !protocol::valid_channel(&c) {
-                return self.http_fail(
-                    key,
-                    400,
-                    "invalid channel name",
-                    HandshakeFailure::Malformed,
-                );
-            }
-            if !auth::channel_allowed(grant.as_deref(), &c) {
-                return self.http_fail(key, 403, FORBIDDEN_CHANNEL, HandshakeFailure::Forbidden);
-            }
-            if channels.len() >= MAX_CHANNELS_PER_CONN {
-                return self.http_fail(key, 400, "too many channels", HandshakeFailure::Malformed);
-            }
-            if !channels.iter().any(|x| **x == *c) {
-                channels.push(c.into());
-            }
-        }
+        let query = req.query.as_deref();
+        let stream =
+            match sse::Request::parse(query, req.last_event_id.as_deref(), grant.as_deref()) {
+                Ok(s) => s,
+                Err(r) => {
+                    let why = match r.status {
+                        403 => HandshakeFailure::Forbidden,
+                        _ => HandshakeFailure::Malformed,
+                    };
+                    return self.http_fail(key, r.status, r.message, why);
+                }
+            };
         let streams_on = self.streams_on();
         self.conns[key].flags.set(Flags::COUNTED);
         if let Err(busy) = self.admit_handshake(key) {
@@ -136,13 +118,9 @@ impl<T: Transport> Router<T> {
             c.extra_mut().grant = Some(g);
         }
         if c.user.is_some() && streams_on {
-            // Event ids are inbox positions from the first event, with or without `since`.
-            let cursor = since.map_or_else(
-                crate::conn::cursor::Cursor::at_top,
-                crate::conn::cursor::Cursor::resuming,
-            );
-            c.extra_mut().cursor = Some(Box::new(cursor));
+            c.extra_mut().cursor = Some(Box::new(stream.cursor()));
         }
+        let channels = stream.channels;
         if c.user.is_some() {
             // A named stream opens (its headers go out) once the user's home shard recorded
             // it, like a WebSocket's welcome: whatever is sent to the user after that reaches
@@ -163,12 +141,7 @@ impl<T: Transport> Router<T> {
 
     /// The response head of an event stream.
     pub(super) fn push_sse_headers(&mut self, key: usize) {
-        self.push_raw(
-            key,
-            Bytes::from_static(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: keep-alive\r\nX-Accel-Buffering: no\r\n\r\nretry: 2000\n\n",
-            ),
-        );
+        self.push_raw(key, Bytes::from_static(sse::HEAD));
     }
 
     /// Routes `/api/...`: authorization, method, body, then the command on every shard.

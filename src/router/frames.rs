@@ -11,7 +11,7 @@ use tracing::debug;
 use super::ops::Incoming;
 use super::Router;
 use crate::conn::buffers::Inbound;
-use crate::conn::ws;
+use crate::conn::{ws, Protocol};
 use crate::conn::{ConnState, Flags, Transport};
 use crate::metrics::ShardMetrics;
 use crate::ws::close::{self as code};
@@ -149,18 +149,21 @@ impl<T: Transport> Router<T> {
             if c.state.holds_input() {
                 return;
             }
-            if c.flags.has(Flags::SSE) {
-                inb.start = inb.end; // an event stream has nothing to say
-                return;
-            }
-            match c.state {
-                ConnState::Http(_) => {
+            // The machine of the connection's protocol reads its bytes.
+            match (c.protocol(), c.state) {
+                (Protocol::Sse, _) => {
+                    inb.start = inb.end; // an event stream has nothing to say
+                    return;
+                }
+                (_, ConnState::Http(_)) => {
                     if !self.process_http(key, inb) {
                         return;
                     }
                 }
-                ConnState::Open(_) | ConnState::Closing => return self.process_frames(key, inb),
-                ConnState::Draining => unreachable!("handled above"),
+                (_, ConnState::Open(_) | ConnState::Closing) => {
+                    return self.process_frames(key, inb)
+                }
+                (_, ConnState::Draining) => unreachable!("handled above"),
             }
         }
     }

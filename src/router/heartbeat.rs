@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tracing::{debug, info};
 
 use super::Router;
-use crate::conn::{ws, ConnState, Flags, Transport};
+use crate::conn::{sse, ws, ConnState, Flags, Transport};
 use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::ws::close::{self as code};
 
@@ -84,7 +84,7 @@ impl<T: Transport> Router<T> {
                 }
                 let c = &self.conns[key];
                 if c.flags.has(Flags::SSE) {
-                    self.push_raw(key, Bytes::from_static(b": heartbeat\n\n"));
+                    self.push_raw(key, Bytes::from_static(sse::HEARTBEAT));
                     let next = self.next_heartbeat_check(key);
                     return self.arm(key, next.max(now + 1));
                 }

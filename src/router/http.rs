@@ -365,7 +365,7 @@ impl<T: Transport> Router<T> {
                 self.http_fail(
                     key,
                     400,
-                    "since must be <epoch>:<offset> or confirmed",
+                    crate::protocol::SINCE_FORMAT,
                     HandshakeFailure::Malformed,
                 );
                 Err(())

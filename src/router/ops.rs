@@ -19,10 +19,7 @@ use crate::protocol::{self, ErrorCode, Op, Target};
 use crate::ws::close::{self as code};
 use crate::ws::frame::Data;
 
-/// Most channels one connection may join.
-pub const MAX_CHANNELS_PER_CONN: usize = 1024;
-/// Why a `private:` channel was refused (WebSocket `forbidden` error, SSE 403).
-pub const FORBIDDEN_CHANNEL: &str = "this channel needs a token that grants it";
+pub use crate::protocol::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
 
 /// A whole message from a client.
 pub(super) enum Incoming<'a> {

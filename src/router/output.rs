@@ -2,19 +2,16 @@
 //! framing around a payload shared by every recipient), the outbound limit and its
 //! slow-consumer close, and the end-of-turn flush with the transitions that wait for it.
 
-use std::io::Write;
-
 use bytes::Bytes;
 use tracing::debug;
 
 use super::Router;
 use crate::conn::buffers::{Outbox, Piece, INLINE_MAX, SMALL_UNIT_MAX};
-use crate::conn::cursor::Cursor;
+use crate::conn::Protocol;
 use crate::conn::{flush, ConnState, Flags, Flushed, Transport};
 use crate::metrics::ShardMetrics;
-use crate::store::Since;
 use crate::ws::close::{self as code};
-use crate::ws::frame::{self, Data, OpCode};
+use crate::ws::frame::Data;
 
 /// What a delivery carries.
 pub(super) enum Out<'a> {
@@ -93,11 +90,11 @@ impl<T: Transport> Router<T> {
         let bytes = payload.bytes();
         let c = &mut self.conns[key];
         let mut head = [0u8; INLINE_MAX];
-        let (head_len, sse) = Self::frame_head(c, opcode, bytes, &mut head);
+        let (head_len, trailer) = Protocol::event_head(c, opcode, bytes, &mut head);
         if compressed {
             head[0] |= 0x40; // RSV1
         }
-        let unit = head_len + bytes.len() + if sse { 2 } else { 0 };
+        let unit = head_len + bytes.len() + trailer.len();
         // One unit larger than the limit still goes to an otherwise empty queue.
         let max = self.cfg.max_outbound_bytes;
         let c = &mut self.conns[key];
@@ -117,42 +114,25 @@ impl<T: Transport> Router<T> {
         }
         self.turn_out += 1;
         match payload {
-            Out::Own(s) if !sse && unit <= SMALL_UNIT_MAX => {
+            Out::Own(s) if trailer.is_empty() && unit <= SMALL_UNIT_MAX => {
                 self.outbox(key).push_copied(&head[..head_len], s);
                 self.mark_dirty(key);
             }
             Out::Own(s) => {
-                self.queue_framed(key, &head[..head_len], Bytes::copy_from_slice(s), sse)
+                self.queue_framed(key, &head[..head_len], Bytes::copy_from_slice(s), trailer)
             }
-            Out::Shared(b) => self.queue_framed(key, &head[..head_len], b, sse),
+            Out::Shared(b) => self.queue_framed(key, &head[..head_len], b, trailer),
         }
         true
     }
 
-    /// Writes the head of `payload` framed for `c`'s transport into `head`: a WebSocket frame
-    /// header, or an SSE `id: ..\ndata: ` prefix. Returns its length and whether it is SSE
-    /// (then a blank line follows the payload).
-    fn frame_head(
-        c: &mut crate::conn::Conn<T>,
-        opcode: Data,
-        payload: &[u8],
-        head: &mut [u8; INLINE_MAX],
-    ) -> (usize, bool) {
-        if c.flags.has(Flags::SSE) {
-            return (Self::sse_head(c, payload, head), true);
-        }
-        let mut w = &mut head[..];
-        frame::put_header(&mut w, OpCode::Data(opcode), payload.len());
-        (frame::header_len(payload.len()), false)
-    }
-
-    /// Queues one framed unit: head, shared payload, and the SSE blank line.
-    fn queue_framed(&mut self, key: usize, head: &[u8], payload: Bytes, sse: bool) {
+    /// Queues one framed unit: head, shared payload, trailer (an SSE event's blank line).
+    fn queue_framed(&mut self, key: usize, head: &[u8], payload: Bytes, trailer: &'static [u8]) {
         let out = self.outbox(key);
         out.push_piece(Piece::inline(head), true);
         out.push_piece(Piece::Shared(payload), false);
-        if sse {
-            out.push_piece(Piece::Shared(Bytes::from_static(b"\n\n")), false);
+        if !trailer.is_empty() {
+            out.push_piece(Piece::Shared(Bytes::from_static(trailer)), false);
         }
         self.mark_dirty(key);
     }
@@ -175,55 +155,13 @@ impl<T: Transport> Router<T> {
         c.outbox.get_or_insert_with(|| self.pool.outbox())
     }
 
-    /// Writes the `id: ..\ndata: ` prefix of an SSE event into `head`; returns its length.
-    /// A resuming stream's ids are its inbox position (`<epoch>:<offset>`, what
-    /// `Last-Event-ID` brings back); others count events.
-    fn sse_head(
-        c: &mut crate::conn::Conn<T>,
-        payload: &[u8],
-        head: &mut [u8; INLINE_MAX],
-    ) -> usize {
-        debug_assert!(!payload.contains(&b'\n'), "event payloads hold no newline");
-        let e = c.extra_mut();
-        e.sse_id += 1;
-        let mut w = &mut head[..];
-        match e.cursor.as_deref() {
-            Some(&Cursor {
-                epoch: Some(epoch),
-                next,
-                ..
-            }) => {
-                let _ = write!(w, "id: {epoch}:{}\ndata: ", next.saturating_sub(1));
-            }
-            // The store has not said where the inbox stands yet: a resuming stream's id is
-            // the position it resumes from; one opened at the top has none to give, and an
-            // event without an id leaves the browser's last one as it was.
-            Some(&Cursor {
-                since:
-                    Some(Since::Position {
-                        epoch: Some(epoch),
-                        offset,
-                    }),
-                ..
-            }) => {
-                let _ = write!(w, "id: {epoch}:{offset}\ndata: ");
-            }
-            Some(_) => {
-                let _ = write!(w, "data: ");
-            }
-            None => {
-                let _ = write!(w, "id: {}\ndata: ", e.sse_id);
-            }
-        }
-        INLINE_MAX - w.len()
-    }
-
     /// Queues an event without limits (the welcome, answers to ops, replayed pages, which
     /// ask for more only once flushed): a text frame on a WebSocket, an SSE event on a stream.
     pub(super) fn push_event(&mut self, key: usize, payload: Bytes) {
         let mut head = [0u8; INLINE_MAX];
-        let (hl, sse) = Self::frame_head(&mut self.conns[key], Data::Text, &payload, &mut head);
-        self.queue_framed(key, &head[..hl], payload, sse);
+        let c = &mut self.conns[key];
+        let (hl, trailer) = Protocol::event_head(c, Data::Text, &payload, &mut head);
+        self.queue_framed(key, &head[..hl], payload, trailer);
     }
 
     /// Queues bytes without limits (responses, control frames) and marks the connection dirty.

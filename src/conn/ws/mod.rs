@@ -11,7 +11,9 @@ use bytes::Bytes;
 
 pub use read::next_event;
 
+use super::buffers::INLINE_MAX;
 use super::{Conn, Flags};
+use crate::ws::frame::{self, Data, OpCode};
 
 /// What the connection's configuration allows it.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +55,13 @@ pub enum Event<'a> {
         /// The offending frame was the peer's close.
         peer_closed: bool,
     },
+}
+
+/// Writes the header of a data frame of `payload` into `head`; returns its length.
+pub fn frame_head(opcode: Data, payload: &[u8], head: &mut [u8; INLINE_MAX]) -> usize {
+    let mut w = &mut head[..];
+    frame::put_header(&mut w, OpCode::Data(opcode), payload.len());
+    frame::header_len(payload.len())
 }
 
 /// An empty ping frame (FIN, opcode 0x9, no payload): two fixed bytes, no allocation.
