@@ -83,7 +83,7 @@ impl<T: Transport> Router<T> {
         if !self.origin_allowed(req) {
             return self.http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
         }
-        let (user, grant) = match self.auth.resolve(req, self.now_unix_ms / 1000) {
+        let (user, grant) = match self.auth.resolve(req, self.conns.now_unix_ms / 1000) {
             Ok(Identity::User(u, g)) => (Some(Arc::<str>::from(u)), g),
             Ok(Identity::Anonymous) => (None, None),
             Err(e) => {
@@ -135,13 +135,13 @@ impl<T: Transport> Router<T> {
                 self.subscribe(key, ch);
             }
         }
-        let deadline = self.next_heartbeat_check(key);
-        self.arm(key, deadline);
+        let deadline = self.conns.next_heartbeat_check(key);
+        self.conns.arm(key, deadline);
     }
 
     /// The response head of an event stream.
     pub(super) fn push_sse_headers(&mut self, key: usize) {
-        self.push_raw(key, Bytes::from_static(sse::HEAD));
+        self.conns.push_raw(key, Bytes::from_static(sse::HEAD));
     }
 
     /// Routes `/api/...`: authorization, method, body, then the command on every shard.
@@ -186,7 +186,7 @@ impl<T: Transport> Router<T> {
                 message: format!("use {method} for this route"),
             });
         }
-        let ts = self.now_unix_ms;
+        let ts = self.conns.now_unix_ms;
         let cmd = match route {
             Route::Drain => {
                 let Some(drain) = self.on_drain.clone() else {
@@ -712,7 +712,8 @@ impl<T: Transport> Router<T> {
         if !self.streams_on() {
             return Err(ApiError::bad("qos 1 needs a store"));
         }
-        let prefix = protocol::msg_prefix(from, Target::User(&p.to), p.data, self.now_unix_ms);
+        let prefix =
+            protocol::msg_prefix(from, Target::User(&p.to), p.data, self.conns.now_unix_ms);
         let to: Arc<str> = Arc::from(p.to.as_str());
         let reply = ReplyTo {
             conn: self.conn_id(key),

@@ -349,7 +349,9 @@ impl<T: Transport> Router<T> {
             return self.give_up_catch_up(kind, &name, "the store could not read");
         }
         let wait = (RETRY_FIRST_MS << (h.failures - 1).min(5)).min(RETRY_MAX_MS);
-        self.heads.retries.push((self.now_ms + wait, kind, name));
+        self.heads
+            .retries
+            .push((self.conns.now_ms + wait, kind, name));
     }
 
     /// Asks again every catch-up that is due.
@@ -357,7 +359,7 @@ impl<T: Transport> Router<T> {
         if self.heads.retries.is_empty() {
             return;
         }
-        let now = self.now_ms;
+        let now = self.conns.now_ms;
         let mut due = Vec::new();
         self.heads.retries.retain(|(t, kind, name)| {
             let ripe = *t <= now;

@@ -33,14 +33,14 @@ impl<T: Transport> Router<T> {
             // Mail waits for room in another shard's mailbox: read no more requests (TCP
             // pushes back on the clients) until it is posted; picked up again from the
             // backlog, every millisecond while the mail waits.
-            return self.defer_read(key);
+            return self.conns.defer_read(key);
         }
         if self.conns[key].input_waits() {
             return; // resumed once its outbox is written (`flush_conn`)
         }
         self.uncount_half_open(key);
         let held = self.conns[key].inbound.take();
-        let mut inb = self.pool.prepare(held);
+        let mut inb = self.conns.pool.prepare(held);
         let mut eof = false;
         let mut failed: Option<io::Error> = None;
         let mut reads = 0;
@@ -50,7 +50,7 @@ impl<T: Transport> Router<T> {
         }
         loop {
             if reads == READS_PER_TURN {
-                self.defer_read(key);
+                self.conns.defer_read(key);
                 break;
             }
             if inb.end == inb.buf.len() {
@@ -88,7 +88,7 @@ impl<T: Transport> Router<T> {
                 }
             }
         }
-        let parked = self.pool.park(inb);
+        let parked = self.conns.pool.park(inb);
         self.conns[key].inbound = parked;
         self.count_half_open(key);
         if !self.conns.contains(key) {
@@ -99,15 +99,6 @@ impl<T: Transport> Router<T> {
             self.finish(key);
         } else if eof {
             self.on_eof(key);
-        }
-    }
-
-    /// Reading `key` continues from the read backlog on a later call (once).
-    pub(super) fn defer_read(&mut self, key: usize) {
-        let c = &mut self.conns[key];
-        if !c.flags.has(Flags::READ_BACKLOG) {
-            c.flags.set(Flags::READ_BACKLOG);
-            self.read_backlog.push((key, c.generation));
         }
     }
 
@@ -188,7 +179,7 @@ impl<T: Transport> Router<T> {
                 c.extra_mut().input_waits = true;
                 return;
             }
-            let Some(ev) = ws::next_event(c, inb, &limits, &mut self.inflater, self.now_ms) else {
+            let Some(ev) = self.conns.ws_event(key, inb, &limits) else {
                 return;
             };
             match ev {
@@ -196,14 +187,14 @@ impl<T: Transport> Router<T> {
                 ws::Event::Binary(b) => self.on_message(key, Incoming::Binary(&b)),
                 ws::Event::Ping(payload) => {
                     let pong = frame::encode(OpCode::Control(Control::Pong), payload);
-                    self.push_raw(key, pong);
+                    self.conns.push_raw(key, pong);
                 }
                 ws::Event::Close { code, reply } => {
                     self.conns[key].set_close(code, "closed by peer".into());
                     self.begin_closing(key, reply);
                 }
                 // The handshake is complete once our close frame is written.
-                ws::Event::CloseAnswered => self.mark_dirty(key),
+                ws::Event::CloseAnswered => self.conns.mark_dirty(key),
                 ws::Event::Violation {
                     code,
                     reason,
@@ -211,7 +202,7 @@ impl<T: Transport> Router<T> {
                 } => {
                     self.fail(key, code, reason);
                     if peer_closed && self.conns.contains(key) {
-                        self.mark_dirty(key);
+                        self.conns.mark_dirty(key);
                     }
                 }
             }
@@ -261,13 +252,13 @@ impl<T: Transport> Router<T> {
         let c = &mut self.conns[key];
         c.flags.set(Flags::CLOSE_SENT);
         c.state = ConnState::Closing;
-        self.push_raw(key, close_frame);
+        self.conns.push_raw(key, close_frame);
         self.unregister(key);
-        let mut deadline = self.now_ms + self.cfg.close_timeout_ms;
+        let mut deadline = self.conns.now_ms + self.cfg.close_timeout_ms;
         if let Some(d) = self.shutdown_deadline_ms {
             deadline = deadline.min(d);
         }
-        self.arm(key, deadline);
+        self.conns.arm(key, deadline);
     }
 
     /// The drain's turn of an open connection: 1001 with when to come back. A cluster node's

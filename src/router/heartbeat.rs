@@ -13,47 +13,8 @@ use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::ws::close::{self as code};
 
 impl<T: Transport> Router<T> {
-    /// When an open connection should next be looked at: its ping time or its idle deadline.
-    pub(super) fn next_heartbeat_check(&self, key: usize) -> u64 {
-        let exp = self.token_deadline_ms(key).unwrap_or(u64::MAX);
-        let c = &self.conns[key];
-        if c.flags.has(Flags::SSE) {
-            return exp.min(self.now_ms + self.cfg.sse_heartbeat_ms);
-        }
-        exp.min(self.ws_heartbeat_check(key))
-    }
-
-    /// Shard-clock deadline of the connection's token, if it has one.
-    pub(super) fn token_deadline_ms(&self, key: usize) -> Option<u64> {
-        let g = self.conns[key].grant()?;
-        let left_ms = (g.exp * 1000).saturating_sub(self.now_unix_ms);
-        Some(self.now_ms + left_ms)
-    }
-
-    pub(super) fn token_expired(&self, key: usize) -> bool {
-        self.conns[key]
-            .grant()
-            .is_some_and(|g| g.exp * 1000 <= self.now_unix_ms)
-    }
-
-    pub(super) fn ws_heartbeat_check(&self, key: usize) -> u64 {
-        let (ping, idle) = (self.cfg.ping_interval_ms, self.cfg.idle_timeout_ms);
-        ws::heartbeat_check_ms(
-            &self.conns[key],
-            self.now_ms,
-            ping,
-            idle,
-            self.jitter_ms(key),
-        )
-    }
-
-    /// A fixed per-connection offset so pings of a burst spread out.
-    pub(super) fn jitter_ms(&self, key: usize) -> u64 {
-        ws::jitter_ms(key, self.conns[key].generation, self.cfg.ping_interval_ms)
-    }
-
     pub(super) fn on_timer(&mut self, key: usize) {
-        let now = self.now_ms;
+        let now = self.conns.now_ms;
         let c = &mut self.conns[key];
         match c.state {
             ConnState::Http(_) => {
@@ -79,31 +40,31 @@ impl<T: Transport> Router<T> {
             }
             ConnState::Draining | ConnState::Closing => self.finish(key),
             ConnState::Open(_) => {
-                if self.token_expired(key) {
+                if self.conns.token_expired(key) {
                     return self.start_close(key, code::TOKEN_EXPIRED, "token expired");
                 }
                 let c = &self.conns[key];
                 if c.flags.has(Flags::SSE) {
-                    self.push_raw(key, Bytes::from_static(sse::HEARTBEAT));
-                    let next = self.next_heartbeat_check(key);
-                    return self.arm(key, next.max(now + 1));
+                    self.conns.push_raw(key, Bytes::from_static(sse::HEARTBEAT));
+                    let next = self.conns.next_heartbeat_check(key);
+                    return self.conns.arm(key, next.max(now + 1));
                 }
                 let silent = c.silent_ms(now);
                 if silent >= self.cfg.idle_timeout_ms {
                     return self.start_close(key, code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
                 }
-                let ping_after = self.cfg.ping_interval_ms + self.jitter_ms(key);
+                let ping_after = self.cfg.ping_interval_ms + self.conns.jitter_ms(key);
                 let c = &mut self.conns[key];
                 if !c.flags.has(Flags::PING_OUTSTANDING) && silent >= ping_after {
                     c.flags.set(Flags::PING_OUTSTANDING);
                     // An empty ping is two fixed bytes (no allocation), written now: a
                     // million connections ping 40k a second, and a turn that held an outbox
                     // for each of its pings until its end left them resident.
-                    self.push_raw(key, Bytes::from_static(&ws::PING));
-                    self.write_early(key);
+                    self.conns.push_raw(key, Bytes::from_static(&ws::PING));
+                    self.conns.write_early(key);
                 }
-                let next = self.next_heartbeat_check(key);
-                self.arm(key, next.max(now + 1));
+                let next = self.conns.next_heartbeat_check(key);
+                self.conns.arm(key, next.max(now + 1));
             }
         }
     }
@@ -112,10 +73,9 @@ impl<T: Transport> Router<T> {
     pub(super) fn finish(&mut self, key: usize) {
         self.unregister(key);
         self.release_ip(key);
-        let mut c = self.conns.remove(key);
+        let mut c = self.conns.remove_conn(key);
         c.io.before_close();
-        self.wheel.cancel(key as u32);
-        let age_ms = c.age_ms(self.now_ms);
+        let age_ms = c.age_ms(self.conns.now_ms);
         let (close_code, reason) = c
             .take_extra()
             .map(|e| (e.close_code, e.close_reason))
@@ -158,14 +118,8 @@ impl<T: Transport> Router<T> {
         } else {
             m.open_http.fetch_sub(1, Ordering::Relaxed);
         }
-        if let Some(o) = c.outbox {
-            self.pool.put_outbox(o);
-        }
         if c.flags.has(Flags::HALF_OPEN) {
             self.half_open -= 1;
-        }
-        if let Some(i) = c.inbound {
-            self.pool.put_inbound(i);
         }
         // Dropping the stream closes the fd, which also removes it from epoll.
     }

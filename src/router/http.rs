@@ -164,12 +164,12 @@ impl<T: Transport> Router<T> {
 
     /// Queues a response; the connection stays for the next request unless `close`.
     pub(super) fn http_respond(&mut self, key: usize, resp: Bytes, close: bool) {
-        self.push_raw(key, resp);
+        self.conns.push_raw(key, resp);
         if close {
             self.drain_after_response(key);
         } else {
-            let deadline = self.now_ms + self.cfg.handshake_timeout_ms;
-            self.arm(key, deadline);
+            let deadline = self.conns.now_ms + self.cfg.handshake_timeout_ms;
+            self.conns.arm(key, deadline);
         }
     }
 
@@ -226,14 +226,14 @@ impl<T: Transport> Router<T> {
             "request refused"
         );
         self.m().count_handshake_failure(why);
-        self.push_raw(key, resp);
+        self.conns.push_raw(key, resp);
         self.drain_after_response(key);
     }
 
     pub(super) fn drain_after_response(&mut self, key: usize) {
         self.conns[key].state = ConnState::Draining;
-        let deadline = self.now_ms + self.cfg.close_timeout_ms;
-        self.arm(key, deadline);
+        let deadline = self.conns.now_ms + self.cfg.close_timeout_ms;
+        self.conns.arm(key, deadline);
     }
 
     pub(super) fn upgrade(&mut self, key: usize, req: &Request) {
@@ -252,7 +252,7 @@ impl<T: Transport> Router<T> {
         if !self.origin_allowed(req) {
             return self.http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
         }
-        let identity = match self.auth.resolve(req, self.now_unix_ms / 1000) {
+        let identity = match self.auth.resolve(req, self.conns.now_unix_ms / 1000) {
             Ok(i) => i,
             Err(e) => {
                 return self.http_fail(key, e.status(), &e.to_string(), HandshakeFailure::BadUser)
@@ -278,7 +278,7 @@ impl<T: Transport> Router<T> {
             .filter(|_| self.cfg.deflate)
             .and_then(crate::ws::deflate::negotiate);
         let ext = deflate.map(|a| a.response());
-        self.push_raw(
+        self.conns.push_raw(
             key,
             response::switching_protocols_with(&accept, ext.as_deref()),
         );
@@ -298,7 +298,7 @@ impl<T: Transport> Router<T> {
             }
             Identity::Anonymous => None,
         };
-        let now = self.now_ms;
+        let now = self.conns.now_ms;
         let c = &mut self.conns[key];
         c.state = ConnState::UPGRADED;
         c.last_seen_ms = now as u32;
@@ -316,12 +316,12 @@ impl<T: Transport> Router<T> {
         if !self.cfg.echo {
             self.register(key, true);
         }
-        let deadline = self.next_heartbeat_check(key);
-        self.arm(key, deadline);
+        let deadline = self.conns.next_heartbeat_check(key);
+        self.conns.arm(key, deadline);
         // The 101 (and an anonymous connection's welcome) go out now rather than at the end
         // of the turn: in a connect storm one turn upgrades thousands, and each would hold
         // an outbox until then.
-        self.write_early(key);
+        self.conns.write_early(key);
     }
 }
 
@@ -345,7 +345,7 @@ impl<T: Transport> Router<T> {
         }
         let (rate, salt) = (self.cfg.max_handshakes_per_sec, self.salt(key));
         self.gate
-            .admit(self.now_ms, rate, salt)
+            .admit(self.conns.now_ms, rate, salt)
             .map_err(|wait_ms| Busy {
                 why: HandshakeFailure::RateLimited,
                 message: "server busy, try again later",

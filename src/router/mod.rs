@@ -30,6 +30,7 @@ mod http;
 mod ops;
 mod output;
 mod streams;
+mod table;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,7 +50,6 @@ use crate::hub::{ConnId, Directory, Hub};
 use crate::mail::ShardMsg;
 use crate::metrics::{HandshakeFailure, ShardMetrics, StoreMetrics};
 use crate::store::StoreHandle;
-use crate::timer::Wheel;
 
 pub use api::PendingApi;
 pub use ops::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
@@ -160,20 +160,11 @@ pub struct Router<T: Transport> {
     /// Connections holding part of an HTTP request (a slowloris pins a read buffer this
     /// way), capped by `--max-pending-handshakes`.
     half_open: u32,
-    /// permessage-deflate: the shard's compressors (no context is kept between messages).
-    deflater: crate::ws::deflate::Deflater,
     /// Where a reply for one connection is written before it is copied into its outbox
     /// (reused: an `ack` allocates nothing).
     scratch_reply: bytes::BytesMut,
     /// Reused buffer a DM event is written into (copied from it to local recipients).
     scratch_event: bytes::BytesMut,
-    /// Messages in and out this turn, published to the shared counters once per turn (an
-    /// atomic add per message costs more than the rest of an echo's work in user space).
-    turn_in: u64,
-    turn_out: u64,
-    /// permessage-deflate: the inflater of clients without context takeover, reset per
-    /// message.
-    inflater: Option<Box<flate2::Decompress>>,
     store: Option<StoreHandle>,
     store_metrics: Arc<StoreMetrics>,
     broker: Option<BrokerHandle>,
@@ -189,28 +180,17 @@ pub struct Router<T: Transport> {
     /// The broker's reconnect generation this shard's counts in Redis were written for.
     broker_generation: u64,
     next_token: u64,
-    conns: Slab<Conn<T>>,
-    wheel: Wheel,
+    /// The shard's connections, their buffers, deadlines and clock.
+    conns: table::Table<T>,
     hub: Hub,
-    pool: BufPool,
     /// API requests waiting for other shards.
     pending_api: Slab<PendingApi>,
     /// Mail produced this turn, in order, for the driver to post.
     outgoing: Vec<(u16, ShardMsg)>,
     /// Mail that must not be lost, waiting for room in a full mailbox, per target shard.
     retry: Vec<VecDeque<ShardMsg>>,
-    /// Connections with output to flush this turn.
-    dirty: Vec<(usize, u32)>,
-    /// Connections whose read was capped with data left in the pipe.
-    read_backlog: Vec<(usize, u32)>,
-    expired: Vec<u32>,
     scratch_slots: Vec<u32>,
     scratch_shards: Vec<u16>,
-    /// Shard clock, ms; set once per turn by the driver.
-    now_ms: u64,
-    /// Wall clock (unix ms) for message timestamps and token expiry; set with `now_ms`.
-    now_unix_ms: u64,
-    next_generation: u32,
     /// Per stream followed here (cluster only), where this shard stands in it.
     heads: catchup::Heads,
     shutdown_deadline_ms: Option<u64>,
@@ -246,6 +226,14 @@ impl<T: Transport> Router<T> {
     /// Router of shard `index` of `shards`, with the clock at `now_ms` / `now_unix_ms`.
     pub fn new(index: u16, shards: u16, shared: Shared, now_ms: u64, now_unix_ms: u64) -> Self {
         let room = Self::room(&shared.config, shards);
+        let conns = table::Table::new(
+            index,
+            shared.config.clone(),
+            shared.metrics.clone(),
+            room,
+            now_ms,
+            now_unix_ms,
+        );
         Router {
             index,
             shards,
@@ -260,12 +248,8 @@ impl<T: Transport> Router<T> {
             ip_buckets: Vec::with_capacity(room),
             gate: Default::default(),
             half_open: 0,
-            deflater: Default::default(),
             scratch_reply: bytes::BytesMut::new(),
             scratch_event: bytes::BytesMut::new(),
-            turn_in: 0,
-            turn_out: 0,
-            inflater: None,
             store: shared.store,
             store_metrics: shared.store_metrics,
             broker: shared.broker,
@@ -275,21 +259,13 @@ impl<T: Transport> Router<T> {
             pending: Default::default(),
             broker_generation: 0,
             next_token: 1,
-            conns: Slab::with_capacity(room),
-            wheel: Wheel::with_capacity(now_ms, room),
+            conns,
             hub: Hub::default(),
-            pool: BufPool::default(),
             pending_api: Slab::new(),
             outgoing: Vec::new(),
             retry: (0..shards).map(|_| VecDeque::new()).collect(),
-            dirty: Vec::new(),
-            read_backlog: Vec::new(),
-            expired: Vec::new(),
             scratch_slots: Vec::new(),
             scratch_shards: Vec::new(),
-            now_ms,
-            now_unix_ms,
-            next_generation: 0,
             heads: Default::default(),
             shutdown_deadline_ms: None,
             drain: None,
@@ -312,9 +288,12 @@ impl<T: Transport> Router<T> {
     /// Call once per turn, before any other input: the shard clock (ms, monotonic) and the
     /// wall clock (unix ms) that message timestamps and token expiry use.
     pub fn set_clock(&mut self, now_ms: u64, now_unix_ms: u64) {
-        debug_assert!(now_ms >= self.now_ms, "the shard clock never goes back");
-        self.now_ms = now_ms.max(self.now_ms);
-        self.now_unix_ms = now_unix_ms;
+        debug_assert!(
+            now_ms >= self.conns.now_ms,
+            "the shard clock never goes back"
+        );
+        self.conns.now_ms = now_ms.max(self.conns.now_ms);
+        self.conns.now_unix_ms = now_unix_ms;
     }
 
     /// The slab key the next [`accept`](Self::accept) will use (register the socket under it).
@@ -325,14 +304,10 @@ impl<T: Transport> Router<T> {
     /// Takes a new connection; `loopback` when the peer address is a loopback address.
     /// Returns its slab key. The handshake deadline is armed.
     pub fn accept(&mut self, io: T, loopback: bool) -> usize {
-        self.next_generation = self.next_generation.wrapping_add(1);
-        let mut c = Conn::new(io, self.next_generation, self.now_ms);
+        let key = self.conns.insert_new(io);
         if loopback {
-            c.flags.set(Flags::LOOPBACK);
+            self.conns[key].flags.set(Flags::LOOPBACK);
         }
-        let key = self.conns.insert(c);
-        let deadline = self.now_ms + self.cfg.handshake_timeout_ms;
-        self.arm(key, deadline);
         let m = self.m();
         ShardMetrics::add(&m.accepted, 1);
         ShardMetrics::add(&m.open_http, 1);
@@ -394,7 +369,7 @@ impl<T: Transport> Router<T> {
     /// Jitter input for connection `key`: differs per connection and per moment.
     fn salt(&self, key: usize) -> u64 {
         let g = self.conns.get(key).map_or(0, |c| c.generation) as u64;
-        (key as u64) << 40 ^ g << 20 ^ self.now_ms ^ (self.index as u64) << 56
+        (key as u64) << 40 ^ g << 20 ^ self.conns.now_ms ^ (self.index as u64) << 56
     }
 
     /// The pipe of connection `key`, if it exists.
@@ -409,16 +384,12 @@ impl<T: Transport> Router<T> {
 
     /// Whether connection `key` has its deadline armed (every live connection has one).
     pub fn has_deadline(&self, key: usize) -> bool {
-        self.conns.contains(key) && self.wheel.is_armed(key as u32)
+        self.conns.contains(key) && self.conns.wheel.is_armed(key as u32)
     }
 
     /// The id of a live connection.
     pub fn conn_id(&self, key: usize) -> ConnId {
-        ConnId {
-            shard: self.index,
-            slot: key as u32,
-            generation: self.conns[key].generation,
-        }
+        self.conns.id(key)
     }
 
     /// Whether `id` names a live connection of this shard.
@@ -476,7 +447,7 @@ impl<T: Transport> Router<T> {
 
     /// Entries in the timer wheel.
     pub fn wheel_len(&self) -> usize {
-        self.wheel.len()
+        self.conns.wheel.len()
     }
 
     /// The socket of `key` has room again (edge-triggered): flush what waits at the end of
@@ -488,14 +459,14 @@ impl<T: Transport> Router<T> {
         c.flags.set(Flags::WRITABLE);
         c.io.flush_pending();
         if c.outbox.is_some() {
-            self.mark_dirty(key);
+            self.conns.mark_dirty(key);
         }
     }
 
     /// Whether work is left that should not wait for the next event: capped reads, mail to
     /// retry.
     pub fn has_backlog(&self) -> bool {
-        !self.read_backlog.is_empty()
+        !self.conns.read_backlog.is_empty()
     }
 
     /// Whether mail waits for room in a full mailbox (retry in about a millisecond).
@@ -505,7 +476,7 @@ impl<T: Transport> Router<T> {
 
     /// The earliest deadline: the wheel's next expiry or the end of the shutdown grace.
     pub fn next_deadline(&self) -> Option<u64> {
-        let w = self.wheel.next_expiration();
+        let w = self.conns.wheel.next_expiration();
         let drain = self
             .drain
             .as_ref()
@@ -519,10 +490,10 @@ impl<T: Transport> Router<T> {
 
     /// Reads capped in an earlier call continue.
     pub fn drain_read_backlog(&mut self) {
-        if self.read_backlog.is_empty() {
+        if self.conns.read_backlog.is_empty() {
             return;
         }
-        let list = std::mem::take(&mut self.read_backlog);
+        let list = std::mem::take(&mut self.conns.read_backlog);
         for (key, generation) in list {
             if let Some(c) = self.conns.get_mut(key) {
                 if c.generation == generation {
@@ -538,24 +509,26 @@ impl<T: Transport> Router<T> {
         self.resync_counts();
         self.drain_step();
         self.retry_due_catch_ups();
-        let mut expired = std::mem::take(&mut self.expired);
+        let mut expired = std::mem::take(&mut self.conns.expired);
         expired.clear();
-        self.wheel.poll(self.now_ms, &mut expired, TIMERS_PER_TURN);
+        self.conns
+            .wheel
+            .poll(self.conns.now_ms, &mut expired, TIMERS_PER_TURN);
         for &key in &expired {
             let key = key as usize;
             if self.conns.contains(key) {
                 self.on_timer(key);
             }
         }
-        self.expired = expired;
-        ShardMetrics::set(&self.m().wheel_entries, self.wheel.len() as u64);
+        self.conns.expired = expired;
+        ShardMetrics::set(&self.m().wheel_entries, self.conns.wheel.len() as u64);
     }
 
     /// Flushes every connection with output, once (one `writev` each), and makes the
     /// transitions that wait for a flush.
     pub fn flush(&mut self) {
-        self.publish_counts();
-        let mut list = std::mem::take(&mut self.dirty);
+        self.conns.publish_counts();
+        let mut list = std::mem::take(&mut self.conns.dirty);
         for &(key, generation) in &list {
             if let Some(c) = self.conns.get_mut(key) {
                 if c.generation == generation {
@@ -566,22 +539,8 @@ impl<T: Transport> Router<T> {
         }
         list.clear();
         // Flushing never queues more output, but keep anything that did.
-        list.append(&mut self.dirty);
-        self.dirty = list;
-    }
-
-    /// Adds this turn's message counts to the shared counters.
-    fn publish_counts(&mut self) {
-        let (n_in, n_out) = (
-            std::mem::take(&mut self.turn_in),
-            std::mem::take(&mut self.turn_out),
-        );
-        if n_in > 0 {
-            ShardMetrics::add(&self.m().messages_in, n_in);
-        }
-        if n_out > 0 {
-            ShardMetrics::add(&self.m().messages_out, n_out);
-        }
+        list.append(&mut self.conns.dirty);
+        self.conns.dirty = list;
     }
 
     /// Hands this turn's mail to `post` in order. `post` gives a message back when the
@@ -621,12 +580,6 @@ impl<T: Transport> Router<T> {
         self.outgoing.push((to, msg));
     }
 
-    /// (Re)arms the connection's single wheel entry.
-    fn arm(&mut self, key: usize, deadline_ms: u64) {
-        debug_assert!(self.conns.contains(key));
-        self.wheel.arm(key as u32, deadline_ms);
-    }
-
     /// Stops the shard: every open connection gets 1001, connections still in HTTP are
     /// dropped, and [`shutdown_done`](Self::shutdown_done) turns true when all are finished
     /// or the grace period (`--shutdown-grace-ms` minus 10 %) is over.
@@ -635,7 +588,7 @@ impl<T: Transport> Router<T> {
             return;
         }
         let grace = self.cfg.shutdown_grace_ms;
-        self.shutdown_deadline_ms = Some(self.now_ms + grace.saturating_sub(grace / 10));
+        self.shutdown_deadline_ms = Some(self.conns.now_ms + grace.saturating_sub(grace / 10));
         // Every shard computes the same length from the process's count; the closes must
         // leave the close handshakes time within the grace.
         let open = self.open_total.load(Ordering::Relaxed) as u64;
@@ -659,7 +612,7 @@ impl<T: Transport> Router<T> {
             "shutting down: closing connections with 1001, spread over the drain"
         );
         self.drain = Some(Drain {
-            start_ms: self.now_ms,
+            start_ms: self.conns.now_ms,
             len_ms,
             queue,
             closed: 0,
@@ -672,7 +625,7 @@ impl<T: Transport> Router<T> {
         let Some(mut d) = self.drain.take() else {
             return;
         };
-        while d.closed < d.queue.len() && d.due_ms(d.closed + 1) <= self.now_ms {
+        while d.closed < d.queue.len() && d.due_ms(d.closed + 1) <= self.conns.now_ms {
             let (key, generation) = d.queue[d.closed];
             d.closed += 1;
             if self
@@ -681,7 +634,7 @@ impl<T: Transport> Router<T> {
                 .is_some_and(|c| c.generation == generation)
             {
                 let end = d.start_ms + d.len_ms;
-                self.drain_conn(key, end.saturating_sub(self.now_ms), d.len_ms);
+                self.drain_conn(key, end.saturating_sub(self.conns.now_ms), d.len_ms);
             }
         }
         self.drain = Some(d);
@@ -701,7 +654,7 @@ impl<T: Transport> Router<T> {
         if self.conns.is_empty() {
             return true;
         }
-        if self.now_ms < deadline {
+        if self.conns.now_ms < deadline {
             return false;
         }
         let left = self.keys();
@@ -719,11 +672,11 @@ impl<T: Transport> Router<T> {
     /// Checks the invariants that tie the slab, the wheel, the hub and the buffers together.
     /// Panics on a violation (tests and the simulation call it after every step).
     pub fn check_invariants(&self) {
-        self.wheel.check_invariants();
+        self.conns.wheel.check_invariants();
         let mut timers = 0;
-        for (key, c) in &self.conns {
+        for (key, c) in self.conns.iter() {
             assert!(
-                self.wheel.is_armed(key as u32),
+                self.conns.wheel.is_armed(key as u32),
                 "connection {key} ({:?}) has no deadline",
                 c.state
             );
@@ -765,7 +718,7 @@ impl<T: Transport> Router<T> {
         }
         assert_eq!(
             timers,
-            self.wheel.len(),
+            self.conns.wheel.len(),
             "wheel entries without a connection"
         );
         let half_open = self

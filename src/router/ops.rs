@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::output::Out;
+use super::table::Out;
 use super::{Interested, ReadyWait, Router};
 use crate::auth;
 use crate::broker::{BrokerMsg, BrokerReq, Counted, Interest};
@@ -75,7 +75,7 @@ impl<T: Transport> Router<T> {
         let name = self.user_name(key);
         let id = self.conn_id(key);
         let welcome = protocol::welcome(&name, &id.to_string(), self.cfg.ping_interval_ms);
-        self.push_event(key, welcome);
+        self.conns.push_event(key, welcome);
     }
 
     /// The home shard recorded a connection: it may now be welcomed.
@@ -191,13 +191,13 @@ impl<T: Transport> Router<T> {
     }
 
     pub(super) fn on_message(&mut self, key: usize, message: Incoming<'_>) {
-        self.turn_in += 1;
+        self.conns.turn_in += 1;
         if self.cfg.echo {
             let (opcode, payload) = match message {
                 Incoming::Text(t) => (Data::Text, t.as_bytes()),
                 Incoming::Binary(b) => (Data::Binary, b),
             };
-            self.deliver_data(key, opcode, super::output::Out::Own(payload));
+            self.deliver_data(key, opcode, super::table::Out::Own(payload));
             return;
         }
         // A binary message is read as JSON text too, if it is UTF-8.
@@ -324,7 +324,12 @@ impl<T: Transport> Router<T> {
                     return self.publish_stored(key, id, &channel, data);
                 }
                 let from = self.user_name(key);
-                let f = protocol::msg(&from, Target::Channel(&channel), data, self.now_unix_ms);
+                let f = protocol::msg(
+                    &from,
+                    Target::Channel(&channel),
+                    data,
+                    self.conns.now_unix_ms,
+                );
                 let name: Arc<str> = Arc::from(channel.as_ref());
                 self.publish(name, f);
                 self.ack(key, id);
@@ -339,7 +344,13 @@ impl<T: Transport> Router<T> {
             Op::Send { to, data, .. } => {
                 let from = self.user_name(key);
                 let mut buf = std::mem::take(&mut self.scratch_event);
-                protocol::msg_into(&mut buf, &from, Target::User(&to), data, self.now_unix_ms);
+                protocol::msg_into(
+                    &mut buf,
+                    &from,
+                    Target::User(&to),
+                    data,
+                    self.conns.now_unix_ms,
+                );
                 let mut ev = Event::new(&buf);
                 let me = self.conn_id(key);
                 let reply = id.map(|id| Reply { conn: me, id });

@@ -198,7 +198,7 @@ impl<T: Transport> Router<T> {
                 if let Some(key) = self.live_open(h.conn) {
                     let op = Some(h.id.as_deref());
                     let f = protocol::history(op, "inbox", &epoch, span, &h.entries);
-                    self.push_event(key, f);
+                    self.conns.push_event(key, f);
                 }
             }
             StoreMsg::CaughtUp {
@@ -378,7 +378,8 @@ impl<T: Transport> Router<T> {
             if placed {
                 // The position becomes the browser's last event id at once; nothing to
                 // replay, unless live messages came meanwhile.
-                self.push_raw(key, protocol::sse_position(&epoch, o.top));
+                self.conns
+                    .push_raw(key, protocol::sse_position(&epoch, o.top));
                 let top = Page {
                     entries: Vec::new(),
                     next: o.top + 1,
@@ -389,10 +390,10 @@ impl<T: Transport> Router<T> {
         } else {
             if sse {
                 // An event stream has no welcome: a named `resume` event says how it went.
-                self.push_raw(key, protocol::resume_event(info));
+                self.conns.push_raw(key, protocol::resume_event(info));
             } else {
                 let welcome = protocol::welcome_inbox(&name, &id, self.cfg.ping_interval_ms, info);
-                self.push_event(key, welcome);
+                self.conns.push_event(key, welcome);
             }
             if o.resume.is_some() {
                 self.replay(key, &stream, o.page);
@@ -415,7 +416,7 @@ impl<T: Transport> Router<T> {
             }
             // Replayed messages bypass the slow-consumer check: the next page is asked for
             // only after this one is flushed, so the queue holds at most a page per stream.
-            self.push_event(key, payload.clone());
+            self.conns.push_event(key, payload.clone());
             ShardMetrics::add(&self.m().messages_out, 1);
         }
         let c = &mut self.conns[key];
@@ -561,7 +562,7 @@ impl<T: Transport> Router<T> {
                 o.top,
                 o.resume.map_err(|r| r.as_str()),
             );
-            self.push_event(key, f);
+            self.conns.push_event(key, f);
         }
         self.replay(key, &stream, o.page);
     }
@@ -617,7 +618,12 @@ impl<T: Transport> Router<T> {
             ttl_ms: rule.ttl_ms,
         };
         let from = self.user_name(key);
-        let prefix = protocol::msg_prefix(&from, Target::Channel(channel), data, self.now_unix_ms);
+        let prefix = protocol::msg_prefix(
+            &from,
+            Target::Channel(channel),
+            data,
+            self.conns.now_unix_ms,
+        );
         let me = self.conn_id(key);
         let channel: Arc<str> = Arc::from(channel);
         let reply = id.map(|id| ReplyTo {
@@ -656,7 +662,7 @@ impl<T: Transport> Router<T> {
             let f = protocol::error(id, ErrorCode::BadRequest, "qos 1 needs a store");
             return self.deliver_reply(key, f);
         }
-        let prefix = protocol::stored_dm_prefix(&from, to, data, self.now_unix_ms, id);
+        let prefix = protocol::stored_dm_prefix(&from, to, data, self.conns.now_unix_ms, id);
         let to: Arc<str> = Arc::from(to);
         let me = self.conn_id(key);
         let reply = id.map(|id| ReplyTo {

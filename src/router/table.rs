@@ -1,0 +1,414 @@
+//! The shard's connections and their bytes: the slab, the timer wheel, the buffer pool, the
+//! connections to flush at the end of the turn and the reads left for later, the shard
+//! clock. Everything here is about one connection at a time; who is connected to whom
+//! (the hub, the directory, mail) is the router's.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use slab::Slab;
+
+use crate::config::Config;
+use crate::conn::buffers::{BufPool, Outbox, Piece, INLINE_MAX, SMALL_UNIT_MAX};
+use crate::conn::{flush, ws, Conn, Flags, Flushed, Protocol, Transport};
+use crate::hub::ConnId;
+use crate::metrics::ShardMetrics;
+use crate::timer::Wheel;
+use crate::ws::frame::Data;
+
+/// What a delivery carries.
+pub(super) enum Out<'a> {
+    /// A payload shared with the other recipients (a fan-out serializes it once).
+    Shared(Bytes),
+    /// Bytes for this connection alone (an echo): a small unit is copied into its outbox's
+    /// own buffer, no allocation of its own.
+    Own(&'a [u8]),
+}
+
+impl Out<'_> {
+    /// Another handle on the same bytes (a shared payload's count goes up by one).
+    pub(super) fn share(&self) -> Out<'_> {
+        match self {
+            Out::Shared(b) => Out::Shared(b.clone()),
+            Out::Own(s) => Out::Own(s),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Out::Shared(b) => b,
+            Out::Own(s) => s,
+        }
+    }
+}
+
+/// What became of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Delivery {
+    /// Queued.
+    Queued,
+    /// Not queued: the connection is gone, not open or not welcomed yet.
+    NotOpen,
+    /// Not queued: it would pass `--max-outbound-bytes` (the router closes it, 4001).
+    OverLimit,
+}
+
+/// A shard's connections, by slab key (the key is the connection's token and wheel entry).
+pub struct Table<T> {
+    slab: Slab<Conn<T>>,
+    /// One deadline per connection.
+    pub(super) wheel: Wheel,
+    /// Read buffers and outboxes lent while data is in flight.
+    pub(super) pool: BufPool,
+    /// Connections with output to flush this turn.
+    pub(super) dirty: Vec<(usize, u32)>,
+    /// Connections whose read was capped with data left in the pipe.
+    pub(super) read_backlog: Vec<(usize, u32)>,
+    /// Wheel entries due this turn (reused).
+    pub(super) expired: Vec<u32>,
+    /// Shard clock, ms; set once per turn by the driver.
+    pub(super) now_ms: u64,
+    /// Wall clock (unix ms) for message timestamps and token expiry; set with `now_ms`.
+    pub(super) now_unix_ms: u64,
+    next_generation: u32,
+    /// Messages in and out this turn, published to the shared counters once per turn (an
+    /// atomic add per message costs more than the rest of an echo's work in user space).
+    pub(super) turn_in: u64,
+    pub(super) turn_out: u64,
+    /// permessage-deflate: the shard's compressors (no context is kept between messages).
+    pub(super) deflater: crate::ws::deflate::Deflater,
+    /// permessage-deflate: the inflater of clients without context takeover, reset per
+    /// message.
+    pub(super) inflater: Option<Box<flate2::Decompress>>,
+    shard: u16,
+    metrics: Arc<[ShardMetrics]>,
+    cfg: Arc<Config>,
+}
+
+impl<T> Deref for Table<T> {
+    type Target = Slab<Conn<T>>;
+    fn deref(&self) -> &Slab<Conn<T>> {
+        &self.slab
+    }
+}
+
+impl<T> DerefMut for Table<T> {
+    fn deref_mut(&mut self) -> &mut Slab<Conn<T>> {
+        &mut self.slab
+    }
+}
+
+impl<T: Transport> Table<T> {
+    /// An empty table with room for `room` connections, the clock at `now_ms`.
+    pub(super) fn new(
+        shard: u16,
+        cfg: Arc<Config>,
+        metrics: Arc<[ShardMetrics]>,
+        room: usize,
+        now_ms: u64,
+        now_unix_ms: u64,
+    ) -> Self {
+        Table {
+            slab: Slab::with_capacity(room),
+            wheel: Wheel::with_capacity(now_ms, room),
+            pool: BufPool::default(),
+            dirty: Vec::new(),
+            read_backlog: Vec::new(),
+            expired: Vec::new(),
+            now_ms,
+            now_unix_ms,
+            next_generation: 0,
+            turn_in: 0,
+            turn_out: 0,
+            deflater: Default::default(),
+            inflater: None,
+            shard,
+            metrics,
+            cfg,
+        }
+    }
+
+    fn m(&self) -> &ShardMetrics {
+        &self.metrics[self.shard as usize]
+    }
+
+    /// Takes a new connection with its handshake deadline armed; returns its key.
+    pub(super) fn insert_new(&mut self, io: T) -> usize {
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let c = Conn::new(io, self.next_generation, self.now_ms);
+        let key = self.slab.insert(c);
+        let deadline = self.now_ms + self.cfg.handshake_timeout_ms;
+        self.arm(key, deadline);
+        key
+    }
+
+    /// The id of live connection `key`.
+    pub(super) fn id(&self, key: usize) -> ConnId {
+        ConnId {
+            shard: self.shard,
+            slot: key as u32,
+            generation: self.slab[key].generation,
+        }
+    }
+
+    /// (Re)arms the connection's single wheel entry.
+    pub(super) fn arm(&mut self, key: usize, deadline_ms: u64) {
+        debug_assert!(self.slab.contains(key));
+        self.wheel.arm(key as u32, deadline_ms);
+    }
+
+    /// The connection's outbox, borrowed from the pool when it has none.
+    pub(super) fn outbox(&mut self, key: usize) -> &mut Outbox {
+        let c = &mut self.slab[key];
+        c.outbox.get_or_insert_with(|| self.pool.outbox())
+    }
+
+    /// Queues bytes without limits (responses, control frames) and marks the connection dirty.
+    pub(super) fn push_raw(&mut self, key: usize, bytes: Bytes) {
+        self.outbox(key).push(bytes);
+        self.mark_dirty(key);
+    }
+
+    /// Lists the connection for the end-of-turn flush (once).
+    pub(super) fn mark_dirty(&mut self, key: usize) {
+        let c = &mut self.slab[key];
+        if !c.flags.has(Flags::DIRTY) {
+            c.flags.set(Flags::DIRTY);
+            self.dirty.push((key, c.generation));
+        }
+    }
+
+    /// Reading `key` continues from the read backlog on a later call (once).
+    pub(super) fn defer_read(&mut self, key: usize) {
+        let c = &mut self.slab[key];
+        if !c.flags.has(Flags::READ_BACKLOG) {
+            c.flags.set(Flags::READ_BACKLOG);
+            self.read_backlog.push((key, c.generation));
+        }
+    }
+
+    /// Writes queued output now (no close handling; used to relieve a burst).
+    pub(super) fn write_now(&mut self, key: usize) {
+        let c = &mut self.slab[key];
+        let Some(out) = c.outbox.as_mut() else {
+            return;
+        };
+        match flush(&mut c.io, out) {
+            Ok((done, n)) => {
+                if done == Flushed::Blocked {
+                    c.flags.clear(Flags::WRITABLE);
+                }
+                ShardMetrics::add(&self.metrics[self.shard as usize].bytes_out, n as u64);
+            }
+            Err(_) => c.flags.clear(Flags::WRITABLE),
+        }
+    }
+
+    /// End-of-turn write of connection `key`'s outbox: all of it (the outbox goes back to
+    /// the pool; also when there was none), or as much as the socket took (`Blocked`: wait
+    /// for a writable event).
+    pub(super) fn flush_out(&mut self, key: usize) -> std::io::Result<Flushed> {
+        let c = &mut self.slab[key];
+        let Some(out) = c.outbox.as_mut() else {
+            return Ok(Flushed::All);
+        };
+        let (done, n) = flush(&mut c.io, out)?;
+        ShardMetrics::add(&self.metrics[self.shard as usize].bytes_out, n as u64);
+        match done {
+            Flushed::All => {
+                let out = c.outbox.take().expect("checked above");
+                self.pool.put_outbox(out);
+            }
+            Flushed::Blocked => c.flags.clear(Flags::WRITABLE),
+        }
+        Ok(done)
+    }
+
+    /// Writes queued output now and gives a drained outbox back to the pool; errors and the
+    /// transitions that wait for a flush are left to the end-of-turn flush (the connection
+    /// stays in the dirty list).
+    pub(super) fn write_early(&mut self, key: usize) {
+        self.write_now(key);
+        let c = &mut self.slab[key];
+        if c.outbox.as_ref().is_some_and(|o| o.bytes == 0) {
+            let out = c.outbox.take().expect("checked above");
+            self.pool.put_outbox(out);
+        }
+    }
+
+    /// Adds this turn's message counts to the shared counters.
+    pub(super) fn publish_counts(&mut self) {
+        let (n_in, n_out) = (
+            std::mem::take(&mut self.turn_in),
+            std::mem::take(&mut self.turn_out),
+        );
+        if n_in > 0 {
+            ShardMetrics::add(&self.m().messages_in, n_in);
+        }
+        if n_out > 0 {
+            ShardMetrics::add(&self.m().messages_out, n_out);
+        }
+    }
+
+    /// The next event of WebSocket connection `key` in `inb` ([`ws::next_event`]).
+    pub(super) fn ws_event<'a>(
+        &mut self,
+        key: usize,
+        inb: &'a mut crate::conn::buffers::Inbound,
+        limits: &ws::Limits,
+    ) -> Option<ws::Event<'a>> {
+        let c = &mut self.slab[key];
+        ws::next_event(c, inb, limits, &mut self.inflater, self.now_ms)
+    }
+
+    // Deadlines of open connections.
+
+    /// When an open connection should next be looked at: its ping time or its idle deadline.
+    pub(super) fn next_heartbeat_check(&self, key: usize) -> u64 {
+        let exp = self.token_deadline_ms(key).unwrap_or(u64::MAX);
+        let c = &self.slab[key];
+        if c.flags.has(Flags::SSE) {
+            return exp.min(self.now_ms + self.cfg.sse_heartbeat_ms);
+        }
+        exp.min(self.ws_heartbeat_check(key))
+    }
+
+    /// Shard-clock deadline of the connection's token, if it has one.
+    pub(super) fn token_deadline_ms(&self, key: usize) -> Option<u64> {
+        let g = self.slab[key].grant()?;
+        let left_ms = (g.exp * 1000).saturating_sub(self.now_unix_ms);
+        Some(self.now_ms + left_ms)
+    }
+
+    pub(super) fn token_expired(&self, key: usize) -> bool {
+        self.slab[key]
+            .grant()
+            .is_some_and(|g| g.exp * 1000 <= self.now_unix_ms)
+    }
+
+    pub(super) fn ws_heartbeat_check(&self, key: usize) -> u64 {
+        let (ping, idle) = (self.cfg.ping_interval_ms, self.cfg.idle_timeout_ms);
+        ws::heartbeat_check_ms(
+            &self.slab[key],
+            self.now_ms,
+            ping,
+            idle,
+            self.jitter_ms(key),
+        )
+    }
+
+    /// A fixed per-connection offset so pings of a burst spread out.
+    pub(super) fn jitter_ms(&self, key: usize) -> u64 {
+        ws::jitter_ms(key, self.slab[key].generation, self.cfg.ping_interval_ms)
+    }
+
+    pub(super) fn deliver_data(&mut self, key: usize, opcode: Data, payload: Out<'_>) -> Delivery {
+        let Some(c) = self.slab.get_mut(key) else {
+            return Delivery::NotOpen;
+        };
+        if !c.state.is_welcomed() {
+            // Not open, or not welcomed yet: the client must see `welcome` (an event stream,
+            // its response head) first, and a connection is reachable from then on (a DM for
+            // another device of the user may pass by).
+            return Delivery::NotOpen;
+        }
+        // permessage-deflate: compressed once per message, whoever it goes to.
+        let deflate =
+            c.flags.has(Flags::DEFLATE) && payload.bytes().len() >= self.cfg.deflate_min_bytes;
+        // The compressor takes shared payloads (it remembers the last one for a fan-out).
+        let payload = match payload {
+            Out::Own(s) if deflate => Out::Shared(Bytes::copy_from_slice(s)),
+            p => p,
+        };
+        let zipped = match &payload {
+            Out::Shared(b) if deflate => {
+                let bits = c.extra().map_or(15, |e| e.deflate_bits);
+                // --deflate-min-bytes 0: every message, even one that does not get smaller.
+                let always = self.cfg.deflate_min_bytes == 0;
+                self.deflater.compress(b, bits, always)
+            }
+            _ => None,
+        };
+        let compressed = zipped.is_some();
+        let payload = match zipped {
+            Some(z) => Out::Shared(z),
+            None => payload,
+        };
+        let bytes = payload.bytes();
+        let c = &mut self.slab[key];
+        let mut head = [0u8; INLINE_MAX];
+        let (head_len, trailer) = Protocol::event_head(c, opcode, bytes, &mut head);
+        if compressed {
+            head[0] |= 0x40; // RSV1
+        }
+        let unit = head_len + bytes.len() + trailer.len();
+        // One unit larger than the limit still goes to an otherwise empty queue.
+        let max = self.cfg.max_outbound_bytes;
+        let c = &mut self.slab[key];
+        if c.queued_bytes() > 0 && c.queued_bytes() + unit > max {
+            // Units queued this turn may just not be flushed yet: try the socket first.
+            if c.flags.has(Flags::WRITABLE) {
+                self.write_now(key);
+            }
+            let c = &mut self.slab[key];
+            if !c.state.is_open() {
+                return Delivery::NotOpen;
+            }
+            if c.queued_bytes() > 0 && c.queued_bytes() + unit > max {
+                return Delivery::OverLimit;
+            }
+        }
+        self.turn_out += 1;
+        match payload {
+            Out::Own(s) if trailer.is_empty() && unit <= SMALL_UNIT_MAX => {
+                self.outbox(key).push_copied(&head[..head_len], s);
+                self.mark_dirty(key);
+            }
+            Out::Own(s) => {
+                self.queue_framed(key, &head[..head_len], Bytes::copy_from_slice(s), trailer)
+            }
+            Out::Shared(b) => self.queue_framed(key, &head[..head_len], b, trailer),
+        }
+        Delivery::Queued
+    }
+
+    /// Queues one framed unit: head, shared payload, trailer (an SSE event's blank line).
+    pub(super) fn queue_framed(
+        &mut self,
+        key: usize,
+        head: &[u8],
+        payload: Bytes,
+        trailer: &'static [u8],
+    ) {
+        let out = self.outbox(key);
+        out.push_piece(Piece::inline(head), true);
+        out.push_piece(Piece::Shared(payload), false);
+        if !trailer.is_empty() {
+            out.push_piece(Piece::Shared(Bytes::from_static(trailer)), false);
+        }
+        self.mark_dirty(key);
+    }
+
+    /// Queues an event without limits (the welcome, answers to ops, replayed pages, which
+    /// ask for more only once flushed): a text frame on a WebSocket, an SSE event on a stream.
+    pub(super) fn push_event(&mut self, key: usize, payload: Bytes) {
+        let mut head = [0u8; INLINE_MAX];
+        let c = &mut self.slab[key];
+        let (hl, trailer) = Protocol::event_head(c, Data::Text, &payload, &mut head);
+        self.queue_framed(key, &head[..hl], payload, trailer);
+    }
+
+    /// Removes connection `key`, cancels its deadline and gives its buffers back.
+    pub(super) fn remove_conn(&mut self, key: usize) -> Conn<T> {
+        let mut c = self.slab.remove(key);
+        self.wheel.cancel(key as u32);
+        if let Some(o) = c.outbox.take() {
+            self.pool.put_outbox(o);
+        }
+        if let Some(i) = c.inbound.take() {
+            self.pool.put_inbound(i);
+        }
+        c
+    }
+}
