@@ -421,7 +421,7 @@ impl<T: Transport> Router<T> {
         };
         for s in 0..self.shards {
             if s != self.index {
-                self.send_mail(
+                self.mail.send(
                     s,
                     ShardMsg::Api {
                         ticket,
@@ -479,7 +479,7 @@ impl<T: Transport> Router<T> {
     pub(super) fn on_api(&mut self, ticket: ApiTicket, cmd: &ApiCmd) {
         let count = self.exec_api(cmd);
         let members = self.members_of(cmd);
-        self.send_mail(
+        self.mail.send(
             ticket.shard,
             ShardMsg::ApiDone {
                 id: ticket.id,

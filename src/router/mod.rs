@@ -29,10 +29,11 @@ mod heartbeat;
 mod http;
 mod ops;
 mod output;
+mod postbox;
 mod streams;
 mod table;
+mod waits;
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -44,7 +45,7 @@ pub use crate::conn::{
     flush, Conn, ConnState, Extra, Flags, Flushed, HttpWait, Transport, Welcome,
 };
 
-use crate::broker::{BrokerHandle, BrokerMetrics, BrokerMsg};
+use crate::broker::{BrokerHandle, BrokerMetrics};
 use crate::config::Config;
 use crate::hub::{ConnId, Directory, Hub};
 use crate::mail::ShardMsg;
@@ -119,27 +120,6 @@ impl Shared {
     }
 }
 
-/// An interest whose Redis subscription is on its way.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Interested {
-    /// A user's DMs (at the user's home shard).
-    User(Arc<str>),
-    /// A channel's publications (per shard).
-    Channel(Arc<str>),
-}
-
-/// Waiting for the broker to subscribe before answering a client.
-#[derive(Debug)]
-enum ReadyWait {
-    /// A connection is welcomed once its user's DMs reach this node.
-    Registered(ConnId),
-    /// A `sub` is acked once the channel's publications reach this node.
-    SubAck(ConnId, Option<Box<str>>),
-    /// A `sub` with `since` reads the channel's stream once its publications reach this
-    /// node (read earlier, a message stored in between would be in neither).
-    SubSince(ConnId, Option<Box<str>>, Arc<str>, crate::store::Since),
-}
-
 /// One shard's connections and everything that routes between them (see the module docs).
 pub struct Router<T: Transport> {
     index: u16,
@@ -170,25 +150,17 @@ pub struct Router<T: Transport> {
     broker: Option<BrokerHandle>,
     broker_metrics: Option<Arc<BrokerMetrics>>,
     node: Arc<str>,
-    /// What to do when the broker says a subscription is active, by token: the interest it
-    /// is for and everyone waiting on it.
-    ready_waits: rustc_hash::FxHashMap<u64, (Interested, Vec<ReadyWait>)>,
-    /// Subscriptions asked of the broker and not active yet: a later connection of the same
-    /// user, or a later subscriber of the same channel, waits on the same token (answered
-    /// earlier, it could miss what is published before the subscription is active).
-    pending: rustc_hash::FxHashMap<Interested, u64>,
+    /// Who waits for which subscription of the broker to be active.
+    waits: waits::ReadyWaits,
     /// The broker's reconnect generation this shard's counts in Redis were written for.
     broker_generation: u64,
-    next_token: u64,
     /// The shard's connections, their buffers, deadlines and clock.
     conns: table::Table<T>,
     hub: Hub,
     /// API requests waiting for other shards.
     pending_api: Slab<PendingApi>,
-    /// Mail produced this turn, in order, for the driver to post.
-    outgoing: Vec<(u16, ShardMsg)>,
-    /// Mail that must not be lost, waiting for room in a full mailbox, per target shard.
-    retry: Vec<VecDeque<ShardMsg>>,
+    /// Mail for other shards, posted at the end of the turn.
+    mail: postbox::Postbox,
     scratch_slots: Vec<u32>,
     scratch_shards: Vec<u16>,
     /// Per stream followed here (cluster only), where this shard stands in it.
@@ -255,15 +227,12 @@ impl<T: Transport> Router<T> {
             broker: shared.broker,
             broker_metrics: shared.broker_metrics,
             node: shared.node,
-            ready_waits: Default::default(),
-            pending: Default::default(),
+            waits: Default::default(),
             broker_generation: 0,
-            next_token: 1,
             conns,
             hub: Hub::default(),
             pending_api: Slab::new(),
-            outgoing: Vec::new(),
-            retry: (0..shards).map(|_| VecDeque::new()).collect(),
+            mail: postbox::Postbox::new(index, shards),
             scratch_slots: Vec::new(),
             scratch_shards: Vec::new(),
             heads: Default::default(),
@@ -471,7 +440,7 @@ impl<T: Transport> Router<T> {
 
     /// Whether mail waits for room in a full mailbox (retry in about a millisecond).
     pub fn has_retries(&self) -> bool {
-        self.retry.iter().any(|q| !q.is_empty())
+        self.mail.has_retries()
     }
 
     /// The earliest deadline: the wheel's next expiry or the end of the shutdown grace.
@@ -547,37 +516,11 @@ impl<T: Transport> Router<T> {
     /// target's mailbox is full: mail that must not be lost (presence, API, copies of
     /// accepted messages) waits and is retried on the next call, in order; anything else is
     /// dropped and counted.
-    pub fn post_mail(&mut self, mut post: impl FnMut(u16, ShardMsg) -> Result<(), ShardMsg>) {
-        for target in 0..self.retry.len() {
-            while let Some(msg) = self.retry[target].pop_front() {
-                if let Err(msg) = post(target as u16, msg) {
-                    self.retry[target].push_front(msg);
-                    break;
-                }
-            }
+    pub fn post_mail(&mut self, post: impl FnMut(u16, ShardMsg) -> Result<(), ShardMsg>) {
+        let dropped = self.mail.post(post);
+        if dropped > 0 {
+            ShardMetrics::add(&self.m().dropped, dropped);
         }
-        let mut out = std::mem::take(&mut self.outgoing);
-        for (target, msg) in out.drain(..) {
-            let reliable = is_reliable(&msg);
-            if reliable && !self.retry[target as usize].is_empty() {
-                self.retry[target as usize].push_back(msg);
-                continue;
-            }
-            match post(target, msg) {
-                Ok(()) => {}
-                Err(msg) if reliable => self.retry[target as usize].push_back(msg),
-                Err(_) => ShardMetrics::add(&self.m().dropped, 1),
-            }
-        }
-        // Posting queues no mail: the emptied list keeps its capacity for the next turn.
-        debug_assert!(self.outgoing.is_empty());
-        self.outgoing = out;
-    }
-
-    /// Queues mail for shard `to` (posted by [`post_mail`](Self::post_mail)).
-    fn send_mail(&mut self, to: u16, msg: ShardMsg) {
-        debug_assert!(to != self.index, "a shard never mails itself");
-        self.outgoing.push((to, msg));
     }
 
     /// Stops the shard: every open connection gets 1001, connections still in HTTP are
@@ -737,30 +680,6 @@ impl<T: Transport> Router<T> {
                 "hub lists slot {s} which is not a registered connection"
             );
         }
-    }
-}
-
-/// Mail that must arrive (retried when a mailbox is full, in order per target).
-fn is_reliable(msg: &ShardMsg) -> bool {
-    match msg {
-        ShardMsg::Presence { .. }
-        | ShardMsg::Registered { .. }
-        | ShardMsg::Api { .. }
-        | ShardMsg::ApiDone { .. }
-        | ShardMsg::Store(_)
-        | ShardMsg::StoreBatch(_)
-        | ShardMsg::DeliverStream { .. }
-        // Copies of a message its sender was (or will be) told was accepted: a DM on its
-        // way to the shard holding the recipient, a channel publication, the sender's own
-        // copy for her other devices. Never acked and then dropped: they wait for room, and
-        // the shard reads no client input meanwhile (`on_readable`), which bounds the wait.
-        | ShardMsg::DeliverUser { .. }
-        | ShardMsg::DeliverChannel { .. } => true,
-        ShardMsg::Broker(m) => matches!(
-            **m,
-            BrokerMsg::Unavailable { .. } | BrokerMsg::Busy { .. }
-        ),
-        _ => false,
     }
 }
 

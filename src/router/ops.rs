@@ -8,7 +8,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::table::Out;
-use super::{Interested, ReadyWait, Router};
+use super::waits::{Interested, ReadyWait};
+use super::Router;
 use crate::auth;
 use crate::broker::{BrokerMsg, BrokerReq, Counted, Interest};
 use crate::conn::{ConnState, Flags, Transport, Welcome};
@@ -58,7 +59,7 @@ impl<T: Transport> Router<T> {
             if welcome {
                 self.conns[key].state = ConnState::Open(Welcome::Registration);
             }
-            self.send_mail(
+            self.mail.send(
                 home,
                 ShardMsg::Presence {
                     user,
@@ -110,7 +111,7 @@ impl<T: Transport> Router<T> {
             let change = self.directory.presence(user.clone(), conn, false);
             self.tell_broker_user(user, false, change, None);
         } else {
-            self.send_mail(
+            self.mail.send(
                 home,
                 ShardMsg::Presence {
                     user,
@@ -297,7 +298,8 @@ impl<T: Transport> Router<T> {
                 if let Some(token) = self.subscribe(key, Arc::from(channel.as_ref())) {
                     // Acked once the channel's publications reach this node from the cluster.
                     let me = self.conn_id(key);
-                    self.add_wait(token, ReadyWait::SubAck(me, id.map(Into::into)));
+                    self.waits
+                        .add(token, ReadyWait::SubAck(me, id.map(Into::into)));
                     return;
                 }
                 self.ack(key, id);
@@ -391,10 +393,10 @@ impl<T: Transport> Router<T> {
         self.broker.as_ref()?;
         let what = Interested::Channel(name.clone());
         if !first {
-            return self.pending.get(&what).copied();
+            return self.waits.pending(&what);
         }
         // The caller adds its waiter (`add_wait`); later subscribers wait on the same token.
-        let t = self.new_wait(what, Vec::new());
+        let t = self.waits.new_wait(what, Vec::new());
         if let Some(b) = &self.broker {
             b.interest(Interest::Channel {
                 channel: name,
@@ -568,16 +570,16 @@ impl<T: Transport> Router<T> {
             // Not the first connection: it waits if the first one's subscription is not
             // active yet.
             return match (ack, online) {
-                (Some(conn), true) => {
-                    self.wait_on(Interested::User(user), ReadyWait::Registered(conn))
-                }
+                (Some(conn), true) => self
+                    .waits
+                    .wait_on(Interested::User(user), ReadyWait::Registered(conn)),
                 _ => false,
             };
         };
         let ready = match ack {
             Some(conn) if on => {
                 let waits = vec![ReadyWait::Registered(conn)];
-                let t = self.new_wait(Interested::User(user.clone()), waits);
+                let t = self.waits.new_wait(Interested::User(user.clone()), waits);
                 Some((self.index, t))
             }
             _ => None,
@@ -588,44 +590,13 @@ impl<T: Transport> Router<T> {
         ready.is_some()
     }
 
-    /// Adds a waiter to subscription `token`.
-    pub(super) fn add_wait(&mut self, token: u64, w: ReadyWait) {
-        if let Some((_, waits)) = self.ready_waits.get_mut(&token) {
-            waits.push(w);
-        }
-    }
-
-    /// A token for a subscription asked of the broker, with its waiters so far.
-    pub(super) fn new_wait(&mut self, what: Interested, waits: Vec<ReadyWait>) -> u64 {
-        let t = self.next_token;
-        self.next_token += 1;
-        self.pending.insert(what.clone(), t);
-        self.ready_waits.insert(t, (what, waits));
-        t
-    }
-
-    /// Waits on `what`'s subscription if it is not active yet; false when it is.
-    pub(super) fn wait_on(&mut self, what: Interested, w: ReadyWait) -> bool {
-        let Some(&t) = self.pending.get(&what) else {
-            return false;
-        };
-        self.add_wait(t, w);
-        true
-    }
-
     /// The broker says subscription `token` is active: answer whoever waited for it.
     fn on_ready(&mut self, token: u64) {
-        let Some((what, waits)) = self.ready_waits.remove(&token) else {
-            return;
-        };
-        if self.pending.get(&what) == Some(&token) {
-            self.pending.remove(&what);
-        }
-        for w in waits {
+        for w in self.waits.ready(token) {
             match w {
                 ReadyWait::Registered(conn) if conn.shard == self.index => self.on_registered(conn),
                 ReadyWait::Registered(conn) => {
-                    self.send_mail(conn.shard, ShardMsg::Registered { conn })
+                    self.mail.send(conn.shard, ShardMsg::Registered { conn })
                 }
                 ReadyWait::SubAck(conn, id) => {
                     if let Some(key) = self.live_open(conn) {
@@ -718,7 +689,7 @@ impl<T: Transport> Router<T> {
         for s in 0..self.shards as usize as u16 {
             let none = self.subscribed[s as usize].load(Ordering::Relaxed) == 0;
             if s != self.index && !none {
-                self.send_mail(
+                self.mail.send(
                     s,
                     ShardMsg::DeliverChannel {
                         channel: channel.clone(),
@@ -821,7 +792,7 @@ impl<T: Transport> Router<T> {
                     payload: ev.shared(),
                     exclude,
                 };
-                self.send_mail(s, msg);
+                self.mail.send(s, msg);
             }
         }
         self.scratch_shards = shards;
@@ -915,7 +886,7 @@ impl<T: Transport> Router<T> {
                     return;
                 }
                 if welcome {
-                    self.send_mail(conn.shard, ShardMsg::Registered { conn });
+                    self.mail.send(conn.shard, ShardMsg::Registered { conn });
                 }
             }
             ShardMsg::Registered { conn } => self.on_registered(conn),

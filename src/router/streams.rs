@@ -259,7 +259,7 @@ impl<T: Transport> Router<T> {
             if s == self.index {
                 self.deliver_stream_local(&user, &payload, offset, exclude);
             } else {
-                self.send_mail(
+                self.mail.send(
                     s,
                     ShardMsg::DeliverStream {
                         user: user.clone(),
@@ -284,7 +284,7 @@ impl<T: Transport> Router<T> {
             if shard == self.index {
                 self.on_store(msg);
             } else {
-                self.send_mail(shard, ShardMsg::Store(Box::new(msg)));
+                self.mail.send(shard, ShardMsg::Store(Box::new(msg)));
             }
         }
     }
@@ -502,8 +502,9 @@ impl<T: Transport> Router<T> {
         }
         if !self.conns[key].channel_list().contains(&channel) {
             if let Some(token) = self.subscribe(key, channel.clone()) {
-                let wait = super::ReadyWait::SubSince(conn, id.map(Into::into), channel, since);
-                self.add_wait(token, wait);
+                let wait =
+                    super::waits::ReadyWait::SubSince(conn, id.map(Into::into), channel, since);
+                self.waits.add(token, wait);
                 return;
             }
         }
