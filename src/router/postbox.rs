@@ -74,7 +74,7 @@ impl Postbox {
 }
 
 /// Mail that must arrive (retried when a mailbox is full, in order per target).
-fn is_reliable(msg: &ShardMsg) -> bool {
+pub(super) fn is_reliable(msg: &ShardMsg) -> bool {
     match msg {
         ShardMsg::Presence { .. }
         | ShardMsg::Registered { .. }

@@ -527,13 +527,13 @@ fn answers_to_senders_are_reliable_mail_and_copies_are_not() {
         ShardMsg::Broker(Box::new(BrokerMsg::Busy { reply: reply() })),
     ];
     for m in &answers {
-        assert!(super::is_reliable(m), "{m:?} must not be dropped");
+        assert!(super::postbox::is_reliable(m), "{m:?} must not be dropped");
     }
     let copy = ShardMsg::Broker(Box::new(BrokerMsg::Broadcast {
         payload: bytes::Bytes::from_static(b"{}"),
     }));
     assert!(
-        !super::is_reliable(&copy),
+        !super::postbox::is_reliable(&copy),
         "qos-0 copies may be dropped (counted)"
     );
 }
