@@ -123,7 +123,11 @@ mod tests {
         assert!(p.has_retries());
         p.send(1, registered(3));
         let mut got = Vec::new();
-        assert_eq!(p.post(|_, m| Ok(got.push(m))), 0);
+        let all = p.post(|_, m| {
+            got.push(m);
+            Ok(())
+        });
+        assert_eq!(all, 0);
         let slots: Vec<u32> = got
             .iter()
             .map(|m| match m {
