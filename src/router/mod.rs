@@ -24,12 +24,15 @@
 pub mod admission;
 mod api;
 mod catchup;
+mod cluster;
+mod events;
 mod frames;
 mod heartbeat;
 mod http;
 mod ops;
 mod output;
 mod postbox;
+mod routes;
 mod streams;
 mod table;
 mod waits;
