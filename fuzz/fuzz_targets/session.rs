@@ -79,5 +79,5 @@ fuzz_target!(|data: &[u8]| {
     pipe.0.borrow_mut().client_shutdown();
     turn(&mut s, now + 10_000);
     turn(&mut s, now + 20_000);
-    assert!(s.is_empty(), "the connection ends after EOF and the deadlines");
+    assert!(s.conns().is_empty(), "the connection ends after EOF and the deadlines");
 });

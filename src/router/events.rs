@@ -17,16 +17,25 @@ impl<T: Transport> Router<T> {
     /// `GET /events?channel=a&channel=b`: an event stream of the user's DMs and the channels.
     pub(super) fn open_sse(&mut self, key: usize, req: &Request) {
         if !matches!(req.method, Some(Method::Get)) {
-            return self.http_fail(key, 405, "method not allowed", HandshakeFailure::Method);
+            return self
+                .conns
+                .http_fail(key, 405, "method not allowed", HandshakeFailure::Method);
         }
         if !self.origin_allowed(req) {
-            return self.http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
+            return self
+                .conns
+                .http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
         }
         let (user, grant) = match self.auth.resolve(req, self.conns.now_unix_ms / 1000) {
             Ok(Identity::User(u, g)) => (Some(Arc::<str>::from(u)), g),
             Ok(Identity::Anonymous) => (None, None),
             Err(e) => {
-                return self.http_fail(key, e.status(), &e.to_string(), HandshakeFailure::BadUser)
+                return self.conns.http_fail(
+                    key,
+                    e.status(),
+                    &e.to_string(),
+                    HandshakeFailure::BadUser,
+                )
             }
         };
         let query = req.query.as_deref();
@@ -38,13 +47,15 @@ impl<T: Transport> Router<T> {
                         403 => HandshakeFailure::Forbidden,
                         _ => HandshakeFailure::Malformed,
                     };
-                    return self.http_fail(key, r.status, r.message, why);
+                    return self.conns.http_fail(key, r.status, r.message, why);
                 }
             };
         let streams_on = self.streams_on();
         self.conns[key].flags.set(Flags::COUNTED);
         if let Err(busy) = self.admit_handshake(key) {
-            return self.http_refuse(key, 503, busy.message, busy.why, busy.wait_ms);
+            return self
+                .conns
+                .http_refuse(key, 503, busy.message, busy.why, busy.wait_ms);
         }
         let m = &self.metrics[self.index as usize];
         let c = &mut self.conns[key];

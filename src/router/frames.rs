@@ -241,7 +241,7 @@ impl<T: Transport> Router<T> {
             c.flags.set(Flags::CLOSE_SENT);
             c.set_close(close_code, reason);
             self.unregister(key);
-            return self.drain_after_response(key);
+            return self.conns.drain_after_response(key);
         }
         let f = frame::encode_close(close_code, &reason);
         c.set_close(close_code, reason);
@@ -298,7 +298,7 @@ impl<T: Transport> Router<T> {
             // An answer already queued (`POST /api/drain`'s own, say) is still written, then
             // the connection closes as any answered one does.
             ConnState::Http(_) if self.conns[key].queued_bytes() > 0 => {
-                self.drain_after_response(key)
+                self.conns.drain_after_response(key)
             }
             ConnState::Draining if self.conns[key].queued_bytes() > 0 => {}
             ConnState::Http(_) | ConnState::Draining => self.finish(key),

@@ -4,9 +4,6 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use tracing::debug;
-
 use super::admission;
 use super::{admit, Router};
 use crate::auth::Identity;
@@ -26,11 +23,12 @@ impl<T: Transport> Router<T> {
             Ok(None) => return false,
             Ok(Some(r)) => r,
             Err(HttpError::Malformed(why)) => {
-                self.http_fail(key, 400, why, HandshakeFailure::Malformed);
+                self.conns
+                    .http_fail(key, 400, why, HandshakeFailure::Malformed);
                 return false;
             }
             Err(HttpError::HeadTooLarge) => {
-                self.http_fail(
+                self.conns.http_fail(
                     key,
                     431,
                     "request header section too large",
@@ -42,7 +40,7 @@ impl<T: Transport> Router<T> {
         // The push API answers JSON, even before its route is looked at.
         let api = req.path.starts_with("/api/");
         if req.transfer_encoding {
-            self.body_fail(
+            self.conns.body_fail(
                 key,
                 api,
                 411,
@@ -52,7 +50,8 @@ impl<T: Transport> Router<T> {
         }
         let body_len = req.content_length.unwrap_or(0);
         if body_len > self.cfg.max_message_bytes {
-            self.body_fail(key, api, 413, "request body over --max-message-bytes");
+            self.conns
+                .body_fail(key, api, 413, "request body over --max-message-bytes");
             return false;
         }
         let total = req.head_len + body_len;
@@ -94,7 +93,7 @@ impl<T: Transport> Router<T> {
         }
         let span = admission::spread_span_ms(self.half_open, 1000);
         let wait = self.retry_jitter_ms(key, 1000, span);
-        self.http_refuse(
+        self.conns.http_refuse(
             key,
             503,
             "too many handshakes in progress",
@@ -126,114 +125,36 @@ impl<T: Transport> Router<T> {
         let get = matches!(req.method, Some(Method::Get) | Some(Method::Head));
         match req.path.as_str() {
             "/healthz" if get => {
-                self.http_ok(key, req, "text/plain; charset=utf-8", b"ok\n".to_vec())
+                self.conns
+                    .http_ok(key, req, "text/plain; charset=utf-8", b"ok\n".to_vec())
             }
             "/metrics" if get => {
                 let body = self.metrics_text().into_bytes();
-                self.http_ok(key, req, "text/plain; version=0.0.4", body)
+                self.conns
+                    .http_ok(key, req, "text/plain; version=0.0.4", body)
             }
             "/" if get => {
                 let body = http::assets::INDEX_HTML.as_bytes().to_vec();
-                self.http_ok(key, req, "text/html; charset=utf-8", body)
+                self.conns
+                    .http_ok(key, req, "text/html; charset=utf-8", body)
             }
             "/client.js" if get => {
                 let body = http::assets::CLIENT_JS.as_bytes().to_vec();
-                self.http_ok(key, req, "text/javascript; charset=utf-8", body)
+                self.conns
+                    .http_ok(key, req, "text/javascript; charset=utf-8", body)
             }
             "/favicon.ico" if get => {
                 let resp = response::simple(204, "image/x-icon", b"", "", req.connection_close);
-                self.http_respond(key, resp, req.connection_close)
+                self.conns.http_respond(key, resp, req.connection_close)
             }
             "/healthz" | "/metrics" | "/" | "/client.js" => {
-                self.http_fail(key, 405, "method not allowed", HandshakeFailure::Method)
+                self.conns
+                    .http_fail(key, 405, "method not allowed", HandshakeFailure::Method)
             }
-            _ => self.http_respond(key, response::error(404, "not found"), true),
+            _ => self
+                .conns
+                .http_respond(key, response::error(404, "not found"), true),
         }
-    }
-
-    pub(super) fn http_ok(&mut self, key: usize, req: &Request, content_type: &str, body: Vec<u8>) {
-        let body = if req.method == Some(Method::Head) {
-            Vec::new()
-        } else {
-            body
-        };
-        let close = req.connection_close;
-        let resp = response::simple(200, content_type, &body, "", close);
-        self.http_respond(key, resp, close);
-    }
-
-    /// Queues a response; the connection stays for the next request unless `close`.
-    pub(super) fn http_respond(&mut self, key: usize, resp: Bytes, close: bool) {
-        self.conns.push_raw(key, resp);
-        if close {
-            self.drain_after_response(key);
-        } else {
-            let deadline = self.conns.now_ms + self.cfg.handshake_timeout_ms;
-            self.conns.arm(key, deadline);
-        }
-    }
-
-    /// Answers an error, then closes once the peer has read it.
-    pub(super) fn http_fail(
-        &mut self,
-        key: usize,
-        status: u16,
-        message: &str,
-        why: HandshakeFailure,
-    ) {
-        self.refuse(key, status, message, why, response::error(status, message));
-    }
-
-    /// Refuses a request for its body (411, 413): JSON like every API answer on `/api/`,
-    /// plain text elsewhere; the connection closes once the answer is read.
-    fn body_fail(&mut self, key: usize, api: bool, status: u16, message: &str) {
-        if !api {
-            return self.http_fail(key, status, message, HandshakeFailure::Body);
-        }
-        let body = http::api::error_body(message);
-        let resp = response::simple(status, "application/json", &body, "", true);
-        self.refuse(key, status, message, HandshakeFailure::Body, resp);
-    }
-
-    /// Refuses for now: `status` with `Retry-After` (seconds, rounded up from `wait_ms`),
-    /// then closes once the peer has read it.
-    pub(super) fn http_refuse(
-        &mut self,
-        key: usize,
-        status: u16,
-        message: &str,
-        why: HandshakeFailure,
-        wait_ms: u64,
-    ) {
-        let resp = response::retry_later(status, message, wait_ms.div_ceil(1000));
-        self.refuse(key, status, message, why, resp);
-    }
-
-    /// Counts a refused request, queues its answer `resp` and closes once it is read.
-    fn refuse(
-        &mut self,
-        key: usize,
-        status: u16,
-        message: &str,
-        why: HandshakeFailure,
-        resp: Bytes,
-    ) {
-        debug!(
-            shard = self.index,
-            conn = key,
-            status,
-            reason = message,
-            "request refused"
-        );
-        self.m().count_handshake_failure(why);
-        self.conns.push_raw(key, resp);
-        self.drain_after_response(key);
-    }
-
-    pub(super) fn drain_after_response(&mut self, key: usize) {
-        self.conns[key].state = ConnState::Draining;
-        let deadline = self.conns.now_ms + self.cfg.close_timeout_ms;
-        self.conns.arm(key, deadline);
     }
 
     pub(super) fn upgrade(&mut self, key: usize, req: &Request) {
@@ -246,23 +167,30 @@ impl<T: Transport> Router<T> {
                     handshake::HandshakeError::Version => HandshakeFailure::Version,
                     handshake::HandshakeError::Key => HandshakeFailure::BadKey,
                 };
-                return self.http_fail(key, e.status(), &e.to_string(), why);
+                return self.conns.http_fail(key, e.status(), &e.to_string(), why);
             }
         };
         if !self.origin_allowed(req) {
-            return self.http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
+            return self
+                .conns
+                .http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
         }
         let identity = match self.auth.resolve(req, self.conns.now_unix_ms / 1000) {
             Ok(i) => i,
             Err(e) => {
-                return self.http_fail(key, e.status(), &e.to_string(), HandshakeFailure::BadUser)
+                return self.conns.http_fail(
+                    key,
+                    e.status(),
+                    &e.to_string(),
+                    HandshakeFailure::BadUser,
+                )
             }
         };
         let Ok(since) = self.since_param(key, req) else {
             return; // answered 400
         };
         if since.is_some() && !(matches!(identity, Identity::User(..)) && self.streams_on()) {
-            return self.http_fail(
+            return self.conns.http_fail(
                 key,
                 400,
                 "since needs a named user and a store",
@@ -362,7 +290,7 @@ impl<T: Transport> Router<T> {
         match Since::parse(&q) {
             Some(s) => Ok(Some(s)),
             None => {
-                self.http_fail(
+                self.conns.http_fail(
                     key,
                     400,
                     crate::protocol::SINCE_FORMAT,

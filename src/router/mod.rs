@@ -35,6 +35,7 @@ mod postbox;
 mod routes;
 mod streams;
 mod table;
+pub use table::Table;
 mod waits;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -268,11 +269,6 @@ impl<T: Transport> Router<T> {
         self.conns.now_unix_ms = now_unix_ms;
     }
 
-    /// The slab key the next [`accept`](Self::accept) will use (register the socket under it).
-    pub fn next_key(&self) -> usize {
-        self.conns.vacant_key()
-    }
-
     /// Takes a new connection; `loopback` when the peer address is a loopback address.
     /// Returns its slab key. The handshake deadline is armed.
     pub fn accept(&mut self, io: T, loopback: bool) -> usize {
@@ -311,7 +307,7 @@ impl<T: Transport> Router<T> {
             }
             Err(admission::AtLimit) => {
                 let wait = self.retry_jitter_ms(key, 5000, 10_000);
-                self.http_refuse(
+                self.conns.http_refuse(
                     key,
                     429,
                     "too many connections from your address",
@@ -349,30 +345,6 @@ impl<T: Transport> Router<T> {
         self.conns.get_mut(key).map(|c| &mut c.io)
     }
 
-    /// The connection at `key`, if any.
-    pub fn conn(&self, key: usize) -> Option<&Conn<T>> {
-        self.conns.get(key)
-    }
-
-    /// Whether connection `key` has its deadline armed (every live connection has one).
-    pub fn has_deadline(&self, key: usize) -> bool {
-        self.conns.contains(key) && self.conns.wheel.is_armed(key as u32)
-    }
-
-    /// The id of a live connection.
-    pub fn conn_id(&self, key: usize) -> ConnId {
-        self.conns.id(key)
-    }
-
-    /// Whether `id` names a live connection of this shard.
-    pub fn is_live(&self, id: ConnId) -> bool {
-        id.shard == self.index
-            && self
-                .conns
-                .get(id.slot as usize)
-                .is_some_and(|c| c.generation == id.generation)
-    }
-
     /// Appends the slab keys of this shard's connections of `user` that deliveries reach,
     /// all but `exclude`.
     pub(super) fn local_conns_of(&self, user: &str, exclude: Option<ConnId>, out: &mut Vec<u32>) {
@@ -392,19 +364,9 @@ impl<T: Transport> Router<T> {
             .is_some_and(|c| c.generation == id.generation && c.flags.has(Flags::REGISTERED))
     }
 
-    /// Connections in the slab.
-    pub fn len(&self) -> usize {
-        self.conns.len()
-    }
-
-    /// Whether no connection is left.
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
-    }
-
-    /// Keys of every connection.
-    pub fn keys(&self) -> Vec<usize> {
-        self.conns.iter().map(|(k, _)| k).collect()
+    /// The shard's connections (read-only: for the driver, checks and stats).
+    pub fn conns(&self) -> &Table<T> {
+        &self.conns
     }
 
     /// The hub (read-only, for checks and stats).
@@ -415,11 +377,6 @@ impl<T: Transport> Router<T> {
     /// The process's directory of named users.
     pub fn directory(&self) -> &Directory {
         &self.directory
-    }
-
-    /// Entries in the timer wheel.
-    pub fn wheel_len(&self) -> usize {
-        self.conns.wheel.len()
     }
 
     /// The socket of `key` has room again (edge-triggered): flush what waits at the end of
@@ -433,12 +390,6 @@ impl<T: Transport> Router<T> {
         if c.outbox.is_some() {
             self.conns.mark_dirty(key);
         }
-    }
-
-    /// Whether work is left that should not wait for the next event: capped reads, mail to
-    /// retry.
-    pub fn has_backlog(&self) -> bool {
-        !self.conns.read_backlog.is_empty()
     }
 
     /// Whether mail waits for room in a full mailbox (retry in about a millisecond).
@@ -545,7 +496,7 @@ impl<T: Transport> Router<T> {
             .unwrap_or(open * DRAIN_US_PER_CONN / 1000)
             .min(room);
         let mut queue = Vec::new();
-        for key in self.keys() {
+        for key in self.conns.keys() {
             match self.conns[key].state {
                 ConnState::Open(_) => queue.push((key, self.conns[key].generation)),
                 _ => self.shutdown_conn(key),
@@ -603,7 +554,7 @@ impl<T: Transport> Router<T> {
         if self.conns.now_ms < deadline {
             return false;
         }
-        let left = self.keys();
+        let left = self.conns.keys();
         tracing::warn!(
             shard = self.index,
             connections = left.len(),
@@ -649,7 +600,7 @@ impl<T: Transport> Router<T> {
             // Welcomed (registered, no longer held) means the home shard recorded it.
             let welcomed = c.flags.has(Flags::REGISTERED) && !c.state.holds_input();
             if let (Some(u), true) = (&c.user, welcomed) {
-                let me = self.conn_id(key);
+                let me = self.conns.conn_id(key);
                 let mut listed = false;
                 self.directory
                     .each_on(u, self.index, |id| listed |= id == me);

@@ -187,7 +187,7 @@ impl<T: Transport> Router<T> {
                 self.want_join_leave(key, &channel, join_leave);
                 if let Some(token) = self.subscribe(key, Arc::from(channel.as_ref())) {
                     // Acked once the channel's publications reach this node from the cluster.
-                    let me = self.conn_id(key);
+                    let me = self.conns.conn_id(key);
                     self.waits
                         .add(token, ReadyWait::SubAck(me, id.map(Into::into)));
                     return;
@@ -244,7 +244,7 @@ impl<T: Transport> Router<T> {
                     self.conns.now_unix_ms,
                 );
                 let mut ev = Event::new(&buf);
-                let me = self.conn_id(key);
+                let me = self.conns.conn_id(key);
                 let reply = id.map(|id| Reply { conn: me, id });
                 if *to == *from {
                     self.route_user(&to, &mut ev, Some(me), reply);

@@ -25,7 +25,7 @@ impl<T: Transport> Router<T> {
     /// The welcome is sent once the user's home shard has recorded the connection, so a client
     /// that has its welcome is reachable by every DM sent after it.
     pub(super) fn register(&mut self, key: usize, welcome: bool) {
-        let me = self.conn_id(key);
+        let me = self.conns.conn_id(key);
         let c = &mut self.conns[key];
         c.flags.set(Flags::REGISTERED);
         let Some(user) = c.user.clone() else {
@@ -62,7 +62,7 @@ impl<T: Transport> Router<T> {
     /// Queues the welcome event.
     pub(super) fn welcome(&mut self, key: usize) {
         let name = self.user_name(key);
-        let id = self.conn_id(key);
+        let id = self.conns.conn_id(key);
         let welcome = protocol::welcome(&name, &id.to_string(), self.cfg.ping_interval_ms);
         self.conns.push_event(key, welcome);
     }
@@ -117,7 +117,7 @@ impl<T: Transport> Router<T> {
         if let Some(user) = user {
             // Deliveries stop now (they skip an unregistered connection); the directory
             // drops it when the home shard reads the mail.
-            let me = self.conn_id(key);
+            let me = self.conns.conn_id(key);
             self.forget_head(&user);
             self.presence_offline(user, me);
         }
@@ -195,7 +195,7 @@ impl<T: Transport> Router<T> {
             return;
         }
         let user = self.user_name(key);
-        let conn = self.conn_id(key).to_string();
+        let conn = self.conns.conn_id(key).to_string();
         let f = protocol::join_leave(join, channel, &user, &conn);
         self.publish_except(Arc::from(channel), f, Some(key));
     }

@@ -57,7 +57,7 @@ impl<T: Transport> Router<T> {
             return;
         };
         let since = cursor.since;
-        let conn = self.conn_id(key);
+        let conn = self.conns.conn_id(key);
         let store = self.store.as_ref().expect("streams on");
         if store.request(StoreReq::Open { user, conn, since }).is_err() {
             // Not resumed: live messages from now on.
@@ -96,7 +96,7 @@ impl<T: Transport> Router<T> {
             .extra()
             .and_then(|e| e.cursor.as_ref())
             .and_then(|c| c.since);
-        let conn = self.conn_id(key);
+        let conn = self.conns.conn_id(key);
         let store = self.store.as_ref().expect("streams on");
         match store.request(StoreReq::Open { user, conn, since }) {
             Ok(()) => self.conns[key].state = ConnState::Open(Welcome::Inbox),
@@ -439,7 +439,7 @@ impl<T: Transport> Router<T> {
     /// Asks the store for the next page of every stream of `key` that wants one (called
     /// when its outbox drained).
     pub(super) fn request_page(&mut self, key: usize) {
-        let conn = self.conn_id(key);
+        let conn = self.conns.conn_id(key);
         let c = &mut self.conns[key];
         c.set_page_wanted(false);
         let user = c.user.clone();
@@ -493,7 +493,7 @@ impl<T: Transport> Router<T> {
             );
             return self.deliver_reply(key, f);
         }
-        let conn = self.conn_id(key);
+        let conn = self.conns.conn_id(key);
         {
             let e = self.conns[key].extra_mut();
             e.channel_cursors.retain(|(c, _)| *c != channel);
@@ -519,7 +519,7 @@ impl<T: Transport> Router<T> {
         channel: Arc<str>,
         since: Since,
     ) {
-        let conn = self.conn_id(key);
+        let conn = self.conns.conn_id(key);
         let store = self.store.as_ref().expect("streams on");
         let req = StoreReq::OpenChannel {
             channel: channel.clone(),
@@ -625,7 +625,7 @@ impl<T: Transport> Router<T> {
             data,
             self.conns.now_unix_ms,
         );
-        let me = self.conn_id(key);
+        let me = self.conns.conn_id(key);
         let channel: Arc<str> = Arc::from(channel);
         let reply = id.map(|id| ReplyTo {
             conn: me,
@@ -665,7 +665,7 @@ impl<T: Transport> Router<T> {
         }
         let prefix = protocol::stored_dm_prefix(&from, to, data, self.conns.now_unix_ms, id);
         let to: Arc<str> = Arc::from(to);
-        let me = self.conn_id(key);
+        let me = self.conns.conn_id(key);
         let reply = id.map(|id| ReplyTo {
             conn: me,
             id: id.into(),
@@ -706,7 +706,7 @@ impl<T: Transport> Router<T> {
             );
             return self.deliver_reply(key, f);
         };
-        let conn = self.conn_id(key);
+        let conn = self.conns.conn_id(key);
         let store = self.store.as_ref().expect("streams on");
         let req = StoreReq::History {
             user,

@@ -8,12 +8,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use slab::Slab;
+use tracing::debug;
 
 use crate::config::Config;
 use crate::conn::buffers::{BufPool, Outbox, Piece, INLINE_MAX, SMALL_UNIT_MAX};
-use crate::conn::{flush, ws, Conn, Flags, Flushed, Protocol, Transport};
+use crate::conn::{flush, ws, Conn, ConnState, Flags, Flushed, Protocol, Transport};
+use crate::http::{self, response, Method, Request};
 use crate::hub::ConnId;
-use crate::metrics::ShardMetrics;
+use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::timer::Wheel;
 use crate::ws::frame::Data;
 
@@ -100,6 +102,65 @@ impl<T> DerefMut for Table<T> {
 }
 
 impl<T: Transport> Table<T> {
+    /// The slab key the next [`Router::accept`](super::Router::accept) will use (register the socket under it).
+    pub fn next_key(&self) -> usize {
+        self.slab.vacant_key()
+    }
+
+    /// The connection at `key`, if any.
+    pub fn conn(&self, key: usize) -> Option<&Conn<T>> {
+        self.slab.get(key)
+    }
+
+    /// Whether connection `key` has its deadline armed (every live connection has one).
+    pub fn has_deadline(&self, key: usize) -> bool {
+        self.slab.contains(key) && self.wheel.is_armed(key as u32)
+    }
+
+    /// The id of a live connection.
+    pub fn conn_id(&self, key: usize) -> ConnId {
+        ConnId {
+            shard: self.shard,
+            slot: key as u32,
+            generation: self.slab[key].generation,
+        }
+    }
+
+    /// Whether `id` names a live connection of this shard.
+    pub fn is_live(&self, id: ConnId) -> bool {
+        id.shard == self.shard
+            && self
+                .slab
+                .get(id.slot as usize)
+                .is_some_and(|c| c.generation == id.generation)
+    }
+
+    /// Connections in the slab.
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    /// Whether no connection is left.
+    pub fn is_empty(&self) -> bool {
+        self.slab.is_empty()
+    }
+
+    /// Keys of every connection.
+    pub fn keys(&self) -> Vec<usize> {
+        self.slab.iter().map(|(k, _)| k).collect()
+    }
+
+    /// Entries in the timer wheel.
+    pub fn wheel_len(&self) -> usize {
+        self.wheel.len()
+    }
+
+    /// Whether work is left that should not wait for the next event: capped reads, mail to
+    /// retry.
+    pub fn has_backlog(&self) -> bool {
+        !self.read_backlog.is_empty()
+    }
+
     /// An empty table with room for `room` connections, the clock at `now_ms`.
     pub(super) fn new(
         shard: u16,
@@ -141,15 +202,6 @@ impl<T: Transport> Table<T> {
         let deadline = self.now_ms + self.cfg.handshake_timeout_ms;
         self.arm(key, deadline);
         key
-    }
-
-    /// The id of live connection `key`.
-    pub(super) fn id(&self, key: usize) -> ConnId {
-        ConnId {
-            shard: self.shard,
-            slot: key as u32,
-            generation: self.slab[key].generation,
-        }
     }
 
     /// (Re)arms the connection's single wheel entry.
@@ -397,6 +449,93 @@ impl<T: Transport> Table<T> {
         let c = &mut self.slab[key];
         let (hl, trailer) = Protocol::event_head(c, Data::Text, &payload, &mut head);
         self.queue_framed(key, &head[..hl], payload, trailer);
+    }
+
+    // HTTP answers.
+
+    pub(super) fn http_ok(&mut self, key: usize, req: &Request, content_type: &str, body: Vec<u8>) {
+        let body = if req.method == Some(Method::Head) {
+            Vec::new()
+        } else {
+            body
+        };
+        let close = req.connection_close;
+        let resp = response::simple(200, content_type, &body, "", close);
+        self.http_respond(key, resp, close);
+    }
+
+    /// Queues a response; the connection stays for the next request unless `close`.
+    pub(super) fn http_respond(&mut self, key: usize, resp: Bytes, close: bool) {
+        self.push_raw(key, resp);
+        if close {
+            self.drain_after_response(key);
+        } else {
+            let deadline = self.now_ms + self.cfg.handshake_timeout_ms;
+            self.arm(key, deadline);
+        }
+    }
+
+    /// Answers an error, then closes once the peer has read it.
+    pub(super) fn http_fail(
+        &mut self,
+        key: usize,
+        status: u16,
+        message: &str,
+        why: HandshakeFailure,
+    ) {
+        self.refuse(key, status, message, why, response::error(status, message));
+    }
+
+    /// Refuses a request for its body (411, 413): JSON like every API answer on `/api/`,
+    /// plain text elsewhere; the connection closes once the answer is read.
+    pub(super) fn body_fail(&mut self, key: usize, api: bool, status: u16, message: &str) {
+        if !api {
+            return self.http_fail(key, status, message, HandshakeFailure::Body);
+        }
+        let body = http::api::error_body(message);
+        let resp = response::simple(status, "application/json", &body, "", true);
+        self.refuse(key, status, message, HandshakeFailure::Body, resp);
+    }
+
+    /// Refuses for now: `status` with `Retry-After` (seconds, rounded up from `wait_ms`),
+    /// then closes once the peer has read it.
+    pub(super) fn http_refuse(
+        &mut self,
+        key: usize,
+        status: u16,
+        message: &str,
+        why: HandshakeFailure,
+        wait_ms: u64,
+    ) {
+        let resp = response::retry_later(status, message, wait_ms.div_ceil(1000));
+        self.refuse(key, status, message, why, resp);
+    }
+
+    /// Counts a refused request, queues its answer `resp` and closes once it is read.
+    pub(super) fn refuse(
+        &mut self,
+        key: usize,
+        status: u16,
+        message: &str,
+        why: HandshakeFailure,
+        resp: Bytes,
+    ) {
+        debug!(
+            shard = self.shard,
+            conn = key,
+            status,
+            reason = message,
+            "request refused"
+        );
+        self.m().count_handshake_failure(why);
+        self.push_raw(key, resp);
+        self.drain_after_response(key);
+    }
+
+    pub(super) fn drain_after_response(&mut self, key: usize) {
+        self.slab[key].state = ConnState::Draining;
+        let deadline = self.now_ms + self.cfg.close_timeout_ms;
+        self.arm(key, deadline);
     }
 
     /// Removes connection `key`, cancels its deadline and gives its buffers back.

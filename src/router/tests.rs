@@ -99,7 +99,7 @@ impl Harness {
     }
 
     fn live(&self, key: usize) -> bool {
-        self.s.conn(key).is_some()
+        self.s.conns().conn(key).is_some()
     }
 
     /// An upgraded connection that read its welcome.
@@ -422,7 +422,7 @@ fn resume_seam_replays_then_joins_live_without_gap_or_duplicate() {
         &pipe,
         testkit::upgrade_request("t", "/ws?user=bob&since=ab:0").as_bytes(),
     );
-    let conn = h.s.conn_id(key);
+    let conn = h.s.conns().conn_id(key);
     let Ok(StoreReq::Open { user, since, .. }) = rx.try_recv() else {
         panic!("the session asks the store first")
     };

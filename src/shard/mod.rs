@@ -211,7 +211,7 @@ impl Shard {
         if self.sessions.has_retries() {
             return Duration::from_millis(1);
         }
-        if self.sessions.has_backlog()
+        if self.sessions.conns().has_backlog()
             || self.mailbox_pending
             || (self.accept_pending && !self.accept_paused())
         {
@@ -353,7 +353,7 @@ impl Shard {
             self.last_emfile_warn_ms = Some(self.now_ms);
             warn!(
                 shard = self.index,
-                open = self.sessions.len(),
+                open = self.sessions.conns().len(),
                 "{what}; raise RLIMIT_NOFILE (tuning/limits.d) or leave --shards and --fd-table on their defaults"
             );
         }
@@ -361,7 +361,7 @@ impl Shard {
 
     fn on_accept(&mut self, mut stream: TcpStream, ip: std::net::IpAddr, li: usize) {
         let _ = stream.set_nodelay(true);
-        let key = self.sessions.next_key();
+        let key = self.sessions.conns().next_key();
         if let Err(e) = self.poll.registry().register(
             &mut stream,
             Token(key),
@@ -389,7 +389,7 @@ impl Shard {
         let Some(s) = &self.steering else { return };
         // What waits in the accept queue lands here whatever the program says next: count
         // it (one getsockopt per accept, only near the mark).
-        let mut open = self.sessions.len();
+        let mut open = self.sessions.conns().len();
         if open + self.backlog >= s.high() {
             open += self
                 .listener_fds

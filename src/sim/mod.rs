@@ -531,7 +531,7 @@ impl World {
         let sh = &mut self.shards[s];
         sh.set_clock(self.now_ms, UNIX_BASE_MS + self.now_ms);
         let key = sh.accept(pipe.clone(), true);
-        let conn = sh.conn_id(key);
+        let conn = sh.conns().conn_id(key);
         let path = match (user, &since) {
             (Some(u), Some((e, o))) => format!("/ws?user={u}&since={e}:{o}"),
             (Some(u), None) => format!("/ws?user={u}"),
@@ -990,7 +990,7 @@ impl World {
         let sh = &mut self.shards[s];
         sh.set_clock(now, UNIX_BASE_MS + now);
         for c in self.clients.values() {
-            if c.shard != s || !sh.is_live(c.conn) {
+            if c.shard != s || !sh.conns().is_live(c.conn) {
                 continue;
             }
             let (readable, writable, closed) = {
@@ -1149,7 +1149,9 @@ impl World {
         let shards = &self.shards;
         let left_at = &mut self.left_at;
         self.clients.retain(|_, c| {
-            let live = shards.get(c.shard).is_some_and(|s| s.is_live(c.conn));
+            let live = shards
+                .get(c.shard)
+                .is_some_and(|s| s.conns().is_live(c.conn));
             let keep = live || !c.pipe.0.borrow().to_client.is_empty() && c.phase != Phase::Aborted;
             if !keep {
                 if let (Some(u), Some(at)) = (c.user, c.inbox_at.take()) {
@@ -1175,9 +1177,9 @@ impl World {
         // Every client the server still holds has exactly one connection in its shard.
         for (id, c) in &self.clients {
             let sh = &self.shards[c.shard];
-            if sh.is_live(c.conn) {
+            if sh.conns().is_live(c.conn) {
                 assert!(
-                    sh.has_deadline(c.conn.slot as usize),
+                    sh.conns().has_deadline(c.conn.slot as usize),
                     "client {id}'s connection has no deadline"
                 );
             }
@@ -1225,7 +1227,7 @@ impl World {
                 }
             }
             self.now_ms += 50;
-            let empty = self.shards.iter().all(|s| s.is_empty())
+            let empty = self.shards.iter().all(|s| s.conns().is_empty())
                 && self.mailboxes.iter().all(|q| q.is_empty())
                 && self.shards.iter().all(|s| !s.has_retries())
                 && self.store_idle();
@@ -1236,15 +1238,15 @@ impl World {
                     assert_eq!(hub.local_channels(), 0, "shard {i}: channels left");
                     let home = sh.directory().home_len(i as u16);
                     assert_eq!(home, 0, "shard {i}: directory not empty");
-                    assert_eq!(sh.wheel_len(), 0, "shard {i}: wheel not empty");
+                    assert_eq!(sh.conns().wheel_len(), 0, "shard {i}: wheel not empty");
                 }
                 return;
             }
         }
         for sh in &self.shards {
-            for k in sh.keys() {
-                let c = sh.conn(k).expect("listed");
-                let id = sh.conn_id(k);
+            for k in sh.conns().keys() {
+                let c = sh.conns().conn(k).expect("listed");
+                let id = sh.conns().conn_id(k);
                 let client = self
                     .clients
                     .iter()
@@ -1267,12 +1269,12 @@ impl World {
                     c.flags,
                     c.user,
                     c.outbox.as_ref().map(|o| o.bytes),
-                    sh.has_deadline(k),
+                    sh.conns().has_deadline(k),
                     c.input_waits()
                 );
             }
         }
-        let left: Vec<usize> = self.shards.iter().map(|s| s.len()).collect();
+        let left: Vec<usize> = self.shards.iter().map(|s| s.conns().len()).collect();
         self.fail(format!(
             "connections did not drain: {left:?} per shard, mail {:?}",
             self.mailboxes.iter().map(|q| q.len()).collect::<Vec<_>>()

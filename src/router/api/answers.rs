@@ -44,7 +44,7 @@ impl<T: Transport> Router<T> {
             );
         }
         let resp = response::simple(status, "application/json", body, "", close);
-        self.http_respond(key, resp, close);
+        self.conns.http_respond(key, resp, close);
     }
 
     /// `POST /api/send` with `"qos":1`: stored in the recipient's inbox, then delivered; the
@@ -63,7 +63,7 @@ impl<T: Transport> Router<T> {
             protocol::msg_prefix(from, Target::User(&p.to), p.data, self.conns.now_unix_ms);
         let to: Arc<str> = Arc::from(p.to.as_str());
         let reply = ReplyTo {
-            conn: self.conn_id(key),
+            conn: self.conns.conn_id(key),
             id: "null".into(),
             to: to.clone(),
         };
@@ -162,7 +162,7 @@ impl<T: Transport> Router<T> {
             user: Arc::from(user),
             from: since + 1,
             limit,
-            conn: self.conn_id(key),
+            conn: self.conns.conn_id(key),
             id: None,
         };
         self.api_ask_store(key, req.connection_close, sreq)

@@ -326,7 +326,7 @@ impl<T: Transport> Router<T> {
                 let req = crate::broker::BrokerReq::Count {
                     kind,
                     name,
-                    conn: self.conn_id(p.key),
+                    conn: self.conns.conn_id(p.key),
                     local: p.count,
                 };
                 if b.publish(req).is_ok() {
@@ -342,7 +342,7 @@ impl<T: Transport> Router<T> {
             // The store adds the unread count; the answer waits for it.
             let req = StoreReq::Unread {
                 user: user.clone(),
-                conn: self.conn_id(p.key),
+                conn: self.conns.conn_id(p.key),
                 connections: p.count,
             };
             if self.api_ask_store(p.key, p.close, req).is_ok() {

@@ -110,7 +110,7 @@ impl<T: Transport> Router<T> {
                         id: p.id.as_deref().map(|i| format!("api:{i}").into()),
                         publisher: Arc::from(from),
                         reply: Some(ReplyTo {
-                            conn: self.conn_id(key),
+                            conn: self.conns.conn_id(key),
                             id: "null".into(),
                             to: channel,
                         }),
