@@ -72,5 +72,9 @@ fn seeded_simulation_keeps_every_invariant() {
             total.sse_events > 0,
             "no event stream got an event: {total:?}"
         );
+        assert!(
+            total.store_refused > 0,
+            "the store never refused a request: {total:?}"
+        );
     }
 }

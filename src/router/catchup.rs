@@ -17,6 +17,7 @@ use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use tracing::warn;
 
+use super::requests::OnPost;
 use super::Router;
 use crate::conn::Transport;
 use crate::ids::ConnId;
@@ -247,16 +248,20 @@ impl<T: Transport> Router<T> {
 
     /// Asks the store for a stream from `from` in `epoch`.
     fn catch_up(&mut self, kind: Kind, name: Arc<str>, epoch: Epoch, from: u64) {
+        let stream = kind.stream(name);
         let req = StoreReq::CatchUp {
-            stream: kind.stream(name.clone()),
+            stream: stream.clone(),
             shard: self.index,
             epoch,
             from,
         };
-        let sent = self.store.as_ref().is_some_and(|s| s.request(req).is_ok());
-        if !sent {
-            self.give_up_catch_up(kind, &name, "the store's queue is full");
-        }
+        self.ask_store(req, OnPost::CatchUp { stream });
+    }
+
+    /// The store's queue was full: the catch-up is given up.
+    pub(super) fn catch_up_refused(&mut self, stream: StreamRef) {
+        let (kind, name) = Kind::of(stream);
+        self.give_up_catch_up(kind, &name, "the store's queue is full");
     }
 
     /// The missed range cannot be read now: what was held goes out, the gap is counted and

@@ -32,6 +32,8 @@ mod http;
 mod ops;
 mod output;
 mod postbox;
+mod requests;
+pub use requests::PostStore;
 mod routes;
 mod streams;
 mod table;
@@ -149,7 +151,10 @@ pub struct Router<T: Transport> {
     scratch_reply: bytes::BytesMut,
     /// Reused buffer a DM event is written into (copied from it to local recipients).
     scratch_event: bytes::BytesMut,
-    store: Option<StoreHandle>,
+    /// A store is configured (the driver holds its handle).
+    store_on: bool,
+    /// Store requests of this turn, for the driver to post ([`Router::post_requests`]).
+    store_out: Vec<(crate::store::StoreReq, requests::OnPost)>,
     store_metrics: Arc<StoreMetrics>,
     broker: Option<BrokerHandle>,
     broker_metrics: Option<Arc<BrokerMetrics>>,
@@ -226,7 +231,8 @@ impl<T: Transport> Router<T> {
             half_open: 0,
             scratch_reply: bytes::BytesMut::new(),
             scratch_event: bytes::BytesMut::new(),
-            store: shared.store,
+            store_on: shared.store.is_some(),
+            store_out: Vec::new(),
             store_metrics: shared.store_metrics,
             broker: shared.broker,
             broker_metrics: shared.broker_metrics,

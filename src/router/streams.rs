@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tracing::warn;
 
+use super::requests::OnPost;
 use super::Router;
 use crate::conn::{ConnState, Flags, HttpWait, Transport, Welcome};
 use crate::hub::{ConnId, ReplyTo};
@@ -44,7 +44,7 @@ fn cursor_mut<'a, T>(
 impl<T: Transport> Router<T> {
     /// Whether named connections get inbox streams (a store is configured, not echo mode).
     pub(super) fn streams_on(&self) -> bool {
-        self.store.is_some() && !self.cfg.echo
+        self.store_on && !self.cfg.echo
     }
 
     /// A named event stream: ask the store for its inbox position (and, resuming from
@@ -58,17 +58,7 @@ impl<T: Transport> Router<T> {
         };
         let since = cursor.since;
         let conn = self.conns.conn_id(key);
-        let store = self.store.as_ref().expect("streams on");
-        if store.request(StoreReq::Open { user, conn, since }).is_err() {
-            // Not resumed: live messages from now on.
-            warn!(
-                shard = self.index,
-                "store queue full: event stream not resumed"
-            );
-            if let Some(e) = self.conns[key].extra_if_mut() {
-                e.cursor = None;
-            }
-        }
+        self.ask_store(StoreReq::Open { user, conn, since }, OnPost::Open { conn });
     }
 
     /// The welcome is due: with streams, ask the store for the inbox position (and the first
@@ -97,17 +87,8 @@ impl<T: Transport> Router<T> {
             .and_then(|e| e.cursor.as_ref())
             .and_then(|c| c.since);
         let conn = self.conns.conn_id(key);
-        let store = self.store.as_ref().expect("streams on");
-        match store.request(StoreReq::Open { user, conn, since }) {
-            Ok(()) => self.conns[key].state = ConnState::Open(Welcome::Inbox),
-            Err(_) => {
-                warn!(
-                    shard = self.index,
-                    "store queue full: welcome without inbox position"
-                );
-                self.welcome(key);
-            }
-        }
+        self.conns[key].state = ConnState::Open(Welcome::Inbox);
+        self.ask_store(StoreReq::Open { user, conn, since }, OnPost::Open { conn });
     }
 
     /// A store message for this shard.
@@ -457,23 +438,22 @@ impl<T: Transport> Router<T> {
                 wanted.push((StreamRef::Channel(ch.clone()), cur.next));
             }
         }
-        let Some(store) = self.store.as_ref() else {
-            return;
-        };
         for (stream, from) in wanted {
-            let again = stream.clone();
-            if store
-                .request(StoreReq::Page { stream, conn, from })
-                .is_err()
-            {
-                // Try again after the next flush.
-                let c = &mut self.conns[key];
-                if let Some(cur) = cursor_mut(c, &again) {
-                    cur.wants_page = true;
-                }
-                c.set_page_wanted(true);
-            }
+            let on = OnPost::Page {
+                conn,
+                stream: stream.clone(),
+            };
+            self.ask_store(StoreReq::Page { stream, conn, from }, on);
         }
+    }
+
+    /// A page of `stream` could not be asked for: asked again after the next flush.
+    pub(super) fn want_page_again(&mut self, key: usize, stream: &StreamRef) {
+        let c = &mut self.conns[key];
+        if let Some(cur) = cursor_mut(c, stream) {
+            cur.wants_page = true;
+        }
+        c.set_page_wanted(true);
     }
 
     /// `sub` with `since` on a channel with history: subscribed at once (live messages are
@@ -520,25 +500,14 @@ impl<T: Transport> Router<T> {
         since: Since,
     ) {
         let conn = self.conns.conn_id(key);
-        let store = self.store.as_ref().expect("streams on");
         let req = StoreReq::OpenChannel {
             channel: channel.clone(),
             conn,
             since,
             id: id.map(Into::into),
         };
-        if store.request(req).is_err() {
-            self.conns[key]
-                .extra_mut()
-                .channel_cursors
-                .retain(|(c, _)| *c != channel);
-            let f = protocol::error(
-                id,
-                ErrorCode::Overloaded,
-                "server busy; subscribed without history",
-            );
-            self.deliver_reply(key, f);
-        }
+        let id = id.map(Into::into);
+        self.ask_store(req, OnPost::Channel { conn, channel, id });
     }
 
     /// The store answered `sub` with `since`.
@@ -640,12 +609,7 @@ impl<T: Transport> Router<T> {
             publisher: from,
             reply,
         };
-        let store = self.store.as_ref().expect("streams on");
-        if store.request(req).is_err() {
-            ShardMetrics::add(&self.m().dropped, 1);
-            let f = protocol::error(id, ErrorCode::Overloaded, "server busy; message not stored");
-            self.deliver_reply(key, f);
-        }
+        self.ask_store(req, OnPost::not_stored(me, id));
     }
 
     /// `send` with `"qos":1`: the store keeps it in both inboxes, then it is delivered and
@@ -680,12 +644,7 @@ impl<T: Transport> Router<T> {
             sender: Some(me),
             sender_copy: true,
         };
-        let store = self.store.as_ref().expect("streams on");
-        if store.request(req).is_err() {
-            ShardMetrics::add(&self.m().dropped, 1);
-            let f = protocol::error(id, ErrorCode::Overloaded, "server busy; message not stored");
-            self.deliver_reply(key, f);
-        }
+        self.ask_store(req, OnPost::not_stored(me, id));
     }
 
     /// `{"op":"history","stream":"inbox","since":N,"limit":L}`: a page of the user's inbox.
@@ -707,7 +666,6 @@ impl<T: Transport> Router<T> {
             return self.deliver_reply(key, f);
         };
         let conn = self.conns.conn_id(key);
-        let store = self.store.as_ref().expect("streams on");
         let req = StoreReq::History {
             user,
             from: since + 1,
@@ -715,10 +673,14 @@ impl<T: Transport> Router<T> {
             conn,
             id: id.map(Into::into),
         };
-        if store.request(req).is_err() {
-            let f = protocol::error(id, ErrorCode::Overloaded, "server busy; try again");
-            self.deliver_reply(key, f);
-        }
+        let on = OnPost::Op {
+            conn,
+            id: id.map(Into::into),
+            why: "server busy; try again",
+            dropped: false,
+            ack: false,
+        };
+        self.ask_store(req, on);
     }
 
     /// `{"op":"ack","stream":"inbox","offset":N}`: the client has shown its inbox up to N.
@@ -732,11 +694,14 @@ impl<T: Transport> Router<T> {
             );
             return self.deliver_reply(key, f);
         };
-        let store = self.store.as_ref().expect("streams on");
-        if store.request(StoreReq::Confirm { user, offset }).is_err() {
-            let f = protocol::error(id, ErrorCode::Overloaded, "server busy; not confirmed");
-            return self.deliver_reply(key, f);
-        }
-        self.ack(key, id);
+        // Acked once the store has it.
+        let on = OnPost::Op {
+            conn: self.conns.conn_id(key),
+            id: id.map(Into::into),
+            why: "server busy; not confirmed",
+            dropped: false,
+            ack: true,
+        };
+        self.ask_store(StoreReq::Confirm { user, offset }, on);
     }
 }

@@ -11,6 +11,8 @@ const UNIX_BASE_MS: u64 = 1_800_000_000_000;
 /// One shard, its clock, and helpers to act as its clients and its event loop.
 pub(super) struct Harness {
     s: Router<SimSocket>,
+    /// The store's queue, when the test plays the store: requests are posted each turn.
+    store: Option<crate::store::StoreHandle>,
     now_ms: u64,
     pipes: Vec<(usize, SimSocket)>,
 }
@@ -35,11 +37,12 @@ impl Harness {
 
     fn with_store(cfg: Config, store: Option<crate::store::StoreHandle>) -> Harness {
         let shared = Shared {
-            store,
+            store: store.clone(),
             ..Shared::standalone(cfg, 1)
         };
         Harness {
             s: Router::new(0, 1, shared, 0, UNIX_BASE_MS),
+            store,
             now_ms: 0,
             pipes: Vec::new(),
         }
@@ -83,6 +86,9 @@ impl Harness {
         self.s.drain_read_backlog();
         self.s.on_timers();
         self.s.post_mail(|_, _| panic!("one shard mails nobody"));
+        if let Some(store) = &self.store {
+            self.s.post_requests(&mut store.poster());
+        }
         self.s.flush();
         self.s.check_invariants();
     }

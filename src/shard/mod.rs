@@ -104,6 +104,9 @@ pub struct Shard {
     /// TLS of each listener, by index.
     tls: Vec<Option<Arc<crate::tls::Acceptor>>>,
     sessions: Router<Stream>,
+    /// The store thread's queue, when streams are on: the router's requests are posted to
+    /// it at the end of each turn.
+    store: Option<crate::store::StoreHandle>,
     epoch: Instant,
     now_ms: u64,
     accept_pending: bool,
@@ -172,7 +175,7 @@ impl Shard {
                 // SAFETY: kill has no memory-safety preconditions.
                 unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
             })),
-            store: setup.store,
+            store: setup.store.clone(),
             store_metrics: setup.store_metrics,
             broker: setup.broker,
             broker_metrics: setup.broker_metrics,
@@ -187,6 +190,7 @@ impl Shard {
             listeners,
             tls: setup.tls,
             sessions: Router::new(index, shards, shared, 0, unix_ms()),
+            store: setup.store,
             epoch: Instant::now(),
             now_ms: 0,
             accept_pending: false,
@@ -274,6 +278,9 @@ impl Shard {
             let peers = &self.peers;
             self.sessions
                 .post_mail(|to, msg| peers[to as usize].post(msg));
+            if let Some(store) = &self.store {
+                self.sessions.post_requests(&mut store.poster());
+            }
             self.sessions.flush();
             self.steer();
             if self.sessions.shutting_down() {

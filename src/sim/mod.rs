@@ -84,6 +84,8 @@ const MAILBOX_CAPACITY: usize = 48;
 const UNIX_BASE_MS: u64 = 1_800_000_000_000;
 /// Requests the simulated store queue holds (small, so a full queue happens).
 const STORE_QUEUE: usize = 64;
+/// Store requests refused as if its queue were full (percent).
+const STORE_REFUSE_PCT: u64 = 2;
 
 /// The id of client `client`'s request `n` (unique in the run).
 fn request_id(client: usize, n: u64) -> u64 {
@@ -199,6 +201,8 @@ pub struct Stats {
     pub sse_events: u64,
     /// Push-API calls answered 200.
     pub api_calls: u64,
+    /// Store requests refused (the queue full, or a refusal injected).
+    pub store_refused: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -211,6 +215,7 @@ impl std::ops::AddAssign for Stats {
         self.heartbeat_closes += o.heartbeat_closes;
         self.slow_consumer_closes += o.slow_consumer_closes;
         self.mailbox_full += o.mailbox_full;
+        self.store_refused += o.store_refused;
         self.qos1_acked += o.qos1_acked;
         self.store_batches += o.store_batches;
         self.resumed += o.resumed;
@@ -224,6 +229,8 @@ impl std::ops::AddAssign for Stats {
 /// The simulated process: shards, mailboxes, clients, clock.
 pub struct World {
     rng: Rng,
+    /// Store requests refused as if the queue were full (percent; scenario tests: none).
+    store_refuse_pct: u64,
     now_ms: u64,
     shards: Vec<Router<SimSocket>>,
     mailboxes: Vec<VecDeque<ShardMsg>>,
@@ -250,6 +257,8 @@ type Answers = Arc<Mutex<VecDeque<(u16, Vec<StoreMsg>)>>>;
 struct SimStore {
     disk: SimDisk,
     store: InlineStore,
+    /// The shards' side of the queue (their requests are posted through it).
+    handle: StoreHandle,
     rx: crossbeam_channel::Receiver<StoreReq>,
     /// What the store posted, in order, not yet in a mailbox.
     answers: Answers,
@@ -298,6 +307,7 @@ impl World {
             wiped: BTreeSet::new(),
             stats: Stats::default(),
             step: 0,
+            store_refuse_pct: 0,
         };
         w.boot(shards, disk);
         w
@@ -310,7 +320,8 @@ impl World {
         let now_unix = UNIX_BASE_MS + self.now_ms;
         self.store = disk.map(|disk| {
             let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
-            shared.store = Some(StoreHandle::new(tx));
+            let handle = StoreHandle::new(tx);
+            shared.store = Some(handle.clone());
             let answers = Answers::default();
             let sink_answers = answers.clone();
             let sink: crate::store::Sink = Box::new(move |shard, msgs| {
@@ -326,6 +337,7 @@ impl World {
             SimStore {
                 disk,
                 store,
+                handle,
                 rx,
                 answers,
             }
@@ -984,6 +996,8 @@ impl World {
     }
 
     /// One turn of shard `s`, as its event loop would run it.
+    // Refused store requests go back whole (see `router::PostStore`).
+    #[allow(clippy::result_large_err)]
     fn turn(&mut self, s: usize) {
         let now = self.now_ms;
         let mail_n = 1 + self.rng.below(MAILBOX_CAPACITY as u64) as usize;
@@ -1028,6 +1042,18 @@ impl World {
                 Ok(())
             }
         });
+        if let Some(st) = &self.store {
+            // A store whose queue is full now and then: every request's refusal path runs.
+            let (rng, refused) = (&mut self.rng, &mut self.stats.store_refused);
+            let refuse_pct = self.store_refuse_pct;
+            sh.post_requests(&mut |req| {
+                if refuse_pct > 0 && rng.chance(refuse_pct) {
+                    *refused += 1;
+                    return Err(req);
+                }
+                st.handle.try_request(req)
+            });
+        }
         sh.flush();
     }
 
@@ -1217,6 +1243,19 @@ impl World {
                 self.store_turn();
             }
             self.check();
+            if round == 20 {
+                // The server had time to answer everything, the store to commit: a client
+                // still open has an answer to every send (acked, or refused with why).
+                for (id, c) in &self.clients {
+                    let open = c.phase == Phase::Open && c.close_code.is_none();
+                    if open && c.unsent.is_empty() && !c.pending_ids.is_empty() {
+                        self.fail(format!(
+                            "client {id}: sends {:?} never answered",
+                            c.pending_ids
+                        ));
+                    }
+                }
+            }
             if round > 10 && round % 10 == 0 {
                 // Whoever is still open drops (heartbeats would close them anyway).
                 for c in self.clients.values_mut() {
@@ -1229,7 +1268,10 @@ impl World {
             self.now_ms += 50;
             let empty = self.shards.iter().all(|s| s.conns().is_empty())
                 && self.mailboxes.iter().all(|q| q.is_empty())
-                && self.shards.iter().all(|s| !s.has_retries())
+                && self
+                    .shards
+                    .iter()
+                    .all(|s| !s.has_retries() && !s.has_requests())
                 && self.store_idle();
             if empty {
                 self.audit_store();
@@ -1291,6 +1333,7 @@ pub fn run(seed: u64, shards: usize, steps: u64) -> Stats {
     } else {
         World::new(seed, shards)
     };
+    w.store_refuse_pct = STORE_REFUSE_PCT;
     for _ in 0..steps {
         w.step();
     }

@@ -425,9 +425,24 @@ impl StoreHandle {
     /// Queues a request; fails when the queue is full or the store stopped (the caller
     /// refuses the client's request with `overloaded`: never a silent loss).
     pub fn request(&self, req: StoreReq) -> Result<(), StoreBusy> {
+        self.try_request(req).map_err(|_| StoreBusy)
+    }
+
+    /// [`request`](Self::request), giving the request back when it is refused (what a
+    /// shard's `post_requests` takes).
+    // The request goes back whole, as the channel gives it: boxing it would cost an
+    // allocation per request for a refusal that is rare.
+    #[allow(clippy::result_large_err)]
+    pub fn try_request(&self, req: StoreReq) -> Result<(), StoreReq> {
         self.tx.try_send(req).map_err(|e| match e {
-            TrySendError::Full(_) | TrySendError::Disconnected(_) => StoreBusy,
+            TrySendError::Full(r) | TrySendError::Disconnected(r) => r,
         })
+    }
+
+    /// [`try_request`](Self::try_request) as the poster a shard's `post_requests` takes.
+    #[allow(clippy::result_large_err)]
+    pub fn poster(&self) -> impl FnMut(StoreReq) -> Result<(), StoreReq> + '_ {
+        |req| self.try_request(req)
     }
 }
 

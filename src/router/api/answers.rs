@@ -12,6 +12,7 @@ use crate::http::{response, Request};
 use crate::hub::ReplyTo;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, Target};
+use crate::router::requests::OnPost;
 use crate::router::Router;
 use crate::store::StoreReq;
 
@@ -76,7 +77,8 @@ impl<T: Transport> Router<T> {
             sender: None,
             sender_copy: false,
         };
-        self.api_ask_store(key, req.connection_close, sreq)
+        self.api_ask_store(key, req.connection_close, sreq, Route::Send, 0);
+        Ok(())
     }
 
     /// Hands an API request to the store; the HTTP answer waits for the store's (later
@@ -89,24 +91,27 @@ impl<T: Transport> Router<T> {
         c.state = ConnState::Http(HttpWait::Answer);
     }
 
+    /// `connections`: a user's open connections, answered if the store cannot add the
+    /// unread count.
     pub(in crate::router) fn api_ask_store(
         &mut self,
         key: usize,
         close: bool,
         sreq: StoreReq,
-    ) -> Result<(), ApiError> {
-        let store = self.store.as_ref().expect("streams on");
-        if store.request(sreq).is_err() {
-            return Err(ApiError {
-                status: 503,
-                message: "server busy; try again".into(),
-            });
-        }
+        route: Route,
+        connections: u64,
+    ) {
         self.wait_answer(key);
         if close {
             self.conns[key].extra_mut().api_close = true;
         }
-        Ok(())
+        let conn = self.conns.conn_id(key);
+        let on = OnPost::Api {
+            conn,
+            route,
+            connections,
+        };
+        self.ask_store(sreq, on);
     }
 
     /// Answers an API request that waited for the store, then reads what was pipelined.
@@ -165,7 +170,8 @@ impl<T: Transport> Router<T> {
             conn: self.conns.conn_id(key),
             id: None,
         };
-        self.api_ask_store(key, req.connection_close, sreq)
+        self.api_ask_store(key, req.connection_close, sreq, Route::History, 0);
+        Ok(())
     }
 
     /// The broker counted a user's connections or a channel's subscribers on every live node:
@@ -191,9 +197,7 @@ impl<T: Transport> Router<T> {
                 conn,
                 connections,
             };
-            if self.api_ask_store(key, close, req).is_ok() {
-                return;
-            }
+            return self.api_ask_store(key, close, req, Route::User, connections);
         }
         let body =
             json(serde_json::json!({ "online": connections > 0, "connections": connections }));

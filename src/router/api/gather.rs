@@ -345,9 +345,7 @@ impl<T: Transport> Router<T> {
                 conn: self.conns.conn_id(p.key),
                 connections: p.count,
             };
-            if self.api_ask_store(p.key, p.close, req).is_ok() {
-                return;
-            }
+            return self.api_ask_store(p.key, p.close, req, Route::User, p.count);
         }
         let body = match p.route {
             Route::Publish | Route::Send | Route::Broadcast => {

@@ -115,7 +115,8 @@ impl<T: Transport> Router<T> {
                             to: channel,
                         }),
                     };
-                    return self.api_ask_store(key, req.connection_close, sreq);
+                    self.api_ask_store(key, req.connection_close, sreq, Route::Publish, 0);
+                    return Ok(());
                 }
                 let payload = protocol::msg(from, Target::Channel(&p.channel), p.data, ts);
                 ApiCmd::Publish {
@@ -232,7 +233,7 @@ impl<T: Transport> Router<T> {
     /// The Prometheus text of `/metrics`: the shards', the store's (with one) and the node's.
     pub(in crate::router) fn metrics_text(&self) -> String {
         let mut text = crate::metrics::render(&self.metrics);
-        if self.store.is_some() {
+        if self.store_on {
             crate::metrics::render_store(&mut text, &self.store_metrics);
         }
         crate::metrics::render_node(&mut text, &self.node, self.broker_metrics.as_deref());
