@@ -14,6 +14,10 @@
 #   - latency at a fixed 20,000 msg/s (`loadgen echo`, 200 connections): p50/p99/p99.9.
 # Writes target/compare/results.jsonl, then docs/benchmarks.md and docs/benchmarks/*.svg
 # (medians of the runs). A benchmark, not a test: CI does not run it.
+# Before/after a change: COMPARE_BEFORE=<an older build's switchboard binary> adds
+# `switchboard-before` and `switchboard-1-before`; COMPARE_SERVERS="a b ..." runs only those
+# servers; either one leaves docs/benchmarks.md as it is (the report goes to
+# target/compare/report.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
@@ -26,7 +30,12 @@ cargo build --release --workspace --bins
 (cd benches/peers/rust && cargo build --release)
 [ -d benches/peers/node/node_modules/ws ] || (cd benches/peers/node && npm ci --no-audit --no-fund)
 SERVERS=(switchboard switchboard-1 tokio-tungstenite fastwebsockets node-ws)
-if benches/peers/uws/build.sh; then
+if [ -n "${COMPARE_BEFORE:-}" ]; then
+  SERVERS+=(switchboard-before switchboard-1-before)
+fi
+if [ -n "${COMPARE_SERVERS:-}" ]; then
+  read -r -a SERVERS <<<"$COMPARE_SERVERS"
+elif benches/peers/uws/build.sh; then
   SERVERS+=(uwebsockets)
 else
   echo "uWebSockets left out: benches/peers/uws/build.sh failed (see above)" >&2
@@ -38,9 +47,11 @@ LG=target/release/loadgen
 start() {
   local name=$1 port=$2
   case $name in
-    switchboard | switchboard-1)
-      local shards=2; [ "$name" = switchboard-1 ] && shards=1
-      target/release/switchboard --echo --listen 127.0.0.1:$port --shards $shards \
+    switchboard | switchboard-1 | switchboard-before | switchboard-1-before)
+      local shards=2 bin=target/release/switchboard
+      case $name in switchboard-1*) shards=1 ;; esac
+      case $name in *-before) bin=$COMPARE_BEFORE ;; esac
+      "$bin" --echo --listen 127.0.0.1:$port --shards $shards \
         --fd-table per-shard --max-connections $((CONNS + 5000)) >"$OUT/$name.log" 2>&1 &
       ;;
     tokio-tungstenite) "$PEERS/tokio-tungstenite-echo" 127.0.0.1:$port 2 >"$OUT/$name.log" 2>&1 & ;;
@@ -116,4 +127,8 @@ for run in $(seq "$RUNS"); do
     done
   done
 done
-python3 scripts/compare_report.py "$OUT/results.jsonl" docs/benchmarks.md docs/benchmarks
+if [ -n "${COMPARE_BEFORE:-}${COMPARE_SERVERS:-}" ]; then
+  python3 scripts/compare_report.py "$OUT/results.jsonl" "$OUT/report.md" "$OUT/svg"
+else
+  python3 scripts/compare_report.py "$OUT/results.jsonl" docs/benchmarks.md docs/benchmarks
+fi

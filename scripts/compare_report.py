@@ -11,10 +11,11 @@ import sys
 import time
 from html import escape
 
-SERVERS = ["switchboard", "switchboard-1", "tokio-tungstenite", "fastwebsockets", "node-ws",
-           "uwebsockets"]
-THREADS = {"switchboard": "2 shards", "switchboard-1": "1 shard", "tokio-tungstenite": "2",
-           "fastwebsockets": "2", "node-ws": "1", "uwebsockets": "1"}
+SERVERS = ["switchboard", "switchboard-1", "switchboard-before", "switchboard-1-before",
+           "tokio-tungstenite", "fastwebsockets", "node-ws", "uwebsockets"]
+THREADS = {"switchboard": "2 shards", "switchboard-1": "1 shard",
+           "switchboard-before": "2 shards", "switchboard-1-before": "1 shard",
+           "tokio-tungstenite": "2", "fastwebsockets": "2", "node-ws": "1", "uwebsockets": "1"}
 # (measure, field, plot file, title, unit, lower is better)
 METRICS = [
     ("connect", "bytes_per_connection", "bytes_per_connection",
