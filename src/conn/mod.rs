@@ -133,6 +133,7 @@ impl Protocol {
     /// Writes the head of an event of `payload` into `head` (a WebSocket text or binary
     /// frame header; an SSE `id: ..\ndata: ` prefix); returns its length and the bytes that
     /// follow the payload.
+    #[inline]
     pub fn event_head<T>(
         c: &mut Conn<T>,
         opcode: crate::ws::frame::Data,
@@ -400,6 +401,7 @@ impl<T> Conn<T> {
     }
 
     /// Which machine reads and frames its bytes.
+    #[inline]
     pub fn protocol(&self) -> Protocol {
         if self.flags.has(Flags::SSE) {
             Protocol::Sse

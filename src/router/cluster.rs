@@ -35,8 +35,8 @@ impl<T: Transport> Router<T> {
                 member,
                 delta,
             };
-            if b.reachable(&req) && b.publish(req).is_err() {
-                ShardMetrics::add(&self.m().dropped, 1);
+            if b.reachable(&req) {
+                self.broker_out.push(req);
             }
         }
     }
@@ -65,7 +65,6 @@ impl<T: Transport> Router<T> {
             .iter()
             .map(|(c, _)| (c.clone(), self.channel_members(c)))
             .collect();
-        let mut sent = true;
         for (kind, counts, members) in [
             (Counted::Users, users, Vec::new()),
             (Counted::Channels, channels, members),
@@ -76,12 +75,10 @@ impl<T: Transport> Router<T> {
                 counts,
                 members,
             };
-            sent &= b.publish(req).is_ok();
+            self.broker_out.push(req);
         }
-        // A full queue: again on a later turn.
-        if sent {
-            self.broker_generation = g;
-        }
+        // Refused by a full queue: again on a later turn (`broker_refused`).
+        self.broker_generation = g;
     }
 
     /// At the home shard: reports the user's first or last connection in the process to the
@@ -117,9 +114,7 @@ impl<T: Transport> Router<T> {
             }
             _ => None,
         };
-        if let Some(b) = &self.broker {
-            b.interest(Interest::User { user, on, ready });
-        }
+        self.interest_out.push(Interest::User { user, on, ready });
         ready.is_some()
     }
 
@@ -207,9 +202,66 @@ impl<T: Transport> Router<T> {
     /// it, counted in `dropped` (at most once).
     pub(super) fn send_to_other_nodes(&mut self, req: BrokerReq) {
         if let Some(b) = &self.broker {
-            if !b.reachable(&req) || b.publish(req).is_err() {
+            if b.reachable(&req) {
+                self.broker_out.push(req);
+            } else {
                 ShardMetrics::add(&self.m().dropped, 1);
             }
+        }
+    }
+
+    /// Whether broker requests or interest changes wait for the driver.
+    pub fn has_broker_requests(&self) -> bool {
+        !self.broker_out.is_empty() || !self.interest_out.is_empty()
+    }
+
+    /// Hands this turn's interest changes to `interest` (never refused: subscriptions must
+    /// follow them), then its publications to `publish`, in order; `publish` gives one back
+    /// when the broker's queue is full, and whoever waits on it is answered from what this
+    /// node knows ([`Self::broker_refused`]). Call beside [`Self::post_requests`].
+    pub fn post_broker(
+        &mut self,
+        publish: &mut dyn FnMut(BrokerReq) -> Result<(), BrokerReq>,
+        interest: &mut dyn FnMut(Interest),
+    ) {
+        for i in self.interest_out.drain(..) {
+            interest(i);
+        }
+        let mut out = std::mem::take(&mut self.broker_out);
+        for req in out.drain(..) {
+            if let Err(req) = publish(req) {
+                self.broker_refused(req);
+            }
+        }
+        debug_assert!(self.broker_out.is_empty(), "answers publish nothing");
+        self.broker_out = out;
+    }
+
+    /// A publication the broker's queue refused: a copy for other nodes is dropped (counted;
+    /// a DM's sender is answered from this node), a count change is rewritten by the next
+    /// resync, a resync goes again on a later turn, a count or presence request of the API
+    /// is answered with this node's part.
+    fn broker_refused(&mut self, req: BrokerReq) {
+        match req {
+            BrokerReq::User { reply, .. } => {
+                ShardMetrics::add(&self.m().dropped, 1);
+                if let Some(r) = reply {
+                    self.reply_local(r, None);
+                }
+            }
+            BrokerReq::Channel { .. }
+            | BrokerReq::Broadcast { .. }
+            | BrokerReq::Disconnect { .. }
+            | BrokerReq::Presence { .. } => ShardMetrics::add(&self.m().dropped, 1),
+            // Never equal to the broker's generation: resynced on a later turn.
+            BrokerReq::Resync { .. } => self.broker_generation = u64::MAX,
+            BrokerReq::Members { ticket, .. } => self.members_refused(ticket.id),
+            BrokerReq::Count {
+                kind,
+                name,
+                conn,
+                local,
+            } => self.api_counted(kind, conn, name, local),
         }
     }
 }

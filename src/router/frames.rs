@@ -166,19 +166,6 @@ impl<T: Transport> Router<T> {
             binary: self.cfg.echo,
         };
         loop {
-            let Some(c) = self.conns.get_mut(key) else {
-                return;
-            };
-            if c.state.is_open()
-                && c.outbox
-                    .as_ref()
-                    .is_some_and(|o| o.bytes > self.cfg.max_outbound_bytes / 2)
-            {
-                // Its replies pile up faster than it reads them: its requests wait (TCP
-                // pushes back) until they are written.
-                c.extra_mut().input_waits = true;
-                return;
-            }
             let Some(ev) = self.conns.ws_event(key, inb, &limits) else {
                 return;
             };

@@ -153,6 +153,11 @@ pub struct Router<T: Transport> {
     scratch_event: bytes::BytesMut,
     /// A store is configured (the driver holds its handle).
     store_on: bool,
+    /// Publications for the broker this turn, for the driver to post
+    /// ([`Router::post_broker`]).
+    broker_out: Vec<crate::broker::BrokerReq>,
+    /// Interest changes for the broker this turn (posted with the publications).
+    interest_out: Vec<crate::broker::Interest>,
     /// Store requests of this turn, for the driver to post ([`Router::post_requests`]).
     store_out: Vec<(crate::store::StoreReq, requests::OnPost)>,
     store_metrics: Arc<StoreMetrics>,
@@ -233,6 +238,8 @@ impl<T: Transport> Router<T> {
             scratch_event: bytes::BytesMut::new(),
             store_on: shared.store.is_some(),
             store_out: Vec::new(),
+            broker_out: Vec::new(),
+            interest_out: Vec::new(),
             store_metrics: shared.store_metrics,
             broker: shared.broker,
             broker_metrics: shared.broker_metrics,
@@ -336,7 +343,7 @@ impl<T: Transport> Router<T> {
     }
 
     /// A retry-after for connection `key`: `from_ms` plus jitter uniform over `span_ms`.
-    fn retry_jitter_ms(&self, key: usize, from_ms: u64, span_ms: u64) -> u64 {
+    pub(super) fn retry_jitter_ms(&self, key: usize, from_ms: u64, span_ms: u64) -> u64 {
         from_ms + admission::mix(self.salt(key)) % span_ms.max(1)
     }
 

@@ -205,6 +205,8 @@ impl<T: Transport> Router<T> {
             shard = self.index,
             "store queue full: connection closed before its welcome (1013)"
         );
-        self.start_close(key, code::TRY_AGAIN_LATER, "server busy; reconnect");
+        let wait = self.retry_jitter_ms(key, 500, 1500);
+        let reason = super::admission::retry_reason("server busy, try again later", wait);
+        self.start_close_with(key, code::TRY_AGAIN_LATER, reason.into());
     }
 }

@@ -14,7 +14,6 @@ use crate::broker::{BrokerReq, Interest};
 use crate::conn::{ConnState, Flags, Transport, Welcome};
 use crate::hub::{ConnId, ReplyTo};
 use crate::mail::ShardMsg;
-use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode};
 use crate::ws::frame::Data;
 
@@ -144,13 +143,11 @@ impl<T: Transport> Router<T> {
         }
         // The caller adds its waiter (`add_wait`); later subscribers wait on the same token.
         let t = self.waits.new_wait(what, Vec::new());
-        if let Some(b) = &self.broker {
-            b.interest(Interest::Channel {
-                channel: name,
-                on: true,
-                ready: Some((self.index, t)),
-            });
-        }
+        self.interest_out.push(Interest::Channel {
+            channel: name,
+            on: true,
+            ready: Some((self.index, t)),
+        });
         Some(t)
     }
 
@@ -163,8 +160,12 @@ impl<T: Transport> Router<T> {
             self.count_subscriber(key, channel, -1);
             self.tell_join_leave(key, channel, false);
         }
-        if let (true, 0, Some(b)) = (removed, self.hub.subscriber_count(channel), &self.broker) {
-            b.interest(Interest::Channel {
+        if let (true, 0, true) = (
+            removed,
+            self.hub.subscriber_count(channel),
+            self.broker.is_some(),
+        ) {
+            self.interest_out.push(Interest::Channel {
                 channel: channel.into(),
                 on: false,
                 ready: None,
@@ -302,12 +303,8 @@ impl<T: Transport> Router<T> {
                     payload: ev.shared(),
                     reply: ask.map(|r| r.owned(to)),
                 };
-                if let Err(BrokerReq::User { reply: back, .. }) = b.publish(req) {
-                    ShardMetrics::add(&self.m().dropped, 1);
-                    if let Some(r) = back {
-                        return self.reply_local(r, None);
-                    }
-                }
+                // Refused by a full queue: dropped, the sender answered from this node.
+                self.broker_out.push(req);
             }
         }
         if let Some(r) = reply {

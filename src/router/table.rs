@@ -303,14 +303,23 @@ impl<T: Transport> Table<T> {
         }
     }
 
-    /// The next event of WebSocket connection `key` in `inb` ([`ws::next_event`]).
+    /// The next event of WebSocket connection `key` in `inb` ([`ws::next_event`]); none
+    /// when the connection is gone, needs more bytes, or must wait: its replies pile up
+    /// faster than it reads them, so its requests wait (TCP pushes back) until they are
+    /// written.
+    #[inline]
     pub(super) fn ws_event<'a>(
         &mut self,
         key: usize,
         inb: &'a mut crate::conn::buffers::Inbound,
         limits: &ws::Limits,
     ) -> Option<ws::Event<'a>> {
-        let c = &mut self.slab[key];
+        let c = self.slab.get_mut(key)?;
+        let queued = c.outbox.as_ref().map_or(0, |o| o.bytes);
+        if queued > self.cfg.max_outbound_bytes / 2 && c.state.is_open() {
+            c.extra_mut().input_waits = true;
+            return None;
+        }
         ws::next_event(c, inb, limits, &mut self.inflater, self.now_ms)
     }
 

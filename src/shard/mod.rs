@@ -107,6 +107,9 @@ pub struct Shard {
     /// The store thread's queue, when streams are on: the router's requests are posted to
     /// it at the end of each turn.
     store: Option<crate::store::StoreHandle>,
+    /// The cluster's broker, with `--broker`: the router's publications and interest
+    /// changes are posted to it at the end of each turn.
+    broker: Option<crate::broker::BrokerHandle>,
     epoch: Instant,
     now_ms: u64,
     accept_pending: bool,
@@ -177,7 +180,7 @@ impl Shard {
             })),
             store: setup.store.clone(),
             store_metrics: setup.store_metrics,
-            broker: setup.broker,
+            broker: setup.broker.clone(),
             broker_metrics: setup.broker_metrics,
             node: setup.node,
         };
@@ -191,6 +194,7 @@ impl Shard {
             tls: setup.tls,
             sessions: Router::new(index, shards, shared, 0, unix_ms()),
             store: setup.store,
+            broker: setup.broker,
             epoch: Instant::now(),
             now_ms: 0,
             accept_pending: false,
@@ -280,6 +284,10 @@ impl Shard {
                 .post_mail(|to, msg| peers[to as usize].post(msg));
             if let Some(store) = &self.store {
                 self.sessions.post_requests(&mut store.poster());
+            }
+            if let Some(b) = &self.broker {
+                self.sessions
+                    .post_broker(&mut |req| b.publish(req), &mut |i| b.interest(i));
             }
             self.sessions.flush();
             self.steer();

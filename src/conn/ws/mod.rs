@@ -58,6 +58,7 @@ pub enum Event<'a> {
 }
 
 /// Writes the header of a data frame of `payload` into `head`; returns its length.
+#[inline]
 pub fn frame_head(opcode: Data, payload: &[u8], head: &mut [u8; INLINE_MAX]) -> usize {
     let mut w = &mut head[..];
     frame::put_header(&mut w, OpCode::Data(opcode), payload.len());

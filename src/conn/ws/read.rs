@@ -18,6 +18,7 @@ use crate::ws::utf8;
 /// are needed or input is discarded. Every complete frame counts as a sign of life
 /// ([`Conn::touch`] at `now_ms`, no ping outstanding). `inflater` is the shard's, for
 /// clients that keep no compression context.
+#[inline]
 pub fn next_event<'a, T>(
     c: &mut Conn<T>,
     inb: &'a mut Inbound,
@@ -29,6 +30,11 @@ pub fn next_event<'a, T>(
     // buffer for every later iteration too.
     let found = next_found(c, inb, limits, inflater, now_ms)?;
     // Text is checked for UTF-8 here, once (SIMD for the common unfragmented message).
+    if let Found::Message { text: true, at } = &found {
+        if let Ok(t) = simdutf8::basic::from_utf8(&inb.buf[at.clone()]) {
+            return Some(Event::Text(Cow::Borrowed(t)));
+        }
+    }
     let text = match found {
         Found::Message { text: false, at } => {
             return Some(Event::Binary(Cow::Borrowed(&inb.buf[at])))
@@ -62,6 +68,7 @@ enum Found {
     Event(Event<'static>),
 }
 
+#[inline]
 fn next_found<T>(
     c: &mut Conn<T>,
     inb: &mut Inbound,
@@ -138,6 +145,7 @@ fn next_found<T>(
 /// when our close frame is out already (then input is discarded). `peer_closed`: the
 /// offending frame was the peer's close, which completes the closing handshake once our
 /// answer is written (RFC 6455 §5.5.1, §7.1.1).
+#[cold]
 fn violation<T>(
     c: &mut Conn<T>,
     close_code: u16,
@@ -159,6 +167,7 @@ fn violation<T>(
 }
 
 /// Rejects frames that break RFC 6455 or our limits before their payload is read.
+#[inline]
 fn check_header<T>(
     c: &Conn<T>,
     limits: &Limits,
@@ -223,6 +232,7 @@ fn check_header<T>(
 }
 
 /// A whole frame, payload at `inb.buf[s..e]` (unmasked).
+#[inline]
 fn on_frame<T>(
     c: &mut Conn<T>,
     h: &FrameHeader,
@@ -246,11 +256,11 @@ fn on_frame<T>(
             let compressed = h.rsv != 0;
             if h.fin && compressed {
                 let data = inflate(c, &inb.buf[s..e], limits, inflater);
-                return complete(c, text, data.map(Payload::Owned));
+                return complete(c, text, data);
             }
             if h.fin {
-                // The one UTF-8 check of an unfragmented message.
-                return complete(c, text, Ok(Payload::At(s..e)));
+                // The common case: one frame, borrowed from the read buffer.
+                return Some(Found::Message { text, at: s..e });
             }
             let mut f = Fragment {
                 text,
@@ -278,39 +288,30 @@ fn on_frame<T>(
             let f = inb.frag.take().expect("checked above");
             if f.compressed {
                 let data = inflate(c, &f.data, limits, inflater);
-                return complete(c, f.text, data.map(Payload::Owned));
+                return complete(c, f.text, data);
             }
             if f.text && f.utf8_valid != f.data.len() {
                 let why = "text message ends inside a UTF-8 character";
                 return violation(c, code::INVALID_PAYLOAD, why, false);
             }
-            complete(c, f.text, Ok(Payload::Owned(f.data)))
+            complete(c, f.text, Ok(f.data))
         }
     }
 }
 
 const NOT_UTF8: &str = "text message is not valid UTF-8";
 
-/// A message's payload: where it is in the read buffer, or its own bytes.
-enum Payload {
-    At(Range<usize>),
-    Owned(Vec<u8>),
-}
-
-/// A whole message (or why it failed); text is checked for UTF-8 by [`next_event`].
+/// A message reassembled or inflated (or why it failed); text is checked for UTF-8 by
+/// [`next_event`].
 fn complete<T>(
     c: &mut Conn<T>,
     text: bool,
-    data: Result<Payload, (u16, &'static str)>,
+    data: Result<Vec<u8>, (u16, &'static str)>,
 ) -> Option<Found> {
-    let data = match data {
-        Ok(d) => d,
-        Err((close_code, reason)) => return violation(c, close_code, reason, false),
-    };
-    Some(match data {
-        Payload::At(at) => Found::Message { text, at },
-        Payload::Owned(data) => Found::Owned { text, data },
-    })
+    match data {
+        Ok(data) => Some(Found::Owned { text, data }),
+        Err((close_code, reason)) => violation(c, close_code, reason, false),
+    }
 }
 
 /// A compressed message inflated, bounded by `--max-message-bytes` (a deflate bomb gets

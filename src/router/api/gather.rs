@@ -247,7 +247,9 @@ impl<T: Transport> Router<T> {
                     id,
                 };
                 let req = crate::broker::BrokerReq::Members { channel, ticket };
-                if b.is_up() && b.publish(req).is_ok() {
+                if b.is_up() {
+                    // Refused by a full queue: answered with this node's members.
+                    self.broker_out.push(req);
                     let http = pr.ws.is_none();
                     let (key, generation) = (p.key, p.generation);
                     if let Some(c) = self.conns.get_mut(key) {
@@ -294,6 +296,20 @@ impl<T: Transport> Router<T> {
         }
     }
 
+    /// The other nodes could not be asked for a presence request's members: answered with
+    /// this node's, marked incomplete.
+    pub(in crate::router) fn members_refused(&mut self, id: u32) {
+        let Some(pr) = self
+            .pending_api
+            .get_mut(id as usize)
+            .and_then(|p| p.presence.as_mut())
+        else {
+            return;
+        };
+        pr.complete = false;
+        self.complete_presence(id);
+    }
+
     /// `{"op":"presence","channel":..}` on a WebSocket: the channel's members across shards
     /// (and nodes), answered as a `presence` event.
     pub(in crate::router) fn presence_op(&mut self, key: usize, id: Option<&str>, channel: &str) {
@@ -329,13 +345,13 @@ impl<T: Transport> Router<T> {
                     conn: self.conns.conn_id(p.key),
                     local: p.count,
                 };
-                if b.publish(req).is_ok() {
-                    self.wait_answer(p.key);
-                    if p.close {
-                        self.conns[p.key].extra_mut().api_close = true;
-                    }
-                    return;
+                // Refused by a full queue: answered with this node's count.
+                self.broker_out.push(req);
+                self.wait_answer(p.key);
+                if p.close {
+                    self.conns[p.key].extra_mut().api_close = true;
                 }
+                return;
             }
         }
         if let (Route::User, Some(user), true) = (p.route, &p.user, self.streams_on()) {
