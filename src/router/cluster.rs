@@ -255,7 +255,8 @@ impl<T: Transport> Router<T> {
             | BrokerReq::Presence { .. } => ShardMetrics::add(&self.m().dropped, 1),
             // Never equal to the broker's generation: resynced on a later turn.
             BrokerReq::Resync { .. } => self.broker_generation = u64::MAX,
-            BrokerReq::Members { ticket, .. } => self.members_refused(ticket.id),
+            // Answered with this node's members, marked incomplete.
+            BrokerReq::Members { ticket, .. } => self.api_members(ticket.id, None),
             BrokerReq::Count {
                 kind,
                 name,

@@ -296,20 +296,6 @@ impl<T: Transport> Router<T> {
         }
     }
 
-    /// The other nodes could not be asked for a presence request's members: answered with
-    /// this node's, marked incomplete.
-    pub(in crate::router) fn members_refused(&mut self, id: u32) {
-        let Some(pr) = self
-            .pending_api
-            .get_mut(id as usize)
-            .and_then(|p| p.presence.as_mut())
-        else {
-            return;
-        };
-        pr.complete = false;
-        self.complete_presence(id);
-    }
-
     /// `{"op":"presence","channel":..}` on a WebSocket: the channel's members across shards
     /// (and nodes), answered as a `presence` event.
     pub(in crate::router) fn presence_op(&mut self, key: usize, id: Option<&str>, channel: &str) {
