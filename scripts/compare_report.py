@@ -101,7 +101,8 @@ def main():
     for s in present:
         cells = []
         for m, field, _, _, unit, _ in METRICS:
-            v = by.get((s, m, field))
+            # A figure the run could not give (null) is left out of the median.
+            v = [x for x in by.get((s, m, field)) or [] if x is not None]
             cells.append(fmt(statistics.median(v), unit) if v else "–")
         lines.append(f"| {s} | {THREADS[s]} | " + " | ".join(cells) + " |")
     short = {}
@@ -114,8 +115,8 @@ def main():
                   "left out of its memory and time figures (\u2013: no run did)."]
     lines += ["", "Plots (medians):", ""]
     for m, field, plot, title, unit, lower in METRICS:
-        values = [(s, statistics.median(by[(s, m, field)])) for s in present
-                  if (s, m, field) in by]
+        values = [(s, statistics.median(known)) for s in present
+                  if (known := [x for x in by.get((s, m, field)) or [] if x is not None])]
         if not values:
             continue
         name = f"{plot}.svg"
