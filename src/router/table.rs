@@ -240,20 +240,34 @@ impl<T: Transport> Table<T> {
         }
     }
 
-    /// Writes queued output now (no close handling; used to relieve a burst).
-    pub(super) fn write_now(&mut self, key: usize) {
+    /// Writes what connection `key` has queued, as far as the socket takes it, and counts
+    /// the bytes (`Blocked`: wait for a writable event; no outbox: `All`).
+    fn write_out(&mut self, key: usize) -> std::io::Result<Flushed> {
         let c = &mut self.slab[key];
         let Some(out) = c.outbox.as_mut() else {
-            return;
+            return Ok(Flushed::All);
         };
-        match flush(&mut c.io, out) {
-            Ok((done, n)) => {
-                if done == Flushed::Blocked {
-                    c.flags.clear(Flags::WRITABLE);
-                }
-                ShardMetrics::add(&self.metrics[self.shard as usize].bytes_out, n as u64);
-            }
-            Err(_) => c.flags.clear(Flags::WRITABLE),
+        let (done, n) = flush(&mut c.io, out)?;
+        ShardMetrics::add(&self.metrics[self.shard as usize].bytes_out, n as u64);
+        if done == Flushed::Blocked {
+            c.flags.clear(Flags::WRITABLE);
+        }
+        Ok(done)
+    }
+
+    /// Gives connection `key`'s outbox back to the pool once it is written.
+    fn give_back_drained(&mut self, key: usize) {
+        let c = &mut self.slab[key];
+        if c.outbox.as_ref().is_some_and(|o| o.bytes == 0) {
+            let out = c.outbox.take().expect("checked above");
+            self.pool.put_outbox(out);
+        }
+    }
+
+    /// Writes queued output now (no close handling; used to relieve a burst).
+    pub(super) fn write_now(&mut self, key: usize) {
+        if self.write_out(key).is_err() {
+            self.slab[key].flags.clear(Flags::WRITABLE);
         }
     }
 
@@ -261,18 +275,9 @@ impl<T: Transport> Table<T> {
     /// the pool; also when there was none), or as much as the socket took (`Blocked`: wait
     /// for a writable event).
     pub(super) fn flush_out(&mut self, key: usize) -> std::io::Result<Flushed> {
-        let c = &mut self.slab[key];
-        let Some(out) = c.outbox.as_mut() else {
-            return Ok(Flushed::All);
-        };
-        let (done, n) = flush(&mut c.io, out)?;
-        ShardMetrics::add(&self.metrics[self.shard as usize].bytes_out, n as u64);
-        match done {
-            Flushed::All => {
-                let out = c.outbox.take().expect("checked above");
-                self.pool.put_outbox(out);
-            }
-            Flushed::Blocked => c.flags.clear(Flags::WRITABLE),
+        let done = self.write_out(key)?;
+        if done == Flushed::All {
+            self.give_back_drained(key);
         }
         Ok(done)
     }
@@ -282,11 +287,7 @@ impl<T: Transport> Table<T> {
     /// stays in the dirty list).
     pub(super) fn write_early(&mut self, key: usize) {
         self.write_now(key);
-        let c = &mut self.slab[key];
-        if c.outbox.as_ref().is_some_and(|o| o.bytes == 0) {
-            let out = c.outbox.take().expect("checked above");
-            self.pool.put_outbox(out);
-        }
+        self.give_back_drained(key);
     }
 
     /// Adds this turn's message counts to the shared counters.
