@@ -6,6 +6,19 @@
 
 use crate::store::Since;
 
+/// The `since` query parameter of `/ws` and `/events` (`<epoch>:<offset>` or `confirmed`):
+/// none without one, [`BadSince`] when it does not parse.
+pub fn since_in_query(query: Option<&str>) -> Result<Option<Since>, BadSince> {
+    match crate::http::request::query_param(query, "since") {
+        None => Ok(None),
+        Some(q) => Since::parse(&q).map(Some).ok_or(BadSince),
+    }
+}
+
+/// A `since` that does not parse (answered 400 with [`crate::protocol::SINCE_FORMAT`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadSince;
+
 /// A connection's place in its inbox stream (boxed in `Extra`: only resuming connections).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cursor {

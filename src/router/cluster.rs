@@ -210,11 +210,6 @@ impl<T: Transport> Router<T> {
         }
     }
 
-    /// Whether broker requests or interest changes wait for the driver.
-    pub fn has_broker_requests(&self) -> bool {
-        !self.broker_out.is_empty() || !self.interest_out.is_empty()
-    }
-
     /// Hands this turn's interest changes to `interest` (never refused: subscriptions must
     /// follow them), then its publications to `publish`, in order; `publish` gives one back
     /// when the broker's queue is full, and whoever waits on it is answered from what this

@@ -26,17 +26,12 @@ impl<T: Transport> Router<T> {
                 .conns
                 .http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
         }
-        let (user, grant) = match self.auth.resolve(req, self.conns.now_unix_ms / 1000) {
-            Ok(Identity::User(u, g)) => (Some(Arc::<str>::from(u)), g),
-            Ok(Identity::Anonymous) => (None, None),
-            Err(e) => {
-                return self.conns.http_fail(
-                    key,
-                    e.status(),
-                    &e.to_string(),
-                    HandshakeFailure::BadUser,
-                )
-            }
+        let Some(identity) = self.identify(key, req) else {
+            return; // answered
+        };
+        let (user, grant) = match identity {
+            Identity::User(u, g) => (Some(Arc::<str>::from(u)), g),
+            Identity::Anonymous => (None, None),
         };
         let query = req.query.as_deref();
         let stream =

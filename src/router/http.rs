@@ -175,16 +175,8 @@ impl<T: Transport> Router<T> {
                 .conns
                 .http_fail(key, 403, "origin not allowed", HandshakeFailure::Origin);
         }
-        let identity = match self.auth.resolve(req, self.conns.now_unix_ms / 1000) {
-            Ok(i) => i,
-            Err(e) => {
-                return self.conns.http_fail(
-                    key,
-                    e.status(),
-                    &e.to_string(),
-                    HandshakeFailure::BadUser,
-                )
-            }
+        let Some(identity) = self.identify(key, req) else {
+            return; // answered
         };
         let Ok(since) = self.since_param(key, req) else {
             return; // answered 400
@@ -281,24 +273,29 @@ impl<T: Transport> Router<T> {
             })
     }
 
+    /// Who request `req` is (its `?user=` or token, checked against the clock); a refused
+    /// identity is answered (`None`).
+    pub(super) fn identify(&mut self, key: usize, req: &Request) -> Option<Identity> {
+        match self.auth.resolve(req, self.conns.now_unix_ms / 1000) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                let why = HandshakeFailure::BadUser;
+                self.conns.http_fail(key, e.status(), &e.to_string(), why);
+                None
+            }
+        }
+    }
+
     /// The `since` query parameter of `/ws` and `/events`; a malformed one is answered 400
     /// (`Err`).
     pub(super) fn since_param(&mut self, key: usize, req: &Request) -> Result<Option<Since>, ()> {
-        let Some(q) = http::request::query_param(req.query.as_deref(), "since") else {
-            return Ok(None);
-        };
-        match Since::parse(&q) {
-            Some(s) => Ok(Some(s)),
-            None => {
-                self.conns.http_fail(
-                    key,
-                    400,
-                    crate::protocol::SINCE_FORMAT,
-                    HandshakeFailure::Malformed,
-                );
-                Err(())
-            }
+        let since = crate::conn::cursor::since_in_query(req.query.as_deref());
+        if since.is_err() {
+            let why = HandshakeFailure::Malformed;
+            self.conns
+                .http_fail(key, 400, crate::protocol::SINCE_FORMAT, why);
         }
+        since.map_err(drop)
     }
 }
 

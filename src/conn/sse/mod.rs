@@ -59,12 +59,9 @@ impl Request {
         let refuse = |status, message| Err(Refused { status, message });
         let since = match last_event_id.and_then(Since::parse) {
             Some(s @ Since::Position { .. }) => Some(s),
-            _ => match crate::http::request::query_param(query, "since") {
-                None => None,
-                Some(q) => match Since::parse(&q) {
-                    Some(s) => Some(s),
-                    None => return refuse(400, protocol::SINCE_FORMAT),
-                },
+            _ => match super::cursor::since_in_query(query) {
+                Ok(s) => s,
+                Err(super::cursor::BadSince) => return refuse(400, protocol::SINCE_FORMAT),
             },
         };
         let mut channels: Vec<Arc<str>> = Vec::new();
