@@ -18,7 +18,8 @@ use rustc_hash::FxHashMap;
 use tracing::warn;
 
 use super::requests::OnPost;
-use super::Router;
+use super::Core;
+use super::Streams;
 use crate::conn::Transport;
 use crate::ids::ConnId;
 use crate::metrics::ShardMetrics;
@@ -132,7 +133,7 @@ pub(super) enum Verdict {
     Skip,
 }
 
-impl<T: Transport> Router<T> {
+impl<T: Transport> Streams<T> {
     /// Whether this shard keeps stream positions: with a broker (pub/sub can drop messages)
     /// and a store to catch up from.
     pub(super) fn tracks_heads(&self) -> bool {
@@ -149,25 +150,6 @@ impl<T: Transport> Router<T> {
             .inboxes
             .entry(user.clone())
             .or_insert(StreamHead::at(epoch, top));
-    }
-
-    /// The last connection of `user` here is gone: the shard stops following the inbox.
-    pub(super) fn forget_head(&mut self, user: &str) {
-        if self.heads.inboxes.is_empty() {
-            return;
-        }
-        let mut slots = std::mem::take(&mut self.scratch_slots);
-        slots.clear();
-        self.local_conns_of(user, None, &mut slots);
-        if slots.is_empty() {
-            self.heads.inboxes.remove(user);
-        }
-        self.scratch_slots = slots;
-    }
-
-    /// The last subscriber of `channel` here left: the shard stops following its stream.
-    pub(super) fn forget_channel_head(&mut self, channel: &str) {
-        self.heads.channels.remove(channel);
     }
 
     /// A live message of a followed stream: deliver it, skip it, or hold it and catch up
@@ -354,9 +336,8 @@ impl<T: Transport> Router<T> {
             return self.give_up_catch_up(kind, &name, "the store could not read");
         }
         let wait = (RETRY_FIRST_MS << (h.failures - 1).min(5)).min(RETRY_MAX_MS);
-        self.heads
-            .retries
-            .push((self.conns.now_ms + wait, kind, name));
+        let due = self.conns.now_ms + wait;
+        self.heads.retries.push((due, kind, name));
     }
 
     /// Asks again every catch-up that is due.
@@ -402,6 +383,27 @@ impl<T: Transport> Router<T> {
         for (kind, name, epoch, from) in idle {
             self.catch_up(kind, name, epoch, from);
         }
+    }
+}
+
+impl<T: Transport> Core<T> {
+    /// The last connection of `user` here is gone: the shard stops following the inbox.
+    pub(super) fn forget_head(&mut self, user: &str) {
+        if self.heads.inboxes.is_empty() {
+            return;
+        }
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        slots.clear();
+        self.local_conns_of(user, None, &mut slots);
+        if slots.is_empty() {
+            self.heads.inboxes.remove(user);
+        }
+        self.scratch_slots = slots;
+    }
+
+    /// The last subscriber of `channel` here left: the shard stops following its stream.
+    pub(super) fn forget_channel_head(&mut self, channel: &str) {
+        self.heads.channels.remove(channel);
     }
 }
 

@@ -5,8 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::Bytes;
-
+use super::Core;
 use super::Router;
 use crate::auth::Identity;
 use crate::conn::{sse, ConnState, Flags, Transport};
@@ -52,8 +51,15 @@ impl<T: Transport> Router<T> {
                 .conns
                 .http_refuse(key, 503, busy.message, busy.why, busy.wait_ms);
         }
-        let m = &self.metrics[self.index as usize];
-        let c = &mut self.conns[key];
+        let core: &mut Core<T> = self;
+        let Core {
+            metrics,
+            index,
+            conns,
+            ..
+        } = core;
+        let m = &metrics[*index as usize];
+        let c = &mut conns[key];
         m.open_http.fetch_sub(1, Ordering::Relaxed);
         ShardMetrics::add(&m.open_sse, 1);
         c.state = ConnState::UPGRADED;
@@ -74,7 +80,7 @@ impl<T: Transport> Router<T> {
             c.extra_mut().sse_channels = channels;
             self.register(key, true);
         } else {
-            self.push_sse_headers(key);
+            self.conns.push_sse_headers(key);
             self.register(key, false);
             for ch in channels {
                 self.subscribe(key, ch);
@@ -82,10 +88,5 @@ impl<T: Transport> Router<T> {
         }
         let deadline = self.conns.next_heartbeat_check(key);
         self.conns.arm(key, deadline);
-    }
-
-    /// The response head of an event stream.
-    pub(super) fn push_sse_headers(&mut self, key: usize) {
-        self.conns.push_raw(key, Bytes::from_static(sse::HEAD));
     }
 }

@@ -2,10 +2,8 @@
 //! state; frame validation (RFC 6455), message reassembly, and the close handshake.
 //! Transitions follow `docs/lifecycle.md`.
 
-use std::borrow::Cow;
 use std::io;
 
-use bytes::Bytes;
 use tracing::debug;
 
 use super::ops::Incoming;
@@ -194,58 +192,6 @@ impl<T: Transport> Router<T> {
                 }
             }
         }
-    }
-
-    /// A protocol violation: close with `close_code`. A second violation while closing
-    /// stops parsing input altogether.
-    pub(super) fn fail(&mut self, key: usize, close_code: u16, reason: &'static str) {
-        let c = &mut self.conns[key];
-        if c.flags.has(Flags::CLOSE_SENT) {
-            c.flags.set(Flags::DISCARD_INPUT);
-            return;
-        }
-        self.start_close(key, close_code, reason);
-    }
-
-    /// Server-initiated close: queue our close frame, stop deliveries, wait for the peer.
-    pub(super) fn start_close(&mut self, key: usize, close_code: u16, reason: &'static str) {
-        self.start_close_with(key, close_code, reason.into());
-    }
-
-    /// [`start_close`](Self::start_close) with a reason built at run time.
-    pub(super) fn start_close_with(
-        &mut self,
-        key: usize,
-        close_code: u16,
-        reason: Cow<'static, str>,
-    ) {
-        let c = &mut self.conns[key];
-        if c.flags.has(Flags::CLOSE_SENT) {
-            return;
-        }
-        if c.flags.has(Flags::SSE) {
-            // An event stream has no close frame: end it after what is queued.
-            c.flags.set(Flags::CLOSE_SENT);
-            c.set_close(close_code, reason);
-            self.unregister(key);
-            return self.conns.drain_after_response(key);
-        }
-        let f = frame::encode_close(close_code, &reason);
-        c.set_close(close_code, reason);
-        self.begin_closing(key, f);
-    }
-
-    pub(super) fn begin_closing(&mut self, key: usize, close_frame: Bytes) {
-        let c = &mut self.conns[key];
-        c.flags.set(Flags::CLOSE_SENT);
-        c.state = ConnState::Closing;
-        self.conns.push_raw(key, close_frame);
-        self.unregister(key);
-        let mut deadline = self.conns.now_ms + self.cfg.close_timeout_ms;
-        if let Some(d) = self.shutdown_deadline_ms {
-            deadline = deadline.min(d);
-        }
-        self.conns.arm(key, deadline);
     }
 
     /// The drain's turn of an open connection: 1001 with when to come back. A cluster node's

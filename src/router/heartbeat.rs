@@ -2,10 +2,8 @@
 //! idle too long), SSE comment heartbeats, token expiry (4003); and the end of a
 //! connection, logged and counted.
 
-use std::sync::atomic::Ordering;
-
 use bytes::Bytes;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::Router;
 use crate::conn::{sse, ws, ConnState, Flags, Transport};
@@ -67,60 +65,5 @@ impl<T: Transport> Router<T> {
                 self.conns.arm(key, next.max(now + 1));
             }
         }
-    }
-
-    /// Removes a connection: logs and counts its close, releases everything it held.
-    pub(super) fn finish(&mut self, key: usize) {
-        self.unregister(key);
-        self.release_ip(key);
-        let mut c = self.conns.remove_conn(key);
-        c.io.before_close();
-        let age_ms = c.age_ms(self.conns.now_ms);
-        let (close_code, reason) = c
-            .take_extra()
-            .map(|e| (e.close_code, e.close_reason))
-            .unwrap_or_default();
-        let m = &self.metrics[self.index as usize];
-        if c.flags.has(Flags::COUNTED) {
-            self.open_total.fetch_sub(1, Ordering::AcqRel);
-        }
-        let was_ws = c.flags.has(Flags::WEBSOCKET);
-        if c.flags.has(Flags::SSE) {
-            m.open_sse.fetch_sub(1, Ordering::Relaxed);
-            info!(
-                target: "switchboard::close",
-                shard = self.index,
-                conn = %format_args!("{}.{}.{}", self.index, key, c.generation),
-                user = c.user.as_deref().unwrap_or("(anonymous)"),
-                transport = "sse",
-                reason = %reason,
-                duration_ms = age_ms,
-                "closed"
-            );
-        } else if was_ws {
-            m.open_ws.fetch_sub(1, Ordering::Relaxed);
-            let close_code = if close_code == 0 {
-                code::ABNORMAL
-            } else {
-                close_code
-            };
-            m.count_close(close_code);
-            info!(
-                target: "switchboard::close",
-                shard = self.index,
-                conn = %format_args!("{}.{}.{}", self.index, key, c.generation),
-                user = c.user.as_deref().unwrap_or("(anonymous)"),
-                code = close_code,
-                reason = %reason,
-                duration_ms = age_ms,
-                "closed"
-            );
-        } else {
-            m.open_http.fetch_sub(1, Ordering::Relaxed);
-        }
-        if c.flags.has(Flags::HALF_OPEN) {
-            self.half_open -= 1;
-        }
-        // Dropping the stream closes the fd, which also removes it from epoll.
     }
 }

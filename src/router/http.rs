@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::admission;
-use super::{admit, Router};
+use super::{admit, Core, Router};
 use crate::auth::Identity;
 use crate::conn::buffers::Inbound;
 use crate::conn::cursor::Cursor;
@@ -71,7 +71,9 @@ impl<T: Transport> Router<T> {
     /// `--max-connections` and the handshake deadline bound those, and a burst of clients
     /// that connect before they write is not refused.
     pub(super) fn count_half_open(&mut self, key: usize) {
-        let c = &mut self.conns[key];
+        let cap = self.cfg.max_pending_handshakes;
+        let core: &mut Core<T> = self;
+        let c = &mut core.conns[key];
         // The state first: an open connection's reads never ask its pipe.
         if !c.state.is_http() || c.flags.has(Flags::SSE) {
             return;
@@ -79,10 +81,9 @@ impl<T: Transport> Router<T> {
         if c.inbound.is_none() && !c.io.holds_input() {
             return;
         }
-        let cap = self.cfg.max_pending_handshakes;
-        if cap == 0 || self.half_open < cap {
+        if cap == 0 || core.half_open < cap {
             c.flags.set(Flags::HALF_OPEN);
-            self.half_open += 1;
+            core.half_open += 1;
             return;
         }
         if !c.io.can_answer() {

@@ -21,10 +21,33 @@
 //! their pipe). It never reads a clock, never blocks, and touches a connection's bytes only
 //! through [`Transport`].
 
+/// `$outer` sits on `$inner` (its field `$field`): the layer above reaches every method
+/// and field of the one below, and nothing below reaches up.
+macro_rules! layer_over {
+    ($outer:ident => $inner:ident, $field:ident) => {
+        impl<T: Transport> std::ops::Deref for $outer<T> {
+            type Target = $inner<T>;
+            fn deref(&self) -> &$inner<T> {
+                &self.$field
+            }
+        }
+
+        impl<T: Transport> std::ops::DerefMut for $outer<T> {
+            fn deref_mut(&mut self) -> &mut $inner<T> {
+                &mut self.$field
+            }
+        }
+    };
+}
+
 pub mod admission;
 mod api;
 mod catchup;
+mod closing;
 mod cluster;
+mod core;
+pub use self::core::Core;
+mod dispatch;
 mod events;
 mod frames;
 mod heartbeat;
@@ -36,6 +59,7 @@ mod requests;
 pub use requests::PostStore;
 mod routes;
 mod streams;
+pub use streams::Streams;
 mod table;
 pub use table::Table;
 mod waits;
@@ -53,12 +77,13 @@ pub use crate::conn::{
 
 use crate::broker::{BrokerHandle, BrokerMetrics};
 use crate::config::Config;
-use crate::hub::{ConnId, Directory, Hub};
+use crate::hub::{Directory, Hub};
 use crate::mail::ShardMsg;
 use crate::metrics::{HandshakeFailure, ShardMetrics, StoreMetrics};
 use crate::store::StoreHandle;
+use crate::ws::close::{self as code};
 
-pub use api::PendingApi;
+pub use api::{Api, PendingApi};
 pub use ops::{FORBIDDEN_CHANNEL, MAX_CHANNELS_PER_CONN};
 
 /// Mailbox messages handled per turn.
@@ -126,63 +151,32 @@ impl Shared {
     }
 }
 
-/// One shard's connections and everything that routes between them (see the module docs).
+/// One shard's connections and everything that routes between them (see the module docs):
+/// the top of four layers, each a type that owns its state and reaches only the layers
+/// below it (through `Deref`), never above:
+///
+/// | layer | owns | does |
+/// |---|---|---|
+/// | [`Router`] | handshake gate, tokens, the shutdown drain | reads input (HTTP, frames, ops, mail, broker messages, timers) and dispatches it |
+/// | [`Api`] | API requests in flight | the push API: authorize, gather counts from every shard and node |
+/// | [`Streams`] | store requests of the turn | qos 1, inbox positions, resume pages, catch-ups |
+/// | [`Core`] | the table, hub, directory, mail, broker outputs, stream heads | registers, routes, delivers, answers and closes |
+///
+/// A lower layer that must hand work back up (a connection's input resumes after the store
+/// answered) does so through the table's read backlog, which the driver drains each turn.
 pub struct Router<T: Transport> {
-    index: u16,
-    shards: u16,
-    /// The process's directory of named users (this shard writes its home users' entries).
-    directory: Arc<Directory>,
-    cfg: Arc<Config>,
+    api: Api<T>,
     auth: Arc<crate::auth::Auth>,
-    metrics: Arc<[ShardMetrics]>,
-    open_total: Arc<AtomicUsize>,
-    subscribed: Arc<[AtomicUsize]>,
-    ip_table: Arc<admission::IpTable>,
-    on_drain: Option<OnDrain>,
-    /// The address bucket each connection counts against, by slab key (`bucket + 1`; 0: not
-    /// counted): beside the slab, so `Conn` stays small.
-    ip_buckets: Vec<u16>,
     gate: admission::HandshakeGate,
-    /// Connections holding part of an HTTP request (a slowloris pins a read buffer this
-    /// way), capped by `--max-pending-handshakes`.
-    half_open: u32,
-    /// Where a reply for one connection is written before it is copied into its outbox
-    /// (reused: an `ack` allocates nothing).
-    scratch_reply: bytes::BytesMut,
     /// Reused buffer a DM event is written into (copied from it to local recipients).
     scratch_event: bytes::BytesMut,
-    /// A store is configured (the driver holds its handle).
-    store_on: bool,
-    /// Publications for the broker this turn, for the driver to post
-    /// ([`Router::post_broker`]).
-    broker_out: Vec<crate::broker::BrokerReq>,
-    /// Interest changes for the broker this turn (posted with the publications).
-    interest_out: Vec<crate::broker::Interest>,
-    /// Store requests of this turn, for the driver to post ([`Router::post_requests`]).
-    store_out: Vec<(crate::store::StoreReq, requests::OnPost)>,
-    store_metrics: Arc<StoreMetrics>,
-    broker: Option<BrokerHandle>,
-    broker_metrics: Option<Arc<BrokerMetrics>>,
-    node: Arc<str>,
-    /// Who waits for which subscription of the broker to be active.
-    waits: waits::ReadyWaits,
     /// The broker's reconnect generation this shard's counts in Redis were written for.
     broker_generation: u64,
-    /// The shard's connections, their buffers, deadlines and clock.
-    conns: table::Table<T>,
-    hub: Hub,
-    /// API requests waiting for other shards.
-    pending_api: Slab<PendingApi>,
-    /// Mail for other shards, posted at the end of the turn.
-    mail: postbox::Postbox,
-    scratch_slots: Vec<u32>,
-    scratch_shards: Vec<u16>,
-    /// Per stream followed here (cluster only), where this shard stands in it.
-    heads: catchup::Heads,
-    shutdown_deadline_ms: Option<u64>,
     /// The staged close of open connections at shutdown.
     drain: Option<Drain>,
 }
+
+layer_over!(Router => Api, api);
 
 /// Open connections still to close at shutdown, closed evenly over `len_ms`.
 #[derive(Debug)]
@@ -220,40 +214,49 @@ impl<T: Transport> Router<T> {
             now_ms,
             now_unix_ms,
         );
-        Router {
+        let core = Core {
             index,
             shards,
             directory: shared.directory,
             cfg: shared.config,
-            auth: shared.auth,
             metrics: shared.metrics,
             open_total: shared.open_total,
             subscribed: shared.subscribed,
             ip_table: shared.ip_table,
-            on_drain: shared.on_drain,
             ip_buckets: Vec::with_capacity(room),
-            gate: Default::default(),
             half_open: 0,
             scratch_reply: bytes::BytesMut::new(),
-            scratch_event: bytes::BytesMut::new(),
-            store_on: shared.store.is_some(),
-            store_out: Vec::new(),
             broker_out: Vec::new(),
             interest_out: Vec::new(),
-            store_metrics: shared.store_metrics,
             broker: shared.broker,
-            broker_metrics: shared.broker_metrics,
-            node: shared.node,
             waits: Default::default(),
-            broker_generation: 0,
             conns,
             hub: Hub::default(),
-            pending_api: Slab::new(),
             mail: postbox::Postbox::new(index, shards),
             scratch_slots: Vec::new(),
             scratch_shards: Vec::new(),
             heads: Default::default(),
             shutdown_deadline_ms: None,
+        };
+        let streams = Streams {
+            core,
+            store_on: shared.store.is_some(),
+            store_out: Vec::new(),
+        };
+        let api = Api {
+            streams,
+            pending_api: Slab::new(),
+            on_drain: shared.on_drain,
+            store_metrics: shared.store_metrics,
+            broker_metrics: shared.broker_metrics,
+            node: shared.node,
+        };
+        Router {
+            api,
+            auth: shared.auth,
+            gate: Default::default(),
+            scratch_event: bytes::BytesMut::new(),
+            broker_generation: 0,
             drain: None,
         }
     }
@@ -265,10 +268,6 @@ impl<T: Transport> Router<T> {
     /// a connection.
     fn room(cfg: &Config, shards: u16) -> usize {
         (cfg.max_connections / shards.max(1) as usize * 3 / 2).clamp(1024, 1 << 16)
-    }
-
-    fn m(&self) -> &ShardMetrics {
-        &self.metrics[self.index as usize]
     }
 
     /// Call once per turn, before any other input: the shard clock (ms, monotonic) and the
@@ -332,49 +331,9 @@ impl<T: Transport> Router<T> {
         key
     }
 
-    /// Gives back the address place of connection `key` (at its end).
-    fn release_ip(&mut self, key: usize) {
-        if let Some(b) = self.ip_buckets.get_mut(key) {
-            if *b != 0 {
-                self.ip_table.release(*b - 1);
-                *b = 0;
-            }
-        }
-    }
-
-    /// A retry-after for connection `key`: `from_ms` plus jitter uniform over `span_ms`.
-    pub(super) fn retry_jitter_ms(&self, key: usize, from_ms: u64, span_ms: u64) -> u64 {
-        from_ms + admission::mix(self.salt(key)) % span_ms.max(1)
-    }
-
-    /// Jitter input for connection `key`: differs per connection and per moment.
-    fn salt(&self, key: usize) -> u64 {
-        let g = self.conns.get(key).map_or(0, |c| c.generation) as u64;
-        (key as u64) << 40 ^ g << 20 ^ self.conns.now_ms ^ (self.index as u64) << 56
-    }
-
     /// The pipe of connection `key`, if it exists.
     pub fn io_mut(&mut self, key: usize) -> Option<&mut T> {
         self.conns.get_mut(key).map(|c| &mut c.io)
-    }
-
-    /// Appends the slab keys of this shard's connections of `user` that deliveries reach,
-    /// all but `exclude`.
-    pub(super) fn local_conns_of(&self, user: &str, exclude: Option<ConnId>, out: &mut Vec<u32>) {
-        self.directory.each_on(user, self.index, |id| {
-            if self.delivers_to(id) && Some(id) != exclude {
-                out.push(id.slot);
-            }
-        });
-    }
-
-    /// Whether deliveries reach connection `id` of this shard, found in the directory: it is
-    /// the same generation and still registered (a closing one is unregistered before the
-    /// directory, one mail away at the home shard, drops it).
-    fn delivers_to(&self, id: ConnId) -> bool {
-        self.conns
-            .get(id.slot as usize)
-            .is_some_and(|c| c.generation == id.generation && c.flags.has(Flags::REGISTERED))
     }
 
     /// The shard's connections (read-only: for the driver, checks and stats).
@@ -447,9 +406,8 @@ impl<T: Transport> Router<T> {
         self.retry_due_catch_ups();
         let mut expired = std::mem::take(&mut self.conns.expired);
         expired.clear();
-        self.conns
-            .wheel
-            .poll(self.conns.now_ms, &mut expired, TIMERS_PER_TURN);
+        let now = self.conns.now_ms;
+        self.conns.wheel.poll(now, &mut expired, TIMERS_PER_TURN);
         for &key in &expired {
             let key = key as usize;
             if self.conns.contains(key) {
@@ -477,6 +435,45 @@ impl<T: Transport> Router<T> {
         // Flushing never queues more output, but keep anything that did.
         list.append(&mut self.conns.dirty);
         self.conns.dirty = list;
+    }
+
+    /// End-of-turn flush of one connection, and the transitions that wait for a flush.
+    pub(super) fn flush_conn(&mut self, key: usize) {
+        match self.conns.flush_out(key) {
+            Ok(Flushed::All) => {
+                if self.conns[key].page_wanted() {
+                    self.request_page(key);
+                }
+                let c = &mut self.conns[key];
+                if c.input_waits() {
+                    // Its replies are out: read and parse its requests again.
+                    c.extra_mut().input_waits = false;
+                    self.conns.defer_read(key);
+                }
+            }
+            Ok(Flushed::Blocked) => return,
+            Err(e) => {
+                debug!(shard = self.index, conn = key, error = %e, "write failed");
+                let c = &mut self.conns[key];
+                if c.close_code() == 0 && !c.state.is_http() && c.state != ConnState::Draining {
+                    c.set_close(code::ABNORMAL, "write failed".into());
+                }
+                return self.finish(key);
+            }
+        }
+        let c = &mut self.conns[key];
+        match c.state {
+            ConnState::Closing
+                if c.flags.has(Flags::CLOSE_SENT) && c.flags.has(Flags::CLOSE_RECEIVED) =>
+            {
+                self.finish(key)
+            }
+            ConnState::Draining if !c.flags.has(Flags::FIN_SENT) => {
+                c.flags.set(Flags::FIN_SENT);
+                c.io.shutdown_write();
+            }
+            _ => {}
+        }
     }
 
     /// Hands this turn's mail to `post` in order. `post` gives a message back when the

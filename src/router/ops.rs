@@ -7,7 +7,6 @@ use std::sync::Arc;
 use super::routes::{Event, Reply};
 use super::waits::ReadyWait;
 use super::Router;
-use crate::auth;
 use crate::conn::Transport;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, Op, Target};
@@ -25,22 +24,6 @@ pub(super) enum Incoming<'a> {
 }
 
 impl<T: Transport> Router<T> {
-    /// The user id a connection acts as: its own, or `anon-<shard>-<slot>-<generation>`.
-    pub(super) fn user_name(&self, key: usize) -> Arc<str> {
-        let c = &self.conns[key];
-        match &c.user {
-            Some(u) => u.clone(),
-            None => format!("anon-{}-{}-{}", self.index, key, c.generation).into(),
-        }
-    }
-
-    /// The message rate limit as (µs between messages, µs of burst), none when off.
-    pub(super) fn message_rate(&self) -> Option<(u64, u64)> {
-        let rate = self.cfg.max_messages_per_sec as u64;
-        let interval_us = 1_000_000 / rate.max(1);
-        (rate > 0).then_some((interval_us, interval_us * self.cfg.message_burst as u64))
-    }
-
     /// The message rate limit (GCRA over `Conn::rate_debt_us`): true when this message is
     /// over the connection's rate and burst.
     pub(super) fn over_rate(&mut self, key: usize) -> bool {
@@ -122,7 +105,7 @@ impl<T: Transport> Router<T> {
                 self.deliver(key, &f);
             }
             Op::Presence { channel } => {
-                if !self.channel_allowed(key, &channel) {
+                if !self.conns.channel_allowed(key, &channel) {
                     let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
                     return self.deliver_reply(key, f);
                 }
@@ -133,7 +116,7 @@ impl<T: Transport> Router<T> {
                 since: Some(pos),
                 join_leave,
             } => {
-                if !self.channel_allowed(key, &channel) {
+                if !self.conns.channel_allowed(key, &channel) {
                     let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
                     return self.deliver_reply(key, f);
                 }
@@ -159,7 +142,7 @@ impl<T: Transport> Router<T> {
                     epoch,
                     offset: pos.offset,
                 };
-                self.want_join_leave(key, &channel, join_leave);
+                self.conns.want_join_leave(key, &channel, join_leave);
                 self.sub_since(key, id, Arc::from(channel.as_ref()), since);
             }
             Op::Sub {
@@ -167,13 +150,13 @@ impl<T: Transport> Router<T> {
                 since: None,
                 join_leave,
             } => {
-                if !self.channel_allowed(key, &channel) {
+                if !self.conns.channel_allowed(key, &channel) {
                     let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
                     return self.deliver_reply(key, f);
                 }
                 let c = &self.conns[key];
                 if c.channel_list().iter().any(|x| **x == *channel) {
-                    self.want_join_leave(key, &channel, join_leave);
+                    self.conns.want_join_leave(key, &channel, join_leave);
                     return self.ack(key, id);
                 }
                 if c.channel_list().len() >= MAX_CHANNELS_PER_CONN {
@@ -184,7 +167,7 @@ impl<T: Transport> Router<T> {
                     );
                     return self.deliver_reply(key, f);
                 }
-                self.want_join_leave(key, &channel, join_leave);
+                self.conns.want_join_leave(key, &channel, join_leave);
                 if let Some(token) = self.subscribe(key, Arc::from(channel.as_ref())) {
                     // Acked once the channel's publications reach this node from the cluster.
                     let me = self.conns.conn_id(key);
@@ -207,7 +190,7 @@ impl<T: Transport> Router<T> {
                 self.ack(key, id);
             }
             Op::Pub { channel, data } => {
-                if !self.channel_allowed(key, &channel) {
+                if !self.conns.channel_allowed(key, &channel) {
                     let f = protocol::error(id, ErrorCode::Forbidden, FORBIDDEN_CHANNEL);
                     return self.deliver_reply(key, f);
                 }
@@ -258,18 +241,6 @@ impl<T: Transport> Router<T> {
                 }
                 self.scratch_event = buf;
             }
-        }
-    }
-
-    /// Whether the connection's token (if any) grants `channel` (see [`auth::channel_allowed`]).
-    pub(super) fn channel_allowed(&self, key: usize, channel: &str) -> bool {
-        auth::channel_allowed(self.conns[key].grant(), channel)
-    }
-
-    pub(super) fn ack(&mut self, key: usize, id: Option<&str>) {
-        if let Some(id) = id {
-            let f = protocol::ack(id);
-            self.deliver(key, &f);
         }
     }
 }

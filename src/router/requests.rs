@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 
-use super::Router;
+use super::Streams;
 use crate::conn::{ConnState, Transport, Welcome};
 use crate::http::api::Route;
 use crate::hub::ConnId;
@@ -95,7 +95,7 @@ impl OnPost {
     }
 }
 
-impl<T: Transport> Router<T> {
+impl<T: Transport> Streams<T> {
     /// Queues `req` for the store, with what to do once it is posted or refused.
     pub(super) fn ask_store(&mut self, req: StoreReq, on: OnPost) {
         debug_assert!(self.streams_on() || matches!(on, OnPost::CatchUp { .. }));
@@ -125,7 +125,7 @@ impl<T: Transport> Router<T> {
     fn store_posted(&mut self, on: OnPost, posted: bool) {
         match on {
             OnPost::Op { conn, id, ack, .. } if posted => {
-                if let (true, Some(key)) = (ack, self.live_open(conn)) {
+                if let (true, Some(key)) = (ack, self.conns.live_open(conn)) {
                     self.ack(key, id.as_deref());
                 }
             }
@@ -139,7 +139,7 @@ impl<T: Transport> Router<T> {
                 if dropped {
                     ShardMetrics::add(&self.m().dropped, 1);
                 }
-                if let Some(key) = self.live_open(conn) {
+                if let Some(key) = self.conns.live_open(conn) {
                     let f = protocol::error(id.as_deref(), ErrorCode::Overloaded, why);
                     self.deliver_reply(key, f);
                 }
@@ -150,7 +150,7 @@ impl<T: Transport> Router<T> {
                 route,
                 connections,
             } => {
-                let Some(key) = self.waiting_http(conn) else {
+                let Some(key) = self.conns.waiting_http(conn) else {
                     return;
                 };
                 if route == Route::User {
@@ -167,12 +167,12 @@ impl<T: Transport> Router<T> {
             }
             OnPost::Open { conn } => self.open_refused(conn),
             OnPost::Page { conn, stream } => {
-                if let Some(key) = self.live_open(conn) {
+                if let Some(key) = self.conns.live_open(conn) {
                     self.want_page_again(key, &stream);
                 }
             }
             OnPost::Channel { conn, channel, id } => {
-                let Some(key) = self.live_open(conn) else {
+                let Some(key) = self.conns.live_open(conn) else {
                     return;
                 };
                 self.conns[key]
@@ -192,7 +192,7 @@ impl<T: Transport> Router<T> {
     /// `Last-Event-ID`). Welcomed without a position instead, a resume would end unseen, and
     /// the live messages held back meanwhile would be lost to it.
     fn open_refused(&mut self, conn: ConnId) {
-        let Some(key) = self.live_open(conn) else {
+        let Some(key) = self.conns.live_open(conn) else {
             return;
         };
         let c = &self.conns[key];

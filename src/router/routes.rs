@@ -9,77 +9,21 @@ use bytes::Bytes;
 
 use super::table::Out;
 use super::waits::Interested;
-use super::Router;
+use super::Core;
 use crate::broker::{BrokerReq, Interest};
-use crate::conn::{ConnState, Flags, Transport, Welcome};
+use crate::conn::{Flags, Transport};
 use crate::hub::{ConnId, ReplyTo};
 use crate::mail::ShardMsg;
 use crate::protocol::{self, ErrorCode};
 use crate::ws::frame::Data;
 
-impl<T: Transport> Router<T> {
-    /// Adds the connection to the hub: its user (and the home shard's directory) when named;
-    /// anonymous connections only ever join channels.
-    ///
-    /// The welcome is sent once the user's home shard has recorded the connection, so a client
-    /// that has its welcome is reachable by every DM sent after it.
-    pub(super) fn register(&mut self, key: usize, welcome: bool) {
-        let me = self.conns.conn_id(key);
-        let c = &mut self.conns[key];
-        c.flags.set(Flags::REGISTERED);
-        let Some(user) = c.user.clone() else {
-            if welcome {
-                self.welcome(key);
-            }
-            return;
-        };
-        let home = self.directory.place(&user).home;
-        if home == self.index {
-            let change = self.directory.presence(user.clone(), me, true);
-            if self.tell_broker_user(user, true, change, welcome.then_some(me)) {
-                // Welcomed once the node receives the user's DMs from the whole cluster.
-                self.conns[key].state = ConnState::Open(Welcome::Registration);
-            } else if welcome {
-                self.open_or_welcome(key);
-            }
-        } else {
-            if welcome {
-                self.conns[key].state = ConnState::Open(Welcome::Registration);
-            }
-            self.mail.send(
-                home,
-                ShardMsg::Presence {
-                    user,
-                    conn: me,
-                    online: true,
-                    welcome,
-                },
-            );
-        }
-    }
-
+impl<T: Transport> Core<T> {
     /// Queues the welcome event.
     pub(super) fn welcome(&mut self, key: usize) {
         let name = self.user_name(key);
         let id = self.conns.conn_id(key);
         let welcome = protocol::welcome(&name, &id.to_string(), self.cfg.ping_interval_ms);
         self.conns.push_event(key, welcome);
-    }
-
-    /// The home shard recorded a connection: it may now be welcomed.
-    pub(super) fn on_registered(&mut self, conn: ConnId) {
-        let key = conn.slot as usize;
-        let alive = self.conns.get(key).is_some_and(|c| {
-            c.generation == conn.generation && c.state == ConnState::Open(Welcome::Registration)
-        });
-        if alive {
-            self.conns[key].state = ConnState::Open(Welcome::Sent);
-            self.open_or_welcome(key);
-            if !self.conns[key].state.holds_input() {
-                // Requests that arrived meanwhile are processed now, after the welcome.
-                self.on_readable(key, true);
-            }
-        }
     }
 
     /// Connection `conn` of `user` closed: its home shard drops it from the directory.
@@ -171,20 +115,6 @@ impl<T: Transport> Router<T> {
                 ready: None,
             });
             self.forget_channel_head(channel);
-        }
-    }
-
-    /// Turns the connection's `join`/`leave` events of `channel` on (`sub` with
-    /// `"join_leave":true`) or off (a `sub` without it).
-    pub(super) fn want_join_leave(&mut self, key: usize, channel: &str, on: bool) {
-        let has = self.conns[key]
-            .extra()
-            .is_some_and(|e| e.join_leave.iter().any(|c| **c == *channel));
-        if on && !has {
-            self.conns[key].extra_mut().join_leave.push(channel.into());
-        } else if !on && has {
-            let e = self.conns[key].extra_mut();
-            e.join_leave.retain(|c| **c != *channel);
         }
     }
 
@@ -330,7 +260,7 @@ impl<T: Transport> Router<T> {
             name = me
                 .directory
                 .route(to, exclude, Some(me.index), &mut shards, |id| {
-                    if me.delivers_to(id) {
+                    if me.conns.delivers_to(id) {
                         slots.push(id.slot);
                     }
                 });
@@ -429,50 +359,6 @@ impl<T: Transport> Router<T> {
                     .filter(|&s| Some(s as usize) != except),
             )
         })
-    }
-
-    /// Mail from another shard (at most [`super::MAILBOX_PER_TURN`] per turn).
-    pub fn on_mail(&mut self, msg: ShardMsg) {
-        match msg {
-            ShardMsg::Presence {
-                user,
-                conn,
-                online,
-                welcome,
-            } => {
-                let change = self.directory.presence(user.clone(), conn, online);
-                let ack = welcome.then_some(conn);
-                if self.tell_broker_user(user, online, change, ack) {
-                    return;
-                }
-                if welcome {
-                    self.mail.send(conn.shard, ShardMsg::Registered { conn });
-                }
-            }
-            ShardMsg::Registered { conn } => self.on_registered(conn),
-            ShardMsg::DeliverUser {
-                to,
-                payload,
-                exclude,
-            } => {
-                self.deliver_user_local(&to, &payload, exclude);
-            }
-            ShardMsg::DeliverChannel { channel, payload } => {
-                self.deliver_channel_local(&channel, &payload);
-            }
-            ShardMsg::Api { ticket, cmd } => self.on_api(ticket, &cmd),
-            ShardMsg::ApiDone { id, count, members } => self.on_api_done(id, count, members),
-            ShardMsg::Store(m) => self.on_store(*m),
-            ShardMsg::StoreBatch(ms) => ms.into_iter().for_each(|m| self.on_store(m)),
-            ShardMsg::DeliverStream {
-                user,
-                payload,
-                offset,
-                exclude,
-            } => self.deliver_stream_local(&user, &payload, offset, exclude),
-            ShardMsg::Shutdown => self.begin_shutdown(),
-            ShardMsg::Broker(m) => self.on_broker(*m),
-        }
     }
 }
 

@@ -13,8 +13,8 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::requests::OnPost;
-use super::Router;
-use crate::conn::{ConnState, Flags, HttpWait, Transport, Welcome};
+use super::Core;
+use crate::conn::{ConnState, Flags, Transport, Welcome};
 use crate::hub::{ConnId, ReplyTo};
 use crate::mail::ShardMsg;
 use crate::metrics::ShardMetrics;
@@ -24,6 +24,19 @@ use crate::store::{
 };
 
 use crate::conn::cursor::Cursor;
+
+/// The layer between connections and the store (see the module docs): above
+/// [`Core`], below the push API.
+pub struct Streams<T: Transport> {
+    pub(super) core: Core<T>,
+    /// A store is configured (the driver holds its handle).
+    pub(super) store_on: bool,
+    /// Store requests of this turn, for the driver to post
+    /// ([`Streams::post_requests`]).
+    pub(super) store_out: Vec<(StoreReq, OnPost)>,
+}
+
+layer_over!(Streams => Core, core);
 
 /// The cursor of `stream` on a connection, if it resumes that stream.
 fn cursor_mut<'a, T>(
@@ -41,7 +54,7 @@ fn cursor_mut<'a, T>(
     }
 }
 
-impl<T: Transport> Router<T> {
+impl<T: Transport> Streams<T> {
     /// Whether named connections get inbox streams (a store is configured, not echo mode).
     pub(super) fn streams_on(&self) -> bool {
         self.store_on && !self.cfg.echo
@@ -65,7 +78,7 @@ impl<T: Transport> Router<T> {
     /// replay page) first; input stays held until it answers.
     pub(super) fn open_or_welcome(&mut self, key: usize) {
         if self.conns[key].flags.has(Flags::SSE) {
-            self.push_sse_headers(key);
+            self.conns.push_sse_headers(key);
             let channels = self.conns[key]
                 .extra_if_mut()
                 .map(|e| std::mem::take(&mut e.sse_channels))
@@ -108,7 +121,7 @@ impl<T: Transport> Router<T> {
                 epoch,
                 queued,
             } => {
-                if let Some(key) = self.waiting_http(reply.conn) {
+                if let Some(key) = self.conns.waiting_http(reply.conn) {
                     let route = if channel.is_some() {
                         crate::http::api::Route::Publish
                     } else {
@@ -116,7 +129,7 @@ impl<T: Transport> Router<T> {
                     };
                     return self.api_stored(key, route, offset, &epoch.to_string(), queued);
                 }
-                let Some(key) = self.live_open(reply.conn) else {
+                let Some(key) = self.conns.live_open(reply.conn) else {
                     return;
                 };
                 let stream = channel
@@ -144,7 +157,7 @@ impl<T: Transport> Router<T> {
                         "the store (Redis) is unreachable; message not stored, retry",
                     ),
                 };
-                if let Some(key) = self.waiting_http(reply.conn) {
+                if let Some(key) = self.conns.waiting_http(reply.conn) {
                     let route = if publish {
                         crate::http::api::Route::Publish
                     } else {
@@ -152,7 +165,7 @@ impl<T: Transport> Router<T> {
                     };
                     return self.api_refused(key, route, code, why);
                 }
-                let Some(key) = self.live_open(reply.conn) else {
+                let Some(key) = self.conns.live_open(reply.conn) else {
                     return;
                 };
                 let f = protocol::error(Some(&reply.id), code, why);
@@ -164,19 +177,19 @@ impl<T: Transport> Router<T> {
                 connections,
                 unread,
             } => {
-                if let Some(key) = self.waiting_http(conn) {
+                if let Some(key) = self.conns.waiting_http(conn) {
                     self.api_user_unread(key, connections, unread);
                 }
             }
             StoreMsg::History(h) => {
                 let epoch = h.epoch.to_string();
                 let span = (h.first, h.top, h.next);
-                if let Some(key) = self.waiting_http(h.conn) {
+                if let Some(key) = self.conns.waiting_http(h.conn) {
                     let name = format!("inbox:{}", h.user);
                     let body = protocol::history(None, &name, &epoch, span, &h.entries);
                     return self.api_history_page(key, &body);
                 }
-                if let Some(key) = self.live_open(h.conn) {
+                if let Some(key) = self.conns.live_open(h.conn) {
                     let op = Some(h.id.as_deref());
                     let f = protocol::history(op, "inbox", &epoch, span, &h.entries);
                     self.conns.push_event(key, f);
@@ -189,7 +202,7 @@ impl<T: Transport> Router<T> {
                 excludes,
             } => self.on_caught_up(stream, epoch, page, &excludes),
             StoreMsg::Page { conn, stream, page } => {
-                if let Some(key) = self.live_open(conn) {
+                if let Some(key) = self.conns.live_open(conn) {
                     self.replay(key, &stream, page);
                 }
             }
@@ -200,26 +213,6 @@ impl<T: Transport> Router<T> {
             } => self.deliver_channel_stored(&channel, &payload, offset),
             StoreMsg::ChannelOpened(o) => self.on_channel_opened(*o),
         }
-    }
-
-    /// The key of `conn` if it is a live open connection here.
-    pub(super) fn live_open(&self, conn: ConnId) -> Option<usize> {
-        let key = conn.slot as usize;
-        self.conns
-            .get(key)
-            .is_some_and(|c| c.generation == conn.generation && c.state.is_open())
-            .then_some(key)
-    }
-
-    /// The key of `conn` if it is an HTTP connection waiting for the store (a qos-1 API send).
-    pub(super) fn waiting_http(&self, conn: ConnId) -> Option<usize> {
-        let key = conn.slot as usize;
-        self.conns
-            .get(key)
-            .is_some_and(|c| {
-                c.generation == conn.generation && c.state == ConnState::Http(HttpWait::Answer)
-            })
-            .then_some(key)
     }
 
     /// At the user's home shard: a stored message goes to every shard holding the user (one
@@ -317,7 +310,7 @@ impl<T: Transport> Router<T> {
 
     /// The store answered an opening connection: welcome with the inbox position, replay.
     fn on_opened(&mut self, o: Opened) {
-        let Some(key) = self.live_open(o.conn) else {
+        let Some(key) = self.conns.live_open(o.conn) else {
             return;
         };
         let epoch = o.epoch.to_string();
@@ -381,8 +374,9 @@ impl<T: Transport> Router<T> {
             }
         }
         if !sse {
-            // Requests that arrived meanwhile are processed now, after the welcome.
-            self.on_readable(key, true);
+            // Requests that arrived meanwhile are processed after the welcome, from the
+            // read backlog this turn.
+            self.conns.defer_read(key);
         }
     }
 
@@ -512,7 +506,7 @@ impl<T: Transport> Router<T> {
 
     /// The store answered `sub` with `since`.
     fn on_channel_opened(&mut self, o: ChannelOpened) {
-        let Some(key) = self.live_open(o.conn) else {
+        let Some(key) = self.conns.live_open(o.conn) else {
             return;
         };
         let stream = StreamRef::Channel(o.channel.clone());

@@ -560,4 +560,55 @@ impl<T: Transport> Table<T> {
         }
         c
     }
+
+    /// The key of `conn` if it is a live open connection here.
+    pub(super) fn live_open(&self, conn: ConnId) -> Option<usize> {
+        let key = conn.slot as usize;
+        self.get(key)
+            .is_some_and(|c| c.generation == conn.generation && c.state.is_open())
+            .then_some(key)
+    }
+
+    /// The key of `conn` if it is an HTTP connection waiting for the store (a qos-1 API send).
+    pub(super) fn waiting_http(&self, conn: ConnId) -> Option<usize> {
+        let key = conn.slot as usize;
+        self.get(key)
+            .is_some_and(|c| {
+                c.generation == conn.generation
+                    && c.state == ConnState::Http(crate::conn::HttpWait::Answer)
+            })
+            .then_some(key)
+    }
+
+    /// Whether deliveries reach connection `id` of this shard, found in the directory: it is
+    /// the same generation and still registered (a closing one is unregistered before the
+    /// directory, one mail away at the home shard, drops it).
+    pub(super) fn delivers_to(&self, id: ConnId) -> bool {
+        self.get(id.slot as usize)
+            .is_some_and(|c| c.generation == id.generation && c.flags.has(Flags::REGISTERED))
+    }
+
+    /// Turns the connection's `join`/`leave` events of `channel` on (`sub` with
+    /// `"join_leave":true`) or off (a `sub` without it).
+    pub(super) fn want_join_leave(&mut self, key: usize, channel: &str, on: bool) {
+        let has = self[key]
+            .extra()
+            .is_some_and(|e| e.join_leave.iter().any(|c| **c == *channel));
+        if on && !has {
+            self[key].extra_mut().join_leave.push(channel.into());
+        } else if !on && has {
+            let e = self[key].extra_mut();
+            e.join_leave.retain(|c| **c != *channel);
+        }
+    }
+
+    /// The response head of an event stream.
+    pub(super) fn push_sse_headers(&mut self, key: usize) {
+        self.push_raw(key, Bytes::from_static(crate::conn::sse::HEAD));
+    }
+
+    /// Whether the connection's token (if any) grants `channel` (see [`crate::auth::channel_allowed`]).
+    pub(super) fn channel_allowed(&self, key: usize, channel: &str) -> bool {
+        crate::auth::channel_allowed(self[key].grant(), channel)
+    }
 }

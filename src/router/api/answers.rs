@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tracing::debug;
 
+use super::Api;
 use crate::broker::Counted;
 use crate::conn::{ConnState, HttpWait, Transport};
 use crate::http::api::{self, ApiError, Route};
@@ -13,7 +14,7 @@ use crate::hub::ReplyTo;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, Target};
 use crate::router::requests::OnPost;
-use crate::router::Router;
+use crate::router::Core;
 use crate::store::StoreReq;
 
 /// A JSON body.
@@ -21,7 +22,7 @@ pub(super) fn json(v: serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(&v).unwrap_or_default()
 }
 
-impl<T: Transport> Router<T> {
+impl<T: Transport> Core<T> {
     pub(in crate::router) fn api_answer(
         &mut self,
         key: usize,
@@ -48,6 +49,77 @@ impl<T: Transport> Router<T> {
         self.conns.http_respond(key, resp, close);
     }
 
+    /// Hands an API request to the store; the HTTP answer waits for the store's (later
+    /// pipelined requests wait too).
+    /// Later requests of HTTP connection `key` wait unread until its API request is answered
+    /// (responses stay in order).
+    pub(in crate::router) fn wait_answer(&mut self, key: usize) {
+        let c = &mut self.conns[key];
+        debug_assert!(c.state.is_http(), "only HTTP requests wait for an answer");
+        c.state = ConnState::Http(HttpWait::Answer);
+    }
+
+    /// Answers an API request that waited for the store, then reads what was pipelined.
+    pub(in crate::router) fn api_store_answer(
+        &mut self,
+        key: usize,
+        route: Route,
+        status: u16,
+        body: &[u8],
+    ) {
+        let c = &mut self.conns[key];
+        c.state = ConnState::Http(HttpWait::Reading);
+        let close = c.take_api_close();
+        self.api_answer(key, route, status, body, close);
+        if self.conns.contains(key) && !close {
+            // Pipelined requests: read on from the backlog, this turn.
+            self.conns.defer_read(key);
+        }
+    }
+
+    /// The store's answer to `GET /api/users/<id>`: the counts and the unread messages.
+    pub(in crate::router) fn api_user_unread(&mut self, key: usize, connections: u64, unread: u64) {
+        let body = json(serde_json::json!({
+            "online": connections > 0, "connections": connections, "unread": unread,
+        }));
+        self.api_store_answer(key, Route::User, 200, &body);
+    }
+
+    /// The store's answer to a history request of the push API.
+    pub(in crate::router) fn api_history_page(&mut self, key: usize, body: &[u8]) {
+        self.api_store_answer(key, Route::History, 200, body);
+    }
+
+    /// The store's ack of an API qos-1 send or a stored publication.
+    pub(in crate::router) fn api_stored(
+        &mut self,
+        key: usize,
+        route: Route,
+        offset: u64,
+        epoch: &str,
+        queued: Option<bool>,
+    ) {
+        let body = json(serde_json::json!({
+            "stored": true, "offset": offset, "epoch": epoch,
+            "queued": queued.unwrap_or(false), "duplicate": queued.is_none(),
+        }));
+        self.api_store_answer(key, route, 200, &body);
+    }
+
+    /// The store refused an API write: 503 with the protocol's error code and why.
+    pub(in crate::router) fn api_refused(
+        &mut self,
+        key: usize,
+        route: Route,
+        code: ErrorCode,
+        why: &str,
+    ) {
+        let body = api::error_body(&format!("{}: {why}", code.as_str()));
+        self.api_store_answer(key, route, 503, &body);
+    }
+}
+
+impl<T: Transport> Api<T> {
     /// `POST /api/send` with `"qos":1`: stored in the recipient's inbox, then delivered; the
     /// answer waits for the commit (`{"stored":true,"offset":N,"epoch":..,"queued":bool}`).
     pub(in crate::router) fn api_send_stored(
@@ -81,16 +153,6 @@ impl<T: Transport> Router<T> {
         Ok(())
     }
 
-    /// Hands an API request to the store; the HTTP answer waits for the store's (later
-    /// pipelined requests wait too).
-    /// Later requests of HTTP connection `key` wait unread until its API request is answered
-    /// (responses stay in order).
-    pub(in crate::router) fn wait_answer(&mut self, key: usize) {
-        let c = &mut self.conns[key];
-        debug_assert!(c.state.is_http(), "only HTTP requests wait for an answer");
-        c.state = ConnState::Http(HttpWait::Answer);
-    }
-
     /// `connections`: a user's open connections, answered if the store cannot add the
     /// unread count.
     pub(in crate::router) fn api_ask_store(
@@ -112,23 +174,6 @@ impl<T: Transport> Router<T> {
             connections,
         };
         self.ask_store(sreq, on);
-    }
-
-    /// Answers an API request that waited for the store, then reads what was pipelined.
-    pub(in crate::router) fn api_store_answer(
-        &mut self,
-        key: usize,
-        route: Route,
-        status: u16,
-        body: &[u8],
-    ) {
-        let c = &mut self.conns[key];
-        c.state = ConnState::Http(HttpWait::Reading);
-        let close = c.take_api_close();
-        self.api_answer(key, route, status, body, close);
-        if self.conns.contains(key) && !close {
-            self.on_readable(key, true);
-        }
     }
 
     /// `GET /api/history/inbox:<user>?since=N&limit=L`: a page of a user's inbox from the
@@ -183,7 +228,7 @@ impl<T: Transport> Router<T> {
         user: Arc<str>,
         connections: u64,
     ) {
-        let Some(key) = self.waiting_http(conn) else {
+        let Some(key) = self.conns.waiting_http(conn) else {
             return;
         };
         if kind == Counted::Channels {
@@ -202,46 +247,5 @@ impl<T: Transport> Router<T> {
         let body =
             json(serde_json::json!({ "online": connections > 0, "connections": connections }));
         self.api_store_answer(key, Route::User, 200, &body);
-    }
-
-    /// The store's answer to `GET /api/users/<id>`: the counts and the unread messages.
-    pub(in crate::router) fn api_user_unread(&mut self, key: usize, connections: u64, unread: u64) {
-        let body = json(serde_json::json!({
-            "online": connections > 0, "connections": connections, "unread": unread,
-        }));
-        self.api_store_answer(key, Route::User, 200, &body);
-    }
-
-    /// The store's answer to a history request of the push API.
-    pub(in crate::router) fn api_history_page(&mut self, key: usize, body: &[u8]) {
-        self.api_store_answer(key, Route::History, 200, body);
-    }
-
-    /// The store's ack of an API qos-1 send or a stored publication.
-    pub(in crate::router) fn api_stored(
-        &mut self,
-        key: usize,
-        route: Route,
-        offset: u64,
-        epoch: &str,
-        queued: Option<bool>,
-    ) {
-        let body = json(serde_json::json!({
-            "stored": true, "offset": offset, "epoch": epoch,
-            "queued": queued.unwrap_or(false), "duplicate": queued.is_none(),
-        }));
-        self.api_store_answer(key, route, 200, &body);
-    }
-
-    /// The store refused an API write: 503 with the protocol's error code and why.
-    pub(in crate::router) fn api_refused(
-        &mut self,
-        key: usize,
-        route: Route,
-        code: ErrorCode,
-        why: &str,
-    ) {
-        let body = api::error_body(&format!("{}: {why}", code.as_str()));
-        self.api_store_answer(key, route, 503, &body);
     }
 }

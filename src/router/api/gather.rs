@@ -4,13 +4,14 @@
 use std::sync::Arc;
 
 use super::answers::json;
+use super::Api;
 use crate::broker::Counted;
 use crate::conn::{ConnState, Flags, HttpWait, Transport};
 use crate::http::api::Route;
 use crate::hub::ApiTicket;
 use crate::mail::{ApiCmd, ShardMsg};
 use crate::protocol::{self};
-use crate::router::Router;
+use crate::router::Core;
 use crate::store::StoreReq;
 
 /// An API request waiting for the other shards' counts.
@@ -55,7 +56,7 @@ fn merge_members(mut v: Vec<(Arc<str>, u64)>) -> Vec<(Arc<str>, u64)> {
     out
 }
 
-impl<T: Transport> Router<T> {
+impl<T: Transport> Api<T> {
     /// Runs `cmd` here and on every other shard; answers when all have counted.
     pub(in crate::router) fn start_api(
         &mut self,
@@ -176,24 +177,6 @@ impl<T: Transport> Router<T> {
         );
     }
 
-    /// For [`ApiCmd::Members`]: this shard's subscribers of the channel by user.
-    pub(in crate::router) fn members_of(&self, cmd: &ApiCmd) -> Vec<(Arc<str>, u64)> {
-        match cmd {
-            ApiCmd::Members { channel } => self.channel_members(channel),
-            _ => Vec::new(),
-        }
-    }
-
-    /// This shard's subscribers of `channel` by user (`""` for anonymous ones).
-    pub(in crate::router) fn channel_members(&self, channel: &str) -> Vec<(Arc<str>, u64)> {
-        let anonymous: Arc<str> = Arc::from("");
-        let users = self.hub.subscribers(channel).map(|slot| {
-            let u = self.conns.get(slot as usize).and_then(|c| c.user.clone());
-            (u.unwrap_or_else(|| anonymous.clone()), 1)
-        });
-        merge_members(users.collect())
-    }
-
     pub(in crate::router) fn on_api_done(
         &mut self,
         id: u32,
@@ -236,23 +219,24 @@ impl<T: Transport> Router<T> {
     /// Every shard counted a presence request: with a broker, the other nodes next (the
     /// answer waits; an HTTP connection holds its later requests), then the answer.
     pub(in crate::router) fn complete_presence(&mut self, id: u32) {
+        let core = &mut self.streams.core;
         let p = &mut self.pending_api[id as usize];
         let pr = p.presence.as_mut().expect("a presence request");
         let channel = p.user.clone().expect("a channel");
         if !pr.asked {
-            if let Some(b) = &self.broker {
+            if let Some(b) = &core.broker {
                 pr.asked = true;
                 let ticket = ApiTicket {
-                    shard: self.index,
+                    shard: core.index,
                     id,
                 };
                 let req = crate::broker::BrokerReq::Members { channel, ticket };
                 if b.is_up() {
                     // Refused by a full queue: answered with this node's members.
-                    self.broker_out.push(req);
+                    core.broker_out.push(req);
                     let http = pr.ws.is_none();
                     let (key, generation) = (p.key, p.generation);
-                    if let Some(c) = self.conns.get_mut(key) {
+                    if let Some(c) = core.conns.get_mut(key) {
                         // The same connection (not a reuse of its slot): an HTTP one holds
                         // its later requests until the answer.
                         if http && c.generation == generation {
@@ -365,9 +349,29 @@ impl<T: Transport> Router<T> {
         self.api_answer(p.key, p.route, 200, &body, p.close);
         if resume {
             self.conns[p.key].state = ConnState::Http(HttpWait::Reading);
-            // Pipelined requests that arrived meanwhile.
-            self.on_readable(p.key, true);
+            // Pipelined requests that arrived meanwhile: read on from the backlog.
+            self.conns.defer_read(p.key);
         }
+    }
+}
+
+impl<T: Transport> Core<T> {
+    /// For [`ApiCmd::Members`]: this shard's subscribers of the channel by user.
+    pub(in crate::router) fn members_of(&self, cmd: &ApiCmd) -> Vec<(Arc<str>, u64)> {
+        match cmd {
+            ApiCmd::Members { channel } => self.channel_members(channel),
+            _ => Vec::new(),
+        }
+    }
+
+    /// This shard's subscribers of `channel` by user (`""` for anonymous ones).
+    pub(in crate::router) fn channel_members(&self, channel: &str) -> Vec<(Arc<str>, u64)> {
+        let anonymous: Arc<str> = Arc::from("");
+        let users = self.hub.subscribers(channel).map(|slot| {
+            let u = self.conns.get(slot as usize).and_then(|c| c.user.clone());
+            (u.unwrap_or_else(|| anonymous.clone()), 1)
+        });
+        merge_members(users.collect())
     }
 
     /// Executes an API command on this shard's connections; returns its count.

@@ -8,20 +8,39 @@ mod gather;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::Router;
+use super::Streams;
+use crate::broker::BrokerMetrics;
 use crate::conn::{Flags, Transport};
 use crate::http::api::{self, ApiError, Route};
 use crate::http::{Method, Request};
 use crate::hub::ReplyTo;
 use crate::mail::ApiCmd;
 use crate::metrics::ShardMetrics;
+use crate::metrics::StoreMetrics;
 use crate::protocol::{self, Target};
 use crate::store::StoreReq;
+use slab::Slab;
 
 use answers::json;
 pub use gather::PendingApi;
 
-impl<T: Transport> Router<T> {
+/// The push API's layer (see the module docs): above [`Streams`], below the
+/// [`Router`](super::Router) that reads the requests.
+pub struct Api<T: Transport> {
+    pub(in crate::router) streams: Streams<T>,
+    /// API requests waiting for other shards.
+    pub(in crate::router) pending_api: Slab<PendingApi>,
+    /// What `POST /api/drain` calls.
+    pub(in crate::router) on_drain: Option<super::OnDrain>,
+    pub(in crate::router) store_metrics: Arc<StoreMetrics>,
+    pub(in crate::router) broker_metrics: Option<Arc<BrokerMetrics>>,
+    /// This node's id (shown in `/api/stats` and `/metrics`).
+    pub(in crate::router) node: Arc<str>,
+}
+
+layer_over!(Api => Streams, streams);
+
+impl<T: Transport> Api<T> {
     /// Browser requests (those with `Origin`) must come from an allowed origin, if any are set.
     pub(in crate::router) fn origin_allowed(&self, req: &Request) -> bool {
         match (&req.origin, self.cfg.allowed_origins.is_empty()) {
