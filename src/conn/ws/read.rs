@@ -26,9 +26,41 @@ pub fn next_event<'a, T>(
     inflater: &mut Option<Box<Decompress>>,
     now_ms: u64,
 ) -> Option<Event<'a>> {
+    read_event::<T, true>(c, inb, limits, inflater, now_ms)
+}
+
+/// [`next_event`] without the short path for small messages: the tests hold both to the
+/// same events.
+#[cfg(test)]
+pub(super) fn next_event_general<'a, T>(
+    c: &mut Conn<T>,
+    inb: &'a mut Inbound,
+    limits: &Limits,
+    inflater: &mut Option<Box<Decompress>>,
+    now_ms: u64,
+) -> Option<Event<'a>> {
+    read_event::<T, false>(c, inb, limits, inflater, now_ms)
+}
+
+#[inline(always)]
+fn read_event<'a, T, const SHORT: bool>(
+    c: &mut Conn<T>,
+    inb: &'a mut Inbound,
+    limits: &Limits,
+    inflater: &mut Option<Box<Decompress>>,
+    now_ms: u64,
+) -> Option<Event<'a>> {
     // Found first, borrowed after: a borrow returned from inside the loop would hold the
     // buffer for every later iteration too.
-    let found = next_found(c, inb, limits, inflater, now_ms)?;
+    let short = if SHORT {
+        small_message(c, inb, limits, now_ms)
+    } else {
+        None
+    };
+    let found = match short {
+        Some(f) => f,
+        None => next_found(c, inb, limits, inflater, now_ms)?,
+    };
     // Text is checked for UTF-8 here, once (SIMD for the common unfragmented message).
     if let Found::Message { text: true, at } = &found {
         if let Ok(t) = simdutf8::basic::from_utf8(&inb.buf[at.clone()]) {
@@ -54,6 +86,46 @@ pub fn next_event<'a, T>(
             _ => unreachable!("a violation borrows nothing"),
         },
     }
+}
+
+/// The common frame, taken without the general parse: a whole, unfragmented, uncompressed,
+/// masked text (or, when taken, binary) message under 126 bytes, on an open connection with
+/// no fragment or skip pending. Anything else (or too few bytes) is left to [`next_found`],
+/// which would accept this frame the same way: `check_header` passes it, `on_frame` returns
+/// it as one [`Found::Message`].
+#[inline(always)]
+fn small_message<T>(
+    c: &mut Conn<T>,
+    inb: &mut Inbound,
+    limits: &Limits,
+    now_ms: u64,
+) -> Option<Found> {
+    const TEXT: u8 = 0x81; // FIN, no RSV bit, opcode 1
+    const BINARY: u8 = 0x82;
+    if inb.skip != 0 || inb.frag.is_some() || c.flags.has(Flags::DISCARD_INPUT) {
+        return None;
+    }
+    let p = inb.pending();
+    let (&b0, &b1) = (p.first()?, p.get(1)?);
+    let len = (b1 & 0x7f) as usize;
+    let kind_ok = b0 == TEXT || (b0 == BINARY && limits.binary);
+    if !kind_ok || b1 & 0x80 == 0 || len >= 126 || len > limits.max_message_bytes {
+        return None;
+    }
+    if p.len() < 6 + len || !c.state.is_open() {
+        return None;
+    }
+    let mask = [p[2], p[3], p[4], p[5]];
+    let s = inb.start + 6;
+    let e = s + len;
+    inb.start = e;
+    frame::apply_mask(&mut inb.buf[s..e], mask, 0);
+    c.touch(now_ms);
+    c.flags.clear(Flags::PING_OUTSTANDING);
+    Some(Found::Message {
+        text: b0 == TEXT,
+        at: s..e,
+    })
 }
 
 /// What [`next_event`] found, by position in the read buffer.

@@ -48,9 +48,20 @@ fn open_conn() -> Conn<()> {
 /// Every event of `bytes`, as owned values, with `f` applied between them (the router's
 /// part: what it does to the connection after an event).
 fn events(c: &mut Conn<()>, inb: &mut Inbound, now_ms: u64) -> Vec<Event<'static>> {
+    read_all(c, inb, now_ms, true)
+}
+
+/// [`events`], through the short path for small messages (`short`) or the general parse.
+fn read_all(c: &mut Conn<()>, inb: &mut Inbound, now_ms: u64, short: bool) -> Vec<Event<'static>> {
     let mut out = Vec::new();
     let mut inflater = None;
-    while let Some(ev) = next_event(c, inb, &LIMITS, &mut inflater, now_ms) {
+    loop {
+        let ev = if short {
+            next_event(c, inb, &LIMITS, &mut inflater, now_ms)
+        } else {
+            super::read::next_event_general(c, inb, &LIMITS, &mut inflater, now_ms)
+        };
+        let Some(ev) = ev else { break };
         out.push(match ev {
             Event::Text(t) => Event::Text(Cow::Owned(t.into_owned())),
             Event::Binary(b) => Event::Binary(Cow::Owned(b.into_owned())),
@@ -210,4 +221,66 @@ fn the_ping_is_an_empty_ping_frame() {
     use crate::ws::frame::{self, Control, OpCode};
     let encoded = frame::encode(OpCode::Control(Control::Ping), b"");
     assert_eq!(&super::PING[..], &encoded[..]);
+}
+
+#[test]
+fn small_messages_read_as_the_general_parse_reads_them() {
+    // Under 126 bytes, unfragmented, uncompressed: the short path. Each case goes through
+    // both paths, fed whole, a frame per read and a byte per read, and all six must give
+    // the same events.
+    let cases: Vec<Vec<Vec<u8>>> = vec![
+        vec![frame(true, 1, b"hi"), frame(true, 1, br#"{"op":"ping"}"#)],
+        vec![frame(true, 1, &[b'x'; 125])],
+        vec![frame(true, 1, &[b'y'; 126])],
+        vec![frame(true, 1, b"")],
+        // Invalid UTF-8 in a small text message: 1007.
+        vec![frame(true, 1, b"\xff\xfe"), frame(true, 8, b"")],
+        // Binary while not taken: 1003.
+        vec![frame(true, 2, b"bin"), frame(true, 8, b"")],
+        // A small FIN text frame while a fragmented message is open: 1002.
+        vec![
+            frame(false, 1, b"par"),
+            frame(true, 1, b"new"),
+            frame(true, 8, b""),
+        ],
+        // Unmasked: 1002.
+        vec![vec![0x81, 0x02, b'h', b'i'], frame(true, 8, b"")],
+        // A message after the peer's close is not read.
+        vec![frame(true, 8, b""), frame(true, 1, b"late")],
+        // A message after a frame error is not read.
+        vec![vec![0x81, 0xff, 0, 0], frame(true, 1, b"lost")],
+    ];
+    for frames in cases {
+        let bytes = frames.concat();
+        let reads: [Vec<Vec<u8>>; 3] = [
+            vec![bytes.clone()],
+            frames.clone(),
+            bytes.iter().map(|&b| vec![b]).collect(),
+        ];
+        let mut seen = Vec::new();
+        for short in [true, false] {
+            for pieces in &reads {
+                let mut c = open_conn();
+                let mut inb = Inbound {
+                    buf: vec![0; bytes.len() + 64],
+                    start: 0,
+                    end: 0,
+                    frag: None,
+                    skip: 0,
+                };
+                let mut got = Vec::new();
+                for piece in pieces {
+                    let end = inb.end;
+                    inb.buf[end..end + piece.len()].copy_from_slice(piece);
+                    inb.end += piece.len();
+                    got.extend(read_all(&mut c, &mut inb, 5, short));
+                }
+                seen.push(got);
+            }
+        }
+        assert!(!seen[0].is_empty());
+        for s in &seen[1..] {
+            assert_eq!(&seen[0], s, "{frames:?}");
+        }
+    }
 }
