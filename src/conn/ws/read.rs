@@ -29,21 +29,10 @@ pub fn next_event<'a, T>(
     read_event::<T, true>(c, inb, limits, inflater, now_ms)
 }
 
-/// [`next_event`] without the short path for small messages: the tests hold both to the
-/// same events.
-#[cfg(test)]
-pub(super) fn next_event_general<'a, T>(
-    c: &mut Conn<T>,
-    inb: &'a mut Inbound,
-    limits: &Limits,
-    inflater: &mut Option<Box<Decompress>>,
-    now_ms: u64,
-) -> Option<Event<'a>> {
-    read_event::<T, false>(c, inb, limits, inflater, now_ms)
-}
-
+/// [`next_event`], with the short path for small messages (`SHORT`) or without it: the
+/// tests hold both to the same events.
 #[inline(always)]
-fn read_event<'a, T, const SHORT: bool>(
+pub(super) fn read_event<'a, T, const SHORT: bool>(
     c: &mut Conn<T>,
     inb: &'a mut Inbound,
     limits: &Limits,

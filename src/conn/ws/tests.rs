@@ -59,7 +59,7 @@ fn read_all(c: &mut Conn<()>, inb: &mut Inbound, now_ms: u64, short: bool) -> Ve
         let ev = if short {
             next_event(c, inb, &LIMITS, &mut inflater, now_ms)
         } else {
-            super::read::next_event_general(c, inb, &LIMITS, &mut inflater, now_ms)
+            super::read::read_event::<_, false>(c, inb, &LIMITS, &mut inflater, now_ms)
         };
         let Some(ev) = ev else { break };
         out.push(match ev {
