@@ -1,7 +1,8 @@
 //! The deterministic simulation (`src/sim/`): many seeds of random clients, shards and mail
 //! in virtual time, invariants checked after every step; every other seed with a store
 //! (qos-1 sends, inboxes, delayed commits, and the audit that every acknowledged send is
-//! stored exactly once).
+//! stored exactly once), every fourth a cluster of two nodes over a model broker that drops
+//! its connections (`src/sim/cluster.rs`).
 //!
 //! `SIM_SEEDS=N` plays seeds 0..N (default 500), `SIM_STEPS=S` steps per seed (default 1500),
 //! `SIM_SEED=S` replays one seed exactly (a failure prints the command).
@@ -47,6 +48,10 @@ fn seeded_simulation_keeps_every_invariant() {
     );
     // The runs must exercise what they claim to.
     if seeds.len() >= 20 {
+        assert!(
+            total.broker_carried > 0 && total.broker_faults > 0 && total.broker_lost > 0,
+            "the cluster worlds never carried, lost or faulted: {total:?}"
+        );
         assert!(
             total.dms_received > 0 && total.pubs_received > 0,
             "{total:?}"

@@ -418,6 +418,66 @@ impl BrokerHandle {
     }
 }
 
+/// A broker without threads or Redis, for the simulation (`sim/cluster.rs`): the handle
+/// the shards hold is the real one; what they post is read from the [`ModelLink`], which
+/// also says whether "Redis" is reachable.
+#[cfg(feature = "sim")]
+pub fn model(node: &str, queue: usize) -> (BrokerHandle, ModelLink) {
+    let (publish, publish_rx) = crossbeam_channel::bounded(queue);
+    let (interest, interest_rx) = crossbeam_channel::unbounded();
+    let up = Arc::new(Up::new(1));
+    let handle = BrokerHandle {
+        publish,
+        interest: vec![interest].into(),
+        map: Arc::new(SlotMap::single("model".into(), 0)),
+        node: node.into(),
+        up: up.clone(),
+    };
+    let link = ModelLink {
+        publish: publish_rx,
+        interest: interest_rx,
+        up,
+    };
+    (handle, link)
+}
+
+/// The far end of a [`model`] broker's handle.
+#[cfg(feature = "sim")]
+#[derive(Debug)]
+pub struct ModelLink {
+    publish: crossbeam_channel::Receiver<BrokerReq>,
+    interest: crossbeam_channel::Receiver<Change>,
+    up: Arc<Up>,
+}
+
+#[cfg(feature = "sim")]
+impl ModelLink {
+    /// The next publication a shard queued.
+    pub fn next_request(&self) -> Option<BrokerReq> {
+        self.publish.try_recv().ok()
+    }
+
+    /// The next interest change, as the subscriber takes it: the Redis channel
+    /// ([`user_channel`], [`channel_channel`]), on or off, and who waits for it.
+    pub fn next_interest(&self) -> Option<Change> {
+        self.interest.try_recv().ok()
+    }
+
+    /// The publisher's connection went down or came back (a reconnect bumps the
+    /// generation, as the publisher thread does).
+    pub fn set_publisher(&self, up: bool) {
+        if up && !self.up.publisher[0].load(Ordering::Relaxed) {
+            self.up.generation.fetch_add(1, Ordering::Relaxed);
+        }
+        self.up.publisher[0].store(up, Ordering::Relaxed);
+    }
+
+    /// The subscriber's connection went down or came back.
+    pub fn set_subscriber(&self, up: bool) {
+        self.up.subscriber[0].store(up, Ordering::Relaxed);
+    }
+}
+
 /// How often a node refreshes its liveness key.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// Most shards a node may have (`--shards` is 1..=1024): a dead node's hashes are deleted
@@ -464,13 +524,13 @@ fn channel_of(redis_channel: &str) -> Option<&str> {
 
 /// An interest change as a subscriber thread takes it.
 #[derive(Debug)]
-struct Change {
+pub struct Change {
     /// The Redis channel.
-    name: String,
+    pub name: String,
     /// Interest came (or went).
-    on: bool,
+    pub on: bool,
     /// (shard, token) to answer with [`BrokerMsg::Ready`].
-    ready: Option<(u16, u64)>,
+    pub ready: Option<(u16, u64)>,
 }
 
 impl Change {

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::Router;
-use crate::conn::{sse, ws, ConnState, Flags, Transport};
+use crate::conn::{sse, ws, ConnState, Flags, Transport, Welcome};
 use crate::metrics::{HandshakeFailure, ShardMetrics};
 use crate::ws::close::{self as code};
 
@@ -43,7 +43,11 @@ impl<T: Transport> Router<T> {
                 }
                 let c = &self.conns[key];
                 if c.flags.has(Flags::SSE) {
-                    self.conns.push_raw(key, Bytes::from_static(sse::HEARTBEAT));
+                    // Its response head goes out once it is registered (with a broker, once
+                    // the subscription is active): nothing before it.
+                    if c.state != ConnState::Open(Welcome::Registration) {
+                        self.conns.push_raw(key, Bytes::from_static(sse::HEARTBEAT));
+                    }
                     let next = self.conns.next_heartbeat_check(key);
                     return self.conns.arm(key, next.max(now + 1));
                 }

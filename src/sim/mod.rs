@@ -22,9 +22,14 @@
 //! before anything newer; a resume from a store whose files were lost says `epoch_changed`;
 //! and at the end every acknowledged qos-1 send is in its recipient's inbox exactly once.
 //!
+//! Cluster worlds ([`World::cluster`]) split the shards between nodes over a model broker
+//! (`cluster.rs`) whose connections drop and come back: checked on top, every open client is
+//! welcomed, and at the end no node follows anything.
+//!
 //! [`run`] plays one seed; a failure names the seed and the step, and replaying the seed
 //! replays the run exactly.
 
+mod cluster;
 pub mod disk;
 pub mod pipe;
 
@@ -203,6 +208,15 @@ pub struct Stats {
     pub api_calls: u64,
     /// Store requests refused (the queue full, or a refusal injected).
     pub store_refused: u64,
+    /// Messages the model broker carried to another node's shards (cluster worlds).
+    pub broker_carried: u64,
+    /// Copies the model broker lost (a dropped subscription) or never sent (the publisher
+    /// down).
+    pub broker_lost: u64,
+    /// Broker connections dropped or restored.
+    pub broker_faults: u64,
+    /// DMs for other nodes the model broker answered `unavailable`.
+    pub broker_unavailable: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -223,6 +237,10 @@ impl std::ops::AddAssign for Stats {
         self.crashes += o.crashes;
         self.sse_events += o.sse_events;
         self.api_calls += o.api_calls;
+        self.broker_carried += o.broker_carried;
+        self.broker_lost += o.broker_lost;
+        self.broker_faults += o.broker_faults;
+        self.broker_unavailable += o.broker_unavailable;
     }
 }
 
@@ -247,6 +265,10 @@ pub struct World {
     /// Counts.
     pub stats: Stats,
     step: u64,
+    /// Nodes the shards are split between (more than one: over a model broker).
+    nodes: usize,
+    /// The model broker of a world of several nodes.
+    broker: Option<cluster::ModelBroker>,
 }
 
 /// What the store posted, by shard, in order, until the mailboxes take it.
@@ -291,11 +313,24 @@ impl World {
         Self::build(seed, shards, true)
     }
 
+    /// A cluster: `nodes` nodes of `shards_per_node` shards each, over a model broker that
+    /// drops subscriptions and connections now and then (see `cluster.rs`). No store.
+    pub fn cluster(seed: u64, nodes: usize, shards_per_node: usize) -> World {
+        let mut w = Self::empty(seed, nodes);
+        w.boot(nodes * shards_per_node, None);
+        w
+    }
+
     fn build(seed: u64, shards: usize, with_store: bool) -> World {
-        let mut rng = Rng::new(seed);
-        let disk = with_store.then(|| SimDisk::new(rng.next_u64()));
-        let mut w = World {
-            rng,
+        let mut w = Self::empty(seed, 1);
+        let disk = with_store.then(|| SimDisk::new(w.rng.next_u64()));
+        w.boot(shards, disk);
+        w
+    }
+
+    fn empty(seed: u64, nodes: usize) -> World {
+        World {
+            rng: Rng::new(seed),
             now_ms: 0,
             shards: Vec::new(),
             mailboxes: Vec::new(),
@@ -308,15 +343,28 @@ impl World {
             stats: Stats::default(),
             step: 0,
             store_refuse_pct: 0,
-        };
-        w.boot(shards, disk);
-        w
+            nodes,
+            broker: None,
+        }
     }
 
     /// Starts the process: `shards` fresh shards and mailboxes and, on `disk`, the store
     /// (which loads what the files hold).
     fn boot(&mut self, shards: usize, disk: Option<SimDisk>) {
-        let mut shared = Shared::standalone(sim_config(shards), shards);
+        let spn = shards / self.nodes;
+        let mut nodes: Vec<Shared> = (0..self.nodes)
+            .map(|_| Shared::standalone(sim_config(spn), spn))
+            .collect();
+        if self.nodes > 1 {
+            assert!(disk.is_none(), "a cluster world has no store");
+            let mb = cluster::ModelBroker::new(self.nodes, spn, |n| nodes[n].directory.clone());
+            for (n, shared) in nodes.iter_mut().enumerate() {
+                shared.broker = Some(mb.nodes[n].handle.clone());
+                shared.node = format!("node{n}").into();
+            }
+            self.broker = Some(mb);
+        }
+        let shared = &mut nodes[0];
         let now_unix = UNIX_BASE_MS + self.now_ms;
         self.store = disk.map(|disk| {
             let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
@@ -345,9 +393,9 @@ impl World {
         self.shards = (0..shards)
             .map(|i| {
                 Router::new(
-                    i as u16,
-                    shards as u16,
-                    shared.clone(),
+                    (i % spn) as u16,
+                    spn as u16,
+                    nodes[i / spn].clone(),
                     self.now_ms,
                     now_unix,
                 )
@@ -390,6 +438,15 @@ impl World {
     pub fn step(&mut self) {
         self.step += 1;
         self.stats.steps += 1;
+        if self.broker.is_some() && self.rng.chance(20) {
+            // Now and then a node's connection to Redis drops, or comes back.
+            if self.rng.chance(6) {
+                if let Some(b) = self.broker.as_mut() {
+                    b.fault(&mut self.rng);
+                }
+            }
+            self.broker_turn();
+        }
         match self.rng.below(100) {
             0..=5 => self.connect(),
             6..=30 => {
@@ -1032,8 +1089,10 @@ impl World {
         sh.on_timers();
         let mailboxes = &mut self.mailboxes;
         let full = &mut self.stats.mailbox_full;
+        let spn = mailboxes.len() / self.nodes;
+        let base = s / spn * spn;
         sh.post_mail(|to, msg| {
-            let q = &mut mailboxes[to as usize];
+            let q = &mut mailboxes[base + to as usize];
             if q.len() >= MAILBOX_CAPACITY {
                 *full += 1;
                 Err(msg)
@@ -1054,7 +1113,23 @@ impl World {
                 st.handle.try_request(req)
             });
         }
+        if let Some(b) = &self.broker {
+            let h = &b.nodes[s / spn].handle;
+            sh.post_broker(&mut |req| h.publish(req), &mut |i| h.interest(i));
+        }
         sh.flush();
+    }
+
+    /// The broker's threads of every node take what the shards posted, and what they carry
+    /// goes to the mailboxes (as far as they have room).
+    fn broker_turn(&mut self) {
+        let Some(b) = self.broker.as_mut() else {
+            return;
+        };
+        for n in 0..self.nodes {
+            b.turn(n);
+        }
+        b.deliver(&mut self.mailboxes, MAILBOX_CAPACITY);
     }
 
     /// The store takes some of its queued requests as one batch (commits come late, in
@@ -1215,6 +1290,9 @@ impl World {
 
     /// Everyone leaves; the clock runs until every shard is empty. Then every table must be.
     pub fn drain(&mut self) {
+        if let Some(b) = self.broker.as_mut() {
+            b.heal();
+        }
         let ids: Vec<usize> = self.clients.keys().copied().collect();
         for id in ids {
             let c = self.clients.get_mut(&id).expect("listed");
@@ -1242,6 +1320,7 @@ impl World {
             if self.store.is_some() {
                 self.store_turn();
             }
+            self.broker_turn();
             self.check();
             if round == 20 {
                 // The server had time to answer everything, the store to commit: a client
@@ -1253,6 +1332,11 @@ impl World {
                             "client {id}: sends {:?} never answered",
                             c.pending_ids
                         ));
+                    }
+                    // And it was welcomed: its registration (with a broker, its
+                    // subscription) did not wait forever.
+                    if open && !c.sse && c.api.is_none() && !c.welcomed {
+                        self.fail(format!("client {id}: open, never welcomed"));
                     }
                 }
             }
@@ -1272,13 +1356,18 @@ impl World {
                     .shards
                     .iter()
                     .all(|s| !s.has_retries() && !s.has_requests())
-                && self.store_idle();
+                && self.store_idle()
+                && self.broker.as_ref().is_none_or(|b| b.idle());
             if empty {
                 self.audit_store();
+                if let Some(b) = &self.broker {
+                    b.check_end();
+                }
+                let spn = self.shards.len() / self.nodes;
                 for (i, sh) in self.shards.iter().enumerate() {
                     let hub = sh.hub();
                     assert_eq!(hub.local_channels(), 0, "shard {i}: channels left");
-                    let home = sh.directory().home_len(i as u16);
+                    let home = sh.directory().home_len((i % spn) as u16);
                     assert_eq!(home, 0, "shard {i}: directory not empty");
                     assert_eq!(sh.conns().wheel_len(), 0, "shard {i}: wheel not empty");
                 }
@@ -1327,17 +1416,24 @@ impl World {
 /// Plays seed `seed` for `steps` steps on `shards` shards, then drains. Panics (naming the
 /// step) when an invariant breaks.
 pub fn run(seed: u64, shards: usize, steps: u64) -> Stats {
-    // Every other seed has a store: qos-1 sends, inboxes and their audit.
-    let mut w = if seed % 2 == 1 {
-        World::with_store(seed, shards)
-    } else {
-        World::new(seed, shards)
+    // Every other seed has a store: qos-1 sends, inboxes and their audit; every fourth is
+    // a cluster of two nodes over the model broker.
+    let mut w = match seed % 4 {
+        1 | 3 => World::with_store(seed, shards),
+        2 => World::cluster(seed, 2, shards.div_ceil(2)),
+        _ => World::new(seed, shards),
     };
     w.store_refuse_pct = STORE_REFUSE_PCT;
     for _ in 0..steps {
         w.step();
     }
     w.drain();
+    if let Some(b) = &w.broker {
+        w.stats.broker_carried = b.carried;
+        w.stats.broker_lost = b.lost;
+        w.stats.broker_faults = b.faults;
+        w.stats.broker_unavailable = b.unavailable;
+    }
     w.stats
 }
 
