@@ -18,6 +18,7 @@
 # `switchboard-before` and `switchboard-1-before`; COMPARE_SERVERS="a b ..." runs only those
 # servers; either one leaves docs/benchmarks.md as it is (the report goes to
 # target/compare/report.md).
+# For CPU per message alone, before/after in alternating pairs: scripts/flood-ab.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}

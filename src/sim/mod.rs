@@ -1293,15 +1293,19 @@ impl World {
         if let Some(b) = self.broker.as_mut() {
             b.heal();
         }
-        let ids: Vec<usize> = self.clients.keys().copied().collect();
-        for id in ids {
-            let c = self.clients.get_mut(&id).expect("listed");
-            if c.phase == Phase::Open && !c.sse && c.api.is_none() && self.rng.chance(50) {
-                c.phase = Phase::Closing;
-                c.unsent.extend(testkit::close_frame(1000, "bye"));
-            }
-        }
         for round in 0..2_000 {
+            if round == 21 {
+                // Every client still open was checked (below); half of them leave with a
+                // close frame, the rest drop later.
+                let ids: Vec<usize> = self.clients.keys().copied().collect();
+                for id in ids {
+                    let c = self.clients.get_mut(&id).expect("listed");
+                    if c.phase == Phase::Open && !c.sse && c.api.is_none() && self.rng.chance(50) {
+                        c.phase = Phase::Closing;
+                        c.unsent.extend(testkit::close_frame(1000, "bye"));
+                    }
+                }
+            }
             // Clients finish writing, read everything, answer close frames.
             let ids: Vec<usize> = self.clients.keys().copied().collect();
             for id in &ids {
