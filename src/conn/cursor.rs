@@ -41,22 +41,12 @@ pub struct Cursor {
 }
 
 impl Cursor {
-    /// A live message at `offset` (of `epoch`, when the event says): true when it is to be
-    /// delivered (then it is the position); false while replaying (a later page has it) or
-    /// when already delivered. A message of another epoch than the cursor's (the store lost
-    /// the stream while this connection stayed: its offsets start again) moves the cursor to
-    /// that epoch.
-    pub fn take_live(&mut self, offset: u64, epoch: Option<crate::store::Epoch>) -> bool {
+    /// A live message at `offset`: true when it is to be delivered (then it is the
+    /// position); false while replaying (a later page has it) or when already delivered.
+    pub fn take_live(&mut self, offset: u64) -> bool {
         if self.replaying || self.since.is_some() {
             self.skipped = self.skipped.max(offset + 1);
             return false;
-        }
-        if let (Some(new), Some(old)) = (epoch, self.epoch) {
-            if new != old {
-                self.epoch = Some(new);
-                self.next = offset + 1;
-                return true;
-            }
         }
         self.take(offset)
     }

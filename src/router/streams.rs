@@ -20,9 +20,8 @@ use crate::mail::ShardMsg;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, InboxInfo, Target};
 use crate::store::{
-    ChannelOpened, Epoch, Opened, Page, Refusal, Retention, Since, StoreMsg, StoreReq, StreamRef,
+    ChannelOpened, Opened, Page, Refusal, Retention, Since, StoreMsg, StoreReq, StreamRef,
 };
-use crate::ws::close as code;
 
 use crate::conn::cursor::Cursor;
 
@@ -202,26 +201,10 @@ impl<T: Transport> Streams<T> {
                 page,
                 excludes,
             } => self.on_caught_up(stream, epoch, page, &excludes),
-            StoreMsg::Page {
-                conn,
-                stream,
-                epoch,
-                page,
-            } => {
-                let Some(key) = self.conns.live_open(conn) else {
-                    return;
-                };
-                let was = cursor_mut(&mut self.conns[key], &stream).and_then(|c| c.epoch);
-                if was.is_some_and(|e| epoch != Epoch(0) && e != epoch) {
-                    // The store lost the stream while this connection replayed it: what the
-                    // welcome promised is gone. It resumes, and is told so then.
-                    return self.start_close_with(
-                        key,
-                        code::TRY_AGAIN_LATER,
-                        "the store lost this stream's history; resume".into(),
-                    );
+            StoreMsg::Page { conn, stream, page } => {
+                if let Some(key) = self.conns.live_open(conn) {
+                    self.replay(key, &stream, page);
                 }
-                self.replay(key, &stream, page);
             }
             StoreMsg::ChannelDeliver {
                 channel,
@@ -316,7 +299,7 @@ impl<T: Transport> Streams<T> {
             let key = slot as usize;
             let c = &mut self.conns[key];
             if let Some(cur) = c.extra_if_mut().and_then(|e| e.cursor.as_mut()) {
-                if !cur.take_live(offset, super::catchup::event_epoch(payload)) {
+                if !cur.take_live(offset) {
                     continue;
                 }
             }
@@ -574,7 +557,7 @@ impl<T: Transport> Streams<T> {
             if let Some(e) = c.extra_if_mut() {
                 if let Some((_, cur)) = e.channel_cursors.iter_mut().find(|(c, _)| &**c == channel)
                 {
-                    if !cur.take_live(offset, super::catchup::event_epoch(payload)) {
+                    if !cur.take_live(offset) {
                         continue;
                     }
                 }

@@ -488,7 +488,6 @@ fn resume_seam_replays_then_joins_live_without_gap_or_duplicate() {
     h.s.on_mail(ShardMsg::Store(Box::new(StoreMsg::Page {
         conn,
         stream: crate::store::StreamRef::Inbox("bob".into()),
-        epoch: Epoch(0xab),
         page: Page {
             entries: vec![(3, ev(3)), (4, ev(4))],
             next: 5,

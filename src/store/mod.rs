@@ -309,8 +309,6 @@ pub enum StoreMsg {
         conn: ConnId,
         /// Of which stream.
         stream: StreamRef,
-        /// The stream's epoch the page was read in (`Epoch(0)`: the store could not read).
-        epoch: Epoch,
         /// The page.
         page: Page,
     },
@@ -1213,14 +1211,8 @@ impl Worker {
             }
             StoreReq::Page { stream, conn, from } => {
                 let page = self.page(&stream.name(), from);
-                let epoch = self.streams.epoch;
-                let msg = StoreMsg::Page {
-                    conn,
-                    stream,
-                    epoch,
-                    page,
-                };
-                self.out.push((conn.shard, msg));
+                self.out
+                    .push((conn.shard, StoreMsg::Page { conn, stream, page }));
             }
             StoreReq::CatchUp {
                 stream,

@@ -1231,7 +1231,6 @@ impl Worker {
                 let msg = StoreMsg::Page {
                     conn: *conn,
                     stream: stream.clone(),
-                    epoch: head.epoch,
                     page,
                 };
                 (conn.shard, msg)
@@ -1329,7 +1328,6 @@ impl Worker {
                 StoreMsg::Page {
                     conn,
                     stream,
-                    epoch: Epoch(0),
                     page: done,
                 },
             ),
