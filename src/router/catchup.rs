@@ -9,7 +9,8 @@
 //! gap and no duplicate. A stream that moved to another epoch is caught up from the new
 //! epoch's first offset (a Redis that lost it), or from where the shard stood when the new
 //! epoch continues the old one (a Redis that went back in time: see `store::lineage`). A
-//! catch-up the store cannot serve (Redis failing over) is asked again for about a minute.
+//! catch-up the store cannot serve (Redis failing over, or its queue full) is asked again for
+//! about a minute; when it gives up, the held messages past what its pages delivered go out.
 
 use std::sync::Arc;
 
@@ -104,6 +105,16 @@ impl Heads {
     /// When the first catch-up waiting to be asked again is due.
     pub(super) fn next_retry(&self) -> Option<u64> {
         self.retries.iter().map(|r| r.0).min()
+    }
+
+    /// Whether any stream is being caught up or waits to be.
+    pub(super) fn catching_up(&self) -> bool {
+        !self.retries.is_empty()
+            || self
+                .inboxes
+                .values()
+                .chain(self.channels.values())
+                .any(|h| h.held.is_some())
     }
 }
 
@@ -240,10 +251,11 @@ impl<T: Transport> Streams<T> {
         self.ask_store(req, OnPost::CatchUp { stream });
     }
 
-    /// The store's queue was full: the catch-up is given up.
+    /// The store's queue was full: the catch-up is asked again later.
     pub(super) fn catch_up_refused(&mut self, stream: StreamRef) {
+        // As a read the store could not serve: a full queue passes.
         let (kind, name) = Kind::of(stream);
-        self.give_up_catch_up(kind, &name, "the store's queue is full");
+        self.retry_catch_up(kind, name);
     }
 
     /// The missed range cannot be read now: what was held goes out, the gap is counted and
@@ -263,11 +275,14 @@ impl<T: Transport> Streams<T> {
         let held = h.held.take().unwrap_or_default();
         for x in held {
             let h = self.heads.map(kind).get_mut(name).expect("still followed");
-            if x.offset > h.last {
-                h.last = x.offset;
-                if let Some(e) = event_epoch(&x.payload) {
-                    h.epoch = e;
-                }
+            let epoch = event_epoch(&x.payload);
+            if epoch.is_none_or(|e| e == h.epoch) && x.offset <= h.last {
+                // A page of this catch-up delivered it already.
+                continue;
+            }
+            h.last = x.offset;
+            if let Some(e) = epoch {
+                h.epoch = e;
             }
             self.deliver_followed(kind, name, &x.payload, x.offset, x.exclude);
         }

@@ -107,6 +107,11 @@ impl<T: Transport> Streams<T> {
         !self.store_out.is_empty()
     }
 
+    /// Whether a stream followed here is being caught up (or waits to be asked again).
+    pub fn catching_up(&self) -> bool {
+        self.heads.catching_up()
+    }
+
     /// Hands this turn's store requests to `post` in order (call after [`Self::post_mail`],
     /// before [`Self::flush`]: a refusal queues an answer). `post` gives a request back when
     /// the store's queue is full: the client is told ([`OnPost`]).

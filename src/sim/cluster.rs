@@ -13,8 +13,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use crate::broker::{self, BrokerHandle, BrokerMsg, BrokerReq, ModelLink};
-use crate::hub::Directory;
+use crate::hub::{ConnId, Directory, ReplyTo};
 use crate::mail::ShardMsg;
+use crate::store::{StoreMsg, StoreReq};
 
 use super::Rng;
 
@@ -50,6 +51,9 @@ pub(super) struct ModelBroker {
     pub(super) faults: u64,
     /// Messages carried to another node's shards.
     pub(super) carried: u64,
+    /// The shared store's answers, to shards of the world, in order (they wait for room in
+    /// the mailboxes).
+    pub(super) store_out: VecDeque<(usize, StoreMsg)>,
     /// DMs answered `unavailable` (queued while the publisher was up, taken once it was
     /// down).
     pub(super) unavailable: u64,
@@ -85,6 +89,7 @@ impl ModelBroker {
             faults: 0,
             carried: 0,
             unavailable: 0,
+            store_out: VecDeque::new(),
         }
     }
 
@@ -283,6 +288,14 @@ impl ModelBroker {
     /// in order, each queue stopping at the first full mailbox.
     pub(super) fn deliver(&mut self, mailboxes: &mut [VecDeque<ShardMsg>], capacity: usize) {
         let spn = self.shards_per_node;
+        while let Some((g, _)) = self.store_out.front() {
+            let mb = &mut mailboxes[*g];
+            if mb.len() >= capacity {
+                break;
+            }
+            let (_, msg) = self.store_out.pop_front().expect("looked at");
+            mb.push_back(ShardMsg::StoreBatch(vec![msg]));
+        }
         for (n, node) in self.nodes.iter_mut().enumerate() {
             for (wire, q) in [(false, &mut node.posts), (true, &mut node.wire)] {
                 while let Some((s, _)) = q.front() {
@@ -303,6 +316,7 @@ impl ModelBroker {
         self.nodes
             .iter()
             .all(|node| node.wire.is_empty() && node.posts.is_empty() && node.late_ready.is_empty())
+            && self.store_out.is_empty()
     }
 
     /// At the end, with every connection gone: no node follows anything any more (an
@@ -315,5 +329,195 @@ impl ModelBroker {
                 node.interest
             );
         }
+    }
+}
+
+/// The shared store of a cluster world stands for Redis: one store for every node, its
+/// requests and answers naming shards by their place in the whole world (`node * shards +
+/// shard`), stored events published to the nodes that follow the stream — the origin too —
+/// as `broker-sub` delivers them, and lost with a dropped subscription like any copy.
+impl ModelBroker {
+    /// `conn` of node `n`, named for the shared store.
+    fn global(&self, n: usize, c: ConnId) -> ConnId {
+        ConnId {
+            shard: (n * self.shards_per_node) as u16 + c.shard,
+            ..c
+        }
+    }
+
+    /// A shared store's `conn`, named for its node: (node, local id).
+    fn local(&self, c: ConnId) -> (usize, ConnId) {
+        let spn = self.shards_per_node as u16;
+        let local = ConnId {
+            shard: c.shard % spn,
+            ..c
+        };
+        ((c.shard / spn) as usize, local)
+    }
+
+    /// A store request of node `n`'s shards, for the shared store (`back`: the other way,
+    /// for a request the store's queue refused).
+    pub(super) fn store_request(&self, n: usize, req: &mut StoreReq, back: bool) {
+        let spn = self.shards_per_node as u16;
+        let map = |c: &mut ConnId| {
+            *c = if back {
+                self.local(*c).1
+            } else {
+                self.global(n, *c)
+            }
+        };
+        match req {
+            StoreReq::SendDm { reply, sender, .. } => {
+                if let Some(r) = reply {
+                    map(&mut r.conn);
+                }
+                if let Some(c) = sender {
+                    map(c);
+                }
+            }
+            StoreReq::Publish { reply, .. } => {
+                if let Some(r) = reply {
+                    map(&mut r.conn);
+                }
+            }
+            StoreReq::Open { conn, .. }
+            | StoreReq::Page { conn, .. }
+            | StoreReq::OpenChannel { conn, .. }
+            | StoreReq::History { conn, .. }
+            | StoreReq::Unread { conn, .. } => map(conn),
+            StoreReq::CatchUp { shard, .. } => {
+                *shard = if back {
+                    *shard % spn
+                } else {
+                    n as u16 * spn + *shard
+                }
+            }
+            StoreReq::Confirm { .. } | StoreReq::Shutdown => {}
+        }
+    }
+
+    /// What the shared store told shard `g` of the world: answers go to that shard with
+    /// their ids made local (returned: (world shard, message)); stored events are published
+    /// through the model instead.
+    pub(super) fn store_answers(
+        &mut self,
+        g: usize,
+        msgs: Vec<StoreMsg>,
+    ) -> Vec<(usize, StoreMsg)> {
+        let spn = self.shards_per_node;
+        let mut out = Vec::new();
+        for m in msgs {
+            match m {
+                StoreMsg::Deliver {
+                    user,
+                    payload,
+                    offset,
+                    exclude,
+                    ack,
+                } => {
+                    if let Some((reply, offset, epoch)) = ack {
+                        let g = reply.conn.shard as usize;
+                        let (_, conn) = self.local(reply.conn);
+                        let reply = ReplyTo { conn, ..reply };
+                        let msg = StoreMsg::Ack {
+                            reply,
+                            channel: None,
+                            offset,
+                            epoch,
+                            queued: Some(false),
+                        };
+                        out.push((g, msg));
+                    }
+                    let name = broker::user_channel(&user);
+                    let exclude = exclude.map(|c| self.local(c));
+                    for m in self.stored_followers(&name) {
+                        let home = self.nodes[m].directory.place(&user).home;
+                        let msg = BrokerMsg::Stored {
+                            user: user.clone(),
+                            payload: payload.clone(),
+                            offset,
+                            exclude: exclude.filter(|(n, _)| *n == m).map(|(_, c)| c),
+                        };
+                        self.nodes[m].wire.push_back((home, msg));
+                    }
+                }
+                StoreMsg::ChannelDeliver {
+                    channel,
+                    payload,
+                    offset,
+                } => {
+                    // Sent to every shard of the world: published once.
+                    if g != 0 {
+                        continue;
+                    }
+                    let name = broker::channel_channel(&channel);
+                    for m in self.stored_followers(&name) {
+                        for s in 0..spn as u16 {
+                            let msg = BrokerMsg::ChannelStored {
+                                channel: channel.clone(),
+                                payload: payload.clone(),
+                                offset,
+                            };
+                            self.nodes[m].wire.push_back((s, msg));
+                        }
+                    }
+                }
+                StoreMsg::CaughtUp {
+                    stream,
+                    epoch,
+                    page,
+                    excludes,
+                } => {
+                    let n = g / spn;
+                    let excludes = excludes
+                        .into_iter()
+                        .map(|(o, c)| (o, self.local(c)))
+                        .filter(|(_, (m, _))| *m == n)
+                        .map(|(o, (_, c))| (o, c))
+                        .collect();
+                    let msg = StoreMsg::CaughtUp {
+                        stream,
+                        epoch,
+                        page,
+                        excludes,
+                    };
+                    out.push((g, msg));
+                }
+                mut m => {
+                    match &mut m {
+                        StoreMsg::Ack { reply, .. } | StoreMsg::Refused { reply, .. } => {
+                            reply.conn = self.local(reply.conn).1
+                        }
+                        StoreMsg::Opened(o) => o.conn = self.local(o.conn).1,
+                        StoreMsg::History(h) => h.conn = self.local(h.conn).1,
+                        StoreMsg::ChannelOpened(o) => o.conn = self.local(o.conn).1,
+                        StoreMsg::Unread { conn, .. } | StoreMsg::Page { conn, .. } => {
+                            *conn = self.local(*conn).1
+                        }
+                        StoreMsg::Deliver { .. }
+                        | StoreMsg::ChannelDeliver { .. }
+                        | StoreMsg::CaughtUp { .. } => unreachable!("matched above"),
+                    }
+                    out.push((g, m));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every node whose subscriber follows Redis channel `name` now (a stored event goes to
+    /// the origin too); counts a copy lost for each that follows it with its subscriber down.
+    fn stored_followers(&mut self, name: &str) -> Vec<usize> {
+        let mut to = Vec::new();
+        for (m, node) in self.nodes.iter().enumerate() {
+            if node.interest.contains_key(name) {
+                if node.subscriber_up {
+                    to.push(m);
+                } else {
+                    self.lost += 1;
+                }
+            }
+        }
+        to
     }
 }

@@ -23,8 +23,10 @@
 //! and at the end every acknowledged qos-1 send is in its recipient's inbox exactly once.
 //!
 //! Cluster worlds ([`World::cluster`]) split the shards between nodes over a model broker
-//! (`cluster.rs`) whose connections drop and come back: checked on top, every open client is
-//! welcomed, and at the end no node follows anything.
+//! (`cluster.rs`) whose connections drop and come back, half of them with one store for every
+//! node (the streams in Redis): checked on top, every open client is welcomed, and at the end
+//! no node follows anything. Every world settles before its drain; then every client open
+//! since its welcome must hold every inbox offset after it (no gap).
 //!
 //! [`run`] plays one seed; a failure names the seed and the step, and replaying the seed
 //! replays the run exactly.
@@ -171,6 +173,10 @@ struct Client {
     replay: Option<(String, u64, u64)>,
     /// DMs received, as (sending client, sequence).
     dms: BTreeSet<(usize, u64)>,
+    /// Its inbox from the welcome on: (epoch, the welcome's top), and every offset after it
+    /// it got or sent itself (acked: its own copy is not delivered to it).
+    inbox_from: Option<(String, u64)>,
+    inbox_seen: BTreeSet<u64>,
     welcomed: bool,
     close_code: Option<u16>,
 }
@@ -314,10 +320,14 @@ impl World {
     }
 
     /// A cluster: `nodes` nodes of `shards_per_node` shards each, over a model broker that
-    /// drops subscriptions and connections now and then (see `cluster.rs`). No store.
-    pub fn cluster(seed: u64, nodes: usize, shards_per_node: usize) -> World {
+    /// drops subscriptions and connections now and then (see `cluster.rs`); `with_store`: one
+    /// store for every node, standing for the streams in Redis (stored events reach the
+    /// nodes through the model, and are lost with a dropped subscription: the shards catch
+    /// up from the store).
+    pub fn cluster(seed: u64, nodes: usize, shards_per_node: usize, with_store: bool) -> World {
         let mut w = Self::empty(seed, nodes);
-        w.boot(nodes * shards_per_node, None);
+        let disk = with_store.then(|| SimDisk::new(w.rng.next_u64()));
+        w.boot(nodes * shards_per_node, disk);
         w
     }
 
@@ -356,7 +366,6 @@ impl World {
             .map(|_| Shared::standalone(sim_config(spn), spn))
             .collect();
         if self.nodes > 1 {
-            assert!(disk.is_none(), "a cluster world has no store");
             let mb = cluster::ModelBroker::new(self.nodes, spn, |n| nodes[n].directory.clone());
             for (n, shared) in nodes.iter_mut().enumerate() {
                 shared.broker = Some(mb.nodes[n].handle.clone());
@@ -364,12 +373,13 @@ impl World {
             }
             self.broker = Some(mb);
         }
-        let shared = &mut nodes[0];
         let now_unix = UNIX_BASE_MS + self.now_ms;
         self.store = disk.map(|disk| {
             let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
             let handle = StoreHandle::new(tx);
-            shared.store = Some(handle.clone());
+            for shared in &mut nodes {
+                shared.store = Some(handle.clone());
+            }
             let answers = Answers::default();
             let sink_answers = answers.clone();
             let sink: crate::store::Sink = Box::new(move |shard, msgs| {
@@ -464,7 +474,7 @@ impl World {
             85..=87 => self.leave(),
             88..=93 if self.store.is_some() => {
                 // Rarely, the process dies (and, more rarely, its files with it).
-                if self.rng.chance(1) && self.rng.chance(20) {
+                if self.nodes == 1 && self.rng.chance(1) && self.rng.chance(20) {
                     let keep = !self.rng.chance(30);
                     self.crash(keep);
                 } else {
@@ -650,6 +660,8 @@ impl World {
                 acked: BTreeSet::new(),
                 qos1: BTreeMap::new(),
                 inbox_at: since.clone(),
+                inbox_from: None,
+                inbox_seen: BTreeSet::new(),
                 since,
                 replay: None,
                 dms: BTreeSet::new(),
@@ -965,6 +977,15 @@ impl World {
                         fail(format!("welcomed as {}", v["user"]));
                     }
                 }
+                if let (Some(e), Some(top)) =
+                    (v["inbox"]["epoch"].as_str(), v["inbox"]["offset"].as_u64())
+                {
+                    let from = match (&c.since, v["inbox"]["recovered"].as_bool()) {
+                        (Some((_, since)), Some(true)) => *since,
+                        _ => top,
+                    };
+                    c.inbox_from = Some((e.to_owned(), from));
+                }
                 self.on_inbox_opened(id, &v["inbox"]);
             }
             "msg" => {
@@ -1003,6 +1024,9 @@ impl World {
                             }
                         }
                         c.inbox_at = Some((e.to_owned(), o));
+                        if c.inbox_from.as_ref().is_some_and(|(fe, _)| fe == e) {
+                            c.inbox_seen.insert(o);
+                        }
                     }
                     let last = c.dm_seen.entry((sender, stored.is_some())).or_insert(0);
                     if n <= *last {
@@ -1043,6 +1067,13 @@ impl World {
                             }
                             self.acked_qos1.push((id, n, to));
                             self.stats.qos1_acked += 1;
+                            // Its own copy, in its inbox, is not delivered to it.
+                            if let (Some(o), Some(e)) = (v["offset"].as_u64(), v["epoch"].as_str())
+                            {
+                                if c.inbox_from.as_ref().is_some_and(|(fe, _)| fe == e) {
+                                    c.inbox_seen.insert(o);
+                                }
+                            }
                         }
                     }
                 }
@@ -1105,12 +1136,23 @@ impl World {
             // A store whose queue is full now and then: every request's refusal path runs.
             let (rng, refused) = (&mut self.rng, &mut self.stats.store_refused);
             let refuse_pct = self.store_refuse_pct;
-            sh.post_requests(&mut |req| {
+            let broker = self.broker.as_ref();
+            let node = s / spn;
+            sh.post_requests(&mut |mut req| {
                 if refuse_pct > 0 && rng.chance(refuse_pct) {
                     *refused += 1;
                     return Err(req);
                 }
-                st.handle.try_request(req)
+                // A cluster's shared store names shards by their place in the world.
+                if let Some(b) = broker {
+                    b.store_request(node, &mut req, false);
+                }
+                st.handle.try_request(req).map_err(|mut req| {
+                    if let Some(b) = broker {
+                        b.store_request(node, &mut req, true);
+                    }
+                    req
+                })
             });
         }
         if let Some(b) = &self.broker {
@@ -1118,6 +1160,86 @@ impl World {
             sh.post_broker(&mut |req| h.publish(req), &mut |i| h.interest(i));
         }
         sh.flush();
+    }
+
+    /// One round of the drain: clients finish writing and read everything (answering close
+    /// frames), every shard turns, the store and the broker take their turns; checks.
+    fn round_no_clock(&mut self) {
+        let ids: Vec<usize> = self.clients.keys().copied().collect();
+        for id in &ids {
+            let c = self.clients.get_mut(id).expect("listed");
+            if c.phase != Phase::Aborted && !c.unsent.is_empty() {
+                let bytes: Vec<u8> = c.unsent.drain(..).collect();
+                c.pipe.0.borrow_mut().client_write(&bytes);
+            }
+        }
+        for id in ids {
+            self.client_reads(Some(id));
+        }
+        for s in 0..self.shards.len() {
+            self.turn(s);
+        }
+        self.store_turn();
+        self.broker_turn();
+        self.check();
+    }
+
+    /// [`Self::round_no_clock`], then 50 ms pass.
+    fn round(&mut self) {
+        self.round_no_clock();
+        self.now_ms += 50;
+    }
+
+    /// No new requests: clients write what they have and read, shards, the store and the
+    /// broker run until everything sent is through (catch-ups included), at most 200 rounds;
+    /// then every client still open must have every inbox offset after its welcome.
+    fn settle(&mut self) {
+        // At least 3 s of virtual time: work that waits on a timer (a request asked again)
+        // leaves every queue empty meanwhile.
+        for round in 0..200 {
+            self.round();
+            let quiet = self.mailboxes.iter().all(|q| q.is_empty())
+                && self
+                    .shards
+                    .iter()
+                    .all(|s| !s.has_retries() && !s.has_requests() && !s.catching_up())
+                && self.store_idle()
+                && self.broker.as_ref().is_none_or(|b| b.idle());
+            if quiet && round >= 60 {
+                break;
+            }
+        }
+        let step = self.step;
+        let Some(st) = self.store.as_mut() else {
+            return;
+        };
+        let epoch = st.store.epoch().to_string();
+        let mut inboxes: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
+        for (id, c) in &self.clients {
+            let open = c.phase == Phase::Open && c.close_code.is_none() && c.welcomed;
+            let (Some(user), Some((e, from))) = (c.user, c.inbox_from.as_ref()) else {
+                continue;
+            };
+            if !open || c.sse || c.api.is_some() || *e != epoch || c.replay.is_some() {
+                continue;
+            }
+            let offsets = inboxes.entry(user).or_insert_with(|| {
+                let stream = crate::store::inbox_stream(user);
+                st.store
+                    .entries(&stream)
+                    .into_iter()
+                    .map(|(o, _)| o)
+                    .collect()
+            });
+            if let Some(o) = offsets
+                .iter()
+                .find(|&&o| o > *from && !c.inbox_seen.contains(&o))
+            {
+                panic!(
+                    "step {step}: client {id} ({user}), open since its welcome at {from}, never got inbox offset {o}"
+                );
+            }
+        }
     }
 
     /// The broker's threads of every node take what the shards posted, and what they carry
@@ -1155,6 +1277,16 @@ impl World {
             return;
         };
         let mut q = st.answers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = self.broker.as_mut() {
+            // A cluster's: answers to their shards, stored events through the broker.
+            for (g, msgs) in std::mem::take(&mut *q) {
+                for (to, m) in b.store_answers(g as usize, msgs) {
+                    b.store_out.push_back((to, m));
+                }
+            }
+            b.deliver(&mut self.mailboxes, MAILBOX_CAPACITY);
+            return;
+        }
         while let Some((shard, _)) = q.front() {
             let mailbox = &mut self.mailboxes[*shard as usize];
             if mailbox.len() >= MAILBOX_CAPACITY {
@@ -1293,6 +1425,7 @@ impl World {
         if let Some(b) = self.broker.as_mut() {
             b.heal();
         }
+        self.settle();
         for round in 0..2_000 {
             if round == 21 {
                 // Every client still open was checked (below); half of them leave with a
@@ -1307,25 +1440,7 @@ impl World {
                 }
             }
             // Clients finish writing, read everything, answer close frames.
-            let ids: Vec<usize> = self.clients.keys().copied().collect();
-            for id in &ids {
-                let c = self.clients.get_mut(id).expect("listed");
-                if c.phase != Phase::Aborted && !c.unsent.is_empty() {
-                    let bytes: Vec<u8> = c.unsent.drain(..).collect();
-                    c.pipe.0.borrow_mut().client_write(&bytes);
-                }
-            }
-            for id in ids {
-                self.client_reads(Some(id));
-            }
-            for s in 0..self.shards.len() {
-                self.turn(s);
-            }
-            if self.store.is_some() {
-                self.store_turn();
-            }
-            self.broker_turn();
-            self.check();
+            self.round_no_clock();
             if round == 20 {
                 // The server had time to answer everything, the store to commit: a client
                 // still open has an answer to every send (acked, or refused with why).
@@ -1421,10 +1536,10 @@ impl World {
 /// step) when an invariant breaks.
 pub fn run(seed: u64, shards: usize, steps: u64) -> Stats {
     // Every other seed has a store: qos-1 sends, inboxes and their audit; every fourth is
-    // a cluster of two nodes over the model broker.
+    // a cluster of two nodes over the model broker, half of those with a shared store.
     let mut w = match seed % 4 {
         1 | 3 => World::with_store(seed, shards),
-        2 => World::cluster(seed, 2, shards.div_ceil(2)),
+        2 => World::cluster(seed, 2, shards.div_ceil(2), seed % 8 == 6),
         _ => World::new(seed, shards),
     };
     w.store_refuse_pct = STORE_REFUSE_PCT;
