@@ -164,39 +164,25 @@ impl ModelBroker {
                     self.lost += 1;
                     return;
                 }
-                let name = broker::channel_channel(&channel);
-                for m in self.followers(n, &name) {
-                    for s in 0..self.shards_per_node as u16 {
-                        let msg = BrokerMsg::Channel {
-                            channel: channel.clone(),
-                            payload: payload.clone(),
-                        };
-                        self.nodes[m].wire.push_back((s, msg));
-                    }
-                }
+                let to = self.followers(n, &broker::channel_channel(&channel));
+                self.wire_every_shard(to, || BrokerMsg::Channel {
+                    channel: channel.clone(),
+                    payload: payload.clone(),
+                });
             }
             BrokerReq::Broadcast { payload } => {
-                for m in self.followers(n, broker::ALL) {
-                    for s in 0..self.shards_per_node as u16 {
-                        let msg = BrokerMsg::Broadcast {
-                            payload: payload.clone(),
-                        };
-                        self.nodes[m].wire.push_back((s, msg));
-                    }
-                }
+                let to = self.followers(n, broker::ALL);
+                self.wire_every_shard(to, || BrokerMsg::Broadcast {
+                    payload: payload.clone(),
+                });
             }
             BrokerReq::Disconnect { user, code, reason } => {
-                let name = broker::user_channel(&user);
-                for m in self.followers(n, &name) {
-                    for s in 0..self.shards_per_node as u16 {
-                        let msg = BrokerMsg::Disconnect {
-                            user: user.clone(),
-                            code,
-                            reason: reason.clone(),
-                        };
-                        self.nodes[m].wire.push_back((s, msg));
-                    }
-                }
+                let to = self.followers(n, &broker::user_channel(&user));
+                self.wire_every_shard(to, || BrokerMsg::Disconnect {
+                    user: user.clone(),
+                    code,
+                    reason: reason.clone(),
+                });
             }
             BrokerReq::Members { ticket, .. } => {
                 let members = up.then(Vec::new);
@@ -218,6 +204,16 @@ impl ModelBroker {
                 self.nodes[n].posts.push_back((conn.shard, msg));
             }
             BrokerReq::Presence { .. } | BrokerReq::Resync { .. } => {}
+        }
+    }
+
+    /// Puts a copy on the wire to every shard of each node in `to` (a channel's, a
+    /// broadcast's or a disconnect's copy goes to every shard of a node that follows it).
+    fn wire_every_shard(&mut self, to: Vec<usize>, msg: impl Fn() -> BrokerMsg) {
+        for m in to {
+            for s in 0..self.shards_per_node as u16 {
+                self.nodes[m].wire.push_back((s, msg()));
+            }
         }
     }
 
@@ -450,17 +446,12 @@ impl ModelBroker {
                     if g != 0 {
                         continue;
                     }
-                    let name = broker::channel_channel(&channel);
-                    for m in self.stored_followers(&name) {
-                        for s in 0..spn as u16 {
-                            let msg = BrokerMsg::ChannelStored {
-                                channel: channel.clone(),
-                                payload: payload.clone(),
-                                offset,
-                            };
-                            self.nodes[m].wire.push_back((s, msg));
-                        }
-                    }
+                    let to = self.stored_followers(&broker::channel_channel(&channel));
+                    self.wire_every_shard(to, || BrokerMsg::ChannelStored {
+                        channel: channel.clone(),
+                        payload: payload.clone(),
+                        offset,
+                    });
                 }
                 StoreMsg::CaughtUp {
                     stream,
