@@ -418,3 +418,58 @@ fn a_dropped_pubsub_connection_loses_no_stored_publication_a_catch_up_fills_the_
         "nothing twice at the seam"
     );
 }
+
+#[test]
+fn connections_that_stay_through_a_redis_restarted_empty_take_the_new_epoch_from_its_first_offset()
+{
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    // bob resumes on node a (so he has a position: the one the new epoch's offsets pass
+    // below); alice sends from node b.
+    let (mut bob, welcome) = connect_since(&a, "bob", "confirmed");
+    assert_eq!(welcome["inbox"]["recovered"], true, "{welcome}");
+    let (mut alice, _) = connect(&b, "alice");
+    for i in 1..=3u64 {
+        let ack = send_qos1(&mut alice, "bob", json!(i), &format!("m{i}"));
+        assert_eq!(ack["op"], "ack", "{ack}");
+    }
+    let mut old = Value::Null;
+    for i in 1..=3u64 {
+        let m = recv_json(&mut bob);
+        assert_eq!(
+            (m["offset"].as_u64(), m["data"].as_u64()),
+            (Some(i), Some(i))
+        );
+        old = m["epoch"].clone();
+    }
+    // Redis dies and comes back empty on its port: bob's inbox starts again, offset 1 in a
+    // new epoch, while bob stays connected.
+    redis.stop();
+    let _redis = Redis::start_on(port);
+    let start = Instant::now();
+    let mut acked = 4;
+    while acked <= 6 {
+        let ack = send_qos1(&mut alice, "bob", json!(acked), &format!("n{acked}"));
+        if ack["op"] == "ack" {
+            acked += 1;
+            continue;
+        }
+        assert_eq!(ack["code"], "unavailable", "{ack}");
+        assert!(start.elapsed() < Duration::from_secs(60), "{ack}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Every one reaches bob, in the new epoch from its first offset (before, his position
+    // 3 dropped offsets 1..3 of the new epoch as if he had them).
+    for (i, data) in (4..=6u64).enumerate() {
+        let m = loop {
+            let v = recv_json(&mut bob);
+            if v["op"] == "msg" {
+                break v;
+            }
+        };
+        assert_eq!(m["data"], data, "{m}");
+        assert_eq!(m["offset"], i as u64 + 1, "{m}");
+        assert_ne!(m["epoch"], old, "a new epoch: {m}");
+    }
+}

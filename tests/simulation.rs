@@ -5,7 +5,8 @@
 //! its connections (`src/sim/cluster.rs`).
 //!
 //! `SIM_SEEDS=N` plays seeds 0..N (default 500), `SIM_STEPS=S` steps per seed (default 1500),
-//! `SIM_SEED=S` replays one seed exactly (a failure prints the command).
+//! `SIM_SEED=S` replays one seed exactly (a failure prints the command), `SIM_DEBUG=<client>`
+//! prints that client's event-stream blocks as it reads them.
 
 use std::time::Instant;
 

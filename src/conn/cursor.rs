@@ -61,6 +61,27 @@ impl Cursor {
         true
     }
 
+    /// The stream moved to `epoch` while this connection followed it (Redis lost it, or a
+    /// replica that lacked its last writes took over); the two share offsets up to
+    /// `shared` (0: none, its offsets started again). The position goes back to the first
+    /// offset it cannot vouch for, so the new epoch's messages from there are taken (a
+    /// catch-up delivers them) and event ids carry the new epoch. False when the
+    /// connection is replaying or waits for its welcome: what it was promised may be gone,
+    /// so it is closed to resume (its welcome then says whether its position held).
+    pub fn moved(&mut self, epoch: crate::store::Epoch, shared: u64) -> bool {
+        if self.epoch == Some(epoch) {
+            return true; // it opened in the new epoch
+        }
+        if self.replaying || self.since.is_some() {
+            return false;
+        }
+        self.epoch = Some(epoch);
+        if self.next > 0 {
+            self.next = self.next.min(shared + 1);
+        }
+        true
+    }
+
     /// A cursor for a named event stream opened without a position: it starts at the
     /// inbox's top once the store says where that is (live inbox messages meanwhile are held
     /// back, as for a resume), so its event ids are positions from the first event on and a
@@ -86,5 +107,57 @@ impl Cursor {
             wants_page: false,
             skipped: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Epoch;
+
+    fn following(epoch: u64, next: u64) -> Cursor {
+        Cursor {
+            epoch: Some(Epoch(epoch)),
+            next,
+            replaying: false,
+            ..Cursor::default()
+        }
+    }
+
+    #[test]
+    fn a_stream_that_lost_its_history_is_taken_from_the_new_first_offset() {
+        let mut c = following(0xa, 8);
+        assert!(!c.take_live(3), "below the position: a duplicate");
+        assert!(c.moved(Epoch(0xb), 0));
+        assert_eq!((c.epoch, c.next), (Some(Epoch(0xb)), 1));
+        assert!(c.take_live(1) && c.take_live(2));
+    }
+
+    #[test]
+    fn a_continued_epoch_keeps_what_both_hold_and_goes_back_past_it() {
+        // Redis went back to offset 5; the connection had 7: offsets 6 and 7 of the new
+        // epoch may be other messages, so it takes them.
+        let mut c = following(0xa, 8);
+        assert!(c.moved(Epoch(0xb), 5));
+        assert_eq!((c.epoch, c.next), (Some(Epoch(0xb)), 6));
+        // Sharing more than it had: its position holds.
+        let mut c = following(0xa, 4);
+        assert!(c.moved(Epoch(0xb), 9));
+        assert_eq!(c.next, 4);
+    }
+
+    #[test]
+    fn a_replay_or_a_resume_in_flight_cannot_move_and_one_opened_in_the_new_epoch_is_there() {
+        let mut c = following(0xa, 8);
+        c.replaying = true;
+        assert!(
+            !c.moved(Epoch(0xb), 0),
+            "a replay of a lost history: resume"
+        );
+        assert!(c.moved(Epoch(0xa), 0), "already in it");
+        let mut c = Cursor::resuming(Since::Confirmed);
+        assert!(!c.moved(Epoch(0xb), 3));
+        let mut c = Cursor::at_top();
+        assert!(!c.moved(Epoch(0xb), 3));
     }
 }

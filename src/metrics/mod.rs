@@ -127,6 +127,9 @@ pub struct ShardMetrics {
     pub caught_up_messages: AtomicU64,
     /// Catch-ups that could not read the stream (the gap is left to a resume).
     pub catch_ups_failed: AtomicU64,
+    /// Connections closed (1013) to resume: their stream moved to another epoch while they
+    /// replayed it.
+    pub closed_to_resume: AtomicU64,
     /// Entries in the shard's timer wheel (gauge).
     pub wheel_entries: AtomicU64,
 }
@@ -555,6 +558,12 @@ pub fn render(shards: &[ShardMetrics]) -> String {
         "switchboard_inbox_catch_ups_failed_total",
         "Catch-ups that could not read the stream (the gap is left to a resume).",
         sum(shards, |s| &s.catch_ups_failed),
+    );
+    counter(
+        &mut o,
+        "switchboard_stream_closed_to_resume_total",
+        "Connections closed (1013) to resume: their stream moved to another epoch while they replayed it.",
+        sum(shards, |s| &s.closed_to_resume),
     );
     counter(
         &mut o,

@@ -40,6 +40,9 @@ const HELD_MAX: usize = 10_000;
 #[derive(Debug)]
 pub(super) struct StreamHead {
     epoch: Epoch,
+    /// The epoch the stream left, if it moved while followed here: a live message of it
+    /// that comes late is stale (a catch-up through the new epoch covers what it shares).
+    left: Option<Epoch>,
     /// The newest offset delivered to the stream's connections here.
     last: u64,
     /// Catching up: the live messages that came meanwhile, delivered after.
@@ -52,6 +55,7 @@ impl StreamHead {
     fn at(epoch: Epoch, last: u64) -> StreamHead {
         StreamHead {
             epoch,
+            left: None,
             last,
             held: None,
             failures: 0,
@@ -199,6 +203,9 @@ impl<T: Transport> Streams<T> {
         let Some(epoch) = event_epoch(payload) else {
             return Verdict::Deliver;
         };
+        if h.left == Some(epoch) {
+            return Verdict::Skip;
+        }
         if epoch == h.epoch {
             if offset <= h.last {
                 return Verdict::Skip;
@@ -207,15 +214,18 @@ impl<T: Transport> Streams<T> {
                 h.last = offset;
                 return Verdict::Deliver;
             }
-        } else if offset == 1 || offset == h.last + 1 {
-            // The stream's first message in a new epoch, or the next one after what this
-            // shard had in a stream that moved to a new epoch when Redis lost history (its
-            // counter then continues past what was handed out).
+        } else if offset == 1 {
+            // The stream's first message in a new epoch: Redis lost it, its offsets start
+            // again (the connections here take them from the first).
+            h.left = Some(h.epoch);
             h.epoch = epoch;
             h.last = offset;
+            self.cursors_moved(kind, name, epoch, 0);
             return Verdict::Deliver;
         }
-        // A gap: what came between was published while this node could not hear it.
+        // A gap: what came between was published while this node could not hear it. Or
+        // another epoch, which may continue this one (Redis went back in time) or not:
+        // the store's answer says which.
         h.held = Some(vec![held()]);
         let (epoch, from) = (h.epoch, h.last + 1);
         let name = map.get_key_value(name).expect("followed").0.clone();
@@ -276,13 +286,21 @@ impl<T: Transport> Streams<T> {
         for x in held {
             let h = self.heads.map(kind).get_mut(name).expect("still followed");
             let epoch = event_epoch(&x.payload);
+            if epoch.is_some() && epoch == h.left {
+                continue; // stale: of the epoch the stream left
+            }
             if epoch.is_none_or(|e| e == h.epoch) && x.offset <= h.last {
                 // A page of this catch-up delivered it already.
                 continue;
             }
             h.last = x.offset;
-            if let Some(e) = epoch {
+            let moved = epoch.filter(|e| *e != h.epoch);
+            if let Some(e) = moved {
+                // Whether it continues the old one is unknown: every position is moved
+                // to its first offset, a duplicate rather than a loss.
+                h.left = Some(h.epoch);
                 h.epoch = e;
+                self.cursors_moved(kind, name, e, 0);
             }
             self.deliver_followed(kind, name, &x.payload, x.offset, x.exclude);
         }
@@ -294,6 +312,7 @@ impl<T: Transport> Streams<T> {
         &mut self,
         stream: StreamRef,
         epoch: Epoch,
+        shared: u64,
         page: Page,
         excludes: &[(u64, ConnId)],
     ) {
@@ -306,8 +325,12 @@ impl<T: Transport> Streams<T> {
         }
         h.failures = 0;
         if epoch != h.epoch {
+            // The page starts past what the two epochs share: everything on it is new to
+            // this shard (an offset the old epoch had may have been handed out again).
+            h.left = Some(h.epoch);
             h.epoch = epoch;
             h.last = 0;
+            self.cursors_moved(kind, &name, epoch, shared);
         }
         let mut filled = 0;
         for (offset, payload) in &page.entries {
@@ -337,6 +360,48 @@ impl<T: Transport> Streams<T> {
                 self.deliver_followed(kind, &name, &x.payload, x.offset, x.exclude);
             }
         }
+    }
+
+    /// A followed stream moved to `epoch`, sharing offsets up to `shared` with the one
+    /// this shard knew: the positions of the connections that follow it here move along
+    /// ([`crate::conn::cursor::Cursor::moved`]); one that replays or waits for its welcome is closed to resume.
+    fn cursors_moved(&mut self, kind: Kind, name: &str, epoch: Epoch, shared: u64) {
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        slots.clear();
+        match kind {
+            Kind::Inbox => self.local_conns_of(name, None, &mut slots),
+            Kind::Channel => slots.extend(self.hub.subscribers(name)),
+        }
+        for &slot in &slots {
+            let key = slot as usize;
+            let Some(e) = self.conns[key].extra_if_mut() else {
+                continue;
+            };
+            let cur = match kind {
+                Kind::Inbox => e.cursor.as_deref_mut(),
+                Kind::Channel => e
+                    .channel_cursors
+                    .iter_mut()
+                    .find(|(c, _)| &**c == name)
+                    .map(|(_, c)| c),
+            };
+            if cur.is_some_and(|c| !c.moved(epoch, shared)) {
+                self.close_to_resume(key);
+            }
+        }
+        self.scratch_slots = slots;
+    }
+
+    /// The stream a connection replays moved to an epoch that may not hold what its
+    /// welcome promised: it is closed with 1013, resumes, and its welcome then says
+    /// whether its position held.
+    pub(super) fn close_to_resume(&mut self, key: usize) {
+        ShardMetrics::add(&self.m().closed_to_resume, 1);
+        self.start_close_with(
+            key,
+            crate::ws::close::TRY_AGAIN_LATER,
+            "the stream moved to another epoch while it was replayed; resume".into(),
+        );
     }
 
     /// The store could not read the missed range (Redis unreachable, failing over): ask

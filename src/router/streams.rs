@@ -20,7 +20,7 @@ use crate::mail::ShardMsg;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, InboxInfo, Target};
 use crate::store::{
-    ChannelOpened, Opened, Page, Refusal, Retention, Since, StoreMsg, StoreReq, StreamRef,
+    ChannelOpened, Epoch, Opened, Page, Refusal, Retention, Since, StoreMsg, StoreReq, StreamRef,
 };
 
 use crate::conn::cursor::Cursor;
@@ -198,13 +198,25 @@ impl<T: Transport> Streams<T> {
             StoreMsg::CaughtUp {
                 stream,
                 epoch,
+                shared,
                 page,
                 excludes,
-            } => self.on_caught_up(stream, epoch, page, &excludes),
-            StoreMsg::Page { conn, stream, page } => {
-                if let Some(key) = self.conns.live_open(conn) {
-                    self.replay(key, &stream, page);
+            } => self.on_caught_up(stream, epoch, shared, page, &excludes),
+            StoreMsg::Page {
+                conn,
+                stream,
+                gone,
+                page,
+            } => {
+                let Some(key) = self.conns.live_open(conn) else {
+                    return;
+                };
+                if gone {
+                    // The store lost the stream while this connection replayed it: what the
+                    // welcome promised is gone. It resumes, and is told so then.
+                    return self.close_to_resume(key);
                 }
+                self.replay(key, &stream, page);
             }
             StoreMsg::ChannelDeliver {
                 channel,
@@ -421,23 +433,33 @@ impl<T: Transport> Streams<T> {
         let Some(e) = c.extra_if_mut() else {
             return;
         };
-        let mut wanted: Vec<(StreamRef, u64)> = Vec::new();
+        let mut wanted: Vec<(StreamRef, &Cursor)> = Vec::new();
         if let (Some(u), Some(cur)) = (user, e.cursor.as_mut()) {
             if std::mem::take(&mut cur.wants_page) {
-                wanted.push((StreamRef::Inbox(u), cur.next));
+                wanted.push((StreamRef::Inbox(u), cur));
             }
         }
         for (ch, cur) in e.channel_cursors.iter_mut() {
             if std::mem::take(&mut cur.wants_page) {
-                wanted.push((StreamRef::Channel(ch.clone()), cur.next));
+                wanted.push((StreamRef::Channel(ch.clone()), cur));
             }
         }
-        for (stream, from) in wanted {
+        let wanted: Vec<_> = wanted
+            .into_iter()
+            .map(|(s, cur)| (s, cur.epoch.unwrap_or(Epoch(0)), cur.next))
+            .collect();
+        for (stream, epoch, from) in wanted {
             let on = OnPost::Page {
                 conn,
                 stream: stream.clone(),
             };
-            self.ask_store(StoreReq::Page { stream, conn, from }, on);
+            let req = StoreReq::Page {
+                stream,
+                conn,
+                epoch,
+                from,
+            };
+            self.ask_store(req, on);
         }
     }
 

@@ -416,19 +416,31 @@ fn empty_messages_are_echoed_and_the_close_is_answered() {
     assert!(!h.live(key));
 }
 
-#[test]
-fn resume_seam_replays_then_joins_live_without_gap_or_duplicate() {
-    use crate::mail::ShardMsg;
-    use crate::store::{Epoch, Opened, Page, Since, StoreHandle, StoreMsg, StoreReq};
-    use bytes::Bytes;
+/// A shard with a store whose requests `rx` receives, and bob's WebSocket upgrading with
+/// `since=ab:0` (his `Open` is the first request).
+fn bob_resumes_from_ab_0() -> (
+    Harness,
+    crossbeam_channel::Receiver<crate::store::StoreReq>,
+    SimSocket,
+    crate::hub::ConnId,
+) {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let mut h = Harness::with_store(config(), Some(StoreHandle::new(tx)));
+    let mut h = Harness::with_store(config(), Some(crate::store::StoreHandle::new(tx)));
     let (key, pipe) = h.accept(1 << 20);
     h.send(
         &pipe,
         testkit::upgrade_request("t", "/ws?user=bob&since=ab:0").as_bytes(),
     );
     let conn = h.s.conns().conn_id(key);
+    (h, rx, pipe, conn)
+}
+
+#[test]
+fn resume_seam_replays_then_joins_live_without_gap_or_duplicate() {
+    use crate::mail::ShardMsg;
+    use crate::store::{Epoch, Opened, Page, Since, StoreMsg, StoreReq};
+    use bytes::Bytes;
+    let (mut h, rx, pipe, conn) = bob_resumes_from_ab_0();
     let Ok(StoreReq::Open { user, since, .. }) = rx.try_recv() else {
         panic!("the session asks the store first")
     };
@@ -479,15 +491,20 @@ fn resume_seam_replays_then_joins_live_without_gap_or_duplicate() {
     collect(&mut buf, &mut seen);
     // The outbox drained: the next page is asked for from offset 3.
     h.turn();
-    let Ok(StoreReq::Page { from, .. }) = rx.try_recv() else {
+    let Ok(StoreReq::Page { from, epoch, .. }) = rx.try_recv() else {
         panic!("the next page is asked for")
     };
-    assert_eq!(from, 3);
+    assert_eq!(
+        (from, epoch),
+        (3, Epoch(0xab)),
+        "a position in the welcome's epoch"
+    );
     // Live while replaying: skipped (the page will have it).
     live(&mut h, 4);
     h.s.on_mail(ShardMsg::Store(Box::new(StoreMsg::Page {
         conn,
         stream: crate::store::StreamRef::Inbox("bob".into()),
+        gone: false,
         page: Page {
             entries: vec![(3, ev(3)), (4, ev(4))],
             next: 5,
@@ -507,6 +524,57 @@ fn resume_seam_replays_then_joins_live_without_gap_or_duplicate() {
         .collect();
     assert_eq!(offsets, vec![1, 2, 3, 4, 5]);
     assert!(rx.try_recv().is_err(), "no more pages once done");
+}
+
+#[test]
+fn a_replay_whose_stream_lost_its_history_is_closed_1013_to_resume() {
+    use crate::mail::ShardMsg;
+    use crate::store::{Epoch, Opened, Page, StoreMsg, StoreReq, StreamRef};
+    use bytes::Bytes;
+    let (mut h, rx, pipe, conn) = bob_resumes_from_ab_0();
+    assert!(matches!(rx.try_recv(), Ok(StoreReq::Open { .. })));
+    let ev = |o: u64| Bytes::from(format!(r#"{{"op":"msg","n":{o},"offset":{o}}}"#));
+    let opened = Opened {
+        conn,
+        epoch: Epoch(0xab),
+        top: 3,
+        resume: Some(Ok(())),
+        page: Page {
+            entries: vec![(1, ev(1))],
+            next: 2,
+            done: false,
+        },
+    };
+    h.s.on_mail(ShardMsg::Store(Box::new(StoreMsg::Opened(Box::new(
+        opened,
+    )))));
+    h.turn();
+    h.turn();
+    assert!(matches!(rx.try_recv(), Ok(StoreReq::Page { from: 2, .. })));
+    // Meanwhile the store lost the stream (a Redis restarted empty): offsets 2 and 3 of the
+    // welcome's epoch are gone, and the new epoch's 2 is another message.
+    h.s.on_mail(ShardMsg::Store(Box::new(StoreMsg::Page {
+        conn,
+        stream: StreamRef::Inbox("bob".into()),
+        gone: true,
+        page: Page::default(),
+    })));
+    h.turn();
+    let mut buf = pipe.0.borrow_mut().client_read();
+    let head = testkit::parse_response_head(&buf).unwrap().unwrap();
+    buf.drain(..head.head_len);
+    let got = frames(&pipe, &mut buf);
+    let ops: Vec<serde_json::Value> = got
+        .iter()
+        .filter(|f| f.opcode == 0x1)
+        .map(|f| serde_json::from_slice(&f.payload).unwrap())
+        .collect();
+    assert_eq!(ops.len(), 2, "the welcome and offset 1: {ops:?}");
+    assert_eq!(ops[1]["offset"], 1);
+    let close = got.iter().find(|f| f.opcode == 0x8).expect("a close frame");
+    let (code, reason) = close_code(close);
+    assert_eq!(code, 1013, "{reason}");
+    assert!(reason.contains("resume"), "{reason}");
 }
 
 #[test]

@@ -456,6 +456,7 @@ impl ModelBroker {
                 StoreMsg::CaughtUp {
                     stream,
                     epoch,
+                    shared,
                     page,
                     excludes,
                 } => {
@@ -469,6 +470,7 @@ impl ModelBroker {
                     let msg = StoreMsg::CaughtUp {
                         stream,
                         epoch,
+                        shared,
                         page,
                         excludes,
                     };

@@ -24,7 +24,8 @@
 //!
 //! Cluster worlds ([`World::cluster`]) split the shards between nodes over a model broker
 //! (`cluster.rs`) whose connections drop and come back, half of them with one store for every
-//! node (the streams in Redis): checked on top, every open client is welcomed, and at the end
+//! node (the streams in Redis, which restarts now and then with or without its files while
+//! the nodes stay): checked on top, every open client is welcomed, and at the end
 //! no node follows anything. Every world settles before its drain; then every client open
 //! since its welcome must hold every inbox offset after it (no gap).
 //!
@@ -179,6 +180,9 @@ struct Client {
     inbox_seen: BTreeSet<u64>,
     welcomed: bool,
     close_code: Option<u16>,
+    /// Its resume's epoch was lost while it was connected: its welcome may have been
+    /// answered before (then rightly recovered).
+    since_wiped_meanwhile: bool,
 }
 
 /// Counts of one run.
@@ -225,6 +229,8 @@ pub struct Stats {
     pub broker_unavailable: u64,
     /// Restarts of a cluster's shared store (its Redis), the nodes staying up.
     pub store_restarts: u64,
+    /// Of which without its files (a cluster's store that lost its streams).
+    pub store_wiped: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -250,6 +256,7 @@ impl std::ops::AddAssign for Stats {
         self.broker_faults += o.broker_faults;
         self.broker_unavailable += o.broker_unavailable;
         self.store_restarts += o.store_restarts;
+        self.store_wiped += o.store_wiped;
     }
 }
 
@@ -266,11 +273,13 @@ pub struct World {
     /// The store, in worlds that have one.
     store: Option<SimStore>,
     /// Every acknowledged qos-1 send: (sending client, request id, recipient).
-    acked_qos1: Vec<(usize, u64, &'static str)>,
+    acked_qos1: Vec<(usize, u64, &'static str, String)>,
     /// Inbox positions of devices that left, per user (a few each): where they resume.
     left_at: BTreeMap<&'static str, Vec<(String, u64)>>,
     /// Epochs of stores whose files were lost: a resume from one must not recover.
     wiped: BTreeSet<String>,
+    /// A restart of a cluster's store waiting for nothing to be in flight (with its files?).
+    restart_due: Option<bool>,
     /// Counts.
     pub stats: Stats,
     step: u64,
@@ -368,6 +377,7 @@ impl World {
             acked_qos1: Vec::new(),
             left_at: BTreeMap::new(),
             wiped: BTreeSet::new(),
+            restart_due: None,
             stats: Stats::default(),
             step: 0,
             store_refuse_pct: 0,
@@ -448,28 +458,53 @@ impl World {
         self.boot(shards, disk);
     }
 
-    /// A cluster's shared store restarts on its files (`keep_files`) or on none, between
-    /// batches (nothing queued is lost); the nodes and their connections stay. Without the
-    /// files what it acknowledged is gone, announced by the new epoch — not played yet: an
-    /// event stream open across it goes on giving ids in its old epoch (`epoch:offset` of
-    /// the old epoch for an event of the new one; seed 6 at step 443 shows it).
-    fn restart_store(&mut self, keep_files: bool) {
-        if !self.store_idle() {
-            return;
+    /// A cluster's shared store restarts on its files (`keep_files`) or on none, while
+    /// nothing is in flight; the nodes and their connections stay. Without the
+    /// files what it acknowledged is gone, announced by the new epoch: connections that stay
+    /// take the new epoch's messages from its first offset on.
+    /// False when something was in flight (it restarts at the first step nothing is).
+    fn restart_store(&mut self, keep_files: bool) -> bool {
+        // Nothing in flight: an answer the store gave before losing its files would reach
+        // its client after (not played).
+        let in_flight = !self.store_idle()
+            || !self.mailboxes.iter().all(|q| q.is_empty())
+            || self.broker.as_ref().is_some_and(|b| !b.idle());
+        if in_flight {
+            self.restart_due = Some(keep_files);
+            return false;
         }
+        self.restart_due = None;
         let shards = self.shards.len();
         let now_unix = UNIX_BASE_MS + self.now_ms;
         let next_epoch = self.rng.next_u64();
         let Some(st) = self.store.as_mut() else {
-            return;
+            return true;
         };
+        let old = st.store.epoch().to_string();
         if !keep_files {
-            self.wiped.insert(st.store.epoch().to_string());
+            self.wiped.insert(old.clone());
             st.disk.wipe(next_epoch);
             self.acked_qos1.clear();
         }
         st.store = open_store(&st.disk, &st.answers, shards, now_unix);
         self.stats.store_restarts += 1;
+        if keep_files {
+            return true;
+        }
+        self.stats.store_wiped += 1;
+        // A client that stays open (one replaying is closed to resume) is owed the new
+        // epoch's inbox from its first offset: the gap check at the settle holds it to that.
+        let new = st.store.epoch().to_string();
+        for c in self.clients.values_mut() {
+            if c.since.as_ref().is_some_and(|(e, _)| *e == old) {
+                c.since_wiped_meanwhile = true;
+            }
+            if c.inbox_from.as_ref().is_some_and(|(e, _)| *e == old) {
+                c.inbox_from = Some((new.clone(), 0));
+                c.inbox_seen.clear();
+            }
+        }
+        true
     }
 
     fn fail(&self, what: String) -> ! {
@@ -480,6 +515,9 @@ impl World {
     pub fn step(&mut self) {
         self.step += 1;
         self.stats.steps += 1;
+        if let Some(keep) = self.restart_due {
+            self.restart_store(keep);
+        }
         if self.broker.is_some() && self.rng.chance(20) {
             // Now and then a node's connection to Redis drops, or comes back.
             if self.rng.chance(6) {
@@ -506,11 +544,11 @@ impl World {
             85..=87 => self.leave(),
             88..=93 if self.store.is_some() => {
                 // Rarely, the process dies (and, more rarely, its files with it).
-                if self.nodes > 1 && self.rng.chance(3) {
-                    // A cluster's Redis restarts with what it persisted: the nodes stay up.
-                    // (Without it, an event stream's ids keep the old epoch: see the note in
-                    // `restart_store`.)
-                    self.restart_store(true);
+                if self.nodes > 1 && self.rng.chance(15) {
+                    // A cluster's Redis restarts with what it persisted, or without it (a
+                    // failover to a replica that lost the streams): the nodes stay up.
+                    let keep = !self.rng.chance(30);
+                    self.restart_store(keep);
                 } else if self.nodes == 1 && self.rng.chance(1) && self.rng.chance(20) {
                     let keep = !self.rng.chance(30);
                     self.crash(keep);
@@ -623,7 +661,8 @@ impl World {
                     if body["stored"] != true || body["offset"].as_u64().is_none() {
                         self.fail(format!("client {id}: a qos-1 API send answered {body}"));
                     }
-                    self.acked_qos1.push((id, 1, to));
+                    let epoch = body["epoch"].as_str().unwrap_or_default().to_owned();
+                    self.acked_qos1.push((id, 1, to, epoch));
                     self.stats.qos1_acked += 1;
                 }
             }
@@ -704,6 +743,7 @@ impl World {
                 dms: BTreeSet::new(),
                 welcomed: false,
                 close_code: None,
+                since_wiped_meanwhile: false,
             },
         );
         id
@@ -910,6 +950,9 @@ impl World {
                 Err(e) => self.fail(format!("client {id}: SSE block not UTF-8: {e}")),
             };
             let (mut event, mut data, mut block_id) = (None, None, None);
+            if std::env::var("SIM_DEBUG").is_ok_and(|v| v == id.to_string()) {
+                eprintln!("step {} client {id}: {text:?}", self.step);
+            }
             for line in text.lines() {
                 if let Some(v) = line.strip_prefix("id: ") {
                     block_id = Some(v.to_owned());
@@ -958,6 +1001,17 @@ impl World {
             return;
         }
         if let (Some((e, o)), Some(last)) = (&c.inbox_at, &c.last_event_id) {
+            // The store lost the inbox's epoch and the stream moved to the new one before
+            // any inbox event of it came: its id names the new epoch's start.
+            let moved = last
+                .split_once(':')
+                .filter(|(le, lo)| *lo == "0" && le != e && self.wiped.contains(e))
+                .map(|(le, _)| le.to_owned());
+            if let Some(le) = moved {
+                let c = self.clients.get_mut(&id).expect("listed");
+                c.inbox_at = Some((le, 0));
+                return;
+            }
             if *last != format!("{e}:{o}") {
                 self.fail(format!("client {id}: event id {last}, position {e}:{o}"));
             }
@@ -978,7 +1032,7 @@ impl World {
             return;
         };
         let since_epoch = c.since.as_ref().map(|(e, _)| e.as_str());
-        let gone = since_epoch.is_some_and(|e| self.wiped.contains(e));
+        let gone = since_epoch.is_some_and(|e| self.wiped.contains(e)) && !c.since_wiped_meanwhile;
         if gone && inbox["reason"] != "epoch_changed" {
             fail(format!(
                 "resumed from a store whose files were lost: {inbox}"
@@ -1102,7 +1156,8 @@ impl World {
                             if v["offset"].as_u64().is_none() {
                                 fail(format!("a qos-1 ack without its offset: {v}"));
                             }
-                            self.acked_qos1.push((id, n, to));
+                            let epoch = v["epoch"].as_str().unwrap_or_default().to_owned();
+                            self.acked_qos1.push((id, n, to, epoch));
                             self.stats.qos1_acked += 1;
                             // Its own copy, in its inbox, is not delivered to it.
                             if let (Some(o), Some(e)) = (v["offset"].as_u64(), v["epoch"].as_str())
@@ -1353,7 +1408,13 @@ impl World {
             return;
         };
         let mut inboxes: BTreeMap<&'static str, BTreeMap<(usize, u64), usize>> = BTreeMap::new();
-        for &(client, n, to) in &self.acked_qos1 {
+        let now = st.store.epoch().to_string();
+        for (client, n, to, epoch) in &self.acked_qos1 {
+            // Acked in an epoch whose store lost its files: announced by the new epoch.
+            if *epoch != now && self.wiped.contains(epoch) {
+                continue;
+            }
+            let (client, n, to) = (*client, *n, *to);
             let found = inboxes.entry(to).or_insert_with(|| {
                 let mut m = BTreeMap::new();
                 for (_, p) in st.store.entries(&crate::store::inbox_stream(to)) {

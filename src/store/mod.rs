@@ -156,12 +156,14 @@ pub enum StoreReq {
         /// Resume from here.
         since: Option<Since>,
     },
-    /// The next replay page of `stream` from offset `from`.
+    /// The next replay page of `stream` from offset `from`, a position in `epoch`.
     Page {
         /// The stream.
         stream: StreamRef,
         /// The connection.
         conn: ConnId,
+        /// The epoch the replay reads (the welcome's).
+        epoch: Epoch,
         /// First offset to read.
         from: u64,
     },
@@ -298,6 +300,9 @@ pub enum StoreMsg {
         stream: StreamRef,
         /// The stream's epoch.
         epoch: Epoch,
+        /// When `epoch` is not the one asked for: the last offset the two share (0: none,
+        /// the stream's history was lost and its offsets started again).
+        shared: u64,
         /// Entries from where the shard asked (or from the epoch's first).
         page: Page,
         /// Entries sent by a connection of this node: not delivered to it (as live).
@@ -309,6 +314,9 @@ pub enum StoreMsg {
         conn: ConnId,
         /// Of which stream.
         stream: StreamRef,
+        /// The stream is in an epoch that does not hold the replay's position (its history
+        /// was lost): the page is empty and the connection is to resume.
+        gone: bool,
         /// The page.
         page: Page,
     },
@@ -1209,10 +1217,27 @@ impl Worker {
                     },
                 ));
             }
-            StoreReq::Page { stream, conn, from } => {
-                let page = self.page(&stream.name(), from);
-                self.out
-                    .push((conn.shard, StoreMsg::Page { conn, stream, page }));
+            StoreReq::Page {
+                stream,
+                conn,
+                epoch,
+                from,
+            } => {
+                // Restarted without its files (a cluster's shared store, as the simulation
+                // plays it): the replay's position does not hold.
+                let gone = epoch != Epoch(0) && epoch != self.streams.epoch;
+                let page = if gone {
+                    Page::default()
+                } else {
+                    self.page(&stream.name(), from)
+                };
+                let msg = StoreMsg::Page {
+                    conn,
+                    stream,
+                    gone,
+                    page,
+                };
+                self.out.push((conn.shard, msg));
             }
             StoreReq::CatchUp {
                 stream,
@@ -1225,6 +1250,7 @@ impl Worker {
                 let msg = StoreMsg::CaughtUp {
                     stream,
                     epoch: now,
+                    shared: 0,
                     page,
                     excludes: Vec::new(),
                 };

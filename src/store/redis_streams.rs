@@ -1216,21 +1216,45 @@ impl Worker {
                 };
                 let from = super::catch_up_from(*epoch, head.epoch, *from, continues);
                 let (page, excludes) = self.catch_up_page(&stream, &head, from)?;
+                let shared = match continues {
+                    Some((e, shared)) if e == *epoch => shared,
+                    _ => 0,
+                };
                 let msg = StoreMsg::CaughtUp {
                     stream: which.clone(),
                     epoch: head.epoch,
+                    shared,
                     page,
                     excludes,
                 };
                 (*shard, msg)
             }
-            StoreReq::Page { stream, conn, from } => {
+            StoreReq::Page {
+                stream,
+                conn,
+                epoch,
+                from,
+            } => {
                 let name = stream.name();
                 let head = self.head(&name)?;
-                let page = self.page(&name, &head, *from)?;
+                // The replay's position, carried into the stream's epoch if that continues
+                // the welcome's up to it; otherwise its history went (Redis lost it).
+                let at = Since::Position {
+                    epoch: Some(*epoch),
+                    offset: from.saturating_sub(1),
+                };
+                let gone = *epoch != Epoch(0)
+                    && !matches!(self.carried(&name, &head, at)?,
+                        Since::Position { epoch: Some(e), .. } if e == head.epoch);
+                let page = if gone {
+                    Page::default()
+                } else {
+                    self.page(&name, &head, *from)?
+                };
                 let msg = StoreMsg::Page {
                     conn: *conn,
                     stream: stream.clone(),
+                    gone,
                     page,
                 };
                 (conn.shard, msg)
@@ -1328,6 +1352,7 @@ impl Worker {
                 StoreMsg::Page {
                     conn,
                     stream,
+                    gone: false,
                     page: done,
                 },
             ),
@@ -1341,6 +1366,7 @@ impl Worker {
                 StoreMsg::CaughtUp {
                     stream,
                     epoch,
+                    shared: 0,
                     page: done,
                     excludes: Vec::new(),
                 },
