@@ -1,9 +1,11 @@
 #!/bin/bash
-# switchboard's echo mode side by side with the servers a user would pick instead that the
-# registries carry: tokio-tungstenite, fastwebsockets (Rust, 2 runtime threads each), node `ws`
-# (one thread) and uWebSockets (one thread; PyPI's socketify ships it as a C library); their
-# echo servers live in benches/peers/. switchboard runs 2 shards, and 1 shard as
-# `switchboard-1` (the one-thread comparison with uWebSockets and node `ws`).
+# switchboard's echo mode side by side with the servers a user would pick instead:
+# uWebSockets built natively (one thread on uSockets' epoll loop, from the sources vendored in
+# benches/peers/uws-native/: the speed anchor), tokio-tungstenite, fastwebsockets (Rust, 2
+# runtime threads each), node `ws` (one thread) and `uwebsockets-socketify` (the uWebSockets
+# library PyPI's socketify ships, on libuv: slower than the native build); their echo servers
+# live in benches/peers/. switchboard runs 2 shards, and 1 shard as `switchboard-1` (the
+# one-thread comparison with uWebSockets and node `ws`).
 #   scripts/compare.sh [runs=3]
 # Per run, in an order that rotates from run to run, each server is started fresh for each
 # measure (loadgen beside it on this host, loopback):
@@ -36,11 +38,21 @@ if [ -n "${COMPARE_BEFORE:-}" ]; then
 fi
 if [ -n "${COMPARE_SERVERS:-}" ]; then
   read -r -a SERVERS <<<"$COMPARE_SERVERS"
-elif benches/peers/uws/build.sh; then
-  SERVERS+=(uwebsockets)
 else
-  echo "uWebSockets left out: benches/peers/uws/build.sh failed (see above)" >&2
+  if benches/peers/uws-native/build.sh target/uws-native >/dev/null; then
+    SERVERS+=(uwebsockets)
+  else
+    echo "uWebSockets left out: benches/peers/uws-native/build.sh failed (see above)" >&2
+  fi
+  if benches/peers/uws/build.sh; then
+    SERVERS+=(uwebsockets-socketify)
+  else
+    echo "uwebsockets-socketify left out: benches/peers/uws/build.sh failed (see above)" >&2
+  fi
 fi
+case " ${SERVERS[*]} " in
+  *" uwebsockets "*) benches/peers/uws-native/build.sh target/uws-native >/dev/null ;;
+esac
 PEERS=benches/peers/rust/target/release
 LG=target/release/loadgen
 
@@ -58,7 +70,8 @@ start() {
     tokio-tungstenite) "$PEERS/tokio-tungstenite-echo" 127.0.0.1:$port 2 >"$OUT/$name.log" 2>&1 & ;;
     fastwebsockets) "$PEERS/fastwebsockets-echo" 127.0.0.1:$port 2 >"$OUT/$name.log" 2>&1 & ;;
     node-ws) node benches/peers/node/echo.js $port >"$OUT/$name.log" 2>&1 & ;;
-    uwebsockets) benches/peers/uws/target/uws-echo $port >"$OUT/$name.log" 2>&1 & ;;
+    uwebsockets) target/uws-native/echo_uws $port >"$OUT/$name.log" 2>&1 & ;;
+    uwebsockets-socketify) benches/peers/uws/target/uws-echo $port >"$OUT/$name.log" 2>&1 & ;;
   esac
   PID=$!
   for _ in $(seq 200); do

@@ -12,10 +12,12 @@ import time
 from html import escape
 
 SERVERS = ["switchboard", "switchboard-1", "switchboard-before", "switchboard-1-before",
-           "tokio-tungstenite", "fastwebsockets", "node-ws", "uwebsockets"]
+           "uwebsockets", "tokio-tungstenite", "fastwebsockets", "node-ws",
+           "uwebsockets-socketify"]
 THREADS = {"switchboard": "2 shards", "switchboard-1": "1 shard",
            "switchboard-before": "2 shards", "switchboard-1-before": "1 shard",
-           "tokio-tungstenite": "2", "fastwebsockets": "2", "node-ws": "1", "uwebsockets": "1"}
+           "tokio-tungstenite": "2", "fastwebsockets": "2", "node-ws": "1", "uwebsockets": "1",
+           "uwebsockets-socketify": "1"}
 # (measure, field, plot file, title, unit, lower is better)
 METRICS = [
     ("connect", "bytes_per_connection", "bytes_per_connection",
@@ -90,9 +92,11 @@ def main():
         f"Written by `scripts/compare.sh {runs}` on {time.strftime('%Y-%m-%d')}: this 2-core "
         "machine, loadgen beside each server on loopback, every server started fresh for each "
         "measure, the order rotating from run to run. Each figure is the median of the runs "
-        "(every run is in `target/compare/results.jsonl` and listed below). uWebSockets "
-        "is the build that PyPI's `socketify` 0.0.31 ships (uWebSockets and uSockets in one "
-        "shared library, libuv as the event loop), driven from C (`benches/peers/uws/`).",
+        "(every run is in `target/compare/results.jsonl` and listed below). `uwebsockets` "
+        "is uWebSockets built natively from source (`benches/peers/uws-native/`, uSockets' "
+        "epoll loop): the speed anchor. `uwebsockets-socketify` is the build that PyPI's "
+        "`socketify` 0.0.31 ships (uWebSockets and uSockets in one shared library, libuv as "
+        "the event loop), driven from C (`benches/peers/uws/`).",
         "",
         "| server | threads | " + " | ".join(f"{t} ({u})" for _, _, _, t, u, _ in METRICS)
         + " |",
@@ -143,8 +147,11 @@ def main():
               "`benches/peers/`). tokio-tungstenite's `WebSocketConfig` gives each connection a "
               "128 KiB read buffer by default (`read_buffer_size`): that is most of its idle "
               "memory here. switchboard runs `--echo --shards 2 --fd-table per-shard` "
-              "(`switchboard-1`: `--shards 1`). uWebSockets runs one thread with compression "
-              "off, as its EchoServer example does.",
+              "(`switchboard-1`: `--shards 1`). `uwebsockets` is the native build (uWebSockets "
+              "66dcff3 on uSockets 86097c4, its epoll loop, `-O3 -flto`, from "
+              "`benches/peers/uws-native/`): one thread, compression off, no backpressure "
+              "limit. `uwebsockets-socketify` is the library PyPI's socketify ships (on "
+              "libuv), kept for comparison with earlier tables.",
               ""]
     with open(md_path, "w") as f:
         f.write("\n".join(lines))

@@ -3,6 +3,8 @@
 # tightest before/after this noisy machine gives: each pair runs back to back, so drift in
 # the machine's load hits both sides alike).
 #   scripts/flood-ab.sh BEFORE_BIN [pairs=5] [windows="1024 64"]
+# BEFORE_BIN `uws`: native uWebSockets (benches/peers/uws-native/, built into
+# target/uws-native) in place of the older build: the per-core comparison issue 32 asks for.
 # Per pair and window: `switchboard --echo --shards 1` (the older binary, then this one),
 # `loadgen flood` with 200 connections and that many messages in flight each, 10 s; prints
 # one line per run (who, window, pair, server CPU ns per message, echoed M msg/s) and the
@@ -19,10 +21,17 @@ LG=target/release/loadgen
 OUT=$(mktemp -d /tmp/flood-ab.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
 
+if [ "$BEFORE" = uws ]; then
+  BEFORE=$(benches/peers/uws-native/build.sh target/uws-native)
+fi
+
 run() { # who bin window pair
   local who=$1 bin=$2 w=$3 r=$4 dir="$OUT/$1-$3-$4"
-  "$bin" --echo --listen 127.0.0.1:$PORT --shards 1 --fd-table per-shard \
-    --max-connections 6000 >/dev/null 2>&1 &
+  case $bin in
+    */echo_uws) "$bin" $PORT >/dev/null 2>&1 & ;;
+    *) "$bin" --echo --listen 127.0.0.1:$PORT --shards 1 --fd-table per-shard \
+      --max-connections 6000 >/dev/null 2>&1 & ;;
+  esac
   local pid=$!
   for _ in $(seq 200); do
     if (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; then break; fi
