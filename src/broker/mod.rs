@@ -421,7 +421,7 @@ impl BrokerHandle {
 /// A broker without threads or Redis, for the simulation (`sim/cluster.rs`): the handle
 /// the shards hold is the real one; what they post is read from the [`ModelLink`], which
 /// also says whether "Redis" is reachable.
-#[cfg(feature = "sim")]
+#[cfg(any(test, feature = "sim"))]
 pub fn model(node: &str, queue: usize) -> (BrokerHandle, ModelLink) {
     let (publish, publish_rx) = crossbeam_channel::bounded(queue);
     let (interest, interest_rx) = crossbeam_channel::unbounded();
@@ -442,7 +442,7 @@ pub fn model(node: &str, queue: usize) -> (BrokerHandle, ModelLink) {
 }
 
 /// The far end of a [`model`] broker's handle.
-#[cfg(feature = "sim")]
+#[cfg(any(test, feature = "sim"))]
 #[derive(Debug)]
 pub struct ModelLink {
     publish: crossbeam_channel::Receiver<BrokerReq>,
@@ -450,7 +450,7 @@ pub struct ModelLink {
     up: Arc<Up>,
 }
 
-#[cfg(feature = "sim")]
+#[cfg(any(test, feature = "sim"))]
 impl ModelLink {
     /// The next publication a shard queued.
     pub fn next_request(&self) -> Option<BrokerReq> {

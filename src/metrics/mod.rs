@@ -128,7 +128,7 @@ pub struct ShardMetrics {
     /// Catch-ups that could not read the stream (the gap is left to a resume).
     pub catch_ups_failed: AtomicU64,
     /// Connections closed (1013) to resume: their stream moved to another epoch while they
-    /// replayed it.
+    /// replayed it, or a catch-up could not read what they missed.
     pub closed_to_resume: AtomicU64,
     /// Entries in the shard's timer wheel (gauge).
     pub wheel_entries: AtomicU64,
@@ -562,7 +562,7 @@ pub fn render(shards: &[ShardMetrics]) -> String {
     counter(
         &mut o,
         "switchboard_stream_closed_to_resume_total",
-        "Connections closed (1013) to resume: their stream moved to another epoch while they replayed it.",
+        "Connections closed (1013) to resume: their stream moved to another epoch while they replayed it, or a catch-up could not read what they missed.",
         sum(shards, |s| &s.closed_to_resume),
     );
     counter(

@@ -10,7 +10,9 @@
 //! epoch's first offset (a Redis that lost it), or from where the shard stood when the new
 //! epoch continues the old one (a Redis that went back in time: see `store::lineage`). A
 //! catch-up the store cannot serve (Redis failing over, or its queue full) is asked again for
-//! about a minute; when it gives up, the held messages past what its pages delivered go out.
+//! about a minute; when it gives up, the connections that keep a position (resumed ones,
+//! event streams) are closed with 1013 to resume from before the gap, and the held messages
+//! past what its pages delivered go out to the others.
 
 use std::sync::Arc;
 
@@ -21,6 +23,7 @@ use tracing::warn;
 use super::requests::OnPost;
 use super::Core;
 use super::Streams;
+use crate::conn::cursor::Cursor;
 use crate::conn::Transport;
 use crate::ids::ConnId;
 use crate::metrics::ShardMetrics;
@@ -283,8 +286,15 @@ impl<T: Transport> Streams<T> {
             return;
         };
         let held = h.held.take().unwrap_or_default();
+        // What was missed cannot go out in order: connections that keep a position are
+        // closed before the held messages pass it, so they resume from before the gap (from
+        // the store, once it reads again); the others take the live stream on.
+        let why = "missed messages could not be read from the store; resume";
+        self.close_cursors_unless(kind, name, why, |_| false);
         for x in held {
-            let h = self.heads.map(kind).get_mut(name).expect("still followed");
+            let Some(h) = self.heads.map(kind).get_mut(name) else {
+                return; // those closed were the last to follow it here
+            };
             let epoch = event_epoch(&x.payload);
             if epoch.is_some() && epoch == h.left {
                 continue; // stale: of the epoch the stream left
@@ -364,8 +374,22 @@ impl<T: Transport> Streams<T> {
 
     /// A followed stream moved to `epoch`, sharing offsets up to `shared` with the one
     /// this shard knew: the positions of the connections that follow it here move along
-    /// ([`crate::conn::cursor::Cursor::moved`]); one that replays or waits for its welcome is closed to resume.
+    /// ([`Cursor::moved`]); one that replays or waits for its welcome is closed to resume.
     fn cursors_moved(&mut self, kind: Kind, name: &str, epoch: Epoch, shared: u64) {
+        let why = "the stream moved to another epoch while it was replayed; resume";
+        self.close_cursors_unless(kind, name, why, |c| c.moved(epoch, shared));
+    }
+
+    /// Every connection here that follows `name` with a position and for which `keep` says
+    /// false is closed with 1013 and resumes from its position (its welcome says whether it
+    /// held).
+    fn close_cursors_unless(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        why: &'static str,
+        mut keep: impl FnMut(&mut Cursor) -> bool,
+    ) {
         let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
         match kind {
@@ -385,8 +409,9 @@ impl<T: Transport> Streams<T> {
                     .find(|(c, _)| &**c == name)
                     .map(|(_, c)| c),
             };
-            if cur.is_some_and(|c| !c.moved(epoch, shared)) {
-                self.close_to_resume(key);
+            if cur.is_some_and(|c| !keep(c)) {
+                ShardMetrics::add(&self.m().closed_to_resume, 1);
+                self.start_close_with(key, crate::ws::close::TRY_AGAIN_LATER, why.into());
             }
         }
         self.scratch_slots = slots;

@@ -854,3 +854,121 @@ fn a_pipelined_burst_whose_replies_pass_the_limit_waits_instead_of_closing() {
     assert_eq!(ids, (0..400).collect::<Vec<u64>>());
     assert!(h.live(key));
 }
+
+#[test]
+fn a_catch_up_that_gives_up_closes_the_connections_keeping_a_position_before_the_gap_passes() {
+    use crate::broker::BrokerMsg;
+    use crate::mail::ShardMsg;
+    use crate::store::{Epoch, Opened, Page, StoreHandle, StoreMsg, StoreReq};
+    use bytes::Bytes;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let (broker, link) = crate::broker::model("n1", 1 << 16);
+    let store = Some(StoreHandle::new(tx));
+    let shared = Shared {
+        store: store.clone(),
+        broker: Some(broker.clone()),
+        // Room for the held messages that go out at once.
+        ..Shared::standalone(
+            Config {
+                max_outbound_bytes: 1 << 24,
+                ..config()
+            },
+            1,
+        )
+    };
+    let mut h = Harness {
+        s: Router::new(0, 1, shared, 0, UNIX_BASE_MS),
+        store,
+        now_ms: 0,
+        pipes: Vec::new(),
+    };
+    // bob resumes (a position) on one connection and has a plain one (none) beside it.
+    let (resumed, pipe) = h.accept(1 << 20);
+    h.send(
+        &pipe,
+        testkit::upgrade_request("t", "/ws?user=bob&since=ab:0").as_bytes(),
+    );
+    let (_, plain) = h.accept(1 << 20);
+    h.send(
+        &plain,
+        testkit::upgrade_request("t", "/ws?user=bob").as_bytes(),
+    );
+    let ev = |o: u64| {
+        Bytes::from(format!(
+            r#"{{"op":"msg","data":{o},"offset":{o},"epoch":"ab"}}"#
+        ))
+    };
+    // Play the broker (subscriptions ready) and the store (inbox positions) until both
+    // are welcomed.
+    let resumed = h.s.conns().conn_id(resumed);
+    for _ in 0..4 {
+        h.turn();
+        h.s.post_broker(&mut |r| broker.publish(r), &mut |i| broker.interest(i));
+        while let Some(c) = link.next_interest() {
+            if let Some((_, token)) = c.ready {
+                h.s.on_mail(ShardMsg::Broker(Box::new(BrokerMsg::Ready { token })));
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            let StoreReq::Open { conn, since, .. } = r else {
+                continue;
+            };
+            let page = if conn == resumed {
+                Page {
+                    entries: vec![(1, ev(1)), (2, ev(2))],
+                    next: 3,
+                    done: true,
+                }
+            } else {
+                Page::default()
+            };
+            let o = Opened {
+                conn,
+                epoch: Epoch(0xab),
+                top: 2,
+                resume: since.map(|_| Ok(())),
+                page,
+            };
+            h.s.on_mail(ShardMsg::Store(Box::new(StoreMsg::Opened(Box::new(o)))));
+        }
+    }
+    h.turn();
+    // Offset 3 never came (pub/sub lost it); 4 on comes live and waits behind a catch-up
+    // until too many wait: the catch-up gives up.
+    for o in 4..=10_005u64 {
+        h.s.on_mail(ShardMsg::Broker(Box::new(BrokerMsg::Stored {
+            user: "bob".into(),
+            payload: ev(o),
+            offset: o,
+            exclude: None,
+        })));
+    }
+    h.turn();
+    let failed = &h.s.m().catch_ups_failed;
+    assert_eq!(failed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // The resumed connection got 1 and 2, then a close before the gap: it resumes from 2.
+    let mut buf = pipe.0.borrow_mut().client_read();
+    let head = testkit::parse_response_head(&buf).unwrap().unwrap();
+    buf.drain(..head.head_len);
+    let got = frames(&pipe, &mut buf);
+    let offsets: Vec<u64> = got
+        .iter()
+        .filter(|f| f.opcode == 0x1)
+        .filter_map(|f| serde_json::from_slice::<serde_json::Value>(&f.payload).ok())
+        .filter_map(|v| v["offset"].as_u64())
+        .collect();
+    assert_eq!(
+        offsets[..offsets.len().min(4)],
+        [1, 2],
+        "nothing past the gap"
+    );
+    let close = got.iter().find(|f| f.opcode == 0x8).expect("a close frame");
+    assert_eq!(close_code(close).0, 1013);
+    // The plain connection (no position to resume from) takes the live stream on.
+    let mut buf = plain.0.borrow_mut().client_read();
+    let head = testkit::parse_response_head(&buf).unwrap().unwrap();
+    buf.drain(..head.head_len);
+    let got = frames(&plain, &mut buf);
+    assert!(got.iter().any(|f| f.opcode == 0x1
+        && serde_json::from_slice::<serde_json::Value>(&f.payload).unwrap()["offset"] == 4));
+}
