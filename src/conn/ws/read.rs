@@ -52,7 +52,7 @@ pub(super) fn read_event<'a, T, const SHORT: bool>(
     };
     // Text is checked for UTF-8 here, once (SIMD for the common unfragmented message).
     if let Found::Message { text: true, at } = &found {
-        if let Ok(t) = simdutf8::basic::from_utf8(&inb.buf[at.clone()]) {
+        if let Some(t) = utf8(&inb.buf[at.clone()]) {
             return Some(Event::Text(Cow::Borrowed(t)));
         }
     }
@@ -63,9 +63,7 @@ pub(super) fn read_event<'a, T, const SHORT: bool>(
         Found::Owned { text: false, data } => return Some(Event::Binary(Cow::Owned(data))),
         Found::Ping(at) => return Some(Event::Ping(&inb.buf[at])),
         Found::Event(ev) => return Some(ev),
-        Found::Message { text: true, at } => simdutf8::basic::from_utf8(&inb.buf[at])
-            .map(Cow::Borrowed)
-            .map_err(drop),
+        Found::Message { text: true, at } => utf8(&inb.buf[at]).map(Cow::Borrowed).ok_or(()),
         Found::Owned { text: true, data } => String::from_utf8(data).map(Cow::Owned).map_err(drop),
     };
     match text {
@@ -75,6 +73,18 @@ pub(super) fn read_event<'a, T, const SHORT: bool>(
             _ => unreachable!("a violation borrows nothing"),
         },
     }
+}
+
+/// `b` as text if it is UTF-8. A short message is most often ASCII, which a word-at-a-time
+/// check answers before the validator's per-byte state machine (SIMD needs 64 bytes, below
+/// which simdutf8 runs the standard library's check).
+#[inline(always)]
+fn utf8(b: &[u8]) -> Option<&str> {
+    if b.len() < 64 && b.is_ascii() {
+        // SAFETY: ASCII is UTF-8.
+        return Some(unsafe { std::str::from_utf8_unchecked(b) });
+    }
+    simdutf8::basic::from_utf8(b).ok()
 }
 
 /// The common frame, taken without the general parse: a whole, unfragmented, uncompressed,
