@@ -375,6 +375,31 @@ impl<T: Transport> Table<T> {
             // another device of the user may pass by).
             return Delivery::NotOpen;
         }
+        // The common case first (an echo, a reply, a small DM to a WebSocket): one frame
+        // copied into the outbox's own buffer, under the limit, nothing to compress.
+        if let Out::Own(s) = payload {
+            let head_len = crate::ws::frame::header_len(s.len());
+            let unit = head_len + s.len();
+            let queued = c.queued_bytes();
+            if !c.flags.has(Flags::DEFLATE | Flags::SSE)
+                && unit <= SMALL_UNIT_MAX
+                && (queued == 0 || queued + unit <= self.cfg.max_outbound_bytes)
+            {
+                let mut head = [0u8; INLINE_MAX];
+                let hl = crate::conn::ws::frame_head(opcode, s, &mut head);
+                debug_assert_eq!(hl, head_len);
+                self.turn_out += 1;
+                let pool = &mut self.pool;
+                c.outbox
+                    .get_or_insert_with(|| pool.outbox())
+                    .push_copied(&head[..hl], s);
+                if !c.flags.has(Flags::DIRTY) {
+                    c.flags.set(Flags::DIRTY);
+                    self.dirty.push((key, c.generation));
+                }
+                return Delivery::Queued;
+            }
+        }
         // permessage-deflate: compressed once per message, whoever it goes to.
         let deflate =
             c.flags.has(Flags::DEFLATE) && payload.bytes().len() >= self.cfg.deflate_min_bytes;
