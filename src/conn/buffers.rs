@@ -5,6 +5,8 @@ use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use crate::ws::frame::{self, OpCode};
+
 /// Size of a pooled read buffer: one read syscall fills at most this much.
 pub const READ_CHUNK: usize = 64 * 1024;
 /// Leftover bytes up to this size are kept in a small buffer instead of a pooled one.
@@ -178,6 +180,20 @@ impl Outbox {
             self.small.reserve(n.max(1024));
         }
         self.small.extend_from_slice(head);
+        self.small.extend_from_slice(payload);
+        self.bytes += n;
+    }
+
+    /// One WebSocket frame of `payload` (a unit of at most [`SMALL_UNIT_MAX`]), its header
+    /// written straight into the buffer (no copy of it through the stack, no call to copy
+    /// two bytes).
+    #[inline]
+    pub fn push_frame(&mut self, opcode: OpCode, payload: &[u8]) {
+        let n = frame::header_len(payload.len()) + payload.len();
+        if self.small.capacity() - self.small.len() < n {
+            self.small.reserve(n.max(1024));
+        }
+        frame::put_header(&mut self.small, opcode, payload.len());
         self.small.extend_from_slice(payload);
         self.bytes += n;
     }

@@ -385,14 +385,11 @@ impl<T: Transport> Table<T> {
                 && unit <= SMALL_UNIT_MAX
                 && (queued == 0 || queued + unit <= self.cfg.max_outbound_bytes)
             {
-                let mut head = [0u8; INLINE_MAX];
-                let hl = crate::conn::ws::frame_head(opcode, s, &mut head);
-                debug_assert_eq!(hl, head_len);
                 self.turn_out += 1;
                 let pool = &mut self.pool;
                 c.outbox
                     .get_or_insert_with(|| pool.outbox())
-                    .push_copied(&head[..hl], s);
+                    .push_frame(crate::ws::frame::OpCode::Data(opcode), s);
                 if !c.flags.has(Flags::DIRTY) {
                     c.flags.set(Flags::DIRTY);
                     self.dirty.push((key, c.generation));

@@ -119,6 +119,7 @@ pub fn header_len(payload_len: usize) -> usize {
 }
 
 /// Writes an unmasked header for a final frame of `opcode` with `payload_len` bytes.
+#[inline]
 pub fn put_header(out: &mut impl BufMut, opcode: OpCode, payload_len: usize) {
     out.put_u8(0x80 | u8::from(opcode));
     match payload_len {
