@@ -410,23 +410,17 @@ impl<T: Transport> Streams<T> {
                     .map(|(_, c)| c),
             };
             if cur.is_some_and(|c| !keep(c)) {
-                ShardMetrics::add(&self.m().closed_to_resume, 1);
-                self.start_close_with(key, crate::ws::close::TRY_AGAIN_LATER, why.into());
+                self.close_to_resume(key, why);
             }
         }
         self.scratch_slots = slots;
     }
 
-    /// The stream a connection replays moved to an epoch that may not hold what its
-    /// welcome promised: it is closed with 1013, resumes, and its welcome then says
-    /// whether its position held.
-    pub(super) fn close_to_resume(&mut self, key: usize) {
+    /// A connection whose position may not hold (`why`) is closed with 1013, resumes, and
+    /// its welcome then says whether its position held.
+    pub(super) fn close_to_resume(&mut self, key: usize, why: &'static str) {
         ShardMetrics::add(&self.m().closed_to_resume, 1);
-        self.start_close_with(
-            key,
-            crate::ws::close::TRY_AGAIN_LATER,
-            "the stream moved to another epoch while it was replayed; resume".into(),
-        );
+        self.start_close_with(key, crate::ws::close::TRY_AGAIN_LATER, why.into());
     }
 
     /// The store could not read the missed range (Redis unreachable, failing over): ask

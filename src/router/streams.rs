@@ -214,7 +214,8 @@ impl<T: Transport> Streams<T> {
                 if gone {
                     // The store lost the stream while this connection replayed it: what the
                     // welcome promised is gone. It resumes, and is told so then.
-                    return self.close_to_resume(key);
+                    let why = "the stream moved to another epoch while it was replayed; resume";
+                    return self.close_to_resume(key, why);
                 }
                 self.replay(key, &stream, page);
             }
