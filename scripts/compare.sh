@@ -12,7 +12,9 @@
 #   - idle memory per connection and time to open 15,000 (`loadgen connect`);
 #   - flood: echoed msg/s and the server's CPU per message (`loadgen flood`, 200
 #     connections, 64 in flight each, 32 B), and again with 1024 in flight each (`flood-deep`:
-#     more frames per read and per write, so the kernel's per-call cost weighs less);
+#     more frames per read and per write, so the kernel's per-call cost weighs less), and
+#     write-combined (`flood-combined`: `--write-combined`, no window, send buffers kept full,
+#     tcpkali-style);
 #   - latency at a fixed 20,000 msg/s (`loadgen echo`, 200 connections): p50/p99/p99.9.
 # Writes target/compare/results.jsonl, then docs/benchmarks.md and docs/benchmarks/*.svg
 # (medians of the runs). A benchmark, not a test: CI does not run it.
@@ -105,6 +107,8 @@ measure() {
       --server-pid "$PID" --out "$dir" >"$dir.log" 2>&1 || true ;;
     flood-deep) "$LG" flood --url "$url" --connections 200 --window 1024 --duration 15s \
       --server-pid "$PID" --out "$dir" >"$dir.log" 2>&1 || true ;;
+    flood-combined) "$LG" flood --url "$url" --connections 200 --write-combined \
+      --duration 15s --server-pid "$PID" --out "$dir" >"$dir.log" 2>&1 || true ;;
     latency) "$LG" echo --url "$url" --connections 200 --rate 20000 --duration 15s \
       --server-pid "$PID" --out "$dir" >"$dir.log" 2>&1 || true ;;
   esac
@@ -123,7 +127,7 @@ if s:
         row.update(established=c["established"], target=c["target"],
                    connect_seconds=c["connect_seconds"],
                    bytes_per_connection=s["server"]["bytes_per_connection"])
-    elif what in ("flood", "flood-deep"):
+    elif what in ("flood", "flood-deep", "flood-combined"):
         row.update(echoed_per_s=s["flood"]["echoed_per_s"],
                    cpu_ns_per_message=s["flood"]["server_cpu_ns_per_message"])
     else:
@@ -141,7 +145,7 @@ for run in $(seq "$RUNS"); do
   for i in $(seq 0 $((n - 1))); do
     name=${SERVERS[$(((i + run - 1) % n))]}
     port=$((9101 + (i + run - 1) % n))
-    for what in connect flood flood-deep latency; do
+    for what in connect flood flood-deep flood-combined latency; do
       measure "$run" "$name" "$port" "$what"
     done
   done

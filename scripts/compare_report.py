@@ -31,6 +31,10 @@ METRICS = [
      "Flood, 1024 in flight: echoed messages per second", "msg/s", False),
     ("flood-deep", "cpu_ns_per_message", "deep_cpu_ns_per_message",
      "Flood, 1024 in flight: server CPU per message", "ns", True),
+    ("flood-combined", "echoed_per_s", "combined_echoed_per_s",
+     "Flood, write-combined: echoed messages per second", "msg/s", False),
+    ("flood-combined", "cpu_ns_per_message", "combined_cpu_ns_per_message",
+     "Flood, write-combined: server CPU per message", "ns", True),
     ("latency", "p50_us", "p50_us", "Echo latency p50 at 20k msg/s", "µs", True),
     ("latency", "p99_us", "p99_us", "Echo latency p99 at 20k msg/s", "µs", True),
     ("latency", "p999_us", "p999_us", "Echo latency p99.9 at 20k msg/s", "µs", True),
@@ -137,7 +141,10 @@ def main():
               "messages, each echo answered by the next message, many frames per write); the "
               "server's CPU from /proc over the run, divided by the echoed messages. **Flood, 1024 "
               "in flight** is the same with `--window 1024`: more frames per read and per "
-              "write, so the kernel's cost per call is spread over more messages.",
+              "write, so the kernel's cost per call is spread over more messages. **Flood, "
+              "write-combined** is `--write-combined` (tcpkali-style, no window: each "
+              "connection keeps its socket's send buffer full of frames, 16 KiB per write, and "
+              "counts the echoes; TCP's flow control is the only limit).",
               "- **Latency**: `loadgen echo --connections 200 --rate 20000 --duration 15s`, open "
               "loop, from each message's scheduled send time, one loadgen worker (the default at "
               "this rate; it spins the last 50 µs before each send); loadgen's own send lateness "

@@ -6,7 +6,8 @@
 # BEFORE_BIN `uws`: native uWebSockets (benches/peers/uws-native/, built into
 # target/uws-native) in place of the older build: the per-core comparison issue 32 asks for.
 # Per pair and window: `switchboard --echo --shards 1` (the older binary, then this one),
-# `loadgen flood` with 200 connections and that many messages in flight each, 10 s; prints
+# `loadgen flood` with 200 connections and that many messages in flight each (window `wc`:
+# write-combined, `--write-combined`: send buffers kept full, tcpkali-style), 10 s; prints
 # one line per run (who, window, pair, server CPU ns per message, echoed M msg/s) and the
 # medians. A benchmark, not a test: CI does not run it.
 set -euo pipefail
@@ -37,7 +38,9 @@ run() { # who bin window pair
     if (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; then break; fi
     sleep 0.05
   done
-  "$LG" flood --url ws://127.0.0.1:$PORT/ --connections 200 --window "$w" --duration 10s \
+  local depth=(--window "$w")
+  [ "$w" = wc ] && depth=(--write-combined)
+  "$LG" flood --url ws://127.0.0.1:$PORT/ --connections 200 "${depth[@]}" --duration 10s \
     --server-pid "$pid" --out "$dir" >/dev/null 2>&1 || true
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
@@ -61,7 +64,7 @@ done
 python3 - "$OUT/rows" <<'EOF'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
-for w in sorted({r[1] for r in rows}, key=int):
+for w in sorted({r[1] for r in rows}, key=lambda w: int(w) if w.isdigit() else 1 << 30):
     med = {}
     for who in ("before", "after"):
         v = [float(r[3]) for r in rows if r[0] == who and r[1] == w and r[3] != "failed"]

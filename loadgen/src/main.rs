@@ -77,6 +77,11 @@ struct Args {
     /// Messages in flight per connection (flood).
     #[arg(long, default_value_t = 64)]
     window: usize,
+    /// flood without a window (tcpkali-style): each connection keeps its socket's send
+    /// buffer full of frames, many per write, and counts the echoes as they come; TCP's
+    /// flow control is the only limit. Replaces `--window`.
+    #[arg(long)]
+    write_combined: bool,
     /// Channels (fanout).
     #[arg(long, default_value_t = 10)]
     channels: usize,
@@ -411,6 +416,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(if threads <= cores { 50 } else { 0 })
             * 1000,
         window: args.window.max(1),
+        write_combined: args.write_combined,
         tls,
         deflate: args.deflate,
     });
@@ -771,7 +777,8 @@ fn main() -> anyhow::Result<()> {
             "received_per_s": t.received as f64 / run_secs,
         },
         "flood": flood.map(|(rate, per_msg)| json!({
-            "window": args.window,
+            "window": (!args.write_combined).then_some(args.window),
+            "write_combined": args.write_combined,
             "size": args.size,
             "echoed_per_s": rate,
             "server_cpu_ns_per_message": per_msg,
@@ -818,11 +825,17 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if let Some((rate, per_msg)) = flood {
+        let depth = if args.write_combined {
+            "write-combined".to_string()
+        } else {
+            format!("{} in flight per connection", args.window)
+        };
         println!(
-            "flood: {rate:.0} echoed msg/s over the run ({} in flight per connection, {} B), server CPU {}",
-            args.window,
+            "flood: {rate:.0} echoed msg/s over the run ({depth}, {} B), server CPU {}",
             args.size,
-            per_msg.map_or("not sampled (give --server-pid)".to_string(), |ns| format!("{ns:.0} ns per message"))
+            per_msg.map_or("not sampled (give --server-pid)".to_string(), |ns| format!(
+                "{ns:.0} ns per message"
+            ))
         );
     }
     if args.scenario == Scenario::Storm {
@@ -873,7 +886,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     if args.scenario == Scenario::Flood {
-        println!("flood is closed loop: throughput, not latency (use echo for latency)");
+        println!("flood measures throughput, not latency (use echo for latency)");
     } else {
         println!("latency is measured from each message's scheduled send time (open loop, coordinated omission corrected)");
     }

@@ -29,6 +29,9 @@ const ACCEPT: &str = testkit::SAMPLE_ACCEPT;
 const HANDSHAKE_TIMEOUT_NS: u64 = 15_000_000_000;
 /// Sends per turn, so receiving is never starved.
 const SENDS_PER_TURN: usize = 20_000;
+/// Write-combined flood: bytes of frames per write, and writes per connection per call.
+const FLOOD_BLOCK_BYTES: usize = 16 * 1024;
+const FLOOD_BLOCKS_PER_TURN: usize = 8;
 /// How long the ramp-down waits for close handshakes.
 const CLOSE_WAIT_NS: u64 = 30_000_000_000;
 
@@ -234,6 +237,8 @@ pub struct Job {
     pub resume_every_ns: u64,
     /// Messages in flight per connection (flood).
     pub window: usize,
+    /// flood without a window: send buffers kept full ([`Worker::flood_fill`]).
+    pub write_combined: bool,
     /// How wss:// targets are verified (`None`: every target is ws://).
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Offer permessage-deflate and inflate what arrives compressed.
@@ -470,6 +475,9 @@ pub struct Worker {
     stormed: bool,
     /// The text every flood message carries (`--size` bytes).
     flood_payload: Vec<u8>,
+    /// Write-combined flood: masked frames of `flood_payload`, about 16 KiB, written whole.
+    flood_block: Vec<u8>,
+    flood_block_frames: u64,
     closing_since: Option<u64>,
 }
 
@@ -505,6 +513,13 @@ impl Worker {
             .map(|i| i as u32)
             .collect();
         let flood_payload = vec![b'x'; job.size];
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1));
+        let (mut flood_block, mut flood_block_frames) = (Vec::new(), 0);
+        while job.write_combined && flood_block.len() < FLOOD_BLOCK_BYTES {
+            let mask = (rng.next() as u32).to_ne_bytes();
+            testkit::put_frame(&mut flood_block, 0x81, &flood_payload, Some(mask));
+            flood_block_frames += 1;
+        }
         let mut w = Worker {
             index,
             job,
@@ -531,12 +546,14 @@ impl Worker {
             dropped_at: Default::default(),
             interval_hist: new_histogram(),
             intervals,
-            rng: Rng(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
+            rng,
             scratch: vec![0; 64 * 1024],
             inflater: None,
             sending_started: false,
             stormed: false,
             flood_payload,
+            flood_block,
+            flood_block_frames,
             closing_since: None,
         };
         w.event_loop()?;
@@ -644,6 +661,9 @@ impl Worker {
                     // After a short read the socket is empty; edge-triggered epoll reports
                     // later data again, so only a FIN or error needs reading to the end.
                     self.on_readable(key, ev.is_read_closed() || ev.is_error());
+                }
+                if self.job.write_combined {
+                    self.flood_fill(key);
                 }
             }
             let now = now_ns();
@@ -1157,7 +1177,7 @@ impl Worker {
             Scenario::Connect | Scenario::Storm | Scenario::Tcp => {}
             Scenario::Flood => {
                 self.stats().received.fetch_add(1, Relaxed);
-                if self.shared.phase.load(Relaxed) == phase::RUN {
+                if !self.job.write_combined && self.shared.phase.load(Relaxed) == phase::RUN {
                     self.flood_one(key);
                 }
             }
@@ -1302,6 +1322,10 @@ impl Worker {
                 .map(|(k, _)| k)
                 .collect();
             for key in keys {
+                if self.job.write_combined {
+                    self.flood_fill(key);
+                    continue;
+                }
                 for _ in 0..self.job.window {
                     self.flood_one(key);
                 }
@@ -1335,6 +1359,42 @@ impl Worker {
                 self.schedules.resize(key + 1, s);
             }
             self.schedules[key] = s;
+        }
+    }
+
+    /// Write-combined flood: writes whole blocks of frames while the socket takes them (at
+    /// most [`FLOOD_BLOCKS_PER_TURN`] a call, so one connection does not hold the turn; the
+    /// next echo read or writable edge calls again). A block the socket took in part is
+    /// finished from `wbuf` first.
+    fn flood_fill(&mut self, key: usize) {
+        if !self.job.write_combined
+            || self.shared.phase.load(Relaxed) != phase::RUN
+            || self.conns.get(key).is_none_or(|c| c.st != St::Open)
+        {
+            return;
+        }
+        self.flush(key);
+        let per_block = self.flood_block_frames;
+        for _ in 0..FLOOD_BLOCKS_PER_TURN {
+            let Some(c) = self.conns.get_mut(key) else {
+                return;
+            };
+            if !c.wbuf.is_empty() {
+                return;
+            }
+            match c.stream.write(&self.flood_block) {
+                Ok(n) => {
+                    if n < self.flood_block.len() {
+                        c.wbuf.extend_from_slice(&self.flood_block[n..]);
+                    }
+                    let st = self.stats();
+                    st.sent.fetch_add(per_block, Relaxed);
+                    st.expected.fetch_add(per_block, Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.lost(key, 1006),
+            }
         }
     }
 
@@ -1583,6 +1643,7 @@ mod tests {
             qos: 0,
             resume_every_ns: 0,
             window: 1,
+            write_combined: false,
             tls: None,
             deflate: false,
             spin_ns: 50_000,
