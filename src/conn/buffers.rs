@@ -189,12 +189,24 @@ impl Outbox {
     /// two bytes).
     #[inline]
     pub fn push_frame(&mut self, opcode: OpCode, payload: &[u8]) {
-        let n = frame::header_len(payload.len()) + payload.len();
-        if self.small.capacity() - self.small.len() < n {
-            self.small.reserve(n.max(1024));
+        let len = payload.len();
+        let head_len = frame::header_len(len);
+        let n = head_len + len;
+        // Room for the longest header too: it is written whole, as two fixed-size stores.
+        if self.small.capacity() - self.small.len() < n + frame::MAX_HEADER_LEN {
+            self.small.reserve((n + frame::MAX_HEADER_LEN).max(1024));
         }
-        frame::put_header(&mut self.small, opcode, payload.len());
-        self.small.extend_from_slice(payload);
+        let head = frame::server_header(opcode, len);
+        let spare = self.small.spare_capacity_mut();
+        // SAFETY: `spare` holds at least `n + MAX_HEADER_LEN` bytes (reserved above); the
+        // header's first `head_len` bytes and then `len` payload bytes are written before
+        // `set_len` counts them.
+        unsafe {
+            let dst = spare.as_mut_ptr().cast::<u8>();
+            std::ptr::copy_nonoverlapping(head.as_ptr(), dst, frame::MAX_HEADER_LEN);
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), dst.add(head_len), len);
+            self.small.set_len(self.small.len() + n);
+        }
         self.bytes += n;
     }
 
@@ -382,6 +394,18 @@ impl BufPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn push_frame_writes_what_frame_encode_does_at_every_header_size() {
+        let mut o = Outbox::default();
+        let mut want = Vec::new();
+        for len in [0, 1, 31, 125, 126, 1000, 65535, 65536] {
+            let payload = vec![b'p'; len];
+            o.push_frame(OpCode::Data(frame::Data::Text), &payload);
+            want.extend_from_slice(&frame::encode(OpCode::Data(frame::Data::Text), &payload));
+        }
+        assert_eq!((o.tail(), o.bytes), (&want[..], want.len()));
+    }
 
     #[test]
     fn own_units_go_out_as_one_slice_and_seal_before_a_shared_piece() {

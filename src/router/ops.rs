@@ -64,6 +64,9 @@ impl<T: Transport> Router<T> {
         self.deliver_reply(key, f);
     }
 
+    /// A whole message from a WebSocket client: echoed back (`--echo`, inline in the frame
+    /// loop), or read as an op ([`Self::on_op`], out of line).
+    #[inline(always)]
     pub(super) fn on_message(&mut self, key: usize, message: Incoming<'_>) {
         self.conns.turn_in += 1;
         if self.cfg.echo {
@@ -74,6 +77,12 @@ impl<T: Transport> Router<T> {
             self.deliver_data(key, opcode, super::table::Out::Own(payload));
             return;
         }
+        self.on_op(key, message)
+    }
+
+    /// A client's message read as JSON and acted on.
+    #[inline(never)]
+    fn on_op(&mut self, key: usize, message: Incoming<'_>) {
         // A binary message is read as JSON text too, if it is UTF-8.
         let text = match message {
             Incoming::Text(t) => t,

@@ -25,6 +25,7 @@ impl<T: Transport> Core<T> {
     /// [`deliver`](Self::deliver) for any data opcode (echo mode answers binary too).
     /// A WebSocket gets a frame header then the payload; an event stream gets
     /// `id: N\ndata: ` + payload + a blank line (event payloads never hold a newline).
+    #[inline]
     pub(super) fn deliver_data(&mut self, key: usize, opcode: Data, payload: Out<'_>) -> bool {
         match self.conns.deliver_data(key, opcode, payload) {
             Delivery::Queued => true,

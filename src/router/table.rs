@@ -365,6 +365,11 @@ impl<T: Transport> Table<T> {
         ws::jitter_ms(key, self.slab[key].generation, self.cfg.ping_interval_ms)
     }
 
+    /// Queues a data message for connection `key` under its outbound limit. The common unit
+    /// is taken here, inline in the caller; everything else in [`Self::deliver_framed`], out
+    /// of line, so the common case does not pay for its frame (its header buffer, the
+    /// compressor).
+    #[inline]
     pub(super) fn deliver_data(&mut self, key: usize, opcode: Data, payload: Out<'_>) -> Delivery {
         let Some(c) = self.slab.get_mut(key) else {
             return Delivery::NotOpen;
@@ -397,6 +402,14 @@ impl<T: Transport> Table<T> {
                 return Delivery::Queued;
             }
         }
+        self.deliver_framed(key, opcode, payload)
+    }
+
+    /// [`Self::deliver_data`] for a welcomed connection, beyond the common unit: compressed,
+    /// shared, an event-stream event, large, or at the limit.
+    #[inline(never)]
+    fn deliver_framed(&mut self, key: usize, opcode: Data, payload: Out<'_>) -> Delivery {
+        let c = &mut self.slab[key];
         // permessage-deflate: compressed once per message, whoever it goes to.
         let deflate =
             c.flags.has(Flags::DEFLATE) && payload.bytes().len() >= self.cfg.deflate_min_bytes;

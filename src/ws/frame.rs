@@ -109,7 +109,30 @@ pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
+/// [`apply_mask`] for a whole payload, eight bytes at a time, and whether the result is all
+/// ASCII: the check rides on the words just written (reading them back after narrower
+/// stores would stall on store forwarding).
+#[inline(always)]
+pub fn unmask_ascii(buf: &mut [u8], mask: [u8; 4]) -> bool {
+    let [a, b, c, d] = mask;
+    let word = u64::from_ne_bytes([a, b, c, d, a, b, c, d]);
+    let mut seen = 0u64;
+    let mut chunks = buf.chunks_exact_mut(8);
+    for w in &mut chunks {
+        let v = u64::from_ne_bytes(w.try_into().expect("8 bytes")) ^ word;
+        w.copy_from_slice(&v.to_ne_bytes());
+        seen |= v;
+    }
+    let mut last = 0u8;
+    for (i, x) in chunks.into_remainder().iter_mut().enumerate() {
+        *x ^= mask[i % 4];
+        last |= *x;
+    }
+    (seen & 0x8080_8080_8080_8080) == 0 && last & 0x80 == 0
+}
+
 /// Length of the header a server frame with `payload_len` bytes needs.
+#[inline(always)]
 pub fn header_len(payload_len: usize) -> usize {
     match payload_len {
         0..=125 => 2,
@@ -135,6 +158,26 @@ pub fn put_header(out: &mut impl BufMut, opcode: OpCode, payload_len: usize) {
     }
 }
 
+/// An unmasked header for a final frame of `opcode` with `payload_len` bytes, padded to
+/// [`MAX_HEADER_LEN`]; its first [`header_len`] bytes are the header.
+#[inline(always)]
+pub fn server_header(opcode: OpCode, payload_len: usize) -> [u8; MAX_HEADER_LEN] {
+    let mut h = [0u8; MAX_HEADER_LEN];
+    h[0] = 0x80 | u8::from(opcode);
+    match payload_len {
+        0..=125 => h[1] = payload_len as u8,
+        126..=65535 => {
+            h[1] = 126;
+            h[2..4].copy_from_slice(&(payload_len as u16).to_be_bytes());
+        }
+        _ => {
+            h[1] = 127;
+            h[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
+        }
+    }
+    h
+}
+
 /// Encodes one complete server frame.
 pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(header_len(payload.len()) + payload.len());
@@ -157,6 +200,24 @@ pub fn encode_close(code: u16, reason: &str) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unmask_ascii_unmasks_as_apply_mask_does_and_sees_any_high_bit() {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        for len in 0usize..40 {
+            for high in [None, Some(0), Some(len / 2), Some(len.saturating_sub(1))] {
+                let mut plain: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+                if let (Some(h), true) = (high, len > 0) {
+                    plain[h] = 0xc3;
+                }
+                let mut masked = plain.clone();
+                super::apply_mask(&mut masked, mask, 0);
+                let ascii = super::unmask_ascii(&mut masked, mask);
+                assert_eq!(masked, plain, "len {len}");
+                assert_eq!(ascii, plain.is_ascii(), "len {len} high {high:?}");
+            }
+        }
+    }
+
     use super::*;
 
     fn client_frame(opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {

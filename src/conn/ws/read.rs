@@ -47,7 +47,12 @@ pub(super) fn read_event<'a, T, const SHORT: bool>(
         None
     };
     let found = match short {
-        Some(f) => f,
+        Some((Found::Message { text: true, at }, true)) => {
+            // SAFETY: ASCII is UTF-8 (`unmask_ascii` looked at every byte).
+            let t = unsafe { std::str::from_utf8_unchecked(&inb.buf[at]) };
+            return Some(Event::Text(Cow::Borrowed(t)));
+        }
+        Some((f, _)) => f,
         None => next_found(c, inb, limits, inflater, now_ms)?,
     };
     // Text is checked for UTF-8 here, once (SIMD for the common unfragmented message).
@@ -91,14 +96,15 @@ fn utf8(b: &[u8]) -> Option<&str> {
 /// masked text (or, when taken, binary) message under 126 bytes, on an open connection with
 /// no fragment or skip pending. Anything else (or too few bytes) is left to [`next_found`],
 /// which would accept this frame the same way: `check_header` passes it, `on_frame` returns
-/// it as one [`Found::Message`].
+/// it as one [`Found::Message`]. With it, whether the payload is all ASCII (found while
+/// unmasking it).
 #[inline(always)]
 fn small_message<T>(
     c: &mut Conn<T>,
     inb: &mut Inbound,
     limits: &Limits,
     now_ms: u64,
-) -> Option<Found> {
+) -> Option<(Found, bool)> {
     const TEXT: u8 = 0x81; // FIN, no RSV bit, opcode 1
     const BINARY: u8 = 0x82;
     if inb.skip != 0 || inb.frag.is_some() || c.flags.has(Flags::DISCARD_INPUT) {
@@ -118,13 +124,14 @@ fn small_message<T>(
     let s = inb.start + 6;
     let e = s + len;
     inb.start = e;
-    frame::apply_mask(&mut inb.buf[s..e], mask, 0);
+    let ascii = frame::unmask_ascii(&mut inb.buf[s..e], mask);
     c.touch(now_ms);
     c.flags.clear(Flags::PING_OUTSTANDING);
-    Some(Found::Message {
+    let found = Found::Message {
         text: b0 == TEXT,
         at: s..e,
-    })
+    };
+    Some((found, ascii))
 }
 
 /// What [`next_event`] found, by position in the read buffer.
