@@ -131,6 +131,14 @@ def main():
         with open(os.path.join(svg_dir, name), "w") as f:
             f.write(svg_bars(title, unit, values, lower))
         lines.append(f"![{title}](benchmarks/{name})")
+    flames = sorted(f for f in os.listdir(svg_dir) if f.startswith("flame-") and f.endswith(".svg"))
+    if flames:
+        lines += ["", "## Where switchboard's CPU goes", "",
+                  "Flame graphs of `switchboard --echo --shards 1` under each measure (kernel "
+                  "included: on loopback the sender also pays for the receiver's softirq), "
+                  "written by `scripts/flame.sh` (perf with DWARF call graphs, inferno), not by "
+                  "this script's run:", ""]
+        lines += [f"- [{f[len('flame-'):-len('.svg')]}](benchmarks/{f})" for f in flames]
     lines += ["", "## Every run", "", "```"]
     lines += [json.dumps(r) for r in rows]
     lines += ["```", "", "## How each figure is taken", "",
