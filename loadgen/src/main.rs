@@ -233,6 +233,24 @@ fn totals(stats: &[WorkerStats]) -> Totals {
     t
 }
 
+/// connect: when the first and the last message to a held connection arrived, in Unix
+/// milliseconds (null without any): a broadcast's spread, against when it was sent.
+fn arrivals(stats: &[WorkerStats]) -> serde_json::Value {
+    let first = stats.iter().map(|s| s.first_message_ns.load(Relaxed));
+    let first = first.filter(|&t| t > 0).min();
+    let last = stats.iter().map(|s| s.last_message_ns.load(Relaxed)).max();
+    let unix_ms = |t: u64| {
+        let now_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        now_unix_ms - (worker::now_ns().saturating_sub(t)) as f64 / 1e6
+    };
+    match (first, last) {
+        (Some(f), Some(l)) => json!({"first_unix_ms": unix_ms(f), "last_unix_ms": unix_ms(l)}),
+        _ => json!(null),
+    }
+}
+
 /// Clock, messages received and the server's CPU seconds at one moment (the run's start or
 /// end): what `flood` divides.
 #[derive(Debug, Clone, Copy)]
@@ -776,6 +794,7 @@ fn main() -> anyhow::Result<()> {
             "resume_every_s": args.resume_every.map(|d| d.as_secs_f64()),
             "received_per_s": t.received as f64 / run_secs,
         },
+        "arrivals": arrivals(&shared.stats),
         "flood": flood.map(|(rate, per_msg)| json!({
             "window": (!args.write_combined).then_some(args.window),
             "write_combined": args.write_combined,

@@ -147,6 +147,10 @@ pub struct WorkerStats {
     pub received: AtomicU64,
     /// Deliveries expected from the messages sent (fanout) or sends (others).
     pub expected: AtomicU64,
+    /// connect: when the first and the last message a held connection received arrived
+    /// ([`now_ns`]; 0: none), so a broadcast sent to them can be timed.
+    pub first_message_ns: AtomicU64,
+    pub last_message_ns: AtomicU64,
     /// Sequence gaps seen (dm).
     pub gaps: AtomicU64,
     /// Duplicates seen (dm).
@@ -1174,6 +1178,16 @@ impl Worker {
     fn on_message(&mut self, key: usize, payload: &[u8]) {
         let now = now_ns();
         match self.job.scenario {
+            Scenario::Connect if self.shared.phase.load(Relaxed) >= phase::RUN => {
+                // A held connection takes what the server sends it once all are open (a
+                // broadcast; not a welcome): counted and timed.
+                let st = self.stats();
+                st.received.fetch_add(1, Relaxed);
+                let _ = st
+                    .first_message_ns
+                    .compare_exchange(0, now, Relaxed, Relaxed);
+                st.last_message_ns.fetch_max(now, Relaxed);
+            }
             Scenario::Connect | Scenario::Storm | Scenario::Tcp => {}
             Scenario::Flood => {
                 self.stats().received.fetch_add(1, Relaxed);
