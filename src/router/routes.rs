@@ -17,6 +17,11 @@ use crate::mail::ShardMsg;
 use crate::protocol::{self, ErrorCode};
 use crate::ws::frame::Data;
 
+/// From this many local recipients on, a fan-out writes each frame as it queues it
+/// ([`Core::deliver_out`]); below it, frames wait for the end of the turn, where one write
+/// carries all of a connection's.
+const WRITE_THROUGH_FANOUT: usize = 256;
+
 impl<T: Transport> Core<T> {
     /// Queues the welcome event.
     pub(super) fn welcome(&mut self, key: usize) {
@@ -164,8 +169,30 @@ impl<T: Transport> Core<T> {
         slots.clear();
         pick(self, &mut slots);
         let mut n = 0;
-        for &slot in &slots {
-            n += u64::from(self.deliver_data(slot as usize, Data::Text, f.share()));
+        if slots.len() < WRITE_THROUGH_FANOUT {
+            for &slot in &slots {
+                n += u64::from(self.deliver_data(slot as usize, Data::Text, f.share()));
+            }
+        } else {
+            // A large fan-out: this shard's own copy of a shared payload (its count is then
+            // touched by this thread alone), and each frame written as it is queued to a
+            // connection that had nothing waiting, so its outbox goes back to the pool at
+            // once: a broadcast to 1M holds a few outboxes per shard, not one per connection.
+            let f = match f {
+                Out::Shared(b) => Out::Shared(Bytes::copy_from_slice(&b)),
+                own => own,
+            };
+            for &slot in &slots {
+                let idle = self
+                    .conns
+                    .get(slot as usize)
+                    .is_some_and(|c| c.queued_bytes() == 0 && c.flags.has(Flags::WRITABLE));
+                let queued = self.deliver_data(slot as usize, Data::Text, f.share());
+                if queued && idle {
+                    self.conns.write_early(slot as usize);
+                }
+                n += u64::from(queued);
+            }
         }
         self.scratch_slots = slots;
         n

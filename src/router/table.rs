@@ -380,9 +380,16 @@ impl<T: Transport> Table<T> {
             // another device of the user may pass by).
             return Delivery::NotOpen;
         }
-        // The common case first (an echo, a reply, a small DM to a WebSocket): one frame
-        // copied into the outbox's own buffer, under the limit, nothing to compress.
-        if let Out::Own(s) = payload {
+        // The common case first (an echo, a reply, a small DM or fan-out to a WebSocket): one
+        // frame copied into the outbox's own buffer, under the limit, nothing to compress (a
+        // small shared payload too: copying it costs less than queueing a piece of it and
+        // writing two).
+        let own = match &payload {
+            Out::Own(s) => Some(*s),
+            Out::Shared(b) if b.len() < SMALL_UNIT_MAX => Some(&b[..]),
+            Out::Shared(_) => None,
+        };
+        if let Some(s) = own {
             let head_len = crate::ws::frame::header_len(s.len());
             let unit = head_len + s.len();
             let queued = c.queued_bytes();

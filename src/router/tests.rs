@@ -972,3 +972,51 @@ fn a_catch_up_that_gives_up_closes_the_connections_keeping_a_position_before_the
     assert!(got.iter().any(|f| f.opcode == 0x1
         && serde_json::from_slice::<serde_json::Value>(&f.payload).unwrap()["offset"] == 4));
 }
+
+#[test]
+fn a_large_fan_out_written_as_it_goes_keeps_every_subscribers_frames_whole_and_in_order() {
+    // Past the write-through size, frames go out as they are queued; a subscriber whose
+    // socket is full (the last one: room for 5 bytes) keeps the rest queued and gets it in
+    // order once it reads.
+    let mut h = Harness::new(Config {
+        max_outbound_bytes: 64 * 1024,
+        ..config()
+    });
+    let mut subs = Vec::new();
+    for i in 0..300 {
+        let cap = if i == 299 { 256 } else { 64 * 1024 };
+        let (_, pipe, mut buf) = h.open("/ws", cap);
+        h.send(
+            &pipe,
+            &testkit::text_frame(r#"{"op":"sub","channel":"big","id":1}"#),
+        );
+        assert_eq!(frames(&pipe, &mut buf).len(), 1, "the sub's ack");
+        subs.push((pipe, buf));
+    }
+    subs[299].0 .0.borrow_mut().capacity = 5;
+    let (_, publisher, _) = h.open("/ws", 64 * 1024);
+    let mut ops = Vec::new();
+    for i in 0..3 {
+        let op = format!(r#"{{"op":"pub","channel":"big","data":"m{i}"}}"#);
+        ops.extend(testkit::text_frame(&op));
+    }
+    h.send(&publisher, &ops);
+    let want: Vec<String> = (0..3).map(|i| format!("\"m{i}\"")).collect();
+    for (n, (pipe, buf)) in subs.iter_mut().enumerate() {
+        if n == 299 {
+            pipe.0.borrow_mut().capacity = 64 * 1024;
+            let mut p = pipe.0.borrow_mut();
+            p.write_edge = true;
+            drop(p);
+            h.turn();
+        }
+        let got: Vec<String> = frames(pipe, buf)
+            .iter()
+            .map(|f| String::from_utf8(f.payload.clone()).unwrap())
+            .collect();
+        assert_eq!(got.len(), 3, "subscriber {n}: {got:?}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!(g.contains(w.as_str()), "subscriber {n}: {got:?}");
+        }
+    }
+}

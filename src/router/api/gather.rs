@@ -379,20 +379,17 @@ impl<T: Transport> Core<T> {
         match cmd {
             ApiCmd::Publish { channel, payload } => self.deliver_channel_local(channel, payload),
             ApiCmd::SendUser { user, payload } => self.deliver_user_local(user, payload, None),
-            ApiCmd::Broadcast { payload } => {
-                let keys: Vec<usize> = self
-                    .conns
-                    .iter()
-                    .filter(|(_, c)| {
-                        c.state.is_open()
-                            && (c.flags.has(Flags::SSE) || c.flags.has(Flags::WEBSOCKET))
-                    })
-                    .map(|(k, _)| k)
-                    .collect();
-                keys.into_iter()
-                    .map(|k| u64::from(self.deliver(k, payload)))
-                    .sum()
-            }
+            ApiCmd::Broadcast { payload } => self.deliver_to(payload, |me, slots| {
+                slots.extend(
+                    me.conns
+                        .iter()
+                        .filter(|(_, c)| {
+                            c.state.is_open()
+                                && (c.flags.has(Flags::SSE) || c.flags.has(Flags::WEBSOCKET))
+                        })
+                        .map(|(k, _)| k as u32),
+                )
+            }),
             ApiCmd::Disconnect { user, code, reason } => {
                 let mut slots = Vec::new();
                 self.local_conns_of(user, None, &mut slots);
