@@ -232,8 +232,8 @@ impl Server {
         cfg.home_shards = plan.width;
         cfg.max_connections = plan.capacity;
         if cfg.mailbox_capacity_auto && plan.added() > 0 {
-            // Each mailbox is an array of preallocated slots: the added shards share the
-            // cores' budget instead of adding ~2 MiB each.
+            // The added shards share the cores' budget of mail that may wait (memory a
+            // mailbox holds only while its mail waits).
             cfg.mailbox_capacity =
                 (cfg.mailbox_capacity * plan.width / plan.shards).max(MIN_SCALED_MAILBOX);
         }
