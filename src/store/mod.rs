@@ -18,8 +18,8 @@ pub mod streams;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::mail::queue::{self, RecvTimeoutError, TrySendError};
 use bytes::{BufMut, Bytes, BytesMut};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tracing::{debug, error, info, warn};
 
 pub use backend::{Backend, Batch, Entry, Memory, StoreError};
@@ -421,12 +421,12 @@ pub struct StoreBusy;
 /// The shards' side of the store: a bounded queue to the store thread.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
-    tx: Sender<StoreReq>,
+    tx: queue::Tx<StoreReq>,
 }
 
 impl StoreHandle {
     /// A handle on a queue someone else drains (the store thread, or a test acting as it).
-    pub fn new(tx: Sender<StoreReq>) -> StoreHandle {
+    pub fn new(tx: queue::Tx<StoreReq>) -> StoreHandle {
         StoreHandle { tx }
     }
 
@@ -491,7 +491,7 @@ impl Store {
         metrics: Arc<StoreMetrics>,
     ) -> Result<Store, StoreError> {
         let mut worker = Worker::open(backend, cfg, shards, sink, metrics, unix_ms())?;
-        let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
+        let (tx, rx) = queue::bounded(STORE_QUEUE);
         let thread = std::thread::Builder::new()
             .name("store".into())
             .spawn(move || worker.run(rx))
@@ -656,7 +656,7 @@ impl Worker {
         })
     }
 
-    fn run(&mut self, rx: Receiver<StoreReq>) {
+    fn run(&mut self, rx: queue::Rx<StoreReq>) {
         let mut reqs = Vec::with_capacity(BATCH_MAX);
         loop {
             match next_batch(&rx, &mut reqs) {
@@ -1335,7 +1335,7 @@ enum Waited {
 
 /// Waits up to a second for a request, then takes everything waiting (up to [`BATCH_MAX`]):
 /// one batch, one commit (shared by the redb/memory and Redis store threads).
-fn next_batch(rx: &Receiver<StoreReq>, reqs: &mut Vec<StoreReq>) -> Waited {
+fn next_batch(rx: &queue::Rx<StoreReq>, reqs: &mut Vec<StoreReq>) -> Waited {
     match rx.recv_timeout(Duration::from_secs(1)) {
         Ok(r) => reqs.push(r),
         Err(RecvTimeoutError::Timeout) => return Waited::Idle,

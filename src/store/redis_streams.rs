@@ -28,8 +28,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::mail::queue;
 use bytes::Bytes;
-use crossbeam_channel::Receiver;
 use redis::Value;
 use tracing::{debug, error, info, warn};
 
@@ -345,7 +345,7 @@ pub fn start(
         fence,
         lineage: Lineage::default(),
     };
-    let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
+    let (tx, rx) = queue::bounded(STORE_QUEUE);
     let thread = std::thread::Builder::new()
         .name("store".into())
         .spawn(move || w.run(rx))
@@ -473,7 +473,7 @@ fn joined(
 }
 
 impl Worker {
-    fn run(&mut self, rx: Receiver<StoreReq>) {
+    fn run(&mut self, rx: queue::Rx<StoreReq>) {
         let mut reqs = Vec::with_capacity(BATCH_MAX);
         loop {
             match next_batch(&rx, &mut reqs) {
