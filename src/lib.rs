@@ -13,6 +13,7 @@ pub mod ids;
 pub mod mail;
 pub mod metrics;
 pub mod protocol;
+pub mod queue;
 pub mod router;
 pub mod server;
 pub mod shard;

@@ -3,8 +3,6 @@
 //! the store's and broker's answers passed on to the shard that waits for them. Plain data:
 //! no I/O, no shard or session types.
 
-pub mod queue;
-
 use std::sync::Arc;
 
 use bytes::Bytes;

@@ -22,6 +22,9 @@ use crate::ws::frame::Data;
 /// carries all of a connection's.
 const WRITE_THROUGH_FANOUT: usize = 256;
 
+/// A large fan-out's payload up to this size gets a copy of its own in each shard.
+const SHARD_COPY_MAX: usize = 16 * 1024;
+
 impl<T: Transport> Core<T> {
     /// Queues the welcome event.
     pub(super) fn welcome(&mut self, key: usize) {
@@ -174,13 +177,16 @@ impl<T: Transport> Core<T> {
                 n += u64::from(self.deliver_data(slot as usize, Data::Text, f.share()));
             }
         } else {
-            // A large fan-out: this shard's own copy of a shared payload (its count is then
-            // touched by this thread alone), and each frame written as it is queued to a
-            // connection that had nothing waiting, so its outbox goes back to the pool at
-            // once: a broadcast to 1M holds a few outboxes per shard, not one per connection.
+            // A large fan-out: this shard's own copy of a small shared payload (its count is
+            // then touched by this thread alone; a large one is shared as it is, not copied
+            // once per shard), and each frame written as it is queued to a connection that
+            // had nothing waiting, so its outbox goes back to the pool at once: a broadcast
+            // to 1M holds a few outboxes per shard, not one per connection.
             let f = match f {
-                Out::Shared(b) => Out::Shared(Bytes::copy_from_slice(&b)),
-                own => own,
+                Out::Shared(b) if b.len() <= SHARD_COPY_MAX => {
+                    Out::Shared(Bytes::copy_from_slice(&b))
+                }
+                f => f,
             };
             for &slot in &slots {
                 let idle = self

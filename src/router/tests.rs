@@ -420,11 +420,11 @@ fn empty_messages_are_echoed_and_the_close_is_answered() {
 /// `since=ab:0` (his `Open` is the first request).
 fn bob_resumes_from_ab_0() -> (
     Harness,
-    crate::mail::queue::Rx<crate::store::StoreReq>,
+    crate::queue::Rx<crate::store::StoreReq>,
     SimSocket,
     crate::hub::ConnId,
 ) {
-    let (tx, rx) = crate::mail::queue::unbounded();
+    let (tx, rx) = crate::queue::unbounded();
     let mut h = Harness::with_store(config(), Some(crate::store::StoreHandle::new(tx)));
     let (key, pipe) = h.accept(1 << 20);
     h.send(
@@ -861,7 +861,7 @@ fn a_catch_up_that_gives_up_closes_the_connections_keeping_a_position_before_the
     use crate::mail::ShardMsg;
     use crate::store::{Epoch, Opened, Page, StoreHandle, StoreMsg, StoreReq};
     use bytes::Bytes;
-    let (tx, rx) = crate::mail::queue::unbounded();
+    let (tx, rx) = crate::queue::unbounded();
     let (broker, link) = crate::broker::model("n1", 1 << 16);
     let store = Some(StoreHandle::new(tx));
     let shared = Shared {

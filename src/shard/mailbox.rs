@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use mio::Waker;
 
-use crate::mail::queue;
 use crate::mail::ShardMsg;
+use crate::queue;
 
 /// The sending side, cloned into every shard.
 #[derive(Debug, Clone)]

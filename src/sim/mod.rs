@@ -299,7 +299,7 @@ struct SimStore {
     store: InlineStore,
     /// The shards' side of the queue (their requests are posted through it).
     handle: StoreHandle,
-    rx: crate::mail::queue::Rx<StoreReq>,
+    rx: crate::queue::Rx<StoreReq>,
     /// What the store posted, in order, not yet in a mailbox.
     answers: Answers,
 }
@@ -403,7 +403,7 @@ impl World {
         }
         let now_unix = UNIX_BASE_MS + self.now_ms;
         self.store = disk.map(|disk| {
-            let (tx, rx) = crate::mail::queue::bounded(STORE_QUEUE);
+            let (tx, rx) = crate::queue::bounded(STORE_QUEUE);
             let handle = StoreHandle::new(tx);
             for shared in &mut nodes {
                 shared.store = Some(handle.clone());

@@ -18,7 +18,7 @@ pub mod streams;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::mail::queue::{self, RecvTimeoutError, TrySendError};
+use crate::queue::{self, RecvTimeoutError, TrySendError};
 use bytes::{BufMut, Bytes, BytesMut};
 use tracing::{debug, error, info, warn};
 

@@ -28,7 +28,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::mail::queue;
+use crate::queue;
 use bytes::Bytes;
 use redis::Value;
 use tracing::{debug, error, info, warn};
